@@ -1,0 +1,211 @@
+"""Command line: ``grpcbridge serve``, ``grpcbridge forward`` and ``grpcbridge demo``.
+
+Argument parsing only; everything else is the library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from .client.forwarder import Forwarder
+from .core.admission import BearerTokenAuth
+from .core.config import BridgeConfig, ForwarderConfig
+from .core.errors import ConfigError
+from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from .observability import configure_logging
+from .server.bridge import Bridge
+
+TOKEN_ENV = "GRPCBRIDGE_TOKEN"
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    """The bearer token from --token-file or $GRPCBRIDGE_TOKEN (never from argv, where any
+    local user could read it in the process list)."""
+    if args.token_file:
+        with open(args.token_file, encoding="utf-8") as handle:
+            token = handle.read().strip()
+        if not token:
+            raise ConfigError(f"token file {args.token_file!r} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _metrics_address(value: str | None) -> str | None:
+    if value is None or ":" in value:
+        return value
+    return f"127.0.0.1:{value}"  # a bare port: loopback
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--token-file", metavar="PATH",
+                        help=f"file holding the bearer token (or set ${TOKEN_ENV})")
+    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+                        help="largest WebSocket message accepted (default: 16 MiB)")
+    parser.add_argument("--buffer-bytes", type=int, default=DEFAULT_BUFFER_BYTES,
+                        help="bytes buffered per tunnel and direction before reading pauses")
+    parser.add_argument("--ping-interval", type=float, default=20.0,
+                        help="seconds between pings on a quiet tunnel (0: off)")
+    parser.add_argument("--idle-timeout", type=float, default=60.0,
+                        help="close a tunnel after this many seconds without traffic (0: off)")
+    parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grpcbridge", description="Real gRPC over WebSocket.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve", help="accept WebSocket tunnels and relay them to a gRPC server",
+        description="Accept WebSocket tunnels and relay each to its own backend connection.")
+    serve.add_argument("--backend", required=True,
+                       help="gRPC server (h2c): host:port or unix:/path")
+    serve.add_argument("--listen", default="127.0.0.1:8080",
+                       help="host:port or unix:/path (default: 127.0.0.1:8080)")
+    serve.add_argument("--path", default="/grpc", help="tunnel URL path (default: /grpc)")
+    serve.add_argument("--allow-remote-backend", action="store_true",
+                       help="allow a backend that is not loopback or a unix socket")
+    serve.add_argument("--backend-timeout", type=float, default=10.0,
+                       help="seconds to connect to the backend (default: 10)")
+    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       help="browser origin to accept besides same-host (repeatable; * = any)")
+    serve.add_argument("--subprotocol", action="append", default=None, metavar="NAME",
+                       help="subprotocol to echo when offered (repeatable; default: grpcbridge)")
+    serve.add_argument("--max-connections", type=int, default=10_000,
+                       help="active tunnels in total, 503 beyond (0: unlimited)")
+    serve.add_argument("--max-connections-per-client", type=int, default=200,
+                       help="active tunnels per client, 429 beyond (0: unlimited)")
+    serve.add_argument("--max-upgrades-per-minute", type=int, default=600,
+                       help="upgrades per client per sliding minute, 429 beyond (0: unlimited)")
+    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       help="proxy whose X-Forwarded-For is believed (repeatable)")
+    serve.add_argument("--drain-timeout", type=float, default=10.0,
+                       help="on SIGTERM/SIGINT, seconds tunnels get to finish (default: 10)")
+    serve.add_argument("--certfile", help="PEM certificate chain: serve wss://")
+    serve.add_argument("--keyfile", help="PEM private key for --certfile")
+    serve.add_argument("--compression", action="store_true",
+                       help="negotiate permessage-deflate when clients offer it")
+    serve.add_argument("--metrics-listen", metavar="[HOST:]PORT",
+                       help="serve /metrics, /healthz, /readyz here (bare port: loopback)")
+    serve.add_argument("--allow-remote-metrics", action="store_true",
+                       help="allow a non-loopback --metrics-listen")
+    _add_common(serve)
+
+    forward = commands.add_parser(
+        "forward", help="listen locally and carry each connection through a WebSocket tunnel",
+        description="Accept local gRPC connections; relay each through its own tunnel.")
+    forward.add_argument("--target", required=True, help="bridge URL: ws://host:8080/grpc")
+    forward.add_argument("--listen", default="127.0.0.1:50052",
+                         help="host:port or unix:/path (default: 127.0.0.1:50052)")
+    forward.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                         help="extra upgrade request header (repeatable)")
+    forward.add_argument("--subprotocol", action="append", default=[], metavar="NAME",
+                         help="subprotocol to offer (repeatable)")
+    forward.add_argument("--origin", help="Origin header to send")
+    forward.add_argument("--tls", action="store_true",
+                         help="demand wss:// (a ws:// target is then an error)")
+    forward.add_argument("--cacert", help="PEM CA bundle to verify a wss:// bridge")
+    forward.add_argument("--handshake-timeout", type=float, default=10.0,
+                         help="seconds for connect + TLS + upgrade (default: 10)")
+    _add_common(forward)
+
+    demo = commands.add_parser(
+        "demo", help="run the Todo example through a tunnel and print what each call returned")
+    demo.add_argument("--log-level", default="warning",
+                      choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
+    token = _token(args)
+    return BridgeConfig(
+        backend=args.backend, listen=args.listen, path=args.path,
+        allow_remote_backend=args.allow_remote_backend,
+        backend_connect_timeout=args.backend_timeout,
+        allowed_origins=args.allow_origin,
+        subprotocols=args.subprotocol if args.subprotocol is not None else ("grpcbridge",),
+        authenticate=BearerTokenAuth(token) if token else None,
+        max_message_bytes=args.max_message_bytes, buffer_bytes=args.buffer_bytes,
+        max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        max_upgrades_per_minute=args.max_upgrades_per_minute,
+        trusted_proxies=args.trusted_proxy, ping_interval=args.ping_interval,
+        idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,
+        certfile=args.certfile, keyfile=args.keyfile, compression=args.compression,
+        metrics_listen=_metrics_address(args.metrics_listen),
+        allow_remote_metrics=args.allow_remote_metrics,
+    )
+
+
+def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
+    headers: dict[str, str] = {}
+    for item in args.header:
+        name, sep, value = item.partition(":")
+        if not sep:
+            raise ConfigError(f"--header {item!r} must look like Name:value")
+        headers[name.strip()] = value.strip()
+    return ForwarderConfig(
+        target=args.target, listen=args.listen, tls=True if args.tls else None,
+        cacert=args.cacert, headers=headers, bearer_token=_token(args),
+        subprotocols=args.subprotocol, origin=args.origin,
+        handshake_timeout=args.handshake_timeout, max_message_bytes=args.max_message_bytes,
+        buffer_bytes=args.buffer_bytes, ping_interval=args.ping_interval,
+        idle_timeout=args.idle_timeout,
+    )
+
+
+async def _run_until_signalled(server: Bridge | Forwarder) -> None:
+    loop = asyncio.get_running_loop()
+    await server.start()
+    stopping: list[asyncio.Task[None]] = []
+
+    def stop(signame: str) -> None:
+        if not stopping:
+            logging.getLogger("grpcbridge").info("received %s, shutting down", signame)
+            stopping.append(loop.create_task(server.close()))
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
+    try:
+        await server.serve_forever()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await server.close()
+        for task in stopping:
+            await task
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure_logging(json_lines=getattr(args, "log_json", False),
+                      level=getattr(logging, args.log_level.upper()))
+    try:
+        if args.command == "demo":
+            from .demo.terminal import run_demo
+
+            return asyncio.run(run_demo())
+        server: Bridge | Forwarder = (
+            Bridge(_bridge_config(args)) if args.command == "serve"
+            else Forwarder(_forwarder_config(args)))
+    except (ConfigError, OSError) as exc:
+        parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
+    try:
+        asyncio.run(_run_until_signalled(server))
+    except OSError as exc:
+        print(f"grpcbridge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dialing WebSocket tunnels: the local port forwarder (and, later, native channels)."""

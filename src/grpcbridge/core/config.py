@@ -1,0 +1,217 @@
+"""Validated settings for the bridge and the forwarder.
+
+Every field is checked when the object is built; errors name the field, the bad value and
+what to use instead, so a mistake surfaces at start-up and never as a 500 per request.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from .admission import AuthHook, IPNetwork, OriginPolicy, parse_networks
+from .errors import ConfigError
+from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from .target import SocketAddress, Target, parse_address, parse_target
+
+_SUBPROTOCOL_CHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+
+
+def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        hint = " (0 disables it)" if allow_zero else ""
+        raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
+
+
+def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise ConfigError(f"{name} must be a list of strings, not one string")
+    for value in values:
+        if not value or not set(value) <= _SUBPROTOCOL_CHARS:
+            raise ConfigError(f"{name}: {value!r} is not a valid subprotocol token")
+    return tuple(values)
+
+
+def _check_file(name: str, path: str | None) -> None:
+    if path is not None and not os.path.isfile(path):
+        raise ConfigError(f"{name}: file {path!r} does not exist")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BridgeConfig:
+    """Settings of a :class:`~grpcbridge.Bridge` (the WebSocket server)."""
+
+    #: Backend gRPC server (h2c): ``host:port`` or ``unix:/path``.
+    backend: str
+    #: Where to accept WebSocket connections: ``host:port`` (port 0 picks one) or ``unix:/path``.
+    listen: str = "127.0.0.1:8080"
+    #: URL path of the tunnel endpoint.
+    path: str = "/grpc"
+    #: Allow a backend that is not loopback or a unix socket.
+    allow_remote_backend: bool = False
+    #: Seconds to wait for the backend to accept a connection.
+    backend_connect_timeout: float = 10.0
+    #: Seconds a client has to complete its HTTP upgrade request.
+    handshake_timeout: float = 10.0
+    #: Origins accepted besides same-host ones (see :class:`OriginPolicy`).
+    allowed_origins: Sequence[str] = ()
+    #: Subprotocols the bridge may echo, in order of preference.
+    subprotocols: Sequence[str] = ("grpcbridge",)
+    #: Authentication hook: request -> ``None`` (accept) or a ``Rejection``.
+    authenticate: AuthHook | None = None
+    #: Largest WebSocket message accepted (larger: close 1009).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Bytes buffered per tunnel and direction before reading from the sender pauses.
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    #: Active tunnels in total (503 beyond); 0 = unlimited.
+    max_connections: int = 10_000
+    #: Active tunnels per client (429 beyond); 0 = unlimited.
+    max_connections_per_client: int = 200
+    #: Upgrades per client in any 60 s window (429 + Retry-After beyond); 0 = unlimited.
+    max_upgrades_per_minute: int = 600
+    #: CIDRs of reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: Sequence[str] = ()
+    #: Seconds between WebSocket pings on a quiet tunnel; 0 disables pings.
+    ping_interval: float = 20.0
+    #: Close a tunnel with no traffic at all (data, ping or pong) for this long; 0 disables.
+    idle_timeout: float = 60.0
+    #: On shutdown, seconds open tunnels get to finish before they are closed with 1001.
+    drain_timeout: float = 10.0
+    #: Serve wss:// with this certificate chain and key (PEM files).
+    certfile: str | None = None
+    keyfile: str | None = None
+    #: Negotiate permessage-deflate when the client offers it (off: HTTP/2 compresses poorly).
+    compression: bool = False
+    #: Prometheus /metrics, /healthz and /readyz listener (``host:port``), or None.
+    metrics_listen: str | None = None
+    #: Allow a metrics listener on a non-loopback address.
+    allow_remote_metrics: bool = False
+
+    # Derived, validated forms (not constructor arguments).
+    backend_address: SocketAddress = field(init=False, repr=False)
+    listen_address: SocketAddress = field(init=False, repr=False)
+    metrics_address: SocketAddress | None = field(init=False, repr=False)
+    origin_policy: OriginPolicy = field(init=False, repr=False)
+    trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        backend = parse_address(self.backend, what="backend")
+        if not self.allow_remote_backend and not backend.is_loopback():
+            raise ConfigError(
+                f"backend {self.backend!r} is not loopback or a unix socket; the bridge would "
+                "expose it to every WebSocket client. Pass allow_remote_backend=True "
+                "(--allow-remote-backend) if that is intended"
+            )
+        listen = parse_address(self.listen, what="listen", allow_port_zero=True)
+        if not self.path.startswith("/") or "?" in self.path:
+            raise ConfigError(f"path must start with '/' and hold no query, got {self.path!r}")
+        for name in ("backend_connect_timeout", "handshake_timeout"):
+            _positive(name, getattr(self, name))
+        for name in ("ping_interval", "idle_timeout", "drain_timeout"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if self.idle_timeout and self.ping_interval and self.idle_timeout <= self.ping_interval:
+            raise ConfigError(
+                f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
+                f"({self.ping_interval}), or a healthy quiet tunnel would be closed"
+            )
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.buffer_bytes < 4096:
+            raise ConfigError(f"buffer_bytes must be >= 4096, got {self.buffer_bytes}")
+        for name in ("max_connections", "max_connections_per_client", "max_upgrades_per_minute"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ConfigError("certfile and keyfile go together: give both for wss, or neither")
+        _check_file("certfile", self.certfile)
+        _check_file("keyfile", self.keyfile)
+        metrics = None
+        if self.metrics_listen is not None:
+            metrics = parse_address(self.metrics_listen, what="metrics_listen",
+                                    allow_port_zero=True)
+            if metrics.is_unix:
+                raise ConfigError("metrics_listen must be host:port, not a unix socket")
+            if not metrics.is_loopback() and not self.allow_remote_metrics:
+                raise ConfigError(
+                    f"metrics_listen {self.metrics_listen!r} is not loopback; pass "
+                    "allow_remote_metrics=True (--allow-remote-metrics) to expose metrics"
+                )
+        if self.authenticate is not None and not callable(self.authenticate):
+            raise ConfigError("authenticate must be a callable (request) -> Rejection | None")
+        object.__setattr__(self, "subprotocols",
+                           _check_subprotocols("subprotocols", self.subprotocols))
+        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
+        object.__setattr__(self, "backend_address", backend)
+        object.__setattr__(self, "listen_address", listen)
+        object.__setattr__(self, "metrics_address", metrics)
+        object.__setattr__(self, "origin_policy", OriginPolicy(self.allowed_origins))
+        object.__setattr__(self, "trusted_networks",
+                           parse_networks(self.trusted_proxies, what="trusted_proxies"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwarderConfig:
+    """Settings of a :class:`~grpcbridge.Forwarder` (local socket -> WebSocket tunnel)."""
+
+    #: WebSocket URL of the bridge (``ws://host:8080/grpc`` or ``wss://...``).
+    target: str
+    #: Local address to accept gRPC clients on: ``host:port`` (0 picks one) or ``unix:/path``.
+    listen: str = "127.0.0.1:50052"
+    #: Demand TLS (``True``), forbid it (``False``) or follow the URL's scheme (``None``).
+    tls: bool | None = None
+    #: PEM file of CA certificates to verify a wss:// bridge (default: system store).
+    cacert: str | None = None
+    #: Extra HTTP headers for the upgrade request.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: Bearer token sent as ``Authorization: Bearer <token>``.
+    bearer_token: str | None = None
+    #: Subprotocols to offer.
+    subprotocols: Sequence[str] = ()
+    #: Origin header to send, if any.
+    origin: str | None = None
+    #: Seconds for TCP connect + TLS + WebSocket handshake.
+    handshake_timeout: float = 10.0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    #: Seconds between pings on a quiet tunnel; 0 disables.
+    ping_interval: float = 20.0
+    #: Close a tunnel with no traffic for this long; 0 disables.
+    idle_timeout: float = 60.0
+
+    parsed_target: Target = field(init=False, repr=False)
+    listen_address: SocketAddress = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        target = parse_target(self.target, tls=self.tls)
+        listen = parse_address(self.listen, what="listen", allow_port_zero=True)
+        _positive("handshake_timeout", self.handshake_timeout)
+        for name in ("ping_interval", "idle_timeout"):
+            _positive(name, getattr(self, name), allow_zero=True)
+        if self.idle_timeout and self.ping_interval and self.idle_timeout <= self.ping_interval:
+            raise ConfigError(
+                f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
+                f"({self.ping_interval})"
+            )
+        if self.max_message_bytes < 1024:
+            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.buffer_bytes < 4096:
+            raise ConfigError(f"buffer_bytes must be >= 4096, got {self.buffer_bytes}")
+        _check_file("cacert", self.cacert)
+        if self.cacert is not None and not target.secure:
+            raise ConfigError("cacert is only used with a wss:// target")
+        for key, value in self.headers.items():
+            if not key or any(c in key for c in ":\r\n ") or any(c in value for c in "\r\n"):
+                raise ConfigError(f"invalid header {key!r}: names need no ':' or spaces, "
+                                  "values no line breaks")
+        if self.bearer_token is not None and (
+            not self.bearer_token or any(c in self.bearer_token for c in "\r\n ")
+        ):
+            raise ConfigError("bearer_token must be non-empty, without spaces or line breaks")
+        object.__setattr__(self, "subprotocols",
+                           _check_subprotocols("subprotocols", self.subprotocols))
+        object.__setattr__(self, "headers", dict(self.headers))
+        object.__setattr__(self, "parsed_target", target)
+        object.__setattr__(self, "listen_address", listen)

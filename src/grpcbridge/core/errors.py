@@ -1,0 +1,28 @@
+"""Exceptions raised by grpcbridge."""
+
+from __future__ import annotations
+
+
+class GrpcBridgeError(Exception):
+    """Base class of every error grpcbridge raises on purpose."""
+
+
+class ConfigError(GrpcBridgeError, ValueError):
+    """A setting is invalid. The message says which one, why, and how to fix it."""
+
+
+class TargetError(ConfigError):
+    """A WebSocket target URL or backend address cannot be used."""
+
+
+class HandshakeError(GrpcBridgeError):
+    """The WebSocket opening handshake failed (refused, timed out or unreachable)."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        #: HTTP status of the server's refusal, when the server answered with one.
+        self.status = status
+
+
+class TunnelClosed(GrpcBridgeError):
+    """An operation was attempted on a tunnel, bridge or forwarder that is closed."""

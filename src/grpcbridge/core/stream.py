@@ -1,0 +1,80 @@
+"""Rules for carrying one HTTP/2 byte stream inside WebSocket messages.
+
+See ``wire-protocol``: binary messages only, message boundaries carry no meaning, empty
+messages are skipped, a text message is a protocol violation (close 1003), a message above
+the size limit closes with 1009. These rules are applied by every adapter through
+:class:`InboundMessages`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes grpcbridge sends (RFC 6455 section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    UNSUPPORTED_DATA = 1003
+    ABNORMAL = 1006
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+
+
+#: Default limit for one WebSocket message (the Go project's read limit).
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+#: Bytes a relay may hold for one direction of one tunnel before it stops reading the
+#: sending side (transport pause/resume). The resume point is a quarter of it.
+DEFAULT_BUFFER_BYTES = 256 * 1024
+
+
+class Opcode(enum.Enum):
+    """The kinds of WebSocket data frames that carry payload."""
+
+    BINARY = "binary"
+    TEXT = "text"
+    CONTINUATION = "continuation"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamViolation(Exception):
+    """The peer broke the wire protocol; the tunnel must close with ``code``."""
+
+    code: CloseCode
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.reason} (close code {int(self.code)})"
+
+
+class InboundMessages:
+    """Turns received WebSocket data frames into stream bytes, enforcing the wire rules.
+
+    ``accept(opcode, payload)`` returns the bytes to append to the HTTP/2 stream (possibly
+    empty, which callers skip) or raises :class:`StreamViolation`. Fragmented messages are
+    accepted frame by frame, so a large message is never buffered whole by this layer.
+    """
+
+    __slots__ = ("_in_text",)
+
+    def __init__(self) -> None:
+        self._in_text = False
+
+    def accept(self, opcode: Opcode, payload: bytes) -> bytes:
+        if opcode is Opcode.BINARY:
+            return payload
+        if opcode is Opcode.CONTINUATION and not self._in_text:
+            return payload
+        self._in_text = True
+        raise StreamViolation(
+            CloseCode.UNSUPPORTED_DATA,
+            "text message received; grpcbridge carries HTTP/2 in binary messages only",
+        )
+
+
+def message_too_big_reason(limit: int) -> str:
+    """Close reason for a message above ``limit`` bytes (kept under 123 bytes)."""
+    return f"message larger than the {limit} byte limit"

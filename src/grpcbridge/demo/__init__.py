@@ -1,0 +1,1 @@
+"""Todo example service used by the demo, tests and benchmarks."""

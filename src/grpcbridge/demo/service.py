@@ -1,0 +1,321 @@
+"""grpcio (sync, thread-pool) implementation of ``todo.v1.TodoService``.
+
+Behaviour that the tests and benchmarks rely on:
+
+* **Metadata echo** -- for every RPC, request metadata entries whose key starts with
+  ``x-echo-`` are sent back as initial metadata (same key and value; ``-bin`` keys carry
+  bytes).  The trailing metadata always is ``("x-trailer-rpc", "<MethodName>")`` followed
+  by the echoed entries again.  This also holds for failed RPCs.
+* **Errors** -- ``CreateTodo`` (and ``BulkCreateTodos``) with empty text fails with
+  ``INVALID_ARGUMENT`` "text must not be empty".  ``CreateTodo`` with text
+  ``fail:<CODE_NAME>:<message>`` (e.g. ``fail:NOT_FOUND:nö such tödo ✓``) fails with
+  ``grpc.StatusCode.<CODE_NAME>`` and exactly ``<message>`` (non-ASCII allowed); an unknown
+  code name (or ``OK``) gives ``INVALID_ARGUMENT``.  ``UpdateTodo``/``DeleteTodo`` of an
+  unknown id fail with ``NOT_FOUND`` "todo <id> not found".
+* **StreamTodos** -- sends the current list, then ``repeat - 1`` more times (``repeat <= 0``
+  means once), sleeping ``interval_ms`` between consecutive todos; it stops promptly when
+  the client cancels or the deadline passes.
+* **BulkCreateTodos** -- creates one todo per request and returns ``created_count``; an
+  empty text aborts with ``INVALID_ARGUMENT`` (todos created before it are kept).
+* **SyncTodos** (bidi) -- applies each ``SyncRequest`` action to the store and streams the
+  store's change feed (changes made by *any* client) as ``SyncResponse(todo=...)`` or
+  ``SyncResponse(deleted_id=...)``; a failed action yields ``SyncResponse(error=...)`` to
+  the requesting client only.  After the client half-closes, all changes caused by its
+  requests are flushed and the stream ends with OK.
+* **Cancellation observability** -- :attr:`TodoServicer.cancelled_count` counts RPCs that
+  ended because the client cancelled or the deadline passed (also server shutdown), never
+  normally completed or failed RPCs; :meth:`TodoServicer.wait_cancelled` waits for it.
+
+Run standalone with ``python -m grpcbridge.demo.service --listen 127.0.0.1:50051
+[--db PATH]``; it prints ``listening on <host:port>`` (the actual port if 0 was given) and
+serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from types import FrameType, TracebackType
+from typing import Literal, NoReturn, TypeAlias, cast
+
+import grpc
+
+from grpcbridge.demo import todo_pb2, todo_pb2_grpc
+from grpcbridge.demo.store import ChangeEvent, TodoStore
+
+__all__ = ["TodoServicer", "main", "serve"]
+
+_SyncItem: TypeAlias = ChangeEvent | tuple[Literal["error"], str]
+_POLL = 0.05  # seconds; granularity of cancellation checks
+
+
+class _Rpc:
+    """Per-RPC bookkeeping: detects whether the RPC ended by cancellation.
+
+    Used as a context manager around the handler body.  On exit the RPC counts as
+    *finished* if it is still active (the handler returned or aborted on its own); the
+    termination callback then counts a cancellation only for RPCs not finished that way.
+    """
+
+    def __init__(self, context: grpc.ServicerContext) -> None:
+        self.context = context
+        self.cancelled = threading.Event()
+        self.finished = False
+
+    def __enter__(self) -> _Rpc:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.finished = self.context.is_active()
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep in small steps; return False as soon as the RPC is no longer active."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self.cancelled.wait(min(remaining, _POLL)) or not self.context.is_active():
+                return False
+        return self.context.is_active()
+
+
+class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unused-ignore]
+    """The Todo service backed by a :class:`TodoStore`; see the module docstring."""
+
+    def __init__(self, store: TodoStore) -> None:
+        self.store = store
+        self._cancel_cond = threading.Condition()
+        self._cancelled_count = 0
+
+    @property
+    def cancelled_count(self) -> int:
+        """Number of RPCs that ended because the client cancelled or the deadline passed."""
+        with self._cancel_cond:
+            return self._cancelled_count
+
+    def wait_cancelled(self, n: int, timeout: float) -> bool:
+        """Wait until at least ``n`` RPCs were cancelled; False on timeout."""
+        with self._cancel_cond:
+            return self._cancel_cond.wait_for(lambda: self._cancelled_count >= n, timeout)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _start(self, context: grpc.ServicerContext, method: str) -> _Rpc:
+        rpc = _Rpc(context)
+
+        def on_terminated() -> None:
+            if not rpc.finished:
+                rpc.cancelled.set()
+                with self._cancel_cond:
+                    self._cancelled_count += 1
+                    self._cancel_cond.notify_all()
+
+        if not context.add_callback(on_terminated):
+            on_terminated()  # already terminated before the handler ran
+        echo = tuple((k, v) for k, v in context.invocation_metadata() if k.startswith("x-echo-"))
+        context.set_trailing_metadata((("x-trailer-rpc", method), *echo))
+        if context.is_active():
+            context.send_initial_metadata(echo)
+        return rpc
+
+    @staticmethod
+    def _check_text(context: grpc.ServicerContext, text: str) -> None:
+        if not text:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text must not be empty")
+
+    @staticmethod
+    def _not_found(context: grpc.ServicerContext, todo_id: str) -> NoReturn:
+        context.abort(grpc.StatusCode.NOT_FOUND, f"todo {todo_id!r} not found")
+
+    # -- RPCs ------------------------------------------------------------------------------
+
+    def CreateTodo(
+        self, request: todo_pb2.CreateTodoRequest, context: grpc.ServicerContext
+    ) -> todo_pb2.Todo:
+        with self._start(context, "CreateTodo"):
+            self._check_text(context, request.text)
+            if request.text.startswith("fail:"):
+                name, _, message = request.text[len("fail:") :].partition(":")
+                code = grpc.StatusCode.__members__.get(name)
+                if code is None or code is grpc.StatusCode.OK:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown status code {name!r}")
+                context.abort(code, message)
+            return self.store.create(request.text)
+
+    def ListTodos(
+        self, request: todo_pb2.ListTodosRequest, context: grpc.ServicerContext
+    ) -> todo_pb2.ListTodosResponse:
+        with self._start(context, "ListTodos"):
+            return todo_pb2.ListTodosResponse(todos=self.store.list())
+
+    def UpdateTodo(
+        self, request: todo_pb2.UpdateTodoRequest, context: grpc.ServicerContext
+    ) -> todo_pb2.Todo:
+        with self._start(context, "UpdateTodo"):
+            try:
+                return self.store.update(request.id, request.text, request.done)
+            except KeyError:
+                self._not_found(context, request.id)
+
+    def DeleteTodo(
+        self, request: todo_pb2.DeleteTodoRequest, context: grpc.ServicerContext
+    ) -> todo_pb2.DeleteTodoResponse:
+        with self._start(context, "DeleteTodo"):
+            try:
+                self.store.delete(request.id)
+            except KeyError:
+                self._not_found(context, request.id)
+            return todo_pb2.DeleteTodoResponse()
+
+    def StreamTodos(
+        self, request: todo_pb2.StreamTodosRequest, context: grpc.ServicerContext
+    ) -> Iterator[todo_pb2.Todo]:
+        with self._start(context, "StreamTodos") as rpc:
+            interval = max(request.interval_ms, 0) / 1000
+            first = True
+            for _ in range(max(request.repeat, 1)):
+                for todo in self.store.list():
+                    if not first and interval and not rpc.sleep(interval):
+                        return
+                    first = False
+                    if not context.is_active():
+                        return
+                    yield todo
+
+    def BulkCreateTodos(
+        self, request_iterator: Iterator[todo_pb2.CreateTodoRequest], context: grpc.ServicerContext
+    ) -> todo_pb2.BulkCreateTodosResponse:
+        with self._start(context, "BulkCreateTodos"):
+            count = 0
+            for request in request_iterator:
+                self._check_text(context, request.text)
+                self.store.create(request.text)
+                count += 1
+            return todo_pb2.BulkCreateTodosResponse(created_count=count)
+
+    def SyncTodos(
+        self, request_iterator: Iterator[todo_pb2.SyncRequest], context: grpc.ServicerContext
+    ) -> Iterator[todo_pb2.SyncResponse]:
+        with self._start(context, "SyncTodos") as rpc:
+            changes = self.store.subscribe()
+            context.add_callback(lambda: self.store.unsubscribe(changes))
+            # Errors share the queue so they keep their order relative to the change feed.
+            items = cast("queue.SimpleQueue[_SyncItem]", changes)
+            reader_done = threading.Event()
+
+            def read_requests() -> None:
+                try:
+                    for request in request_iterator:
+                        error = self._apply(request)
+                        if error is not None:
+                            items.put(("error", error))
+                except grpc.RpcError:
+                    pass  # cancelled / deadline: the response loop notices via `rpc`
+                finally:
+                    reader_done.set()
+
+            reader = threading.Thread(target=read_requests, name="SyncTodos-reader", daemon=True)
+            reader.start()
+            try:
+                while not rpc.cancelled.is_set() and context.is_active():
+                    try:
+                        item = items.get(timeout=_POLL)
+                    except queue.Empty:
+                        # Every change caused by this client's requests is queued before
+                        # reader_done is set, so "done and empty" means fully flushed.
+                        if reader_done.is_set() and items.empty():
+                            break
+                        continue
+                    if item[0] == "todo":
+                        yield todo_pb2.SyncResponse(todo=item[1])
+                    elif item[0] == "deleted":
+                        yield todo_pb2.SyncResponse(deleted_id=item[1])
+                    else:
+                        yield todo_pb2.SyncResponse(error=item[1])
+            finally:
+                self.store.unsubscribe(changes)
+
+    def _apply(self, request: todo_pb2.SyncRequest) -> str | None:
+        """Perform one sync action; return an error message on failure."""
+        action = request.WhichOneof("action")
+        try:
+            if action == "create":
+                if not request.create.text:
+                    return "text must not be empty"
+                self.store.create(request.create.text)
+            elif action == "update":
+                u = request.update
+                self.store.update(u.id, u.text, u.done)
+            elif action == "delete":
+                self.store.delete(request.delete.id)
+            else:
+                return "SyncRequest without action"
+        except KeyError as exc:
+            return f"todo {exc.args[0]!r} not found"
+        return None
+
+
+def serve(
+    address: str,
+    store: TodoStore | None = None,
+    *,
+    max_message_bytes: int = 32 * 1024 * 1024,
+    max_workers: int = 64,
+) -> tuple[grpc.Server, TodoServicer, int]:
+    """Start a grpcio server for the Todo service on ``address`` (``host:port`` or ``unix:``).
+
+    Returns ``(server, servicer, port)``; ``port`` is the bound TCP port, 0 for unix sockets.
+    The caller stops the server (and closes the store, if it passed none, via
+    ``servicer.store.close()``).  Each streaming RPC occupies one of ``max_workers`` threads.
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="todo-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    servicer = TodoServicer(store if store is not None else TodoStore())
+    todo_pb2_grpc.add_TodoServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    server.start()
+    return server, servicer, 0 if address.startswith("unix") else port
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: serve until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(description="Todo example gRPC server (grpcio)")
+    parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
+    parser.add_argument("--db", default=":memory:", help="sqlite database path")
+    parser.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024)
+    args = parser.parse_args(argv)
+
+    store = TodoStore(args.db)
+    server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    shown = args.listen if port == 0 else f"{args.listen.rpartition(':')[0]}:{port}"
+    print(f"listening on {shown}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=2).wait()
+        store.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Thread-safe, sqlite3-backed storage for the Todo example service.
+
+Besides plain CRUD the store offers a change feed: :meth:`TodoStore.subscribe` returns a
+queue that receives ``("todo", Todo)`` after every create/update and ``("deleted", id)``
+after every delete, in the order the changes were committed.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import uuid
+from typing import Literal, TypeAlias
+
+from grpcbridge.demo import todo_pb2
+
+__all__ = ["ChangeEvent", "TodoStore"]
+
+ChangeEvent: TypeAlias = tuple[Literal["todo"], todo_pb2.Todo] | tuple[Literal["deleted"], str]
+"""A change-feed entry: an upserted todo or the id of a deleted one."""
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS todos ("
+    "id TEXT PRIMARY KEY, text TEXT NOT NULL, done INTEGER NOT NULL, position INTEGER NOT NULL)"
+)
+
+
+class TodoStore:
+    """Todo storage shared by all RPC threads; every operation holds one lock."""
+
+    def __init__(self, path: str = ":memory:") -> None:
+        """Open (creating if needed) the sqlite database at ``path``."""
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute(_SCHEMA)
+        self._subscribers: list[queue.SimpleQueue[ChangeEvent]] = []
+
+    def create(self, text: str) -> todo_pb2.Todo:
+        """Insert a new, not-done todo and return it."""
+        todo_id = uuid.uuid4().hex
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO todos (id, text, done, position) "
+                "VALUES (?, ?, 0, (SELECT COALESCE(MAX(position), 0) + 1 FROM todos))",
+                (todo_id, text),
+            )
+            self._publish(("todo", todo_pb2.Todo(id=todo_id, text=text, done=False)))
+        return todo_pb2.Todo(id=todo_id, text=text, done=False)
+
+    def list(self) -> list[todo_pb2.Todo]:
+        """Return all todos in creation order."""
+        with self._lock:
+            rows = self._db.execute("SELECT id, text, done FROM todos ORDER BY position").fetchall()
+        return [todo_pb2.Todo(id=i, text=t, done=bool(d)) for i, t, d in rows]
+
+    def update(self, todo_id: str, text: str, done: bool) -> todo_pb2.Todo:
+        """Replace text and done flag of ``todo_id``; raise :class:`KeyError` if unknown."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE todos SET text = ?, done = ? WHERE id = ?", (text, int(done), todo_id)
+            )
+            if cur.rowcount == 0:
+                raise KeyError(todo_id)
+            self._publish(("todo", todo_pb2.Todo(id=todo_id, text=text, done=done)))
+        return todo_pb2.Todo(id=todo_id, text=text, done=done)
+
+    def delete(self, todo_id: str) -> None:
+        """Delete ``todo_id``; raise :class:`KeyError` if unknown."""
+        with self._lock:
+            cur = self._db.execute("DELETE FROM todos WHERE id = ?", (todo_id,))
+            if cur.rowcount == 0:
+                raise KeyError(todo_id)
+            self._publish(("deleted", todo_id))
+
+    def subscribe(self) -> queue.SimpleQueue[ChangeEvent]:
+        """Return a new queue that receives every subsequent change."""
+        q: queue.SimpleQueue[ChangeEvent] = queue.SimpleQueue()
+        with self._lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.SimpleQueue[ChangeEvent]) -> None:
+        """Stop feeding ``q``; unknown queues are ignored (idempotent)."""
+        with self._lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._db.close()
+
+    def _publish(self, event: ChangeEvent) -> None:
+        # Called with the lock held, so all subscribers see changes in commit order.
+        for q in self._subscribers:
+            q.put(event)

@@ -1,0 +1,414 @@
+"""The asyncio relay: one WebSocket connection <-> one byte-stream connection.
+
+Used by the bridge (WebSocket from a client, stream to the backend) and the forwarder
+(stream from a local gRPC client, WebSocket to a bridge). Both sides are callback-level
+asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol, so there is no
+coroutine, queue or task per message.
+
+Memory stays bounded in both directions: every transport's write buffer has a high-water
+mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
+it drains to a quarter. Nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame
+from websockets.frames import Opcode as WsOpcode
+from websockets.protocol import OPEN, Protocol
+
+from .core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
+
+logger = logging.getLogger("grpcbridge")
+
+_BINARY = WsOpcode.BINARY
+_OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
+_SEND_EOF = b""
+
+
+class Tunnel:
+    """State of one tunnel. Closing is idempotent from every path; ``closed`` resolves once
+    both connections are gone."""
+
+    __slots__ = (
+        "__weakref__",
+        "_close_timer",
+        "_last_ping",
+        "_pending",
+        "_rules",
+        "_stream_lost",
+        "_ws_lost",
+        "_ws_reading_paused",
+        "bytes_from_websocket",
+        "bytes_to_websocket",
+        "close_code",
+        "close_reason",
+        "closed",
+        "dialing",
+        "info",
+        "last_inbound",
+        "loop",
+        "on_handshake_event",
+        "opened_at",
+        "stream_name",
+        "stream_transport",
+        "websocket",
+        "ws_transport",
+    )
+
+    #: Seconds to wait for the peer's closing handshake before dropping the connection.
+    CLOSE_TIMEOUT = 2.0
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        websocket: Protocol,
+        *,
+        stream_name: str,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.websocket = websocket
+        self.stream_name = stream_name
+        self.info: dict[str, Any] = info if info is not None else {}
+        self.ws_transport: asyncio.Transport | None = None
+        self.stream_transport: asyncio.Transport | None = None
+        #: Called with each non-frame event (handshake Request/Response).
+        self.on_handshake_event: Callable[[object], None] | None = None
+        self._rules = InboundMessages()
+        self._pending: list[bytes] = []
+        self._ws_lost = False
+        self._stream_lost = False
+        self._ws_reading_paused = False
+        self._close_timer: asyncio.TimerHandle | None = None
+        #: True while the stream side is being connected (``closed`` waits for it).
+        self.dialing = False
+        self.bytes_from_websocket = 0
+        self.bytes_to_websocket = 0
+        self.opened_at = loop.time()
+        self.last_inbound = self.opened_at
+        self._last_ping = self.opened_at
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def is_open(self) -> bool:
+        """Relaying: WebSocket open and stream side attached."""
+        return (
+            self.websocket.state is OPEN and self.stream_transport is not None
+            and not self._stream_lost
+        )
+
+    # --------------------------------------------------------- WebSocket side
+
+    def ws_data(self, data: bytes) -> None:
+        self.last_inbound = self.loop.time()
+        websocket = self.websocket
+        websocket.receive_data(data)
+        for event in websocket.events_received():
+            if type(event) is Frame:
+                opcode = event.opcode
+                if opcode is _BINARY:
+                    payload = event.data
+                elif opcode in _OPCODES:
+                    try:
+                        payload = self._rules.accept(_OPCODES[opcode], bytes(event.data))
+                    except StreamViolation as violation:
+                        self.fail(violation.code, violation.reason)
+                        return
+                else:
+                    continue  # ping/pong/close are answered by the sans-I/O protocol
+                if payload:
+                    self._to_stream(bytes(payload))
+            elif self.on_handshake_event is not None:
+                self.on_handshake_event(event)
+        self.flush_websocket()
+        if websocket.close_expected() and self.close_code is None:
+            self._note_websocket_close()
+        if self.close_code is not None and self.stream_transport is not None:
+            self.stream_transport.close()
+
+    def _note_websocket_close(self) -> None:
+        websocket = self.websocket
+        sent, received = websocket.close_sent, websocket.close_rcvd
+        if sent is not None and (received is None or not websocket.close_rcvd_then_sent):
+            self._set_close(sent.code, sent.reason)
+        elif received is not None:
+            self._set_close(received.code, received.reason)
+
+    def _set_close(self, code: int, reason: str) -> None:
+        if self.close_code is None:
+            self.close_code = code
+            self.close_reason = reason
+
+    def _to_stream(self, payload: bytes) -> None:
+        self.bytes_from_websocket += len(payload)
+        transport = self.stream_transport
+        if transport is None:
+            self._pending.append(payload)
+        else:
+            transport.write(payload)
+
+    def flush_websocket(self) -> None:
+        transport = self.ws_transport
+        if transport is None:
+            return
+        for chunk in self.websocket.data_to_send():
+            if chunk is _SEND_EOF or not chunk:
+                if self._close_timer is not None:
+                    self._close_timer.cancel()
+                    self._close_timer = None
+                transport.close()
+            else:
+                transport.write(chunk)
+
+    def ws_lost(self, exc: Exception | None) -> None:
+        if self._ws_lost:
+            return
+        self._ws_lost = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        websocket = self.websocket
+        with contextlib.suppress(EOFError, AssertionError):
+            websocket.receive_eof()  # fails harmlessly when already at EOF
+        websocket.data_to_send()
+        if self.close_code is None:
+            self._note_websocket_close()
+            self._set_close(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
+        if self.stream_transport is not None:
+            self.stream_transport.close()
+        self._maybe_done()
+
+    def ws_pause_writing(self) -> None:
+        if self.stream_transport is not None and not self._stream_lost:
+            self.stream_transport.pause_reading()
+
+    def ws_resume_writing(self) -> None:
+        if self.stream_transport is not None and not self._stream_lost:
+            self.stream_transport.resume_reading()
+
+    # ------------------------------------------------------------ stream side
+
+    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+        """Attach the byte-stream connection (from its ``connection_made``).
+
+        Bytes that arrived from the WebSocket before are written to it first. If the
+        WebSocket is not open yet, reading from the stream waits for :meth:`websocket_opened`.
+        """
+        transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
+        self.stream_transport = transport
+        if self._ws_lost or self.close_code is not None:
+            transport.close()
+            return
+        if self.websocket.state is not OPEN:
+            transport.pause_reading()
+        pending, self._pending = self._pending, []
+        for chunk in pending:
+            transport.write(chunk)
+        self.resume_websocket_reading()
+
+    def websocket_opened(self) -> None:
+        """The WebSocket handshake completed: start relaying."""
+        transport = self.stream_transport
+        if transport is not None and not self._stream_lost:
+            transport.resume_reading()
+        self.resume_websocket_reading()
+
+    def pause_websocket_reading(self) -> None:
+        if self.ws_transport is not None and not self._ws_lost and not self._ws_reading_paused:
+            self._ws_reading_paused = True
+            self.ws_transport.pause_reading()
+
+    def resume_websocket_reading(self) -> None:
+        if self.ws_transport is not None and not self._ws_lost and self._ws_reading_paused:
+            self._ws_reading_paused = False
+            self.ws_transport.resume_reading()
+
+    def stream_data(self, data: bytes) -> None:
+        websocket = self.websocket
+        try:
+            websocket.send_binary(data)
+        except InvalidState:
+            return  # the WebSocket is closing: the peer will not read this anyway
+        self.bytes_to_websocket += len(data)
+        transport = self.ws_transport
+        if transport is not None:
+            transport.writelines(websocket.data_to_send())
+
+    def stream_eof(self) -> None:
+        self.close(CloseCode.NORMAL, f"{self.stream_name} closed the connection")
+
+    def stream_lost(self, exc: Exception | None) -> None:
+        if self._stream_lost:
+            return
+        self._stream_lost = True
+        if exc is None:
+            self.close(CloseCode.NORMAL, f"{self.stream_name} closed the connection")
+        else:
+            self.close(CloseCode.INTERNAL_ERROR, f"{self.stream_name} connection lost")
+        self._maybe_done()
+
+    # ---------------------------------------------------------------- closing
+
+    def close(self, code: int, reason: str) -> None:
+        """Close both connections; the WebSocket with ``code`` and ``reason``."""
+        websocket = self.websocket
+        if websocket.state is OPEN and not self._ws_lost:
+            self._set_close(code, reason)
+            websocket.send_close(code, reason)
+            self.flush_websocket()
+            if self.ws_transport is not None and not self.ws_transport.is_closing():
+                self._close_timer = self.loop.call_later(self.CLOSE_TIMEOUT, self.abort)
+        elif self.ws_transport is not None and not self._ws_lost:
+            self._set_close(code, reason)
+            self.ws_transport.close()
+        if self.stream_transport is not None and not self._stream_lost:
+            self.stream_transport.close()
+
+    def fail(self, code: int, reason: str) -> None:
+        """Fail the WebSocket for a protocol violation (no further frames are processed)."""
+        self._set_close(code, reason)
+        if self.websocket.state is OPEN:
+            self.websocket.fail(code, reason)
+            self.flush_websocket()
+            if self.ws_transport is not None and not self.ws_transport.is_closing():
+                self._close_timer = self.loop.call_later(self.CLOSE_TIMEOUT, self.abort)
+        if self.stream_transport is not None and not self._stream_lost:
+            self.stream_transport.close()
+
+    def abort(self) -> None:
+        """Drop both connections now, without waiting for buffers or handshakes."""
+        self._close_timer = None
+        self._set_close(CloseCode.ABNORMAL, "aborted")
+        if self.ws_transport is not None and not self._ws_lost:
+            self.ws_transport.abort()
+        if self.stream_transport is not None and not self._stream_lost:
+            self.stream_transport.abort()
+
+    def dial_finished(self) -> None:
+        """The stream side was connected, or will never be (dial failed or cancelled)."""
+        self.dialing = False
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if not self._ws_lost or self.dialing:
+            return
+        if self.stream_transport is None:
+            self._stream_lost = True
+        if self._stream_lost and not self.closed.done():
+            self.closed.set_result(None)
+
+    # -------------------------------------------------------------- keepalive
+
+    def keepalive(self, now: float, ping_interval: float, idle_timeout: float) -> None:
+        if self.websocket.state is not OPEN:
+            return
+        quiet = now - self.last_inbound
+        if idle_timeout and quiet >= idle_timeout:
+            logger.debug("tunnel idle for %.1f s, closing", quiet)
+            self.close(CloseCode.GOING_AWAY, "idle timeout")
+        elif ping_interval and quiet >= ping_interval and now - self._last_ping >= ping_interval:
+            self._last_ping = now
+            self.websocket.send_ping(b"grpcbridge")
+            self.flush_websocket()
+
+
+class WebSocketSide(asyncio.Protocol):
+    """asyncio Protocol for the WebSocket connection of a tunnel."""
+
+    __slots__ = ("_buffer_bytes", "on_connection", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, buffer_bytes: int,
+                 on_connection: Callable[[Tunnel], None] | None = None) -> None:
+        self.tunnel = tunnel
+        self._buffer_bytes = buffer_bytes
+        self.on_connection = on_connection
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
+        self.tunnel.ws_transport = transport
+        if self.on_connection is not None:
+            self.on_connection(self.tunnel)
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.ws_data(data)
+
+    def eof_received(self) -> bool | None:
+        tunnel = self.tunnel
+        tunnel.websocket.receive_eof()
+        tunnel.flush_websocket()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.ws_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.tunnel.ws_pause_writing()
+
+    def resume_writing(self) -> None:
+        self.tunnel.ws_resume_writing()
+
+
+class StreamSide(asyncio.Protocol):
+    """asyncio Protocol for the byte-stream connection of a tunnel."""
+
+    __slots__ = ("_buffer_bytes", "tunnel")
+
+    def __init__(self, tunnel: Tunnel, buffer_bytes: int) -> None:
+        self.tunnel = tunnel
+        self._buffer_bytes = buffer_bytes
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.tunnel.attach_stream(transport, self._buffer_bytes)
+
+    def data_received(self, data: bytes) -> None:
+        self.tunnel.stream_data(data)
+
+    def eof_received(self) -> bool | None:
+        self.tunnel.stream_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.tunnel.stream_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.tunnel.pause_websocket_reading()
+
+    def resume_writing(self) -> None:
+        self.tunnel.resume_websocket_reading()
+
+
+async def keepalive_forever(
+    tunnels: Callable[[], list[Tunnel]],
+    ping_interval: float,
+    idle_timeout: float,
+    on_tick: Callable[[], None] | None = None,
+) -> None:
+    """Ping quiet tunnels and close idle ones, forever (cancel the task to stop).
+
+    One task per server instead of one timer per tunnel keeps idle tunnels cheap.
+    """
+    periods = [p for p in (ping_interval, idle_timeout) if p]
+    interval = min([1.0, *(p / 4 for p in periods)])
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(interval)
+        if on_tick is not None:
+            on_tick()
+        if not periods:
+            continue
+        now = loop.time()
+        for tunnel in tunnels():
+            tunnel.keepalive(now, ping_interval, idle_timeout)

@@ -1,0 +1,1 @@
+"""Accepting WebSocket connections and serving gRPC through them."""

@@ -1,0 +1,91 @@
+"""A minimal HTTP/1.1 responder built on websockets' request parser (for /metrics etc.)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from websockets.http11 import Request, Response
+from websockets.server import ServerProtocol
+
+#: A handler gets the request path (without query) and returns status, content type, body.
+Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
+
+
+class _HttpProtocol(asyncio.Protocol):
+    def __init__(self, handler: Handler, tasks: set[asyncio.Task[None]]) -> None:
+        self._handler = handler
+        self._tasks = tasks
+        self._parser = ServerProtocol()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        self._parser.receive_data(data)
+        for event in self._parser.events_received():
+            if isinstance(event, Request):
+                assert self._transport is not None
+                self._transport.pause_reading()
+                task = asyncio.get_running_loop().create_task(self._respond(event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+        self._flush()
+
+    async def _respond(self, request: Request) -> None:
+        path = request.path.partition("?")[0]
+        try:
+            status, content_type, body = await self._handler(path)
+        except Exception:  # pragma: no cover - reported as 500
+            status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+        response: Response = self._parser.reject(status, "")
+        response.body = body
+        response.headers["Content-Type"] = content_type
+        response.headers["Content-Length"] = str(len(body))
+        self._parser.send_response(response)
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._transport is None:
+            return
+        for chunk in self._parser.data_to_send():
+            if chunk:
+                self._transport.write(chunk)
+            else:
+                self._transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+class HttpServer:
+    """Serves ``handler`` on ``host:port`` until :meth:`close`."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _HttpProtocol(self._handler, self._tasks), host, port)
+        sockname = self._server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,310 @@
+"""Tests for the grpcio Todo example service (grpcbridge.demo.service)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+import grpcbridge.demo
+from grpcbridge.demo import todo_pb2, todo_pb2_grpc
+from grpcbridge.demo.service import TodoServicer, serve
+from grpcbridge.demo.store import TodoStore
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[TodoServicer, int]]:
+    srv, servicer, port = serve("127.0.0.1:0")
+    try:
+        yield servicer, port
+    finally:
+        srv.stop(grace=None).wait()
+        servicer.store.close()
+
+
+@pytest.fixture
+def servicer(server: tuple[TodoServicer, int]) -> TodoServicer:
+    return server[0]
+
+
+@pytest.fixture
+def channel(server: tuple[TodoServicer, int]) -> Iterator[grpc.Channel]:
+    options = [
+        ("grpc.max_receive_message_length", 32 * MiB),
+        ("grpc.max_send_message_length", 32 * MiB),
+    ]
+    with grpc.insecure_channel(f"127.0.0.1:{server[1]}", options=options) as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> todo_pb2_grpc.TodoServiceStub:
+    return todo_pb2_grpc.TodoServiceStub(channel)
+
+
+def test_store_crud_and_change_feed() -> None:
+    store = TodoStore()
+    try:
+        q = store.subscribe()
+        a = store.create("a")
+        b = store.create("b")
+        assert [t.text for t in store.list()] == ["a", "b"]
+        assert store.update(a.id, "A", True) == todo_pb2.Todo(id=a.id, text="A", done=True)
+        store.delete(b.id)
+        with pytest.raises(KeyError):
+            store.delete(b.id)
+        with pytest.raises(KeyError):
+            store.update("nope", "x", False)
+        events = [q.get_nowait() for _ in range(4)]
+        assert [e[0] for e in events] == ["todo", "todo", "todo", "deleted"]
+        assert events[3] == ("deleted", b.id)
+        store.unsubscribe(q)
+        store.create("c")
+        assert q.empty()
+    finally:
+        store.close()
+
+
+def test_unary_crud(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    first = stub.CreateTodo(todo_pb2.CreateTodoRequest(text="buy milk"), timeout=5)
+    second = stub.CreateTodo(todo_pb2.CreateTodoRequest(text="walk dog"), timeout=5)
+    assert len(first.id) == 32 and not first.done
+    listed = stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=5).todos
+    assert [t.text for t in listed] == ["buy milk", "walk dog"]
+
+    updated = stub.UpdateTodo(
+        todo_pb2.UpdateTodoRequest(id=first.id, text="buy oat milk", done=True), timeout=5
+    )
+    assert updated == todo_pb2.Todo(id=first.id, text="buy oat milk", done=True)
+    stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=second.id), timeout=5)
+    assert list(stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=5).todos) == [updated]
+
+
+def test_stream_todos_repeats(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    for text in ("a", "b"):
+        stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text), timeout=5)
+    got = stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=3, interval_ms=1), timeout=5)
+    assert [t.text for t in got] == ["a", "b"] * 3
+    once = stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=0), timeout=5)
+    assert [t.text for t in once] == ["a", "b"]
+
+
+def test_bulk_create(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    requests = (todo_pb2.CreateTodoRequest(text=f"t{i}") for i in range(25))
+    assert stub.BulkCreateTodos(requests, timeout=5).created_count == 25
+    assert len(stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=5).todos) == 25
+
+
+def test_metadata_echo_and_trailers(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    metadata = (("x-echo-foo", "bar"), ("x-echo-data-bin", b"\x00\xffraw"), ("other", "no"))
+    _, call = stub.ListTodos.with_call(todo_pb2.ListTodosRequest(), metadata=metadata, timeout=5)
+    echoed = [("x-echo-foo", "bar"), ("x-echo-data-bin", b"\x00\xffraw")]
+    assert [m for m in call.initial_metadata() if m[0].startswith("x-")] == echoed
+    trailers = [m for m in call.trailing_metadata() if m[0].startswith("x-")]
+    assert trailers == [("x-trailer-rpc", "ListTodos"), *echoed]
+
+    stream = stub.StreamTodos(todo_pb2.StreamTodosRequest(), metadata=metadata, timeout=5)
+    assert list(stream) == []
+    assert ("x-echo-foo", "bar") in stream.initial_metadata()
+    assert ("x-trailer-rpc", "StreamTodos") in stream.trailing_metadata()
+
+
+def test_fail_prefix_with_non_ascii_message(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    request = todo_pb2.CreateTodoRequest(text="fail:NOT_FOUND:nö such tödo ✓")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateTodo(request, metadata=(("x-echo-a", "1"),), timeout=5)
+    err = info.value
+    assert isinstance(err, grpc.Call)
+    assert err.code() is grpc.StatusCode.NOT_FOUND
+    assert err.details() == "nö such tödo ✓"
+    trailers = [m for m in err.trailing_metadata() if m[0].startswith("x-")]
+    assert trailers == [("x-trailer-rpc", "CreateTodo"), ("x-echo-a", "1")]
+
+
+def test_invalid_argument_and_not_found(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.CreateTodo(todo_pb2.CreateTodoRequest(text=""), timeout=5)
+    assert isinstance(info.value, grpc.Call)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "text must not be empty"
+
+    for call in (
+        lambda: stub.UpdateTodo(todo_pb2.UpdateTodoRequest(id="missing1", text="x"), timeout=5),
+        lambda: stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id="missing1"), timeout=5),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert isinstance(info.value, grpc.Call)
+        assert info.value.code() is grpc.StatusCode.NOT_FOUND
+        assert "missing1" in (info.value.details() or "")
+
+
+def test_deadline_exceeded_on_slow_stream(
+    stub: todo_pb2_grpc.TodoServiceStub, servicer: TodoServicer
+) -> None:
+    for text in ("a", "b"):
+        stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text), timeout=5)
+    stream = stub.StreamTodos(
+        todo_pb2.StreamTodosRequest(repeat=1000, interval_ms=100), timeout=0.5
+    )
+    received = 0
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream:
+            received += 1
+    assert isinstance(info.value, grpc.Call)
+    assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 1 <= received < 20
+    assert servicer.wait_cancelled(1, timeout=5)
+
+
+def test_client_cancel_is_counted(
+    stub: todo_pb2_grpc.TodoServiceStub, servicer: TodoServicer
+) -> None:
+    stub.CreateTodo(todo_pb2.CreateTodoRequest(text="a"), timeout=5)
+    list(stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=2), timeout=5))
+    assert servicer.cancelled_count == 0  # normal completion is not a cancellation
+
+    stream = stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=1000, interval_ms=200))
+    assert next(stream).text == "a"
+    started = time.monotonic()
+    stream.cancel()
+    assert servicer.wait_cancelled(1, timeout=5)
+    assert time.monotonic() - started < 2
+    assert servicer.cancelled_count == 1
+
+
+def test_large_message_round_trip(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    text = "x" * (16 * MiB)
+    todo = stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text), timeout=30)
+    assert todo.text == text
+    (listed,) = stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=30).todos
+    assert len(listed.text) == 16 * MiB
+
+
+class _SyncClient:
+    """Drives one SyncTodos stream with a queue-fed request iterator."""
+
+    def __init__(self, stub: todo_pb2_grpc.TodoServiceStub) -> None:
+        self._requests: queue.SimpleQueue[todo_pb2.SyncRequest | None] = queue.SimpleQueue()
+        self.responses: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
+        self.call = stub.SyncTodos(iter(self._requests.get, None), timeout=20)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(grpc.RpcError):  # cancelled by the test
+            for response in self.call:
+                self.responses.put(response)
+
+    def send(self, request: todo_pb2.SyncRequest) -> None:
+        self._requests.put(request)
+
+    def next(self) -> todo_pb2.SyncResponse:
+        return self.responses.get(timeout=5)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=5)
+
+
+def test_sync_todos_two_clients(stub: todo_pb2_grpc.TodoServiceStub) -> None:
+    alice, bob = _SyncClient(stub), _SyncClient(stub)
+    try:
+        # Make sure both subscriptions exist: a failing action answers only its sender.
+        for client in (alice, bob):
+            client.send(todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="ping")))
+            assert "ping" in client.next().error
+
+        alice.send(todo_pb2.SyncRequest(create=todo_pb2.CreateTodoRequest(text="from alice")))
+        a_todo = alice.next().todo
+        assert a_todo.text == "from alice"
+        assert bob.next().todo == a_todo
+        bob.send(todo_pb2.SyncRequest(create=todo_pb2.CreateTodoRequest(text="from bob")))
+        b_todo = bob.next().todo
+        assert alice.next().todo == b_todo
+
+        bob.send(
+            todo_pb2.SyncRequest(
+                update=todo_pb2.UpdateTodoRequest(id=a_todo.id, text="done by bob", done=True)
+            )
+        )
+        expected = todo_pb2.Todo(id=a_todo.id, text="done by bob", done=True)
+        assert bob.next().todo == expected
+        assert alice.next().todo == expected
+
+        alice.send(todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id=b_todo.id)))
+        assert alice.next().deleted_id == b_todo.id
+        assert bob.next().deleted_id == b_todo.id
+
+        # Half-close: the changes caused by the last requests are flushed, then OK.
+        alice.send(todo_pb2.SyncRequest(create=todo_pb2.CreateTodoRequest(text="last")))
+        alice.close()
+        assert alice.next().todo.text == "last"
+        assert alice.call.code() is grpc.StatusCode.OK
+        assert ("x-trailer-rpc", "SyncTodos") in alice.call.trailing_metadata()
+        assert bob.next().todo.text == "last"
+    finally:
+        alice.close()
+        bob.close()
+    assert bob.call.code() is grpc.StatusCode.OK
+
+
+def test_sync_cancel_unsubscribes(
+    stub: todo_pb2_grpc.TodoServiceStub, servicer: TodoServicer
+) -> None:
+    client = _SyncClient(stub)
+    client.send(todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="ping")))
+    assert client.next().error
+    client.call.cancel()
+    assert servicer.wait_cancelled(1, timeout=5)
+    client.close()
+    deadline = time.monotonic() + 5
+    while servicer.store._subscribers and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not servicer.store._subscribers
+
+
+def test_main_subprocess_serves_until_sigterm(tmp_path: Path) -> None:
+    src = Path(grpcbridge.demo.__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [sys.executable, "-m", "grpcbridge.demo.service", "--listen", "127.0.0.1:0"]
+    proc = subprocess.Popen(
+        [*cmd, "--db", str(tmp_path / "todos.db")], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line.startswith("listening on 127.0.0.1:")
+        with grpc.insecure_channel(line.removeprefix("listening on ")) as ch:
+            todo = todo_pb2_grpc.TodoServiceStub(ch).CreateTodo(
+                todo_pb2.CreateTodoRequest(text="persisted"), timeout=10
+            )
+        assert todo.text == "persisted"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    store = TodoStore(str(tmp_path / "todos.db"))
+    try:
+        assert [t.text for t in store.list()] == ["persisted"]
+    finally:
+        store.close()
