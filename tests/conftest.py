@@ -7,13 +7,11 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
-
 from support import kill_all_processes, snapshot
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leaks_at_session_end() -> Iterator[None]:
-    before = snapshot()
     yield
     kill_all_processes()
     deadline = time.monotonic() + 10
