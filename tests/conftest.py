@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+
 from support import kill_all_processes, snapshot
 
 

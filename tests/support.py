@@ -21,7 +21,8 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", 32 * MiB),
 ]
 
-_LISTEN_RE = re.compile(r"(?:bridge|forwarder)_started listen=(\S+)")
+# Matches both log formats: `bridge_started listen=ws://...` and JSON `"listen": "ws://..."`.
+_LISTEN_RE = re.compile(r'(?:bridge|forwarder)_started"?,? "?listen"?(?:=|: ")([^\s"]+)')
 
 
 @dataclass

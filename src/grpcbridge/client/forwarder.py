@@ -201,10 +201,15 @@ class Forwarder:
             else:
                 tunnel.abort()
             return
+        except asyncio.CancelledError:
+            tunnel.dialing = False
+            if tunnel.ws_transport is None:
+                tunnel.ws_lost(None)  # never connected: let the tunnel finish
+            else:
+                tunnel.abort()
+            raise
         finally:
             tunnel.on_handshake_event = None
-            if tunnel.dialing:
-                tunnel.dialing = False
             if tunnel in self._tunnels:
                 self._tunnels[tunnel] = None
         tunnel.websocket_opened()

@@ -14,9 +14,11 @@ Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
 
 class _HttpProtocol(asyncio.Protocol):
-    def __init__(self, handler: Handler, tasks: set[asyncio.Task[None]]) -> None:
+    def __init__(self, handler: Handler, tasks: set[asyncio.Task[None]],
+                 connections: set[asyncio.Transport]) -> None:
         self._handler = handler
         self._tasks = tasks
+        self._connections = connections
         self._parser = ServerProtocol()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -24,6 +26,7 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
+        self._connections.add(transport)
         self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
 
     def data_received(self, data: bytes) -> None:
@@ -61,6 +64,8 @@ class _HttpProtocol(asyncio.Protocol):
                 self._transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._transport is not None:
+            self._connections.discard(self._transport)
         if self._timer is not None:
             self._timer.cancel()
 
@@ -72,11 +77,12 @@ class HttpServer:
         self._handler = handler
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[asyncio.Transport] = set()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _HttpProtocol(self._handler, self._tasks), host, port)
+            lambda: _HttpProtocol(self._handler, self._tasks, self._connections), host, port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -84,6 +90,8 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+        for transport in list(self._connections):
+            transport.abort()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):

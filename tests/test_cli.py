@@ -1,0 +1,77 @@
+"""The command line: clear errors for bad settings, tokens kept out of argv and logs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import websockets.asyncio.client
+from websockets.exceptions import InvalidStatus
+
+from support import cli
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "grpcbridge.cli", *args], capture_output=True, text=True,
+        timeout=30, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "--backend", "10.1.2.3:50051"], "--allow-remote-backend"),
+        (["serve", "--backend", "nonsense"], "not host:port or unix:/path"),
+        (["serve", "--backend", "127.0.0.1:1", "--path", "grpc"], "path must start with '/'"),
+        (["serve", "--backend", "127.0.0.1:1", "--certfile", "/nonexistent.pem",
+          "--keyfile", "/nonexistent.key"], "does not exist"),
+        (["serve", "--backend", "127.0.0.1:1", "--ping-interval", "30", "--idle-timeout", "10"],
+         "must be longer than ping_interval"),
+        (["serve", "--backend", "127.0.0.1:1", "--metrics-listen", "0.0.0.0:9464"],
+         "--allow-remote-metrics"),
+        (["forward", "--target", "ftp://host/grpc"], "use ws:// or wss://"),
+        (["forward", "--target", "ws://host/grpc", "--tls"], "never downgrades"),
+        (["forward", "--target", "ws://host/grpc", "--header", "novalue"], "Name:value"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_clear_message(args: list[str], message: str) -> None:
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_address_in_use_is_reported_without_traceback() -> None:
+    with cli(["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]) as bridge:
+        result = run("serve", "--listen", f"127.0.0.1:{bridge.port}", "--backend", "127.0.0.1:1")
+    assert result.returncode != 0
+    assert "address already in use" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+
+
+async def test_token_from_environment_guards_the_bridge_and_is_never_logged() -> None:
+    token = "tok-3f9a1c-very-secret"
+    with cli(["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1", "--log-json"],
+             env={"GRPCBRIDGE_TOKEN": token}) as bridge:
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.asyncio.client.connect(bridge.url, compression=None):
+                pass
+        assert refused.value.response.status_code == 401
+        async with websockets.asyncio.client.connect(
+            bridge.url, compression=None, additional_headers={"Authorization": f"Bearer {token}"}
+        ) as ws:
+            await ws.wait_closed()  # backend 127.0.0.1:1 is down: the bridge closes with 1011
+        assert ws.close_code == 1011
+        bridge.wait_for_line(r'"event": "tunnel_closed"')
+    assert token not in bridge.output()
+    assert '"event": "upgrade_rejected"' in bridge.output()
+
+
+def test_help_lists_the_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("serve", "forward", "demo"):
+        assert command in result.stdout
