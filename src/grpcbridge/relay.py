@@ -26,6 +26,10 @@ from websockets.protocol import OPEN, Protocol
 from .core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
 
 logger = logging.getLogger("grpcbridge")
+#: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
+#: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
+websockets_logger = logging.getLogger("grpcbridge.websockets")
+websockets_logger.setLevel(logging.WARNING)
 
 _BINARY = WsOpcode.BINARY
 _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
@@ -268,7 +272,9 @@ class Tunnel:
             websocket.send_close(code, reason)
             self.flush_websocket()
             if self.ws_transport is not None and not self.ws_transport.is_closing():
-                self._close_timer = self.loop.call_later(self.CLOSE_TIMEOUT, self.abort)
+                self._close_timer = self.loop.call_later(
+                    self.CLOSE_TIMEOUT, self._close_timed_out,
+                    self.ws_transport.get_write_buffer_size())
         elif self.ws_transport is not None and not self._ws_lost:
             self._set_close(code, reason)
             self.ws_transport.close()
@@ -282,9 +288,23 @@ class Tunnel:
             self.websocket.fail(code, reason)
             self.flush_websocket()
             if self.ws_transport is not None and not self.ws_transport.is_closing():
-                self._close_timer = self.loop.call_later(self.CLOSE_TIMEOUT, self.abort)
+                self._close_timer = self.loop.call_later(
+                    self.CLOSE_TIMEOUT, self._close_timed_out,
+                    self.ws_transport.get_write_buffer_size())
         if self.stream_transport is not None and not self._stream_lost:
             self.stream_transport.close()
+
+    def _close_timed_out(self, pending: int) -> None:
+        """No closing handshake within CLOSE_TIMEOUT: abort. Unless the close frame still
+        waits behind data that the peer keeps reading (the write buffer shrank from
+        ``pending``): a slow reader is not a dead one, and aborting would drop that data."""
+        transport = self.ws_transport
+        left = 0 if transport is None or self._ws_lost else transport.get_write_buffer_size()
+        if 0 < left < pending:
+            self._close_timer = self.loop.call_later(
+                self.CLOSE_TIMEOUT, self._close_timed_out, left)
+        else:
+            self.abort()
 
     def abort(self) -> None:
         """Drop both connections now, without waiting for buffers or handshakes."""

@@ -212,6 +212,7 @@ class Forwarder:
             tunnel.on_handshake_event = None
             if tunnel in self._tunnels:
                 self._tunnels[tunnel] = None
+        tunnel.dial_finished()  # else `closed` never resolves and the tunnel is never dropped
         tunnel.websocket_opened()
         log_event("tunnel_opened", target=target.url)
 

@@ -125,20 +125,29 @@ class OriginPolicy:
         self._hosts: set[str] = set()
         self._any = False
         for entry in allowed:
-            value = entry.strip().lower().rstrip("/")
+            value = entry.strip().lower()
+            if "://" in value:
+                value = value.rstrip("/") or value
             if not value:
-                raise ConfigError("allowed origin entries must not be empty")
+                raise ConfigError("allowed_origins entries must not be empty")
             if value == "*":
                 self._any = True
             elif "://" in value:
                 parts = urlsplit(value)
-                if parts.scheme not in ("http", "https") or not parts.hostname:
+                if (parts.scheme not in ("http", "https") or not parts.hostname
+                        or parts.path or parts.query or parts.fragment):
                     raise ConfigError(
-                        f"allowed origin {entry!r} is not an http(s) origin like "
-                        "https://app.example.com"
+                        f"allowed_origins: {entry!r} is not an http(s) origin like "
+                        "https://app.example.com (scheme, host and optional port only)"
                     )
                 self._origins.add(value)
             else:
+                parts = urlsplit("//" + value)
+                if not parts.hostname or parts.path or parts.query or value.endswith(":"):
+                    raise ConfigError(
+                        f"allowed_origins: {entry!r} is not a host like app.example.com "
+                        "or app.example.com:3000"
+                    )
                 self._hosts.add(value)
 
     def allows(self, origin: str | None, host: str | None) -> bool:
@@ -150,7 +159,7 @@ class OriginPolicy:
         parts = urlsplit(value)
         if parts.hostname is None:
             return False
-        if parts.hostname in self._hosts:
+        if parts.hostname in self._hosts or parts.netloc in self._hosts:
             return True
         return host is not None and parts.netloc == host.strip().lower()
 

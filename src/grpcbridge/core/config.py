@@ -27,6 +27,15 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
 
 
+def _check_sizes(max_message_bytes: int, buffer_bytes: int) -> None:
+    for name, value, minimum in (("max_message_bytes", max_message_bytes, 1024),
+                                 ("buffer_bytes", buffer_bytes, 4096)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
 def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
     if isinstance(values, str):
         raise ConfigError(f"{name} must be a list of strings, not one string")
@@ -118,10 +127,7 @@ class BridgeConfig:
                 f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
                 f"({self.ping_interval}), or a healthy quiet tunnel would be closed"
             )
-        if self.max_message_bytes < 1024:
-            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
-        if self.buffer_bytes < 4096:
-            raise ConfigError(f"buffer_bytes must be >= 4096, got {self.buffer_bytes}")
+        _check_sizes(self.max_message_bytes, self.buffer_bytes)
         for name in ("max_connections", "max_connections_per_client", "max_upgrades_per_minute"):
             _positive(name, getattr(self, name), allow_zero=True)
         if (self.certfile is None) != (self.keyfile is None):
@@ -195,10 +201,7 @@ class ForwarderConfig:
                 f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
                 f"({self.ping_interval})"
             )
-        if self.max_message_bytes < 1024:
-            raise ConfigError(f"max_message_bytes must be >= 1024, got {self.max_message_bytes}")
-        if self.buffer_bytes < 4096:
-            raise ConfigError(f"buffer_bytes must be >= 4096, got {self.buffer_bytes}")
+        _check_sizes(self.max_message_bytes, self.buffer_bytes)
         _check_file("cacert", self.cacert)
         if self.cacert is not None and not target.secure:
             raise ConfigError("cacert is only used with a wss:// target")

@@ -30,7 +30,7 @@ from ..core.errors import TunnelClosed
 from ..core.stream import CloseCode
 from ..core.target import SocketAddress
 from ..observability import BridgeMetrics, log_event, logger
-from ..relay import StreamSide, Tunnel, WebSocketSide, keepalive_forever
+from ..relay import StreamSide, Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from .http import HttpServer
 
 
@@ -241,6 +241,7 @@ class Bridge:
             max_size=config.max_message_bytes,
             extensions=[ServerPerMessageDeflateFactory()] if config.compression else None,
             select_subprotocol=lambda _protocol, offered: _subprotocol(offered, allowed),
+            logger=websockets_logger,
         )
         tunnel = Tunnel(loop, websocket, stream_name="backend")
         return WebSocketSide(tunnel, config.buffer_bytes, self._connection_made)
@@ -376,6 +377,9 @@ class Bridge:
             log_event("backend_dial_failed", backend=str(backend), reason=reason,
                       error=str(exc) or type(exc).__name__)
             tunnel.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
+            # Reading was paused for the handshake: resume it so the client's close reply
+            # completes the closing handshake now instead of after Tunnel.CLOSE_TIMEOUT.
+            tunnel.resume_websocket_reading()
             return
         finally:
             tunnel.dial_finished()

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
+from ..relay import websockets_logger
+
 #: A handler gets the request path (without query) and returns status, content type, body.
 Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
@@ -19,7 +21,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._handler = handler
         self._tasks = tasks
         self._connections = connections
-        self._parser = ServerProtocol()
+        self._parser = ServerProtocol(logger=websockets_logger)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -49,6 +51,10 @@ class _HttpProtocol(asyncio.Protocol):
             status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
         response: Response = self._parser.reject(status, "")
         response.body = body
+        # reject() already set both for its empty body, and websockets' Headers append on
+        # assignment: replace them, or clients read "Content-Length: 0" (an empty /metrics).
+        del response.headers["Content-Type"]
+        del response.headers["Content-Length"]
         response.headers["Content-Type"] = content_type
         response.headers["Content-Length"] = str(len(body))
         self._parser.send_response(response)

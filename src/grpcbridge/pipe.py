@@ -1,0 +1,133 @@
+"""In-memory connection between a tunnel's stream side and an in-process asyncio Protocol.
+
+A grpclib ``H2Protocol`` (server or client) normally sits on a socket transport. Here it gets
+a :class:`ProtocolTransport` whose writes go straight into the tunnel's WebSocket, while the
+tunnel writes received stream bytes straight into the protocol's ``data_received``. No socket,
+no copy, no task: the same :class:`~grpcbridge.relay.Tunnel` rules and close paths apply.
+
+Backpressure: when the WebSocket's write buffer fills, the tunnel pauses its stream side,
+which here means calling the protocol's ``pause_writing`` (grpclib then waits before sending
+more DATA). Inbound memory is bounded by HTTP/2 flow control, as on a socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from .relay import Tunnel
+
+
+class ProtocolTransport(asyncio.Transport):
+    """The transport an in-process protocol writes to (its end of the pipe)."""
+
+    def __init__(self, pipe: Pipe, extra: dict[str, Any]) -> None:
+        super().__init__(extra)
+        self._pipe = pipe
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._pipe.closed:
+            return  # like a socket transport after close(): silently ignored
+        self._pipe.tunnel.stream_data(bytes(data))
+
+    def writelines(self, list_of_data: Any) -> None:
+        self.write(b"".join(list_of_data))
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def is_closing(self) -> bool:
+        return self._pipe.closed
+
+    def close(self) -> None:
+        self._pipe.close_from_protocol(None)
+
+    def abort(self) -> None:
+        self._pipe.close_from_protocol(None)
+
+    def get_write_buffer_size(self) -> int:
+        transport = self._pipe.tunnel.ws_transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    def pause_reading(self) -> None:
+        self._pipe.tunnel.pause_websocket_reading()
+
+    def resume_reading(self) -> None:
+        self._pipe.tunnel.resume_websocket_reading()
+
+    def is_reading(self) -> bool:
+        return not self._pipe.closed
+
+
+class _TunnelTransport(asyncio.Transport):
+    """The transport the tunnel writes stream bytes to (the tunnel's end of the pipe)."""
+
+    def __init__(self, pipe: Pipe) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self._pipe.closed:
+            self._pipe.protocol.data_received(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self._pipe.closed
+
+    def close(self) -> None:
+        self._pipe.close_from_tunnel()
+
+    def abort(self) -> None:
+        self._pipe.close_from_tunnel()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # nothing is buffered: writes are delivered synchronously
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        if not self._pipe.closed and not self._pipe.paused:
+            self._pipe.paused = True
+            self._pipe.protocol.pause_writing()
+
+    def resume_reading(self) -> None:
+        if not self._pipe.closed and self._pipe.paused:
+            self._pipe.paused = False
+            self._pipe.protocol.resume_writing()
+
+
+class Pipe:
+    """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both."""
+
+    def __init__(self, tunnel: Tunnel, protocol: asyncio.Protocol,
+                 extra: dict[str, Any] | None = None) -> None:
+        self.tunnel = tunnel
+        self.protocol = protocol
+        self.closed = False
+        self.paused = False
+        self.protocol_transport = ProtocolTransport(self, extra or {})
+        self._tunnel_transport = _TunnelTransport(self)
+
+    def connect(self, buffer_bytes: int) -> None:
+        """Call ``connection_made`` on the protocol, then attach the pipe to the tunnel (which
+        delivers any stream bytes that arrived before)."""
+        self.protocol.connection_made(self.protocol_transport)
+        self.tunnel.attach_stream(self._tunnel_transport, buffer_bytes)
+
+    def close_from_protocol(self, exc: Exception | None) -> None:
+        """The in-process side closed: end the tunnel's stream side, then tell the protocol."""
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.tunnel.loop
+        loop.call_soon(self.tunnel.stream_lost, exc)
+        loop.call_soon(self.protocol.connection_lost, exc)
+
+    def close_from_tunnel(self) -> None:
+        """The tunnel closed its stream side (WebSocket gone or closing)."""
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.tunnel.loop
+        loop.call_soon(self.protocol.connection_lost, None)
+        loop.call_soon(self.tunnel.stream_lost, None)
