@@ -6,25 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
-
-from websockets.client import ClientProtocol
-from websockets.http11 import Response
-from websockets.protocol import OPEN
-from websockets.typing import Origin, Subprotocol
-from websockets.uri import parse_uri
 
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, TunnelClosed
 from ..core.stream import CloseCode
 from ..observability import log_event
-from ..relay import StreamSide, Tunnel, WebSocketSide, keepalive_forever
-from ..server.bridge import _remove_stale_socket
-
-
-def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
-    """TLS settings for dialing wss:// (system CAs, or only ``cacert`` when given)."""
-    return ssl.create_default_context(cafile=cacert)
+from ..relay import StreamSide, Tunnel, keepalive_forever
+from ..sockets import remove_stale_socket
+from .dial import DialSettings, client_ssl_context, open_websocket
 
 
 class Forwarder:
@@ -42,8 +31,13 @@ class Forwarder:
             raise TypeError("Forwarder() takes a ForwarderConfig")
         self.config = config
         target = config.parsed_target
-        self._uri = parse_uri(target.url)
-        self._ssl = client_ssl_context(config.cacert) if target.secure else None
+        self._dial_settings = DialSettings(
+            target=target,
+            ssl=client_ssl_context(config.cacert) if target.secure else None,
+            headers=config.headers, bearer_token=config.bearer_token,
+            subprotocols=config.subprotocols, origin=config.origin,
+            handshake_timeout=config.handshake_timeout,
+            max_message_bytes=config.max_message_bytes, buffer_bytes=config.buffer_bytes)
         self._server: asyncio.Server | None = None
         self._tunnels: dict[Tunnel, asyncio.Task[None] | None] = {}
         self._keepalive: asyncio.Task[None] | None = None
@@ -65,7 +59,7 @@ class Forwarder:
         listen = self.config.listen_address
         try:
             if listen.path is not None:
-                _remove_stale_socket(listen.path)
+                remove_stale_socket(listen.path)
                 self._server = await loop.create_unix_server(self._accept, listen.path,
                                                              backlog=1024)
                 self._unix_path = listen.path
@@ -137,84 +131,24 @@ class Forwarder:
     # ------------------------------------------------------------------
 
     def _accept(self) -> StreamSide:
-        config = self.config
-        loop = asyncio.get_running_loop()
-        websocket = ClientProtocol(
-            self._uri,
-            origin=Origin(config.origin) if config.origin else None,
-            subprotocols=[Subprotocol(s) for s in config.subprotocols] or None,
-            max_size=config.max_message_bytes,
-        )
-        tunnel = Tunnel(loop, websocket, stream_name="client")
-        tunnel.dialing = True
+        tunnel = self._dial_settings.new_tunnel(asyncio.get_running_loop(), "client")
         if self._state != "running":
-            tunnel.dialing = False
-            return _RefusingStreamSide(tunnel, config.buffer_bytes)
-        self._tunnels[tunnel] = loop.create_task(self._dial(tunnel))
+            return _RefusingStreamSide(tunnel, self.config.buffer_bytes)
+        self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
-        return StreamSide(tunnel, config.buffer_bytes)
+        return StreamSide(tunnel, self.config.buffer_bytes)
 
     async def _dial(self, tunnel: Tunnel) -> None:
-        config = self.config
-        target = config.parsed_target
-        loop = tunnel.loop
-        websocket = tunnel.websocket
-        assert isinstance(websocket, ClientProtocol)
-        response: asyncio.Future[Response] = loop.create_future()
-
-        def on_event(event: object) -> None:
-            if isinstance(event, Response) and not response.done():
-                response.set_result(event)
-
-        tunnel.on_handshake_event = on_event
+        url = self.config.parsed_target.url
         try:
-            async with asyncio.timeout(config.handshake_timeout):
-                try:
-                    await loop.create_connection(
-                        lambda: WebSocketSide(tunnel, config.buffer_bytes), target.host,
-                        target.port, ssl=self._ssl,
-                        server_hostname=target.host if self._ssl else None)
-                except OSError as exc:
-                    raise HandshakeError(f"cannot connect to {target.url}: {exc}") from exc
-                request = websocket.connect()
-                extra = dict(config.headers)
-                if config.bearer_token is not None:
-                    extra["Authorization"] = f"Bearer {config.bearer_token}"
-                for name, value in extra.items():
-                    del request.headers[name]  # websockets' Headers append on assignment
-                    request.headers[name] = value
-                websocket.send_request(request)
-                tunnel.flush_websocket()
-                answer = await response
-            if websocket.handshake_exc is not None or websocket.state is not OPEN:
-                body = (answer.body or b"").decode(errors="replace").strip()
-                raise HandshakeError(
-                    f"{target.url} refused the WebSocket upgrade: HTTP {answer.status_code}"
-                    + (f": {body}" if body else ""), status=answer.status_code)
-        except (HandshakeError, TimeoutError) as exc:
-            reason = str(exc) if isinstance(exc, HandshakeError) else (
-                f"no WebSocket handshake with {target.url} within {config.handshake_timeout} s")
-            log_event("tunnel_dial_failed", target=target.url, error=reason)
-            tunnel.dialing = False
-            if tunnel.ws_transport is None:
-                tunnel.ws_lost(HandshakeError(reason))
-            else:
-                tunnel.abort()
+            await open_websocket(tunnel, self._dial_settings)
+        except HandshakeError as exc:
+            log_event("tunnel_dial_failed", target=url, error=str(exc))
             return
-        except asyncio.CancelledError:
-            tunnel.dialing = False
-            if tunnel.ws_transport is None:
-                tunnel.ws_lost(None)  # never connected: let the tunnel finish
-            else:
-                tunnel.abort()
-            raise
         finally:
-            tunnel.on_handshake_event = None
             if tunnel in self._tunnels:
                 self._tunnels[tunnel] = None
-        tunnel.dial_finished()  # else `closed` never resolves and the tunnel is never dropped
-        tunnel.websocket_opened()
-        log_event("tunnel_opened", target=target.url)
+        log_event("tunnel_opened", target=url)
 
 
 class _RefusingStreamSide(StreamSide):

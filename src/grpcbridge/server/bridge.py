@@ -6,9 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import os
-import socket
 import ssl
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,9 +26,9 @@ from ..core.admission import (
 from ..core.config import BridgeConfig
 from ..core.errors import TunnelClosed
 from ..core.stream import CloseCode
-from ..core.target import SocketAddress
 from ..observability import BridgeMetrics, log_event, logger
 from ..relay import StreamSide, Tunnel, WebSocketSide, keepalive_forever, websockets_logger
+from ..sockets import connect_address, remove_stale_socket
 from .http import HttpServer
 
 
@@ -125,7 +123,7 @@ class Bridge:
         try:
             listen = config.listen_address
             if listen.path is not None:
-                _remove_stale_socket(listen.path)
+                remove_stale_socket(listen.path)
                 self._server = await loop.create_unix_server(
                     self._protocol_factory, listen.path, ssl=self._ssl, backlog=1024)
                 self._unix_path = listen.path
@@ -368,7 +366,7 @@ class Bridge:
         started = loop.time()
         try:
             await asyncio.wait_for(
-                _connect(loop, backend, lambda: StreamSide(tunnel, config.buffer_bytes)),
+                connect_address(loop, backend, lambda: StreamSide(tunnel, config.buffer_bytes)),
                 config.backend_connect_timeout)
         except (OSError, TimeoutError) as exc:
             reason = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(
@@ -431,7 +429,7 @@ class Bridge:
         loop = asyncio.get_running_loop()
         try:
             transport, _ = await asyncio.wait_for(
-                _connect(loop, self.config.backend_address, asyncio.Protocol), within)
+                connect_address(loop, self.config.backend_address, asyncio.Protocol), within)
         except (OSError, TimeoutError):
             return False
         transport.close()
@@ -448,34 +446,6 @@ class Bridge:
                 return 200, text, b"ready\n"
             return 503, text, b"backend unreachable\n"
         return 404, text, b"not found; try /metrics, /healthz or /readyz\n"
-
-
-async def _connect(
-    loop: asyncio.AbstractEventLoop,
-    address: SocketAddress,
-    factory: type[asyncio.Protocol] | object,
-) -> tuple[asyncio.Transport, asyncio.Protocol]:
-    if address.path is not None:
-        return await loop.create_unix_connection(factory, address.path)  # type: ignore[arg-type]
-    return await loop.create_connection(factory, address.host, address.port)  # type: ignore[arg-type]
-
-
-def _remove_stale_socket(path: str) -> None:
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise FileExistsError(f"{path} exists and is not a unix socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: a leftover from a crashed process
-    else:
-        raise OSError(f"{path} is in use by another process")
-    finally:
-        probe.close()
 
 
 def _format_address(address: Sequence[object] | None) -> str:
