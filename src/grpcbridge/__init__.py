@@ -5,13 +5,15 @@ wire-compatible with the Go project grpc-tunnel. The public API:
 
 * :class:`Bridge` / :class:`BridgeConfig` - WebSocket server relaying tunnels to a gRPC backend.
 * :class:`Forwarder` / :class:`ForwarderConfig` - local port whose connections are tunnelled.
+* :class:`Channel` / :class:`ReconnectPolicy` - a grpclib channel over a WebSocket tunnel.
 * :class:`BearerTokenAuth`, :class:`Rejection`, :class:`HandshakeRequest` - admission hooks.
 * :func:`parse_target` - the client-side target URL rules.
 """
 
+from .client.channel import Channel
 from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth, HandshakeRequest, OriginPolicy, Rejection
-from .core.config import BridgeConfig, ForwarderConfig
+from .core.config import BridgeConfig, ForwarderConfig, ReconnectPolicy
 from .core.errors import (
     ConfigError,
     GrpcBridgeError,
@@ -31,6 +33,7 @@ __all__ = [
     "Bridge",
     "BridgeConfig",
     "BridgeMetrics",
+    "Channel",
     "CloseCode",
     "ConfigError",
     "Forwarder",
@@ -39,6 +42,7 @@ __all__ = [
     "HandshakeError",
     "HandshakeRequest",
     "OriginPolicy",
+    "ReconnectPolicy",
     "Rejection",
     "Target",
     "TargetError",

@@ -158,6 +158,72 @@ class BridgeConfig:
                            parse_networks(self.trusted_proxies, what="trusted_proxies"))
 
 
+def check_dial_options(
+    *,
+    headers: Mapping[str, str],
+    bearer_token: str | None,
+    subprotocols: Sequence[str],
+    max_message_bytes: int,
+    buffer_bytes: int,
+) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Validate what every client (forwarder, channel) sends when it opens a tunnel; returns
+    the headers and subprotocols in normalised form."""
+    _check_sizes(max_message_bytes, buffer_bytes)
+    for key, value in headers.items():
+        if not key or any(c in key for c in ":\r\n ") or any(c in value for c in "\r\n"):
+            raise ConfigError(f"headers: invalid header {key!r}: names need no ':' or spaces, "
+                              "values no line breaks")
+    if bearer_token is not None and (
+        not bearer_token or any(c in bearer_token for c in "\r\n ")
+    ):
+        raise ConfigError("bearer_token must be non-empty, without spaces or line breaks")
+    return dict(headers), _check_subprotocols("subprotocols", subprotocols)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconnectPolicy:
+    """Backoff between connection attempts after a failure (the Go project's defaults,
+    which are gRPC's connection-backoff defaults).
+
+    After ``n`` consecutive failures the next attempt waits
+    ``min(initial_delay * multiplier ** (n - 1), max_delay)``, spread by +/- ``jitter``.
+    A successful connection resets the count.
+    """
+
+    initial_delay: float = 1.0
+    multiplier: float = 1.6
+    jitter: float = 0.2
+    max_delay: float = 120.0
+    #: Each attempt gets at least this long to connect and complete the handshake.
+    min_connect_timeout: float = 20.0
+
+    def __post_init__(self) -> None:
+        _positive("initial_delay", self.initial_delay, allow_zero=True)
+        _positive("max_delay", self.max_delay, allow_zero=True)
+        _positive("min_connect_timeout", self.min_connect_timeout)
+        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, int | float) \
+                or self.multiplier < 1:
+            raise ConfigError(f"multiplier must be a number >= 1, got {self.multiplier!r}")
+        if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) \
+                or not 0 <= self.jitter < 1:
+            raise ConfigError(f"jitter must be in [0, 1), got {self.jitter!r}")
+        if self.max_delay < self.initial_delay:
+            raise ConfigError(
+                f"max_delay ({self.max_delay}) must be >= initial_delay ({self.initial_delay})")
+
+    def delay(self, failures: int, random_unit: float) -> float:
+        """Seconds to wait after ``failures`` consecutive failures (``random_unit`` in
+        [0, 1) picks the point within the jitter band)."""
+        if failures <= 0:
+            return 0.0
+        exponent = min(failures - 1, 1000)  # 1.6 ** 1000 is already past any max_delay
+        try:
+            base = min(self.initial_delay * self.multiplier ** exponent, self.max_delay)
+        except OverflowError:
+            base = self.max_delay
+        return max(0.0, base * (1 + self.jitter * (2 * random_unit - 1)))
+
+
 @dataclass(frozen=True, kw_only=True)
 class ForwarderConfig:
     """Settings of a :class:`~grpcbridge.Forwarder` (local socket -> WebSocket tunnel)."""
@@ -201,20 +267,13 @@ class ForwarderConfig:
                 f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
                 f"({self.ping_interval})"
             )
-        _check_sizes(self.max_message_bytes, self.buffer_bytes)
         _check_file("cacert", self.cacert)
         if self.cacert is not None and not target.secure:
             raise ConfigError("cacert is only used with a wss:// target")
-        for key, value in self.headers.items():
-            if not key or any(c in key for c in ":\r\n ") or any(c in value for c in "\r\n"):
-                raise ConfigError(f"invalid header {key!r}: names need no ':' or spaces, "
-                                  "values no line breaks")
-        if self.bearer_token is not None and (
-            not self.bearer_token or any(c in self.bearer_token for c in "\r\n ")
-        ):
-            raise ConfigError("bearer_token must be non-empty, without spaces or line breaks")
-        object.__setattr__(self, "subprotocols",
-                           _check_subprotocols("subprotocols", self.subprotocols))
-        object.__setattr__(self, "headers", dict(self.headers))
+        headers, subprotocols = check_dial_options(
+            headers=self.headers, bearer_token=self.bearer_token, subprotocols=self.subprotocols,
+            max_message_bytes=self.max_message_bytes, buffer_bytes=self.buffer_bytes)
+        object.__setattr__(self, "subprotocols", subprotocols)
+        object.__setattr__(self, "headers", headers)
         object.__setattr__(self, "parsed_target", target)
         object.__setattr__(self, "listen_address", listen)
