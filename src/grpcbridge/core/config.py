@@ -10,6 +10,7 @@ import os
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from .admission import AuthHook, IPNetwork, OriginPolicy, parse_networks
 from .errors import ConfigError
@@ -50,12 +51,26 @@ def _check_file(name: str, path: str | None) -> None:
         raise ConfigError(f"{name}: file {path!r} does not exist")
 
 
+@runtime_checkable
+class BackendLike(Protocol):
+    """What a bridge needs of an in-process backend object (see ``grpcbridge.backends``)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def connect(self, tunnel: Any, buffer_bytes: int) -> None: ...
+
+    async def reachable(self) -> bool: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class BridgeConfig:
     """Settings of a :class:`~grpcbridge.Bridge` (the WebSocket server)."""
 
-    #: Backend gRPC server (h2c): ``host:port`` or ``unix:/path``.
-    backend: str
+    #: Where tunnels go: a gRPC server (h2c) at ``host:port`` or ``unix:/path``, or a backend
+    #: object such as ``GrpclibBackend(handlers)`` (served in process, no socket).
+    backend: str | BackendLike
     #: Where to accept WebSocket connections: ``host:port`` (port 0 picks one) or ``unix:/path``.
     listen: str = "127.0.0.1:8080"
     #: URL path of the tunnel endpoint.
@@ -101,19 +116,27 @@ class BridgeConfig:
     allow_remote_metrics: bool = False
 
     # Derived, validated forms (not constructor arguments).
-    backend_address: SocketAddress = field(init=False, repr=False)
+    #: The parsed backend address (None for backend objects).
+    backend_address: SocketAddress | None = field(init=False, repr=False)
     listen_address: SocketAddress = field(init=False, repr=False)
     metrics_address: SocketAddress | None = field(init=False, repr=False)
     origin_policy: OriginPolicy = field(init=False, repr=False)
     trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        backend = parse_address(self.backend, what="backend")
-        if not self.allow_remote_backend and not backend.is_loopback():
+        backend: SocketAddress | None = None
+        if isinstance(self.backend, str):
+            backend = parse_address(self.backend, what="backend")
+            if not self.allow_remote_backend and not backend.is_loopback():
+                raise ConfigError(
+                    f"backend {self.backend!r} is not loopback or a unix socket; the bridge "
+                    "would expose it to every WebSocket client. Pass allow_remote_backend=True "
+                    "(--allow-remote-backend) if that is intended"
+                )
+        elif not isinstance(self.backend, BackendLike):
             raise ConfigError(
-                f"backend {self.backend!r} is not loopback or a unix socket; the bridge would "
-                "expose it to every WebSocket client. Pass allow_remote_backend=True "
-                "(--allow-remote-backend) if that is intended"
+                f"backend must be 'host:port', 'unix:/path' or a backend object such as "
+                f"grpcbridge.GrpclibBackend(handlers), got {self.backend!r}"
             )
         listen = parse_address(self.listen, what="listen", allow_port_zero=True)
         if not self.path.startswith("/") or "?" in self.path:

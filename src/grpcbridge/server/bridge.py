@@ -1,10 +1,9 @@
-"""The bridge: a WebSocket server that relays each tunnel to its own backend connection."""
+"""The bridge: a WebSocket server that hands each tunnel to a backend."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import ssl
 from collections.abc import Sequence
@@ -16,19 +15,15 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from ..core.admission import (
-    AbuseLimiter,
-    HandshakeRequest,
-    Rejection,
-    client_identity,
-    select_subprotocol,
-)
-from ..core.config import BridgeConfig
+from ..backends import Backend, SocketBackend
+from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
+from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import TunnelClosed
 from ..core.stream import CloseCode
-from ..observability import BridgeMetrics, log_event, logger
-from ..relay import StreamSide, Tunnel, WebSocketSide, keepalive_forever, websockets_logger
-from ..sockets import connect_address, remove_stale_socket
+from ..observability import BridgeMetrics, log_event
+from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
+from ..sockets import remove_stale_socket
+from .gate import Admitted, Gate
 from .http import HttpServer
 
 
@@ -37,18 +32,12 @@ class _Session:
     """Bookkeeping of one accepted TCP connection on the bridge's listener."""
 
     peer: str
-    client: str = ""
+    admitted: Admitted | None = None
     accepted: bool = False
-    admitted: bool = False
     reported_to_backend: int = 0
     reported_to_client: int = 0
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None
-
-
-def _subprotocol(offered: Sequence[str], allowed: Sequence[str]) -> Subprotocol | None:
-    chosen = select_subprotocol(offered, allowed)
-    return None if chosen is None else Subprotocol(chosen)
 
 
 def _upgrade_requested(request: Request) -> bool:
@@ -56,8 +45,17 @@ def _upgrade_requested(request: Request) -> bool:
     return any("websocket" in value.lower() for value in values)
 
 
+def make_backend(config: BridgeConfig) -> BackendLike:
+    """The backend object for ``config.backend`` (a string means a :class:`SocketBackend`)."""
+    if config.backend_address is not None:
+        return SocketBackend(config.backend_address,
+                             connect_timeout=config.backend_connect_timeout)
+    assert not isinstance(config.backend, str)
+    return config.backend
+
+
 class Bridge:
-    """Accepts WebSocket connections and relays each one to its own backend connection.
+    """Accepts WebSocket connections and hands each tunnel to the configured backend.
 
     Use it as an async context manager, or call :meth:`start` and :meth:`close`::
 
@@ -70,11 +68,8 @@ class Bridge:
             raise TypeError("Bridge() takes a BridgeConfig")
         self.config = config
         self.metrics = metrics if metrics is not None else BridgeMetrics()
-        self.limiter = AbuseLimiter(
-            max_connections=config.max_connections,
-            max_connections_per_client=config.max_connections_per_client,
-            max_upgrades_per_minute=config.max_upgrades_per_minute,
-        )
+        self.gate = Gate(config, self.metrics)
+        self.backend = make_backend(config)
         self._sessions: dict[Tunnel, _Session] = {}
         self._server: asyncio.Server | None = None
         self._metrics_server: HttpServer | None = None
@@ -83,10 +78,16 @@ class Bridge:
         self._state = "new"
         self._closed = asyncio.Event()
         self._unix_path: str | None = None
+        self._backend_started = False
         #: Bound ``(host, port)`` of the WebSocket listener (TCP only), after start.
         self.address: tuple[str, int] | None = None
         #: Bound ``(host, port)`` of the metrics listener, after start.
         self.metrics_address: tuple[str, int] | None = None
+
+    @property
+    def limiter(self) -> AbuseLimiter:
+        """The abuse limiter (for inspection)."""
+        return self.gate.limiter
 
     # ----------------------------------------------------------- lifecycle
 
@@ -120,8 +121,10 @@ class Bridge:
         if config.certfile is not None:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.certfile, config.keyfile)
+        listen = config.listen_address
         try:
-            listen = config.listen_address
+            await self.backend.start()
+            self._backend_started = True
             if listen.path is not None:
                 remove_stale_socket(listen.path)
                 self._server = await loop.create_unix_server(
@@ -149,8 +152,7 @@ class Bridge:
             self._report_all_bytes))
         self._state = "running"
         log_event("bridge_started", listen=self.url if self.address else str(listen),
-                  backend=str(config.backend_address),
-                  metrics=_format_address(self.metrics_address))
+                  backend=str(self.backend), metrics=_format_address(self.metrics_address))
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`close` finishes (starting the bridge first if needed)."""
@@ -228,17 +230,21 @@ class Bridge:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._unix_path)
             self._unix_path = None
+        if self._backend_started:
+            self._backend_started = False
+            await self.backend.close()
 
     # -------------------------------------------------------- connections
 
     def _protocol_factory(self) -> WebSocketSide:
         config = self.config
         loop = asyncio.get_running_loop()
-        allowed = config.subprotocols
+        gate = self.gate
         websocket = ServerProtocol(
             max_size=config.max_message_bytes,
             extensions=[ServerPerMessageDeflateFactory()] if config.compression else None,
-            select_subprotocol=lambda _protocol, offered: _subprotocol(offered, allowed),
+            # The gate chose the subprotocol already; this only reports it to websockets.
+            select_subprotocol=lambda protocol, offered: _chosen_subprotocol(gate, offered),
             logger=websockets_logger,
         )
         tunnel = Tunnel(loop, websocket, stream_name="backend")
@@ -261,9 +267,8 @@ class Bridge:
     def _handshake_timed_out(self, tunnel: Tunnel) -> None:
         session = self._sessions.get(tunnel)
         if session is not None and not session.accepted and session.task is None:
-            log_event("upgrade_rejected", status=408, reason="handshake timeout",
-                      peer=session.peer)
-            self.metrics.upgrades_rejected.labels("timeout").inc()
+            self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
+                               peer=session.peer)
             tunnel.abort()
 
     def _on_handshake_event(self, tunnel: Tunnel, event: object) -> None:
@@ -276,8 +281,7 @@ class Bridge:
         tunnel.pause_websocket_reading()
         session.task = tunnel.loop.create_task(self._open(tunnel, session, event))
 
-    def _reject(self, tunnel: Tunnel, session: _Session, request: Request | None,
-                rejection: Rejection) -> None:
+    def _send_rejection(self, tunnel: Tunnel, rejection: Rejection) -> None:
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.reject(rejection.status, rejection.reason + "\n")
@@ -287,93 +291,45 @@ class Bridge:
             response.headers["Upgrade"] = "websocket"
         websocket.send_response(response)
         tunnel.flush_websocket()
-        self.metrics.upgrades_rejected.labels(rejection.label).inc()
-        log_event("upgrade_rejected", status=rejection.status, reason=rejection.reason,
-                  peer=session.peer, client=session.client or session.peer,
-                  path=request.path.partition("?")[0] if request else "",
-                  origin=request.headers.get("Origin", "") if request else "")
 
     async def _open(self, tunnel: Tunnel, session: _Session, request: Request) -> None:
-        config = self.config
         loop = tunnel.loop
         path, _, query = request.path.partition("?")
-        if path != config.path:
-            self._reject(tunnel, session, request,
-                         Rejection(404, f"no tunnel endpoint at {path}; use {config.path}",
-                                   label="path"))
-            return
-        if not _upgrade_requested(request):
-            self._reject(tunnel, session, request, Rejection(
-                426, "this endpoint only accepts WebSocket upgrades (gRPC over WebSocket)",
-                label="not_websocket"))
-            return
         headers: dict[str, list[str]] = {}
         for name, value in request.headers.raw_items():
             headers.setdefault(name.lower(), []).append(value)
-        if not config.origin_policy.allows(request.headers.get("Origin"),
-                                           request.headers.get("Host")):
-            self._reject(tunnel, session, request,
-                         Rejection(403, "origin not allowed", label="origin"))
+        decision = await self.gate.check(path=path, query=query, headers=headers,
+                                         peer=session.peer,
+                                         websocket=_upgrade_requested(request), now=loop.time())
+        if isinstance(decision, Rejection):
+            self._send_rejection(tunnel, decision)
             return
-        session.client = client_identity(session.peer, headers.get("x-forwarded-for", []),
-                                         config.trusted_networks)
-        rejection = self.limiter.admit(session.client, loop.time())
-        if rejection is not None:
-            self._reject(tunnel, session, request, rejection)
-            return
-        session.admitted = True
-        if config.authenticate is not None:
-            offered = tuple(
-                entry.strip()
-                for value in headers.get("sec-websocket-protocol", [])
-                for entry in value.split(",") if entry.strip()
-            )
-            handshake = HandshakeRequest(path=path, query=query, headers=headers,
-                                         client=session.client, subprotocols=offered)
-            try:
-                decision = config.authenticate(handshake)
-                if inspect.isawaitable(decision):
-                    decision = await decision
-            except Exception:
-                logger.exception("authentication hook failed")
-                decision = Rejection(500, "authentication failed", label="auth_error")
-            if decision is not None:
-                self._reject(tunnel, session, request, decision)
-                return
+        session.admitted = decision
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.accept(request)
         if response.status_code != 101:
-            self._reject(tunnel, session, request, Rejection(
-                response.status_code, (response.body or b"").decode(errors="replace").strip()
-                .replace("\n", " ") or "invalid WebSocket handshake", label="handshake"))
+            body = (response.body or b"").decode(errors="replace").strip().replace("\n", " ")
+            rejection = Rejection(response.status_code, body or "invalid WebSocket handshake",
+                                  label="handshake")
+            self.gate.rejected(rejection, peer=session.peer, client=decision.client, path=path)
+            self._send_rejection(tunnel, rejection)
             return
         websocket.send_response(response)
         tunnel.flush_websocket()
         session.accepted = True
-        self.metrics.upgrades_accepted.inc()
-        self.metrics.tunnels_active.inc()
-        log_event("upgrade_accepted", peer=session.peer, client=session.client, path=path,
-                  origin=request.headers.get("Origin", ""),
-                  subprotocol=websocket.subprotocol or "")
-        await self._dial_backend(tunnel)
+        self.gate.opened(decision, peer=session.peer, path=path,
+                         origin=request.headers.get("Origin", ""))
+        await self._connect_backend(tunnel, decision)
 
-    async def _dial_backend(self, tunnel: Tunnel) -> None:
-        config = self.config
-        backend = config.backend_address
+    async def _connect_backend(self, tunnel: Tunnel, admitted: Admitted) -> None:
         loop = tunnel.loop
         tunnel.dialing = True
         started = loop.time()
         try:
-            await asyncio.wait_for(
-                connect_address(loop, backend, lambda: StreamSide(tunnel, config.buffer_bytes)),
-                config.backend_connect_timeout)
+            await self.backend.connect(tunnel, self.config.buffer_bytes)
         except (OSError, TimeoutError) as exc:
-            reason = "timeout" if isinstance(exc, TimeoutError) else "refused" if isinstance(
-                exc, ConnectionRefusedError) else "error"
-            self.metrics.backend_dial_failures.labels(reason).inc()
-            log_event("backend_dial_failed", backend=str(backend), reason=reason,
-                      error=str(exc) or type(exc).__name__)
+            self.gate.backend_failed(exc)
             tunnel.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
             # Reading was paused for the handshake: resume it so the client's close reply
             # completes the closing handshake now instead of after Tunnel.CLOSE_TIMEOUT.
@@ -381,9 +337,8 @@ class Bridge:
             return
         finally:
             tunnel.dial_finished()
-        self.metrics.backend_dial_seconds.observe(loop.time() - started)
+        self.gate.backend_connected(admitted, loop.time() - started)
         tunnel.websocket_opened()
-        log_event("tunnel_opened", client=self._sessions[tunnel].client, backend=str(backend))
 
     def _tunnel_finished(self, tunnel: Tunnel) -> None:
         session = self._sessions.pop(tunnel, None)
@@ -392,20 +347,15 @@ class Bridge:
         if session.timer is not None:
             session.timer.cancel()
         now = tunnel.loop.time()
-        if session.admitted:
-            self.limiter.release(session.client, now)
-        if not session.accepted:
+        if session.admitted is not None:
+            self.gate.release(session.admitted, now)
+        if not session.accepted or session.admitted is None:
             return
         self._report_bytes(tunnel, session)
-        code = tunnel.close_code or CloseCode.ABNORMAL
-        duration = now - tunnel.opened_at
-        self.metrics.tunnels_active.dec()
-        self.metrics.tunnels_closed.labels(str(int(code))).inc()
-        self.metrics.tunnel_duration.observe(duration)
-        log_event("tunnel_closed", client=session.client, code=int(code),
-                  reason=tunnel.close_reason, duration=round(duration, 3),
-                  bytes_to_backend=tunnel.bytes_from_websocket,
-                  bytes_to_client=tunnel.bytes_to_websocket)
+        self.gate.closed(session.admitted, code=int(tunnel.close_code or CloseCode.ABNORMAL),
+                         reason=tunnel.close_reason, duration=now - tunnel.opened_at,
+                         bytes_to_backend=tunnel.bytes_from_websocket,
+                         bytes_to_client=tunnel.bytes_to_websocket)
 
     def _report_bytes(self, tunnel: Tunnel, session: _Session) -> None:
         to_backend = tunnel.bytes_from_websocket - session.reported_to_backend
@@ -424,16 +374,9 @@ class Bridge:
 
     # -------------------------------------------------------------- probes
 
-    async def backend_reachable(self, within: float = 1.0) -> bool:
-        """Whether a connection to the backend can be opened within ``within`` seconds."""
-        loop = asyncio.get_running_loop()
-        try:
-            transport, _ = await asyncio.wait_for(
-                connect_address(loop, self.config.backend_address, asyncio.Protocol), within)
-        except (OSError, TimeoutError):
-            return False
-        transport.close()
-        return True
+    async def backend_reachable(self) -> bool:
+        """Whether a tunnel opened now would reach the backend."""
+        return await self.backend.reachable()
 
     async def _http_handler(self, path: str) -> tuple[int, str, bytes]:
         text = "text/plain; charset=utf-8"
@@ -448,5 +391,13 @@ class Bridge:
         return 404, text, b"not found; try /metrics, /healthz or /readyz\n"
 
 
+def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | None:
+    chosen = select_subprotocol(offered, gate.config.subprotocols)
+    return None if chosen is None else Subprotocol(chosen)
+
+
 def _format_address(address: Sequence[object] | None) -> str:
     return "" if address is None else f"{address[0]}:{address[1]}"
+
+
+__all__ = ["Backend", "Bridge", "make_backend"]

@@ -1,0 +1,162 @@
+"""Where a bridge sends each tunnel's byte stream.
+
+* :class:`SocketBackend` - relay to a gRPC server over TCP or a unix socket (what a string
+  ``backend`` in :class:`~grpcbridge.BridgeConfig` means).
+* :class:`GrpclibBackend` - serve grpclib handlers in process: each tunnel feeds grpclib's
+  HTTP/2 protocol directly, with no socket at all.
+* :class:`GrpcioBackend` - relay to an existing grpcio server (sync or aio) through a private
+  unix socket the backend adds to it; see :func:`grpcbridge.attach_grpcio`.
+
+A backend's :meth:`~Backend.connect` attaches the stream side of a tunnel (anything with the
+relay's ``attach_stream`` / ``stream_*`` methods: the asyncio bridge's and the ASGI app's
+tunnels alike) or raises ``OSError``/``TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Collection
+from typing import Any
+
+from .core.errors import ConfigError
+from .core.target import SocketAddress, parse_address
+from .pipe import Pipe
+from .relay import StreamSide
+from .sockets import connect_address
+
+
+class Backend(abc.ABC):
+    """Base class of backend objects accepted by ``BridgeConfig(backend=...)``."""
+
+    async def start(self) -> None:  # noqa: B027 - an optional hook
+        """Called once when the bridge starts."""
+
+    async def close(self) -> None:  # noqa: B027 - an optional hook
+        """Called once when the bridge has closed its tunnels."""
+
+    @abc.abstractmethod
+    async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
+        """Attach ``tunnel``'s stream side, or raise ``OSError``/``TimeoutError``."""
+
+    @abc.abstractmethod
+    async def reachable(self) -> bool:
+        """Whether a tunnel opened now would reach the backend (``/readyz``)."""
+
+
+class SocketBackend(Backend):
+    """Relay each tunnel to its own connection to ``address`` (``host:port``/``unix:/path``)."""
+
+    def __init__(self, address: str | SocketAddress, *, connect_timeout: float = 10.0) -> None:
+        self.address = (address if isinstance(address, SocketAddress)
+                        else parse_address(address, what="backend"))
+        if connect_timeout <= 0:
+            raise ConfigError(f"connect_timeout must be > 0, got {connect_timeout}")
+        self.connect_timeout = connect_timeout
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+    async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(
+            connect_address(loop, self.address, lambda: StreamSide(tunnel, buffer_bytes)),
+            self.connect_timeout)
+
+    async def reachable(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, _ = await asyncio.wait_for(
+                connect_address(loop, self.address, asyncio.Protocol),
+                min(1.0, self.connect_timeout))
+        except (OSError, TimeoutError):
+            return False
+        transport.close()
+        return True
+
+
+class GrpclibBackend(Backend):
+    """Serve grpclib ``handlers`` (generated ``*Base`` service implementations, reflection,
+    health...) over each tunnel in process. grpclib's HTTP/2 protocol is fed straight from
+    the WebSocket; its writes go straight into it, with backpressure through
+    ``pause_writing``/``resume_writing``."""
+
+    def __init__(self, handlers: Collection[Any], **server_options: Any) -> None:
+        if not handlers:
+            raise ConfigError("GrpclibBackend needs at least one handler (service instance)")
+        self._handlers = list(handlers)
+        self._options = server_options
+        self._server: Any = None
+        self._closed = False
+
+    def __str__(self) -> str:
+        names = ", ".join(type(handler).__name__ for handler in self._handlers)
+        return f"grpclib in process ({names})"
+
+    async def start(self) -> None:
+        from grpclib.server import Server  # created inside the running loop, as grpclib wants
+
+        self._server = Server(self._handlers, **self._options)
+
+    async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
+        if self._server is None or self._closed:
+            raise ConnectionRefusedError("the in-process grpclib server is not running")
+        protocol = self._server._protocol_factory()
+        Pipe(tunnel, protocol, {"peername": ("grpcbridge", 0)}).connect(buffer_bytes)
+
+    async def reachable(self) -> bool:
+        return self._server is not None and not self._closed
+
+    async def close(self) -> None:
+        """Close every connection handler (grpclib's ``Server.close`` needs ``start()``,
+        which a WebSocket-only server never calls)."""
+        self._closed = True
+        server = self._server
+        if server is None:
+            return
+        handlers = list(server._handlers)
+        for handler in handlers:
+            handler.close()
+        for handler in handlers:
+            await handler.wait_closed()
+
+
+class GrpcioBackend(SocketBackend):
+    """Relay to a grpcio server through a private unix socket added to it.
+
+    The socket lives in a fresh directory only this user can enter (0700); the directory is
+    removed when the bridge closes. Create it before ``server.start()`` (grpcio only accepts
+    new ports then)::
+
+        server = grpc.server(...)            # or grpc.aio.server()
+        backend = GrpcioBackend(server)      # adds unix:/tmp/grpcbridge-.../grpc.sock
+        server.start()
+    """
+
+    def __init__(self, server: Any, *, connect_timeout: float = 10.0) -> None:
+        directory = tempfile.mkdtemp(prefix="grpcbridge-")
+        os.chmod(directory, stat.S_IRWXU)
+        path = os.path.join(directory, "grpc.sock")
+        try:
+            bound = server.add_insecure_port(f"unix:{path}")
+        except Exception:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        if bound == 0:  # grpcio reports failure this way for unix sockets
+            shutil.rmtree(directory, ignore_errors=True)
+            raise ConfigError("the grpcio server refused the unix port; attach it before "
+                              "server.start()")
+        self.directory = directory
+        super().__init__(SocketAddress(path=path), connect_timeout=connect_timeout)
+
+    def __str__(self) -> str:
+        return f"grpcio via {self.address}"
+
+    async def close(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(self.directory)

@@ -1,0 +1,149 @@
+"""The admission sequence and tunnel accounting shared by every server adapter.
+
+Both the asyncio :class:`~grpcbridge.Bridge` and the ASGI app call :meth:`Gate.check` with
+what they know of an upgrade request and report tunnels through :meth:`Gate.opened` and
+:meth:`Gate.closed`, so guards, metrics and log events are identical whichever way
+WebSockets arrive.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from ..core.admission import (
+    AbuseLimiter,
+    HandshakeRequest,
+    Rejection,
+    client_identity,
+    select_subprotocol,
+)
+from ..core.config import BridgeConfig
+from ..observability import BridgeMetrics, log_event, logger
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """An upgrade that passed every guard; :meth:`Gate.release` it when the tunnel ends."""
+
+    client: str
+    subprotocol: str | None
+
+
+def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
+    values = headers.get(name)
+    return values[0] if values else None
+
+
+class Gate:
+    """Decides on upgrade requests: path, WebSocket upgrade, Origin, abuse limits, auth."""
+
+    def __init__(self, config: BridgeConfig, metrics: BridgeMetrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.limiter = AbuseLimiter(
+            max_connections=config.max_connections,
+            max_connections_per_client=config.max_connections_per_client,
+            max_upgrades_per_minute=config.max_upgrades_per_minute,
+        )
+
+    async def check(
+        self,
+        *,
+        path: str,
+        query: str,
+        headers: Mapping[str, Sequence[str]],
+        peer: str,
+        websocket: bool,
+        now: float,
+    ) -> Admitted | Rejection:
+        """Run the guards in order. ``headers`` maps lower-case names to values. A
+        :class:`Rejection` has already been counted and logged."""
+        config = self.config
+        client = peer
+        origin = _first(headers, "origin")
+        rejection: Rejection | None = None
+        if path != config.path:
+            rejection = Rejection(404, f"no tunnel endpoint at {path}; use {config.path}",
+                                  label="path")
+        elif not websocket:
+            rejection = Rejection(
+                426, "this endpoint only accepts WebSocket upgrades (gRPC over WebSocket)",
+                label="not_websocket")
+        elif not config.origin_policy.allows(origin, _first(headers, "host")):
+            rejection = Rejection(403, "origin not allowed", label="origin")
+        else:
+            client = client_identity(peer, headers.get("x-forwarded-for", ()),
+                                     config.trusted_networks)
+            rejection = self.limiter.admit(client, now)
+            if rejection is None:
+                offered = tuple(
+                    entry.strip()
+                    for value in headers.get("sec-websocket-protocol", ())
+                    for entry in value.split(",") if entry.strip()
+                )
+                rejection = await self._authenticate(path, query, headers, client, offered)
+                if rejection is not None:
+                    self.limiter.release(client, now)
+                else:
+                    return Admitted(client, select_subprotocol(offered, config.subprotocols))
+        self.rejected(rejection, peer=peer, client=client, path=path, origin=origin or "")
+        return rejection
+
+    async def _authenticate(self, path: str, query: str, headers: Mapping[str, Sequence[str]],
+                            client: str, offered: tuple[str, ...]) -> Rejection | None:
+        hook = self.config.authenticate
+        if hook is None:
+            return None
+        request = HandshakeRequest(path=path, query=query, headers=headers, client=client,
+                                   subprotocols=offered)
+        try:
+            decision = hook(request)
+            if inspect.isawaitable(decision):
+                decision = await decision
+        except Exception:
+            logger.exception("authentication hook failed")
+            return Rejection(500, "authentication failed", label="auth_error")
+        if decision is not None and not isinstance(decision, Rejection):
+            logger.error("authentication hook returned %r, not None or a Rejection", decision)
+            return Rejection(500, "authentication failed", label="auth_error")
+        return decision
+
+    def rejected(self, rejection: Rejection, *, peer: str, client: str = "", path: str = "",
+                 origin: str = "") -> None:
+        self.metrics.upgrades_rejected.labels(rejection.label).inc()
+        log_event("upgrade_rejected", status=rejection.status, reason=rejection.reason,
+                  peer=peer, client=client or peer, path=path, origin=origin)
+
+    def release(self, admitted: Admitted, now: float) -> None:
+        self.limiter.release(admitted.client, now)
+
+    # ------------------------------------------------------------ accounting
+
+    def opened(self, admitted: Admitted, *, peer: str, path: str, origin: str) -> None:
+        self.metrics.upgrades_accepted.inc()
+        self.metrics.tunnels_active.inc()
+        log_event("upgrade_accepted", peer=peer, client=admitted.client, path=path,
+                  origin=origin, subprotocol=admitted.subprotocol or "")
+
+    def backend_failed(self, exc: BaseException) -> None:
+        reason = ("timeout" if isinstance(exc, TimeoutError)
+                  else "refused" if isinstance(exc, ConnectionRefusedError) else "error")
+        self.metrics.backend_dial_failures.labels(reason).inc()
+        log_event("backend_dial_failed", backend=str(self.config.backend), reason=reason,
+                  error=str(exc) or type(exc).__name__)
+
+    def backend_connected(self, admitted: Admitted, seconds: float) -> None:
+        self.metrics.backend_dial_seconds.observe(seconds)
+        log_event("tunnel_opened", client=admitted.client, backend=str(self.config.backend))
+
+    def closed(self, admitted: Admitted, *, code: int, reason: str, duration: float,
+               bytes_to_backend: int, bytes_to_client: int) -> None:
+        """Count a finished tunnel (its bytes are reported separately, as they flow)."""
+        self.metrics.tunnels_active.dec()
+        self.metrics.tunnels_closed.labels(str(code)).inc()
+        self.metrics.tunnel_duration.observe(duration)
+        log_event("tunnel_closed", client=admitted.client, code=code, reason=reason,
+                  duration=round(duration, 3), bytes_to_backend=bytes_to_backend,
+                  bytes_to_client=bytes_to_client)
