@@ -6,6 +6,9 @@ wire-compatible with the Go project grpc-tunnel. The public API:
 * :class:`Bridge` / :class:`BridgeConfig` - WebSocket server relaying tunnels to a gRPC backend.
 * :class:`Forwarder` / :class:`ForwarderConfig` - local port whose connections are tunnelled.
 * :class:`Channel` / :class:`ReconnectPolicy` - a grpclib channel over a WebSocket tunnel.
+* :class:`GrpclibBackend`, :class:`GrpcioBackend`, :class:`SocketBackend`,
+  :func:`attach_grpcio`, :class:`ThreadedBridge` - what a bridge serves, in process or not.
+* :class:`BridgeApp` - the bridge as an ASGI app (Starlette/FastAPI, uvicorn).
 * :class:`BearerTokenAuth`, :class:`Rejection`, :class:`HandshakeRequest` - admission hooks.
 * :func:`parse_target` - the client-side target URL rules.
 
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BearerTokenAuth": ".core.admission",
     "Bridge": ".server.bridge",
+    "BridgeApp": ".server.asgi",
     "BridgeConfig": ".core.config",
     "BridgeMetrics": ".observability",
     "Channel": ".client.channel",
@@ -31,14 +35,19 @@ _EXPORTS = {
     "Forwarder": ".client.forwarder",
     "ForwarderConfig": ".core.config",
     "GrpcBridgeError": ".core.errors",
+    "GrpcioBackend": ".backends",
+    "GrpclibBackend": ".backends",
     "HandshakeError": ".core.errors",
     "HandshakeRequest": ".core.admission",
     "OriginPolicy": ".core.admission",
     "ReconnectPolicy": ".core.config",
     "Rejection": ".core.admission",
+    "SocketBackend": ".backends",
     "Target": ".core.target",
     "TargetError": ".core.errors",
+    "ThreadedBridge": ".server.attach",
     "TunnelClosed": ".core.errors",
+    "attach_grpcio": ".server.attach",
     "configure_logging": ".observability",
     "parse_target": ".core.target",
 }
@@ -46,6 +55,7 @@ _EXPORTS = {
 __all__ = [
     "BearerTokenAuth",
     "Bridge",
+    "BridgeApp",
     "BridgeConfig",
     "BridgeMetrics",
     "Channel",
@@ -54,19 +64,25 @@ __all__ = [
     "Forwarder",
     "ForwarderConfig",
     "GrpcBridgeError",
+    "GrpcioBackend",
+    "GrpclibBackend",
     "HandshakeError",
     "HandshakeRequest",
     "OriginPolicy",
     "ReconnectPolicy",
     "Rejection",
+    "SocketBackend",
     "Target",
     "TargetError",
+    "ThreadedBridge",
     "TunnelClosed",
+    "attach_grpcio",
     "configure_logging",
     "parse_target",
 ]
 
 if TYPE_CHECKING:
+    from .backends import GrpcioBackend, GrpclibBackend, SocketBackend
     from .client.channel import Channel
     from .client.forwarder import Forwarder
     from .core.admission import BearerTokenAuth, HandshakeRequest, OriginPolicy, Rejection
@@ -81,6 +97,8 @@ if TYPE_CHECKING:
     from .core.stream import CloseCode
     from .core.target import Target, parse_target
     from .observability import BridgeMetrics, configure_logging
+    from .server.asgi import BridgeApp
+    from .server.attach import ThreadedBridge, attach_grpcio
     from .server.bridge import Bridge
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .relay import Tunnel
+from .relay import StreamOwner
 
 
 class ProtocolTransport(asyncio.Transport):
@@ -46,8 +46,7 @@ class ProtocolTransport(asyncio.Transport):
         self._pipe.close_from_protocol(None)
 
     def get_write_buffer_size(self) -> int:
-        transport = self._pipe.tunnel.ws_transport
-        return transport.get_write_buffer_size() if transport is not None else 0
+        return self._pipe.tunnel.websocket_buffer_size()
 
     def pause_reading(self) -> None:
         self._pipe.tunnel.pause_websocket_reading()
@@ -99,7 +98,7 @@ class _TunnelTransport(asyncio.Transport):
 class Pipe:
     """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both."""
 
-    def __init__(self, tunnel: Tunnel, protocol: asyncio.Protocol,
+    def __init__(self, tunnel: StreamOwner, protocol: asyncio.Protocol,
                  extra: dict[str, Any] | None = None) -> None:
         self.tunnel = tunnel
         self.protocol = protocol

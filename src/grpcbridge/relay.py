@@ -16,12 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
 from websockets.frames import Opcode as WsOpcode
-from websockets.protocol import OPEN, Protocol
+from websockets.protocol import OPEN
+from websockets.protocol import Protocol as WebSocketProtocol
 
 from .core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
 
@@ -34,6 +35,28 @@ websockets_logger.setLevel(logging.WARNING)
 _BINARY = WsOpcode.BINARY
 _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 _SEND_EOF = b""
+
+
+class StreamOwner(Protocol):
+    """What the stream side of a tunnel (a socket's :class:`StreamSide`, or an in-process
+    :class:`~grpcbridge.pipe.Pipe`) needs from its tunnel. Implemented by :class:`Tunnel`
+    (websockets sans-I/O) and by the ASGI app's tunnel."""
+
+    loop: asyncio.AbstractEventLoop
+
+    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None: ...
+
+    def stream_data(self, data: bytes) -> None: ...
+
+    def stream_eof(self) -> None: ...
+
+    def stream_lost(self, exc: Exception | None) -> None: ...
+
+    def pause_websocket_reading(self) -> None: ...
+
+    def resume_websocket_reading(self) -> None: ...
+
+    def websocket_buffer_size(self) -> int: ...
 
 
 class Tunnel:
@@ -72,7 +95,7 @@ class Tunnel:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        websocket: Protocol,
+        websocket: WebSocketProtocol,
         *,
         stream_name: str,
         info: dict[str, Any] | None = None,
@@ -227,6 +250,11 @@ class Tunnel:
         if transport is not None and not self._stream_lost:
             transport.resume_reading()
         self.resume_websocket_reading()
+
+    def websocket_buffer_size(self) -> int:
+        """Bytes waiting in the WebSocket's write buffer."""
+        transport = self.ws_transport
+        return transport.get_write_buffer_size() if transport is not None else 0
 
     def pause_websocket_reading(self) -> None:
         if self.ws_transport is not None and not self._ws_lost and not self._ws_reading_paused:
@@ -385,7 +413,7 @@ class StreamSide(asyncio.Protocol):
 
     __slots__ = ("_buffer_bytes", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, buffer_bytes: int) -> None:
+    def __init__(self, tunnel: StreamOwner, buffer_bytes: int) -> None:
         self.tunnel = tunnel
         self._buffer_bytes = buffer_bytes
 

@@ -13,7 +13,7 @@ import grpclib.client
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
 from ..core.config import ReconnectPolicy, check_dial_options
@@ -23,58 +23,7 @@ from ..core.target import parse_target
 from ..pipe import Pipe
 from ..relay import Tunnel
 from .dial import DialSettings, client_ssl_context, open_websocket
-
-
-class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
-    """A grpclib client stream that reports a lost tunnel as UNAVAILABLE (grpclib itself
-    raises ``StreamTerminatedError``, which gRPC code does not expect)."""
-
-    _bridge_channel: Channel
-
-    async def send_request(self, *, end: bool = False) -> None:
-        try:
-            await super().send_request(end=end)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-
-    async def send_message(self, message: Any, *, end: bool = False) -> None:
-        try:
-            await super().send_message(message, end=end)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-
-    async def end(self) -> None:
-        try:
-            await super().end()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-
-    async def recv_initial_metadata(self) -> None:
-        try:
-            await super().recv_initial_metadata()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-
-    async def recv_message(self) -> Any:
-        try:
-            return await super().recv_message()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-
-    async def recv_trailing_metadata(self) -> None:
-        try:
-            await super().recv_trailing_metadata()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
-        try:
-            await super().__aexit__(exc_type, exc_val, exc_tb)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel._unavailable(exc) from exc
-        if isinstance(exc_val, StreamTerminatedError):
-            raise self._bridge_channel._unavailable(exc_val) from exc_val
+from .streams import _TunnelStream
 
 
 class Channel(grpclib.client.Channel):

@@ -1,0 +1,116 @@
+"""Two-line attachment of an existing grpcio server, and a bridge on its own thread.
+
+::
+
+    server = grpc.server(futures.ThreadPoolExecutor())   # your server, as before
+    add_TodoServiceServicer_to_server(TodoServicer(), server)
+    bridge = grpcbridge.attach_grpcio(server, listen="127.0.0.1:8080")  # before start()
+    server.start(); bridge.start()                        # bridge runs on its own thread
+
+With ``grpc.aio.server()`` pass ``threaded=False`` and ``await bridge.start()`` in your loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Literal, overload
+
+from ..backends import GrpcioBackend
+from ..core.config import BridgeConfig
+from ..core.errors import TunnelClosed
+from .bridge import Bridge
+
+
+class ThreadedBridge:
+    """Runs a :class:`Bridge` on a private event loop in a daemon thread (for programs
+    without asyncio, such as a synchronous grpcio server)."""
+
+    def __init__(self, config: BridgeConfig) -> None:
+        self.config = config
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._bridge: Bridge | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._stopped = False
+
+    @property
+    def bridge(self) -> Bridge:
+        if self._bridge is None:
+            raise TunnelClosed("the bridge thread is not running; call start()")
+        return self._bridge
+
+    @property
+    def url(self) -> str:
+        return self.bridge.url
+
+    def start(self, timeout: float = 10.0) -> ThreadedBridge:
+        """Start the thread and return once the bridge listens (or raise its error)."""
+        if self._thread is not None:
+            raise TunnelClosed("start() was already called")
+        self._thread = threading.Thread(target=self._run, name="grpcbridge", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TimeoutError(f"the bridge did not start within {timeout} s")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _main(self) -> None:
+        bridge = Bridge(self.config)
+        try:
+            await bridge.start()
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._bridge = bridge
+        self._ready.set()
+        await bridge.serve_forever()
+
+    def stop(self, drain_timeout: float | None = None, timeout: float = 30.0) -> None:
+        """Drain and close the bridge, then join the thread. Idempotent."""
+        if self._stopped or self._thread is None:
+            self._stopped = True
+            return
+        self._stopped = True
+        if self._loop is not None and self._bridge is not None and self._loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._bridge.close(drain_timeout),
+                                                      self._loop)
+            future.result(timeout)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ThreadedBridge:
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@overload
+def attach_grpcio(server: Any, *, threaded: Literal[True] = ..., **config: Any
+                  ) -> ThreadedBridge: ...
+@overload
+def attach_grpcio(server: Any, *, threaded: Literal[False], **config: Any) -> Bridge: ...
+
+
+def attach_grpcio(server: Any, *, threaded: bool = True, **config: Any) -> ThreadedBridge | Bridge:
+    """Serve an existing grpcio server (``grpc.server`` or ``grpc.aio.server``) over
+    WebSocket. Call before ``server.start()``: a private unix-socket port (0600, in a 0700
+    directory) is added to the server and the bridge relays to it. ``config`` takes the
+    :class:`BridgeConfig` fields (``listen``, ``path``, guards...)."""
+    if "backend" in config:
+        raise TypeError("attach_grpcio() chooses the backend itself; do not pass backend=")
+    bridge_config = BridgeConfig(backend=GrpcioBackend(server), **config)
+    return ThreadedBridge(bridge_config) if threaded else Bridge(bridge_config)
