@@ -114,6 +114,9 @@ class BridgeConfig:
     metrics_listen: str | None = None
     #: Allow a metrics listener on a non-loopback address.
     allow_remote_metrics: bool = False
+    #: Static files served over plain HTTP GET beside the tunnel endpoint: URL prefix
+    #: (``"/"``, ``"/pyodide/"``) -> directory (or a ``grpcbridge.server.static.Mount``).
+    static: Mapping[str, Any] = field(default_factory=dict)
 
     # Derived, validated forms (not constructor arguments).
     #: The parsed backend address (None for backend objects).
@@ -168,6 +171,15 @@ class BridgeConfig:
                     f"metrics_listen {self.metrics_listen!r} is not loopback; pass "
                     "allow_remote_metrics=True (--allow-remote-metrics) to expose metrics"
                 )
+        for prefix, directory in self.static.items():
+            if not isinstance(prefix, str) or not prefix.startswith("/") \
+                    or not prefix.endswith("/"):
+                raise ConfigError(f"static: URL prefix {prefix!r} must start and end with '/'")
+            if prefix.rstrip("/") == self.path.rstrip("/"):
+                raise ConfigError(f"static: prefix {prefix!r} would hide the tunnel path")
+            if isinstance(directory, str | os.PathLike) and not os.path.isdir(directory):
+                raise ConfigError(f"static: {prefix!r} -> {os.fspath(directory)!r} is not a "
+                                  "directory")
         if self.authenticate is not None and not callable(self.authenticate):
             raise ConfigError("authenticate must be a callable (request) -> Rejection | None")
         object.__setattr__(self, "subprotocols",

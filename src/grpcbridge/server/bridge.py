@@ -25,6 +25,7 @@ from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import remove_stale_socket
 from .gate import Admitted, Gate
 from .http import HttpServer
+from .static import StaticSite
 
 
 @dataclass(slots=True)
@@ -79,6 +80,7 @@ class Bridge:
         self._closed = asyncio.Event()
         self._unix_path: str | None = None
         self._backend_started = False
+        self.static = StaticSite(config.static) if config.static else None
         #: Bound ``(host, port)`` of the WebSocket listener (TCP only), after start.
         self.address: tuple[str, int] | None = None
         #: Bound ``(host, port)`` of the metrics listener, after start.
@@ -292,9 +294,31 @@ class Bridge:
         websocket.send_response(response)
         tunnel.flush_websocket()
 
+    def _send_static(self, tunnel: Tunnel, path: str, request: Request) -> bool:
+        """Answer a plain GET from the static site; False if it has no such file."""
+        if self.static is None or path == self.config.path:
+            return False
+        found = self.static.respond(path, request.headers.get("If-None-Match"))
+        if found is None:
+            return False
+        websocket = tunnel.websocket
+        assert isinstance(websocket, ServerProtocol)
+        response = websocket.reject(found.status, "")
+        response.body = found.body
+        del response.headers["Content-Type"]
+        del response.headers["Content-Length"]
+        for name, value in found.headers:
+            response.headers[name] = value
+        response.headers["Content-Length"] = str(len(found.body))
+        websocket.send_response(response)
+        tunnel.flush_websocket()
+        return True
+
     async def _open(self, tunnel: Tunnel, session: _Session, request: Request) -> None:
         loop = tunnel.loop
         path, _, query = request.path.partition("?")
+        if not _upgrade_requested(request) and self._send_static(tunnel, path, request):
+            return
         headers: dict[str, list[str]] = {}
         for name, value in request.headers.raw_items():
             headers.setdefault(name.lower(), []).append(value)
