@@ -6,9 +6,12 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pytest
 import websockets.asyncio.client
 from websockets.exceptions import InvalidStatus
+
+from grpcbridge.demo import service, todo_pb2, todo_pb2_grpc
 
 from support import cli
 
@@ -75,3 +78,21 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("serve", "forward", "demo"):
         assert command in result.stdout
+
+
+def test_uvloop_forwarder_and_bridge_lose_no_early_bytes() -> None:
+    """uvloop delivers a new connection's first bytes despite the forwarder pausing it until
+    the WebSocket opens; they must wait for the handshake, not vanish."""
+    server, _servicer, port = service.serve("127.0.0.1:0")
+    try:
+        with cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}",
+                  "--loop", "uvloop"]) as bridge, \
+             cli(["forward", "--listen", "127.0.0.1:0", "--target", bridge.url,
+                  "--loop", "uvloop"]) as forwarder:
+            for index in range(10):  # each channel is a new connection, hence a new tunnel
+                with grpc.insecure_channel(forwarder.listen) as channel:
+                    reply = todo_pb2_grpc.TodoServiceStub(channel).CreateTodo(
+                        todo_pb2.CreateTodoRequest(text=f"todo {index}"), timeout=10)
+                assert reply.text == f"todo {index}"
+    finally:
+        server.stop(None).wait()

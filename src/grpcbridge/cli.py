@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth
@@ -53,6 +54,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="seconds between pings on a quiet tunnel (0: off)")
     parser.add_argument("--idle-timeout", type=float, default=60.0,
                         help="close a tunnel after this many seconds without traffic (0: off)")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                        help="event loop (uvloop: less CPU per call; pip install uvloop)")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
@@ -184,6 +187,18 @@ async def _run_until_signalled(server: Bridge | Forwarder) -> None:
             await task
 
 
+def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            raise ConfigError("--loop uvloop needs uvloop: pip install 'grpcbridge[speed]'"
+                              ) from None
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -200,7 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     try:
-        asyncio.run(_run_until_signalled(server))
+        _run(_run_until_signalled(server), args.loop)
+    except ConfigError as exc:
+        parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     except OSError as exc:
         print(f"grpcbridge {args.command}: error: {exc}", file=sys.stderr)
         return 1

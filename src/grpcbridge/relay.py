@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
 from websockets.frames import Opcode as WsOpcode
-from websockets.protocol import OPEN
+from websockets.protocol import CONNECTING, OPEN
 from websockets.protocol import Protocol as WebSocketProtocol
 
 from .core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
@@ -66,6 +66,7 @@ class Tunnel:
     __slots__ = (
         "__weakref__",
         "_close_timer",
+        "_early",
         "_last_ping",
         "_pending",
         "_rules",
@@ -110,6 +111,7 @@ class Tunnel:
         self.on_handshake_event: Callable[[object], None] | None = None
         self._rules = InboundMessages()
         self._pending: list[bytes] = []
+        self._early: list[bytes] = []
         self._ws_lost = False
         self._stream_lost = False
         self._ws_reading_paused = False
@@ -246,6 +248,9 @@ class Tunnel:
 
     def websocket_opened(self) -> None:
         """The WebSocket handshake completed: start relaying."""
+        early, self._early = self._early, []
+        for chunk in early:
+            self.stream_data(chunk)
         transport = self.stream_transport
         if transport is not None and not self._stream_lost:
             transport.resume_reading()
@@ -271,7 +276,13 @@ class Tunnel:
         try:
             websocket.send_binary(data)
         except InvalidState:
-            return  # the WebSocket is closing: the peer will not read this anyway
+            if websocket.state is CONNECTING:
+                # Event loops may deliver data despite the pause in attach_stream (uvloop
+                # does): keep it, in order, until the handshake completes. Never drop.
+                self._early.append(data)
+                if self.stream_transport is not None:
+                    self.stream_transport.pause_reading()
+            return  # otherwise the WebSocket is closing: the peer will not read this
         self.bytes_to_websocket += len(data)
         transport = self.ws_transport
         if transport is not None:
@@ -383,7 +394,7 @@ class WebSocketSide(asyncio.Protocol):
         self.on_connection = on_connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
         self.tunnel.ws_transport = transport
         if self.on_connection is not None:
@@ -418,7 +429,7 @@ class StreamSide(asyncio.Protocol):
         self._buffer_bytes = buffer_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self.tunnel.attach_stream(transport, self._buffer_bytes)
 
     def data_received(self, data: bytes) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from typing import cast
 
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, TunnelClosed
@@ -155,5 +156,5 @@ class _RefusingStreamSide(StreamSide):
     """Accepted while shutting down: close at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         transport.abort()

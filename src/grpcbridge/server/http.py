@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -26,7 +27,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self._transport = transport
         self._connections.add(transport)
         self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
