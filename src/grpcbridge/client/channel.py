@@ -136,6 +136,8 @@ class Channel(grpclib.client.Channel):
         return stream
 
     def _unavailable(self, exc: BaseException) -> GRPCError:
+        if self._closed:  # closed by us: like grpcio, in-flight calls are CANCELLED
+            return GRPCError(Status.CANCELLED, f"{self!r} was closed")
         tunnel = self._tunnel
         detail = str(exc) or "connection lost"
         if tunnel is not None and tunnel.close_code is not None:

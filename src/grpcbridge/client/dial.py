@@ -83,7 +83,10 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings) -> None:
             if settings.bearer_token is not None:
                 extra["Authorization"] = f"Bearer {settings.bearer_token}"
             for name, value in extra.items():
-                del request.headers[name]  # websockets' Headers append on assignment
+                # websockets' Headers append on assignment, and raise KeyError on deleting a
+                # header that is absent (Authorization and custom headers always are).
+                if name in request.headers:
+                    del request.headers[name]
                 request.headers[name] = value
             websocket.send_request(request)
             tunnel.flush_websocket()

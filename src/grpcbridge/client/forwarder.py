@@ -49,6 +49,16 @@ class Forwarder:
         self.address: tuple[str, int] | None = None
 
     @property
+    def target(self) -> str:
+        """``host:port`` (or ``unix:/path``) for gRPC clients to dial, once started."""
+        if self._unix_path is not None:
+            return f"unix:{self._unix_path}"
+        if self.address is None:
+            raise TunnelClosed("the forwarder is not listening (not started, or closed)")
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
     def active_tunnels(self) -> int:
         return len(self._tunnels)
 

@@ -6,7 +6,7 @@ limits), metrics and log events as the standalone bridge, and works with every b
 
     app = FastAPI()
     bridge = BridgeApp(BridgeConfig(backend=GrpclibBackend([TodoService()]), path="/grpc"))
-    app.add_websocket_route("/grpc", bridge)
+    app.router.add_websocket_route("/grpc", bridge)  # Starlette 1.x: on the router
 
 ``config.path`` is compared with the full request path. Keepalive pings are the ASGI
 server's job (uvicorn: ``--ws-ping-interval``/``--ws-ping-timeout``); ASGI does not show
