@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench protos clean
+.PHONY: demo test lint typecheck pytest bench protos clean browser
 
 demo: $(STAMP)
 	$(VENV)/bin/grpcbridge demo
@@ -18,8 +18,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) browser
 	$(PY) -m pytest
+
+# The browser side: the Pyodide runtime (npm, pinned by package-lock.json) and the wheels
+# Pyodide installs (build/browser). Without npm the browser tests are skipped, loudly.
+node_modules/.package-lock.json: package.json package-lock.json
+	if command -v npm >/dev/null; then npm ci --no-audit --no-fund; else echo "npm not found: browser tests will be SKIPPED"; fi
+
+browser: $(STAMP) node_modules/.package-lock.json
+	$(PY) scripts/build_browser_bundle.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/relay.py
@@ -35,4 +43,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) build dist .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist node_modules .mypy_cache .pytest_cache .ruff_cache
