@@ -21,6 +21,7 @@ from ..client.streams import _TunnelStream
 from ..core.admission import BEARER_QUERY_PARAMETER, BEARER_SUBPROTOCOL_PREFIX
 from ..core.config import ReconnectPolicy, check_dial_options
 from ..core.errors import ConfigError, HandshakeError, TargetError, TunnelClosed
+from ..core.reconnect import Backoff
 from ..core.stream import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, browser_target, parse_target
 from . import _ffi
@@ -169,11 +170,8 @@ class Channel(grpclib.client.Channel):
                 max_buffer_bytes < max_message_bytes:
             raise ConfigError("need 0 <= low_water <= high_water <= max_buffer_bytes and "
                               "max_message_bytes <= max_buffer_bytes")
-        self._policy = policy
         self._transport: WebSocketTransport | None = None
-        self._failures = 0
-        self._retry_at = 0.0
-        self._last_error = ""
+        self._backoff = Backoff(policy, self.target)
         self._closed = False
         #: Connections opened so far (reconnects included).
         self.connections_opened = 0
@@ -205,11 +203,9 @@ class Channel(grpclib.client.Channel):
         if self._closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
         loop = asyncio.get_running_loop()
-        wait = self._retry_at - loop.time()
-        if wait > 0:
-            raise GRPCError(Status.UNAVAILABLE,
-                            f"tunnel to {self.target} is down ({self._last_error}); "
-                            f"next attempt in {wait:.1f} s")
+        refusal = self._backoff.refusal(loop.time())
+        if refusal is not None:
+            raise GRPCError(Status.UNAVAILABLE, refusal)
         try:
             transport = WebSocketTransport(self._url, self._offered, name=self.target,
                                            **self._transport_options)
@@ -221,12 +217,9 @@ class Channel(grpclib.client.Channel):
             protocol = self._protocol_factory()
             transport.attach(protocol)
         except (HandshakeError, SocketClosedError) as exc:
-            self._failures += 1
-            self._last_error = str(exc)
-            self._retry_at = loop.time() + self._policy.delay(self._failures, random.random())
+            self._backoff.failed(loop.time(), str(exc), random.random())
             raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
-        self._failures = 0
-        self._retry_at = 0.0
+        self._backoff.succeeded()
         self.connections_opened += 1
         return protocol
 

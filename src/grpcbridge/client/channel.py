@@ -18,6 +18,7 @@ from grpclib.protocol import H2Protocol
 
 from ..core.config import ReconnectPolicy, check_dial_options
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
+from ..core.reconnect import Backoff
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, CloseCode
 from ..core.target import parse_target
 from ..pipe import Pipe
@@ -82,11 +83,8 @@ class Channel(grpclib.client.Channel):
             subprotocols=checked_subprotocols,
             origin=origin, handshake_timeout=timeout, max_message_bytes=max_message_bytes,
             buffer_bytes=buffer_bytes)
-        self._policy = policy
         self._tunnel: Tunnel | None = None
-        self._failures = 0
-        self._retry_at = 0.0
-        self._last_error = ""
+        self._backoff = Backoff(policy, self.target)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -102,24 +100,19 @@ class Channel(grpclib.client.Channel):
         if self._closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
         loop = asyncio.get_running_loop()
-        wait = self._retry_at - loop.time()
-        if wait > 0:
-            raise GRPCError(Status.UNAVAILABLE,
-                            f"tunnel to {self.target} is down ({self._last_error}); "
-                            f"next attempt in {wait:.1f} s")
+        refusal = self._backoff.refusal(loop.time())
+        if refusal is not None:
+            raise GRPCError(Status.UNAVAILABLE, refusal)
         tunnel = self._dial.new_tunnel(loop, "channel")
         try:
             await open_websocket(tunnel, self._dial)
         except HandshakeError as exc:
-            self._failures += 1
-            self._last_error = str(exc)
-            self._retry_at = loop.time() + self._policy.delay(self._failures, random.random())
+            self._backoff.failed(loop.time(), str(exc), random.random())
             raise GRPCError(Status.UNAVAILABLE, str(exc)) from exc
         if self._closed:  # closed while connecting
             tunnel.close(CloseCode.NORMAL, "channel closed")
             raise TunnelClosed(f"{self!r} was closed while connecting")
-        self._failures = 0
-        self._retry_at = 0.0
+        self._backoff.succeeded()
         protocol = self._protocol_factory()
         peername = tunnel.ws_transport.get_extra_info("peername") if tunnel.ws_transport else None
         Pipe(tunnel, protocol, {"peername": peername}).connect(self._dial.buffer_bytes)
