@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest bench protos clean browser
 
-demo: $(STAMP)
+demo: $(STAMP) browser
 	$(VENV)/bin/grpcbridge demo
 
 test: lint typecheck pytest

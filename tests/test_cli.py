@@ -96,3 +96,12 @@ def test_uvloop_forwarder_and_bridge_lose_no_early_bytes() -> None:
                 assert reply.text == f"todo {index}"
     finally:
         server.stop(None).wait()
+
+
+def test_terminal_demo_prints_every_kind_of_call() -> None:
+    result = run("demo", "--terminal")
+    assert result.returncode == 0, result.stderr
+    for line in ("unary          CreateTodo -> id=", "client stream  BulkCreateTodos(3 requests)"
+                 " -> created_count=3", "server stream  StreamTodos -> 4 todos",
+                 "bidi stream    SyncTodos(update, delete) -> todo 'write the bridge' done=True"):
+        assert line in result.stdout

@@ -121,9 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(forward)
 
     demo = commands.add_parser(
-        "demo", help="run the Todo example through a tunnel and print what each call returned")
-    demo.add_argument("--log-level", default="warning",
-                      choices=["debug", "info", "warning", "error"])
+        "demo", help="serve the browser Todo demo (Python in the page calling gRPC)",
+        description="Serve the Todo demo: a page whose Python (Pyodide) calls the Todo gRPC "
+                    "service through the bridge. --terminal instead runs the service behind "
+                    "a bridge and prints what each kind of call returned through a tunnel.")
+    demo.add_argument("--terminal", action="store_true",
+                      help="run the terminal demo (no browser) and exit")
+    from .demo.web import add_arguments as add_web_demo_arguments
+
+    add_web_demo_arguments(demo)
+    demo.add_argument("--log-level", default=None,
+                      choices=["debug", "info", "warning", "error"],
+                      help="default: info for the browser demo, warning with --terminal")
     return parser
 
 
@@ -202,13 +211,18 @@ def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = args.log_level or ("warning" if getattr(args, "terminal", False) else "info")
     configure_logging(json_lines=getattr(args, "log_json", False),
-                      level=getattr(logging, args.log_level.upper()))
+                      level=getattr(logging, level.upper()))
     try:
         if args.command == "demo":
-            from .demo.terminal import run_demo
+            if args.terminal:
+                from .demo.terminal import run_demo
 
-            return asyncio.run(run_demo())
+                return asyncio.run(run_demo())
+            from .demo.web import run_from_args
+
+            return run_from_args(args)
         server: Bridge | Forwarder = (
             Bridge(_bridge_config(args)) if args.command == "serve"
             else Forwarder(_forwarder_config(args)))
