@@ -1,0 +1,321 @@
+"""The browser demo's server: the Todo app in a page, with Python in the page talking gRPC.
+
+One process, one port, no external services::
+
+    http://127.0.0.1:8080/            the page (grpcbridge/demo/web: index.html, loader.js, ...)
+    http://127.0.0.1:8080/pyodide/    the Pyodide runtime (npm package ``pyodide``)
+    http://127.0.0.1:8080/wheels/     the wheels Pyodide installs (build/browser, manifest.json)
+    http://127.0.0.1:8080/_demo/      config.json: where the page finds the above
+    ws://127.0.0.1:8080/grpc          the tunnel: grpclib TodoService in process (SQLite store)
+
+The page boots Pyodide, installs the wheels, imports :mod:`grpcbridge.demo.web_app` from the
+grpcbridge wheel and runs its ``main()``: a Todo app whose every read and write is a gRPC call
+made by Python in the page through :class:`grpcbridge.browser.Channel`.
+
+Run it with ``python -m grpcbridge.demo.web`` (``--help`` for the options) after ``npm ci`` and
+``python scripts/build_browser_bundle.py`` in the repository root, or from Python with
+:func:`run_web_demo`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from ..backends import GrpclibBackend
+from ..core.config import BridgeConfig
+from ..core.errors import ConfigError
+from ..observability import configure_logging, log_event
+from ..server.bridge import Bridge
+from ..server.static import Mount
+from .grpclib_service import TodoService
+from .store import TodoStore
+
+__all__ = [
+    "WEB_DIR",
+    "DemoAssets",
+    "DemoSetupError",
+    "add_arguments",
+    "find_assets",
+    "main",
+    "run_from_args",
+    "run_web_demo",
+]
+
+#: The page's static files (index.html, loader.js, style.css).
+WEB_DIR = Path(__file__).resolve().parent / "web"
+#: The repository root when running from a source checkout (src/grpcbridge/demo/web.py).
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+GRPC_PATH = "/grpc"
+CONFIG_PREFIX = "/_demo/"
+#: The page, its loader and the wheels change with the sources: always revalidate (ETag).
+NO_CACHE = "no-cache"
+#: The Pyodide runtime (13 MiB) is the bulk of a page load: cache it. Its URL carries the
+#: Pyodide version when it is known (see :func:`_pyodide_prefix`), so a new version is a new URL.
+RUNTIME_CACHE = "public, max-age=31536000, immutable"
+UNVERSIONED_RUNTIME_CACHE = "public, max-age=86400"
+_SETUP_HINT = "run `npm ci` and `python scripts/build_browser_bundle.py` (or `make demo`)"
+
+
+class DemoSetupError(ConfigError):
+    """A file the browser demo needs is missing; the message says how to make it."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoAssets:
+    """Where the demo's files are."""
+
+    #: The Pyodide distribution (pyodide.mjs, pyodide.asm.wasm...), or None for a CDN URL.
+    pyodide_dir: Path | None
+    #: build/browser: the wheels and their manifest.json.
+    wheels_dir: Path
+    #: Base URL of a Pyodide distribution to load instead of serving ``pyodide_dir``.
+    pyodide_url: str | None = None
+
+
+def _candidates(relative: str) -> list[Path]:
+    """``relative`` under the current directory, then under the source checkout."""
+    found: list[Path] = []
+    for base in (Path.cwd(), _REPO_ROOT):
+        path = (base / relative).resolve()
+        if path not in found:
+            found.append(path)
+    return found
+
+
+def _check_pyodide_dir(path: Path) -> Path:
+    if not (path / "pyodide.mjs").is_file() or not (path / "pyodide.asm.wasm").is_file():
+        raise DemoSetupError(
+            f"{path} is not a Pyodide distribution (no pyodide.mjs / pyodide.asm.wasm): "
+            f"{_SETUP_HINT}, or pass the directory of a Pyodide release")
+    return path
+
+
+def _check_wheels_dir(path: Path) -> Path:
+    manifest = path / "manifest.json"
+    try:
+        wheels = json.loads(manifest.read_text())["wheels"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DemoSetupError(
+            f"{manifest} is missing or unreadable: run `python scripts/build_browser_bundle.py` "
+            "(or `make demo`) in the repository root") from None
+    missing = [name for name in wheels if not (path / name).is_file()]
+    if missing:
+        raise DemoSetupError(
+            f"{path} lacks wheels its manifest lists ({', '.join(missing)}): run "
+            "`python scripts/build_browser_bundle.py --force`")
+    return path
+
+
+def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
+                wheels_dir: str | os.PathLike[str] | None = None,
+                pyodide_url: str | None = None) -> DemoAssets:
+    """Resolve the demo's directories: the given ones, else ``node_modules/pyodide`` and
+    ``build/browser`` under the current directory or the source checkout. Raises
+    :class:`DemoSetupError` saying what to run when something is missing."""
+    if pyodide_url is not None:
+        parts = urlsplit(pyodide_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise DemoSetupError(f"pyodide_url must be an http(s) URL, got {pyodide_url!r}")
+        if pyodide_dir is not None:
+            raise DemoSetupError("give pyodide_dir or pyodide_url, not both")
+        runtime = None
+    elif pyodide_dir is not None:
+        runtime = _check_pyodide_dir(Path(pyodide_dir).resolve())
+    else:
+        runtime = next((path for path in _candidates("node_modules/pyodide")
+                        if (path / "pyodide.mjs").is_file()), None)
+        if runtime is None:
+            looked = ", ".join(str(p) for p in _candidates("node_modules/pyodide"))
+            raise DemoSetupError(
+                f"Pyodide not found (looked in {looked}): run `npm ci` in the repository root "
+                "(or `make demo`), or pass a Pyodide directory or a Pyodide CDN URL")
+        runtime = _check_pyodide_dir(runtime)
+    if wheels_dir is not None:
+        wheels = _check_wheels_dir(Path(wheels_dir).resolve())
+    else:
+        found = next((path for path in _candidates("build/browser")
+                      if (path / "manifest.json").is_file()), None)
+        if found is None:
+            looked = ", ".join(str(p) for p in _candidates("build/browser"))
+            raise DemoSetupError(
+                f"the browser wheels were not found (looked in {looked}): run "
+                "`python scripts/build_browser_bundle.py` (or `make demo`) in the repository "
+                "root")
+        wheels = _check_wheels_dir(found)
+    if not (WEB_DIR / "index.html").is_file():  # pragma: no cover - broken install
+        raise DemoSetupError(f"{WEB_DIR} has no index.html: grpcbridge was installed without "
+                             "its demo page (package data)")
+    url = None if pyodide_url is None else pyodide_url.rstrip("/") + "/"
+    return DemoAssets(pyodide_dir=runtime, wheels_dir=wheels, pyodide_url=url)
+
+
+def _pyodide_version(directory: Path) -> str | None:
+    try:
+        version = json.loads((directory / "package.json").read_text())["version"]
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            version = json.loads((directory / "pyodide-lock.json").read_text())["info"][
+                "version"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    text = str(version)
+    return text if text and all(c.isalnum() or c in ".-+" for c in text) else None
+
+
+def _static_mounts(assets: DemoAssets, config_dir: Path) -> tuple[dict[str, Mount], str]:
+    """The bridge's static mounts and the URL the page loads Pyodide from."""
+    mounts = {
+        "/": Mount("/", WEB_DIR, NO_CACHE),
+        CONFIG_PREFIX: Mount(CONFIG_PREFIX, config_dir, "no-store"),
+        "/wheels/": Mount("/wheels/", assets.wheels_dir, NO_CACHE),
+    }
+    if assets.pyodide_url is not None:
+        return mounts, assets.pyodide_url
+    assert assets.pyodide_dir is not None
+    # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
+    mounts["/pyodide/"] = Mount("/pyodide/", assets.pyodide_dir, UNVERSIONED_RUNTIME_CACHE)
+    version = _pyodide_version(assets.pyodide_dir)
+    if version is None:
+        return mounts, "/pyodide/"
+    prefix = f"/pyodide/{version}/"
+    mounts[prefix] = Mount(prefix, assets.pyodide_dir, RUNTIME_CACHE)
+    return mounts, prefix
+
+
+def _page_url(bridge: Bridge) -> str:
+    assert bridge.address is not None
+    host, port = bridge.address
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    return f"http://{host}:{port}/"
+
+
+async def run_web_demo(*, listen: str = "127.0.0.1:8080", db: str | None = "todo.sqlite3",
+                       pyodide_dir: str | os.PathLike[str] | None = None,
+                       pyodide_url: str | None = None,
+                       wheels_dir: str | os.PathLike[str] | None = None,
+                       ready: Callable[[str], None] | None = None,
+                       drain_timeout: float = 1.0) -> None:
+    """Serve the browser demo until cancelled.
+
+    ``listen``: ``host:port`` (port 0 picks a free one). ``db``: the SQLite file of the todos
+    (created if needed), or None to keep them in memory. ``pyodide_dir`` / ``wheels_dir``:
+    default to ``node_modules/pyodide`` and ``build/browser`` (see :func:`find_assets`);
+    ``pyodide_url``: load Pyodide from this base URL (a CDN) instead of serving it.
+    ``ready(url)`` is called with the page URL once the server listens (default: print it).
+    On cancellation the bridge closes its tunnels (code 1001, after ``drain_timeout``
+    seconds: the page's sync stream never ends by itself) and the store is closed.
+    """
+    assets = find_assets(pyodide_dir, wheels_dir, pyodide_url)
+    store = TodoStore(":memory:" if db is None else os.fspath(db))
+    try:
+        with tempfile.TemporaryDirectory(prefix="grpcbridge-demo-") as config_dir:
+            mounts, runtime_url = _static_mounts(assets, Path(config_dir))
+            page_config = {
+                "pyodideUrl": runtime_url,
+                "wheelsUrl": "/wheels/",
+                "manifest": "manifest.json",
+                "grpcPath": GRPC_PATH,
+                "storage": "memory" if db is None else "sqlite",
+            }
+            (Path(config_dir) / "config.json").write_text(json.dumps(page_config) + "\n")
+            config = BridgeConfig(
+                backend=GrpclibBackend([TodoService(store)]), listen=listen, path=GRPC_PATH,
+                static=mounts, drain_timeout=drain_timeout)
+            async with Bridge(config) as bridge:
+                url = _page_url(bridge)
+                log_event("web_demo_started", page=url, tunnel=bridge.url,
+                          storage="memory" if db is None else os.fspath(db))
+                if ready is not None:
+                    ready(url)
+                else:
+                    print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)",
+                          flush=True)
+                await bridge.serve_forever()
+    finally:
+        store.close()
+
+
+# ------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``python -m grpcbridge.demo.web`` (and of ``grpcbridge demo --web``)."""
+    parser.add_argument("--listen", default="127.0.0.1:8080",
+                        help="host:port to serve the page and the tunnel on (default: "
+                             "127.0.0.1:8080; port 0 picks a free one)")
+    parser.add_argument("--db", default="todo.sqlite3", metavar="PATH",
+                        help="SQLite file holding the todos (default: todo.sqlite3); "
+                             "':memory:' keeps them in memory")
+    parser.add_argument("--pyodide-dir", metavar="DIR",
+                        help="Pyodide distribution to serve (default: node_modules/pyodide)")
+    parser.add_argument("--pyodide-url", metavar="URL",
+                        help="load Pyodide from this base URL (a CDN) instead of serving it")
+    parser.add_argument("--wheels-dir", metavar="DIR",
+                        help="wheels for the page (default: build/browser, made by "
+                             "scripts/build_browser_bundle.py)")
+
+
+async def _serve_until_signalled(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await run_web_demo(listen=args.listen, db=None if args.db == ":memory:" else args.db,
+                           pyodide_dir=args.pyodide_dir, pyodide_url=args.pyodide_url,
+                           wheels_dir=args.wheels_dir)
+    except asyncio.CancelledError:
+        pass  # SIGINT/SIGTERM: run_web_demo closed the bridge and the store
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the demo with parsed :func:`add_arguments` options; the exit status."""
+    try:
+        find_assets(args.pyodide_dir, args.wheels_dir, args.pyodide_url)  # fail before binding
+        asyncio.run(_serve_until_signalled(args))
+    except ConfigError as exc:
+        print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m grpcbridge.demo.web``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m grpcbridge.demo.web",
+        description="Serve the browser Todo demo: Python in the page (Pyodide) calling gRPC "
+                    "over WebSocket.")
+    add_arguments(parser)
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+    configure_logging(level=getattr(logging, args.log_level.upper()))
+    with contextlib.suppress(KeyboardInterrupt):
+        return run_from_args(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

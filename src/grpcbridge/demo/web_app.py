@@ -1,0 +1,535 @@
+"""The browser demo's Todo app: Python running in the page (Pyodide), talking gRPC.
+
+``loader.js`` (in ``grpcbridge/demo/web``) boots Pyodide, installs the wheels and calls
+:func:`main`. Every read and write is a gRPC call made from here through
+:class:`grpcbridge.browser.Channel` with the grpclib stubs of ``todo.v1.TodoService``:
+
+* add: ``CreateTodo`` (unary); edit the text and toggle done: ``UpdateTodo``; delete:
+  ``DeleteTodo``; add many (one per line): ``BulkCreateTodos`` (client streaming);
+* the list: ``SyncTodos`` (bidirectional streaming) is opened first, so the server subscribes
+  this page to the change feed of every client, then ``StreamTodos`` (server streaming) loads
+  the current list; changes from the feed are applied on top, so several tabs (or browsers)
+  show each other's changes at once;
+* connection status: connecting, connected, reconnecting (with the reason and the next
+  attempt). A lost tunnel (bridge restarted, network gone) is retried with backoff and the
+  list is loaded again after each reconnect.
+
+DOM access goes through Pyodide's ``js`` module and ``pyodide.ffi.create_proxy``, imported
+lazily: under CPython this module imports (linters, type checkers) but cannot run. Elements
+carry stable ids and ``data-testid`` attributes for the browser tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+
+from grpcbridge.browser import Channel
+from grpcbridge.core.config import ReconnectPolicy
+from grpcbridge.demo import todo_pb2
+from grpcbridge.demo.todo_grpc import TodoServiceStub
+
+__all__ = ["TodoApp", "main"]
+
+#: Seconds an action RPC (add, edit, delete...) may take before it is reported as failed.
+RPC_TIMEOUT = 15.0
+#: Reconnect backoff: first retry after about FIRST_RETRY s, doubling up to MAX_RETRY s.
+FIRST_RETRY = 0.25
+MAX_RETRY = 5.0
+#: Entries kept in the "gRPC calls from this page" list.
+LOG_ENTRIES = 8
+
+
+def _js() -> Any:
+    """Pyodide's ``js`` module (the page's global scope)."""
+    import js  # type: ignore[import-not-found]  # only exists in Pyodide
+
+    return js
+
+
+def _create_proxy(function: Callable[..., Any]) -> Any:
+    from pyodide.ffi import create_proxy  # type: ignore[import-not-found]  # only in Pyodide
+
+    return create_proxy(function)
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short, human-readable reason for a failed RPC or a lost connection."""
+    if isinstance(exc, GRPCError):
+        text = exc.message or exc.status.name
+        return f"{exc.status.name}: {text}" if exc.message else text
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return str(exc) or type(exc).__name__
+
+
+class TodoApp:
+    """The app: state (the todos, in server order), the DOM, the sync loop and the actions."""
+
+    def __init__(self, grpc_path: str = "/grpc") -> None:
+        js = _js()
+        self._js = js
+        self._document = js.document
+        # Backoff between attempts is this app's (see _sync_forever), so the channel itself
+        # retries at once whenever asked.
+        self.channel = Channel(grpc_path, reconnect=ReconnectPolicy(
+            initial_delay=0, max_delay=0, jitter=0, min_connect_timeout=10))
+        self.stub = TodoServiceStub(self.channel)
+        #: id -> todo, in the server's order (creation order).
+        self.todos: dict[str, todo_pb2.Todo] = {}
+        self._items: dict[str, Any] = {}  # id -> <li>
+        self._editing: str | None = None
+        self._proxies: list[Any] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._connected_once = False
+        self._failures = 0
+        self._feed_entry: Any = None
+        self._feed_count = 0
+        self.first_attempt: asyncio.Future[tuple[bool, str]] = (
+            asyncio.get_running_loop().create_future())
+        self._element = self._document.getElementById
+        self._list = self._element("todo-list")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Wire the page's controls and start the sync loop."""
+        self._listen(self._element("new-form"), "submit", self._on_submit)
+        self._listen(self._element("bulk-add"), "click", self._on_bulk)
+        for kind in ("click", "change", "dblclick", "keydown", "focusout"):
+            self._listen(self._list, kind, self._on_list_event)
+        self._listen(self._js.window, "online", lambda _event: self._wake.set())
+        self._element("app").hidden = False
+        self._render_counts()
+        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+
+    def _listen(self, target: Any, kind: str, handler: Callable[[Any], None]) -> None:
+        proxy = _create_proxy(handler)
+        self._proxies.append(proxy)  # lives as long as the page
+        target.addEventListener(kind, proxy)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ----------------------------------------------------------------- sync loop
+
+    async def _sync_forever(self) -> None:
+        while True:
+            if self._connected_once:
+                self._set_status("reconnecting", "reconnecting", "opening a new tunnel")
+            else:
+                self._set_status("connecting", "connecting",
+                                 f"gRPC over WebSocket to {self.channel.target}")
+            try:
+                await self._sync_once()
+                reason = "the server ended the sync stream"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure is retried; the reason is shown
+                reason = describe_error(exc)
+            self._failures += 1
+            if not self.first_attempt.done():
+                self.first_attempt.set_result((False, reason))
+            delay = min(FIRST_RETRY * 2 ** (self._failures - 1), MAX_RETRY)
+            delay *= 0.8 + 0.4 * random.random()
+            await self._wait_to_retry(reason, delay)
+
+    async def _wait_to_retry(self, reason: str, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        self._wake.clear()
+        while (left := deadline - loop.time()) > 0:
+            self._set_status("reconnecting", "reconnecting",
+                             f"{reason} · next try in {left:.1f} s")
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
+            except TimeoutError:
+                continue
+            return  # the browser came back online: try now
+
+    async def _sync_once(self) -> None:
+        """One connection's life: subscribe, load the list, apply changes until it drops."""
+        async with self.stub.SyncTodos.open() as sync:
+            await sync.send_request()
+            # The server sends its headers, then subscribes this stream to the change feed:
+            # anything committed after the snapshot below arrives on `sync`.
+            await sync.recv_initial_metadata()
+            started = self._now()
+            snapshot: list[todo_pb2.Todo] = []
+            async with self.stub.StreamTodos.open() as listing:
+                await listing.send_message(todo_pb2.StreamTodosRequest(), end=True)
+                async for todo in listing:
+                    snapshot.append(todo)
+            self._replace_all(snapshot)
+            self._log("StreamTodos", "server stream", f"loaded {len(snapshot)} todos",
+                      self._now() - started)
+            self._failures = 0
+            self._connected_once = True
+            self._set_status("connected", "connected",
+                             f"{self.channel.target} · live updates (SyncTodos)")
+            if not self.first_attempt.done():
+                self.first_attempt.set_result((True, ""))
+            async for event in sync:
+                self._apply_event(event)
+
+    def _apply_event(self, event: todo_pb2.SyncResponse) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "todo":
+            todo = event.todo
+            known = self.todos.get(todo.id)
+            echo = known is not None and known.text == todo.text and known.done == todo.done
+            self._upsert(todo, flash=not echo)
+            if not echo:
+                self._feed_log("another client changed a todo" if known else
+                               "a todo was added")
+        elif kind == "deleted_id":
+            if event.deleted_id in self.todos:
+                self._remove(event.deleted_id)
+                self._feed_log("another client deleted a todo")
+        elif kind == "error":
+            self._show_error(f"sync: {event.error}")
+
+    # ------------------------------------------------------------------- actions
+
+    def _on_submit(self, event: Any) -> None:
+        event.preventDefault()
+        field = self._element("new-text")
+        text = str(field.value).strip()
+        if not text:
+            field.focus()
+            return
+        field.value = ""
+        self._spawn(self._create(text))
+
+    async def _create(self, text: str) -> None:
+        async def call() -> str:
+            todo = await self.stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text),
+                                              timeout=RPC_TIMEOUT)
+            self._upsert(todo)
+            return f"added {_quote(todo.text)}"
+
+        if not await self._action("CreateTodo", "unary", call, "add the todo"):
+            field = self._element("new-text")
+            if not str(field.value):
+                field.value = text  # give the text back so nothing typed is lost
+
+    async def _update(self, todo_id: str, text: str, done: bool) -> None:
+        async def call() -> str:
+            todo = await self.stub.UpdateTodo(
+                todo_pb2.UpdateTodoRequest(id=todo_id, text=text, done=done),
+                timeout=RPC_TIMEOUT)
+            self._upsert(todo)
+            return f"{'done' if todo.done else 'not done'}: {_quote(todo.text)}"
+
+        if not await self._action("UpdateTodo", "unary", call, "save the change"):
+            current = self.todos.get(todo_id)
+            if current is not None:
+                self._fill(self._items[todo_id], current)  # show what the server has
+
+    async def _delete(self, todo_id: str) -> None:
+        async def call() -> str:
+            text = self.todos[todo_id].text if todo_id in self.todos else todo_id
+            await self.stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=todo_id),
+                                       timeout=RPC_TIMEOUT)
+            self._remove(todo_id)
+            return f"deleted {_quote(text)}"
+
+        await self._action("DeleteTodo", "unary", call, "delete the todo")
+
+    def _on_bulk(self, _event: Any) -> None:
+        box = self._element("bulk-text")
+        lines = [line.strip() for line in str(box.value).splitlines()]
+        texts = [line for line in lines if line]
+        if not texts:
+            self._element("bulk-result").textContent = "Nothing to add: type one todo per line."
+            return
+        self._spawn(self._bulk(texts))
+
+    async def _bulk(self, texts: list[str]) -> None:
+        button = self._element("bulk-add")
+        result = self._element("bulk-result")
+        button.disabled = True
+        result.textContent = f"sending {len(texts)} todos…"
+
+        async def call() -> str:
+            started = self._now()
+            async with self.stub.BulkCreateTodos.open(timeout=RPC_TIMEOUT) as stream:
+                for text in texts:
+                    await stream.send_message(todo_pb2.CreateTodoRequest(text=text))
+                await stream.end()
+                reply = await stream.recv_message()
+            count = reply.created_count if reply is not None else 0
+            result.textContent = (f"Added {count} todos in {self._now() - started:.0f} ms "
+                                  "(one BulkCreateTodos stream)")
+            self._element("bulk-text").value = ""
+            return f"{count} requests in one stream"
+
+        try:
+            if not await self._action("BulkCreateTodos", "client stream", call,
+                                      "add the todos"):
+                result.textContent = "Not added (see above)."
+        finally:
+            button.disabled = False
+
+    async def _action(self, method: str, kind: str, call: Callable[[], Awaitable[str]],
+                      what: str) -> bool:
+        """Run one RPC for the user; log it; show a failure. True if it succeeded."""
+        started = self._now()
+        try:
+            summary = await call()
+        except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
+            reason = describe_error(exc)
+            self._log(method, kind, reason, self._now() - started, failed=True)
+            hint = "" if self._status_state() == "connected" else \
+                " The page reconnects by itself; try again in a moment."
+            self._show_error(f"Could not {what}: {reason}.{hint}")
+            return False
+        self._log(method, kind, summary, self._now() - started)
+        self._hide_error()
+        return True
+
+    # ------------------------------------------------------------ list events
+
+    def _on_list_event(self, event: Any) -> None:
+        target = event.target
+        item = target.closest("li.todo")
+        if item is None:
+            return
+        todo_id = str(item.dataset.id)
+        todo = self.todos.get(todo_id)
+        if todo is None:
+            return
+        role = str(target.dataset.testid or "")
+        kind = str(event.type)
+        if kind == "change" and role == "todo-toggle":
+            self._spawn(self._update(todo_id, todo.text, bool(target.checked)))
+        elif kind == "click" and role == "todo-delete":
+            self._spawn(self._delete(todo_id))
+        elif (kind == "click" and role == "todo-edit") or (
+                kind == "dblclick" and role == "todo-text"):
+            self._begin_edit(todo_id)
+        elif role == "todo-edit-input":
+            if kind == "keydown" and event.key == "Enter":
+                event.preventDefault()
+                self._commit_edit(todo_id, str(target.value))
+            elif kind == "keydown" and event.key == "Escape":
+                self._end_edit(todo_id)
+            elif kind == "focusout":
+                self._commit_edit(todo_id, str(target.value))
+
+    def _begin_edit(self, todo_id: str) -> None:
+        if self._editing is not None and self._editing != todo_id:
+            self._end_edit(self._editing)
+        item = self._items.get(todo_id)
+        if item is None or self._editing == todo_id:
+            return
+        self._editing = todo_id
+        text = item.querySelector(".text")
+        field = self._document.createElement("input")
+        field.type = "text"
+        field.className = "edit-input"
+        field.value = self.todos[todo_id].text
+        field.setAttribute("data-testid", "todo-edit-input")
+        field.setAttribute("aria-label", "Edit todo")
+        text.hidden = True
+        item.insertBefore(field, text)
+        field.focus()
+        field.select()
+
+    def _end_edit(self, todo_id: str) -> None:
+        if self._editing == todo_id:
+            self._editing = None
+        item = self._items.get(todo_id)
+        if item is None:
+            return
+        field = item.querySelector(".edit-input")
+        if field is not None:
+            field.remove()
+        item.querySelector(".text").hidden = False
+        todo = self.todos.get(todo_id)
+        if todo is not None:
+            self._fill(item, todo)
+
+    def _commit_edit(self, todo_id: str, value: str) -> None:
+        if self._editing != todo_id:
+            return  # already committed (Enter, then the input lost focus)
+        text = value.strip()
+        todo = self.todos.get(todo_id)
+        self._end_edit(todo_id)
+        if todo is None or not text or text == todo.text:
+            return
+        item = self._items.get(todo_id)
+        if item is not None:
+            item.querySelector(".text").textContent = text  # shown now, confirmed by the RPC
+        self._spawn(self._update(todo_id, text, todo.done))
+
+    # ----------------------------------------------------------------- rendering
+
+    def _replace_all(self, todos: list[todo_pb2.Todo]) -> None:
+        self._editing = None
+        self.todos = {}
+        self._items = {}
+        self._list.replaceChildren()
+        for todo in todos:
+            self._upsert(todo, render_counts=False)
+        self._render_counts()
+
+    def _upsert(self, todo: todo_pb2.Todo, *, flash: bool = False,
+                render_counts: bool = True) -> None:
+        self.todos[todo.id] = todo
+        item = self._items.get(todo.id)
+        if item is None:
+            item = self._make_item(todo)
+            self._items[todo.id] = item
+            self._list.appendChild(item)
+        else:
+            self._fill(item, todo)
+        if flash:
+            item.classList.remove("flash")
+            _ = item.offsetWidth  # restart the animation
+            item.classList.add("flash")
+        if render_counts:
+            self._render_counts()
+
+    def _remove(self, todo_id: str) -> None:
+        self.todos.pop(todo_id, None)
+        if self._editing == todo_id:
+            self._editing = None
+        item = self._items.pop(todo_id, None)
+        if item is not None:
+            item.remove()
+        self._render_counts()
+
+    def _make_item(self, todo: todo_pb2.Todo) -> Any:
+        create = self._document.createElement
+        item = create("li")
+        item.className = "todo"
+        item.setAttribute("data-testid", "todo-item")
+        item.setAttribute("data-id", todo.id)
+        toggle = create("input")
+        toggle.type = "checkbox"
+        toggle.className = "toggle"
+        toggle.setAttribute("data-testid", "todo-toggle")
+        toggle.setAttribute("aria-label", "Done")
+        text = create("span")
+        text.className = "text"
+        text.setAttribute("data-testid", "todo-text")
+        text.title = "Double-click to edit"
+        actions = create("span")
+        actions.className = "actions"
+        edit = create("button")
+        edit.type = "button"
+        edit.className = "icon"
+        edit.textContent = "Edit"
+        edit.setAttribute("data-testid", "todo-edit")
+        delete = create("button")
+        delete.type = "button"
+        delete.className = "icon danger"
+        delete.textContent = "Delete"
+        delete.setAttribute("data-testid", "todo-delete")
+        actions.append(edit, delete)
+        item.append(toggle, text, actions)
+        self._fill(item, todo)
+        return item
+
+    def _fill(self, item: Any, todo: todo_pb2.Todo) -> None:
+        item.setAttribute("data-done", "true" if todo.done else "false")
+        item.querySelector(".toggle").checked = todo.done
+        if self._editing != todo.id:
+            item.querySelector(".text").textContent = todo.text
+
+    def _render_counts(self) -> None:
+        total = len(self.todos)
+        done = sum(1 for todo in self.todos.values() if todo.done)
+        noun = "todo" if total == 1 else "todos"
+        self._element("todo-count").textContent = f"{total} {noun} · {done} done"
+        self._element("empty").hidden = total > 0
+
+    def _set_status(self, state: str, text: str, detail: str) -> None:
+        status = self._element("status")
+        status.setAttribute("data-state", state)
+        status.textContent = text
+        self._element("status-detail").textContent = detail
+
+    def _status_state(self) -> str:
+        return str(self._element("status").getAttribute("data-state") or "")
+
+    def _show_error(self, message: str) -> None:
+        box = self._element("app-error")
+        box.textContent = message
+        box.hidden = False
+
+    def _hide_error(self) -> None:
+        self._element("app-error").hidden = True
+
+    def _log(self, method: str, kind: str, what: str, elapsed_ms: float | None,
+             failed: bool = False) -> None:
+        self._feed_entry = None
+        self._add_log_entry(method, kind, what, elapsed_ms, failed)
+
+    def _feed_log(self, what: str) -> None:
+        """Changes from the feed: consecutive ones share one entry with a count."""
+        if self._feed_entry is not None:
+            self._feed_count += 1
+            self._feed_entry.querySelector(".what").textContent = \
+                f"{self._feed_count} changes pushed by the server"
+            return
+        self._feed_count = 1
+        self._feed_entry = self._add_log_entry("SyncTodos", "bidi stream", what, None, False)
+
+    def _add_log_entry(self, method: str, kind: str, what: str, elapsed_ms: float | None,
+                       failed: bool) -> Any:
+        create = self._document.createElement
+        entry = create("li")
+        entry.setAttribute("data-testid", "rpc-entry")
+        if failed:
+            entry.className = "failed"
+        for css, text in (("method", method), ("kind", kind), ("what", what),
+                          ("ms", "" if elapsed_ms is None else f"{elapsed_ms:.1f} ms")):
+            cell = create("span")
+            cell.className = css
+            cell.textContent = text
+            entry.append(cell)
+        log = self._element("rpc-log")
+        log.prepend(entry)
+        while log.children.length > LOG_ENTRIES:
+            log.lastElementChild.remove()
+        return entry
+
+    def _now(self) -> float:
+        return float(self._js.performance.now())
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    short = text if len(text) <= limit else text[:limit - 1] + "…"
+    return f"“{short}”"
+
+
+_app: TodoApp | None = None
+
+
+async def main(options: str = "{}") -> str:
+    """Start the app (once per page) and wait for its first connection attempt.
+
+    ``options``: JSON from ``loader.js`` (``{"grpcPath": "/grpc"}``). Returns JSON
+    ``{"connected": bool, "reason": str}``; the app keeps running (and reconnecting) after.
+    """
+    global _app
+    settings = json.loads(options or "{}")
+    if _app is None:
+        _app = TodoApp(str(settings.get("grpcPath") or "/grpc"))
+        _app.start()
+    try:
+        connected, reason = await asyncio.wait_for(asyncio.shield(_app.first_attempt), 30)
+    except TimeoutError:
+        connected, reason = False, "no answer within 30 s"
+    return json.dumps({"connected": connected, "reason": reason})
