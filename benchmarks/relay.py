@@ -4,7 +4,7 @@
     B  client -> grpcbridge forward -> grpcbridge serve -> server          (this project)
     C  client -> grpcbridge forward -> websockify -> server                (reference relay)
     D  client -> tcp_relay.py -> tcp_relay.py -> server      (diagnostic: 2 plain asyncio hops)
-    E  as B, with the bridge process on uvloop              (experiment; --paths ABCDE)
+    E  as B, with bridge and forwarder on uvloop (--loop uvloop)   (--paths ABCDE)
 
 Every party is its own process (client, forwarder, bridge/websockify, server), so nothing
 shares a GIL. The server is benchmarks/echo_server.py (grpc.aio, raw-bytes echo defined with
@@ -67,7 +67,7 @@ RELAY_FLAGS = ["--max-upgrades-per-minute", "0", "--max-connections-per-client",
 PATH_RELAYS = {"A": [], "B": ["bridge", "forwarder_b"], "C": ["websockify", "forwarder_c"],
                "D": ["tcp_relay_1", "tcp_relay_2"], "E": ["bridge_uv", "forwarder_e"]}
 PATH_NAMES = {"A": "direct", "B": "grpcbridge", "C": "websockify", "D": "2 plain TCP relays",
-              "E": "grpcbridge, bridge on uvloop"}
+              "E": "grpcbridge, both relays on uvloop"}
 
 TARGETS = [
     # (key, description, kind, threshold)
@@ -560,19 +560,9 @@ def _terminate_on_signals() -> Iterator[None]:
             signal.signal(s, h)
 
 
-#: ``grpcbridge`` on uvloop (path E's bridge). ``-O``: the relay asserts that transports
-#: are ``asyncio.Transport`` instances, which uvloop's are not.
-_UVLOOP_MAIN = ("import asyncio, sys, uvloop; "
-                "asyncio.set_event_loop_policy(uvloop.EventLoopPolicy()); "
-                "from grpcbridge.cli import main; sys.exit(main())")
-
-
-def relay_argv(profile_dir: Path | None, name: str, args: list[str],
-               uvloop: bool = False) -> list[str]:
+def relay_argv(profile_dir: Path | None, name: str, args: list[str]) -> list[str]:
     """``grpcbridge <args>`` (as ``python -m grpcbridge.cli``, so PYTHONPATH can point it at
-    another source tree), optionally under cProfile, or on uvloop."""
-    if uvloop:
-        return [PY, "-O", "-c", _UVLOOP_MAIN, *args]
+    another source tree), optionally under cProfile."""
     if profile_dir is None:
         return [PY, "-m", "grpcbridge.cli", *args]
     return [PY, "-m", "cProfile", "-o", str(profile_dir / f"{name}.prof"),
@@ -712,15 +702,13 @@ def main() -> int:
                 targets["D"] = f"127.0.0.1:{listening_port(relay_1)}"
                 watched |= {"tcp_relay_1": relay_1, "tcp_relay_2": relay_2}
             if "E" in paths:
-                # Experiment: the same bridge code on uvloop (must be importable). Only the
-                # bridge: uvloop ignores pause_reading() inside connection_made(), which the
-                # forwarder relies on to hold client bytes until its WebSocket is open.
+                # B with both relays on uvloop (`--loop uvloop`, the `speed` extra).
                 bridge_uv = procs.start("bridge_uv", relay_argv(None, "bridge_uv", [
-                    "serve", "--backend", f"127.0.0.1:{server_port}",
-                    "--listen", "127.0.0.1:0", "--path", "/grpc", *RELAY_FLAGS], uvloop=True))
+                    "serve", "--backend", f"127.0.0.1:{server_port}", "--loop", "uvloop",
+                    "--listen", "127.0.0.1:0", "--path", "/grpc", *RELAY_FLAGS]))
                 forwarder_e = procs.start("forwarder_e", relay_argv(None, "forwarder_e", [
                     "forward", "--target", f"ws://127.0.0.1:{listening_port(bridge_uv)}/grpc",
-                    "--listen", "127.0.0.1:0", *RELAY_FLAGS[-2:]]))
+                    "--loop", "uvloop", "--listen", "127.0.0.1:0", *RELAY_FLAGS[-2:]]))
                 targets["E"] = f"127.0.0.1:{listening_port(forwarder_e)}"
                 watched |= {"bridge_uv": bridge_uv, "forwarder_e": forwarder_e}
             log(f"targets: {targets}; logs in {logdir}")
