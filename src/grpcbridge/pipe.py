@@ -5,6 +5,9 @@ a :class:`ProtocolTransport` whose writes go straight into the tunnel's WebSocke
 tunnel writes received stream bytes straight into the protocol's ``data_received``. No socket,
 no copy, no task: the same :class:`~grpcbridge.relay.Tunnel` rules and close paths apply.
 
+Writes made during one event-loop iteration are sent as one WebSocket message (fewer
+messages, masks and frame headers per RPC; boundaries carry no meaning on the wire).
+
 Backpressure: when the WebSocket's write buffer fills, the tunnel pauses its stream side,
 which here means calling the protocol's ``pause_writing`` (grpclib then waits before sending
 more DATA). Inbound memory is bounded by HTTP/2 flow control, as on a socket.
@@ -17,6 +20,9 @@ from typing import Any
 
 from .relay import StreamOwner
 
+#: Held writes are sent at once beyond this many bytes.
+COALESCE_LIMIT = 256 * 1024
+
 
 class ProtocolTransport(asyncio.Transport):
     """The transport an in-process protocol writes to (its end of the pipe)."""
@@ -28,7 +34,7 @@ class ProtocolTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._pipe.closed:
             return  # like a socket transport after close(): silently ignored
-        self._pipe.tunnel.stream_data(bytes(data))
+        self._pipe.hold(bytes(data))
 
     def writelines(self, list_of_data: Any) -> None:
         self.write(b"".join(list_of_data))
@@ -46,7 +52,7 @@ class ProtocolTransport(asyncio.Transport):
         self._pipe.close_from_protocol(None)
 
     def get_write_buffer_size(self) -> int:
-        return self._pipe.tunnel.websocket_buffer_size()
+        return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffer_size()
 
     def pause_reading(self) -> None:
         self._pipe.tunnel.pause_websocket_reading()
@@ -104,6 +110,9 @@ class Pipe:
         self.protocol = protocol
         self.closed = False
         self.paused = False
+        self._held: list[bytes] = []
+        #: Bytes written by the protocol in the current loop iteration, not yet sent.
+        self.held_bytes = 0
         self.protocol_transport = ProtocolTransport(self, extra or {})
         self._tunnel_transport = _TunnelTransport(self)
 
@@ -113,10 +122,32 @@ class Pipe:
         self.protocol.connection_made(self.protocol_transport)
         self.tunnel.attach_stream(self._tunnel_transport, buffer_bytes)
 
+    def hold(self, data: bytes) -> None:
+        """Queue a write; everything written during one loop iteration leaves as one
+        WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
+        WINDOW_UPDATE, trailers). Large bursts are sent at once."""
+        if not self._held:
+            self.tunnel.loop.call_soon(self.flush)
+        self._held.append(data)
+        self.held_bytes += len(data)
+        if self.held_bytes >= COALESCE_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self.held_bytes = 0
+        if not self.closed:
+            self.tunnel.stream_data(data)
+
     def close_from_protocol(self, exc: Exception | None) -> None:
-        """The in-process side closed: end the tunnel's stream side, then tell the protocol."""
+        """The in-process side closed: send what it wrote, end the tunnel's stream side,
+        then tell the protocol."""
         if self.closed:
             return
+        self.flush()
         self.closed = True
         loop = self.tunnel.loop
         loop.call_soon(self.tunnel.stream_lost, exc)
