@@ -3,7 +3,8 @@
 One process, one port, no external services::
 
     http://127.0.0.1:8080/            the page (grpcbridge/demo/web: index.html, loader.js, ...)
-    http://127.0.0.1:8080/pyodide/    the Pyodide runtime (npm package ``pyodide``)
+    http://127.0.0.1:8080/pyodide/    the Pyodide runtime (npm package ``pyodide``); the page uses
+                                      /pyodide/<version>/, cached for a year
     http://127.0.0.1:8080/wheels/     the wheels Pyodide installs (build/browser, manifest.json)
     http://127.0.0.1:8080/_demo/      config.json: where the page finds the above
     ws://127.0.0.1:8080/grpc          the tunnel: grpclib TodoService in process (SQLite store)
@@ -26,21 +27,20 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ..backends import GrpclibBackend
-from ..core.config import BridgeConfig
 from ..core.errors import ConfigError
-from ..observability import configure_logging, log_event
-from ..server.bridge import Bridge
 from ..server.static import Mount
-from .grpclib_service import TodoService
-from .store import TodoStore
+
+if TYPE_CHECKING:
+    from ..server.bridge import Bridge
 
 __all__ = [
     "WEB_DIR",
@@ -62,7 +62,7 @@ CONFIG_PREFIX = "/_demo/"
 #: The page, its loader and the wheels change with the sources: always revalidate (ETag).
 NO_CACHE = "no-cache"
 #: The Pyodide runtime (13 MiB) is the bulk of a page load: cache it. Its URL carries the
-#: Pyodide version when it is known (see :func:`_pyodide_prefix`), so a new version is a new URL.
+#: Pyodide version when it is known (see :func:`_static_mounts`): a new version is a new URL.
 RUNTIME_CACHE = "public, max-age=31536000, immutable"
 UNVERSIONED_RUNTIME_CACHE = "public, max-age=86400"
 _SETUP_HINT = "run `npm ci` and `python scripts/build_browser_bundle.py` (or `make demo`)"
@@ -203,7 +203,8 @@ def _page_url(bridge: Bridge) -> str:
     return f"http://{host}:{port}/"
 
 
-async def run_web_demo(*, listen: str = "127.0.0.1:8080", db: str | None = "todo.sqlite3",
+async def run_web_demo(*, listen: str = "127.0.0.1:8080",
+                       db: str | os.PathLike[str] | None = "todo.sqlite3",
                        pyodide_dir: str | os.PathLike[str] | None = None,
                        pyodide_url: str | None = None,
                        wheels_dir: str | os.PathLike[str] | None = None,
@@ -219,8 +220,19 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080", db: str | None = "todo
     On cancellation the bridge closes its tunnels (code 1001, after ``drain_timeout``
     seconds: the page's sync stream never ends by itself) and the store is closed.
     """
+    # Imported here, so that `grpcbridge --help` (which imports add_arguments) stays quick.
+    from ..backends import GrpclibBackend
+    from ..core.config import BridgeConfig
+    from ..observability import log_event
+    from ..server.bridge import Bridge
+    from .grpclib_service import TodoService
+    from .store import TodoStore
+
     assets = find_assets(pyodide_dir, wheels_dir, pyodide_url)
-    store = TodoStore(":memory:" if db is None else os.fspath(db))
+    try:
+        store = TodoStore(":memory:" if db is None else os.fspath(db))
+    except sqlite3.Error as exc:
+        raise DemoSetupError(f"cannot open the SQLite database {db!r}: {exc}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="grpcbridge-demo-") as config_dir:
             mounts, runtime_url = _static_mounts(assets, Path(config_dir))
@@ -303,6 +315,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m grpcbridge.demo.web``."""
+    from ..observability import configure_logging
+
     parser = argparse.ArgumentParser(
         prog="python -m grpcbridge.demo.web",
         description="Serve the browser Todo demo: Python in the page (Pyodide) calling gRPC "

@@ -40,7 +40,7 @@ __all__ = ["TodoApp", "main"]
 RPC_TIMEOUT = 15.0
 #: Reconnect backoff: first retry after about FIRST_RETRY s, doubling up to MAX_RETRY s.
 FIRST_RETRY = 0.25
-MAX_RETRY = 5.0
+MAX_RETRY = 3.0
 #: Entries kept in the "gRPC calls from this page" list.
 LOG_ENTRIES = 8
 
@@ -91,6 +91,7 @@ class TodoApp:
         self._connected_once = False
         self._failures = 0
         self._feed_entry: Any = None
+        self._counts_pending = False
         self._feed_count = 0
         self.first_attempt: asyncio.Future[tuple[bool, str]] = (
             asyncio.get_running_loop().create_future())
@@ -389,14 +390,16 @@ class TodoApp:
         item = self._items.get(todo.id)
         if item is None:
             item = self._make_item(todo)
+            if flash:
+                item.className = "todo flash"
             self._items[todo.id] = item
             self._list.appendChild(item)
         else:
             self._fill(item, todo)
-        if flash:
-            item.classList.remove("flash")
-            _ = item.offsetWidth  # restart the animation
-            item.classList.add("flash")
+            if flash:
+                item.classList.remove("flash")
+                _ = item.offsetWidth  # a layout in between restarts the animation
+                item.classList.add("flash")
         if render_counts:
             self._render_counts()
 
@@ -448,6 +451,14 @@ class TodoApp:
             item.querySelector(".text").textContent = todo.text
 
     def _render_counts(self) -> None:
+        """Update the counts once this turn of the event loop is over (a bulk add brings
+        hundreds of feed events in a row)."""
+        if not self._counts_pending:
+            self._counts_pending = True
+            asyncio.get_running_loop().call_soon(self._render_counts_now)
+
+    def _render_counts_now(self) -> None:
+        self._counts_pending = False
         total = len(self.todos)
         done = sum(1 for todo in self.todos.values() if todo.done)
         noun = "todo" if total == 1 else "todos"
@@ -459,6 +470,7 @@ class TodoApp:
         status.setAttribute("data-state", state)
         status.textContent = text
         self._element("status-detail").textContent = detail
+        self._element("app").setAttribute("data-connection", state)
 
     def _status_state(self) -> str:
         return str(self._element("status").getAttribute("data-state") or "")
