@@ -6,6 +6,7 @@ wire-compatible with the Go project grpc-tunnel. The public API:
 * :class:`Bridge` / :class:`BridgeConfig` - WebSocket server relaying tunnels to a gRPC backend.
 * :class:`Forwarder` / :class:`ForwarderConfig` - local port whose connections are tunnelled.
 * :class:`Channel` / :class:`ReconnectPolicy` - a grpclib channel over a WebSocket tunnel.
+* :func:`aio_channel` / :func:`sync_channel` - real grpcio channels to a WebSocket target.
 * :class:`GrpclibBackend`, :class:`GrpcioBackend`, :class:`SocketBackend`,
   :func:`attach_grpcio`, :class:`ThreadedBridge` - what a bridge serves, in process or not.
 * :class:`BridgeApp` - the bridge as an ASGI app (Starlette/FastAPI, uvicorn).
@@ -47,9 +48,11 @@ _EXPORTS = {
     "TargetError": ".core.errors",
     "ThreadedBridge": ".server.attach",
     "TunnelClosed": ".core.errors",
+    "aio_channel": ".client.grpcio",
     "attach_grpcio": ".server.attach",
     "configure_logging": ".observability",
     "parse_target": ".core.target",
+    "sync_channel": ".client.grpcio",
 }
 
 __all__ = [
@@ -76,15 +79,18 @@ __all__ = [
     "TargetError",
     "ThreadedBridge",
     "TunnelClosed",
+    "aio_channel",
     "attach_grpcio",
     "configure_logging",
     "parse_target",
+    "sync_channel",
 ]
 
 if TYPE_CHECKING:
     from .backends import GrpcioBackend, GrpclibBackend, SocketBackend
     from .client.channel import Channel
     from .client.forwarder import Forwarder
+    from .client.grpcio import aio_channel, sync_channel
     from .core.admission import BearerTokenAuth, HandshakeRequest, OriginPolicy, Rejection
     from .core.config import BridgeConfig, ForwarderConfig, ReconnectPolicy
     from .core.errors import (

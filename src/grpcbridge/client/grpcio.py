@@ -1,0 +1,178 @@
+"""Real grpcio channels (``grpc.aio.Channel`` and ``grpc.Channel``) to a WebSocket target.
+
+grpcio cannot dial over an arbitrary byte stream, so each channel gets a private
+in-process :class:`~grpcbridge.Forwarder` listening on a unix socket that only this user can
+reach (a fresh 0700 directory, the socket 0600); both are removed when the channel closes::
+
+    async with grpcbridge.aio_channel("ws://127.0.0.1:8080/grpc") as channel:
+        reply = await TodoServiceStub(channel).ListTodos(ListTodosRequest())
+
+    with grpcbridge.sync_channel("ws://127.0.0.1:8080/grpc") as channel:   # no asyncio needed
+        reply = TodoServiceStub(channel).ListTodos(ListTodosRequest())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from ..core.config import ForwarderConfig
+from .forwarder import Forwarder
+
+
+def _private_socket() -> tuple[str, str]:
+    directory = tempfile.mkdtemp(prefix="grpcbridge-")
+    os.chmod(directory, stat.S_IRWXU)
+    return directory, os.path.join(directory, "tunnel.sock")
+
+
+def _forwarder(target: str, path: str, options: dict[str, Any]) -> Forwarder:
+    return Forwarder(ForwarderConfig(target=target, listen=f"unix:{path}", **options))
+
+
+class AioChannel(grpc.aio.Channel):
+    """A ``grpc.aio.Channel`` whose connections go through a private forwarder."""
+
+    def __init__(self, channel: grpc.aio.Channel, forwarder: Forwarder, directory: str) -> None:
+        self._channel = channel
+        self._forwarder = forwarder
+        self._directory = directory
+        self._closed = False
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel, the forwarder and its socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._channel.close(grace)
+        finally:
+            await self._forwarder.close()
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    async def __aenter__(self) -> AioChannel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+
+async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
+                      **tunnel: Any) -> AioChannel:
+    """A ``grpc.aio.Channel`` reaching the WebSocket ``target`` (must run in the event loop
+    that uses it). ``options`` are grpcio channel options; ``tunnel`` takes
+    :class:`~grpcbridge.ForwarderConfig` fields (``bearer_token``, ``headers``, ``cacert``,
+    ``subprotocols``, ``handshake_timeout``...)."""
+    directory, path = _private_socket()
+    try:
+        forwarder = _forwarder(target, path, tunnel)
+        await forwarder.start()
+        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    channel = grpc.aio.insecure_channel(f"unix:{path}", options=list(options))
+    return AioChannel(channel, forwarder, directory)
+
+
+class SyncChannel(grpc.Channel):
+    """A ``grpc.Channel`` whose connections go through a private forwarder running on its
+    own event loop thread."""
+
+    def __init__(self, target: str, options: Sequence[tuple[str, Any]],
+                 tunnel: dict[str, Any]) -> None:
+        self._directory, path = _private_socket()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpcbridge-channel",
+                                        daemon=True)
+        self._closed = False
+        self._thread.start()
+        try:
+            self._forwarder = _forwarder(target, path, tunnel)
+            asyncio.run_coroutine_threadsafe(self._forwarder.start(), self._loop).result(30)
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        except BaseException:
+            self._stop_loop()
+            shutil.rmtree(self._directory, ignore_errors=True)
+            raise
+        self._channel = grpc.insecure_channel(f"unix:{path}", options=list(options))
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+        self._loop.close()
+
+    def close(self) -> None:
+        """Close the channel, the forwarder, its thread and its socket. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._channel.close()
+        finally:
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._forwarder.close(), self._loop).result(30)
+            self._stop_loop()
+            shutil.rmtree(self._directory, ignore_errors=True)
+
+    def __enter__(self) -> SyncChannel:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def subscribe(self, callback: Any, try_to_connect: bool = False) -> None:
+        self._channel.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Any) -> None:
+        self._channel.unsubscribe(callback)
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+
+def sync_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
+                 **tunnel: Any) -> SyncChannel:
+    """A synchronous ``grpc.Channel`` reaching the WebSocket ``target``; its forwarder runs
+    on a private event loop thread. Arguments as for :func:`aio_channel`."""
+    return SyncChannel(target, options, tunnel)
