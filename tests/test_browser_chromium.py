@@ -97,6 +97,7 @@ class DemoServer:
 
     def start(self) -> None:
         assert self.process is None
+        self.url = ""
         process = subprocess.Popen(
             [sys.executable, "-m", "grpcbridge.demo.web", "--listen",
              f"127.0.0.1:{self.port}", "--db", str(self.db), "--log-level", "info",

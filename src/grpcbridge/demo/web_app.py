@@ -148,9 +148,10 @@ class TodoApp:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
         self._wake.clear()
+        # Before the first connection this is still "connecting" (with the reason).
+        state = "reconnecting" if self._connected_once else "connecting"
         while (left := deadline - loop.time()) > 0:
-            self._set_status("reconnecting", "reconnecting",
-                             f"{reason} · next try in {left:.1f} s")
+            self._set_status(state, state, f"{reason} · next try in {left:.1f} s")
             try:
                 await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
             except TimeoutError:
@@ -160,16 +161,17 @@ class TodoApp:
     async def _sync_once(self) -> None:
         """One connection's life: subscribe, load the list, apply changes until it drops."""
         async with self.stub.SyncTodos.open() as sync:
-            await sync.send_request()
-            # The server sends its headers, then subscribes this stream to the change feed:
-            # anything committed after the snapshot below arrives on `sync`.
-            await sync.recv_initial_metadata()
-            started = self._now()
             snapshot: list[todo_pb2.Todo] = []
-            async with self.stub.StreamTodos.open() as listing:
-                await listing.send_message(todo_pb2.StreamTodosRequest(), end=True)
-                async for todo in listing:
-                    snapshot.append(todo)
+            async with asyncio.timeout(RPC_TIMEOUT):  # a tunnel that opened but never answers
+                await sync.send_request()
+                # The server sends its headers, then subscribes this stream to the change
+                # feed: anything committed after the snapshot below arrives on `sync`.
+                await sync.recv_initial_metadata()
+                started = self._now()
+                async with self.stub.StreamTodos.open() as listing:
+                    await listing.send_message(todo_pb2.StreamTodosRequest(), end=True)
+                    async for todo in listing:
+                        snapshot.append(todo)
             self._replace_all(snapshot)
             self._log("StreamTodos", "server stream", f"loaded {len(snapshot)} todos",
                       self._now() - started)
