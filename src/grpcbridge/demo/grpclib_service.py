@@ -243,22 +243,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
 
     def _apply(self, request: Any) -> str | None:
         """Perform one sync action; return an error message on failure."""
-        action = request.WhichOneof("action")
-        try:
-            if action == "create":
-                if not request.create.text:
-                    return "text must not be empty"
-                self.store.create(request.create.text)
-            elif action == "update":
-                update = request.update
-                self.store.update(update.id, update.text, update.done)
-            elif action == "delete":
-                self.store.delete(request.delete.id)
-            else:
-                return "SyncRequest without action"
-        except KeyError as exc:
-            return f"todo {exc.args[0]!r} not found"
-        return None
+        return self.store.apply_sync(request)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

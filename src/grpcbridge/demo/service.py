@@ -245,22 +245,7 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
 
     def _apply(self, request: todo_pb2.SyncRequest) -> str | None:
         """Perform one sync action; return an error message on failure."""
-        action = request.WhichOneof("action")
-        try:
-            if action == "create":
-                if not request.create.text:
-                    return "text must not be empty"
-                self.store.create(request.create.text)
-            elif action == "update":
-                u = request.update
-                self.store.update(u.id, u.text, u.done)
-            elif action == "delete":
-                self.store.delete(request.delete.id)
-            else:
-                return "SyncRequest without action"
-        except KeyError as exc:
-            return f"todo {exc.args[0]!r} not found"
-        return None
+        return self.store.apply_sync(request)
 
 
 def serve(

@@ -86,6 +86,27 @@ class TodoStore:
             if q in self._subscribers:
                 self._subscribers.remove(q)
 
+
+    def apply_sync(self, request: todo_pb2.SyncRequest) -> str | None:
+        """Perform one ``SyncTodos`` action (both services share this rule); return an
+        error message for the requesting client, or ``None`` on success."""
+        action = request.WhichOneof("action")
+        try:
+            if action == "create":
+                if not request.create.text:
+                    return "text must not be empty"
+                self.create(request.create.text)
+            elif action == "update":
+                update = request.update
+                self.update(update.id, update.text, update.done)
+            elif action == "delete":
+                self.delete(request.delete.id)
+            else:
+                return "SyncRequest without action"
+        except KeyError as exc:
+            return f"todo {exc.args[0]!r} not found"
+        return None
+
     def close(self) -> None:
         """Close the database connection."""
         with self._lock:
