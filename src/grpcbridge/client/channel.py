@@ -7,7 +7,7 @@ import random
 import ssl as ssl_module
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import grpclib.client
 from grpclib.config import Configuration
@@ -156,6 +156,9 @@ class Channel(grpclib.client.Channel):
             await asyncio.wait([tunnel.closed], timeout=Tunnel.CLOSE_TIMEOUT + 1)
             if not tunnel.closed.done():
                 tunnel.abort()
+
+    async def __aenter__(self) -> Self:
+        return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
