@@ -4,8 +4,10 @@
     LW  grpcbridge.Channel --WebSocket--> Bridge + GrpclibBackend, the same handler
                                                           in the same server process
     GT  grpclib Channel  --TCP-->                        grpcio server      (reference 2)
-    GW  grpcbridge.Channel --WebSocket--> attach_grpcio() bridge --unix--> the same
-                                                          grpcio server, same process
+    GW  grpcbridge.Channel --WebSocket--> attach_grpcio(threaded=False) bridge on the
+                                          server's loop --unix--> the same grpcio server
+    GU  as GW, with attach_grpcio() (default threaded=True): the bridge on its own thread
+                                          and loop (uvloop when installed), same process
 
 Two server processes (benchmarks/native_server.py): the grpclib one listens on TCP and on
 a bridge port at once, the grpcio one (grpc.aio; ``--grpcio sync`` for ``grpc.server``)
@@ -87,14 +89,17 @@ PATHS: dict[str, tuple[str, str, str]] = {
     "LX": ("grpclib-x", "ws", "as LW, with the experiment"),
     "GT": ("grpcio", "tcp", "grpcio server, TCP"),
     "GW": ("grpcio", "ws", "grpcio server, WebSocket (attach_grpcio)"),
+    "GU": ("grpcio", "ws_thread", "grpcio server, WebSocket (attach_grpcio, bridge thread)"),
     "GX": ("grpcio-x", "ws", "as GW, with the experiment"),
     "GS": ("grpcio", "serve", "grpcio server, WebSocket via a separate `grpcbridge serve`"),
 }
-DEFAULT_PATHS = "LT,LW,GT,GW"
+DEFAULT_PATHS = "LT,LW,GT,GW,GU"
 #: Processes whose CPU counts as "server side" on each path.
 SERVER_SIDE = {"LT": ["grpclib"], "LW": ["grpclib"], "LX": ["grpclib-x"], "GT": ["grpcio"],
-               "GW": ["grpcio"], "GX": ["grpcio-x"], "GS": ["grpcio", "bridge"]}
-RATIO_PAIRS = [("LW", "LT"), ("GW", "GT"), ("GT", "LT"), ("GW", "LW"), ("GS", "GT"),
+               "GW": ["grpcio"], "GU": ["grpcio"], "GX": ["grpcio-x"],
+               "GS": ["grpcio", "bridge"]}
+RATIO_PAIRS = [("LW", "LT"), ("GW", "GT"), ("GU", "GT"), ("GU", "GW"), ("GT", "LT"),
+               ("GW", "LW"), ("GS", "GT"),
                ("GW", "GS"), ("LX", "LT"), ("LX", "LW"), ("GX", "GT"), ("GX", "GW")]
 
 #: (key, description, kind, threshold, (mode, field, numerator, denominator))
@@ -107,6 +112,10 @@ TARGETS: list[tuple[str, str, str, float, tuple[str, str, str, str]]] = [
      ("seq", "p50_us", "GW", "GT")),
     ("grpcio_stream", "attached grpcio server: streaming WS/TCP", ">=", round(1 / 1.2, 3),
      ("stream", "mib_per_s", "GW", "GT")),
+    ("grpcio_thread_seq_p50", "attached grpcio, bridge thread: sequential p50 WS/TCP", "<=",
+     1.2, ("seq", "p50_us", "GU", "GT")),
+    ("grpcio_thread_stream", "attached grpcio, bridge thread: streaming WS/TCP", ">=",
+     round(1 / 1.2, 3), ("stream", "mib_per_s", "GU", "GT")),
 ]
 
 #: Reported metrics: (mode, result field, label, digits)
@@ -304,7 +313,7 @@ def summarize(rounds: list[dict[str, Any]], paths: Sequence[str],
         (f"{key}_experiment", f"{label} [experiment: {num[0]}X/{den}]", kind, threshold,
          (mode, field, f"{num[0]}X", den))
         for key, label, kind, threshold, (mode, field, num, den) in TARGETS
-        if f"{num[0]}X" in paths]]
+        if num in ("LW", "GW") and f"{num[0]}X" in paths]]
     for key, label, kind, threshold, (mode, field, num, den) in variants:
         values = per_round(mode, field, num, den)
         target = f"{label} {kind} {threshold:g}"
@@ -446,7 +455,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--paths", default=DEFAULT_PATHS,
-                        help="comma-separated subset of LT,LW,GT,GW,GS (GS: diagnostic)")
+                        help="comma-separated subset of LT,LW,GT,GW,GU,GS (GS: diagnostic)")
     parser.add_argument("--modes", default="seq,stream", help="subset of seq,stream")
     parser.add_argument("--grpcio", choices=["aio", "sync"], default="aio",
                         help="grpcio server flavour for GT/GW (default: grpc.aio)")
@@ -473,6 +482,8 @@ def main() -> int:
         wanted += [x for w, x in (("LW", "LX"), ("GW", "GX")) if w in wanted and x not in wanted]
     elif "LX" in wanted or "GX" in wanted:
         parser.error("paths LX and GX need --experiment")
+    if args.grpcio == "sync" and "GU" in wanted:
+        wanted.remove("GU")  # with grpc.server, GW's bridge already has its own thread
     paths = [p for p in PATHS if p in wanted]
     modes = [args.profile] if args.profile else [
         m for m in ("seq", "stream") if m in args.modes.split(",")]

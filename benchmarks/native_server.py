@@ -83,13 +83,19 @@ async def serve_grpcio_aio() -> None:
     server.add_generic_rpc_handlers((echo_handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
     bridge = grpcbridge.attach_grpcio(server, threaded=False, **BRIDGE_OPTIONS)
+    # Path GU: a second attachment, the bridge on its own thread and loop ("auto": uvloop
+    # when installed). Idle while the other paths run.
+    threaded = grpcbridge.attach_grpcio(server, **BRIDGE_OPTIONS)
     await server.start()
     await bridge.start()
-    announce(kind="grpcio-aio", tcp=f"127.0.0.1:{port}", ws=bridge.url)
+    threaded.start()
+    announce(kind="grpcio-aio", tcp=f"127.0.0.1:{port}", ws=bridge.url, ws_thread=threaded.url,
+             thread_loop=threaded.loop_kind)
     try:
         await until_signalled()
     finally:
         await bridge.close(0)
+        await asyncio.to_thread(threaded.stop, 0)
         await server.stop(grace=0.5)
 
 

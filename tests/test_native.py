@@ -48,6 +48,7 @@ from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.service import TodoServicer
 from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
+from grpcbridge.loops import loop_factory
 
 from support import MiB
 
@@ -61,8 +62,11 @@ SLOW_STREAM = todo_pb2.StreamTodosRequest(repeat=10_000, interval_ms=20)
 
 @pytest.fixture(scope="module", autouse=True)
 def _grpc_warmed_up() -> None:
-    """grpcio creates process-wide threads and descriptors on first use; do that before any
-    ``leak_check`` snapshot is taken."""
+    """grpcio creates process-wide threads and descriptors on first use, and so does uvloop
+    (libuv keeps two descriptors for the process); do that before any ``leak_check``
+    snapshot is taken."""
+    uvloop_loop = loop_factory("uvloop")()
+    uvloop_loop.close()
     executor = ThreadPoolExecutor(2)
     server = grpc.server(executor)
     server.add_insecure_port("127.0.0.1:0")
@@ -409,17 +413,19 @@ async def test_bridge_app_close_twice(store: TodoStore, leak_check: None) -> Non
     await assert_no_tasks_left()
 
 
-async def test_attached_grpcio_close_twice_removes_socket(leak_check: None) -> None:
-    # Sync grpc.server: the bridge runs on its own thread.
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_attached_grpcio_close_twice_removes_socket(loop: Any, leak_check: None) -> None:
+    # Sync grpc.server: the bridge runs on its own thread, on the loop asked for.
     store = TodoStore()
     executor = ThreadPoolExecutor(4)
     server = grpc.server(executor)
     todo_pb2_grpc.add_TodoServiceServicer_to_server(TodoServicer(store), server)
-    threaded = grpcbridge.attach_grpcio(server, listen="127.0.0.1:0")
+    threaded = grpcbridge.attach_grpcio(server, listen="127.0.0.1:0", loop=loop)
     directory = threaded.config.backend.directory  # type: ignore[union-attr]
     assert exists(directory)
     server.start()
     with threaded:
+        assert threaded.loop_kind == loop
         async with Channel(threaded.url) as channel:
             assert len((await TodoServiceStub(channel).ListTodos(LIST)).todos) == 0
         threaded.stop()
@@ -452,6 +458,45 @@ async def test_attached_grpcio_aio_close_twice_removes_socket() -> None:
     listening = {c.laddr for c in process.net_connections("tcp") if c.status == "LISTEN"}
     assert bridge.address not in {tuple(a) for a in listening}
     await server.stop(None)
+
+
+class _AioTodos(todo_pb2_grpc.TodoServiceServicer):
+    async def ListTodos(self, request: Any, context: Any) -> Any:
+        peer_metadata = dict(context.invocation_metadata())
+        todo = todo_pb2.Todo(id="1", text=f"for {peer_metadata.get('who', '?')}")
+        return todo_pb2.ListTodosResponse(todos=[todo])
+
+
+async def test_threaded_bridge_serves_an_aio_server() -> None:
+    # grpc.aio server on this loop, bridge on its own thread and loop ("auto": uvloop here,
+    # since the dev extras install it).
+    server = grpc.aio.server()
+    todo_pb2_grpc.add_TodoServiceServicer_to_server(_AioTodos(), server)
+    threaded = grpcbridge.attach_grpcio(server, listen="127.0.0.1:0")
+    directory = threaded.config.backend.directory  # type: ignore[union-attr]
+    await server.start()
+    await asyncio.to_thread(threaded.start)
+    try:
+        assert threaded.loop_kind == "uvloop"
+        async with Channel(threaded.url) as channel:
+            listed = await TodoServiceStub(channel).ListTodos(LIST, metadata={"who": "me"})
+            assert [t.text for t in listed.todos] == ["for me"]
+    finally:
+        await asyncio.to_thread(threaded.stop)
+        await server.stop(None)
+    assert not exists(directory)
+
+
+def test_loop_choices_are_validated() -> None:
+    server = grpc.server(ThreadPoolExecutor(1))
+    with pytest.raises(grpcbridge.ConfigError, match=r"auto, asyncio, uvloop.*'trio'"):
+        grpcbridge.attach_grpcio(server, listen="127.0.0.1:0", loop="trio")  # type: ignore[call-overload]
+    with pytest.raises(TypeError, match="threaded=True only"):
+        grpcbridge.attach_grpcio(server, threaded=False, loop="uvloop",  # type: ignore[call-overload]
+                                 listen="127.0.0.1:0")
+    assert loop_factory("asyncio") is asyncio.new_event_loop
+    assert loop_factory("auto") is loop_factory("uvloop")  # uvloop is a dev dependency
+    server.stop(None)
 
 
 # --------------------------------------------------------------------- (c) no leaks

@@ -19,6 +19,7 @@ from .core.admission import BearerTokenAuth
 from .core.config import BridgeConfig, ForwarderConfig
 from .core.errors import ConfigError
 from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
+from .loops import LOOP_NAMES, loop_factory
 from .observability import configure_logging
 from .server.bridge import Bridge
 
@@ -54,8 +55,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="seconds between pings on a quiet tunnel (0: off)")
     parser.add_argument("--idle-timeout", type=float, default=60.0,
                         help="close a tunnel after this many seconds without traffic (0: off)")
-    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                        help="event loop (uvloop: less CPU per call; pip install uvloop)")
+    parser.add_argument("--loop", choices=LOOP_NAMES, default="auto",
+                        help="event loop; auto: uvloop when installed (less CPU per message; "
+                             "pip install 'grpcbridge[speed]'), else asyncio")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])
@@ -197,15 +199,13 @@ async def _run_until_signalled(server: Bridge | Forwarder) -> None:
 
 
 def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
-    if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            raise ConfigError("--loop uvloop needs uvloop: pip install 'grpcbridge[speed]'"
-                              ) from None
-        uvloop.run(main)
-    else:
-        asyncio.run(main)
+    try:
+        factory = loop_factory(loop)
+    except ConfigError:
+        main.close()  # never awaited
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(main)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

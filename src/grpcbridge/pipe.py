@@ -16,7 +16,7 @@ more DATA). Inbound memory is bounded by HTTP/2 flow control, as on a socket.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from .relay import StreamOwner
 
@@ -73,7 +73,9 @@ class _TunnelTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self._pipe.closed:
-            self._pipe.protocol.data_received(bytes(data))
+            # bytes and bytearray go through uncopied (the tunnel never reuses them).
+            self._pipe.protocol.data_received(
+                bytes(data) if isinstance(data, memoryview) else cast(bytes, data))
 
     def is_closing(self) -> bool:
         return self._pipe.closed

@@ -157,7 +157,10 @@ class Tunnel:
                 else:
                     continue  # ping/pong/close are answered by the sans-I/O protocol
                 if payload:
-                    self._to_stream(bytes(payload))
+                    # websockets hands over bytes (masked frames) or a fresh bytearray
+                    # (unmasked ones). Both go on uncopied: nothing mutates them, and a
+                    # copy would cost a memcpy per received byte.
+                    self._to_stream(cast(bytes, payload))
             elif self.on_handshake_event is not None:
                 self.on_handshake_event(event)
         self.flush_websocket()

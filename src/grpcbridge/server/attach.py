@@ -19,15 +19,20 @@ from typing import Any, Literal, overload
 from ..backends import GrpcioBackend
 from ..core.config import BridgeConfig
 from ..core.errors import TunnelClosed
+from ..loops import LoopName, loop_factory, loop_name
 from .bridge import Bridge
 
 
 class ThreadedBridge:
     """Runs a :class:`Bridge` on a private event loop in a daemon thread (for programs
-    without asyncio, such as a synchronous grpcio server)."""
+    without asyncio, such as a synchronous grpcio server).
 
-    def __init__(self, config: BridgeConfig) -> None:
+    ``loop`` picks that loop: ``"auto"`` (uvloop when installed, else asyncio),
+    ``"asyncio"`` or ``"uvloop"``; see :mod:`grpcbridge.loops`."""
+
+    def __init__(self, config: BridgeConfig, *, loop: LoopName = "auto") -> None:
         self.config = config
+        self._loop_factory = loop_factory(loop)  # fails here, not in the thread
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._bridge: Bridge | None = None
@@ -45,6 +50,13 @@ class ThreadedBridge:
     def url(self) -> str:
         return self.bridge.url
 
+    @property
+    def loop_kind(self) -> str:
+        """``"uvloop"`` or ``"asyncio"``: the loop the bridge thread runs (once started)."""
+        if self._loop is None:
+            raise TunnelClosed("the bridge thread is not running; call start()")
+        return loop_name(self._loop)
+
     def start(self, timeout: float = 10.0) -> ThreadedBridge:
         """Start the thread and return once the bridge listens (or raise its error)."""
         if self._thread is not None:
@@ -59,7 +71,7 @@ class ThreadedBridge:
         return self
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = self._loop_factory()
         self._loop = loop
         try:
             loop.run_until_complete(self._main())
@@ -99,18 +111,29 @@ class ThreadedBridge:
 
 
 @overload
-def attach_grpcio(server: Any, *, threaded: Literal[True] = ..., **config: Any
-                  ) -> ThreadedBridge: ...
+def attach_grpcio(server: Any, *, threaded: Literal[True] = ..., loop: LoopName = ...,
+                  **config: Any) -> ThreadedBridge: ...
 @overload
 def attach_grpcio(server: Any, *, threaded: Literal[False], **config: Any) -> Bridge: ...
 
 
-def attach_grpcio(server: Any, *, threaded: bool = True, **config: Any) -> ThreadedBridge | Bridge:
+def attach_grpcio(server: Any, *, threaded: bool = True, loop: LoopName | None = None,
+                  **config: Any) -> ThreadedBridge | Bridge:
     """Serve an existing grpcio server (``grpc.server`` or ``grpc.aio.server``) over
     WebSocket. Call before ``server.start()``: a private unix-socket port (0600, in a 0700
     directory) is added to the server and the bridge relays to it. ``config`` takes the
-    :class:`BridgeConfig` fields (``listen``, ``path``, guards...)."""
+    :class:`BridgeConfig` fields (``listen``, ``path``, guards...).
+
+    ``threaded=True`` (the default) returns a :class:`ThreadedBridge` with its own thread
+    and event loop (``loop``: ``"auto"``, ``"asyncio"`` or ``"uvloop"``); this suits
+    ``grpc.aio`` servers too.
+    ``threaded=False`` returns a :class:`Bridge` to ``await bridge.start()`` on your loop."""
     if "backend" in config:
         raise TypeError("attach_grpcio() chooses the backend itself; do not pass backend=")
+    if not threaded and loop is not None:
+        raise TypeError("loop= applies to threaded=True only: with threaded=False the bridge "
+                        "runs on the event loop that awaits bridge.start()")
     bridge_config = BridgeConfig(backend=GrpcioBackend(server), **config)
-    return ThreadedBridge(bridge_config) if threaded else Bridge(bridge_config)
+    if threaded:
+        return ThreadedBridge(bridge_config, loop=loop or "auto")
+    return Bridge(bridge_config)

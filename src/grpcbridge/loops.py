@@ -1,0 +1,40 @@
+"""Event-loop choice for the loops grpcbridge creates itself (the CLI, the threaded bridge).
+
+``"auto"`` (the default) takes uvloop when it is installed (``pip install
+'grpcbridge[speed]'``) and asyncio's own loop otherwise; ``"uvloop"`` insists on uvloop;
+``"asyncio"`` never uses it. uvloop cuts the relay's CPU per message by about a quarter
+(docs/benchmarks.md). Code that runs the bridge on its own loop (``await bridge.start()``,
+ASGI servers) keeps whatever loop it has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Literal
+
+from .core.errors import ConfigError
+
+LoopName = Literal["auto", "asyncio", "uvloop"]
+LOOP_NAMES: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The constructor of a new event loop of kind ``name`` (one of :data:`LOOP_NAMES`)."""
+    if name not in LOOP_NAMES:
+        raise ConfigError(f"loop must be one of {', '.join(LOOP_NAMES)}, not {name!r}")
+    if name == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if name == "auto":
+            return asyncio.new_event_loop
+        raise ConfigError("loop 'uvloop' needs uvloop: pip install 'grpcbridge[speed]', "
+                          "or choose loop 'auto' or 'asyncio'") from None
+    return uvloop.new_event_loop
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    """``"uvloop"`` or ``"asyncio"``: what kind of loop ``loop`` is (for logs)."""
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
