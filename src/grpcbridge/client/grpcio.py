@@ -27,6 +27,7 @@ import grpc
 import grpc.aio
 
 from ..core.config import ForwarderConfig
+from ..loops import loop_factory
 from .forwarder import Forwarder
 
 
@@ -40,8 +41,29 @@ def _forwarder(target: str, path: str, options: dict[str, Any]) -> Forwarder:
     return Forwarder(ForwarderConfig(target=target, listen=f"unix:{path}", **options))
 
 
-class AioChannel(grpc.aio.Channel):
+class _StubFactories:
+    """The four multi-callable factories generated stubs call, handed to the wrapped
+    grpcio channel (shared by :class:`AioChannel` and :class:`SyncChannel`)."""
+
+    _channel: Any
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
+
+
+class AioChannel(_StubFactories, grpc.aio.Channel):
     """A ``grpc.aio.Channel`` whose connections go through a private forwarder."""
+
+    _channel: grpc.aio.Channel
 
     def __init__(self, channel: grpc.aio.Channel, forwarder: Forwarder, directory: str) -> None:
         self._channel = channel
@@ -75,18 +97,6 @@ class AioChannel(grpc.aio.Channel):
     async def channel_ready(self) -> None:
         await self._channel.channel_ready()
 
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.unary_unary(method, *args, **kwargs)
-
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.unary_stream(method, *args, **kwargs)
-
-    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.stream_unary(method, *args, **kwargs)
-
-    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.stream_stream(method, *args, **kwargs)
-
 
 async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
                       **tunnel: Any) -> AioChannel:
@@ -106,14 +116,17 @@ async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
     return AioChannel(channel, forwarder, directory)
 
 
-class SyncChannel(grpc.Channel):
+class SyncChannel(_StubFactories, grpc.Channel):
     """A ``grpc.Channel`` whose connections go through a private forwarder running on its
     own event loop thread."""
+
+    _channel: grpc.Channel
+
 
     def __init__(self, target: str, options: Sequence[tuple[str, Any]],
                  tunnel: dict[str, Any]) -> None:
         self._directory, path = _private_socket()
-        self._loop = asyncio.new_event_loop()
+        self._loop = loop_factory("auto")()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpcbridge-channel",
                                         daemon=True)
         self._closed = False
@@ -157,18 +170,6 @@ class SyncChannel(grpc.Channel):
 
     def unsubscribe(self, callback: Any) -> None:
         self._channel.unsubscribe(callback)
-
-    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.unary_unary(method, *args, **kwargs)
-
-    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.unary_stream(method, *args, **kwargs)
-
-    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.stream_unary(method, *args, **kwargs)
-
-    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return self._channel.stream_stream(method, *args, **kwargs)
 
 
 def sync_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
