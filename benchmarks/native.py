@@ -43,14 +43,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,11 +68,11 @@ from relay import (
     Processes,
     _fmt,
     _median,
-    _raise_nofile,
     _terminate_on_signals,
+    begin_run,
     cpu_times,
     listening_port,
-    source_tree,
+    log,
 )
 from relay import machine as relay_machine
 
@@ -487,24 +485,10 @@ def main() -> int:
     paths = [p for p in PATHS if p in wanted]
     modes = [args.profile] if args.profile else [
         m for m in ("seq", "stream") if m in args.modes.split(",")]
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    results_dir = HERE / "results"
-    results_dir.mkdir(exist_ok=True)
+    run = begin_run("grpcbridge-native-", args.commit, machine())
+    stamp, results_dir, logdir, env, info = (run.stamp, run.results_dir, run.logdir, run.env,
+                                             run.info)
     output = args.output or results_dir / f"native-{stamp}.json"
-    logdir = Path(tempfile.mkdtemp(prefix="grpcbridge-native-"))
-    _raise_nofile()
-
-    def log(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    info = machine()
-    try:
-        env, info["code"] = source_tree(args.commit, logdir)
-    except BaseException:
-        shutil.rmtree(logdir, ignore_errors=True)
-        raise
-    log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
-        f"kernel {info['kernel']}, load {info['loadavg_start']}")
     log(f"grpcbridge from {info['code']['source']} ({info['code']['module_file']})")
     if args.experiment:
         log(f"experiment {args.experiment}: paths LX/GX run patched servers and clients")

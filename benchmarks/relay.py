@@ -606,6 +606,42 @@ def source_tree(commit: str | None, workdir: Path) -> tuple[dict[str, str], dict
     return env, info
 
 
+def log(text: str) -> None:
+    """A progress line on stderr, with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class RunSetup:
+    stamp: str
+    results_dir: Path
+    #: Subprocess logs (removed after a successful run).
+    logdir: Path
+    #: Environment that makes subprocesses import the grpcbridge under test.
+    env: dict[str, str]
+    #: machine() plus "code": where grpcbridge comes from.
+    info: dict[str, Any]
+
+
+def begin_run(logdir_prefix: str, commit: str | None, info: dict[str, Any]) -> RunSetup:
+    """What every benchmark driver does first: a timestamp, the results and log
+    directories, the raised fd limit, and the grpcbridge tree to run (``commit`` or the
+    working tree)."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    results_dir = HERE / "results"
+    results_dir.mkdir(exist_ok=True)
+    logdir = Path(tempfile.mkdtemp(prefix=logdir_prefix))
+    _raise_nofile()
+    try:
+        env, info["code"] = source_tree(commit, logdir)
+    except BaseException:
+        shutil.rmtree(logdir, ignore_errors=True)
+        raise
+    log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
+        f"kernel {info['kernel']}, load {info['loadavg_start']}")
+    return RunSetup(stamp, results_dir, logdir, env, info)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
@@ -633,27 +669,13 @@ def main() -> int:
                                        20 + args.tunnels]
     paths = "".join(p for p in "ABCDE" if p in args.paths.upper())
     modes = [m for m in ("seq", "conc", "stream") if m in args.modes.split(",")]
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    results_dir = HERE / "results"
-    results_dir.mkdir(exist_ok=True)
+    run = begin_run("grpcbridge-bench-", args.commit, machine())
+    stamp, results_dir, logdir, relay_env, info = (run.stamp, run.results_dir, run.logdir,
+                                                   run.env, run.info)
     output = args.output or results_dir / f"relay-{stamp}.json"
     profile_dir = results_dir / f"profile-{stamp}" if args.profile else None
     if profile_dir is not None:
         profile_dir.mkdir()
-    logdir = Path(tempfile.mkdtemp(prefix="grpcbridge-bench-"))
-    _raise_nofile()
-
-    def log(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    info = machine()
-    try:
-        relay_env, info["code"] = source_tree(args.commit, logdir)
-    except BaseException:
-        shutil.rmtree(logdir, ignore_errors=True)
-        raise
-    log(f"machine: {info['nproc']} CPUs, {info['cpu_model']}, Python {info['python']}, "
-        f"kernel {info['kernel']}, load {info['loadavg_start']}")
     log(f"relays run {info['code']['source']} ({info['code']['module_file']})")
     procs = Processes(logdir, relay_env)
     ok = False

@@ -98,6 +98,18 @@ def test_uvloop_forwarder_and_bridge_lose_no_early_bytes() -> None:
         server.stop(None).wait()
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ([], "uvloop"),  # --loop auto: uvloop, which the dev extras install
+    (["--loop", "asyncio"], "asyncio"),
+    (["--loop", "uvloop"], "uvloop"),
+])
+def test_loop_choice_is_logged(flags: list[str], expected: str) -> None:
+    with cli(["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9", *flags]) as bridge, \
+         cli(["forward", "--listen", "127.0.0.1:0", "--target", bridge.url, *flags]) as forwarder:
+        assert f"loop={expected}" in bridge.wait_for_line("bridge_started")
+        assert f"loop={expected}" in forwarder.wait_for_line("forwarder_started")
+
+
 def test_terminal_demo_prints_every_kind_of_call() -> None:
     result = run("demo", "--terminal")
     assert result.returncode == 0, result.stderr

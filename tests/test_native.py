@@ -16,6 +16,7 @@ import contextlib
 import gc
 import os
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -497,6 +498,13 @@ def test_loop_choices_are_validated() -> None:
     assert loop_factory("asyncio") is asyncio.new_event_loop
     assert loop_factory("auto") is loop_factory("uvloop")  # uvloop is a dev dependency
     server.stop(None)
+
+
+def test_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # what `import uvloop` sees without it
+    assert loop_factory("auto") is asyncio.new_event_loop
+    with pytest.raises(grpcbridge.ConfigError, match=r"pip install 'grpcbridge\[speed\]'"):
+        loop_factory("uvloop")
 
 
 # --------------------------------------------------------------------- (c) no leaks

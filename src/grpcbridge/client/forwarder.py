@@ -11,6 +11,7 @@ from typing import cast
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, TunnelClosed
 from ..core.stream import CloseCode
+from ..loops import loop_name
 from ..observability import log_event
 from ..relay import StreamSide, Tunnel, keepalive_forever
 from ..sockets import remove_stale_socket
@@ -88,7 +89,7 @@ class Forwarder:
             self.config.ping_interval, self.config.idle_timeout))
         log_event("forwarder_started", listen=str(listen) if listen.path else
                   f"{self.address[0]}:{self.address[1]}" if self.address else "",
-                  target=self.config.parsed_target.url)
+                  target=self.config.parsed_target.url, loop=loop_name(loop))
 
     async def serve_forever(self) -> None:
         if self._state == "new":

@@ -20,6 +20,7 @@ from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
 from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import TunnelClosed
 from ..core.stream import CloseCode
+from ..loops import loop_name
 from ..observability import BridgeMetrics, log_event
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import remove_stale_socket
@@ -154,7 +155,8 @@ class Bridge:
             self._report_all_bytes))
         self._state = "running"
         log_event("bridge_started", listen=self.url if self.address else str(listen),
-                  backend=str(self.backend), metrics=_format_address(self.metrics_address))
+                  backend=str(self.backend), metrics=_format_address(self.metrics_address),
+                  loop=loop_name(loop))
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`close` finishes (starting the bridge first if needed)."""
