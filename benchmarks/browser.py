@@ -1,7 +1,7 @@
 """Browser benchmark: Python in headless Chromium (Pyodide) calling gRPC over WebSocket.
 
 One run against the browser demo server (``python -m grpcbridge.demo.web``, todos in
-memory, its own process), driven with Playwright in Debian's Chromium (fresh profile):
+memory, its own process), in Debian's headless Chromium (fresh profile):
 
 * **page ready**, warm: the demo page is loaded twice in the same browser context; the
   second load is reported (HTTP cache warm: Pyodide from the cache, the page and wheels
@@ -18,17 +18,26 @@ memory, its own process), driven with Playwright in Debian's Chromium (fresh pro
 The page-side code runs in a page loaded with ``?app=none`` (Pyodide, wheels and stubs, no
 app), so the demo's live list does not render megabytes of todos while they are timed.
 
+**Driver.** By default Chromium is driven over the DevTools protocol with the ``Runtime``
+domain only (``--driver cdp``: navigate, evaluate): nothing else is instrumented, as in a
+user's browser. ``--driver playwright`` drives it with Playwright, as the first runs of this
+benchmark did: Playwright enables the DevTools ``Network`` domain, and Chromium then reports
+every WebSocket frame to it with its payload (base64), which more than halves the bulk
+figures (docs/benchmarks.md, "Browser").
+
 Usage: .venv/bin/python benchmarks/browser.py [--calls 300] [--todo-kib 256] [--todos 32]
-                                             [--repeat 4]
+                                [--repeat 4] [--driver cdp|playwright] [--url URL]
 Prints a markdown summary and writes benchmarks/results/browser-<timestamp>.json. Needs
-/usr/bin/chromium, the playwright package, ``npm ci`` and the wheel bundle (it runs
-``scripts/build_browser_bundle.py`` first, a no-op when up to date).
+/usr/bin/chromium, ``npm ci`` and the wheel bundle (it runs ``scripts/build_browser_bundle.py``
+first, a no-op when up to date); ``--driver playwright`` also needs the playwright package.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import itertools
 import json
 import os
 import platform
@@ -39,6 +48,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +100,19 @@ async def run():
             await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="benchmark"))
 
         await timed_calls(list_todos, 50)  # warm up: the tunnel, the code paths, the JIT
-        result["unary_list"] = await timed_calls(list_todos, CALLS)
-        result["unary_create"] = await timed_calls(create_todo, CALLS)
         stats = channel.transport.stats
+        sent, received = stats.messages_sent, stats.messages_received
+        result["unary_list"] = await timed_calls(list_todos, CALLS)
+        result["unary_list"]["ws_messages_per_call"] = [
+            (stats.messages_sent - sent) / CALLS, (stats.messages_received - received) / CALLS]
+        result["unary_create"] = await timed_calls(create_todo, CALLS)
 
         # Upload: one BulkCreateTodos stream of TODOS texts of TODO_BYTES each.
         text = ("0123456789abcdef" * (TODO_BYTES // 16 + 1))[:TODO_BYTES]
         requests = [todo_pb2.CreateTodoRequest(text=text[:-8] + f"{{i:08d}}")
                     for i in range(TODOS)]
         sent_before = stats.bytes_sent
+        messages_before, pauses_before = stats.messages_sent, stats.pauses
         started = now()
         async with stub.BulkCreateTodos.open() as stream:
             for request in requests:
@@ -109,10 +124,13 @@ async def run():
         payload = TODOS * TODO_BYTES
         result["upload"] = {{"payload_bytes": payload, "seconds": seconds,
                              "mib_s": payload / seconds / 1048576,
-                             "wire_bytes": stats.bytes_sent - sent_before}}
+                             "wire_bytes": stats.bytes_sent - sent_before,
+                             "ws_messages": stats.messages_sent - messages_before,
+                             "pauses": stats.pauses - pauses_before}}
 
         # Download: StreamTodos of everything (the big todos, plus the small ones), REPEAT x.
         received_before = stats.bytes_received
+        messages_before = stats.messages_received
         payload = 0
         count = 0
         started = now()
@@ -124,21 +142,25 @@ async def run():
         seconds = (now() - started) / 1000
         result["download"] = {{"payload_bytes": payload, "messages": count,
                                "seconds": seconds, "mib_s": payload / seconds / 1048576,
-                               "wire_bytes": stats.bytes_received - received_before}}
+                               "wire_bytes": stats.bytes_received - received_before,
+                               "ws_messages": stats.messages_received - messages_before}}
         result["connections_opened"] = channel.connections_opened
+        result["max_frame_size"] = getattr(channel, "_max_frame_size", 16384)
     return json.dumps(result)
 
 await run()
 """
 
 
-def _missing() -> str | None:
+def _missing(driver: str) -> str | None:
     if not Path(CHROMIUM).is_file():
         return "Chromium is not installed at /usr/bin/chromium: apt-get install -y chromium"
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "pip install playwright (never `playwright install`: Debian's Chromium is used)"
+    if driver == "playwright":
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            return ("pip install playwright (never `playwright install`: Debian's Chromium is "
+                    "used)")
     if not (ROOT / "node_modules" / "pyodide" / "pyodide.mjs").is_file():
         return "node_modules/pyodide is missing: run `npm ci`"
     return None
@@ -186,10 +208,148 @@ class Server:
                 self.process.wait(5)
 
 
-def _load(page: Any, url: str) -> dict[str, float]:
+READY = ("window.grpcbridgeDemo && (window.grpcbridgeDemo.timings.ready "
+         "|| window.grpcbridgeDemo.error)")
+
+
+class CdpPage:
+    """Chromium driven over the DevTools protocol, ``Runtime`` and ``Page.navigate`` only (no
+    ``Network`` domain: Chromium then reports no WebSocket frames to anybody)."""
+
+    def __init__(self, profile: str) -> None:
+        from websockets.sync.client import connect
+
+        self.process = subprocess.Popen(
+            [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+             "--remote-debugging-port=0", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        assert self.process.stderr is not None
+        endpoint = None
+        for line in self.process.stderr:
+            match = re.search(r"DevTools listening on (ws://\S+)", line)
+            if match:
+                endpoint = match[1]
+                break
+        if endpoint is None:
+            self.close()
+            raise SystemExit("Chromium did not start (no DevTools endpoint)")
+        stderr = self.process.stderr
+        threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
+        base = "http://" + endpoint.split("/")[2]
+        self.version = json.load(urllib.request.urlopen(base + "/json/version"))["Browser"]
+        pages: list[dict[str, Any]] = []
+        for _ in range(100):
+            pages = [t for t in json.load(urllib.request.urlopen(base + "/json/list"))
+                     if t["type"] == "page"]
+            if pages:
+                break
+            time.sleep(0.1)
+        self._exit = contextlib.ExitStack()
+        self._ws = self._exit.enter_context(
+            connect(pages[0]["webSocketDebuggerUrl"], max_size=None))
+        self._ids = itertools.count(1)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        number = next(self._ids)
+        self._ws.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:  # no domain is enabled, so hardly any events arrive
+            message = json.loads(self._ws.recv(timeout=600))
+            if message.get("id") == number:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return dict(message["result"])
+
+    def evaluate(self, expression: str, arg: Any = None) -> Any:
+        if arg is not None:
+            expression = f"({expression})({json.dumps(arg)})"
+        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True,
+                           returnByValue=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            text = details.get("exception", {}).get("description") or details.get("text")
+            raise RuntimeError(f"in the page: {text}")
+        return result["result"].get("value")
+
+    def goto(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # until the new document's context answers
+            with contextlib.suppress(RuntimeError):
+                if self.evaluate("location.href") == url and \
+                        self.evaluate("document.readyState") != "loading":
+                    return
+            time.sleep(0.05)
+        raise SystemExit(f"{url} did not load")
+
+    def wait_ready(self) -> None:
+        self.evaluate(f"""new Promise((resolve, reject) => {{
+            const deadline = performance.now() + 120000;
+            const poll = () => {{
+                if ({READY}) resolve(true);
+                else if (performance.now() > deadline) reject(new Error("not ready in 120 s"));
+                else setTimeout(poll, 20);
+            }};
+            poll();
+        }})""")
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._exit.close()
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+class PlaywrightPage:
+    """The same through Playwright (its DevTools ``Network`` domain instruments the page)."""
+
+    def __init__(self, profile: str, playwright: Any) -> None:
+        self.context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+        self.version = self.context.browser.version if self.context.browser else "?"
+        self.page = self.context.new_page()
+
+    def evaluate(self, expression: str, arg: Any = None) -> Any:
+        return self.page.evaluate(expression, arg)
+
+    def goto(self, url: str) -> None:
+        self.page.goto(url)
+
+    def wait_ready(self) -> None:
+        self.page.wait_for_function(READY, timeout=120_000)
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@contextlib.contextmanager
+def browser(driver: str) -> Iterator[CdpPage | PlaywrightPage]:
+    with tempfile.TemporaryDirectory(prefix="grpcbridge-bench-chromium-") as profile:
+        if driver == "cdp":
+            page: CdpPage | PlaywrightPage = CdpPage(profile)
+            try:
+                yield page
+            finally:
+                page.close()
+            return
+        from playwright.sync_api import sync_playwright
+
+        with sync_playwright() as playwright:
+            page = PlaywrightPage(profile, playwright)
+            try:
+                yield page
+            finally:
+                page.close()
+
+
+def _load(page: CdpPage | PlaywrightPage, url: str) -> dict[str, float]:
     page.goto(url)
-    page.wait_for_function("window.grpcbridgeDemo && (window.grpcbridgeDemo.timings.ready "
-                           "|| window.grpcbridgeDemo.error)", timeout=120_000)
+    page.wait_ready()
     error = page.evaluate("window.grpcbridgeDemo.error")
     if error:
         raise SystemExit(f"the page failed: {error}")
@@ -205,8 +365,10 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=4, help="StreamTodos repeat")
     parser.add_argument("--url", help="use this running demo server (its todos should be in "
                                       "memory and few) instead of starting one")
+    parser.add_argument("--driver", choices=("cdp", "playwright"), default="cdp",
+                        help="how Chromium is driven (see the module docstring)")
     args = parser.parse_args()
-    reason = _missing()
+    reason = _missing(args.driver)
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
@@ -216,32 +378,21 @@ def main() -> int:
         print(build.stdout + build.stderr, file=sys.stderr)
         return 2
 
-    from playwright.sync_api import sync_playwright
-
     load_before = os.getloadavg()
     server = Server(args.url)
-    console: list[str] = []
     try:
-        with tempfile.TemporaryDirectory(prefix="grpcbridge-bench-chromium-") as profile, \
-                sync_playwright() as playwright:
-            context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
-            try:
-                chromium_version = context.browser.version if context.browser else "?"
-                page = context.new_page()
-                page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
-                cold = _load(page, server.url)
-                warm = _load(page, server.url)
-                _load(page, server.url + "?app=none")
-                code = PAGE_CODE.format(calls=args.calls, todo_bytes=args.todo_kib * 1024,
-                                        todos=args.todos, repeat=args.repeat)
-                started = time.monotonic()
-                raw = page.evaluate("code => grpcbridgeDemo.pyodide.runPythonAsync(code)", code)
-                rpc = json.loads(raw)
-                rpc_wall = time.monotonic() - started
-                pyodide_version = page.evaluate("grpcbridgeDemo.pyodide.version")
-            finally:
-                context.close()
+        with browser(args.driver) as page:
+            chromium_version = page.version
+            cold = _load(page, server.url)
+            warm = _load(page, server.url)
+            _load(page, server.url + "?app=none")
+            code = PAGE_CODE.format(calls=args.calls, todo_bytes=args.todo_kib * 1024,
+                                    todos=args.todos, repeat=args.repeat)
+            started = time.monotonic()
+            raw = page.evaluate("code => grpcbridgeDemo.pyodide.runPythonAsync(code)", code)
+            rpc = json.loads(raw)
+            rpc_wall = time.monotonic() - started
+            pyodide_version = page.evaluate("grpcbridgeDemo.pyodide.version")
     finally:
         server.close()
     load_after = os.getloadavg()
@@ -258,6 +409,7 @@ def main() -> int:
         "cpus": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "chromium": chromium_version,
         "pyodide": pyodide_version, "loadavg_before": load_before, "loadavg_after": load_after,
+        "driver": args.driver,
     }
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = HERE / "results" / f"browser-{stamp}.json"
@@ -272,8 +424,8 @@ def main() -> int:
 
     ul, uc = rpc["unary_list"], rpc["unary_create"]
     up, down = rpc["upload"], rpc["download"]
-    print(f"# Browser benchmark ({stamp}; Chromium {chromium_version}, Pyodide "
-          f"{pyodide_version}, {os.cpu_count()} CPUs, load {load_before[0]:.1f} -> "
+    print(f"# Browser benchmark ({stamp}; {chromium_version}, Pyodide {pyodide_version}, "
+          f"driver {args.driver}, {os.cpu_count()} CPUs, load {load_before[0]:.1f} -> "
           f"{load_after[0]:.1f})\n")
     print("| metric | figure | target | |")
     print("|---|---|---|---|")
@@ -292,7 +444,11 @@ def main() -> int:
           f"{mark('page_ready_warm_s')} |")
     print(f"| page ready, cold (1st load, info) | {cold['ready'] / 1000:.2f} s | | |")
     steps = ("config", "runtime", "boot", "wheels", "import", "connect")
-    print("\nwarm load steps (ms): " + ", ".join(f"{s} {warm.get(s, 0):.0f}" for s in steps))
+    print(f"\nWebSocket messages: unary {ul['ws_messages_per_call'][0]:.1f} sent / "
+          f"{ul['ws_messages_per_call'][1]:.1f} received per call; upload "
+          f"{up['ws_messages']} sent ({up['pauses']} pauses); download "
+          f"{down['ws_messages']} received; max_frame_size {rpc['max_frame_size']}")
+    print("warm load steps (ms): " + ", ".join(f"{s} {warm.get(s, 0):.0f}" for s in steps))
     print("cold load steps (ms): " + ", ".join(f"{s} {cold.get(s, 0):.0f}" for s in steps))
     print(f"\nwritten: {out.relative_to(ROOT)}")
     return 0 if all(verdict.values()) else 1

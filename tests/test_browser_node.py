@@ -96,16 +96,17 @@ class RawServer:
         await asyncio.sleep(float(query.get("stall", 0)))
         delay = float(query.get("delay", 0))
         digest = hashlib.sha256()
-        size = 0
+        size = messages = 0
         try:
             async for message in ws:
                 assert isinstance(message, bytes)
                 digest.update(message)
                 size += len(message)
+                messages += 1
                 if delay:
                     await asyncio.sleep(delay)
         finally:
-            record.update(sha256=digest.hexdigest(), bytes=size)
+            record.update(sha256=digest.hexdigest(), bytes=size, messages=messages)
 
     async def mode_early(self, ws: ServerConnection, query: dict[str, str],
                          record: dict[str, Any]) -> None:
@@ -380,6 +381,41 @@ def test_outbound_backpressure_from_buffered_amount(node_run: NodeRun, impl: str
     assert sink["bytes"] == result["bytes"] and sink["sha256"] == result["sha256"]
     assert result["pauses"] >= 1
     assert sink["close_code"] == 1000
+
+
+def test_writes_of_one_task_are_coalesced(node_run: NodeRun, impl: str) -> None:
+    result = scenario(node_run, "coalescing", impl)
+    sink = raw(node_run, "coalesce", impl)
+    # Every byte arrived, in order, in as many messages as the transport counted; all were
+    # sent before the close frame (1000).
+    assert sink["bytes"] == result["bytes"] and sink["sha256"] == result["sha256"]
+    assert sink["messages"] == result["messages"] < result["writes"]
+    assert sink["close_code"] == 1000
+    assert result["unary_writes_messages"][1] <= 2  # HEADERS at once, then DATA
+    writes, messages = result["bulk_writes_messages"]
+    assert messages < writes, result
+
+
+def test_larger_inbound_frames(node_run: NodeRun, impl: str) -> None:
+    # Both frame sizes were acknowledged by the server and gave the same stream.
+    assert set(scenario(node_run, "frame_size", impl)["messages_by_frame_size"]) == {
+        str(16 * 1024), str(1024 * 1024)}
+
+
+def test_frame_repr_shortcut_gives_hyperframes_text() -> None:
+    """The shortcut grpcbridge.browser gives hyperframe's frame repr (CPython, no Node)."""
+    import os
+
+    import hyperframe.frame
+
+    from grpcbridge.browser.channel import _hex_head
+
+    original = hyperframe.frame._raw_data_repr
+    assert original is not _hex_head  # only grpcbridge.browser.Channel swaps it (in Pyodide)
+    for size in (0, 1, 9, 10, 11, 64, 100_000):
+        data = os.urandom(size)
+        assert _hex_head(data) == original(data)
+    assert _hex_head(None) == original(None)
 
 
 def test_writer_ignoring_backpressure_fails_closed(node_run: NodeRun, impl: str) -> None:

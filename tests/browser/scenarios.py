@@ -365,6 +365,131 @@ async def scenario_backpressure() -> Result:
             "mib_s": chunks * chunk / MiB / elapsed}
 
 
+async def scenario_coalescing() -> Result:
+    """The first write of a task goes out at once, the task's later writes as one message
+    (and at once beyond coalesce_limit); held bytes count for backpressure and are sent
+    before a close this side starts."""
+    limit = WebSocketTransport.coalesce_limit
+    check(limit == 256 * KiB, f"coalesce_limit {limit}")
+    url = CONFIG["raw"] + f"/sink?id={rid('coalesce')}"
+    transport = WebSocketTransport(url, ["grpcbridge"])
+    await transport.wait_open(5)
+    recorder = Recorder()
+    transport.attach(recorder)
+    digest = hashlib.sha256()
+    stats = transport.stats
+
+    def write(data: bytes) -> None:
+        digest.update(data)
+        transport.write(data)
+
+    # Five small writes in one task: the first alone, the other four together.
+    for i in range(5):
+        write(bytes([i]) * KiB)
+    check(stats.messages_sent == 1, f"sent {stats.messages_sent} messages during the task")
+    check(transport.get_write_buffer_size() >= 4 * KiB, "held bytes not counted as buffered")
+    await asyncio.sleep(0)
+    check(stats.messages_sent == 2 and stats.writes == 5,
+          f"{stats.writes} writes became {stats.messages_sent} messages, expected 2")
+    # Ten 64 KiB writes in one task: 1 at once, then 4 + 4 at the limit, then the last one.
+    for i in range(10):
+        write(bytes([i]) * (64 * KiB))
+    await asyncio.sleep(0)
+    check(stats.messages_sent == 6, f"{stats.messages_sent} messages after the 64 KiB writes")
+    # Held bytes alone trigger backpressure.
+    transport.set_write_buffer_limits(high=16 * KiB, low=0)
+    await until(lambda: transport.get_write_buffer_size() == 0)
+    write(b"a" * KiB)
+    write(b"b" * (20 * KiB))
+    check(recorder.pauses == 1, f"not paused by 21 KiB held: pauses {recorder.pauses}")
+    await asyncio.wait_for(recorder.resumed.wait(), 10)
+    # Writes followed by close() in the same task are all sent before the close frame.
+    transport.set_write_buffer_limits()
+    for i in range(3):
+        write(bytes([i + 1]) * (3 * KiB))
+    transport.close()
+    try:
+        transport.write(b"late")
+        raise AssertionError("a write after close() was accepted")
+    except SocketClosedError as exc:
+        check("1000" in str(exc), f"write after close: {exc}")
+    await asyncio.wait_for(transport.closed, 10)
+    check(stats.bytes_unsent == 0, f"{stats.bytes_unsent} bytes not sent")
+    check(recorder.lost == [None], f"connection_lost {recorder.lost}")
+
+    # gRPC: a unary call is HEADERS + DATA (two writes, the first sent at once); a client
+    # stream's frames leave in fewer messages (how many depends on flow control's timing).
+    async with channel(CONFIG["bridge"]) as ch:
+        stub = TodoServiceStub(ch)
+        await stub.ListTodos(todo_pb2.ListTodosRequest())
+        grpc_transport = ch.transport
+        assert grpc_transport is not None
+        grpc_stats = grpc_transport.stats
+        writes, sent = grpc_stats.writes, grpc_stats.messages_sent
+        await stub.ListTodos(todo_pb2.ListTodosRequest())
+        unary = (grpc_stats.writes - writes, grpc_stats.messages_sent - sent)
+        check(unary[1] <= 2, f"a unary call sent {unary[1]} messages")
+        texts = [big_text(i, 64 * KiB) for i in range(16)]
+        writes, sent = grpc_stats.writes, grpc_stats.messages_sent
+        reply = await stub.BulkCreateTodos([todo_pb2.CreateTodoRequest(text=t) for t in texts])
+        check(reply.created_count == 16, f"created {reply.created_count}")
+        bulk = (grpc_stats.writes - writes, grpc_stats.messages_sent - sent)
+        check(bulk[0] >= 17 and bulk[1] < bulk[0], f"bulk: {bulk[0]} writes, {bulk[1]} messages")
+        listing = (await stub.ListTodos(todo_pb2.ListTodosRequest())).todos
+        mine = [t for t in listing if len(t.text) == 64 * KiB]
+        check(sorted(t.text for t in mine) == sorted(texts), "uploaded texts differ")
+        for todo in mine:
+            await stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=todo.id))
+    return {"sha256": digest.hexdigest(), "bytes": stats.bytes_sent,
+            "messages": stats.messages_sent, "writes": stats.writes,
+            "unary_writes_messages": unary, "bulk_writes_messages": bulk}
+
+
+async def scenario_frame_size() -> Result:
+    """The client advertises SETTINGS_MAX_FRAME_SIZE (1 MiB by default): the server sends large
+    messages in large frames; 16 KiB (HTTP/2's default) works as well; bad sizes are refused."""
+    size = 256 * KiB
+    results = {}
+    async with channel(CONFIG["bridge"]) as ch:
+        stub = TodoServiceStub(ch)
+        texts = [big_text(100 + i, size) for i in range(4)]
+        await stub.BulkCreateTodos([todo_pb2.CreateTodoRequest(text=t) for t in texts])
+        listing = list((await stub.ListTodos(todo_pb2.ListTodosRequest())).todos)
+        for max_frame_size in (16 * KiB, 1 * MiB):
+            async with channel(CONFIG["bridge"], max_frame_size=max_frame_size) as reader:
+                reader_stub = TodoServiceStub(reader)
+                await reader_stub.ListTodos(todo_pb2.ListTodosRequest())
+                protocol: Any = reader._protocol
+                h2 = protocol.connection._connection
+                check(h2.max_inbound_frame_size == max_frame_size,
+                      f"max_inbound_frame_size {h2.max_inbound_frame_size}")
+                transport = reader.transport
+                assert transport is not None
+                before = transport.stats.messages_received
+                async with reader_stub.StreamTodos.open() as stream:
+                    await stream.send_message(todo_pb2.StreamTodosRequest(repeat=2), end=True)
+                    received = [todo async for todo in stream]
+                check(todo_digest(received) == todo_digest(listing * 2),
+                      f"{max_frame_size}: stream differs")
+                results[str(max_frame_size)] = transport.stats.messages_received - before
+        for todo in listing:
+            if len(todo.text) == size:
+                await stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=todo.id))
+    for bad in (16 * KiB - 1, 16 * MiB, 2 * MiB):
+        try:
+            Channel(CONFIG["bridge"], max_frame_size=bad, max_message_bytes=2 * MiB)
+            raise AssertionError(f"max_frame_size={bad} accepted")
+        except ValueError as exc:
+            check("max_frame_size" in str(exc), f"message {exc}")
+    small = Channel(CONFIG["bridge"], max_message_bytes=64 * KiB)  # default follows the limit
+    check(small._max_frame_size == 64 * KiB - 9, f"default frame size {small._max_frame_size}")
+    small.close()
+    import hyperframe.frame
+    check(hyperframe.frame.DataFrame(1, data=b"0123456789abc").__repr__().endswith(
+        "<hex:30313233343536373839...>"), "frame repr changed")
+    return {"messages_by_frame_size": results}
+
+
 async def scenario_outbound_cap() -> Result:
     """A writer that ignores pause_writing hits the hard cap: fails closed, clear error."""
     transport = WebSocketTransport(CONFIG["raw"] + f"/sink?id={rid('outbound_cap')}&stall=1",
@@ -855,6 +980,8 @@ SCENARIOS: dict[str, Callable[[], Awaitable[Result]]] = {
     "concurrent": scenario_concurrent,
     "bulk": scenario_bulk,
     "backpressure": scenario_backpressure,
+    "coalescing": scenario_coalescing,
+    "frame_size": scenario_frame_size,
     "outbound_cap": scenario_outbound_cap,
     "early_bytes": scenario_early_bytes,
     "inbound_cap": scenario_inbound_cap,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import binascii
 import random
 import string
 from collections.abc import Sequence
@@ -15,7 +16,9 @@ from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import AbstractHandler, H2Protocol
+from h2.config import H2Configuration
+from h2.settings import SettingCodes
 
 from ..client.streams import _TunnelStream
 from ..core.admission import BEARER_QUERY_PARAMETER, BEARER_SUBPROTOCOL_PREFIX
@@ -36,6 +39,11 @@ from .transport import (
 )
 
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+#: HTTP/2's default and largest SETTINGS_MAX_FRAME_SIZE (RFC 9113, 6.5.2).
+_H2_MIN_FRAME_SIZE, _H2_MAX_FRAME_SIZE = 16_384, 16_777_215
+#: The largest HTTP/2 frame the browser client accepts: whole gRPC messages of up to 1 MiB
+#: arrive as one DATA frame instead of 16 KiB pieces (each piece costs interpreted Python).
+DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
 #: grpclib's own reasons for ending streams, which say nothing about the WebSocket.
 _GENERIC_REASONS = ("Connection lost", "Connection closed")
 
@@ -56,6 +64,55 @@ def resolve_target(target: str, location: tuple[str, str] | None) -> Target:
                 "(Node?): pass a full URL like ws://127.0.0.1:8080/grpc")
         return parse_target(text)
     return browser_target(text, page_protocol=location[0], page_host=location[1])
+
+
+def _hex_head(data: bytes | None) -> str:
+    """hyperframe's ``_raw_data_repr``, hexlifying only the 10 bytes it shows."""
+    if not data:
+        return "None"
+    text = binascii.hexlify(data[:10]).decode("ascii")
+    return f"<hex:{text}{'...' if len(data) > 10 else ''}>"
+
+
+def _cheapen_frame_repr() -> None:
+    """h2 4.x formats every frame it receives for a trace log that is normally discarded
+    (``logger.trace("Received frame: %s", repr(frame))``), and hyperframe's repr hexlifies a
+    frame's whole payload to show its first 10 bytes: in Pyodide that is 10-15 % of a bulk
+    download. Swap in :func:`_hex_head`: the same text, without the per-byte cost. Only done
+    if hyperframe's helper gives the same results (another hyperframe is left alone)."""
+    try:
+        from hyperframe import frame
+    except ImportError:  # pragma: no cover - h2 always brings hyperframe
+        return
+    current = getattr(frame, "_raw_data_repr", None)
+    if current is None or current is _hex_head:
+        return
+    try:
+        if any(current(sample) != _hex_head(sample) for sample in
+               (b"", b"\x00", bytes(range(10)), bytes(range(11)), bytes(range(200)))):
+            return
+    except Exception:  # pragma: no cover - a different helper
+        return
+    frame._raw_data_repr = _hex_head
+
+
+class _BrowserH2Protocol(H2Protocol):
+    """grpclib's ``H2Protocol`` advertising a larger SETTINGS_MAX_FRAME_SIZE."""
+
+    def __init__(self, handler: AbstractHandler, config: Any, h2_config: H2Configuration,
+                 max_frame_size: int) -> None:
+        super().__init__(handler, config, h2_config)
+        self._max_frame_size = max_frame_size
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # grpclib sends the preface and its SETTINGS here; ours follow in the same message
+        # (the transport sends the writes of one task together), before any request. h2
+        # accepts larger frames once the server acknowledged them.
+        super().connection_made(transport)
+        if self._max_frame_size != _H2_MIN_FRAME_SIZE:
+            self.connection._connection.update_settings(
+                {SettingCodes.MAX_FRAME_SIZE: self._max_frame_size})
+            self.connection.flush()
 
 
 class _StreamErrors:
@@ -99,8 +156,13 @@ class Channel(grpclib.client.Channel):
     ``navigator.onLine`` in the message); RPCs whose responses had fully arrived complete. The
     next RPC reconnects, with ``reconnect`` backoff after failed attempts (RPCs made while
     waiting fail fast with ``UNAVAILABLE``). Outbound backpressure: ``high_water`` /
-    ``low_water`` bytes of ``bufferedAmount``; ``max_buffer_bytes`` caps anything buffered.
-    Must be created inside the running event loop.
+    ``low_water`` bytes held or in ``bufferedAmount``; ``max_buffer_bytes`` caps anything
+    buffered. ``max_frame_size`` is the largest HTTP/2 frame the client accepts
+    (SETTINGS_MAX_FRAME_SIZE, 16 KiB to 16 MiB - 1, below ``max_message_bytes``; by default
+    1 MiB, or less if ``max_message_bytes`` is smaller, so servers send large messages in few
+    frames). Must be created inside the
+    running event loop. The first channel also swaps hyperframe's payload formatter for one
+    that gives the same text in constant time (see :func:`_cheapen_frame_repr`).
     """
 
     def __init__(
@@ -117,12 +179,14 @@ class Channel(grpclib.client.Channel):
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        max_frame_size: int | None = None,
         websocket_class: Any = None,
         config: Configuration | None = None,
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
     ) -> None:
         asyncio.get_running_loop()  # grpclib binds the loop now: fail clearly outside one
+        _cheapen_frame_repr()
         parsed = resolve_target(target, _ffi.page_location())
         policy = reconnect if reconnect is not None else ReconnectPolicy()
         if not isinstance(policy, ReconnectPolicy):
@@ -130,6 +194,14 @@ class Channel(grpclib.client.Channel):
         timeout = policy.min_connect_timeout if open_timeout is None else open_timeout
         if timeout <= 0:
             raise ConfigError(f"open_timeout must be > 0, got {timeout}")
+        if max_frame_size is None:
+            max_frame_size = max(_H2_MIN_FRAME_SIZE,
+                                 min(DEFAULT_MAX_FRAME_SIZE, max_message_bytes - 9))
+        elif not _H2_MIN_FRAME_SIZE <= max_frame_size <= _H2_MAX_FRAME_SIZE or \
+                max_frame_size + 9 > max_message_bytes:
+            raise ConfigError(
+                f"max_frame_size must be {_H2_MIN_FRAME_SIZE} to {_H2_MAX_FRAME_SIZE} and below "
+                f"max_message_bytes, got {max_frame_size}")
         if token_in not in ("subprotocol", "query"):
             raise ConfigError(f"token_in must be 'subprotocol' or 'query', got {token_in!r}")
         _, checked = check_dial_options(
@@ -160,6 +232,7 @@ class Channel(grpclib.client.Channel):
         self._url = url  # may carry the token: never shown
         self._offered = tuple(offered)
         self._open_timeout = timeout
+        self._max_frame_size = max_frame_size
         self._transport_options: dict[str, Any] = {
             "high_water": high_water, "low_water": low_water,
             "max_buffer_bytes": max_buffer_bytes, "max_message_bytes": max_message_bytes,
@@ -198,6 +271,10 @@ class Channel(grpclib.client.Channel):
         # dial a new one instead of failing the next RPC with UNAVAILABLE.
         transport = self._transport
         return bool(super()._connected and transport is not None and transport.usable)
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _BrowserH2Protocol(grpclib.client.Handler(), self._config, self._h2_config,
+                                  self._max_frame_size)
 
     async def _create_connection(self) -> H2Protocol:
         if self._closed:
