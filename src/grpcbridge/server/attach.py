@@ -126,7 +126,8 @@ def attach_grpcio(server: Any, *, threaded: bool = True, loop: LoopName | None =
 
     ``threaded=True`` (the default) returns a :class:`ThreadedBridge` with its own thread
     and event loop (``loop``: ``"auto"``, ``"asyncio"`` or ``"uvloop"``); this suits
-    ``grpc.aio`` servers too.
+    ``grpc.aio`` servers too, and with uvloop it had the lower latency there
+    (docs/benchmarks.md, path GU).
     ``threaded=False`` returns a :class:`Bridge` to ``await bridge.start()`` on your loop."""
     if "backend" in config:
         raise TypeError("attach_grpcio() chooses the backend itself; do not pass backend=")
