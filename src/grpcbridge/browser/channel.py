@@ -8,7 +8,7 @@ import random
 import string
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 from urllib.parse import quote
 
 import grpclib.client
@@ -20,7 +20,7 @@ from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
 from h2.settings import SettingCodes
 
-from ..client.streams import _TunnelStream
+from ..client.streams import tunnel_stream
 from ..core.admission import BEARER_QUERY_PARAMETER, BEARER_SUBPROTOCOL_PREFIX
 from ..core.config import ReconnectPolicy, check_dial_options
 from ..core.errors import ConfigError, HandshakeError, TargetError, TunnelClosed
@@ -304,10 +304,7 @@ class Channel(grpclib.client.Channel):
         if self._closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
         stream = super().request(*args, **kwargs)
-        stream.__class__ = _TunnelStream
-        assert isinstance(stream, _TunnelStream)
-        stream._bridge_channel = _StreamErrors(self, stream)
-        return stream
+        return tunnel_stream(stream, _StreamErrors(self, stream))
 
     def _unavailable(self, exc: BaseException,
                      transport: WebSocketTransport | None = None) -> GRPCError:
@@ -339,6 +336,9 @@ class Channel(grpclib.client.Channel):
             await asyncio.wait([transport.closed], timeout=CLOSE_TIMEOUT + 1)
             if not transport.closed.done():  # pragma: no cover - no close event
                 transport.abort()
+
+    async def __aenter__(self) -> Self:
+        return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:

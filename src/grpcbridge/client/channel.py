@@ -24,7 +24,7 @@ from ..core.target import parse_target
 from ..pipe import Pipe
 from ..relay import Tunnel
 from .dial import DialSettings, client_ssl_context, open_websocket
-from .streams import _TunnelStream
+from .streams import tunnel_stream
 
 
 class Channel(grpclib.client.Channel):
@@ -122,11 +122,7 @@ class Channel(grpclib.client.Channel):
     def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]
         if self._closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
-        stream = super().request(*args, **kwargs)
-        stream.__class__ = _TunnelStream
-        assert isinstance(stream, _TunnelStream)
-        stream._bridge_channel = self
-        return stream
+        return tunnel_stream(super().request(*args, **kwargs), self)
 
     def _unavailable(self, exc: BaseException) -> GRPCError:
         if self._closed:  # closed by us: like grpcio, in-flight calls are CANCELLED

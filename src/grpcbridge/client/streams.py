@@ -70,3 +70,13 @@ class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
             raise self._bridge_channel._unavailable(exc) from exc
         if isinstance(exc_val, StreamTerminatedError):
             raise self._bridge_channel._unavailable(exc_val) from exc_val
+
+
+def tunnel_stream(stream: grpclib.client.Stream,  # type: ignore[type-arg]
+                  source: UnavailableSource) -> _TunnelStream:
+    """Turn the stream grpclib's ``Channel.request`` made into a :class:`_TunnelStream` whose
+    lost connections ``source`` reports (shared by the CPython and browser channels)."""
+    stream.__class__ = _TunnelStream
+    assert isinstance(stream, _TunnelStream)
+    stream._bridge_channel = source
+    return stream
