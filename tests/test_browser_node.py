@@ -418,6 +418,58 @@ def test_frame_repr_shortcut_gives_hyperframes_text() -> None:
     assert _hex_head(None) == original(None)
 
 
+class _Wire(asyncio.Transport):
+    """Collects what a protocol writes (the far end is driven by hand in the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = bytearray()
+        self.closed = False
+
+    def write(self, data: Any) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_settings_ack_and_large_frame_in_one_message() -> None:
+    """The browser channel asks for 1 MiB frames. A peer's SETTINGS ACK and its first large
+    frame can arrive in one WebSocket message (a relay reads both at once); h2 alone would
+    still hold that frame to 16 KiB and fail the connection (CPython, no Node)."""
+    import grpclib.client
+    import h2.config
+    import h2.connection
+    from grpclib.config import Configuration
+
+    from grpcbridge.browser.channel import _BrowserH2Protocol
+
+    h2_config = h2.config.H2Configuration(client_side=True, header_encoding="ascii")
+    protocol = _BrowserH2Protocol(grpclib.client.Handler(), Configuration().__for_client__(),
+                                  h2_config, 1024 * 1024)
+    wire = _Wire()
+    protocol.connection_made(wire)
+    client = protocol.connection._connection
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/x.Y/Z"),
+                            (":authority", "example")])
+    protocol.connection.flush()
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(bytes(wire.sent))  # preface, both SETTINGS (acknowledged), HEADERS
+    assert server.remote_settings.max_frame_size == 1024 * 1024
+    server.send_headers(1, [(":status", "200")])
+    server.send_data(1, bytes(60_000))  # one DATA frame: more than 16 KiB, in the window
+    # The server's SETTINGS, its ACKs, the response HEADERS and the large DATA frame arrive
+    # in one message:
+    protocol.data_received(server.data_to_send())
+    assert not wire.closed, "the client failed the connection on a frame it asked for"
+    assert client.max_inbound_frame_size == 1024 * 1024
+    protocol.connection_lost(None)
+
+
 def test_writer_ignoring_backpressure_fails_closed(node_run: NodeRun, impl: str) -> None:
     scenario(node_run, "outbound_cap", impl)
     assert raw(node_run, "outbound_cap", impl)["close_code"] == wire_code(1011, impl)

@@ -110,8 +110,13 @@ class _BrowserH2Protocol(H2Protocol):
         # accepts larger frames once the server acknowledged them.
         super().connection_made(transport)
         if self._max_frame_size != _H2_MIN_FRAME_SIZE:
-            self.connection._connection.update_settings(
-                {SettingCodes.MAX_FRAME_SIZE: self._max_frame_size})
+            h2_connection = self.connection._connection
+            h2_connection.update_settings({SettingCodes.MAX_FRAME_SIZE: self._max_frame_size})
+            # h2 raises its inbound limit when the ACK is processed, but checks frames against
+            # the limit it had when receive_data() began: a server's ACK and its first large
+            # DATA frame arriving in one message (a relay reading both at once) would fail
+            # the connection. Accepting larger frames from now on is always allowed.
+            h2_connection.max_inbound_frame_size = self._max_frame_size
             self.connection.flush()
 
 
