@@ -461,6 +461,42 @@ async def test_attached_grpcio_aio_close_twice_removes_socket() -> None:
     await server.stop(None)
 
 
+def _h2(channel: Channel) -> Any:
+    protocol = channel._protocol
+    assert protocol is not None
+    return protocol.connection._connection
+
+
+@pytest.mark.parametrize(("bridge_limit", "server_frames"), [
+    (None, 1024 * 1024),               # defaults: 16 MiB messages, 1 MiB frames
+    (300 * 1024, 300 * 1024 - 9),      # a smaller message limit: frames fitted below it
+])
+async def test_both_ends_negotiate_large_frames(store: TodoStore, bridge_limit: int | None,
+                                                server_frames: int) -> None:
+    options = {} if bridge_limit is None else {"max_message_bytes": bridge_limit}
+    big = "x" * (200 * 1024)  # a message far above HTTP/2's 16 KiB default frame size
+    async with Bridge(grpclib_config(store, **options)) as bridge, \
+            Channel(bridge.url) as channel:
+        stub = TodoServiceStub(channel)
+        created = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text=big))
+        listed = await stub.ListTodos(LIST)
+        assert [t.text for t in listed.todos if t.id == created.id] == [big]
+        h2 = _h2(channel)
+        assert h2.local_settings.max_frame_size == 1024 * 1024  # the server acknowledged it
+        assert h2.remote_settings.max_frame_size == server_frames  # what the backend asked
+
+
+def test_frame_size_options_are_validated() -> None:
+    with pytest.raises(grpcbridge.ConfigError, match="16384 to 16777215"):
+        GrpclibBackend([TodoService(TodoStore())], max_frame_size=1000)
+    with pytest.raises(grpcbridge.ConfigError, match="must fit in max_message_bytes"):
+        asyncio.run(_channel_with(max_frame_size=1024 * 1024, max_message_bytes=512 * 1024))
+
+
+async def _channel_with(**options: Any) -> None:
+    Channel("ws://127.0.0.1:9/grpc", **options)
+
+
 class _AioTodos(todo_pb2_grpc.TodoServiceServicer):
     async def ListTodos(self, request: Any, context: Any) -> Any:
         peer_metadata = dict(context.invocation_metadata())

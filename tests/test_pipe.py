@@ -60,11 +60,16 @@ async def test_writes_of_one_loop_iteration_leave_as_one_message() -> None:
     assert tunnel.sent == [b"HEADERSDATATRAILERS"]
     assert protocol.transport.get_write_buffer_size() == 0
 
-    # A burst beyond the limit goes out at once, in order, nothing held back or lost.
-    big = bytes(COALESCE_LIMIT)
+    # A burst up to the limit goes out at once as one message, in order; coalescing never
+    # makes a message larger than the limit (a single larger write goes out alone).
     protocol.transport.write(b"a")
+    protocol.transport.write(bytes(COALESCE_LIMIT - 1))
+    assert tunnel.sent[1:] == [b"a" + bytes(COALESCE_LIMIT - 1)]
+    big = bytes(COALESCE_LIMIT + 1)
+    protocol.transport.write(b"b")
     protocol.transport.write(big)
-    assert tunnel.sent[1:] == [b"a" + big]
+    assert tunnel.sent[2:] == [b"b", big]
+    assert max(len(message) for message in tunnel.sent) == len(big)
     protocol.transport.write(b"tail")
     protocol.transport.close()  # held bytes are sent before the close
     assert tunnel.sent[-1] == b"tail"

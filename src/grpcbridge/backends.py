@@ -26,6 +26,7 @@ from typing import Any
 
 from .core.errors import ConfigError
 from .core.target import SocketAddress, parse_address
+from .framesize import advertise_max_frame_size, fit_frame_size, max_frame_size_for
 from .pipe import Pipe
 from .relay import StreamSide
 from .sockets import connect_address
@@ -84,11 +85,18 @@ class GrpclibBackend(Backend):
     """Serve grpclib ``handlers`` (generated ``*Base`` service implementations, reflection,
     health...) over each tunnel in process. grpclib's HTTP/2 protocol is fed straight from
     the WebSocket; its writes go straight into it, with backpressure through
-    ``pause_writing``/``resume_writing``."""
+    ``pause_writing``/``resume_writing``.
 
-    def __init__(self, handlers: Collection[Any], **server_options: Any) -> None:
+    ``max_frame_size``: the largest HTTP/2 frame accepted from clients (SETTINGS_MAX_FRAME_SIZE;
+    default 1 MiB, kept below the bridge's ``max_message_bytes``; see
+    :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``."""
+
+    def __init__(self, handlers: Collection[Any], *, max_frame_size: int | None = None,
+                 **server_options: Any) -> None:
         if not handlers:
             raise ConfigError("GrpclibBackend needs at least one handler (service instance)")
+        #: Validated now, fitted to each tunnel's message limit in connect().
+        self._max_frame_size = max_frame_size_for(max_frame_size, None)
         self._handlers = list(handlers)
         self._options = server_options
         self._server: Any = None
@@ -108,6 +116,9 @@ class GrpclibBackend(Backend):
             raise ConnectionRefusedError("the in-process grpclib server is not running")
         protocol = self._server._protocol_factory()
         Pipe(tunnel, protocol, {"peername": ("grpcbridge", 0)}).connect(buffer_bytes)
+        # Clients' frames arrive in this tunnel's WebSocket messages: keep them within its limit.
+        advertise_max_frame_size(protocol, fit_frame_size(self._max_frame_size,
+                                                          tunnel.max_message_bytes))
 
     async def reachable(self) -> bool:
         return self._server is not None and not self._closed

@@ -127,7 +127,11 @@ class Pipe:
     def hold(self, data: bytes) -> None:
         """Queue a write; everything written during one loop iteration leaves as one
         WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
-        WINDOW_UPDATE, trailers). Large bursts are sent at once."""
+        WINDOW_UPDATE, trailers). Large bursts are sent at once. A message never grows past
+        ``COALESCE_LIMIT`` by coalescing (only a single larger write is sent as is), so a
+        peer accepting messages of that size and of one frame never refuses one."""
+        if self._held and self.held_bytes + len(data) > COALESCE_LIMIT:
+            self.flush()
         if not self._held:
             self.tunnel.loop.call_soon(self.flush)
         self._held.append(data)

@@ -58,6 +58,10 @@ class StreamOwner(Protocol):
 
     def websocket_buffer_size(self) -> int: ...
 
+    @property
+    def max_message_bytes(self) -> int | None:
+        """Largest WebSocket message this side accepts (None: no limit)."""
+
 
 class Tunnel:
     """State of one tunnel. Closing is idempotent from every path; ``closed`` resolves once
@@ -136,6 +140,11 @@ class Tunnel:
             self.websocket.state is OPEN and self.stream_transport is not None
             and not self._stream_lost
         )
+
+    @property
+    def max_message_bytes(self) -> int | None:
+        """Largest WebSocket message accepted (None: no limit)."""
+        return self.websocket.max_message_size
 
     # --------------------------------------------------------- WebSocket side
 

@@ -18,7 +18,6 @@ from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
-from h2.settings import SettingCodes
 
 from ..client.streams import tunnel_stream
 from ..core.admission import BEARER_QUERY_PARAMETER, BEARER_SUBPROTOCOL_PREFIX
@@ -27,6 +26,7 @@ from ..core.errors import ConfigError, HandshakeError, TargetError, TunnelClosed
 from ..core.reconnect import Backoff
 from ..core.stream import DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, browser_target, parse_target
+from ..framesize import advertise_max_frame_size, max_frame_size_for
 from . import _ffi
 from .transport import (
     CLOSE_TIMEOUT,
@@ -39,11 +39,6 @@ from .transport import (
 )
 
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
-#: HTTP/2's default and largest SETTINGS_MAX_FRAME_SIZE (RFC 9113, 6.5.2).
-_H2_MIN_FRAME_SIZE, _H2_MAX_FRAME_SIZE = 16_384, 16_777_215
-#: The largest HTTP/2 frame the browser client accepts: whole gRPC messages of up to 1 MiB
-#: arrive as one DATA frame instead of 16 KiB pieces (each piece costs interpreted Python).
-DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
 #: grpclib's own reasons for ending streams, which say nothing about the WebSocket.
 _GENERIC_REASONS = ("Connection lost", "Connection closed")
 
@@ -106,18 +101,9 @@ class _BrowserH2Protocol(H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # grpclib sends the preface and its SETTINGS here; ours follow in the same message
-        # (the transport sends the writes of one task together), before any request. h2
-        # accepts larger frames once the server acknowledged them.
+        # (the transport sends the writes of one task together), before any request.
         super().connection_made(transport)
-        if self._max_frame_size != _H2_MIN_FRAME_SIZE:
-            h2_connection = self.connection._connection
-            h2_connection.update_settings({SettingCodes.MAX_FRAME_SIZE: self._max_frame_size})
-            # h2 raises its inbound limit when the ACK is processed, but checks frames against
-            # the limit it had when receive_data() began: a server's ACK and its first large
-            # DATA frame arriving in one message (a relay reading both at once) would fail
-            # the connection. Accepting larger frames from now on is always allowed.
-            h2_connection.max_inbound_frame_size = self._max_frame_size
-            self.connection.flush()
+        advertise_max_frame_size(self, self._max_frame_size)
 
 
 class _StreamErrors:
@@ -199,14 +185,7 @@ class Channel(grpclib.client.Channel):
         timeout = policy.min_connect_timeout if open_timeout is None else open_timeout
         if timeout <= 0:
             raise ConfigError(f"open_timeout must be > 0, got {timeout}")
-        if max_frame_size is None:
-            max_frame_size = max(_H2_MIN_FRAME_SIZE,
-                                 min(DEFAULT_MAX_FRAME_SIZE, max_message_bytes - 9))
-        elif not _H2_MIN_FRAME_SIZE <= max_frame_size <= _H2_MAX_FRAME_SIZE or \
-                max_frame_size + 9 > max_message_bytes:
-            raise ConfigError(
-                f"max_frame_size must be {_H2_MIN_FRAME_SIZE} to {_H2_MAX_FRAME_SIZE} and below "
-                f"max_message_bytes, got {max_frame_size}")
+        max_frame_size = max_frame_size_for(max_frame_size, max_message_bytes)
         if token_in not in ("subprotocol", "query"):
             raise ConfigError(f"token_in must be 'subprotocol' or 'query', got {token_in!r}")
         _, checked = check_dial_options(

@@ -446,6 +446,9 @@ class WebSocketTransport(asyncio.Transport):
                            f"send buffer over {self._max_buffer_bytes} bytes (writer ignored "
                            "backpressure)")
                 raise SocketClosedError(f"write of {size} bytes refused: {self.describe_close()}")
+            if self._held and held > self.coalesce_limit:
+                self._flush()  # coalescing never makes a message larger than the limit
+                held = size
             self._held.append(data if isinstance(data, bytes) else bytes(data))
             self._held_bytes = held
             self.stats.writes += 1

@@ -21,6 +21,7 @@ from ..core.errors import ConfigError, HandshakeError, TunnelClosed
 from ..core.reconnect import Backoff
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, CloseCode
 from ..core.target import parse_target
+from ..framesize import advertise_max_frame_size, max_frame_size_for
 from ..pipe import Pipe
 from ..relay import Tunnel
 from .dial import DialSettings, client_ssl_context, open_websocket
@@ -39,8 +40,10 @@ class Channel(grpclib.client.Channel):
     ``target`` follows :func:`grpcbridge.parse_target`. Passing ``ssl`` demands ``wss://``
     (a ``wss://`` target without it uses the system CAs). A dropped tunnel fails in-flight
     RPCs with ``UNAVAILABLE``; the next RPC reconnects, with ``reconnect`` backoff after
-    failed attempts (RPCs made while waiting fail fast with ``UNAVAILABLE``). Must be created
-    inside a running event loop.
+    failed attempts (RPCs made while waiting fail fast with ``UNAVAILABLE``).
+    ``max_frame_size`` is the largest HTTP/2 frame the channel accepts (SETTINGS_MAX_FRAME_SIZE;
+    default 1 MiB, kept below ``max_message_bytes``; see :mod:`grpcbridge.framesize`). Must be
+    created inside a running event loop.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class Channel(grpclib.client.Channel):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
         reconnect: ReconnectPolicy | None = None,
+        max_frame_size: int | None = None,
         config: Configuration | None = None,
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
@@ -68,6 +72,7 @@ class Channel(grpclib.client.Channel):
         timeout = policy.min_connect_timeout if handshake_timeout is None else handshake_timeout
         if timeout <= 0:
             raise ConfigError(f"handshake_timeout must be > 0, got {timeout}")
+        self._max_frame_size = max_frame_size_for(max_frame_size, max_message_bytes)
         checked_headers, checked_subprotocols = check_dial_options(
             headers=headers or {}, bearer_token=bearer_token, subprotocols=subprotocols,
             max_message_bytes=max_message_bytes, buffer_bytes=buffer_bytes)
@@ -116,6 +121,7 @@ class Channel(grpclib.client.Channel):
         protocol = self._protocol_factory()
         peername = tunnel.ws_transport.get_extra_info("peername") if tunnel.ws_transport else None
         Pipe(tunnel, protocol, {"peername": peername}).connect(self._dial.buffer_bytes)
+        advertise_max_frame_size(protocol, self._max_frame_size)  # leaves with the preface
         self._tunnel = tunnel
         return protocol
 

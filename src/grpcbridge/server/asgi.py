@@ -50,7 +50,8 @@ class _AsgiTunnel:
         self.loop = loop
         self._send = send
         self._buffer_bytes = buffer_bytes
-        self._max_message_bytes = max_message_bytes
+        #: Largest WebSocket message accepted (what frames sent to us must fit in).
+        self.max_message_bytes = max_message_bytes
         self._rules = InboundMessages()
         self.stream_transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
@@ -156,9 +157,9 @@ class _AsgiTunnel:
                 if data is None:
                     self._rules.accept(Opcode.TEXT, b"")
                     continue
-                if len(data) > self._max_message_bytes:
+                if len(data) > self.max_message_bytes:
                     raise StreamViolation(CloseCode.MESSAGE_TOO_BIG,
-                                          f"message larger than {self._max_message_bytes} bytes")
+                                          f"message larger than {self.max_message_bytes} bytes")
             except StreamViolation as violation:
                 self.finish(violation.code, violation.reason)
                 return
