@@ -178,7 +178,17 @@ def context(demo_ready: None) -> Iterator[Any]:
 
     before = {p.pid for p in _chromium_processes()}
     with tempfile.TemporaryDirectory(prefix="grpcbridge-chromium-") as profile:
-        playwright = sync_playwright().start()
+        # Chromium's own stderr (crash reasons, renderer exits) goes to the test's captured
+        # output through Playwright's driver, so a failure report shows it.
+        saved = os.environ.get("DEBUG")
+        os.environ["DEBUG"] = "pw:browser"
+        try:
+            playwright = sync_playwright().start()
+        finally:
+            if saved is None:
+                del os.environ["DEBUG"]
+            else:
+                os.environ["DEBUG"] = saved
         try:
             browser_context = playwright.chromium.launch_persistent_context(
                 profile, executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
@@ -204,6 +214,7 @@ class Tab:
         self.console: list[str] = []
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        self.page.on("crash", lambda _page: self.console.append("crash: the renderer died"))
         self.url = url
 
     def open(self) -> None:
@@ -219,9 +230,12 @@ class Tab:
             self.page.wait_for_selector('[data-testid="status"][data-state="connected"]',
                                         timeout=timeout)
         except Exception as exc:
+            try:  # a crashed renderer answers nothing: report what was seen before
+                status, body = self.status(), self.page.inner_text("body")[:1500]
+            except Exception as gone:
+                status, body = "unknown", f"({gone})"
             raise AssertionError(
-                f"the page did not connect: status={self.status()!r}\n"
-                f"page: {self.page.inner_text('body')[:1500]}\n"
+                f"the page did not connect: status={status!r}\npage: {body}\n"
                 "console:\n" + "\n".join(self.console[-30:])) from exc
 
     def status(self) -> str:
