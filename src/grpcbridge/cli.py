@@ -11,15 +11,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth
 from .core.config import BridgeConfig, ForwarderConfig
 from .core.errors import ConfigError
 from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-from .loops import LOOP_NAMES, loop_factory
+from .loops import LOOP_NAMES, run
 from .observability import configure_logging
 from .server.bridge import Bridge
 
@@ -198,16 +197,6 @@ async def _run_until_signalled(server: Bridge | Forwarder) -> None:
             await task
 
 
-def _run(main: Coroutine[Any, Any, None], loop: str) -> None:
-    try:
-        factory = loop_factory(loop)
-    except ConfigError:
-        main.close()  # never awaited
-        raise
-    with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(main)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -219,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.terminal:
                 from .demo.terminal import run_demo
 
-                return asyncio.run(run_demo())
+                return run(run_demo())
             from .demo.web import run_from_args
 
             return run_from_args(args)
@@ -229,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     try:
-        _run(_run_until_signalled(server), args.loop)
+        run(_run_until_signalled(server), args.loop)
     except ConfigError as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     except OSError as exc:

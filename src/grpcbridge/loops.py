@@ -10,11 +10,12 @@ ASGI servers) keeps whatever loop it has.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
 
 from .core.errors import ConfigError
 
+T = TypeVar("T")
 LoopName = Literal["auto", "asyncio", "uvloop"]
 LOOP_NAMES: tuple[LoopName, ...] = ("auto", "asyncio", "uvloop")
 
@@ -38,3 +39,14 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
 def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     """``"uvloop"`` or ``"asyncio"``: what kind of loop ``loop`` is (for logs)."""
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
+def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
+    """``asyncio.run(main)`` on a new loop of kind ``loop`` (for the CLI and the demo)."""
+    try:
+        factory = loop_factory(loop)
+    except ConfigError:
+        main.close()  # never awaited
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..core.errors import ConfigError
+from ..loops import run
 from ..server.static import Mount
 
 if TYPE_CHECKING:
@@ -303,7 +304,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed :func:`add_arguments` options; the exit status."""
     try:
         find_assets(args.pyodide_dir, args.wheels_dir, args.pyodide_url)  # fail before binding
-        asyncio.run(_serve_until_signalled(args))
+        run(_serve_until_signalled(args))  # uvloop when installed (grpcbridge.loops)
     except ConfigError as exc:
         print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
         return 2
