@@ -37,8 +37,12 @@ def _private_socket() -> tuple[str, str]:
     return directory, os.path.join(directory, "tunnel.sock")
 
 
-def _forwarder(target: str, path: str, options: dict[str, Any]) -> Forwarder:
-    return Forwarder(ForwarderConfig(target=target, listen=f"unix:{path}", **options))
+async def _start_forwarder(target: str, path: str, options: dict[str, Any]) -> Forwarder:
+    """A started forwarder listening on the unix socket ``path``, made 0600."""
+    forwarder = Forwarder(ForwarderConfig(target=target, listen=f"unix:{path}", **options))
+    await forwarder.start()
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    return forwarder
 
 
 class _StubFactories:
@@ -106,9 +110,7 @@ async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
     ``subprotocols``, ``handshake_timeout``...)."""
     directory, path = _private_socket()
     try:
-        forwarder = _forwarder(target, path, tunnel)
-        await forwarder.start()
-        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        forwarder = await _start_forwarder(target, path, tunnel)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -122,7 +124,6 @@ class SyncChannel(_StubFactories, grpc.Channel):
 
     _channel: grpc.Channel
 
-
     def __init__(self, target: str, options: Sequence[tuple[str, Any]],
                  tunnel: dict[str, Any]) -> None:
         self._directory, path = _private_socket()
@@ -132,9 +133,8 @@ class SyncChannel(_StubFactories, grpc.Channel):
         self._closed = False
         self._thread.start()
         try:
-            self._forwarder = _forwarder(target, path, tunnel)
-            asyncio.run_coroutine_threadsafe(self._forwarder.start(), self._loop).result(30)
-            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+            self._forwarder = asyncio.run_coroutine_threadsafe(
+                _start_forwarder(target, path, tunnel), self._loop).result(30)
         except BaseException:
             self._stop_loop()
             shutil.rmtree(self._directory, ignore_errors=True)

@@ -86,7 +86,6 @@ class TodoStore:
             if q in self._subscribers:
                 self._subscribers.remove(q)
 
-
     def apply_sync(self, request: todo_pb2.SyncRequest) -> str | None:
         """Perform one ``SyncTodos`` action (both services share this rule); return an
         error message for the requesting client, or ``None`` on success."""
