@@ -29,11 +29,10 @@ Diagnostic path (``--paths LT,LW,GT,GW,GS``): GS reaches the same grpcio server 
 separate ``grpcbridge serve`` process (its CPU is added to the server side), which shows
 what the attached bridge costs when it does not share the server's process, GIL and loop.
 
-Usage: .venv/bin/python benchmarks/native.py [--quick] [--rounds N] [--paths LT,LW,GT,GW]
+Usage: .venv/bin/python benchmarks/native.py [--quick] [--rounds N] [--paths LT,LW,GT,GW,GU]
                                              [--modes seq,stream] [--grpcio aio|sync]
                                              [--commit REV]
        .venv/bin/python benchmarks/native.py --profile seq|stream [--paths ...]
-       .venv/bin/python benchmarks/native.py --experiment coalesce  # adds paths LX, GX
 Prints a markdown report and writes benchmarks/results/native-<timestamp>.json; with
 ``--profile``, py-spy samples the server and the client of each path during one longer
 measurement instead, and the collapsed stacks go to benchmarks/results/native-profile-*/.
@@ -55,7 +54,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from native_experiments import EXPERIMENTS
 from relay import (
     BIN,
     HERE,
@@ -79,26 +77,20 @@ from relay import machine as relay_machine
 #: path -> (server process, endpoint, description). GS is a diagnostic (not run unless
 #: asked for): the grpcio server reached through a separate ``grpcbridge serve`` process,
 #: i.e. the attached bridge's work without sharing the server's process, GIL and loop.
-#: LX and GX (added by ``--experiment``) are LW and GW with grpcbridge patched in a second
-#: pair of server processes and in their clients (benchmarks/native_experiments.py).
 PATHS: dict[str, tuple[str, str, str]] = {
     "LT": ("grpclib", "tcp", "grpclib server, TCP"),
     "LW": ("grpclib", "ws", "grpclib server, WebSocket (GrpclibBackend)"),
-    "LX": ("grpclib-x", "ws", "as LW, with the experiment"),
     "GT": ("grpcio", "tcp", "grpcio server, TCP"),
     "GW": ("grpcio", "ws", "grpcio server, WebSocket (attach_grpcio)"),
     "GU": ("grpcio", "ws_thread", "grpcio server, WebSocket (attach_grpcio, bridge thread)"),
-    "GX": ("grpcio-x", "ws", "as GW, with the experiment"),
     "GS": ("grpcio", "serve", "grpcio server, WebSocket via a separate `grpcbridge serve`"),
 }
 DEFAULT_PATHS = "LT,LW,GT,GW,GU"
 #: Processes whose CPU counts as "server side" on each path.
-SERVER_SIDE = {"LT": ["grpclib"], "LW": ["grpclib"], "LX": ["grpclib-x"], "GT": ["grpcio"],
-               "GW": ["grpcio"], "GU": ["grpcio"], "GX": ["grpcio-x"],
-               "GS": ["grpcio", "bridge"]}
+SERVER_SIDE = {"LT": ["grpclib"], "LW": ["grpclib"], "GT": ["grpcio"], "GW": ["grpcio"],
+               "GU": ["grpcio"], "GS": ["grpcio", "bridge"]}
 RATIO_PAIRS = [("LW", "LT"), ("GW", "GT"), ("GU", "GT"), ("GU", "GW"), ("GT", "LT"),
-               ("GW", "LW"), ("GS", "GT"),
-               ("GW", "GS"), ("LX", "LT"), ("LX", "LW"), ("GX", "GT"), ("GX", "GW")]
+               ("GW", "LW"), ("GS", "GT"), ("GW", "GS")]
 
 #: (key, description, kind, threshold, (mode, field, numerator, denominator))
 TARGETS: list[tuple[str, str, str, float, tuple[str, str, str, str]]] = [
@@ -149,24 +141,19 @@ PROFILE = Settings(rounds=1, seq_calls=6000, seq_warmup=200, unary_size=16,
 @dataclass
 class Rig:
     procs: Processes
-    servers: dict[str, Proc]  # "grpclib", "grpcio", "grpclib-x"... -> server process
+    servers: dict[str, Proc]  # "grpclib", "grpcio", "bridge" -> server process
     targets: dict[str, str]  # path -> what the client dials
     settings: Settings
-    experiment: str | None = None
 
 
-def start_servers(procs: Processes, paths: Sequence[str], grpcio: str,
-                  experiment: str | None) -> tuple[dict[str, Proc], dict[str, str]]:
+def start_servers(procs: Processes, paths: Sequence[str], grpcio: str
+                  ) -> tuple[dict[str, Proc], dict[str, str]]:
     servers: dict[str, Proc] = {}
     targets: dict[str, str] = {}
-    for name in ("grpclib", "grpcio", "grpclib-x", "grpcio-x"):
+    for name in ("grpclib", "grpcio"):
         if not any(PATHS[p][0] == name for p in paths):
             continue
-        kind = name.removesuffix("-x")
-        argv = [PY, str(HERE / "native_server.py"), "--kind", kind, "--grpcio", grpcio]
-        if name.endswith("-x"):
-            assert experiment is not None
-            argv += ["--experiment", experiment]
+        argv = [PY, str(HERE / "native_server.py"), "--kind", name, "--grpcio", grpcio]
         server = procs.start(f"server-{name}", argv)
         endpoints = server.read_json(60)
         servers[name] = server
@@ -185,9 +172,6 @@ def start_servers(procs: Processes, paths: Sequence[str], grpcio: str,
 def client_argv(rig: Rig, mode: str, path: str) -> tuple[list[str], float]:
     s = rig.settings
     argv = [PY, str(HERE / "native_client.py"), mode, "--target", rig.targets[path]]
-    if path in ("LX", "GX"):
-        assert rig.experiment is not None
-        argv += ["--experiment", rig.experiment]
     if mode == "seq":
         argv += ["--calls", str(s.seq_calls), "--warmup-calls", str(s.seq_warmup),
                  "--size", str(s.unary_size)]
@@ -307,12 +291,7 @@ def summarize(rounds: list[dict[str, Any]], paths: Sequence[str],
             cpu[path]["stream_server_sys_share"] = _median(
                 [r["stream"][path]["server_sys_share"] for r in rounds])
     verdicts: list[dict[str, Any]] = []
-    variants = [*TARGETS, *[
-        (f"{key}_experiment", f"{label} [experiment: {num[0]}X/{den}]", kind, threshold,
-         (mode, field, f"{num[0]}X", den))
-        for key, label, kind, threshold, (mode, field, num, den) in TARGETS
-        if num in ("LW", "GW") and f"{num[0]}X" in paths]]
-    for key, label, kind, threshold, (mode, field, num, den) in variants:
+    for key, label, kind, threshold, (mode, field, num, den) in TARGETS:
         values = per_round(mode, field, num, den)
         target = f"{label} {kind} {threshold:g}"
         if not values:
@@ -351,7 +330,7 @@ def markdown(summary: dict[str, Any], paths: Sequence[str], settings: Settings) 
     lines += ["", "Ratios are medians of per-round ratios (each round runs the paths back to"
               " back). Per-round range of the target ratios:", ""]
     for metric, by_pair in summary["ratios"].items():
-        for pair in ("LW/LT", "GW/GT", "GS/GT", "LX/LW", "GX/GW"):
+        for pair in ("LW/LT", "GW/GT", "GU/GT", "GS/GT"):
             if pair in by_pair:
                 lines.append(f"* {metric} {pair}: {by_pair[pair]['min']:.2f}\u2013"
                              f"{by_pair[pair]['max']:.2f}")
@@ -464,9 +443,6 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy samples/s")
     parser.add_argument("--native", action="store_true",
                         help="py-spy --native (C frames; pauses the process per sample)")
-    parser.add_argument("--experiment", choices=EXPERIMENTS,
-                        help="add paths LX/GX: LW/GW with grpcbridge patched in their servers"
-                        " and clients (see benchmarks/native_experiments.py)")
     parser.add_argument("--output", type=Path, help="JSON path (default: results/...)")
     args = parser.parse_args()
     settings = PROFILE if args.profile else (QUICK if args.quick else FULL)
@@ -476,10 +452,6 @@ def main() -> int:
     unknown = [p for p in wanted if p not in PATHS]
     if unknown:
         parser.error(f"unknown paths {unknown}; choose from {list(PATHS)}")
-    if args.experiment:
-        wanted += [x for w, x in (("LW", "LX"), ("GW", "GX")) if w in wanted and x not in wanted]
-    elif "LX" in wanted or "GX" in wanted:
-        parser.error("paths LX and GX need --experiment")
     if args.grpcio == "sync" and "GU" in wanted:
         wanted.remove("GU")  # with grpc.server, GW's bridge already has its own thread
     paths = [p for p in PATHS if p in wanted]
@@ -490,16 +462,14 @@ def main() -> int:
                                              run.info)
     output = args.output or results_dir / f"native-{stamp}.json"
     log(f"grpcbridge from {info['code']['source']} ({info['code']['module_file']})")
-    if args.experiment:
-        log(f"experiment {args.experiment}: paths LX/GX run patched servers and clients")
     procs = Processes(logdir, env)
     ok = False
     started = time.monotonic()
     try:
         with _terminate_on_signals():
-            servers, targets = start_servers(procs, paths, args.grpcio, args.experiment)
+            servers, targets = start_servers(procs, paths, args.grpcio)
             log(f"targets: {targets}; logs in {logdir}")
-            rig = Rig(procs, servers, targets, settings, args.experiment)
+            rig = Rig(procs, servers, targets, settings)
             if args.profile:
                 outdir = results_dir / f"native-profile-{stamp}"
                 outdir.mkdir()
@@ -515,7 +485,7 @@ def main() -> int:
             info["loadavg_end"] = os.getloadavg()
             document: dict[str, Any] = {
                 "timestamp": stamp, "command": " ".join([Path(PY).name, *sys.argv]),
-                "quick": args.quick, "grpcio": args.grpcio, "experiment": args.experiment,
+                "quick": args.quick, "grpcio": args.grpcio,
                 "machine": info,
                 "settings": settings.__dict__, "paths": paths, "modes": modes,
                 "duration_s": time.monotonic() - started,

@@ -26,7 +26,6 @@ from bench_client import emit, percentile, wait_go_async
 from grpclib.client import Channel as TcpChannel
 from grpclib.const import Cardinality
 from native_echo import STREAM, UNARY, BytesCodec
-from native_experiments import EXPERIMENTS, apply
 
 
 def open_channel(target: str) -> Any:
@@ -140,10 +139,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=16, help="payload bytes")
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds")
-    parser.add_argument("--experiment", choices=EXPERIMENTS,
-                        help="patch grpcbridge first (benchmarks/native_experiments.py)")
     args = parser.parse_args()
-    apply(args.experiment or "")
     if args.mode == "seq":
         asyncio.run(run_seq(args.target, args.calls, args.warmup_calls, args.size))
     else:

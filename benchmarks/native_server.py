@@ -9,9 +9,10 @@
   ``grpcbridge.attach_grpcio()`` (a private unix-socket port on the server, and a bridge in
   this same process: on the server's event loop for aio, on its own thread for sync).
 
-Both run in this one process, on one event loop (aio) so the server-side CPU of a path is
-this process's CPU. Prints one JSON line ``{"tcp": "host:port", "ws": "ws://..."}``, then
-serves until SIGTERM/SIGINT.
+All of it runs in this one process, so the server-side CPU of a path is this process's CPU.
+For aio the grpcio server also gets a second attachment (path GU), ``attach_grpcio()``'s
+default: a bridge on its own thread and loop. Prints one JSON line ``{"tcp": "host:port",
+"ws": "ws://...", ...}`` (plus ``ws_thread`` for GU), then serves until SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from typing import Any
 
 from echo_server import GRPC_OPTIONS, SERVICE, echo_handler, raise_nofile_limit
 from native_echo import BytesCodec, EchoService
-from native_experiments import EXPERIMENTS, apply
 
 import grpcbridge
 
@@ -136,11 +136,8 @@ def main() -> None:
     parser.add_argument("--kind", choices=["grpclib", "grpcio"], required=True)
     parser.add_argument("--grpcio", choices=["aio", "sync"], default="aio",
                         help="grpcio flavour for --kind grpcio")
-    parser.add_argument("--experiment", choices=EXPERIMENTS,
-                        help="patch grpcbridge first (benchmarks/native_experiments.py)")
     args = parser.parse_args()
     raise_nofile_limit()
-    apply(args.experiment or "")
     if args.kind == "grpclib":
         asyncio.run(serve_grpclib())
     elif args.grpcio == "aio":

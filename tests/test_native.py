@@ -486,15 +486,12 @@ async def test_both_ends_negotiate_large_frames(store: TodoStore, bridge_limit: 
         assert h2.remote_settings.max_frame_size == server_frames  # what the backend asked
 
 
-def test_frame_size_options_are_validated() -> None:
+async def test_frame_size_options_are_validated(store: TodoStore) -> None:
     with pytest.raises(grpcbridge.ConfigError, match="16384 to 16777215"):
-        GrpclibBackend([TodoService(TodoStore())], max_frame_size=1000)
+        GrpclibBackend([TodoService(store)], max_frame_size=1000)
     with pytest.raises(grpcbridge.ConfigError, match="must fit in max_message_bytes"):
-        asyncio.run(_channel_with(max_frame_size=1024 * 1024, max_message_bytes=512 * 1024))
-
-
-async def _channel_with(**options: Any) -> None:
-    Channel("ws://127.0.0.1:9/grpc", **options)
+        Channel("ws://127.0.0.1:9/grpc", max_frame_size=1024 * 1024,
+                max_message_bytes=512 * 1024)
 
 
 class _AioTodos(todo_pb2_grpc.TodoServiceServicer):

@@ -119,6 +119,16 @@ def _check_wheels_dir(path: Path) -> Path:
     return path
 
 
+def _search(relative: str, marker: str, missing: str, fix: str) -> Path:
+    """The first of :func:`_candidates` holding ``marker``, else :class:`DemoSetupError`."""
+    places = _candidates(relative)
+    found = next((path for path in places if (path / marker).is_file()), None)
+    if found is None:
+        looked = ", ".join(str(path) for path in places)
+        raise DemoSetupError(f"{missing} (looked in {looked}): {fix}")
+    return found
+
+
 def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
                 wheels_dir: str | os.PathLike[str] | None = None,
                 pyodide_url: str | None = None) -> DemoAssets:
@@ -135,26 +145,15 @@ def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
     elif pyodide_dir is not None:
         runtime = _check_pyodide_dir(Path(pyodide_dir).resolve())
     else:
-        runtime = next((path for path in _candidates("node_modules/pyodide")
-                        if (path / "pyodide.mjs").is_file()), None)
-        if runtime is None:
-            looked = ", ".join(str(p) for p in _candidates("node_modules/pyodide"))
-            raise DemoSetupError(
-                f"Pyodide not found (looked in {looked}): run `npm ci` in the repository root "
-                "(or `make demo`), or pass a Pyodide directory or a Pyodide CDN URL")
-        runtime = _check_pyodide_dir(runtime)
-    if wheels_dir is not None:
-        wheels = _check_wheels_dir(Path(wheels_dir).resolve())
-    else:
-        found = next((path for path in _candidates("build/browser")
-                      if (path / "manifest.json").is_file()), None)
-        if found is None:
-            looked = ", ".join(str(p) for p in _candidates("build/browser"))
-            raise DemoSetupError(
-                f"the browser wheels were not found (looked in {looked}): run "
-                "`python scripts/build_browser_bundle.py` (or `make demo`) in the repository "
-                "root")
-        wheels = _check_wheels_dir(found)
+        runtime = _check_pyodide_dir(_search(
+            "node_modules/pyodide", "pyodide.mjs", "Pyodide not found",
+            "run `npm ci` in the repository root (or `make demo`), or pass a Pyodide "
+            "directory or a Pyodide CDN URL"))
+    wheels = _check_wheels_dir(
+        Path(wheels_dir).resolve() if wheels_dir is not None else _search(
+            "build/browser", "manifest.json", "the browser wheels were not found",
+            "run `python scripts/build_browser_bundle.py` (or `make demo`) in the "
+            "repository root"))
     if not (WEB_DIR / "index.html").is_file():  # pragma: no cover - broken install
         raise DemoSetupError(f"{WEB_DIR} has no index.html: grpcbridge was installed without "
                              "its demo page (package data)")
@@ -242,7 +241,6 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
                 "wheelsUrl": "/wheels/",
                 "manifest": "manifest.json",
                 "grpcPath": GRPC_PATH,
-                "storage": "memory" if db is None else "sqlite",
             }
             (Path(config_dir) / "config.json").write_text(json.dumps(page_config) + "\n")
             config = BridgeConfig(
@@ -303,7 +301,6 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
 def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed :func:`add_arguments` options; the exit status."""
     try:
-        find_assets(args.pyodide_dir, args.wheels_dir, args.pyodide_url)  # fail before binding
         run(_serve_until_signalled(args))  # uvloop when installed (grpcbridge.loops)
     except ConfigError as exc:
         print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
