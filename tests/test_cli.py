@@ -47,6 +47,40 @@ def test_bad_settings_exit_2_with_a_clear_message(args: list[str], message: str)
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("command", [["serve", "--backend", "127.0.0.1:1"],
+                                     ["forward", "--target", "ws://127.0.0.1:1/grpc"]])
+@pytest.mark.parametrize("value", ["", "  \t"])
+def test_empty_token_variable_refuses_to_start(command: list[str], value: str) -> None:
+    """Set but empty must not silently turn authentication off (as a blank file does not)."""
+    result = run(*command, "--listen", "127.0.0.1:0", env={"GRPCBRIDGE_TOKEN": value})
+    assert result.returncode == 2, result.stderr
+    assert "$GRPCBRIDGE_TOKEN is set but empty" in result.stderr
+    assert "unset it" in result.stderr and "put the token in it" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_allowed_host_and_origin_wildcard_exit_2() -> None:
+    for flag, value, message in (("--allowed-host", "b*.example.com", "allowed_hosts"),
+                                 ("--allow-origin", "*example.com", "allowed_origins")):
+        result = run("serve", "--backend", "127.0.0.1:1", flag, value)
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr and "'*.'" in result.stderr
+
+
+async def test_allowed_host_refuses_other_hosts_with_403() -> None:
+    with cli(["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1",
+              "--allowed-host", "localhost"]) as bridge:
+        with pytest.raises(InvalidStatus) as refused:
+            async with websockets.asyncio.client.connect(bridge.url, compression=None):
+                pass
+        assert refused.value.response.status_code == 403  # Host: 127.0.0.1:<port>
+        async with websockets.asyncio.client.connect(
+            bridge.url.replace("127.0.0.1", "localhost"), compression=None) as ws:
+            await ws.wait_closed()  # admitted; backend 127.0.0.1:1 is down: 1011
+        assert ws.close_code == 1011
+        assert "host not allowed" in bridge.wait_for_line("upgrade_rejected")
+
+
 def test_address_in_use_is_reported_without_traceback() -> None:
     with cli(["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"]) as bridge:
         result = run("serve", "--listen", f"127.0.0.1:{bridge.port}", "--backend", "127.0.0.1:1")
@@ -71,6 +105,16 @@ async def test_token_from_environment_guards_the_bridge_and_is_never_logged() ->
         bridge.wait_for_line(r'"event": "tunnel_closed"')
     assert token not in bridge.output()
     assert '"event": "upgrade_rejected"' in bridge.output()
+
+
+async def test_401_challenges_with_www_authenticate() -> None:
+    with cli(["serve", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:1"],
+             env={"GRPCBRIDGE_TOKEN": "tok-3f9a1c"}) as bridge, \
+            pytest.raises(InvalidStatus) as refused:
+        async with websockets.asyncio.client.connect(bridge.url, compression=None):
+            pass
+    assert refused.value.response.status_code == 401
+    assert refused.value.response.headers["WWW-Authenticate"] == 'Bearer realm="grpcbridge"'
 
 
 def test_help_lists_the_commands() -> None:

@@ -10,12 +10,15 @@ from typing import Any
 import pytest
 
 from grpcbridge.core.admission import (
+    LOGGABLE_PATH_LIMIT,
     AbuseLimiter,
     BearerTokenAuth,
     HandshakeRequest,
+    HostPolicy,
     OriginPolicy,
     Rejection,
     client_identity,
+    loggable_path,
     parse_networks,
     select_subprotocol,
 )
@@ -34,6 +37,8 @@ from grpcbridge.core.target import (
     parse_address,
     parse_target,
 )
+from grpcbridge.observability import BridgeMetrics
+from grpcbridge.server.gate import Admitted, Gate
 
 # --------------------------------------------------------------------------- targets
 
@@ -796,3 +801,221 @@ def test_forwarder_defaults_and_copies() -> None:
     assert config.headers == {"X-Tenant": "a"}
     assert config.subprotocols == ("grpcbridge",)
     assert config.listen_address == SocketAddress(host="127.0.0.1", port=50052)
+
+
+# ------------------------------------------------- hostile clients (issue 8): admission
+
+
+class TestRejectionHeaders:
+    def test_response_headers_collects_retry_after_upgrade_and_extras(self) -> None:
+        assert Rejection(404, "x").response_headers() == ()
+        assert Rejection(429, "x", retry_after=3).response_headers() == (("Retry-After", "3"),)
+        assert Rejection(426, "x").response_headers() == (("Upgrade", "websocket"),)
+        extra = Rejection(401, "x", headers=(("WWW-Authenticate", "Bearer"),))
+        assert extra.response_headers() == (("WWW-Authenticate", "Bearer"),)
+
+    @pytest.mark.parametrize("header", [("X-A", "a\r\nSet-Cookie: x=1"), ("X A", "v"),
+                                        ("Content-Length", "0"), ("retry-after", "1")])
+    def test_bad_or_reserved_headers_are_refused(self, header: tuple[str, str]) -> None:
+        with pytest.raises(ValueError, match="Rejection header"):
+            Rejection(403, "x", headers=(header,))
+
+    def test_bearer_401_challenges_and_403_names_the_error(self) -> None:
+        auth = BearerTokenAuth(TOKEN)
+        missing = auth(request())
+        wrong = auth(request({"authorization": ["Bearer nope"]}))
+        assert missing is not None and wrong is not None
+        assert ("WWW-Authenticate", 'Bearer realm="grpcbridge"') in missing.response_headers()
+        assert dict(wrong.response_headers())["WWW-Authenticate"] == (
+            'Bearer realm="grpcbridge", error="invalid_token"')
+
+    def test_bearer_survives_lone_surrogates(self) -> None:
+        rejection = BearerTokenAuth(TOKEN)(request({"authorization": ["Bearer \udcff"]}))
+        assert rejection is not None and rejection.status == 403
+
+
+class TestOriginWildcards:
+    def test_bare_wildcard_matches_subdomains_at_any_depth_and_any_port(self) -> None:
+        policy = OriginPolicy(["*.Example.com"])
+        for origin in ("https://app.example.com", "http://a.b.example.com:3000",
+                       "https://APP.example.com."):
+            assert policy.allows(origin, "bridge.test"), origin
+        for origin in ("https://example.com", "https://evilexample.com",
+                       "https://example.com.evil.test", "https://a.example.co",
+                       "https://*.example.com", "null"):
+            assert not policy.allows(origin, "bridge.test"), origin
+
+    def test_bare_wildcard_with_port_matches_that_port(self) -> None:
+        policy = OriginPolicy(["*.example.com:3000"])
+        assert policy.allows("http://a.example.com:3000", "bridge.test")
+        assert not policy.allows("http://a.example.com:3001", "bridge.test")
+        assert not policy.allows("http://a.example.com", "bridge.test")
+
+    def test_origin_wildcard_matches_scheme_and_port_exactly(self) -> None:
+        policy = OriginPolicy(["https://*.example.com"])
+        assert policy.allows("https://app.example.com", "bridge.test")
+        assert policy.allows("https://a.b.example.com/", "bridge.test")
+        assert not policy.allows("http://app.example.com", "bridge.test")
+        assert not policy.allows("https://app.example.com:8443", "bridge.test")
+        assert not policy.allows("https://example.com", "bridge.test")
+        assert OriginPolicy(["https://*.example.com:8443"]).allows(
+            "https://app.example.com:8443", "bridge.test")
+
+    @pytest.mark.parametrize("entry", ["foo*.com", "*example.com", "a.*.com", "*.*.com",
+                                       "*.", "**.example.com", "https://*example.com",
+                                       "https://a.*.example.com", "*.[::1]"])
+    def test_other_star_uses_are_refused_naming_the_supported_form(self, entry: str) -> None:
+        with pytest.raises(ConfigError, match=r"allowed_origins: .*leading '\*\.'"):
+            OriginPolicy([entry])
+
+    @pytest.mark.parametrize("origin", ["http://[abc", "http://[::1", "https://a b.example",
+                                        "http://app.example.com:99999", "http://\u212aa.com",
+                                        "http://user@bridge.test", "//bridge.test", "http://"])
+    def test_malformed_origins_are_refused_without_exceptions(self, origin: str) -> None:
+        assert not OriginPolicy(["k.a.com", "*.com"]).allows(origin, "bridge.test")
+
+    def test_same_host_rule_normalises_case_trailing_dot_and_ipv6(self) -> None:
+        policy = OriginPolicy()
+        assert policy.allows("http://Bridge.Test.:8080", "bridge.test:8080")
+        assert policy.allows("http://[0:0::1]:8080", "[::1]:8080")
+        assert not policy.allows("http://bridge.test:8080", "bridge.test:8080, evil.test")
+
+
+class TestHostPolicy:
+    def test_empty_list_checks_nothing(self) -> None:
+        policy = HostPolicy()
+        assert not policy.enabled
+        assert policy.allows(None) and policy.allows("evil.example") and policy.allows("\x00")
+
+    def test_host_without_port_matches_any_port_case_and_trailing_dot(self) -> None:
+        policy = HostPolicy(["Bridge.Example.com"])
+        assert policy.enabled
+        for host in ("bridge.example.com", "BRIDGE.example.com:8080", "bridge.example.com.",
+                     " bridge.example.com.:443 "):
+            assert policy.allows(host), host
+        for refused in ("evil.example", "bridge.example.com.evil", "a.bridge.example.com",
+                        "bridge.example.com:", "bridge.example.com:x",
+                        "bridge.example.com:70000", "", None):
+            assert not policy.allows(refused), refused
+
+    def test_port_entries_and_ipv6_literals(self) -> None:
+        policy = HostPolicy(["localhost:8080", "[::1]:8080", "127.0.0.1"])
+        assert policy.allows("localhost:8080")
+        assert not policy.allows("localhost:8081") and not policy.allows("localhost")
+        assert policy.allows("[::1]:8080") and policy.allows("[0::1]:8080")
+        assert not policy.allows("[::1]") and not policy.allows("::1:8080")
+        assert policy.allows("127.0.0.1:9999")
+
+    def test_wildcard_and_star(self) -> None:
+        policy = HostPolicy(["*.example.com"])
+        assert policy.allows("a.example.com") and policy.allows("a.b.example.com:1")
+        assert not policy.allows("example.com") and not policy.allows("evilexample.com")
+        star = HostPolicy(["*"])
+        assert star.allows("anything at all") and not star.allows(None)
+
+    @pytest.mark.parametrize("entry", ["", " ", "bridge.example.com/x", "http://bridge",
+                                       "host:", "host:99999", "[::1", "a..b", "b*.com",
+                                       "a.*.com", "*", "user@host"])
+    def test_bad_entries_are_config_errors_naming_the_setting(self, entry: str) -> None:
+        if entry == "*":
+            assert HostPolicy([entry]).enabled
+            return
+        with pytest.raises(ConfigError, match="allowed_hosts"):
+            HostPolicy([entry])
+
+    def test_one_string_is_refused(self) -> None:
+        with pytest.raises(ConfigError, match="list"):
+            HostPolicy("bridge.example.com")
+
+    def test_bridge_config_validates_and_keeps_allowed_hosts(self) -> None:
+        config = BridgeConfig(backend="127.0.0.1:1", allowed_hosts=["bridge.example.com"])
+        assert config.allowed_hosts == ("bridge.example.com",)
+        assert config.host_policy.allows("bridge.example.com:8080")
+        assert not BridgeConfig(backend="127.0.0.1:1").host_policy.enabled
+        for bad in (["*x.com"], "bridge.example.com", ["a/b"]):
+            with pytest.raises(ConfigError) as exc:
+                BridgeConfig(backend="127.0.0.1:1", allowed_hosts=bad)
+            check_names(exc, "allowed_hosts")
+
+
+class TestLoggablePath:
+    def test_parameters_and_query_are_cut(self) -> None:
+        assert loggable_path("/grpc;access_token=s3cret") == "/grpc"
+        assert loggable_path("/grpc?access_token=s3cret") == "/grpc"
+        assert loggable_path("/grpc%3Baccess_token=s3cret") == "/grpc"
+        assert loggable_path("/a/b%3fx") == "/a/b"
+        assert loggable_path("/plain/path") == "/plain/path"
+
+    def test_non_printables_are_escaped_and_length_is_bounded(self) -> None:
+        assert loggable_path("/a\nb\x1b[31m\u2028") == "/a\\x0ab\\x1b[31m\\u2028"
+        long = loggable_path("/" + "x" * 10_000)
+        assert len(long) == LOGGABLE_PATH_LIMIT and long.endswith("...")
+        assert len(loggable_path("\x00" * 1000)) <= LOGGABLE_PATH_LIMIT
+
+
+# --------------------------------------------------- hostile clients (issue 8): the gate
+
+
+def gate(**settings: Any) -> Gate:
+    return Gate(BridgeConfig(backend="127.0.0.1:1", **settings), BridgeMetrics())
+
+
+async def check(g: Gate, path: str = "/grpc", **headers: str | list[str]) -> Admitted | Rejection:
+    values = {name.replace("_", "-"): [value] if isinstance(value, str) else value
+              for name, value in headers.items()}
+    return await g.check(path=path, query="", headers=values, peer="192.0.2.1",
+                         websocket=True, now=0.0)
+
+
+class TestGate:
+    async def test_allowed_hosts_refuse_dns_rebinding_before_the_origin_rule(self) -> None:
+        g = gate(allowed_hosts=["bridge.example.com"])
+        rebound = await check(g, host="evil.example", origin="http://evil.example")
+        assert rebound == Rejection(403, "host not allowed", label="host")
+        assert isinstance(await check(g, host="bridge.example.com:8080"), Admitted)
+        assert isinstance(await check(g), Rejection)  # no Host header
+        two = await check(g, host=["bridge.example.com", "evil.example"])
+        assert isinstance(two, Rejection) and two.label == "host"
+
+    async def test_without_allowed_hosts_today_s_same_host_rule_applies(self) -> None:
+        g = gate()
+        assert isinstance(await check(g, host="evil.example", origin="http://evil.example"),
+                          Admitted)
+        refused = await check(g, host="bridge.example.com", origin="http://evil.example")
+        assert isinstance(refused, Rejection) and refused.label == "origin"
+
+    async def test_hostile_origin_is_a_403_not_an_exception(self) -> None:
+        refused = await check(gate(), host="bridge.test", origin="http://[abc")
+        assert isinstance(refused, Rejection) and refused.status == 403
+
+    async def test_path_parameters_never_reach_the_reason_or_the_log(
+            self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level("INFO", logger="grpcbridge")
+        refused = await check(gate(), "/grpc;access_token=s3cret\n", host="bridge.test")
+        assert isinstance(refused, Rejection) and refused.status == 404
+        assert refused.reason == "no tunnel endpoint at /grpc; use /grpc"
+        logged = [getattr(record, "fields", {}) for record in caplog.records]
+        assert logged and all("s3cret" not in str(fields) for fields in logged)
+        assert logged[-1]["path"] == "/grpc"
+
+
+async def test_asgi_rejection_carries_www_authenticate() -> None:
+    from grpcbridge.server.asgi import BridgeApp  # here: the rest of the file is sans-I/O
+
+    app = BridgeApp(BridgeConfig(backend="127.0.0.1:1", authenticate=BearerTokenAuth(TOKEN)))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "websocket", "path": "/grpc", "query_string": b"",
+             "headers": [(b"host", b"bridge.test")], "client": ("192.0.2.1", 5),
+             "extensions": {"websocket.http.response": {}}}
+    await app(scope, receive, send)
+    start = sent[0]
+    assert start["type"] == "websocket.http.response.start" and start["status"] == 401
+    assert (b"www-authenticate", b'Bearer realm="grpcbridge"') in start["headers"]
+    await app.close()

@@ -17,6 +17,7 @@ from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth
 from .core.config import BridgeConfig, ForwarderConfig
 from .core.errors import ConfigError
+from .core.limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .loops import LOOP_NAMES, run
 from .observability import configure_logging
@@ -34,7 +35,12 @@ def _token(args: argparse.Namespace) -> str | None:
         if not token:
             raise ConfigError(f"token file {args.token_file!r} is empty")
         return token
-    return os.environ.get(TOKEN_ENV) or None
+    from_env = os.environ.get(TOKEN_ENV)
+    if from_env is not None and not from_env.strip():
+        raise ConfigError(
+            f"${TOKEN_ENV} is set but empty (or only spaces), which would turn authentication "
+            "off; unset it to run without a token, or put the token in it")
+    return from_env
 
 
 def _metrics_address(value: str | None) -> str | None:
@@ -80,9 +86,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend-timeout", type=float, default=10.0,
                        help="seconds to connect to the backend (default: 10)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
-                       help="browser origin to accept besides same-host (repeatable; * = any)")
+                       help="browser origin to accept besides same-host (repeatable): "
+                            "https://app.example.com, app.example.com[:port] (any scheme), "
+                            "*.example.com or https://*.example.com (subdomains, not the "
+                            "apex), * = any")
+    serve.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                       help="Host header to accept, refusing others with 403 against DNS "
+                            "rebinding (repeatable): bridge.example.com (any port), "
+                            "bridge.example.com:8080, *.example.com, * = any; default: any")
     serve.add_argument("--subprotocol", action="append", default=None, metavar="NAME",
                        help="subprotocol to echo when offered (repeatable; default: grpcbridge)")
+    serve.add_argument("--client-memory-budget", type=int,
+                       default=DEFAULT_CLIENT_MEMORY_BUDGET, metavar="BYTES",
+                       help="bytes one client may make the bridge hold in unfinished messages "
+                            "and buffers, over all its tunnels; the tunnel that goes over "
+                            "closes with 1008 (default: 64 MiB; 0: unlimited)")
+    serve.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET,
+                       metavar="BYTES",
+                       help="the same for all clients together (default: 2 GiB; 0: unlimited)")
     serve.add_argument("--max-connections", type=int, default=10_000,
                        help="active tunnels in total, 503 beyond (0: unlimited)")
     serve.add_argument("--max-connections-per-client", type=int, default=200,
@@ -143,10 +164,11 @@ def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
         backend=args.backend, listen=args.listen, path=args.path,
         allow_remote_backend=args.allow_remote_backend,
         backend_connect_timeout=args.backend_timeout,
-        allowed_origins=args.allow_origin,
+        allowed_origins=args.allow_origin, allowed_hosts=args.allowed_host,
         subprotocols=args.subprotocol if args.subprotocol is not None else ("grpcbridge",),
         authenticate=BearerTokenAuth(token) if token else None,
         max_message_bytes=args.max_message_bytes, buffer_bytes=args.buffer_bytes,
+        client_memory_budget=args.client_memory_budget, memory_budget=args.memory_budget,
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,
         max_upgrades_per_minute=args.max_upgrades_per_minute,

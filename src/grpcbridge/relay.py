@@ -7,7 +7,13 @@ coroutine, queue or task per message.
 
 Memory stays bounded in both directions: every transport's write buffer has a high-water
 mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
-it drains to a quarter. Nothing is ever dropped.
+it drains to a quarter. Nothing is ever dropped while both sides live. On a server, a
+:class:`~grpcbridge.core.limits.BudgetAccount` also caps what a client can make the relay
+hold (incomplete messages included), frames without stream bytes are rate-limited, and a
+connection that delivers many frames at once yields the event loop before reading more.
+
+Closing never waits forever: a side being closed gets ``CLOSE_TIMEOUT`` to flush what is
+buffered for it (longer while its peer keeps reading), then it is aborted.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from websockets.frames import Opcode as WsOpcode
 from websockets.protocol import CONNECTING, OPEN
 from websockets.protocol import Protocol as WebSocketProtocol
 
+from .core.limits import FRAMES_PER_TURN, BudgetAccount, FrameRate
 from .core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
 
 logger = logging.getLogger("grpcbridge")
@@ -71,12 +78,18 @@ class Tunnel:
         "__weakref__",
         "_close_timer",
         "_early",
+        "_frame_rate",
+        "_inbound",
         "_last_ping",
         "_pending",
         "_rules",
+        "_stream_closing",
         "_stream_lost",
+        "_stream_timer",
         "_ws_lost",
         "_ws_reading_paused",
+        "_ws_yielding",
+        "account",
         "bytes_from_websocket",
         "bytes_to_websocket",
         "close_code",
@@ -96,6 +109,8 @@ class Tunnel:
 
     #: Seconds to wait for the peer's closing handshake before dropping the connection.
     CLOSE_TIMEOUT = 2.0
+    #: Seconds between pings to a peer whose reading is paused for backpressure.
+    PROBE_INTERVAL = 1.0
 
     def __init__(
         self,
@@ -118,8 +133,16 @@ class Tunnel:
         self._early: list[bytes] = []
         self._ws_lost = False
         self._stream_lost = False
+        #: No more writes to the stream side: it is closing, aborted or lost.
+        self._stream_closing = False
         self._ws_reading_paused = False
+        self._ws_yielding = False
         self._close_timer: asyncio.TimerHandle | None = None
+        self._stream_timer: asyncio.TimerHandle | None = None
+        #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
+        self._inbound: bytearray = websocket.reader.buffer
+        #: Share of a server's memory budget, charged with what this tunnel holds.
+        self.account: BudgetAccount | None = None
         #: True while the stream side is being connected (``closed`` waits for it).
         self.dialing = False
         self.bytes_from_websocket = 0
@@ -127,6 +150,7 @@ class Tunnel:
         self.opened_at = loop.time()
         self.last_inbound = self.opened_at
         self._last_ping = self.opened_at
+        self._frame_rate = FrameRate(self.opened_at)
         self.close_code: int | None = None
         self.close_reason = ""
         self.closed: asyncio.Future[None] = loop.create_future()
@@ -149,10 +173,11 @@ class Tunnel:
     # --------------------------------------------------------- WebSocket side
 
     def ws_data(self, data: bytes) -> None:
-        self.last_inbound = self.loop.time()
+        now = self.last_inbound = self.loop.time()
         websocket = self.websocket
         websocket.receive_data(data)
-        for event in websocket.events_received():
+        events = websocket.events_received()
+        for event in events:
             if type(event) is Frame:
                 opcode = event.opcode
                 if opcode is _BINARY:
@@ -164,19 +189,26 @@ class Tunnel:
                         self.fail(violation.code, violation.reason)
                         return
                 else:
-                    continue  # ping/pong/close are answered by the sans-I/O protocol
+                    payload = b""  # ping/pong/close: answered by the sans-I/O protocol
                 if payload:
                     # websockets hands over bytes (masked frames) or a fresh bytearray
                     # (unmasked ones). Both go on uncopied: nothing mutates them, and a
                     # copy would cost a memcpy per received byte.
                     self._to_stream(cast(bytes, payload))
+                elif not self._frame_rate.allow(now):
+                    self.fail(CloseCode.POLICY_VIOLATION, "too many control or empty frames")
+                    return
             elif self.on_handshake_event is not None:
                 self.on_handshake_event(event)
         self.flush_websocket()
         if websocket.close_expected() and self.close_code is None:
             self._note_websocket_close()
-        if self.close_code is not None and self.stream_transport is not None:
-            self.stream_transport.close()
+        if self.close_code is not None:
+            self._close_stream()
+        elif len(events) > FRAMES_PER_TURN:
+            self._yield_turn()
+        if self.account is not None:
+            self.charge_budget()
 
     def _note_websocket_close(self) -> None:
         websocket = self.websocket
@@ -192,16 +224,52 @@ class Tunnel:
             self.close_reason = reason
 
     def _to_stream(self, payload: bytes) -> None:
-        self.bytes_from_websocket += len(payload)
         transport = self.stream_transport
         if transport is None:
             self._pending.append(payload)
+        elif self._stream_closing:
+            return  # the stream side is gone: nobody will read these bytes
         else:
             transport.write(payload)
+        self.bytes_from_websocket += len(payload)
+
+    def _yield_turn(self) -> None:
+        """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
+        many frames at once cannot hold the loop (uvloop reads up to 32 times per wake-up)."""
+        transport = self.ws_transport
+        if transport is None or self._ws_lost or self._ws_yielding:
+            return
+        self._ws_yielding = True
+        if not self._ws_reading_paused:
+            transport.pause_reading()
+        self.loop.call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._ws_yielding = False
+        if self.ws_transport is not None and not self._ws_lost and not self._ws_reading_paused:
+            self.ws_transport.resume_reading()
+
+    def charge_budget(self) -> None:
+        """Report what this tunnel holds to its budget account; over budget: close 1008."""
+        account = self.account
+        if account is None:
+            return
+        held = len(self._inbound)
+        transport = self.stream_transport
+        if transport is not None and not self._stream_closing:
+            held += transport.get_write_buffer_size()
+        transport = self.ws_transport
+        if transport is not None and not self._ws_lost:
+            held += transport.get_write_buffer_size()
+        reason = account.charge(held)
+        if reason is not None and self.close_code is None:
+            self.fail(CloseCode.POLICY_VIOLATION, reason.partition(" (")[0], detail=reason)
 
     def flush_websocket(self) -> None:
         transport = self.ws_transport
-        if transport is None:
+        if transport is None or self._ws_lost:
+            if self._ws_lost:
+                self.websocket.data_to_send()  # the peer is gone: nothing to write to
             return
         for chunk in self.websocket.data_to_send():
             if chunk is _SEND_EOF or not chunk:
@@ -209,6 +277,8 @@ class Tunnel:
                     self._close_timer.cancel()
                     self._close_timer = None
                 transport.close()
+                if not self._ws_lost and transport.get_write_buffer_size():
+                    self._arm_close_timer()  # flushing to the peer, but not forever
             else:
                 transport.write(chunk)
 
@@ -226,17 +296,22 @@ class Tunnel:
         if self.close_code is None:
             self._note_websocket_close()
             self._set_close(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
-        if self.stream_transport is not None:
-            self.stream_transport.close()
+        self._close_stream()
+        if self.account is not None:
+            self.account.close()
         self._maybe_done()
 
     def ws_pause_writing(self) -> None:
-        if self.stream_transport is not None and not self._stream_lost:
+        if self.stream_transport is not None and not self._stream_closing:
             self.stream_transport.pause_reading()
+        if self.account is not None:
+            self.charge_budget()
 
     def ws_resume_writing(self) -> None:
-        if self.stream_transport is not None and not self._stream_lost:
+        if self.stream_transport is not None and not self._stream_closing:
             self.stream_transport.resume_reading()
+        if self.account is not None:
+            self.charge_budget()
 
     # ------------------------------------------------------------ stream side
 
@@ -249,7 +324,7 @@ class Tunnel:
         transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
         self.stream_transport = transport
         if self._ws_lost or self.close_code is not None:
-            transport.close()
+            self._close_stream()
             return
         if self.websocket.state is not OPEN:
             transport.pause_reading()
@@ -264,7 +339,7 @@ class Tunnel:
         for chunk in early:
             self.stream_data(chunk)
         transport = self.stream_transport
-        if transport is not None and not self._stream_lost:
+        if transport is not None and not self._stream_closing:
             transport.resume_reading()
         self.resume_websocket_reading()
 
@@ -276,12 +351,18 @@ class Tunnel:
     def pause_websocket_reading(self) -> None:
         if self.ws_transport is not None and not self._ws_lost and not self._ws_reading_paused:
             self._ws_reading_paused = True
-            self.ws_transport.pause_reading()
+            if not self._ws_yielding:
+                self.ws_transport.pause_reading()
+        if self.account is not None:
+            self.charge_budget()
 
     def resume_websocket_reading(self) -> None:
         if self.ws_transport is not None and not self._ws_lost and self._ws_reading_paused:
             self._ws_reading_paused = False
-            self.ws_transport.resume_reading()
+            if not self._ws_yielding:
+                self.ws_transport.resume_reading()
+        if self.account is not None:
+            self.charge_budget()
 
     def stream_data(self, data: bytes) -> None:
         websocket = self.websocket
@@ -306,7 +387,10 @@ class Tunnel:
     def stream_lost(self, exc: Exception | None) -> None:
         if self._stream_lost:
             return
-        self._stream_lost = True
+        self._stream_lost = self._stream_closing = True
+        if self._stream_timer is not None:
+            self._stream_timer.cancel()
+            self._stream_timer = None
         if exc is None:
             self.close(CloseCode.NORMAL, f"{self.stream_name} closed the connection")
         else:
@@ -322,48 +406,84 @@ class Tunnel:
             self._set_close(code, reason)
             websocket.send_close(code, reason)
             self.flush_websocket()
-            if self.ws_transport is not None and not self.ws_transport.is_closing():
-                self._close_timer = self.loop.call_later(
-                    self.CLOSE_TIMEOUT, self._close_timed_out,
-                    self.ws_transport.get_write_buffer_size())
+            self._arm_close_timer()
+            # Read the peer's close frame even if reading was paused for backpressure.
+            self.resume_websocket_reading()
         elif self.ws_transport is not None and not self._ws_lost:
             self._set_close(code, reason)
             self.ws_transport.close()
-        if self.stream_transport is not None and not self._stream_lost:
-            self.stream_transport.close()
+            self._arm_close_timer()
+        self._close_stream()
 
-    def fail(self, code: int, reason: str) -> None:
-        """Fail the WebSocket for a protocol violation (no further frames are processed)."""
-        self._set_close(code, reason)
+    def fail(self, code: int, reason: str, *, detail: str | None = None) -> None:
+        """Fail the WebSocket for a protocol violation (no further frames are processed).
+        ``reason`` goes on the wire (keep it short); ``detail``, if given, to the logs."""
+        self._set_close(code, detail or reason)
         if self.websocket.state is OPEN:
             self.websocket.fail(code, reason)
             self.flush_websocket()
-            if self.ws_transport is not None and not self.ws_transport.is_closing():
-                self._close_timer = self.loop.call_later(
-                    self.CLOSE_TIMEOUT, self._close_timed_out,
-                    self.ws_transport.get_write_buffer_size())
-        if self.stream_transport is not None and not self._stream_lost:
-            self.stream_transport.close()
+            self._arm_close_timer()
+        self._close_stream()
+
+    def _arm_close_timer(self) -> None:
+        transport = self.ws_transport
+        if transport is not None and not self._ws_lost and self._close_timer is None:
+            self._close_timer = self.loop.call_later(
+                self.CLOSE_TIMEOUT, self._close_timed_out, transport.get_write_buffer_size())
 
     def _close_timed_out(self, pending: int) -> None:
-        """No closing handshake within CLOSE_TIMEOUT: abort. Unless the close frame still
-        waits behind data that the peer keeps reading (the write buffer shrank from
-        ``pending``): a slow reader is not a dead one, and aborting would drop that data."""
+        """No closing handshake (or no flush) within CLOSE_TIMEOUT: abort. Unless the
+        close frame still waits behind data that the peer keeps reading (the write buffer
+        shrank from ``pending``): a slow reader is not a dead one, and aborting would drop
+        that data."""
+        self._close_timer = None
         transport = self.ws_transport
         left = 0 if transport is None or self._ws_lost else transport.get_write_buffer_size()
         if 0 < left < pending:
             self._close_timer = self.loop.call_later(
                 self.CLOSE_TIMEOUT, self._close_timed_out, left)
+        elif transport is not None and not self._ws_lost:
+            self._set_close(CloseCode.ABNORMAL, "close timed out")
+            transport.abort()
+
+    def _close_stream(self) -> None:
+        """Close the stream side: what is buffered for it gets CLOSE_TIMEOUT to drain (more
+        while it keeps draining); a peer that stopped reading is then aborted."""
+        transport = self.stream_transport
+        if transport is None or self._stream_closing:
+            return
+        self._stream_closing = True
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            self._stream_timer = self.loop.call_later(
+                self.CLOSE_TIMEOUT, self._stream_close_timed_out, pending)
+
+    def _stream_close_timed_out(self, pending: int) -> None:
+        self._stream_timer = None
+        transport = self.stream_transport
+        if transport is None or self._stream_lost:
+            return
+        left = transport.get_write_buffer_size()
+        if 0 < left < pending:
+            self._stream_timer = self.loop.call_later(
+                self.CLOSE_TIMEOUT, self._stream_close_timed_out, left)
         else:
-            self.abort()
+            transport.abort()
 
     def abort(self) -> None:
         """Drop both connections now, without waiting for buffers or handshakes."""
-        self._close_timer = None
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
         self._set_close(CloseCode.ABNORMAL, "aborted")
         if self.ws_transport is not None and not self._ws_lost:
             self.ws_transport.abort()
         if self.stream_transport is not None and not self._stream_lost:
+            self._stream_closing = True
+            if self._stream_timer is not None:
+                self._stream_timer.cancel()
+                self._stream_timer = None
             self.stream_transport.abort()
 
     def dial_finished(self) -> None:
@@ -385,13 +505,19 @@ class Tunnel:
         if self.websocket.state is not OPEN:
             return
         quiet = now - self.last_inbound
+        since_ping = now - self._last_ping
         if idle_timeout and quiet >= idle_timeout:
             logger.debug("tunnel idle for %.1f s, closing", quiet)
             self.close(CloseCode.GOING_AWAY, "idle timeout")
-        elif ping_interval and quiet >= ping_interval and now - self._last_ping >= ping_interval:
+        elif ((ping_interval and quiet >= ping_interval and since_ping >= ping_interval)
+              or (self._ws_reading_paused and since_ping >= self.PROBE_INTERVAL)):
+            # While reading is paused (the stream side is not keeping up), a peer that went
+            # away goes unnoticed until something is written to it: probe it with pings.
             self._last_ping = now
             self.websocket.send_ping(b"grpcbridge")
             self.flush_websocket()
+        if self.account is not None:
+            self.charge_budget()  # buffers drain without callbacks: refresh the account
 
 
 class WebSocketSide(asyncio.Protocol):

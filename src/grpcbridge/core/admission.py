@@ -1,4 +1,5 @@
-"""Who may open a tunnel: origin policy, authentication, client identity and abuse limits.
+"""Who may open a tunnel: host and origin policies, authentication, client identity and
+abuse limits.
 
 All decisions here are pure functions of the handshake request and a clock reading, so the
 asyncio bridge and the ASGI app apply exactly the same rules.
@@ -9,10 +10,11 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import math
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from .errors import ConfigError
 
@@ -50,6 +52,13 @@ class HandshakeRequest:
         return parse_qs(self.query, keep_blank_values=True).get(name, [])
 
 
+#: Response headers the bridge writes itself; a :class:`Rejection` may not carry them.
+_RESERVED_HEADERS = frozenset({"content-length", "content-type", "transfer-encoding",
+                               "connection", "upgrade", "retry-after"})
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
+
+
 @dataclass(frozen=True, slots=True)
 class Rejection:
     """Refuse an upgrade with an HTTP ``status`` and a one-line ``reason`` (sent to the
@@ -61,6 +70,28 @@ class Rejection:
     retry_after: int | None = None
     #: Short machine-readable label for metrics (``origin``, ``auth``, ``rate``...).
     label: str = "rejected"
+    #: Extra response headers, such as ``("WWW-Authenticate", 'Bearer realm="x"')``.
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name, value in self.headers:
+            if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
+                raise ValueError(f"Rejection header {name!r}: {value!r} is not a valid HTTP "
+                                 "header (token name; latin-1 value without line breaks)")
+            if name.lower() in _RESERVED_HEADERS:
+                raise ValueError(f"Rejection header {name!r} is set by the bridge; use "
+                                 "retry_after for Retry-After and leave the others out")
+
+    def response_headers(self) -> tuple[tuple[str, str], ...]:
+        """Every header a response for this rejection needs besides Content-Type and
+        Content-Length: Retry-After, ``Upgrade: websocket`` for 426, and :attr:`headers`."""
+        extra: list[tuple[str, str]] = []
+        if self.retry_after is not None:
+            extra.append(("Retry-After", str(self.retry_after)))
+        if self.status == 426:
+            extra.append(("Upgrade", "websocket"))
+        extra.extend(self.headers)
+        return tuple(extra)
 
 
 #: An authentication hook: return ``None`` to accept or a :class:`Rejection`.
@@ -108,79 +139,260 @@ def client_identity(
     return peer
 
 
+#: Longest path :func:`loggable_path` returns.
+LOGGABLE_PATH_LIMIT = 200
+# Where a path's parameters or query begin, also percent-encoded (a raw request target).
+_PATH_CUT = re.compile(r";|\?|%3b|%3f", re.IGNORECASE)
+
+
+def loggable_path(path: str, limit: int = LOGGABLE_PATH_LIMIT) -> str:
+    """``path`` made safe for logs and rejection reasons: cut before any ``;`` parameters
+    or ``?`` query (where clients put tokens), non-printable characters escaped, and at
+    most ``limit`` characters (longer ones end with ``...``)."""
+    match = _PATH_CUT.search(path)
+    if match is not None:
+        path = path[: match.start()]
+    text = "".join(
+        ch if ch.isprintable() else
+        f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
+        f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
+        for ch in path[: limit + 1]  # enough for the check below, whatever the input length
+    )
+    return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
+
+
+_LABEL = re.compile(r"[a-z0-9_-]+\Z")
+_PORT = re.compile(r"[0-9]{1,5}\Z")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*\Z")
+
+
+def _wildcard_error(what: str, value: str, example: str) -> ConfigError:
+    return ConfigError(
+        f"{what}: {value!r} uses '*' where it is not supported; the only wildcard is a "
+        f"leading '*.' matching subdomains at any depth ({example}; the apex example.com "
+        "is not matched), or '*' alone for anything"
+    )
+
+
+def _split_host_port(value: str) -> tuple[str, int | None] | None:
+    """Lower-case ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> ``(host, port)`` with
+    the host normalised (no trailing dot; IPv6 compressed, in brackets); None if malformed."""
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        try:
+            address = ipaddress.IPv6Address(value[1:end])
+        except ValueError:
+            return None
+        host, rest = f"[{address.compressed}]", value[end + 1 :]
+    else:
+        host, colon, port_text = value.partition(":")
+        rest = colon + port_text
+        if host.endswith("."):
+            host = host[:-1]
+        if not host or not all(_LABEL.match(label) for label in host.split(".")):
+            return None
+    if not rest:
+        return host, None
+    if rest[0] != ":" or not _PORT.match(rest[1:]) or int(rest[1:]) > 65535:
+        return None
+    return host, int(rest[1:])
+
+
+def _untrusted_host_port(value: str) -> tuple[str, int | None] | None:
+    """A ``Host`` header (or an origin's authority) from a client, parsed; None if malformed."""
+    text = value.strip()
+    # ASCII only: str.lower() maps some non-ASCII letters to ASCII ones (KELVIN SIGN -> k).
+    return _split_host_port(text.lower()) if text.isascii() else None
+
+
+def _parse_origin(value: str) -> tuple[str, str, int | None] | None:
+    """An ``Origin`` header -> ``(scheme, host, port)``; None for ``null`` and garbage."""
+    text = value.strip()
+    if not text.isascii():
+        return None
+    scheme, sep, rest = text.lower().rstrip("/").partition("://")
+    if not sep or not _SCHEME.match(scheme):
+        return None
+    authority = _split_host_port(rest)
+    return None if authority is None else (scheme, *authority)
+
+
+@dataclass(frozen=True, slots=True)
+class _HostPattern:
+    host: str  # normalised host; for a wildcard, the suffix after "*."
+    wildcard: bool
+    port: int | None
+    any_port: bool  # False: the port must equal ``port`` (None: no explicit port)
+
+    @classmethod
+    def parse(cls, text: str, *, any_port: bool) -> _HostPattern | None:
+        """``host[:port]`` or ``*.host[:port]`` (lower case); None if malformed. With
+        ``any_port``, an entry without a port matches every port."""
+        wildcard = text.startswith("*.")
+        body = text[2:] if wildcard else text
+        if "*" in body or not body.isascii():
+            return None
+        parsed = _split_host_port(body)
+        if parsed is None or (wildcard and parsed[0].startswith("[")):
+            return None
+        host, port = parsed
+        return cls(host, wildcard, port, any_port and port is None)
+
+    def matches(self, host: str, port: int | None) -> bool:
+        if not self.any_port and port != self.port:
+            return False
+        if self.wildcard:  # hosts are validated: the part before the suffix is a label
+            return host.endswith("." + self.host)
+        return host == self.host
+
+
+def _entries(allowed: Iterable[str], what: str) -> list[str]:
+    if isinstance(allowed, str):
+        raise ConfigError(f"{what} must be a list of strings, not one string")
+    values = []
+    for entry in allowed:
+        if not isinstance(entry, str) or not entry.strip():
+            raise ConfigError(f"{what} entries must be non-empty strings, got {entry!r}")
+        values.append(entry.strip().lower())
+    return values
+
+
 class OriginPolicy:
     """Browser Origin check.
 
-    With no allow-list: a request without ``Origin`` passes (non-browser clients), and a
-    browser request passes when the Origin's ``host[:port]`` equals the ``Host`` header (the
-    Go project's default). With an allow-list, entries are full origins
-    (``https://app.example.com``), bare hosts (``app.example.com``, any scheme and port), or
-    ``*`` (anything). Same-host requests always pass.
+    A request without ``Origin`` passes (non-browser clients), and so does a browser request
+    whose Origin's ``host[:port]`` equals the ``Host`` header (the Go project's default;
+    pair it with :class:`HostPolicy` against DNS rebinding). Allow-list entries add:
+    full origins (``https://app.example.com``, scheme, host and port must match), bare hosts
+    (``app.example.com``: any scheme and port; ``app.example.com:3000``: that port),
+    wildcard subdomains (``*.example.com`` or ``https://*.example.com``: any depth, not the
+    apex, same port rules) and ``*`` (anything). Case-insensitive.
     """
 
     __slots__ = ("_any", "_hosts", "_origins")
 
     def __init__(self, allowed: Iterable[str] = ()) -> None:
-        self._origins: set[str] = set()
-        self._hosts: set[str] = set()
+        self._origins: list[tuple[str, _HostPattern]] = []
+        self._hosts: list[_HostPattern] = []
         self._any = False
-        for entry in allowed:
-            value = entry.strip().lower()
-            if "://" in value:
-                value = value.rstrip("/") or value
-            if not value:
-                raise ConfigError("allowed_origins entries must not be empty")
+        for value in _entries(allowed, "allowed_origins"):
             if value == "*":
                 self._any = True
-            elif "://" in value:
-                parts = urlsplit(value)
-                if (parts.scheme not in ("http", "https") or not parts.hostname
-                        or parts.path or parts.query or parts.fragment):
-                    raise ConfigError(
-                        f"allowed_origins: {entry!r} is not an http(s) origin like "
-                        "https://app.example.com (scheme, host and optional port only)"
-                    )
-                self._origins.add(value)
+                continue
+            is_origin = "://" in value
+            scheme, _, rest = value.rstrip("/").partition("://") if is_origin else ("", "", value)
+            pattern = _HostPattern.parse(rest, any_port=not is_origin)
+            if is_origin and scheme not in ("http", "https"):
+                raise ConfigError(
+                    f"allowed_origins: {value!r} is not an http(s) origin like "
+                    "https://app.example.com (scheme, host and optional port only)"
+                )
+            if pattern is None and "*" in rest:
+                raise _wildcard_error("allowed_origins", value,
+                                      "*.example.com or https://*.example.com")
+            if pattern is None:
+                raise ConfigError(
+                    f"allowed_origins: {value!r} is not an http(s) origin like "
+                    "https://app.example.com (scheme, host and optional port only)"
+                    if is_origin else
+                    f"allowed_origins: {value!r} is not a host like app.example.com or "
+                    "app.example.com:3000"
+                )
+            if is_origin:
+                self._origins.append((scheme, pattern))
             else:
-                parts = urlsplit("//" + value)
-                if not parts.hostname or parts.path or parts.query or value.endswith(":"):
-                    raise ConfigError(
-                        f"allowed_origins: {entry!r} is not a host like app.example.com "
-                        "or app.example.com:3000"
-                    )
-                self._hosts.add(value)
+                self._hosts.append(pattern)
 
     def allows(self, origin: str | None, host: str | None) -> bool:
-        if origin is None:
+        """Whether a request with this ``Origin`` and ``Host`` header may proceed."""
+        if origin is None or self._any:
             return True
-        value = origin.strip().lower().rstrip("/")
-        if self._any or value in self._origins:
-            return True
-        parts = urlsplit(value)
-        if parts.hostname is None:
+        parsed = _parse_origin(origin)
+        if parsed is None:
             return False
-        if parts.hostname in self._hosts or parts.netloc in self._hosts:
+        scheme, name, port = parsed
+        if any(scheme == allowed and pattern.matches(name, port)
+               for allowed, pattern in self._origins):
             return True
-        return host is not None and parts.netloc == host.strip().lower()
+        if any(pattern.matches(name, port) for pattern in self._hosts):
+            return True
+        return host is not None and _untrusted_host_port(host) == (name, port)
+
+
+class HostPolicy:
+    """Host header check, the guard against DNS rebinding (a hostile name re-pointed at the
+    bridge, whose pages then pass the same-host Origin rule).
+
+    With no entries every request passes. Otherwise the request needs exactly one ``Host``
+    header matching an entry: ``bridge.example.com`` (any port), ``bridge.example.com:8080``
+    or ``[::1]:8080`` (that port), ``*.example.com`` (any subdomain, not the apex) or ``*``
+    (any value). Case-insensitive; a trailing dot is ignored.
+    """
+
+    __slots__ = ("_any", "_patterns")
+
+    def __init__(self, allowed: Iterable[str] = ()) -> None:
+        self._patterns: list[_HostPattern] = []
+        self._any = False
+        for value in _entries(allowed, "allowed_hosts"):
+            if value == "*":
+                self._any = True
+                continue
+            pattern = _HostPattern.parse(value, any_port=True)
+            if pattern is None and "*" in value:
+                raise _wildcard_error("allowed_hosts", value, "*.example.com")
+            if pattern is None:
+                raise ConfigError(
+                    f"allowed_hosts: {value!r} is not a host name like bridge.example.com, "
+                    "bridge.example.com:8080 or [::1]:8080"
+                )
+            self._patterns.append(pattern)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any check happens (an allow-list was given)."""
+        return self._any or bool(self._patterns)
+
+    def allows(self, host: str | None) -> bool:
+        """Whether a request with this ``Host`` header (None: missing, or more than one) may
+        proceed."""
+        if not self.enabled:
+            return True
+        if host is None:
+            return False
+        if self._any:
+            return True
+        parsed = _untrusted_host_port(host)
+        return parsed is not None and any(pattern.matches(*parsed) for pattern in self._patterns)
 
 
 class BearerTokenAuth:
     """Accept requests carrying ``token`` in the Authorization header (``Bearer <token>``),
     a ``Sec-WebSocket-Protocol`` entry ``bearer.<token>``, or the ``access_token`` query
-    parameter. Compared in constant time; the token never appears in messages or logs."""
+    parameter. Compared in constant time; the token never appears in messages or logs.
+    A missing token gets 401 with ``WWW-Authenticate: Bearer realm="grpcbridge"``, a wrong
+    one 403 with ``error="invalid_token"`` added."""
 
     __slots__ = ("_token",)
+
+    #: The challenge on a 401 (no token offered).
+    CHALLENGE = 'Bearer realm="grpcbridge"'
+    #: The header on a 403 (RFC 6750's error for a token that does not match).
+    INVALID_TOKEN = 'Bearer realm="grpcbridge", error="invalid_token"'
 
     def __init__(self, token: str) -> None:
         if not token or token.strip() != token:
             raise ConfigError("the bearer token must be non-empty and without surrounding spaces")
-        self._token = token.encode()
+        self._token = token.encode("utf-8", "surrogatepass")
 
     def __repr__(self) -> str:
         return "BearerTokenAuth(token=<redacted>)"
 
     def _matches(self, candidate: str) -> bool:
-        return hmac.compare_digest(candidate.encode(), self._token)
+        # surrogatepass: a hostile lone surrogate must not turn into an exception (a 500).
+        return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), self._token)
 
     def __call__(self, request: HandshakeRequest) -> Rejection | None:
         candidates: list[str] = []
@@ -196,12 +408,14 @@ class BearerTokenAuth:
         )
         candidates.extend(request.query_values(BEARER_QUERY_PARAMETER))
         if not candidates:
-            return Rejection(401, "missing bearer token", label="auth")
+            return Rejection(401, "missing bearer token", label="auth",
+                             headers=(("WWW-Authenticate", self.CHALLENGE),))
         # Check every candidate so timing does not reveal which one matched.
         matched = [self._matches(candidate) for candidate in candidates]
         if any(matched):
             return None
-        return Rejection(403, "invalid bearer token", label="auth")
+        return Rejection(403, "invalid bearer token", label="auth",
+                         headers=(("WWW-Authenticate", self.INVALID_TOKEN),))
 
 
 def select_subprotocol(offered: Sequence[str], allowed: Sequence[str]) -> str | None:

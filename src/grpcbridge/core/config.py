@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .admission import AuthHook, IPNetwork, OriginPolicy, parse_networks
+from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks
 from .errors import ConfigError
+from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .target import SocketAddress, Target, parse_address, parse_target
 
@@ -35,6 +36,20 @@ def _check_sizes(max_message_bytes: int, buffer_bytes: int) -> None:
             raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
         if value < minimum:
             raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_budgets(per_client: int, total: int, needed: int) -> None:
+    for name, value in (("client_memory_budget", per_client), ("memory_budget", total)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} must be an integer number of bytes >= 0 "
+                              f"(0 disables it), got {value!r}")
+        if value and value < needed:
+            raise ConfigError(
+                f"{name} ({value}) must hold at least one largest message plus a buffer "
+                f"(max_message_bytes + buffer_bytes = {needed}), or 0 to disable it")
+    if per_client and total and per_client > total:
+        raise ConfigError(f"client_memory_budget ({per_client}) must not exceed "
+                          f"memory_budget ({total})")
 
 
 def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
@@ -83,6 +98,9 @@ class BridgeConfig:
     handshake_timeout: float = 10.0
     #: Origins accepted besides same-host ones (see :class:`OriginPolicy`).
     allowed_origins: Sequence[str] = ()
+    #: Host header values accepted, the DNS-rebinding guard (see :class:`HostPolicy`):
+    #: ``bridge.example.com[:port]``, ``*.example.com``, ``*``; empty: any Host.
+    allowed_hosts: Sequence[str] = ()
     #: Subprotocols the bridge may echo, in order of preference.
     subprotocols: Sequence[str] = ("grpcbridge",)
     #: Authentication hook: request -> ``None`` (accept) or a ``Rejection``.
@@ -91,6 +109,12 @@ class BridgeConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Bytes buffered per tunnel and direction before reading from the sender pauses.
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
+    #: Bytes one client may make the bridge hold in incomplete messages and write buffers,
+    #: over all its tunnels and handshakes (beyond: the tunnel that grows closes with 1008);
+    #: 0 = unlimited. Must leave room for one ``max_message_bytes`` message.
+    client_memory_budget: int = DEFAULT_CLIENT_MEMORY_BUDGET
+    #: The same budget for all clients together; 0 = unlimited.
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     #: Active tunnels in total (503 beyond); 0 = unlimited.
     max_connections: int = 10_000
     #: Active tunnels per client (429 beyond); 0 = unlimited.
@@ -124,6 +148,7 @@ class BridgeConfig:
     listen_address: SocketAddress = field(init=False, repr=False)
     metrics_address: SocketAddress | None = field(init=False, repr=False)
     origin_policy: OriginPolicy = field(init=False, repr=False)
+    host_policy: HostPolicy = field(init=False, repr=False)
     trusted_networks: tuple[IPNetwork, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +179,8 @@ class BridgeConfig:
                 f"({self.ping_interval}), or a healthy quiet tunnel would be closed"
             )
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
+        _check_budgets(self.client_memory_budget, self.memory_budget,
+                       self.max_message_bytes + self.buffer_bytes)
         for name in ("max_connections", "max_connections_per_client", "max_upgrades_per_minute"):
             _positive(name, getattr(self, name), allow_zero=True)
         if (self.certfile is None) != (self.keyfile is None):
@@ -184,11 +211,19 @@ class BridgeConfig:
             raise ConfigError("authenticate must be a callable (request) -> Rejection | None")
         object.__setattr__(self, "subprotocols",
                            _check_subprotocols("subprotocols", self.subprotocols))
+        for name in ("allowed_origins", "trusted_proxies"):
+            if isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a list of strings, not one string "
+                                  f"(write [{getattr(self, name)!r}])")
         object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
         object.__setattr__(self, "backend_address", backend)
         object.__setattr__(self, "listen_address", listen)
         object.__setattr__(self, "metrics_address", metrics)
         object.__setattr__(self, "origin_policy", OriginPolicy(self.allowed_origins))
+        hosts = self.allowed_hosts
+        hosts = hosts if isinstance(hosts, str) else tuple(hosts)  # HostPolicy refuses a str
+        object.__setattr__(self, "host_policy", HostPolicy(hosts))
+        object.__setattr__(self, "allowed_hosts", hosts)
         object.__setattr__(self, "trusted_networks",
                            parse_networks(self.trusted_proxies, what="trusted_proxies"))
 

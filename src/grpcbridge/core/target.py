@@ -59,7 +59,11 @@ def parse_target(raw: str, *, tls: bool | None = None) -> Target:
         text = "localhost" + text
     if "://" not in text:
         text = ("wss://" if tls else "ws://") + text
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # "Invalid IPv6 URL", NFKC-normalised netlocs...
+        raise TargetError(f"target {raw!r} is not a valid URL ({exc}); give one like "
+                          "ws://host:8080/grpc") from None
     scheme = parts.scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise TargetError(

@@ -261,10 +261,8 @@ class BridgeApp:
         body = (rejection.reason + "\n").encode()
         headers = [(b"content-type", b"text/plain; charset=utf-8"),
                    (b"content-length", str(len(body)).encode())]
-        if rejection.retry_after is not None:
-            headers.append((b"retry-after", str(rejection.retry_after).encode()))
-        if rejection.status == 426:
-            headers.append((b"upgrade", b"websocket"))
+        headers.extend((name.lower().encode("latin-1"), value.encode("latin-1"))
+                       for name, value in rejection.response_headers())
         await send({"type": f"{prefix}.start", "status": rejection.status, "headers": headers})
         await send({"type": f"{prefix}.body", "body": body})
 

@@ -19,14 +19,20 @@ from ..backends import Backend, SocketBackend
 from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
 from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import TunnelClosed
+from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
 from ..loops import loop_name
 from ..observability import BridgeMetrics, log_event
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import remove_stale_socket
 from .gate import Admitted, Gate
-from .http import HttpServer
+from .http import HttpServer, RequestHead, answer_malformed
 from .static import StaticSite
+
+#: Bytes a client may send after its upgrade request and before the answer (a pipelined
+#: request, frames sent too early). Reading pauses once the request is in, so legitimate
+#: clients send nothing here; past this the connection is dropped.
+MAX_EARLY_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -40,6 +46,49 @@ class _Session:
     reported_to_client: int = 0
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None
+
+
+class _ServerSide(WebSocketSide):
+    """The bridge's protocol for one connection. Until the bridge has answered the HTTP
+    request, bytes go to :meth:`Bridge._handshake_data`, which hands websockets the request
+    up to its blank line only: whatever follows (a pipelined request, frames sent before
+    the 101) stays unparsed in ``held`` until the answer, then reaches the tunnel (101) or
+    is dropped (any other status)."""
+
+    __slots__ = ("bridge", "eof", "handshaking", "head", "held", "held_bytes")
+
+    def __init__(self, bridge: Bridge, tunnel: Tunnel, buffer_bytes: int) -> None:
+        super().__init__(tunnel, buffer_bytes, bridge._connection_made)
+        self.bridge = bridge
+        self.handshaking = True
+        self.head = RequestHead()
+        self.eof = False
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshaking:
+            self.bridge._handshake_data(self, data)
+        else:
+            self.tunnel.ws_data(data)
+
+    def eof_received(self) -> bool | None:
+        if self.handshaking and self.head.complete:
+            self.eof = True  # half-closed after its request: keep the socket to answer
+            return True
+        return super().eof_received()
+
+    def handshake_done(self, accepted: bool) -> None:
+        """The bridge answered: feed what was held to the tunnel (101) or drop it."""
+        self.handshaking = False
+        held, self.held = self.held, []
+        if not accepted:
+            return
+        tunnel = self.tunnel
+        for chunk in held:
+            tunnel.ws_data(chunk)
+        if self.eof:
+            super().eof_received()
 
 
 def _upgrade_requested(request: Request) -> bool:
@@ -71,6 +120,8 @@ class Bridge:
         self.config = config
         self.metrics = metrics if metrics is not None else BridgeMetrics()
         self.gate = Gate(config, self.metrics)
+        self.budget = MemoryBudget(per_client=config.client_memory_budget,
+                                   total=config.memory_budget)
         self.backend = make_backend(config)
         self._sessions: dict[Tunnel, _Session] = {}
         self._server: asyncio.Server | None = None
@@ -240,7 +291,7 @@ class Bridge:
 
     # -------------------------------------------------------- connections
 
-    def _protocol_factory(self) -> WebSocketSide:
+    def _protocol_factory(self) -> _ServerSide:
         config = self.config
         loop = asyncio.get_running_loop()
         gate = self.gate
@@ -252,7 +303,7 @@ class Bridge:
             logger=websockets_logger,
         )
         tunnel = Tunnel(loop, websocket, stream_name="backend")
-        return WebSocketSide(tunnel, config.buffer_bytes, self._connection_made)
+        return _ServerSide(self, tunnel, config.buffer_bytes)
 
     def _connection_made(self, tunnel: Tunnel) -> None:
         assert tunnel.ws_transport is not None
@@ -263,9 +314,10 @@ class Bridge:
         peer = peername[0] if isinstance(peername, tuple) else "unix"
         session = _Session(peer=peer)
         self._sessions[tunnel] = session
+        # Until admission names the client, the handshake is charged to the peer address.
+        tunnel.account = self.budget.open(peer)
         session.timer = tunnel.loop.call_later(
             self.config.handshake_timeout, self._handshake_timed_out, tunnel)
-        tunnel.on_handshake_event = lambda event: self._on_handshake_event(tunnel, event)
         tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(tunnel))
 
     def _handshake_timed_out(self, tunnel: Tunnel) -> None:
@@ -275,24 +327,64 @@ class Bridge:
                                peer=session.peer)
             tunnel.abort()
 
-    def _on_handshake_event(self, tunnel: Tunnel, event: object) -> None:
+    def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
+        tunnel = side.tunnel
         session = self._sessions.get(tunnel)
-        if session is None or session.task is not None or not isinstance(event, Request):
+        if session is None or tunnel.ws_transport is None:
             return
+        if side.head.complete:
+            side.held.append(data)
+            side.held_bytes += len(data)
+            if side.held_bytes > MAX_EARLY_BYTES:
+                log_event("upgrade_aborted", peer=session.peer,
+                          reason=f"over {MAX_EARLY_BYTES} bytes sent before the answer")
+                tunnel.abort()
+            return
+        head, rest = side.head.split(data)
+        websocket = tunnel.websocket
+        websocket.receive_data(head)
+        request = next((event for event in websocket.events_received()
+                        if isinstance(event, Request)), None)
+        if request is None:
+            if websocket.handshake_exc is not None:
+                self._malformed_request(tunnel, session)
+                return
+            tunnel.charge_budget()
+            if tunnel.close_code is not None:  # headers over the client's memory budget
+                self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
+                                   peer=session.peer)
+                tunnel.abort()
+            return
+        if rest:
+            side.held.append(rest)
+            side.held_bytes = len(rest)
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
         tunnel.pause_websocket_reading()
-        session.task = tunnel.loop.create_task(self._open(tunnel, session, event))
+        session.task = tunnel.loop.create_task(self._open(side, session, request))
+
+    def _malformed_request(self, tunnel: Tunnel, session: _Session) -> None:
+        """websockets could not parse the request: answer 400 (or the 414/431 websockets
+        wrote itself), log it, close."""
+        websocket = tunnel.websocket
+        assert isinstance(websocket, ServerProtocol)
+        status, chunks, reason = answer_malformed(websocket)
+        self.gate.rejected(Rejection(status, reason, label="malformed"), peer=session.peer)
+        transport = tunnel.ws_transport
+        assert transport is not None
+        transport.writelines(chunks)
+        transport.close()
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
 
     def _send_rejection(self, tunnel: Tunnel, rejection: Rejection) -> None:
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.reject(rejection.status, rejection.reason + "\n")
-        if rejection.retry_after is not None:
-            response.headers["Retry-After"] = str(rejection.retry_after)
-        if rejection.status == 426:
-            response.headers["Upgrade"] = "websocket"
+        for name, value in rejection.response_headers():
+            response.headers[name] = value
         websocket.send_response(response)
         tunnel.flush_websocket()
 
@@ -316,10 +408,14 @@ class Bridge:
         tunnel.flush_websocket()
         return True
 
-    async def _open(self, tunnel: Tunnel, session: _Session, request: Request) -> None:
+    async def _open(self, side: _ServerSide, session: _Session, request: Request) -> None:
+        tunnel = side.tunnel
         loop = tunnel.loop
         path, _, query = request.path.partition("?")
-        if not _upgrade_requested(request) and self._send_static(tunnel, path, request):
+        if (not _upgrade_requested(request)
+                and self.config.host_policy.allows(request.headers.get("Host"))
+                and self._send_static(tunnel, path, request)):
+            side.handshake_done(False)
             return
         headers: dict[str, list[str]] = {}
         for name, value in request.headers.raw_items():
@@ -327,8 +423,13 @@ class Bridge:
         decision = await self.gate.check(path=path, query=query, headers=headers,
                                          peer=session.peer,
                                          websocket=_upgrade_requested(request), now=loop.time())
+        if self._sessions.get(tunnel) is not session:  # the client left during the check
+            if not isinstance(decision, Rejection):
+                self.gate.release(decision, loop.time())
+            return
         if isinstance(decision, Rejection):
             self._send_rejection(tunnel, decision)
+            side.handshake_done(False)
             return
         session.admitted = decision
         websocket = tunnel.websocket
@@ -340,10 +441,16 @@ class Bridge:
                                   label="handshake")
             self.gate.rejected(rejection, peer=session.peer, client=decision.client, path=path)
             self._send_rejection(tunnel, rejection)
+            side.handshake_done(False)
             return
+        # From here on the tunnel is charged to the client the gate identified.
+        if tunnel.account is not None:
+            tunnel.account.close()
+        tunnel.account = self.budget.open(decision.client)
         websocket.send_response(response)
         tunnel.flush_websocket()
         session.accepted = True
+        side.handshake_done(True)
         self.gate.opened(decision, peer=session.peer, path=path,
                          origin=request.headers.get("Origin", ""))
         await self._connect_backend(tunnel, decision)
@@ -373,6 +480,8 @@ class Bridge:
         if session.timer is not None:
             session.timer.cancel()
         now = tunnel.loop.time()
+        if tunnel.account is not None:
+            tunnel.account.close()
         if session.admitted is not None:
             self.gate.release(session.admitted, now)
         if not session.accepted or session.admitted is None:

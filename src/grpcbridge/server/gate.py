@@ -17,6 +17,7 @@ from ..core.admission import (
     HandshakeRequest,
     Rejection,
     client_identity,
+    loggable_path,
     select_subprotocol,
 )
 from ..core.config import BridgeConfig
@@ -37,7 +38,8 @@ def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
 
 
 class Gate:
-    """Decides on upgrade requests: path, WebSocket upgrade, Origin, abuse limits, auth."""
+    """Decides on upgrade requests: path, WebSocket upgrade, Host, Origin, abuse limits,
+    auth."""
 
     def __init__(self, config: BridgeConfig, metrics: BridgeMetrics) -> None:
         self.config = config
@@ -63,14 +65,18 @@ class Gate:
         config = self.config
         client = peer
         origin = _first(headers, "origin")
+        hosts = headers.get("host", ())
         rejection: Rejection | None = None
         if path != config.path:
-            rejection = Rejection(404, f"no tunnel endpoint at {path}; use {config.path}",
-                                  label="path")
+            rejection = Rejection(
+                404, f"no tunnel endpoint at {loggable_path(path)}; use {config.path}",
+                label="path")
         elif not websocket:
             rejection = Rejection(
                 426, "this endpoint only accepts WebSocket upgrades (gRPC over WebSocket)",
                 label="not_websocket")
+        elif not config.host_policy.allows(hosts[0] if len(hosts) == 1 else None):
+            rejection = Rejection(403, "host not allowed", label="host")
         elif not config.origin_policy.allows(origin, _first(headers, "host")):
             rejection = Rejection(403, "origin not allowed", label="origin")
         else:
@@ -88,7 +94,8 @@ class Gate:
                     self.limiter.release(client, now)
                 else:
                     return Admitted(client, select_subprotocol(offered, config.subprotocols))
-        self.rejected(rejection, peer=peer, client=client, path=path, origin=origin or "")
+        self.rejected(rejection, peer=peer, client=client, path=path, origin=origin or "",
+                      host=", ".join(hosts))
         return rejection
 
     async def _authenticate(self, path: str, query: str, headers: Mapping[str, Sequence[str]],
@@ -111,10 +118,12 @@ class Gate:
         return decision
 
     def rejected(self, rejection: Rejection, *, peer: str, client: str = "", path: str = "",
-                 origin: str = "") -> None:
+                 origin: str = "", host: str = "") -> None:
+        """Count and log a refused upgrade (``path`` is logged without parameters/query)."""
         self.metrics.upgrades_rejected.labels(rejection.label).inc()
         log_event("upgrade_rejected", status=rejection.status, reason=rejection.reason,
-                  peer=peer, client=client or peer, path=path, origin=origin)
+                  peer=peer, client=client or peer, path=loggable_path(path), origin=origin,
+                  host=loggable_path(host))
 
     def release(self, admitted: Admitted, now: float) -> None:
         self.limiter.release(admitted.client, now)
@@ -124,7 +133,8 @@ class Gate:
     def opened(self, admitted: Admitted, *, peer: str, path: str, origin: str) -> None:
         self.metrics.upgrades_accepted.inc()
         self.metrics.tunnels_active.inc()
-        log_event("upgrade_accepted", peer=peer, client=admitted.client, path=path,
+        log_event("upgrade_accepted", peer=peer, client=admitted.client,
+                  path=loggable_path(path),
                   origin=origin, subprotocol=admitted.subprotocol or "")
 
     def backend_failed(self, exc: BaseException) -> None:

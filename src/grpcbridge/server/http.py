@@ -1,4 +1,5 @@
-"""A minimal HTTP/1.1 responder built on websockets' request parser (for /metrics etc.)."""
+"""HTTP/1.1 request handling shared by the bridge's listener and the metrics listener, built
+on websockets' request parser: one request per connection, answered before anything else."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from websockets.exceptions import RequestLineTooLong
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 
@@ -14,6 +16,55 @@ from ..relay import websockets_logger
 
 #: A handler gets the request path (without query) and returns status, content type, body.
 Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
+
+_END_OF_HEAD = b"\r\n\r\n"
+
+
+class RequestHead:
+    """Finds where the head of the first HTTP request ends (its blank line), across reads.
+
+    websockets' server protocol parses frames right after the request; bytes that follow
+    the request in the same read (a pipelined request, frames sent before the 101) would be
+    parsed before the request is answered, and a parse error there would end the
+    connection without an answer. Feeding websockets only what :meth:`split` returns as the
+    head keeps the rest aside until the answer is sent.
+    """
+
+    __slots__ = ("_tail", "complete")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.complete = False
+
+    def split(self, data: bytes) -> tuple[bytes, bytes]:
+        """``(head_part, rest)``: feed ``head_part`` to the parser; ``rest`` follows the
+        head (non-empty only once :attr:`complete`)."""
+        if self.complete:
+            return b"", data
+        window = self._tail + data
+        end = window.find(_END_OF_HEAD)
+        if end < 0:
+            self._tail = window[-3:]
+            return data, b""
+        self.complete = True
+        cut = end + len(_END_OF_HEAD) - len(self._tail)
+        return data[:cut], data[cut:]
+
+
+def answer_malformed(parser: ServerProtocol) -> tuple[int, list[bytes], str]:
+    """After websockets failed to parse a request: the status, the bytes to send (websockets'
+    own 414/431 answer, or a 400 it does not write itself) and a reason for the log."""
+    error = parser.handshake_exc
+    chunks = [chunk for chunk in parser.data_to_send() if chunk]
+    if chunks:  # websockets answered a request line or headers over its limits
+        status = 414 if isinstance(error, RequestLineTooLong) else 431
+        detail = str(error)
+    else:
+        status = 400
+        chunks = [parser.reject(400, "malformed HTTP request\n").serialize()]
+        cause = error.__cause__ if error is not None and error.__cause__ else error
+        detail = str(cause)
+    return status, chunks, f"malformed HTTP request: {detail[:120]}"
 
 
 class _HttpProtocol(asyncio.Protocol):
@@ -25,6 +76,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._parser = ServerProtocol(logger=websockets_logger)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._head = RequestHead()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -33,15 +85,23 @@ class _HttpProtocol(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
 
     def data_received(self, data: bytes) -> None:
-        self._parser.receive_data(data)
+        assert self._transport is not None
+        head, _rest = self._head.split(data)
+        if not head:
+            return  # after the request: a pipelined one is not answered
+        self._parser.receive_data(head)
         for event in self._parser.events_received():
             if isinstance(event, Request):
-                assert self._transport is not None
                 self._transport.pause_reading()
                 task = asyncio.get_running_loop().create_task(self._respond(event))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
                 return
+        if self._parser.handshake_exc is not None:
+            _status, chunks, _reason = answer_malformed(self._parser)
+            self._transport.writelines(chunks)
+            self._transport.close()
+            return
         self._flush()
 
     async def _respond(self, request: Request) -> None:
