@@ -175,8 +175,9 @@ class Server:
             self.url = url
             return
         self.process = subprocess.Popen(
+            # The bulk step sends 256 KiB todos: lift the demo's 500-character text limit.
             [sys.executable, "-m", "grpcbridge.demo.web", "--listen", "127.0.0.1:0",
-             "--db", ":memory:"],
+             "--db", ":memory:", "--max-text-length", "0"],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
         self.output: list[str] = []

@@ -6,8 +6,10 @@ wheels) runs in a subprocess on a free port with a temporary database. Playwrigh
 Debian's Chromium (``/usr/bin/chromium``, never a downloaded browser) with a fresh profile.
 Every assertion is on what the page shows:
 
-* the page boots (all load steps done, status "connected");
+* the page boots (all load steps done, status "connected") with a clean console, requesting
+  each big Pyodide file once, also in a profile whose HTTP cache lives in memory;
 * add / toggle / edit / delete work and survive a reload (the SQLite file);
+* an empty, blank or over-long todo (add or edit) shows the server's INVALID_ARGUMENT message;
 * bulk add (client streaming) adds one todo per line;
 * two tabs show each other's changes within a second (the SyncTodos change feed);
 * the status goes to "reconnecting" (with the reason) when the bridge stops, and back to
@@ -54,6 +56,10 @@ SCREENSHOT = ROOT / "docs" / "demo.png"
 BOOT_MS = 60_000
 #: Milliseconds within which another tab must show a change (the requirement: a second).
 SYNC_MS = 1_000
+#: The big files of the Pyodide runtime: a page load requests each of them once.
+RUNTIME_FILES = ("pyodide.asm.wasm", "python_stdlib.zip")
+#: The service's todo text limit in the demo (grpcbridge.demo.MAX_TEXT_LENGTH).
+TEXT_LIMIT = 500
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -172,38 +178,44 @@ def _chromium_processes() -> list[psutil.Process]:
 
 
 @pytest.fixture(scope="module")
-def context(demo_ready: None) -> Iterator[Any]:
-    """One Chromium (fresh profile) for the module; closed, and checked gone, at the end."""
+def playwright(demo_ready: None) -> Iterator[Any]:
+    """Playwright for the module; every Chromium it started is checked gone at the end."""
     from playwright.sync_api import sync_playwright
 
     before = {p.pid for p in _chromium_processes()}
-    with tempfile.TemporaryDirectory(prefix="grpcbridge-chromium-") as profile:
-        # Chromium's own stderr (crash reasons, renderer exits) goes to the test's captured
-        # output through Playwright's driver, so a failure report shows it.
-        saved = os.environ.get("DEBUG")
-        os.environ["DEBUG"] = "pw:browser"
-        try:
-            playwright = sync_playwright().start()
-        finally:
-            if saved is None:
-                del os.environ["DEBUG"]
-            else:
-                os.environ["DEBUG"] = saved
-        try:
-            browser_context = playwright.chromium.launch_persistent_context(
-                profile, executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
-                viewport={"width": 1100, "height": 900})
-            try:
-                yield browser_context
-            finally:
-                browser_context.close()
-        finally:
-            playwright.stop()
+    # Chromium's own stderr (crash reasons, renderer exits) goes to the test's captured
+    # output through Playwright's driver, so a failure report shows it.
+    saved = os.environ.get("DEBUG")
+    os.environ["DEBUG"] = "pw:browser"
+    try:
+        instance = sync_playwright().start()
+    finally:
+        if saved is None:
+            del os.environ["DEBUG"]
+        else:
+            os.environ["DEBUG"] = saved
+    try:
+        yield instance
+    finally:
+        instance.stop()
     deadline = time.monotonic() + 10
     while (left := [p for p in _chromium_processes() if p.pid not in before]) and \
             time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"Chromium processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def context(playwright: Any) -> Iterator[Any]:
+    """One Chromium (fresh profile on disk) for the module, closed at the end."""
+    with tempfile.TemporaryDirectory(prefix="grpcbridge-chromium-") as profile:
+        browser_context = playwright.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
+            viewport={"width": 1100, "height": 900})
+        try:
+            yield browser_context
+        finally:
+            browser_context.close()
 
 
 class Tab:
@@ -215,6 +227,9 @@ class Tab:
         self.page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
         self.page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
         self.page.on("crash", lambda _page: self.console.append("crash: the renderer died"))
+        #: Every URL the page requested (also those the HTTP cache answered), in order.
+        self.requests: list[str] = []
+        self.page.on("request", lambda r: self.requests.append(r.url))
         self.url = url
 
     def open(self) -> None:
@@ -237,6 +252,16 @@ class Tab:
             raise AssertionError(
                 f"the page did not connect: status={status!r}\npage: {body}\n"
                 "console:\n" + "\n".join(self.console[-30:])) from exc
+
+    def errors(self) -> list[str]:
+        """Console errors (also failed loads, e.g. net::ERR_CACHE_MISS) and page errors."""
+        return [line for line in self.console if line.startswith(("error:", "pageerror:",
+                                                                   "crash:"))]
+
+    def runtime_requests(self) -> dict[str, int]:
+        """How often the page requested each big Pyodide file."""
+        return {name: sum(url.endswith("/" + name) for url in self.requests)
+                for name in RUNTIME_FILES}
 
     def status(self) -> str:
         return str(self.page.get_attribute('[data-testid="status"]', "data-state"))
@@ -292,6 +317,31 @@ def test_page_boots_and_connects(tab: Tab) -> None:
     tab.expect(tab.by("rpc-log")).to_contain_text("StreamTodos")
     ready_ms = float(tab.page.evaluate("grpcbridgeDemo.timings.ready"))
     assert 0 < ready_ms < BOOT_MS
+    # A fresh profile, an empty cache: no console errors, one request per runtime file.
+    assert tab.errors() == [], "\n".join(tab.console)
+    assert tab.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), tab.requests
+
+
+def test_memory_cache_profile_loads_cleanly(playwright: Any, server: DemoServer) -> None:
+    """A profile whose HTTP cache lives in memory (a non-persistent context, like a private
+    window): a load and a reload log no console errors and request each runtime file once
+    per load (the in-memory cache may not keep the 9 MiB wasm, so a second request in one
+    load would download it again)."""
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS,
+                                         headless=True)
+    try:
+        context = browser.new_context(viewport={"width": 1100, "height": 900})
+        private = Tab(context, server.url)
+        private.open()
+        assert private.errors() == [], "\n".join(private.console)
+        assert private.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), private.requests
+        private.requests.clear()
+        private.reload()
+        assert private.errors() == [], "\n".join(private.console)
+        assert private.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), private.requests
+        context.close()
+    finally:
+        browser.close()
 
 
 def test_add_toggle_edit_delete_survive_reload(tab: Tab) -> None:
@@ -335,6 +385,50 @@ def test_add_toggle_edit_delete_survive_reload(tab: Tab) -> None:
     tab.by("todo-edit-input").press("Escape")
     tab.expect(tab.by("todo-edit-input")).to_have_count(0)
     assert tab.texts() == ["buy oat milk", "write tests"]
+
+
+def test_refused_todos_show_the_server_message(tab: Tab) -> None:
+    """The service refuses empty, blank and over-long text (INVALID_ARGUMENT, a message naming
+    the limit): the page shows that message, adds nothing and keeps what was typed."""
+    tab.page.bring_to_front()
+    before = tab.texts()
+    error = tab.by("app-error")
+    blank = f"Could not add the todo: text must not be empty (1-{TEXT_LIMIT} characters)."
+    for text in ("", "   "):
+        tab.page.evaluate("document.getElementById('app-error').hidden = true")
+        tab.by("new-text").fill(text)
+        tab.by("add").click()
+        tab.expect(error).to_be_visible()
+        tab.expect(error).to_have_text(blank)
+        tab.expect(tab.by("rpc-log").get_by_test_id("rpc-entry").first).to_contain_text(
+            "INVALID_ARGUMENT")
+    too_long = "x" * 10_000  # no maxlength trims it: the server's answer is shown
+    tab.by("new-text").fill(too_long)
+    tab.by("add").click()
+    tab.expect(error).to_have_text(
+        f"Could not add the todo: text must be 1-{TEXT_LIMIT} characters, got 10000.")
+    tab.expect(tab.by("new-text")).to_have_value(too_long)  # nothing typed is lost
+    tab.expect(tab.by("new-text")).to_be_focused()
+    assert tab.texts() == before
+
+    # Exactly at the limit is fine, and the error goes away.
+    longest = "y" * TEXT_LIMIT
+    tab.add(longest)
+    tab.expect(error).to_be_hidden()
+
+    # An edit to an over-long or an empty text: refused, the todo keeps its text.
+    for text, message in (("z" * (TEXT_LIMIT + 1),
+                           f"text must be 1-{TEXT_LIMIT} characters, got {TEXT_LIMIT + 1}"),
+                          ("", f"text must not be empty (1-{TEXT_LIMIT} characters)")):
+        tab.item(longest).get_by_test_id("todo-edit").click()
+        tab.by("todo-edit-input").fill(text)
+        tab.by("todo-edit-input").press("Enter")
+        tab.expect(error).to_have_text(f"Could not save the change: {message}.")
+        tab.expect(tab.item(longest)).to_have_count(1)
+    tab.item(longest).get_by_test_id("todo-delete").click()
+    tab.expect(tab.item(longest)).to_have_count(0)
+    tab.expect(error).to_be_hidden()
+    assert tab.texts() == before
 
 
 def test_bulk_add_adds_one_todo_per_line(tab: Tab) -> None:

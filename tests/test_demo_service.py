@@ -1,4 +1,5 @@
-"""Tests for the grpcio Todo example service (grpcbridge.demo.service)."""
+"""Tests for the Todo example service: grpcio (grpcbridge.demo.service) and, for the todo
+text rule they share (grpcbridge.demo.store.text_error), grpclib (demo.grpclib_service)."""
 
 from __future__ import annotations
 
@@ -6,20 +7,28 @@ import contextlib
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
 
 import grpcbridge.demo
-from grpcbridge.demo import todo_pb2, todo_pb2_grpc
+from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2, todo_pb2_grpc
+from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.service import TodoServicer, serve
-from grpcbridge.demo.store import TodoStore
+from grpcbridge.demo.store import InvalidTextError, TodoStore, text_error
+from grpcbridge.demo.todo_grpc import TodoServiceStub
+from grpcbridge.demo.web import add_arguments
 
 MiB = 1024 * 1024
 
@@ -134,11 +143,12 @@ def test_fail_prefix_with_non_ascii_message(stub: todo_pb2_grpc.TodoServiceStub)
 
 
 def test_invalid_argument_and_not_found(stub: todo_pb2_grpc.TodoServiceStub) -> None:
-    with pytest.raises(grpc.RpcError) as info:
-        stub.CreateTodo(todo_pb2.CreateTodoRequest(text=""), timeout=5)
-    assert isinstance(info.value, grpc.Call)
-    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details() == "text must not be empty"
+    for blank in ("", " \t "):  # a store without a length limit still refuses blank text
+        with pytest.raises(grpc.RpcError) as info:
+            stub.CreateTodo(todo_pb2.CreateTodoRequest(text=blank), timeout=5)
+        assert isinstance(info.value, grpc.Call)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details() == "text must not be empty"
 
     for call in (
         lambda: stub.UpdateTodo(todo_pb2.UpdateTodoRequest(id="missing1", text="x"), timeout=5),
@@ -308,3 +318,161 @@ def test_main_subprocess_serves_until_sigterm(tmp_path: Path) -> None:
         assert [t.text for t in store.list()] == ["persisted"]
     finally:
         store.close()
+
+
+# ------------------------------------------------------------------ the todo text rule
+
+LIMIT = MAX_TEXT_LENGTH
+BLANK = f"text must not be empty (1-{LIMIT} characters)"
+
+
+def _too_long(length: int) -> str:
+    return f"text must be 1-{LIMIT} characters, got {length}"
+
+
+def test_text_rule() -> None:
+    assert LIMIT == 500
+    for blank in ("", " ", " \t\n\u3000 "):
+        assert text_error(blank, LIMIT) == BLANK
+        assert text_error(blank) == "text must not be empty"  # no limit: the old message
+    assert text_error("x" * LIMIT, LIMIT) is None
+    assert text_error("ü" * LIMIT, LIMIT) is None  # characters, not bytes
+    assert text_error("x" * (LIMIT + 1), LIMIT) == _too_long(LIMIT + 1)
+    assert text_error("x" * 10_000, LIMIT) == _too_long(10_000)
+    assert text_error(" x ", LIMIT) is None
+    assert text_error("x" * 10_000) is None
+
+
+def test_store_refuses_invalid_text_on_every_write() -> None:
+    store = TodoStore(max_text_length=LIMIT)
+    try:
+        feed = store.subscribe()
+        with pytest.raises(InvalidTextError, match=r"^text must be 1-500 characters, got 501$"):
+            store.create("x" * (LIMIT + 1))
+        todo = store.create("ok")
+        with pytest.raises(InvalidTextError, match=r"^text must not be empty \(1-500"):
+            store.update(todo.id, "   ", True)
+        with pytest.raises(KeyError):  # the id is checked before the text
+            store.update("nope", "", False)
+        for request, error in (
+            (todo_pb2.SyncRequest(create=todo_pb2.CreateTodoRequest(text="")), BLANK),
+            (todo_pb2.SyncRequest(update=todo_pb2.UpdateTodoRequest(id=todo.id, text="y" * 501)),
+             _too_long(501)),
+        ):
+            assert store.apply_sync(request) == error
+        assert [t.text for t in store.list()] == ["ok"]
+        assert feed.get_nowait() == ("todo", todo)  # the refused writes published nothing
+        assert feed.empty()
+    finally:
+        store.close()
+    with pytest.raises(ValueError, match="at least 1"):
+        TodoStore(max_text_length=0)
+
+
+def test_web_demo_option() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).max_text_length == LIMIT
+    assert parser.parse_args(["--max-text-length", "0"]).max_text_length == 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--max-text-length", "-1"])
+
+
+@pytest.fixture(params=["grpcio", "grpclib"])
+async def limited(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceStub]:
+    """A grpclib client stub of a Todo service (either implementation) whose store has the
+    demo's text limit."""
+    store = TodoStore(max_text_length=LIMIT)
+    try:
+        if request.param == "grpcio":
+            server, _servicer, port = serve("127.0.0.1:0", store)
+            try:
+                async with Channel("127.0.0.1", port) as channel:
+                    yield TodoServiceStub(channel)
+            finally:
+                server.stop(grace=None).wait()
+        else:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            grpclib_server = Server([TodoService(store)])
+            await grpclib_server.start(sock=sock)
+            try:
+                async with Channel("127.0.0.1", port) as channel:
+                    yield TodoServiceStub(channel)
+            finally:
+                grpclib_server.close()
+                await grpclib_server.wait_closed()
+    finally:
+        store.close()
+
+
+async def _refused(call: object, message: str) -> None:
+    assert callable(call)
+    with pytest.raises(GRPCError) as info:
+        await call()
+    assert (info.value.status, info.value.message) == (Status.INVALID_ARGUMENT, message)
+
+
+async def test_create_and_update_refuse_invalid_text(limited: TodoServiceStub) -> None:
+    stub = limited
+    for blank in ("", "   ", "\t\n"):
+        await _refused(lambda t=blank: stub.CreateTodo(todo_pb2.CreateTodoRequest(text=t)), BLANK)
+    at_limit = "x" * LIMIT
+    created = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text=at_limit))
+    assert created.text == at_limit
+    for length in (LIMIT + 1, 10_000):
+        await _refused(lambda n=length: stub.CreateTodo(
+            todo_pb2.CreateTodoRequest(text="y" * n)), _too_long(length))
+    # "fail:" texts obey the rule too (checked first).
+    await _refused(lambda: stub.CreateTodo(
+        todo_pb2.CreateTodoRequest(text="fail:NOT_FOUND:" + "z" * LIMIT)), _too_long(LIMIT + 15))
+
+    await _refused(lambda: stub.UpdateTodo(
+        todo_pb2.UpdateTodoRequest(id=created.id, text=" ", done=True)), BLANK)
+    with pytest.raises(GRPCError) as unknown:  # an unknown id: NOT_FOUND, whatever the text
+        await stub.UpdateTodo(todo_pb2.UpdateTodoRequest(id="nope", text=""))
+    assert unknown.value.status is Status.NOT_FOUND
+    await _refused(lambda: stub.UpdateTodo(todo_pb2.UpdateTodoRequest(
+        id=created.id, text="u" * (LIMIT + 1), done=True)), _too_long(LIMIT + 1))
+    updated = await stub.UpdateTodo(todo_pb2.UpdateTodoRequest(
+        id=created.id, text="u" * LIMIT, done=True))
+    assert (updated.text, updated.done) == ("u" * LIMIT, True)
+    listed = await stub.ListTodos(todo_pb2.ListTodosRequest())
+    assert [(t.text, t.done) for t in listed.todos] == [("u" * LIMIT, True)]
+
+
+async def test_bulk_create_refuses_invalid_text(limited: TodoServiceStub) -> None:
+    with pytest.raises(GRPCError) as info:
+        async with limited.BulkCreateTodos.open() as stream:
+            await stream.send_message(todo_pb2.CreateTodoRequest(text="kept"))
+            await stream.send_message(todo_pb2.CreateTodoRequest(text="b" * (LIMIT + 1)))
+            await stream.end()
+            await stream.recv_message()
+    assert (info.value.status, info.value.message) == (Status.INVALID_ARGUMENT,
+                                                       _too_long(LIMIT + 1))
+    listed = await limited.ListTodos(todo_pb2.ListTodosRequest())
+    assert [t.text for t in listed.todos] == ["kept"]
+    reply = await limited.BulkCreateTodos([todo_pb2.CreateTodoRequest(text="c" * LIMIT)])
+    assert reply is not None and reply.created_count == 1
+
+
+async def test_sync_actions_refuse_invalid_text(limited: TodoServiceStub) -> None:
+    async with limited.SyncTodos.open() as sync:
+        await sync.send_message(todo_pb2.SyncRequest(
+            create=todo_pb2.CreateTodoRequest(text=" ")))
+        assert (await sync.recv_message()) == todo_pb2.SyncResponse(error=BLANK)
+        await sync.send_message(todo_pb2.SyncRequest(
+            create=todo_pb2.CreateTodoRequest(text="s" * (LIMIT + 1))))
+        assert (await sync.recv_message()) == todo_pb2.SyncResponse(error=_too_long(LIMIT + 1))
+        await sync.send_message(todo_pb2.SyncRequest(
+            create=todo_pb2.CreateTodoRequest(text="s" * LIMIT)))
+        created = await sync.recv_message()
+        assert created is not None and created.todo.text == "s" * LIMIT
+        await sync.send_message(todo_pb2.SyncRequest(update=todo_pb2.UpdateTodoRequest(
+            id=created.todo.id, text="t" * (LIMIT + 1))))
+        assert (await sync.recv_message()) == todo_pb2.SyncResponse(error=_too_long(LIMIT + 1))
+        await sync.end()
+        assert (await sync.recv_message()) is None  # the stream ends OK after the errors

@@ -4,6 +4,8 @@
 It behaves exactly like the grpcio servicer in :mod:`grpcbridge.demo.service` (see its module
 docstring): ``x-echo-*`` metadata echoed as initial metadata and, after
 ``("x-trailer-rpc", "<MethodName>")``, in the trailers (also for failed RPCs);
+``INVALID_ARGUMENT`` for a text the store refuses (empty, whitespace-only or too long, with the
+message of :func:`grpcbridge.demo.store.text_error`);
 ``fail:<CODE_NAME>:<message>`` errors (non-ASCII allowed); ``NOT_FOUND`` for unknown ids;
 ``StreamTodos`` repeats with ``interval_ms`` pauses and stops as soon as it is cancelled;
 ``BulkCreateTodos``; ``SyncTodos`` fed by the store's change feed; and cancellation
@@ -34,7 +36,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
 from grpcbridge.demo import todo_grpc, todo_pb2
-from grpcbridge.demo.store import ChangeEvent, TodoStore
+from grpcbridge.demo.store import ChangeEvent, InvalidTextError, TodoStore
 
 __all__ = ["TodoService"]
 
@@ -119,10 +121,12 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
             self._count_cancelled()
             raise
 
-    @staticmethod
-    def _check_text(text: str) -> None:
-        if not text:
-            raise GRPCError(Status.INVALID_ARGUMENT, "text must not be empty")
+    def _check_text(self, text: str) -> None:
+        """Raise ``INVALID_ARGUMENT`` if the store refuses ``text``."""
+        try:
+            self.store.check_text(text)
+        except InvalidTextError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
 
     @staticmethod
     def _not_found(todo_id: str) -> NoReturn:
@@ -162,6 +166,8 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
                 todo = self.store.update(request.id, request.text, request.done)
             except KeyError:
                 self._not_found(request.id)
+            except InvalidTextError as exc:  # checked after the id: NOT_FOUND comes first
+                raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
             await stream.send_message(todo)
 
     async def DeleteTodo(self, stream: Stream[Any, Any]) -> None:

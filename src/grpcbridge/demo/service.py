@@ -6,29 +6,32 @@ Behaviour that the tests and benchmarks rely on:
   ``x-echo-`` are sent back as initial metadata (same key and value; ``-bin`` keys carry
   bytes).  The trailing metadata always is ``("x-trailer-rpc", "<MethodName>")`` followed
   by the echoed entries again.  This also holds for failed RPCs.
-* **Errors** -- ``CreateTodo`` (and ``BulkCreateTodos``) with empty text fails with
-  ``INVALID_ARGUMENT`` "text must not be empty".  ``CreateTodo`` with text
+* **Errors** -- ``CreateTodo``, ``UpdateTodo`` and ``BulkCreateTodos`` with a text the
+  store refuses (:func:`grpcbridge.demo.store.text_error`: empty or whitespace-only, or longer
+  than the store's ``max_text_length``) fail with ``INVALID_ARGUMENT`` and the rule's message,
+  "text must not be empty" for a store without a limit.  ``CreateTodo`` with text
   ``fail:<CODE_NAME>:<message>`` (e.g. ``fail:NOT_FOUND:nö such tödo ✓``) fails with
   ``grpc.StatusCode.<CODE_NAME>`` and exactly ``<message>`` (non-ASCII allowed); an unknown
   code name (or ``OK``) gives ``INVALID_ARGUMENT``.  ``UpdateTodo``/``DeleteTodo`` of an
-  unknown id fail with ``NOT_FOUND`` "todo <id> not found".
+  unknown id fail with ``NOT_FOUND`` "todo <id> not found" (whatever the text).
 * **StreamTodos** -- sends the current list, then ``repeat - 1`` more times (``repeat <= 0``
   means once), sleeping ``interval_ms`` between consecutive todos; it stops promptly when
   the client cancels or the deadline passes.
-* **BulkCreateTodos** -- creates one todo per request and returns ``created_count``; an
-  empty text aborts with ``INVALID_ARGUMENT`` (todos created before it are kept).
+* **BulkCreateTodos** -- creates one todo per request and returns ``created_count``; a
+  refused text aborts with ``INVALID_ARGUMENT`` (todos created before it are kept).
 * **SyncTodos** (bidi) -- applies each ``SyncRequest`` action to the store and streams the
   store's change feed (changes made by *any* client) as ``SyncResponse(todo=...)`` or
-  ``SyncResponse(deleted_id=...)``; a failed action yields ``SyncResponse(error=...)`` to
-  the requesting client only.  After the client half-closes, all changes caused by its
-  requests are flushed and the stream ends with OK.
+  ``SyncResponse(deleted_id=...)``; a failed action (also a refused text) yields
+  ``SyncResponse(error=...)`` to the requesting client only.  After the client half-closes,
+  all changes caused by its requests are flushed and the stream ends with OK.
 * **Cancellation observability** -- :attr:`TodoServicer.cancelled_count` counts RPCs that
   ended because the client cancelled or the deadline passed (also server shutdown), never
   normally completed or failed RPCs; :meth:`TodoServicer.wait_cancelled` waits for it.
 
 Run standalone with ``python -m grpcbridge.demo.service --listen 127.0.0.1:50051
-[--db PATH]``; it prints ``listening on <host:port>`` (the actual port if 0 was given) and
-serves until SIGTERM/SIGINT.
+[--db PATH] [--max-text-length N]`` (no length limit by default); it prints
+``listening on <host:port>`` (the actual port if 0 was given) and serves until
+SIGTERM/SIGINT.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from typing import Literal, NoReturn, TypeAlias, cast
 import grpc
 
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.store import ChangeEvent, TodoStore
+from grpcbridge.demo.store import ChangeEvent, InvalidTextError, TodoStore
 
 __all__ = ["TodoServicer", "main", "serve"]
 
@@ -126,10 +129,12 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
             context.send_initial_metadata(echo)
         return rpc
 
-    @staticmethod
-    def _check_text(context: grpc.ServicerContext, text: str) -> None:
-        if not text:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text must not be empty")
+    def _check_text(self, context: grpc.ServicerContext, text: str) -> None:
+        """Abort with ``INVALID_ARGUMENT`` if the store refuses ``text``."""
+        try:
+            self.store.check_text(text)
+        except InvalidTextError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     @staticmethod
     def _not_found(context: grpc.ServicerContext, todo_id: str) -> NoReturn:
@@ -164,6 +169,8 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
                 return self.store.update(request.id, request.text, request.done)
             except KeyError:
                 self._not_found(context, request.id)
+            except InvalidTextError as exc:  # checked after the id: NOT_FOUND comes first
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
     def DeleteTodo(
         self, request: todo_pb2.DeleteTodoRequest, context: grpc.ServicerContext
@@ -281,9 +288,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
     parser.add_argument("--db", default=":memory:", help="sqlite database path")
     parser.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--max-text-length", type=int, default=0, metavar="N",
+                        help="refuse todo texts longer than N characters (default 0: no limit)")
     args = parser.parse_args(argv)
 
-    store = TodoStore(args.db)
+    store = TodoStore(args.db, max_text_length=args.max_text_length or None)
     server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes)
     stop = threading.Event()
 

@@ -3,6 +3,13 @@
 Besides plain CRUD the store offers a change feed: :meth:`TodoStore.subscribe` returns a
 queue that receives ``("todo", Todo)`` after every create/update and ``("deleted", id)``
 after every delete, in the order the changes were committed.
+
+Todo text is checked here, once for every write path (both services' ``CreateTodo``,
+``UpdateTodo``, ``BulkCreateTodos`` and the ``SyncTodos`` actions): :func:`text_error` is the
+rule, :class:`InvalidTextError` the refusal the services turn into ``INVALID_ARGUMENT``.
+Empty or whitespace-only text is always refused; text longer than the store's
+``max_text_length`` (the demos use :data:`MAX_TEXT_LENGTH`, 500) too. A store made without
+a limit takes texts of any size: the tests use the service for 16 MiB messages.
 """
 
 from __future__ import annotations
@@ -13,9 +20,9 @@ import threading
 import uuid
 from typing import Literal, TypeAlias
 
-from grpcbridge.demo import todo_pb2
+from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2
 
-__all__ = ["ChangeEvent", "TodoStore"]
+__all__ = ["MAX_TEXT_LENGTH", "ChangeEvent", "InvalidTextError", "TodoStore", "text_error"]
 
 ChangeEvent: TypeAlias = tuple[Literal["todo"], todo_pb2.Todo] | tuple[Literal["deleted"], str]
 """A change-feed entry: an upserted todo or the id of a deleted one."""
@@ -26,18 +33,49 @@ _SCHEMA = (
 )
 
 
+def text_error(text: str, max_length: int | None = None) -> str | None:
+    """Why ``text`` is not a valid todo text, or ``None`` if it is.
+
+    Empty and whitespace-only text is refused; with ``max_length``, so is text longer than
+    that many characters, and every message names the allowed range."""
+    blank = not text or text.isspace()
+    if max_length is None:
+        return "text must not be empty" if blank else None
+    if blank:
+        return f"text must not be empty (1-{max_length} characters)"
+    if len(text) > max_length:
+        return f"text must be 1-{max_length} characters, got {len(text)}"
+    return None
+
+
+class InvalidTextError(ValueError):
+    """A todo text that :func:`text_error` refuses; ``str(error)`` is the reason."""
+
+
 class TodoStore:
     """Todo storage shared by all RPC threads; every operation holds one lock."""
 
-    def __init__(self, path: str = ":memory:") -> None:
-        """Open (creating if needed) the sqlite database at ``path``."""
+    def __init__(self, path: str = ":memory:", *, max_text_length: int | None = None) -> None:
+        """Open (creating if needed) the sqlite database at ``path``. ``max_text_length``:
+        the longest todo text accepted (in characters), or None for no upper limit."""
+        if max_text_length is not None and max_text_length < 1:
+            raise ValueError(f"max_text_length must be at least 1, got {max_text_length}")
+        self.max_text_length = max_text_length
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute(_SCHEMA)
         self._subscribers: list[queue.SimpleQueue[ChangeEvent]] = []
 
+    def check_text(self, text: str) -> None:
+        """Raise :class:`InvalidTextError` if ``text`` is not a valid todo text here."""
+        error = text_error(text, self.max_text_length)
+        if error is not None:
+            raise InvalidTextError(error)
+
     def create(self, text: str) -> todo_pb2.Todo:
-        """Insert a new, not-done todo and return it."""
+        """Insert a new, not-done todo and return it; :class:`InvalidTextError` if the text
+        is refused (see :meth:`check_text`)."""
+        self.check_text(text)
         todo_id = uuid.uuid4().hex
         with self._lock:
             self._db.execute(
@@ -55,13 +93,16 @@ class TodoStore:
         return [todo_pb2.Todo(id=i, text=t, done=bool(d)) for i, t, d in rows]
 
     def update(self, todo_id: str, text: str, done: bool) -> todo_pb2.Todo:
-        """Replace text and done flag of ``todo_id``; raise :class:`KeyError` if unknown."""
+        """Replace text and done flag of ``todo_id``; raise :class:`KeyError` for an unknown
+        id, else :class:`InvalidTextError` for a refused text (the id is checked first)."""
         with self._lock:
-            cur = self._db.execute(
+            known = self._db.execute("SELECT 1 FROM todos WHERE id = ?", (todo_id,)).fetchone()
+            if known is None:
+                raise KeyError(todo_id)
+            self.check_text(text)
+            self._db.execute(
                 "UPDATE todos SET text = ?, done = ? WHERE id = ?", (text, int(done), todo_id)
             )
-            if cur.rowcount == 0:
-                raise KeyError(todo_id)
             self._publish(("todo", todo_pb2.Todo(id=todo_id, text=text, done=done)))
         return todo_pb2.Todo(id=todo_id, text=text, done=done)
 
@@ -92,8 +133,6 @@ class TodoStore:
         action = request.WhichOneof("action")
         try:
             if action == "create":
-                if not request.create.text:
-                    return "text must not be empty"
                 self.create(request.create.text)
             elif action == "update":
                 update = request.update
@@ -102,6 +141,8 @@ class TodoStore:
                 self.delete(request.delete.id)
             else:
                 return "SyncRequest without action"
+        except InvalidTextError as exc:
+            return str(exc)
         except KeyError as exc:
             return f"todo {exc.args[0]!r} not found"
         return None

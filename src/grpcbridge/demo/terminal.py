@@ -16,7 +16,7 @@ from ..core.config import BridgeConfig, ForwarderConfig
 from ..server.bridge import Bridge
 from . import todo_pb2, todo_pb2_grpc
 from .service import serve
-from .store import TodoStore
+from .store import MAX_TEXT_LENGTH, TodoStore
 
 
 async def _bulk(texts: list[str]) -> AsyncIterator[todo_pb2.CreateTodoRequest]:
@@ -26,7 +26,7 @@ async def _bulk(texts: list[str]) -> AsyncIterator[todo_pb2.CreateTodoRequest]:
 
 async def run_demo(emit: Callable[[str], None] = print) -> int:
     """Run the demo; ``emit`` receives each output line. Returns 0 (the exit status)."""
-    store = TodoStore()
+    store = TodoStore(max_text_length=MAX_TEXT_LENGTH)
     server, _servicer, port = serve("127.0.0.1:0", store)
     try:
         bridge_config = BridgeConfig(backend=f"127.0.0.1:{port}", listen="127.0.0.1:0")

@@ -9,6 +9,10 @@ One process, one port, no external services::
     http://127.0.0.1:8080/_demo/      config.json: where the page finds the above
     ws://127.0.0.1:8080/grpc          the tunnel: grpclib TodoService in process (SQLite store)
 
+The service refuses empty todos and todos longer than ``--max-text-length`` characters
+(default :data:`grpcbridge.demo.MAX_TEXT_LENGTH`) with ``INVALID_ARGUMENT``; the page
+shows the message.
+
 The page boots Pyodide, installs the wheels, imports :mod:`grpcbridge.demo.web_app` from the
 grpcbridge wheel and runs its ``main()``: a Todo app whose every read and write is a gRPC call
 made by Python in the page through :class:`grpcbridge.browser.Channel`.
@@ -39,6 +43,7 @@ from urllib.parse import urlsplit
 from ..core.errors import ConfigError
 from ..loops import run
 from ..server.static import Mount
+from . import MAX_TEXT_LENGTH
 
 if TYPE_CHECKING:
     from ..server.bridge import Bridge
@@ -209,13 +214,15 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
                        pyodide_url: str | None = None,
                        wheels_dir: str | os.PathLike[str] | None = None,
                        ready: Callable[[str], None] | None = None,
-                       drain_timeout: float = 1.0) -> None:
+                       drain_timeout: float = 1.0,
+                       max_text_length: int | None = MAX_TEXT_LENGTH) -> None:
     """Serve the browser demo until cancelled.
 
     ``listen``: ``host:port`` (port 0 picks a free one). ``db``: the SQLite file of the todos
     (created if needed), or None to keep them in memory. ``pyodide_dir`` / ``wheels_dir``:
     default to ``node_modules/pyodide`` and ``build/browser`` (see :func:`find_assets`);
     ``pyodide_url``: load Pyodide from this base URL (a CDN) instead of serving it.
+    ``max_text_length``: the longest todo text the service accepts (None: no limit).
     ``ready(url)`` is called with the page URL once the server listens (default: print it).
     On cancellation the bridge closes its tunnels (code 1001, after ``drain_timeout``
     seconds: the page's sync stream never ends by itself) and the store is closed.
@@ -230,7 +237,8 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
 
     assets = find_assets(pyodide_dir, wheels_dir, pyodide_url)
     try:
-        store = TodoStore(":memory:" if db is None else os.fspath(db))
+        store = TodoStore(":memory:" if db is None else os.fspath(db),
+                          max_text_length=max_text_length)
     except sqlite3.Error as exc:
         raise DemoSetupError(f"cannot open the SQLite database {db!r}: {exc}") from None
     try:
@@ -263,6 +271,13 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
 # ------------------------------------------------------------------ command line
 
 
+def _text_limit(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {number}")
+    return number
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``python -m grpcbridge.demo.web`` (and of ``grpcbridge demo --web``)."""
     parser.add_argument("--listen", default="127.0.0.1:8080",
@@ -278,6 +293,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wheels-dir", metavar="DIR",
                         help="wheels for the page (default: build/browser, made by "
                              "scripts/build_browser_bundle.py)")
+    parser.add_argument("--max-text-length", type=_text_limit, default=MAX_TEXT_LENGTH,
+                        metavar="N",
+                        help="refuse todos longer than N characters (default: "
+                             f"{MAX_TEXT_LENGTH}; 0: no limit, e.g. for benchmarks)")
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
@@ -290,7 +309,8 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     try:
         await run_web_demo(listen=args.listen, db=None if args.db == ":memory:" else args.db,
                            pyodide_dir=args.pyodide_dir, pyodide_url=args.pyodide_url,
-                           wheels_dir=args.wheels_dir)
+                           wheels_dir=args.wheels_dir,
+                           max_text_length=args.max_text_length or None)
     except asyncio.CancelledError:
         pass  # SIGINT/SIGTERM: run_web_demo closed the bridge and the store
     finally:

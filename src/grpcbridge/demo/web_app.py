@@ -10,6 +10,8 @@
   this page to the change feed of every client, then ``StreamTodos`` (server streaming) loads
   the current list; changes from the feed are applied on top, so several tabs (or browsers)
   show each other's changes at once;
+* the server decides what a valid todo is: an empty or over-long text is sent like any other
+  and the server's ``INVALID_ARGUMENT`` message (which names the limit) is shown on the page;
 * connection status: connecting, connected, reconnecting (with the reason and the next
   attempt). A lost tunnel (bridge restarted, network gone) is retried with backoff and the
   list is loaded again after each reconnect.
@@ -27,6 +29,7 @@ import random
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from grpcbridge.browser import Channel
@@ -34,7 +37,7 @@ from grpcbridge.core.config import ReconnectPolicy
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-__all__ = ["TodoApp", "main"]
+__all__ = ["TodoApp", "describe_error", "main", "user_reason"]
 
 #: Seconds an action RPC (add, edit, delete...) may take before it is reported as failed.
 RPC_TIMEOUT = 15.0
@@ -56,6 +59,14 @@ def _create_proxy(function: Callable[..., Any]) -> Any:
     from pyodide.ffi import create_proxy  # type: ignore[import-not-found]  # only in Pyodide
 
     return create_proxy(function)
+
+
+def user_reason(exc: BaseException) -> str:
+    """What to tell the user: the server's own words for a refused input (its
+    ``INVALID_ARGUMENT`` message says what is allowed), else :func:`describe_error`."""
+    if isinstance(exc, GRPCError) and exc.status is Status.INVALID_ARGUMENT and exc.message:
+        return exc.message
+    return describe_error(exc)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -206,10 +217,8 @@ class TodoApp:
     def _on_submit(self, event: Any) -> None:
         event.preventDefault()
         field = self._element("new-text")
+        # Even an empty text is sent: the server's answer says what a todo may be.
         text = str(field.value).strip()
-        if not text:
-            field.focus()
-            return
         field.value = ""
         self._spawn(self._create(text))
 
@@ -224,6 +233,7 @@ class TodoApp:
             field = self._element("new-text")
             if not str(field.value):
                 field.value = text  # give the text back so nothing typed is lost
+            field.focus()
 
     async def _update(self, todo_id: str, text: str, done: bool) -> None:
         async def call() -> str:
@@ -279,7 +289,9 @@ class TodoApp:
         try:
             if not await self._action("BulkCreateTodos", "client stream", call,
                                       "add the todos"):
-                result.textContent = "Not added (see above)."
+                # The server stops at the first refused todo; those before it are added.
+                result.textContent = ("Stopped (see above): the todos sent before the error "
+                                      "may have been added.")
         finally:
             button.disabled = False
 
@@ -290,11 +302,10 @@ class TodoApp:
         try:
             summary = await call()
         except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
-            reason = describe_error(exc)
-            self._log(method, kind, reason, self._now() - started, failed=True)
+            self._log(method, kind, describe_error(exc), self._now() - started, failed=True)
             hint = "" if self._status_state() == "connected" else \
                 " The page reconnects by itself; try again in a moment."
-            self._show_error(f"Could not {what}: {reason}.{hint}")
+            self._show_error(f"Could not {what}: {user_reason(exc)}.{hint}")
             return False
         self._log(method, kind, summary, self._now() - started)
         self._hide_error()
@@ -368,8 +379,8 @@ class TodoApp:
         text = value.strip()
         todo = self.todos.get(todo_id)
         self._end_edit(todo_id)
-        if todo is None or not text or text == todo.text:
-            return
+        if todo is None or text == todo.text:
+            return  # an emptied text is sent: the server's refusal is shown
         item = self._items.get(todo_id)
         if item is not None:
             item.querySelector(".text").textContent = text  # shown now, confirmed by the RPC

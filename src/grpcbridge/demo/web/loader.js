@@ -17,7 +17,8 @@ const DEFAULT_CONFIG = {
 };
 
 // Files of the Pyodide runtime worth showing download progress for (the rest are small).
-const RUNTIME_FILES = ["pyodide.asm.wasm", "python_stdlib.zip", "pyodide.asm.mjs"];
+// loadPyodide fetches them; the loader only watches those requests (see startPyodide).
+const RUNTIME_FILES = ["pyodide.asm.wasm", "python_stdlib.zip"];
 
 const STEPS = [
   { id: "config", label: "Reading the configuration", weight: 2 },
@@ -135,56 +136,83 @@ async function readConfig() {
   return config;
 }
 
-// Whether `url` is in the HTTP cache (same-origin only: "only-if-cached" needs it).
-async function cached(url) {
-  if (new URL(url).origin !== window.location.origin) return false;
-  try {
-    const response = await fetch(url, { cache: "only-if-cached", mode: "same-origin" });
-    if (response.body) await response.body.cancel();
-    return response.ok;
-  } catch {
-    return false;
-  }
-}
-
-// Download the big runtime files with progress, unless the HTTP cache has them; loadPyodide
-// then finds them there (they are served with a long max-age).
-async function prefetchRuntime(config) {
+// Start loadPyodide and show the download of the big runtime files. Pyodide makes the only
+// request for each file (the HTTP cache answers it when it can: the runtime is served with a
+// long max-age, and nothing probes the cache, so nothing is downloaded twice and the console
+// stays clean). The loader wraps window.fetch while Pyodide starts: for a runtime file it
+// reads a clone of the response to count the bytes, and Pyodide gets the original (the wasm
+// is compiled while it streams, and the browser can cache the compiled code).
+// Returns {downloaded, pyodide}: downloaded settles when those files are in (or Pyodide gave
+// up), pyodide is loadPyodide's promise.
+function startPyodide(config) {
   const detail = stepItem("runtime").querySelector(".detail");
-  const urls = RUNTIME_FILES.map((name) => config.pyodideUrl + name);
-  const hits = await Promise.all(urls.map(cached));
-  const missing = urls.filter((_, i) => !hits[i]);
-  if (!missing.length) {
-    detail.textContent = "in the browser cache";
-    return;
-  }
-  const loaded = new Map(missing.map((url) => [url, 0]));
+  const pending = new Set(RUNTIME_FILES.map((name) => config.pyodideUrl + name));
+  const watched = [];
+  const loaded = new Map();
   let expected = 0;
+  let finish;
+  const downloaded = new Promise((resolve) => { finish = resolve; });
   const show = () => {
     const got = [...loaded.values()].reduce((a, b) => a + b, 0);
     const total = Math.max(expected, got, 1);
     detail.textContent = `${mib(got)} of ${mib(total)}`;
     setProgress("runtime", got / total);
   };
-  await Promise.all(missing.map(async (url) => {
-    const response = await fetchOk(url);
-    const size = Number(response.headers.get("Content-Length") || 0);
-    expected += size;
-    if (!response.body) {
-      await response.arrayBuffer();
-      loaded.set(url, size);
-      show();
-      return;
+  const settle = (url) => {
+    pending.delete(url);
+    if (pending.size) return;
+    // Resource timing says whether the bytes came over the network (transferSize 0: cache).
+    const cachedOnly = watched.length > 0 && watched.every((name) => performance
+      .getEntriesByName(name).some((entry) => entry.transferSize === 0 && entry.decodedBodySize));
+    if (cachedOnly) detail.textContent = "in the browser cache";
+    finish();
+  };
+  const watch = (url, response) => {
+    watched.push(url);
+    expected += Number(response.headers.get("Content-Length") || 0);
+    loaded.set(url, 0);
+    const reader = response.clone().body.getReader();
+    (async () => {
+      try {
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          loaded.set(url, loaded.get(url) + value.byteLength);
+          show();
+        }
+      } catch {
+        // Pyodide reads the same response and reports the failure.
+      } finally {
+        show();
+        settle(url);
+      }
+    })();
+  };
+  const originalFetch = window.fetch;
+  window.fetch = async function (resource, options) {
+    const response = await originalFetch.call(this, resource, options);
+    const url = new URL(resource instanceof Request ? resource.url : resource,
+      window.location.href).href;
+    if (pending.has(url) && !watched.includes(url) && response.ok && response.body) {
+      watch(url, response);
     }
-    const reader = response.body.getReader();
-    for (;;) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      loaded.set(url, loaded.get(url) + value.byteLength);
-      show();
+    return response;
+  };
+  const pyodide = (async () => {
+    try {
+      const { loadPyodide } = await import(config.pyodideUrl + "pyodide.mjs");
+      return await loadPyodide({
+        indexURL: config.pyodideUrl,
+        stdout: (line) => console.log(`[python] ${line}`),
+        stderr: (line) => console.warn(`[python] ${line}`),
+      });
+    } finally {
+      window.fetch = originalFetch;
+      finish(); // a file Pyodide did not fetch (or that failed) holds up nothing
     }
-  }));
-  show();
+  })();
+  pyodide.catch(() => {}); // handled by the "boot" step, which awaits it
+  return { downloaded, pyodide };
 }
 
 // Fetch build/browser's manifest and wheels (in parallel with booting Python).
@@ -208,7 +236,7 @@ async function fetchWheels(config) {
   return { manifest, wheels };
 }
 
-async function bootPython(config) {
+async function bootPython(loading) {
   const detail = stepItem("boot").querySelector(".detail");
   const started = performance.now();
   // Emscripten gives no progress while it compiles and starts: show the time instead.
@@ -218,12 +246,7 @@ async function bootPython(config) {
     setProgress("boot", 1 - Math.exp(-elapsed / 1500));
   }, 100);
   try {
-    const { loadPyodide } = await import(config.pyodideUrl + "pyodide.mjs");
-    const pyodide = await loadPyodide({
-      indexURL: config.pyodideUrl,
-      stdout: (line) => console.log(`[python] ${line}`),
-      stderr: (line) => console.warn(`[python] ${line}`),
-    });
+    const pyodide = await loading.pyodide;
     detail.textContent = `Python ${pyodide.version ? `(Pyodide ${pyodide.version})` : ""}`;
     return pyodide;
   } finally {
@@ -311,8 +334,9 @@ async function boot() {
     throw error;
   });
   const python = (async () => {
-    await timed("runtime", () => prefetchRuntime(config));
-    return timed("boot", () => bootPython(config));
+    const loading = startPyodide(config);
+    await timed("runtime", () => loading.downloaded);
+    return timed("boot", () => bootPython(loading));
   })();
   const [pyodide] = await Promise.all([python, download]);
   demo.pyodide = pyodide;
