@@ -214,6 +214,9 @@ class _NullTransport:
     def close(self) -> None:
         pass
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def pause_reading(self) -> None:
         pass
 
@@ -235,6 +238,10 @@ def per_message(size: int, count: int = 20000) -> None:
     try:
         client, server = open_pair()
         tunnel = Tunnel(loop, server, stream_name="backend")
+        if hasattr(tunnel, "account"):  # as on a bridge: charged to a client's budget
+            from grpcbridge.core.limits import MemoryBudget
+
+            tunnel.account = MemoryBudget().open("client")
         tunnel.ws_transport = _NullTransport()  # type: ignore[assignment]
         tunnel.attach_stream(_NullTransport(), 256 * 1024)  # type: ignore[arg-type]
         payload = os.urandom(size)

@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default=DEFAULT_CLIENT_MEMORY_BUDGET, metavar="BYTES",
                        help="bytes one client may make the bridge hold in unfinished messages "
                             "and buffers, over all its tunnels; the tunnel that goes over "
-                            "closes with 1008 (default: 64 MiB; 0: unlimited)")
+                            "closes with 1008 (default: 48 MiB; 0: unlimited)")
     serve.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET,
                        metavar="BYTES",
                        help="the same for all clients together (default: 2 GiB; 0: unlimited)")

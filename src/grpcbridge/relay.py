@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import traceback
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -30,7 +31,7 @@ from websockets.frames import Opcode as WsOpcode
 from websockets.protocol import CONNECTING, OPEN
 from websockets.protocol import Protocol as WebSocketProtocol
 
-from .core.limits import FRAMES_PER_TURN, BudgetAccount, FrameRate
+from .core.limits import FRAMES_PER_TURN, PROGRESS_BYTES, BudgetAccount, FrameRate
 from .core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
 
 logger = logging.getLogger("grpcbridge")
@@ -82,6 +83,8 @@ class Tunnel:
         "_inbound",
         "_last_ping",
         "_pending",
+        "_progress_mark",
+        "_retained",
         "_rules",
         "_stream_closing",
         "_stream_lost",
@@ -141,6 +144,10 @@ class Tunnel:
         self._stream_timer: asyncio.TimerHandle | None = None
         #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
         self._inbound: bytearray = websocket.reader.buffer
+        self._progress_mark = 0
+        #: Payload bytes of the last frame received: websockets' parser keeps that frame
+        #: referenced until the next one arrives, so it counts as held memory.
+        self._retained = 0
         #: Share of a server's memory budget, charged with what this tunnel holds.
         self.account: BudgetAccount | None = None
         #: True while the stream side is being connected (``closed`` waits for it).
@@ -173,10 +180,16 @@ class Tunnel:
     # --------------------------------------------------------- WebSocket side
 
     def ws_data(self, data: bytes) -> None:
-        now = self.last_inbound = self.loop.time()
+        now = self.loop.time()
         websocket = self.websocket
         websocket.receive_data(data)
         events = websocket.events_received()
+        # Activity for the idle timeout: a complete frame, or real progress on a partial
+        # one. A byte trickled now and then into a huge frame keeps nothing alive.
+        partial = len(self._inbound)
+        if events or partial - self._progress_mark >= PROGRESS_BYTES:
+            self.last_inbound = now
+            self._progress_mark = partial
         for event in events:
             if type(event) is Frame:
                 opcode = event.opcode
@@ -208,6 +221,9 @@ class Tunnel:
         elif len(events) > FRAMES_PER_TURN:
             self._yield_turn()
         if self.account is not None:
+            if events:
+                last = events[-1]
+                self._retained = len(last.data) if type(last) is Frame else 0
             self.charge_budget()
 
     def _note_websocket_close(self) -> None:
@@ -254,7 +270,7 @@ class Tunnel:
         account = self.account
         if account is None:
             return
-        held = len(self._inbound)
+        held = len(self._inbound) + self._retained
         transport = self.stream_transport
         if transport is not None and not self._stream_closing:
             held += transport.get_write_buffer_size()
@@ -293,12 +309,23 @@ class Tunnel:
         with contextlib.suppress(EOFError, AssertionError):
             websocket.receive_eof()  # fails harmlessly when already at EOF
         websocket.data_to_send()
+        # websockets' parser generator holds the last frame and the protocol in a cycle
+        # that only the cyclic GC frees: end it now, so the memory goes with the tunnel.
+        websocket.parser.close()
+        if websocket.parser_exc is not None:  # its traceback keeps the parser's frame
+            traceback.clear_frames(websocket.parser_exc.__traceback__)
+        self._retained = 0
         if self.close_code is None:
             self._note_websocket_close()
             self._set_close(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
         self._close_stream()
         if self.account is not None:
             self.account.close()
+        # websockets' protocol object lives in a reference cycle (its parser generator) and
+        # is freed only by the cyclic GC: drop the bytes it holds now.
+        with contextlib.suppress(BufferError):
+            self._inbound.clear()
+        self._early.clear()
         self._maybe_done()
 
     def ws_pause_writing(self) -> None:

@@ -27,9 +27,14 @@ CONTROL_FRAME_BURST = 500
 #: Data frames processed for one connection before it yields the event loop to the others
 #: (reading pauses until the loop's next iteration): bounds the work one read can cause.
 FRAMES_PER_TURN = 256
+#: Bytes a partial frame must grow by to count as activity for the idle timeout (complete
+#: frames always count): a peer trickling bytes into a large frame is idle.
+PROGRESS_BYTES = 64 * 1024
 #: Bytes one client (address, or forwarded address behind a trusted proxy) may make the
-#: bridge hold in incomplete messages and buffers, and the bridge in total.
-DEFAULT_CLIENT_MEMORY_BUDGET = 64 * MiB
+#: bridge hold in incomplete messages and buffers, and the bridge in total. 48 MiB counted
+#: keeps what one address can pin below 64 MiB of process memory, with the allocator's
+#: slack on growing buffers and the fixed cost of its tunnels (about 10 KiB each).
+DEFAULT_CLIENT_MEMORY_BUDGET = 48 * MiB
 DEFAULT_MEMORY_BUDGET = 2048 * MiB
 
 
