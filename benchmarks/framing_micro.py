@@ -244,6 +244,7 @@ def per_message(size: int, count: int = 20000) -> None:
             tunnel.account = MemoryBudget().open("client")
         tunnel.ws_transport = _NullTransport()  # type: ignore[assignment]
         tunnel.attach_stream(_NullTransport(), 256 * 1024)  # type: ignore[arg-type]
+        tunnel.websocket_opened()  # as the bridge does once the 101 is sent
         payload = os.urandom(size)
         client.send_binary(payload)
         frame = b"".join(client.data_to_send())  # one masked frame, as read from the socket

@@ -65,9 +65,10 @@ RELAY_FLAGS = ["--max-upgrades-per-minute", "0", "--max-connections-per-client",
 
 #: Which processes are "the relay" on each path (names of watched processes).
 PATH_RELAYS = {"A": [], "B": ["bridge", "forwarder_b"], "C": ["websockify", "forwarder_c"],
-               "D": ["tcp_relay_1", "tcp_relay_2"], "E": ["bridge_uv", "forwarder_e"]}
+               "D": ["tcp_relay_1", "tcp_relay_2"], "E": ["bridge_uv", "forwarder_e"],
+               "O": ["bridge_o", "forwarder_o"]}
 PATH_NAMES = {"A": "direct", "B": "grpcbridge", "C": "websockify", "D": "2 plain TCP relays",
-              "E": "grpcbridge, both relays on uvloop"}
+              "E": "grpcbridge, both relays on uvloop", "O": "grpcbridge at --baseline"}
 
 TARGETS = [
     # (key, description, kind, threshold)
@@ -407,7 +408,7 @@ METRICS = [
     ("stream", "mib_per_s", "bidi stream echo, {stream_kib} KiB msgs (MiB/s each way)", 1),
 ]
 RATIO_PAIRS = [("B", "A"), ("B", "C"), ("C", "A"), ("D", "A"), ("B", "D"), ("E", "A"),
-               ("E", "B")]
+               ("E", "B"), ("B", "O")]
 #: Target key -> (metric, field, numerator path, denominator path)
 TARGET_SOURCES = {
     "stream_vs_direct": ("stream", "mib_per_s", "B", "A"),
@@ -647,8 +648,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--paths", default="ABCD",
-                        help="subset of ABCDE (default: ABCD; D = two plain TCP relays, "
-                        "E = B with the bridge on uvloop, which must be importable)")
+                        help="subset of ABCDEO (default: ABCD; D = two plain TCP relays, "
+                        "E = B with the bridge on uvloop, which must be importable, "
+                        "O = B from --baseline REV)")
     parser.add_argument("--modes", default="seq,conc,stream",
                         help="comma-separated subset of seq,conc,stream")
     parser.add_argument("--skip-rss", action="store_true", help="skip the idle-tunnel test")
@@ -657,6 +659,9 @@ def main() -> int:
                         help="run bridge and forwarders under cProfile (CPU figures inflate)")
     parser.add_argument("--commit", metavar="REV",
                         help="run the relays from `git archive REV` instead of the working tree")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="path O: path B with both relays from `git archive REV`, "
+                             "measured in the same rounds (before/after a change)")
     parser.add_argument("--tcp-relay-mode", choices=["protocol", "buffered", "uvloop"],
                         default="protocol", help="implementation of path D's relays")
     parser.add_argument("--output", type=Path, help="JSON path (default: results/...)")
@@ -667,7 +672,7 @@ def main() -> int:
     if args.tunnels:
         settings.tunnel_checkpoints = [20, *range(20 + 1000, 20 + args.tunnels, 1000),
                                        20 + args.tunnels]
-    paths = "".join(p for p in "ABCDE" if p in args.paths.upper())
+    paths = "".join(p for p in "ABCDEO" if p in args.paths.upper())
     modes = [m for m in ("seq", "conc", "stream") if m in args.modes.split(",")]
     run = begin_run("grpcbridge-bench-", args.commit, machine())
     stamp, results_dir, logdir, relay_env, info = (run.stamp, run.results_dir, run.logdir,
@@ -723,6 +728,21 @@ def main() -> int:
                     "--target", f"127.0.0.1:{listening_port(relay_2)}"])
                 targets["D"] = f"127.0.0.1:{listening_port(relay_1)}"
                 watched |= {"tcp_relay_1": relay_1, "tcp_relay_2": relay_2}
+            if "O" in paths:
+                if not args.baseline:
+                    raise SystemExit("path O needs --baseline REV")
+                (logdir / "baseline").mkdir()
+                base_env, info["baseline"] = source_tree(args.baseline, logdir / "baseline")
+                base = Processes(logdir, {**relay_env, **base_env})
+                bridge_o = base.start("bridge_o", relay_argv(None, "bridge_o", [
+                    "serve", "--backend", f"127.0.0.1:{server_port}",
+                    "--listen", "127.0.0.1:0", "--path", "/grpc", *RELAY_FLAGS]))
+                forwarder_o = base.start("forwarder_o", relay_argv(None, "forwarder_o", [
+                    "forward", "--target", f"ws://127.0.0.1:{listening_port(bridge_o)}/grpc",
+                    "--listen", "127.0.0.1:0", *RELAY_FLAGS[-2:]]))
+                procs.procs.extend(base.procs)  # stopped and killed with the others
+                targets["O"] = f"127.0.0.1:{listening_port(forwarder_o)}"
+                watched |= {"bridge_o": bridge_o, "forwarder_o": forwarder_o}
             if "E" in paths:
                 # B with both relays on uvloop (`--loop uvloop`, the `speed` extra).
                 bridge_uv = procs.start("bridge_uv", relay_argv(None, "bridge_uv", [

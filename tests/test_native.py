@@ -41,6 +41,7 @@ from grpcbridge import (
     Channel,
     CloseCode,
     GrpclibBackend,
+    InvalidStateError,
     ReconnectPolicy,
     TunnelClosed,
 )
@@ -384,7 +385,7 @@ async def test_bridge_close_twice_and_concurrently(store: TodoStore, leak_check:
         assert (await TodoServiceStub(channel).ListTodos(LIST)).todos
         await tcp.close(drain_timeout=0)
         await tcp.close()
-    with pytest.raises(TunnelClosed):
+    with pytest.raises(InvalidStateError):
         await tcp.start()
     await assert_no_tasks_left()
 
@@ -396,7 +397,7 @@ class _QuietUvicorn(uvicorn.Server):
 
 
 async def test_bridge_app_close_twice(store: TodoStore, leak_check: None) -> None:
-    app = BridgeApp(grpclib_config(store))
+    app = BridgeApp(BridgeConfig(backend=GrpclibBackend([TodoService(store)])))
     server = _QuietUvicorn(uvicorn.Config(
         Starlette(routes=[WebSocketRoute("/grpc", app)]), host="127.0.0.1", port=0,
         ws="websockets-sansio", lifespan="off", log_level="warning"))

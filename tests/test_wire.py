@@ -23,8 +23,8 @@ from grpcbridge import (
     Bridge,
     BridgeConfig,
     HandshakeRequest,
+    InvalidStateError,
     Rejection,
-    TunnelClosed,
 )
 from grpcbridge.demo.service import TodoServicer, serve
 
@@ -681,7 +681,7 @@ async def test_close_is_idempotent_and_concurrent(backend: RawBackend) -> None:
     url = bridge.url
     await asyncio.wait_for(asyncio.gather(bridge.close(), bridge.close()), 5)
     await asyncio.wait_for(bridge.close(), 5)
-    with pytest.raises(TunnelClosed):
+    with pytest.raises(InvalidStateError):
         await bridge.start()
     with pytest.raises(OSError):
         async with connect(url, open_timeout=1):
@@ -691,7 +691,7 @@ async def test_close_is_idempotent_and_concurrent(backend: RawBackend) -> None:
 
 async def test_start_twice_raises(backend: RawBackend) -> None:
     async with running_bridge(backend.port) as bridge:
-        with pytest.raises(TunnelClosed):
+        with pytest.raises(InvalidStateError):
             await bridge.start()
 
 

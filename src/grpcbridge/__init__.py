@@ -1,17 +1,35 @@
 """grpcbridge: real gRPC over WebSocket.
 
 One WebSocket connection carries one unmodified HTTP/2 (h2c) connection in binary messages,
-wire-compatible with the Go project grpc-tunnel. The public API:
+wire-compatible with the Go project grpc-tunnel. The public API, by role:
 
-* :class:`Bridge` / :class:`BridgeConfig` - WebSocket server relaying tunnels to a gRPC backend.
-* :class:`Forwarder` / :class:`ForwarderConfig` - local port whose connections are tunnelled.
-* :class:`Channel` / :class:`ReconnectPolicy` - a grpclib channel over a WebSocket tunnel.
-* :func:`aio_channel` / :func:`sync_channel` - real grpcio channels to a WebSocket target.
-* :class:`GrpclibBackend`, :class:`GrpcioBackend`, :class:`SocketBackend`,
-  :func:`attach_grpcio`, :class:`ThreadedBridge` - what a bridge serves, in process or not.
-* :class:`BridgeApp` - the bridge as an ASGI app (Starlette/FastAPI, uvicorn).
-* :class:`BearerTokenAuth`, :class:`Rejection`, :class:`HandshakeRequest` - admission hooks.
-* :func:`parse_target` - the client-side target URL rules.
+Serve gRPC over WebSocket
+    :class:`Bridge` / :class:`BridgeConfig` - the standalone WebSocket server;
+    :class:`BridgeApp` - the same as an ASGI app (Starlette/FastAPI under uvicorn);
+    :class:`GrpclibBackend`, :class:`GrpcioBackend`, :class:`SocketBackend` - what a bridge
+    serves; :func:`attach_grpcio` / :class:`ThreadedBridge` - an existing grpcio server in
+    two lines, the bridge on its own thread.
+
+Dial with grpclib
+    :class:`Channel` (a ``grpclib`` channel over a tunnel) / :class:`ReconnectPolicy`.
+
+Dial with grpcio (or any gRPC tool)
+    :func:`aio_channel` / :func:`sync_channel` - real grpcio channels to a WebSocket target;
+    :class:`Forwarder` / :class:`ForwarderConfig` - a local port whose connections are
+    tunnelled.
+
+Admission (who may open a tunnel)
+    :class:`BearerTokenAuth`, :class:`HandshakeRequest`, :class:`Rejection` - the auth hook;
+    :class:`OriginPolicy`, :class:`HostPolicy` - the Origin and Host rules.
+
+Errors
+    :class:`GrpcBridgeError`, the base of :class:`ConfigError` (with :class:`TargetError`),
+    :class:`HandshakeError`, :class:`TunnelClosed` and :class:`InvalidStateError`.
+
+Everything else lives in its module: ``grpcbridge.core.stream.CloseCode``,
+``grpcbridge.core.target.parse_target`` / ``Target``, ``grpcbridge.observability``
+(``BridgeMetrics``, ``configure_logging``), ``grpcbridge.browser`` (Pyodide). Those five were
+exported here before and still resolve, but are no longer part of this list.
 
 Names are imported lazily, so ``import grpcbridge.browser`` inside Pyodide does not pull in
 the server side (websockets, prometheus-client).
@@ -25,34 +43,45 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "BearerTokenAuth": ".core.admission",
+    # Serve gRPC over WebSocket.
     "Bridge": ".server.bridge",
-    "BridgeApp": ".server.asgi",
     "BridgeConfig": ".core.config",
-    "BridgeMetrics": ".observability",
+    "BridgeApp": ".server.asgi",
+    "GrpclibBackend": ".backends",
+    "GrpcioBackend": ".backends",
+    "SocketBackend": ".backends",
+    "attach_grpcio": ".server.attach",
+    "ThreadedBridge": ".server.attach",
+    # Dial with grpclib.
     "Channel": ".client.channel",
-    "CloseCode": ".core.stream",
-    "ConfigError": ".core.errors",
+    "ReconnectPolicy": ".core.config",
+    # Dial with grpcio (or any gRPC tool).
+    "aio_channel": ".client.grpcio",
+    "sync_channel": ".client.grpcio",
     "Forwarder": ".client.forwarder",
     "ForwarderConfig": ".core.config",
-    "GrpcBridgeError": ".core.errors",
-    "GrpcioBackend": ".backends",
-    "GrpclibBackend": ".backends",
-    "HandshakeError": ".core.errors",
+    # Admission.
+    "BearerTokenAuth": ".core.admission",
     "HandshakeRequest": ".core.admission",
-    "OriginPolicy": ".core.admission",
-    "ReconnectPolicy": ".core.config",
     "Rejection": ".core.admission",
-    "SocketBackend": ".backends",
-    "Target": ".core.target",
+    "OriginPolicy": ".core.admission",
+    "HostPolicy": ".core.admission",
+    # Errors.
+    "GrpcBridgeError": ".core.errors",
+    "ConfigError": ".core.errors",
     "TargetError": ".core.errors",
-    "ThreadedBridge": ".server.attach",
+    "HandshakeError": ".core.errors",
     "TunnelClosed": ".core.errors",
-    "aio_channel": ".client.grpcio",
-    "attach_grpcio": ".server.attach",
+    "InvalidStateError": ".core.errors",
+}
+
+#: Formerly exported here; still importable, but documented in their own modules only.
+_MOVED = {
+    "BridgeMetrics": ".observability",
     "configure_logging": ".observability",
+    "CloseCode": ".core.stream",
+    "Target": ".core.target",
     "parse_target": ".core.target",
-    "sync_channel": ".client.grpcio",
 }
 
 __all__ = [
@@ -60,9 +89,7 @@ __all__ = [
     "Bridge",
     "BridgeApp",
     "BridgeConfig",
-    "BridgeMetrics",
     "Channel",
-    "CloseCode",
     "ConfigError",
     "Forwarder",
     "ForwarderConfig",
@@ -71,45 +98,54 @@ __all__ = [
     "GrpclibBackend",
     "HandshakeError",
     "HandshakeRequest",
+    "HostPolicy",
+    "InvalidStateError",
     "OriginPolicy",
     "ReconnectPolicy",
     "Rejection",
     "SocketBackend",
-    "Target",
     "TargetError",
     "ThreadedBridge",
     "TunnelClosed",
     "aio_channel",
     "attach_grpcio",
-    "configure_logging",
-    "parse_target",
     "sync_channel",
 ]
 
+# For type checkers; the names of _MOVED are re-exported as ``X as X``, outside __all__.
 if TYPE_CHECKING:
     from .backends import GrpcioBackend, GrpclibBackend, SocketBackend
     from .client.channel import Channel
     from .client.forwarder import Forwarder
     from .client.grpcio import aio_channel, sync_channel
-    from .core.admission import BearerTokenAuth, HandshakeRequest, OriginPolicy, Rejection
+    from .core.admission import (
+        BearerTokenAuth,
+        HandshakeRequest,
+        HostPolicy,
+        OriginPolicy,
+        Rejection,
+    )
     from .core.config import BridgeConfig, ForwarderConfig, ReconnectPolicy
     from .core.errors import (
         ConfigError,
         GrpcBridgeError,
         HandshakeError,
+        InvalidStateError,
         TargetError,
         TunnelClosed,
     )
-    from .core.stream import CloseCode
-    from .core.target import Target, parse_target
-    from .observability import BridgeMetrics, configure_logging
+    from .core.stream import CloseCode as CloseCode
+    from .core.target import Target as Target
+    from .core.target import parse_target as parse_target
+    from .observability import BridgeMetrics as BridgeMetrics
+    from .observability import configure_logging as configure_logging
     from .server.asgi import BridgeApp
     from .server.attach import ThreadedBridge, attach_grpcio
     from .server.bridge import Bridge
 
 
 def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
+    module = _EXPORTS.get(name) or _MOVED.get(name)
     if module is None:
         raise AttributeError(f"module 'grpcbridge' has no attribute {name!r}")
     value = getattr(importlib.import_module(module, __name__), name)

@@ -9,7 +9,7 @@ import os
 from typing import cast
 
 from ..core.config import ForwarderConfig
-from ..core.errors import HandshakeError, TunnelClosed
+from ..core.errors import HandshakeError, InvalidStateError
 from ..core.stream import CloseCode
 from ..loops import loop_name
 from ..observability import log_event
@@ -55,7 +55,11 @@ class Forwarder:
         if self._unix_path is not None:
             return f"unix:{self._unix_path}"
         if self.address is None:
-            raise TunnelClosed("the forwarder is not listening (not started, or closed)")
+            raise InvalidStateError(
+                f"Forwarder.target is known once the forwarder listens; it is {self._state}: "
+                + ("await forwarder.start() (or use 'async with Forwarder(...)') first"
+                   if self._state in ("new", "running")
+                   else "it never listened; create a new Forwarder"))
         host, port = self.address
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -65,7 +69,10 @@ class Forwarder:
 
     async def start(self) -> None:
         if self._state != "new":
-            raise TunnelClosed(f"start() called on a forwarder that is {self._state}")
+            raise InvalidStateError(
+                f"start() called on a forwarder that is {self._state}; a Forwarder starts "
+                "once: " + ("it is already listening" if self._state == "running"
+                            else "create a new Forwarder to listen again"))
         self._state = "running"
         loop = asyncio.get_running_loop()
         listen = self.config.listen_address

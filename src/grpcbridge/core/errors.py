@@ -25,4 +25,11 @@ class HandshakeError(GrpcBridgeError):
 
 
 class TunnelClosed(GrpcBridgeError):
-    """An operation was attempted on a tunnel, bridge or forwarder that is closed."""
+    """The tunnel (or the channel that owns it) is closed: an RPC or a send was attempted
+    on it after :meth:`close`, or the connection went away."""
+
+
+class InvalidStateError(GrpcBridgeError, RuntimeError):
+    """A lifecycle method was called in the wrong state: ``start()`` twice or after
+    ``close()``, ``Bridge.url`` or ``Forwarder.target`` before ``start()``... The message
+    says what state the object is in and what to call instead."""

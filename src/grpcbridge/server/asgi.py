@@ -1,18 +1,18 @@
 """The bridge as an ASGI application (the Go ``HandleBridgeMux`` counterpart).
 
 Mount it in Starlette/FastAPI and run under uvicorn or any ASGI server with WebSocket
-support; it applies the same :class:`~grpcbridge.server.gate.Gate` (origin, auth, abuse
-limits), metrics and log events as the standalone bridge, and works with every backend kind::
+support; it applies the same :class:`~grpcbridge.server.gate.Gate` (origin, host, auth,
+abuse limits), memory budget, metrics and log events as the standalone bridge, and works
+with every backend kind::
 
     app = FastAPI()
     bridge = BridgeApp(BridgeConfig(backend=GrpclibBackend([TodoService()]), path="/grpc"))
     app.router.add_websocket_route("/grpc", bridge)  # Starlette 1.x: on the router
 
-``config.path`` is compared with the full request path. Keepalive pings are the ASGI
-server's job (uvicorn: ``--ws-ping-interval``/``--ws-ping-timeout``); ASGI does not show
-pongs to applications, so ``idle_timeout`` is not applied here. The ASGI server frames the
-messages and enforces its own message limit (uvicorn ``--ws-max-size``, 16 MiB by default);
-``max_message_bytes`` is checked again here.
+``config.path`` is compared with the full request path. Settings that are the ASGI server's
+job (listening, TLS, pings, compression...) are refused at construction when they differ
+from their defaults, with where they live instead: see :data:`REFUSED` and
+:class:`BridgeApp`.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Awaitable, Callable, MutableMapping
+import dataclasses
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 from ..backends import Backend
 from ..core.admission import Rejection
 from ..core.config import BridgeConfig
+from ..core.errors import ConfigError, InvalidStateError
+from ..core.limits import BudgetAccount, MemoryBudget
 from ..core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
-from ..observability import BridgeMetrics
+from ..observability import BridgeMetrics, log_event
 from .bridge import make_backend
 from .gate import Admitted, Gate
 
@@ -36,25 +39,102 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+#: Seconds to wait for the client's disconnect once our close frame is out.
+_CLOSE_WAIT = 2.0
+#: Seconds between probes of a client whose reading waits for the backend.
+PROBE_INTERVAL = 1.0
+
+#: :class:`BridgeConfig` fields :class:`BridgeApp` applies, and how.
+APPLIED: Mapping[str, str] = {
+    "backend": "where tunnels go, as in Bridge",
+    "allow_remote_backend": "checked by BridgeConfig, as in Bridge",
+    "backend_connect_timeout": "bounds each backend connection (socket backends)",
+    "path": "compared with the full request path",
+    "allowed_origins": "admission (Gate)",
+    "allowed_hosts": "admission (Gate)",
+    "subprotocols": "admission (Gate); echoed in the accept",
+    "authenticate": "admission (Gate)",
+    "max_connections": "admission (Gate)",
+    "max_connections_per_client": "admission (Gate)",
+    "max_upgrades_per_minute": "admission (Gate)",
+    "trusted_proxies": "admission (Gate), on the ASGI scope's client address",
+    "max_message_bytes": "larger messages close the tunnel with 1009",
+    "buffer_bytes": "bytes queued per direction before reading from that side pauses",
+    "client_memory_budget": "counts each tunnel's queued bytes (to the client and to the "
+                            "backend) per client; beyond: close 1008",
+    "memory_budget": "the same, over all clients",
+    "drain_timeout": "close() and the ASGI lifespan shutdown let open tunnels finish this "
+                     "long, then close them with 1001",
+}
+
+#: :class:`BridgeConfig` fields that are the ASGI server's (or the surrounding app's) job:
+#: BridgeApp refuses them unless they keep their defaults, saying where they live instead.
+REFUSED: Mapping[str, str] = {
+    "listen": "the ASGI server binds the socket (uvicorn --host/--port, or --uds)",
+    "handshake_timeout": "the ASGI server reads the upgrade request before BridgeApp sees "
+                         "it; bound slow requests there or in a reverse proxy in front "
+                         "(e.g. nginx client_header_timeout)",
+    "ping_interval": "the ASGI server sends the pings (uvicorn --ws-ping-interval)",
+    "idle_timeout": "ASGI shows pings and pongs to no application; the ASGI server closes "
+                    "a peer that stops answering pings (uvicorn --ws-ping-timeout)",
+    "certfile": "TLS is the ASGI server's (uvicorn --ssl-certfile/--ssl-keyfile)",
+    "keyfile": "TLS is the ASGI server's (uvicorn --ssl-certfile/--ssl-keyfile)",
+    "compression": "the ASGI server negotiates permessage-deflate "
+                   "(uvicorn --ws-per-message-deflate)",
+    "metrics_listen": "mount the metrics in your app: Mount('/metrics', "
+                      "prometheus_client.make_asgi_app(registry=bridge.metrics.registry))",
+    "allow_remote_metrics": "mount the metrics in your app: Mount('/metrics', "
+                            "prometheus_client.make_asgi_app(registry=bridge.metrics.registry))",
+    "static": "serve files from your app: Mount('/', "
+              "starlette.staticfiles.StaticFiles(directory=...))",
+}
+
+
+def _default(field: dataclasses.Field[Any]) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def check_asgi_config(config: BridgeConfig) -> None:
+    """Raise :class:`ConfigError` naming every :data:`REFUSED` field of ``config`` that
+    differs from its default, and where that setting lives under ASGI."""
+    problems = []
+    for field in dataclasses.fields(BridgeConfig):
+        hint = REFUSED.get(field.name)
+        if hint is None:
+            continue
+        value, default = getattr(config, field.name), _default(field)
+        if value != default:
+            problems.append(f"{field.name}={value!r}: {hint}")
+    if problems:
+        raise ConfigError(
+            "BridgeApp cannot apply " + "; ".join(problems)
+            + ". Leave these at their defaults in the BridgeConfig given to BridgeApp")
+
 
 class _AsgiTunnel:
     """Relay between an ASGI WebSocket and a backend stream (a :class:`StreamOwner`).
 
     Backend bytes wait in an outbox drained by one sender task; above ``buffer_bytes`` the
     backend's reading pauses. Client messages are written to the backend one at a time, and
-    the next ``receive()`` waits while the backend's write buffer is full.
+    the next ``receive()`` waits while the backend's write buffer is full. What the outbox
+    and the backend's write buffer hold is charged to ``account`` (the client's share of the
+    memory budget); a charge over budget closes the tunnel with 1008.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, buffer_bytes: int,
-                 max_message_bytes: int) -> None:
+                 max_message_bytes: int, account: BudgetAccount | None = None) -> None:
         self.loop = loop
         self._send = send
         self._buffer_bytes = buffer_bytes
         #: Largest WebSocket message accepted (what frames sent to us must fit in).
         self.max_message_bytes = max_message_bytes
+        self.account = account
         self._rules = InboundMessages()
         self.stream_transport: asyncio.Transport | None = None
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
         self._stream_paused = False
@@ -63,7 +143,11 @@ class _AsgiTunnel:
         self._may_read.set()
         self._stream_lost = False
         self.close_code: int | None = None
+        #: Why the tunnel closed, for the log (the close frame carries a short form).
         self.close_reason = ""
+        self._wire_reason = ""
+        #: The sender and receiver tasks, while the relay runs.
+        self.tasks: tuple[asyncio.Task[None], ...] = ()
         self.bytes_to_backend = 0
         self.bytes_to_client = 0
         self.opened_at = loop.time()
@@ -74,10 +158,12 @@ class _AsgiTunnel:
         transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
         self.stream_transport = transport
         pending, self._pending = self._pending, []
+        self._pending_bytes = 0
         for chunk in pending:
             transport.write(chunk)
         if self.close_code is not None:
             transport.close()
+        self.charge_budget()
 
     def stream_data(self, data: bytes) -> None:
         if self.close_code is not None:
@@ -90,6 +176,7 @@ class _AsgiTunnel:
                 and not self._stream_paused:
             self._stream_paused = True
             self.stream_transport.pause_reading()
+        self.charge_budget()
 
     def stream_eof(self) -> None:
         self.finish(CloseCode.NORMAL, "backend closed the connection")
@@ -103,29 +190,64 @@ class _AsgiTunnel:
 
     def pause_websocket_reading(self) -> None:
         self._may_read.clear()
+        self._wakeup.set()  # the sender starts probing the client
+        self.charge_budget()
 
     def resume_websocket_reading(self) -> None:
         self._may_read.set()
+        self.charge_budget()
 
     def websocket_buffer_size(self) -> int:
         return self._outbox_bytes
 
     # relay --------------------------------------------------------------------
 
-    def finish(self, code: int, reason: str) -> None:
-        """Close with ``code`` once the outbox is flushed; close the backend stream."""
+    def charge_budget(self) -> None:
+        """Report what this tunnel holds to its budget account; over budget: close 1008."""
+        account = self.account
+        if account is None:
+            return
+        held = self._outbox_bytes + self._pending_bytes
+        transport = self.stream_transport
+        if transport is not None and not self._stream_lost:
+            held += transport.get_write_buffer_size()
+        reason = account.charge(held)
+        if reason is not None and self.close_code is None:
+            self.finish(CloseCode.POLICY_VIOLATION, reason.partition(" (")[0], detail=reason)
+
+    def finish(self, code: int, reason: str, *, detail: str | None = None) -> None:
+        """Close with ``code`` once the outbox is flushed; close the backend stream.
+        ``reason`` goes on the wire (keep it short); ``detail``, if given, to the log."""
         if self.close_code is None:
-            self.close_code, self.close_reason = code, reason
+            self.close_code, self.close_reason = code, detail or reason
+            self._wire_reason = reason
         self._wakeup.set()
         self._may_read.set()
         if self.stream_transport is not None and not self._stream_lost:
             self.stream_transport.close()
 
     async def sender(self) -> None:
-        """Drain the outbox into the WebSocket; then send the close frame."""
+        """Drain the outbox into the WebSocket; then send the close frame. A send that fails
+        (the client is gone) ends the tunnel."""
+        try:
+            await self._send_loop()
+        except OSError as exc:  # uvicorn: ClientDisconnected
+            self.finish(CloseCode.ABNORMAL, str(exc) or "client connection lost")
+
+    async def _send_loop(self) -> None:
         send = self._send
         while True:
-            await self._wakeup.wait()
+            if self._may_read.is_set() or self.close_code is not None:
+                await self._wakeup.wait()
+            else:
+                # Reading from the client waits for the backend, so a client that left
+                # goes unnoticed (ASGI reports it to receive() only): probe it with empty
+                # messages (legal, and skipped by every peer), as Bridge probes with pings.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL)
+                if not self._wakeup.is_set():
+                    await send({"type": "websocket.send", "bytes": b""})
+                    continue
             self._wakeup.clear()
             while self._outbox:
                 chunk = self._outbox.popleft()
@@ -135,9 +257,10 @@ class _AsgiTunnel:
                     self._stream_paused = False
                     if self.stream_transport is not None and not self._stream_lost:
                         self.stream_transport.resume_reading()
+                self.charge_budget()
             if self.close_code is not None:
                 await send({"type": "websocket.close", "code": self.close_code,
-                            "reason": self.close_reason})
+                            "reason": self._wire_reason})
                 return
 
     async def receiver(self, receive: Receive) -> None:
@@ -167,39 +290,94 @@ class _AsgiTunnel:
                 self.bytes_to_backend += len(data)
                 if self.stream_transport is None:
                     self._pending.append(data)
+                    self._pending_bytes += len(data)
                 else:
                     self.stream_transport.write(data)
+                self.charge_budget()
+
+    def abort(self) -> None:
+        """Stop relaying now (the close frame could not be delivered in time)."""
+        for task in self.tasks:
+            task.cancel()
 
 
 class BridgeApp:
-    """ASGI application serving gRPC tunnels at ``config.path``."""
+    """ASGI application serving gRPC tunnels at ``config.path``.
+
+    Of its :class:`BridgeConfig` it applies (:data:`APPLIED`) the backend and
+    ``backend_connect_timeout``, ``path``, every admission setting (origins, hosts,
+    subprotocols, ``authenticate``, connection and upgrade limits, ``trusted_proxies``),
+    ``max_message_bytes``, ``buffer_bytes``, the memory budgets (what each tunnel queues
+    towards the client and the backend; the ASGI server's own buffers are not seen) and
+    ``drain_timeout`` (:meth:`close` and the lifespan shutdown).
+
+    The rest is the ASGI server's job, and a config that sets any of it (:data:`REFUSED`)
+    raises :class:`~grpcbridge.ConfigError` naming the field and where it lives: ``listen``
+    (uvicorn ``--host``/``--port``), ``certfile``/``keyfile`` (``--ssl-certfile``/
+    ``--ssl-keyfile``), ``ping_interval``/``idle_timeout`` (``--ws-ping-interval``/
+    ``--ws-ping-timeout``), ``compression`` (``--ws-per-message-deflate``),
+    ``handshake_timeout`` (the server or a reverse proxy), ``metrics_listen``/
+    ``allow_remote_metrics`` (mount ``prometheus_client.make_asgi_app(registry=
+    bridge.metrics.registry)``) and ``static`` (Starlette ``StaticFiles``).
+    """
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
         if not isinstance(config, BridgeConfig):
             raise TypeError("BridgeApp() takes a BridgeConfig")
+        check_asgi_config(config)
         self.config = config
         self.metrics = metrics if metrics is not None else BridgeMetrics()
         self.gate = Gate(config, self.metrics)
+        self.budget = MemoryBudget(per_client=config.client_memory_budget,
+                                   total=config.memory_budget)
         self.backend = make_backend(config)
         self._started: asyncio.Task[None] | None = None
-        self._closed = False
+        self._closing = False
+        self._closed = asyncio.Event()
         self._tunnels: set[asyncio.Task[None]] = set()
+        self._relaying: set[_AsgiTunnel] = set()
 
     async def _ensure_started(self) -> None:
+        if self._closing:
+            raise InvalidStateError("this BridgeApp was closed; create a new BridgeApp")
         if self._started is None:
             self._started = asyncio.get_running_loop().create_task(self.backend.start())
         await asyncio.shield(self._started)
 
-    async def close(self) -> None:
-        """Close the backend (in-process servers). Idempotent. Mounted apps get no lifespan
-        events from Starlette, so call this from your app's shutdown."""
-        if self._closed:
+    async def close(self, drain_timeout: float | None = None) -> None:
+        """Refuse new tunnels (503), let open ones finish for up to ``drain_timeout``
+        seconds (default: the config's), close the rest with 1001, then close the backend.
+        Idempotent and safe from several tasks at once. A mounted app gets no lifespan
+        events from Starlette, so call this from your app's shutdown.
+
+        uvicorn closes its WebSockets itself (1012) before the lifespan shutdown, bounded by
+        its ``--timeout-graceful-shutdown``; the drain matters when you call this earlier."""
+        if self._closing:
+            await self._closed.wait()
             return
-        self._closed = True
-        if self._started is not None:
-            with contextlib.suppress(Exception):
-                await self._started
-            await self.backend.close()
+        self._closing = True
+        try:
+            await self._drain(self.config.drain_timeout if drain_timeout is None
+                              else drain_timeout)
+        finally:
+            if self._started is not None:
+                with contextlib.suppress(Exception):
+                    await self._started
+                await self.backend.close()
+            self._closed.set()
+
+    async def _drain(self, seconds: float) -> None:
+        if self._tunnels and seconds > 0:
+            log_event("bridge_draining", tunnels=len(self._tunnels), timeout=seconds)
+            await asyncio.wait(set(self._tunnels), timeout=seconds)
+        for tunnel in list(self._relaying):
+            tunnel.finish(CloseCode.GOING_AWAY, "server shutting down")
+        if self._tunnels:  # each waits up to _CLOSE_WAIT for the client's close reply
+            await asyncio.wait(set(self._tunnels), timeout=_CLOSE_WAIT + 1)
+        for tunnel in list(self._relaying):
+            tunnel.abort()
+        if self._tunnels:
+            await asyncio.wait(set(self._tunnels), timeout=1)
 
     @property
     def active_tunnels(self) -> int:
@@ -266,6 +444,17 @@ class BridgeApp:
         await send({"type": f"{prefix}.start", "status": rejection.status, "headers": headers})
         await send({"type": f"{prefix}.body", "body": body})
 
+    async def _reject(self, scope: Scope, send: Send, rejection: Rejection) -> None:
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await self._send_http_rejection(send, rejection, prefix="websocket.http.response")
+        else:
+            await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+
+    def _shutting_down(self, peer: str, path: str) -> Rejection:
+        rejection = Rejection(503, "the bridge is shutting down", label="shutdown")
+        self.gate.rejected(rejection, peer=peer, path=path)
+        return rejection
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         message = await receive()
@@ -273,14 +462,19 @@ class BridgeApp:
             return
         headers = self._headers(scope)
         peer = self._peer(scope)
+        path = scope["path"]
+        if self._closing:
+            await self._reject(scope, send, self._shutting_down(peer, path))
+            return
         decision = await self.gate.check(
-            path=scope["path"], query=scope.get("query_string", b"").decode("latin-1"),
+            path=path, query=scope.get("query_string", b"").decode("latin-1"),
             headers=headers, peer=peer, websocket=True, now=loop.time())
         if isinstance(decision, Rejection):
-            if "websocket.http.response" in scope.get("extensions", {}):
-                await self._send_http_rejection(send, decision, prefix="websocket.http.response")
-            else:
-                await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
+            await self._reject(scope, send, decision)
+            return
+        if self._closing:  # close() began while the auth hook ran
+            self.gate.release(decision, loop.time())
+            await self._reject(scope, send, self._shutting_down(peer, path))
             return
         try:
             await self._ensure_started()
@@ -289,13 +483,15 @@ class BridgeApp:
             self.gate.release(decision, loop.time())
             raise
         origin = headers.get("origin", [""])[0]
-        self.gate.opened(decision, peer=peer, path=scope["path"], origin=origin)
+        self.gate.opened(decision, peer=peer, path=path, origin=origin)
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
-                             self.config.max_message_bytes)
+                             self.config.max_message_bytes, self.budget.open(decision.client))
         try:
             await self._relay(tunnel, decision, receive)
         finally:
             now = loop.time()
+            if tunnel.account is not None:
+                tunnel.account.close()
             self.gate.release(decision, now)
             self.metrics.add_bytes(tunnel.bytes_to_backend, tunnel.bytes_to_client)
             self.gate.closed(decision, code=int(tunnel.close_code or CloseCode.ABNORMAL),
@@ -307,6 +503,8 @@ class BridgeApp:
         loop = tunnel.loop
         sender = loop.create_task(tunnel.sender())
         receiver = loop.create_task(tunnel.receiver(receive))
+        tunnel.tasks = (sender, receiver)
+        self._relaying.add(tunnel)
         try:
             started = loop.time()
             try:
@@ -324,8 +522,9 @@ class BridgeApp:
             else:
                 # Our close frame is out: wait (briefly) for the client's disconnect.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(receiver), 2.0)
+                    await asyncio.wait_for(asyncio.shield(receiver), _CLOSE_WAIT)
         finally:
+            self._relaying.discard(tunnel)
             for task in (sender, receiver):
                 task.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)
@@ -333,4 +532,4 @@ class BridgeApp:
                 tunnel.stream_transport.close()
 
 
-__all__ = ["Backend", "BridgeApp"]
+__all__ = ["APPLIED", "REFUSED", "Backend", "BridgeApp", "check_asgi_config"]

@@ -18,7 +18,7 @@ from typing import Any, Literal, overload
 
 from ..backends import GrpcioBackend
 from ..core.config import BridgeConfig
-from ..core.errors import TunnelClosed
+from ..core.errors import InvalidStateError
 from ..loops import LoopName, loop_factory, loop_name
 from .bridge import Bridge
 
@@ -40,27 +40,49 @@ class ThreadedBridge:
         self._error: BaseException | None = None
         self._stopped = False
 
+    def _state(self) -> str:
+        """What this bridge did, as a phrase: "has not started", "is running"..."""
+        if self._thread is None:
+            return "was stopped" if self._stopped else "has not started"
+        if self._error is not None:
+            return "failed to start"
+        return "was stopped" if self._stopped else "is running"
+
+    def _not_started(self, what: str) -> InvalidStateError:
+        state = self._state()
+        advice = ("call start() first (or use 'with ThreadedBridge(...)')"
+                  if state == "has not started" else "create a new ThreadedBridge")
+        return InvalidStateError(f"ThreadedBridge.{what} is known once the bridge thread "
+                                 f"has started; this one {state}: {advice}")
+
     @property
     def bridge(self) -> Bridge:
+        """The :class:`Bridge` running on the thread (after :meth:`start`)."""
         if self._bridge is None:
-            raise TunnelClosed("the bridge thread is not running; call start()")
+            raise self._not_started("bridge")
         return self._bridge
 
     @property
     def url(self) -> str:
-        return self.bridge.url
+        """The ``ws://`` / ``wss://`` URL of the tunnel endpoint (after :meth:`start`)."""
+        if self._bridge is None:
+            raise self._not_started("url")
+        return self._bridge.url
 
     @property
     def loop_kind(self) -> str:
         """``"uvloop"`` or ``"asyncio"``: the loop the bridge thread runs (once started)."""
         if self._loop is None:
-            raise TunnelClosed("the bridge thread is not running; call start()")
+            raise self._not_started("loop_kind")
         return loop_name(self._loop)
 
     def start(self, timeout: float = 10.0) -> ThreadedBridge:
         """Start the thread and return once the bridge listens (or raise its error)."""
-        if self._thread is not None:
-            raise TunnelClosed("start() was already called")
+        if self._thread is not None or self._stopped:
+            raise InvalidStateError(
+                f"start() called on a ThreadedBridge that {self._state()}; it starts "
+                "once: " + ("it is already serving" if self._state() == "is running"
+                            else "create a new ThreadedBridge"))
         self._thread = threading.Thread(target=self._run, name="grpcbridge", daemon=True)
         self._thread.start()
         if not self._ready.wait(timeout):

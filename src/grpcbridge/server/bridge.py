@@ -18,7 +18,7 @@ from websockets.typing import Subprotocol
 from ..backends import Backend, SocketBackend
 from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
 from ..core.config import BackendLike, BridgeConfig
-from ..core.errors import TunnelClosed
+from ..core.errors import InvalidStateError
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
 from ..loops import loop_name
@@ -149,7 +149,15 @@ class Bridge:
     def url(self) -> str:
         """The ``ws://`` / ``wss://`` URL of the tunnel endpoint (TCP listeners)."""
         if self.address is None:
-            raise TunnelClosed("the bridge is not listening on TCP (not started, or unix)")
+            if self.config.listen_address.path is not None:
+                raise InvalidStateError(
+                    f"Bridge.url: the bridge listens on {self.config.listen}, a unix socket, "
+                    "which has no ws:// URL; clients dial the socket path")
+            raise InvalidStateError(
+                f"Bridge.url is known once the bridge listens; it is {self._state}: "
+                + ("await bridge.start() (or use 'async with Bridge(...)') first"
+                   if self._state in ("new", "starting")
+                   else "it never listened; create a new Bridge"))
         host, port = self.address
         host = f"[{host}]" if ":" in host else host
         scheme = "wss" if self._ssl else "ws"
@@ -168,7 +176,10 @@ class Bridge:
     async def start(self) -> None:
         """Bind the listeners. Raises :class:`OSError` if an address is taken."""
         if self._state != "new":
-            raise TunnelClosed(f"start() called on a bridge that is {self._state}")
+            raise InvalidStateError(
+                f"start() called on a bridge that is {self._state}; a Bridge starts once: "
+                + ("it is already serving" if self._state in ("starting", "running")
+                   else "create a new Bridge to serve again"))
         self._state = "starting"
         config = self.config
         loop = asyncio.get_running_loop()
@@ -450,6 +461,8 @@ class Bridge:
         websocket.send_response(response)
         tunnel.flush_websocket()
         session.accepted = True
+        # Open on the WebSocket side; reading stays paused until the backend is attached.
+        tunnel.websocket_opened()
         side.handshake_done(True)
         self.gate.opened(decision, peer=session.peer, path=path,
                          origin=request.headers.get("Origin", ""))
@@ -463,15 +476,13 @@ class Bridge:
             await self.backend.connect(tunnel, self.config.buffer_bytes)
         except (OSError, TimeoutError) as exc:
             self.gate.backend_failed(exc)
+            # Closing also resumes reading (paused for the handshake), so the client's
+            # close reply completes the handshake now, not after Tunnel.CLOSE_TIMEOUT.
             tunnel.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
-            # Reading was paused for the handshake: resume it so the client's close reply
-            # completes the closing handshake now instead of after Tunnel.CLOSE_TIMEOUT.
-            tunnel.resume_websocket_reading()
             return
         finally:
             tunnel.dial_finished()
         self.gate.backend_connected(admitted, loop.time() - started)
-        tunnel.websocket_opened()
 
     def _tunnel_finished(self, tunnel: Tunnel) -> None:
         session = self._sessions.pop(tunnel, None)
