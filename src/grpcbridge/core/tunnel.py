@@ -123,6 +123,7 @@ class TunnelMachine:
         "_io",
         "_last_ping",
         "_pending",
+        "_pending_bytes",
         "_progress_mark",
         "_rules",
         "_stream_buffer_at",
@@ -169,6 +170,7 @@ class TunnelMachine:
         self.dialing = False
         self._rules = InboundMessages()
         self._pending: list[bytes] = []
+        self._pending_bytes = 0
         self._early: list[bytes] = []
         self._frame_rate = FrameRate(now)
         self._progress_mark = 0
@@ -231,6 +233,7 @@ class TunnelMachine:
             return
         else:
             self._pending.append(payload)
+            self._pending_bytes += len(payload)
         self.bytes_from_websocket += len(payload)
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
@@ -308,13 +311,13 @@ class TunnelMachine:
             return
         self.stream_attached = True
         self.dialing = False
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
         if self.ws_lost or self.close_code is not None:
-            self._pending.clear()
             self._close_stream()
             return
         if not self.ws_open:
             self._io.pause_stream()
-        pending, self._pending = self._pending, []
         for chunk in pending:
             self._io.write_stream(chunk)
         if self.ws_open:
@@ -368,6 +371,7 @@ class TunnelMachine:
         self.dialing = False
         if not self.stream_attached:
             self._pending.clear()
+            self._pending_bytes = 0
             self._maybe_closed()
 
     # ------------------------------------------------------------ pause/resume
@@ -513,7 +517,7 @@ class TunnelMachine:
         if account is None:
             return
         io = self._io
-        held = io.held_inbound()
+        held = io.held_inbound() + self._pending_bytes
         if self.stream_attached and not self.stream_closing:
             held += io.stream_buffered()
         if not self.ws_lost:

@@ -29,7 +29,8 @@ from ..core.admission import Rejection
 from ..core.config import BridgeConfig
 from ..core.errors import ConfigError, InvalidStateError
 from ..core.limits import BudgetAccount, MemoryBudget
-from ..core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
+from ..core.stream import CloseCode, Opcode, message_too_big_reason
+from ..core.tunnel import TunnelMachine
 from ..observability import BridgeMetrics, log_event
 from .bridge import make_backend
 from .gate import Admitted, Gate
@@ -114,13 +115,15 @@ def check_asgi_config(config: BridgeConfig) -> None:
 
 
 class _AsgiTunnel:
-    """Relay between an ASGI WebSocket and a backend stream (a :class:`StreamOwner`).
+    """One tunnel under ASGI: an adapter feeding a :class:`~grpcbridge.core.tunnel.
+    TunnelMachine` (where the rules live, as under the standalone bridge) from ASGI
+    ``receive()`` and the backend stream, and carrying out its outputs.
 
     Backend bytes wait in an outbox drained by one sender task; above ``buffer_bytes`` the
-    backend's reading pauses. Client messages are written to the backend one at a time, and
-    the next ``receive()`` waits while the backend's write buffer is full. What the outbox
-    and the backend's write buffer hold is charged to ``account`` (the client's share of the
-    memory budget); a charge over budget closes the tunnel with 1008.
+    machine pauses the backend's reading. Client messages are handed to the machine one at a
+    time, and the next ``receive()`` waits while the machine has paused the WebSocket side.
+    ASGI has no pings: the machine's pings become empty messages (legal and skipped by
+    every peer), which is how a client that left is noticed while reading is paused.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, buffer_bytes: int,
@@ -130,101 +133,169 @@ class _AsgiTunnel:
         self._buffer_bytes = buffer_bytes
         #: Largest WebSocket message accepted (what frames sent to us must fit in).
         self.max_message_bytes = max_message_bytes
-        self.account = account
-        self._rules = InboundMessages()
         self.stream_transport: asyncio.Transport | None = None
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
-        self._stream_paused = False
+        self._outbox_full = False
         self._wakeup = asyncio.Event()
         self._may_read = asyncio.Event()
         self._may_read.set()
-        self._stream_lost = False
-        self.close_code: int | None = None
-        #: Why the tunnel closed, for the log (the close frame carries a short form).
-        self.close_reason = ""
-        self._wire_reason = ""
+        #: The close frame to send once the outbox is flushed (code, wire reason).
+        self._close: tuple[int, str] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         #: The sender and receiver tasks, while the relay runs.
         self.tasks: tuple[asyncio.Task[None], ...] = ()
-        self.bytes_to_backend = 0
-        self.bytes_to_client = 0
-        self.opened_at = loop.time()
+        self.finished = asyncio.Event()
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name="backend",
+                                     close_timeout=_CLOSE_WAIT)
+        self.machine.account = account
+        self.machine.dialing = True
+        self.machine.websocket_opened()  # accepted before the tunnel exists
+        self.machine.pause_websocket()  # until the backend is attached (or the dial fails)
 
-    # StreamOwner ------------------------------------------------------------
+    # the machine's view, for accounting -------------------------------------------
+
+    @property
+    def account(self) -> BudgetAccount | None:
+        return self.machine.account
+
+    @property
+    def close_code(self) -> int | None:
+        return self.machine.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.machine.close_reason
+
+    @property
+    def bytes_to_backend(self) -> int:
+        return self.machine.bytes_from_websocket
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self.machine.bytes_to_websocket
+
+    @property
+    def opened_at(self) -> float:
+        return self.machine.opened_at
+
+    # StreamOwner (the backend's stream side calls these) ---------------------------
 
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
         transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
         self.stream_transport = transport
-        pending, self._pending = self._pending, []
-        self._pending_bytes = 0
-        for chunk in pending:
-            transport.write(chunk)
-        if self.close_code is not None:
-            transport.close()
-        self.charge_budget()
+        self.machine.stream_attached_now()
+        self.machine.charge()
 
     def stream_data(self, data: bytes) -> None:
-        if self.close_code is not None:
-            return
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        self.bytes_to_client += len(data)
-        self._wakeup.set()
-        if self._outbox_bytes > self._buffer_bytes and self.stream_transport is not None \
-                and not self._stream_paused:
-            self._stream_paused = True
-            self.stream_transport.pause_reading()
-        self.charge_budget()
+        self.machine.stream_data(data)
 
     def stream_eof(self) -> None:
-        self.finish(CloseCode.NORMAL, "backend closed the connection")
+        self.machine.stream_eof()
 
     def stream_lost(self, exc: Exception | None) -> None:
-        self._stream_lost = True
-        if exc is None:
-            self.finish(CloseCode.NORMAL, "backend closed the connection")
-        else:
-            self.finish(CloseCode.INTERNAL_ERROR, "backend connection lost")
+        self.machine.stream_gone(exc is not None)
 
     def pause_websocket_reading(self) -> None:
-        self._may_read.clear()
-        self._wakeup.set()  # the sender starts probing the client
-        self.charge_budget()
+        self.machine.stream_write_paused()
 
     def resume_websocket_reading(self) -> None:
-        self._may_read.set()
-        self.charge_budget()
+        self.machine.stream_write_resumed()
 
     def websocket_buffer_size(self) -> int:
         return self._outbox_bytes
 
-    # relay --------------------------------------------------------------------
+    def dial_finished(self) -> None:
+        self.machine.stream_never_attached()
 
-    def charge_budget(self) -> None:
-        """Report what this tunnel holds to its budget account; over budget: close 1008."""
-        account = self.account
-        if account is None:
-            return
-        held = self._outbox_bytes + self._pending_bytes
-        transport = self.stream_transport
-        if transport is not None and not self._stream_lost:
-            held += transport.get_write_buffer_size()
-        reason = account.charge(held)
-        if reason is not None and self.close_code is None:
-            self.finish(CloseCode.POLICY_VIOLATION, reason.partition(" (")[0], detail=reason)
+    def close(self, code: int, reason: str) -> None:
+        self.machine.close(code, reason)
 
-    def finish(self, code: int, reason: str, *, detail: str | None = None) -> None:
-        """Close with ``code`` once the outbox is flushed; close the backend stream.
-        ``reason`` goes on the wire (keep it short); ``detail``, if given, to the log."""
-        if self.close_code is None:
-            self.close_code, self.close_reason = code, detail or reason
-            self._wire_reason = reason
+    # TunnelIO: the machine's outputs -------------------------------------------------
+
+    def send_message(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
         self._wakeup.set()
+        if self._outbox_bytes > self._buffer_bytes and not self._outbox_full:
+            self._outbox_full = True
+            self.machine.websocket_write_paused()
+        elif self.machine.account is not None:
+            self.machine.charge()
+
+    def send_ping(self) -> None:
+        self.send_message(b"")
+
+    def send_close(self, code: int, reason: str) -> None:
+        if self._close is None:
+            self._close = (code, reason)
+            self._wakeup.set()
+            self._may_read.set()  # let the receiver see the client's answer
+
+    fail_websocket = send_close
+
+    def abort_websocket(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    def finish_websocket(self) -> None:
+        self._wakeup.set()  # the sender ends once the outbox and the close frame are out
+
+    def pause_websocket(self) -> None:
+        self._may_read.clear()
+        self._wakeup.set()  # the sender starts probing the client
+
+    def resume_websocket(self) -> None:
         self._may_read.set()
-        if self.stream_transport is not None and not self._stream_lost:
+
+    def websocket_buffered(self) -> int:
+        return self._outbox_bytes
+
+    def write_stream(self, data: bytes) -> None:
+        assert self.stream_transport is not None
+        self.stream_transport.write(data)
+
+    def close_stream(self) -> None:
+        if self.stream_transport is not None:
             self.stream_transport.close()
+
+    def abort_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.abort()
+
+    def pause_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.pause_reading()
+
+    def resume_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.resume_reading()
+
+    def stream_buffered(self) -> int:
+        transport = self.stream_transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def held_inbound(self) -> int:
+        return 0  # the ASGI server hands over whole messages
+
+    def set_timer(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.machine.tick()
+
+    def tunnel_closed(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.finished.set()
+
+    # tasks ---------------------------------------------------------------------------
 
     async def sender(self) -> None:
         """Drain the outbox into the WebSocket; then send the close frame. A send that fails
@@ -232,73 +303,67 @@ class _AsgiTunnel:
         try:
             await self._send_loop()
         except OSError as exc:  # uvicorn: ClientDisconnected
-            self.finish(CloseCode.ABNORMAL, str(exc) or "client connection lost")
+            self.machine.websocket_lost(CloseCode.ABNORMAL,
+                                        str(exc) or "client connection lost")
 
     async def _send_loop(self) -> None:
         send = self._send
+        machine = self.machine
         while True:
-            if self._may_read.is_set() or self.close_code is not None:
-                await self._wakeup.wait()
-            else:
+            if machine.ws_paused and self._close is None:
                 # Reading from the client waits for the backend, so a client that left
-                # goes unnoticed (ASGI reports it to receive() only): probe it with empty
-                # messages (legal, and skipped by every peer), as Bridge probes with pings.
+                # goes unnoticed (ASGI reports it to receive() only): the machine probes it.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL)
                 if not self._wakeup.is_set():
-                    await send({"type": "websocket.send", "bytes": b""})
+                    machine.tick()
                     continue
+            else:
+                await self._wakeup.wait()
             self._wakeup.clear()
             while self._outbox:
                 chunk = self._outbox.popleft()
                 await send({"type": "websocket.send", "bytes": chunk})
                 self._outbox_bytes -= len(chunk)
-                if self._stream_paused and self._outbox_bytes <= self._buffer_bytes // 4:
-                    self._stream_paused = False
-                    if self.stream_transport is not None and not self._stream_lost:
-                        self.stream_transport.resume_reading()
-                self.charge_budget()
-            if self.close_code is not None:
-                await send({"type": "websocket.close", "code": self.close_code,
-                            "reason": self._wire_reason})
+                if self._outbox_full and self._outbox_bytes <= self._buffer_bytes // 4:
+                    self._outbox_full = False
+                    machine.websocket_write_resumed()
+                elif machine.account is not None:
+                    machine.charge()
+            if self._close is not None:
+                code, reason = self._close
+                await send({"type": "websocket.close", "code": code, "reason": reason})
                 return
 
     async def receiver(self, receive: Receive) -> None:
-        """Feed client messages to the backend until the client disconnects."""
-        while self.close_code is None:
+        """Feed client messages to the machine until the client disconnects."""
+        machine = self.machine
+        while True:
             await self._may_read.wait()
             message = await receive()
             kind = message["type"]
             if kind == "websocket.disconnect":
-                self.close_code = self.close_code or int(message.get("code", 1005))
-                self.close_reason = self.close_reason or str(message.get("reason") or "")
+                machine.websocket_lost(int(message.get("code", 1005)),
+                                       str(message.get("reason") or ""))
                 return
-            if kind != "websocket.receive":
-                continue
+            if kind != "websocket.receive" or machine.close_code is not None:
+                continue  # after our close frame: wait for the client's disconnect
             data = message.get("bytes")
-            try:
-                if data is None:
-                    self._rules.accept(Opcode.TEXT, b"")
-                    continue
-                if len(data) > self.max_message_bytes:
-                    raise StreamViolation(CloseCode.MESSAGE_TOO_BIG,
-                                          f"message larger than {self.max_message_bytes} bytes")
-            except StreamViolation as violation:
-                self.finish(violation.code, violation.reason)
-                return
-            if data:
-                self.bytes_to_backend += len(data)
-                if self.stream_transport is None:
-                    self._pending.append(data)
-                    self._pending_bytes += len(data)
-                else:
-                    self.stream_transport.write(data)
-                self.charge_budget()
+            if data is None:
+                machine.frame(Opcode.TEXT, b"")
+            elif len(data) > self.max_message_bytes:
+                machine.fail(CloseCode.MESSAGE_TOO_BIG,
+                             message_too_big_reason(self.max_message_bytes))
+            elif data:
+                machine.data(data)
+                if machine.account is not None:
+                    machine.charge()
+            else:
+                machine.empty_frame()
 
     def abort(self) -> None:
         """Stop relaying now (the close frame could not be delivered in time)."""
-        for task in self.tasks:
-            task.cancel()
+        self.machine.abort()
 
 
 class BridgeApp:
@@ -371,7 +436,7 @@ class BridgeApp:
             log_event("bridge_draining", tunnels=len(self._tunnels), timeout=seconds)
             await asyncio.wait(set(self._tunnels), timeout=seconds)
         for tunnel in list(self._relaying):
-            tunnel.finish(CloseCode.GOING_AWAY, "server shutting down")
+            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
         if self._tunnels:  # each waits up to _CLOSE_WAIT for the client's close reply
             await asyncio.wait(set(self._tunnels), timeout=_CLOSE_WAIT + 1)
         for tunnel in list(self._relaying):
@@ -511,13 +576,14 @@ class BridgeApp:
                 await self.backend.connect(tunnel, self.config.buffer_bytes)
             except (OSError, TimeoutError) as exc:
                 self.gate.backend_failed(exc)
-                tunnel.finish(CloseCode.INTERNAL_ERROR, "backend unavailable")
+                tunnel.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
             else:
                 self.gate.backend_connected(admitted, loop.time() - started)
+            finally:
+                tunnel.dial_finished()
             # Ends when the client disconnects, or when we sent our close frame.
             await asyncio.wait([sender, receiver], return_when=asyncio.FIRST_COMPLETED)
             if receiver.done():
-                tunnel.finish(tunnel.close_code or CloseCode.NORMAL, tunnel.close_reason)
                 sender.cancel()  # the client is gone: nothing more can be delivered
             else:
                 # Our close frame is out: wait (briefly) for the client's disconnect.
@@ -528,8 +594,9 @@ class BridgeApp:
             for task in (sender, receiver):
                 task.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)
-            if tunnel.stream_transport is not None and not tunnel._stream_lost:
-                tunnel.stream_transport.close()
+            # However it ended, the WebSocket side is done; the machine closes the backend
+            # stream (what is buffered for it gets the close timeout to drain).
+            tunnel.machine.websocket_lost(CloseCode.ABNORMAL, "client connection lost")
 
 
 __all__ = ["APPLIED", "REFUSED", "Backend", "BridgeApp", "check_asgi_config"]
