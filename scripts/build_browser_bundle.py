@@ -35,7 +35,7 @@ PYODIDE_PYTHON = "3.14"  # the Python of the npm package pyodide 314.x
 DEPENDENCIES = {
     "hpack": "hpack>=4,<5",
     "hyperframe": "hyperframe>=6,<7",
-    "h2": "h2>=3.1,<5",
+    "h2": "h2>=4,<5",  # what grpcbridge._grpclib_compat supports
     "multidict": "multidict",
     "grpclib": "grpclib>=0.4,<0.5",
     "protobuf": "protobuf",  # + >= the gencode version, added below

@@ -1,28 +1,42 @@
-"""Session-wide guards: no test leaves processes, file descriptors or threads behind."""
+"""Session-wide guards: no test leaves processes, file descriptors or threads behind; and the
+suite's timing factor (support.TIMING) scales pytest-timeout's limit of every test."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
-from support import kill_all_processes, snapshot
+from support import TIMING, kill_all_processes, snapshot, wait_until
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if TIMING == 1.0:
+        return
+    default = getattr(config, "_env_timeout", None)  # pytest-timeout's --timeout or ini
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        if marker is None:
+            seconds = default
+        else:
+            seconds = marker.args[0] if marker.args else marker.kwargs.get("timeout")
+        if seconds:
+            item.add_marker(pytest.mark.timeout(float(seconds) * TIMING), append=False)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _no_leaks_at_session_end() -> Iterator[None]:
     yield
     kill_all_processes()
-    deadline = time.monotonic() + 10
-    while True:
-        children = [p for p in psutil.Process().children(recursive=True) if p.is_running()
-                    and p.status() != psutil.STATUS_ZOMBIE]
-        if not children or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not children, f"tests left processes behind: {children}"
+
+    def children() -> list[psutil.Process]:
+        return [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+
+    wait_until(lambda: not children(), 10, interval=0.1, fail=False)
+    left = children()
+    assert not left, f"tests left processes behind: {left}"
 
 
 @pytest.fixture(autouse=True)
@@ -37,14 +51,15 @@ def leak_check() -> Iterator[None]:
     before = snapshot()
     yield
     kill_all_processes()
-    deadline = time.monotonic() + 5
-    while True:
+    after = before
+
+    def settled() -> bool:
+        nonlocal after
         after = snapshot()
-        leaked = (after.fds > before.fds or after.threads - before.threads
-                  or after.children - before.children)
-        if not leaked or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+        return not (after.fds > before.fds or after.threads - before.threads
+                    or after.children - before.children)
+
+    wait_until(settled, 5, interval=0.05, fail=False)
     assert after.fds <= before.fds, f"fds leaked: {before.fds} -> {after.fds}"
     assert not after.threads - before.threads, f"threads leaked: {after.threads - before.threads}"
     assert not after.children - before.children, "child processes leaked"

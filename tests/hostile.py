@@ -32,8 +32,6 @@ from websockets.uri import parse_uri
 
 MiB = 1024 * 1024
 
-#: Scales every time bound in the hostile tests (slow CI machines: 2 or 3).
-TIMING = float(os.environ.get("GRPCBRIDGE_TEST_TIMING") or "1.0")
 #: Duration of test_soak_mixed_abuse.
 SOAK_SECONDS = float(os.environ.get("GRPCBRIDGE_SOAK_SECONDS") or "60")
 
@@ -45,11 +43,6 @@ CRASH_MARKERS = ("Traceback", "Task exception", "AssertionError", "Fatal error o
 #: above 128 KiB with its own mmap and unmaps it on free (no dynamic threshold), so RSS
 #: follows what the bridge still references instead of what the allocator kept cached.
 MEASURE_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
-
-
-def timing(seconds: float) -> float:
-    """``seconds`` scaled by GRPCBRIDGE_TEST_TIMING."""
-    return seconds * TIMING
 
 
 def crash_lines(lines: Sequence[str]) -> list[str]:
@@ -374,21 +367,11 @@ class ScriptedBackend:
 
 @contextlib.contextmanager
 def todo_service() -> Iterator[int]:
-    """The grpcio Todo service in its own process; yields its port."""
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "grpcbridge.demo.service", "--listen", "127.0.0.1:0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    try:
-        assert popen.stdout is not None
-        line = popen.stdout.readline()
-        match = re.search(r"listening on \S+:(\d+)", line)
-        assert match, f"Todo service did not start: {line!r}"
-        yield int(match.group(1))
-    finally:
-        popen.kill()
-        popen.wait()
-        if popen.stdout is not None:
-            popen.stdout.close()
+    """The grpcio Todo service (the test oracle) in its own process; yields its port."""
+    from todo_oracle import process  # imports grpc: not needed in the flooder process
+
+    with process() as (_, port):
+        yield port
 
 
 # --------------------------------------------------------------------- flooder

@@ -1,8 +1,18 @@
-"""Shared test helpers: real subprocesses for the CLI, resource snapshots for leak checks."""
+"""Shared test helpers: the suite's timing factor and its two waiting helpers, real
+subprocesses for the CLI, resource snapshots for leak checks.
+
+Time: every bound a test waits for is multiplied by :data:`TIMING` (environment variable
+``GRPCBRIDGE_TEST_TIMING``, default 1; say 2 or 3 on a slow or busy machine), and so is
+pytest-timeout's limit of each test (tests/conftest.py). A test waits for a condition with
+:func:`wait_until` (sync) or :func:`eventually` (async), never with a bare sleep; a sleep that
+remains is part of a scenario (idling on purpose, pacing a slow reader) and is not scaled.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import os
 import re
 import signal
@@ -10,10 +20,63 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psutil
+
+#: Scales every time bound of the tests (waits, timeouts of calls that should succeed, the
+#: per-test timeout): ``GRPCBRIDGE_TEST_TIMING``, default 1.0.
+TIMING = float(os.environ.get("GRPCBRIDGE_TEST_TIMING") or "1.0")
+
+
+def timing(seconds: float) -> float:
+    """``seconds`` scaled by :data:`TIMING`."""
+    return seconds * TIMING
+
+
+Message = str | Callable[[], str]
+
+
+def _timed_out(timeout: float, message: Message) -> AssertionError:
+    text = message() if callable(message) else message
+    return AssertionError(f"{text or 'condition not met'} (waited {timing(timeout):g} s)")
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, *,
+               interval: float = 0.02, message: Message = "", fail: bool = True) -> bool:
+    """Return True as soon as ``predicate()`` is true, checking every ``interval`` seconds
+    for ``timeout`` seconds (scaled by :data:`TIMING`). Then raise AssertionError with
+    ``message`` (a string or a function giving one), or with ``fail=False`` return False
+    (the caller asserts, with its own diagnosis)."""
+    deadline = time.monotonic() + timing(timeout)
+    while not predicate():
+        if time.monotonic() >= deadline:
+            if fail:
+                raise _timed_out(timeout, message)
+            return False
+        time.sleep(interval)
+    return True
+
+
+async def eventually(predicate: Callable[[], object | Awaitable[object]],
+                     timeout: float = 10.0, *, interval: float = 0.01,  # noqa: ASYNC109
+                     message: Message = "", fail: bool = True) -> bool:
+    """:func:`wait_until` for async tests: the event loop keeps running while it waits, and
+    ``predicate`` may be a coroutine function."""
+    deadline = time.monotonic() + timing(timeout)
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return True
+        if time.monotonic() >= deadline:
+            if fail:
+                raise _timed_out(timeout, message)
+            return False
+        await asyncio.sleep(interval)
+
 
 MiB = 1024 * 1024
 GRPC_OPTIONS = [
@@ -32,6 +95,8 @@ class Process:
     popen: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
     listen: str = ""
+    #: The thread that reads stderr into ``lines`` (ends at EOF).
+    pump: threading.Thread | None = None
 
     @property
     def pid(self) -> int:
@@ -55,20 +120,39 @@ class Process:
         return psutil.Process(self.pid).num_fds()
 
     def wait_for_line(self, pattern: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
         regex = re.compile(pattern)
-        while time.monotonic() < deadline:
+        found: list[str] = []
+
+        def seen() -> bool:
+            found.extend(line for line in list(self.lines) if regex.search(line))
+            return bool(found)
+
+        wait_until(seen, timeout,
+                   message=lambda: f"no line matching {pattern!r}; output:\n{self.output()}")
+        return found[0]
+
+    def started(self) -> bool:
+        """Whether the process logged that it listens (then ``listen`` is set); an
+        AssertionError with its output if it exited before."""
+        if not self.listen:
             for line in list(self.lines):
-                if regex.search(line):
-                    return line
-            time.sleep(0.02)
-        raise AssertionError(f"no line matching {pattern!r}; output:\n{self.output()}")
+                match = _LISTEN_RE.search(line)
+                if match:
+                    self.listen = match.group(1)
+                    break
+        if self.listen:
+            return True
+        if self.popen.poll() is not None:
+            if self.pump is not None:
+                self.pump.join(5)  # the rest of its output
+            raise AssertionError(f"grpcbridge exited early:\n{self.output()}")
+        return False
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:
-                self.popen.wait(timeout)
+                self.popen.wait(timing(timeout))
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
@@ -92,19 +176,9 @@ def start_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
             process.lines.append(line.rstrip("\n"))
         popen.stderr.close()
 
-    threading.Thread(target=pump, daemon=True).start()
-    if ready:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(process.lines):
-                match = _LISTEN_RE.search(line)
-                if match:
-                    process.listen = match.group(1)
-                    return process
-            if popen.poll() is not None:
-                time.sleep(0.1)
-                raise AssertionError(f"grpcbridge exited early:\n{process.output()}")
-            time.sleep(0.02)
+    process.pump = threading.Thread(target=pump, daemon=True)
+    process.pump.start()
+    if ready and not wait_until(process.started, timeout, fail=False):
         process.stop(signal.SIGKILL)
         raise AssertionError(f"grpcbridge did not start:\n{process.output()}")
     return process
@@ -128,16 +202,6 @@ def cli(args: Sequence[str], **kwargs: object) -> Iterator[Process]:
         process.stop()
         if process in _PROCESSES:
             _PROCESSES.remove(process)
-
-
-def wait_until(predicate: object, timeout: float = 10.0, interval: float = 0.02) -> None:
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from peer_stream import digest, payload
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
 
-from support import MiB, Process, cli
+from support import MiB, Process, cli, wait_until
 
 TOTAL = 256 * MiB
 #: Reading rate of the slow side (bytes/s): 256 MiB take ~6.4 s.
@@ -71,13 +71,16 @@ class Peer:
 
     def done_seconds(self, command: str, timeout: float = 10.0) -> float:
         """Seconds the peer spent on ``command`` (e.g. ``"SOURCE 268435456 7"``)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if line.startswith(f"done {command} seconds="):
-                    return float(line.rsplit("=", 1)[1])
-            time.sleep(0.02)
-        raise AssertionError(f"peer never finished {command!r}: {self.lines}")
+        prefix = f"done {command} seconds="
+        done: list[str] = []
+
+        def finished() -> bool:
+            done.extend(line for line in list(self.lines) if line.startswith(prefix))
+            return bool(done)
+
+        wait_until(finished, timeout,
+                   message=lambda: f"peer never finished {command!r}: {self.lines}")
+        return float(done[0].rsplit("=", 1)[1])
 
     def stop(self) -> None:
         self.popen.kill()

@@ -19,6 +19,11 @@ Every assertion is on what the page shows:
 A screenshot of the demo with a few todos is taken; it is saved to docs/demo.png when that is
 missing or ``GRPCBRIDGE_UPDATE_SCREENSHOT=1`` (it differs in every run).
 
+The server, the browser and one tab live for the module (a page boots Pyodide in seconds);
+each test gets the tab connected, in front and with an empty list (``tab``), and creates the
+todos it needs, so the tests pass alone and in any order. Waits scale with
+``GRPCBRIDGE_TEST_TIMING`` (tests/support.py); the one-second sync requirement does not.
+
 Needs ``apt-get install -y chromium``, ``pip install playwright`` (never ``playwright
 install``) and ``npm ci``; without them every test here is skipped with a loud reason (or
 fails, with ``GRPCBRIDGE_REQUIRE_BROWSER=1``, as in CI). The wheel bundle (build/browser) is
@@ -35,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,6 +47,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from support import timing, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -53,7 +59,7 @@ CHROMIUM_FLAGS = [
 SCREENSHOT = ROOT / "docs" / "demo.png"
 #: Milliseconds a page gets to boot Pyodide and connect (a cold start on a busy 2-core
 #: machine takes 10-15 s; warm ones 4-6 s).
-BOOT_MS = 60_000
+BOOT_MS = timing(60_000)
 #: Milliseconds within which another tab must show a change (the requirement: a second).
 SYNC_MS = 1_000
 #: The big files of the Pyodide runtime: a page load requests each of them once.
@@ -124,7 +130,7 @@ class DemoServer:
             found.set()
 
         threading.Thread(target=pump, name="demo-server-output", daemon=True).start()
-        if not found.wait(30) or not self.url:
+        if not found.wait(timing(30)) or not self.url:
             self.stop()
             raise AssertionError("the demo server did not start:\n" + "\n".join(self.output))
         self.port = int(self.url.rsplit(":", 1)[1].strip("/"))
@@ -135,10 +141,10 @@ class DemoServer:
             return
         process.send_signal(signal.SIGTERM)
         try:
-            code = process.wait(15)
+            code = process.wait(timing(15))
         except subprocess.TimeoutExpired:
             process.kill()
-            process.wait(5)
+            process.wait(timing(5))
             raise AssertionError("the demo server ignored SIGTERM") from None
         assert code == 0, f"demo server exited with {code}:\n" + "\n".join(self.output[-20:])
 
@@ -168,6 +174,14 @@ def server(demo_ready: None, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         demo.stop()
 
 
+@pytest.fixture(autouse=True)
+def _server_running(server: DemoServer) -> None:
+    """A test that stopped the server and failed before it started it again left it down:
+    start it (the same port and database) for the next one."""
+    if server.process is None:
+        server.start()
+
+
 def _chromium_processes() -> list[psutil.Process]:
     found = []
     for child in psutil.Process().children(recursive=True):
@@ -180,8 +194,9 @@ def _chromium_processes() -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def playwright(demo_ready: None) -> Iterator[Any]:
     """Playwright for the module; every Chromium it started is checked gone at the end."""
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
+    expect.set_options(timeout=timing(5_000))
     before = {p.pid for p in _chromium_processes()}
     # Chromium's own stderr (crash reasons, renderer exits) goes to the test's captured
     # output through Playwright's driver, so a failure report shows it.
@@ -198,11 +213,12 @@ def playwright(demo_ready: None) -> Iterator[Any]:
         yield instance
     finally:
         instance.stop()
-    deadline = time.monotonic() + 10
-    while (left := [p for p in _chromium_processes() if p.pid not in before]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"Chromium processes left behind: {left}"
+
+    def left() -> list[psutil.Process]:
+        return [p for p in _chromium_processes() if p.pid not in before]
+
+    wait_until(lambda: not left(), 10, interval=0.1, fail=False)
+    assert not left(), f"Chromium processes left behind: {left()}"
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +297,13 @@ class Tab:
         self.by("add").click()
         self.expect(self.item(text)).to_have_count(1)
 
+    def clear(self) -> None:
+        """Delete every todo, through the page."""
+        items = self.by("todo-item")
+        while count := items.count():
+            items.first.get_by_test_id("todo-delete").click()
+            self.expect(items).to_have_count(count - 1)
+
     @staticmethod
     def expect(locator: Any) -> Any:
         from playwright.sync_api import expect
@@ -291,35 +314,85 @@ class Tab:
         self.page.close()
 
 
+class Tabs:
+    """The module's shared tab, opened on first use."""
+
+    def __init__(self, context: Any, server: DemoServer) -> None:
+        self.context = context
+        self.server = server
+        self.shared: Tab | None = None
+
+    def shared_tab(self) -> Tab:
+        if self.shared is None:
+            tab = Tab(self.context, self.server.url)
+            tab.open()
+            self.shared = tab
+        return self.shared
+
+    @contextlib.contextmanager
+    def first_load(self) -> Iterator[Tab]:
+        """A tab that has just loaded the page, for the first time, onto an empty list: the
+        shared tab if this is its first use (the list is empty then: todos are only made
+        through tabs), else a new tab (closed afterwards) once the shared one emptied it."""
+        if self.shared is None:
+            yield self.shared_tab()
+            return
+        self.shared.page.bring_to_front()
+        self.shared.wait_connected()
+        self.shared.clear()
+        tab = Tab(self.context, self.server.url)
+        try:
+            tab.open()
+            yield tab
+        finally:
+            tab.close()
+
+    def close(self) -> None:
+        if self.shared is not None:
+            self.shared.close()
+
+
 @pytest.fixture(scope="module")
-def tab(context: Any, server: DemoServer) -> Iterator[Tab]:
-    first = Tab(context, server.url)
+def tabs(context: Any, server: DemoServer) -> Iterator[Tabs]:
+    opened = Tabs(context, server)
     try:
-        yield first
+        yield opened
     finally:
-        first.close()
+        opened.close()
+
+
+@pytest.fixture
+def tab(tabs: Tabs) -> Tab:
+    """The shared tab: connected, in front, with an empty list."""
+    shared = tabs.shared_tab()
+    shared.page.bring_to_front()
+    shared.wait_connected()
+    shared.clear()
+    return shared
 
 
 # ----------------------------------------------------------------------- tests
 
 
-def test_page_boots_and_connects(tab: Tab) -> None:
-    tab.open()
-    steps = tab.page.locator("#load-steps li")
-    assert steps.count() == 6
-    assert set(tab.page.eval_on_selector_all(
-        "#load-steps li", "items => items.map(i => i.dataset.state)")) == {"done"}
-    assert tab.by("load-error").is_hidden()
-    tab.expect(tab.by("status")).to_have_text("connected")
-    tab.expect(tab.by("empty")).to_be_visible()
-    tab.expect(tab.by("todo-count")).to_have_text("0 todos · 0 done")
-    # The first call was the StreamTodos load, shown in the page's call log.
-    tab.expect(tab.by("rpc-log")).to_contain_text("StreamTodos")
-    ready_ms = float(tab.page.evaluate("grpcbridgeDemo.timings.ready"))
-    assert 0 < ready_ms < BOOT_MS
-    # A fresh profile, an empty cache: no console errors, one request per runtime file.
-    assert tab.errors() == [], "\n".join(tab.console)
-    assert tab.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), tab.requests
+def test_page_boots_and_connects(tabs: Tabs) -> None:
+    """The first load of the page: in the profile's first tab (the profile is fresh then, its
+    cache empty) when this test runs first, else in a new tab."""
+    with tabs.first_load() as tab:
+        steps = tab.page.locator("#load-steps li")
+        assert steps.count() == 6
+        assert set(tab.page.eval_on_selector_all(
+            "#load-steps li", "items => items.map(i => i.dataset.state)")) == {"done"}
+        assert tab.by("load-error").is_hidden()
+        tab.expect(tab.by("status")).to_have_text("connected")
+        tab.expect(tab.by("empty")).to_be_visible()
+        tab.expect(tab.by("todo-count")).to_have_text("0 todos · 0 done")
+        # The first call was the StreamTodos load, shown in the page's call log.
+        tab.expect(tab.by("rpc-log")).to_contain_text("StreamTodos")
+        ready_ms = float(tab.page.evaluate("grpcbridgeDemo.timings.ready"))
+        assert 0 < ready_ms < BOOT_MS
+        # No console errors, one request per runtime file.
+        assert tab.errors() == [], "\n".join(tab.console)
+        assert tab.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), tab.requests
 
 
 def test_memory_cache_profile_loads_cleanly(playwright: Any, server: DemoServer) -> None:
@@ -467,7 +540,7 @@ def _propagated(actor: Tab, watcher: Tab, locator: Any, count: int, what: str) -
     """Wait until ``watcher`` shows the change; assert it did within SYNC_MS of the action
     (measured in the pages: the action's event in ``actor``, the first list change in
     ``watcher``). Returns the milliseconds."""
-    watcher.expect(locator).to_have_count(count, timeout=5_000)
+    watcher.expect(locator).to_have_count(count, timeout=timing(5_000))
     acted = float(actor.page.evaluate("window.__acted"))
     changes = [float(t) for t in watcher.page.evaluate("window.__changes")]
     seen = min((t for t in changes if t >= acted), default=float("inf"))
@@ -525,7 +598,7 @@ def test_two_tabs_stay_in_sync(tab: Tab, context: Any, server: DemoServer) -> No
         _act(other, tab)
         other.by("bulk-add").click()
         tab.expect(tab.page.locator('[data-testid="todo-text"]', has_text="tab two ")
-                   ).to_have_count(3, timeout=5_000)
+                   ).to_have_count(3, timeout=timing(5_000))
         latencies.append(_propagated(other, tab, tab.page.locator(
             '[data-testid="todo-text"]', has_text="tab two "), 3, "a bulk add"))
         assert other.texts() == tab.texts()
@@ -573,15 +646,16 @@ def test_screenshot_for_the_docs(tab: Tab, tmp_path: Path) -> None:
 
 
 def test_status_recovers_after_the_bridge_restarts(tab: Tab, server: DemoServer) -> None:
-    tab.page.bring_to_front()
+    for text in ("kept across the restart", "this one too"):
+        tab.add(text)
     texts = tab.texts()
-    assert texts, "earlier tests left todos to reload"
+    assert texts == ["kept across the restart", "this one too"]
     server.stop()
     tab.expect(tab.by("status")).to_have_attribute("data-state", "reconnecting",
-                                                   timeout=10_000)
+                                                   timeout=timing(10_000))
     tab.expect(tab.by("status")).to_have_text("reconnecting")
     # The reason is shown: the bridge closed the tunnel, then connections are refused.
-    tab.expect(tab.by("status-detail")).to_contain_text("next try in", timeout=10_000)
+    tab.expect(tab.by("status-detail")).to_contain_text("next try in", timeout=timing(10_000))
     detail = tab.by("status-detail").inner_text()
     assert "UNAVAILABLE" in detail or "WebSocket" in detail, detail
 
@@ -592,7 +666,7 @@ def test_status_recovers_after_the_bridge_restarts(tab: Tab, server: DemoServer)
     tab.expect(tab.by("new-text")).to_have_value("while down")
 
     server.start()  # the same port and the same SQLite file
-    tab.wait_connected(timeout=20_000)
+    tab.wait_connected(timeout=timing(20_000))
     tab.expect(tab.by("todo-item")).to_have_count(len(texts))
     assert tab.texts() == texts
     # And it works again.

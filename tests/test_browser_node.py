@@ -4,9 +4,10 @@ One Node process (``tests/browser/run_node.mjs``) boots Pyodide once, installs t
 ``build/browser`` and runs every scenario of ``tests/browser/scenarios.py`` in order; this
 module serves what they talk to and asserts on each scenario's result:
 
-* bridges (in-process :class:`grpcbridge.Bridge`) in front of the grpcio Todo service: the
-  main one, one that the test closes while a stream runs, one with a short idle timeout and
-  one that demands a bearer token;
+* bridges (in-process :class:`grpcbridge.Bridge`) in front of the grpcio Todo service (the
+  test oracle of tests/todo_oracle.py: the scenarios use its metadata echo and ``fail:``
+  errors): the main one, one that the test closes while a stream runs, one with a short idle
+  timeout and one that demands a bearer token;
 * a raw WebSocket server (websockets) for wire-level cases: a slow sink, a server that sends
   bytes before the client is ready, one that sends a text message, one that closes soon,
   and a relay to the Todo service that closes right after each response's last frame.
@@ -40,19 +41,21 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from todo_oracle import serve as serve_todo
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from grpcbridge import BearerTokenAuth, Bridge, BridgeConfig
 from grpcbridge.browser import private_close_code
-from grpcbridge.demo.service import serve as serve_todo
+
+from support import TIMING, timing
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "tests" / "browser" / "run_node.mjs"
 BUNDLE = ROOT / "build" / "browser"
 MiB = 1024 * 1024
 TOKEN = "browser-test-token.42"
-NODE_TIMEOUT = 100.0  # below pytest-timeout's 120 s, so this message wins
+NODE_TIMEOUT = timing(100.0)  # below pytest-timeout's 120 s (scaled alike): this message wins
 
 
 def _missing() -> str | None:
@@ -236,6 +239,7 @@ async def _run_node(backend_port: int) -> NodeRun:
             "native_bulk_bytes": 16 * MiB,
             "only": [name for name in os.environ.get("BROWSER_SCENARIOS", "").split(",")
                      if name],
+            "timing": TIMING,
         }
         node_flags = _node_flags() + os.environ.get("BROWSER_NODE_FLAGS", "").split()
         process = await asyncio.create_subprocess_exec(
@@ -408,14 +412,14 @@ def test_frame_repr_shortcut_gives_hyperframes_text() -> None:
 
     import hyperframe.frame
 
-    from grpcbridge.browser.channel import _hex_head
+    from grpcbridge._grpclib_compat import hex_head
 
     original = hyperframe.frame._raw_data_repr
-    assert original is not _hex_head  # only grpcbridge.browser.Channel swaps it (in Pyodide)
+    assert original is not hex_head  # only grpcbridge.browser.Channel swaps it (in Pyodide)
     for size in (0, 1, 9, 10, 11, 64, 100_000):
         data = os.urandom(size)
-        assert _hex_head(data) == original(data)
-    assert _hex_head(None) == original(None)
+        assert hex_head(data) == original(data)
+    assert hex_head(None) == original(None)
 
 
 class _Wire(asyncio.Transport):
@@ -445,10 +449,10 @@ async def test_settings_ack_and_large_frame_in_one_message() -> None:
     import h2.connection
     from grpclib.config import Configuration
 
-    from grpcbridge.browser.channel import _BrowserH2Protocol
+    from grpcbridge._grpclib_compat import FrameSizeProtocol
 
     h2_config = h2.config.H2Configuration(client_side=True, header_encoding="ascii")
-    protocol = _BrowserH2Protocol(grpclib.client.Handler(), Configuration().__for_client__(),
+    protocol = FrameSizeProtocol(grpclib.client.Handler(), Configuration().__for_client__(),
                                   h2_config, 1024 * 1024)
     wire = _Wire()
     protocol.connection_made(wire)

@@ -1,5 +1,10 @@
 """Tests for the Todo example service: grpcio (grpcbridge.demo.service) and, for the todo
-text rule they share (grpcbridge.demo.store.text_error), grpclib (demo.grpclib_service)."""
+text rule they share (grpcbridge.demo.store.text_error), grpclib (demo.grpclib_service).
+
+Most of them run against the test oracle (tests/todo_oracle.py: the product services plus
+metadata echo, ``fail:`` errors and cancellation counting), which they check too; the
+product services themselves have none of that (checked at the end).
+"""
 
 from __future__ import annotations
 
@@ -21,20 +26,24 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
+from todo_oracle import OracleService, OracleServicer, serve
 
 import grpcbridge.demo
 from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.grpclib_service import TodoService
-from grpcbridge.demo.service import TodoServicer, serve
+from grpcbridge.demo.service import TodoServicer
+from grpcbridge.demo.service import serve as serve_product
 from grpcbridge.demo.store import InvalidTextError, TodoStore, text_error
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 from grpcbridge.demo.web import add_arguments
+
+from support import wait_until
 
 MiB = 1024 * 1024
 
 
 @pytest.fixture
-def server() -> Iterator[tuple[TodoServicer, int]]:
+def server() -> Iterator[tuple[OracleServicer, int]]:
     srv, servicer, port = serve("127.0.0.1:0")
     try:
         yield servicer, port
@@ -44,12 +53,12 @@ def server() -> Iterator[tuple[TodoServicer, int]]:
 
 
 @pytest.fixture
-def servicer(server: tuple[TodoServicer, int]) -> TodoServicer:
+def servicer(server: tuple[OracleServicer, int]) -> OracleServicer:
     return server[0]
 
 
 @pytest.fixture
-def channel(server: tuple[TodoServicer, int]) -> Iterator[grpc.Channel]:
+def channel(server: tuple[OracleServicer, int]) -> Iterator[grpc.Channel]:
     options = [
         ("grpc.max_receive_message_length", 32 * MiB),
         ("grpc.max_send_message_length", 32 * MiB),
@@ -162,7 +171,7 @@ def test_invalid_argument_and_not_found(stub: todo_pb2_grpc.TodoServiceStub) -> 
 
 
 def test_deadline_exceeded_on_slow_stream(
-    stub: todo_pb2_grpc.TodoServiceStub, servicer: TodoServicer
+    stub: todo_pb2_grpc.TodoServiceStub, servicer: OracleServicer
 ) -> None:
     for text in ("a", "b"):
         stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text), timeout=5)
@@ -176,11 +185,11 @@ def test_deadline_exceeded_on_slow_stream(
     assert isinstance(info.value, grpc.Call)
     assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     assert 1 <= received < 20
-    assert servicer.wait_cancelled(1, timeout=5)
+    wait_until(lambda: servicer.cancelled_count >= 1, 5)
 
 
 def test_client_cancel_is_counted(
-    stub: todo_pb2_grpc.TodoServiceStub, servicer: TodoServicer
+    stub: todo_pb2_grpc.TodoServiceStub, servicer: OracleServicer
 ) -> None:
     stub.CreateTodo(todo_pb2.CreateTodoRequest(text="a"), timeout=5)
     list(stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=2), timeout=5))
@@ -190,7 +199,7 @@ def test_client_cancel_is_counted(
     assert next(stream).text == "a"
     started = time.monotonic()
     stream.cancel()
-    assert servicer.wait_cancelled(1, timeout=5)
+    wait_until(lambda: servicer.cancelled_count >= 1, 5)
     assert time.monotonic() - started < 2
     assert servicer.cancelled_count == 1
 
@@ -272,17 +281,15 @@ def test_sync_todos_two_clients(stub: todo_pb2_grpc.TodoServiceStub) -> None:
 
 
 def test_sync_cancel_unsubscribes(
-    stub: todo_pb2_grpc.TodoServiceStub, servicer: TodoServicer
+    stub: todo_pb2_grpc.TodoServiceStub, servicer: OracleServicer
 ) -> None:
     client = _SyncClient(stub)
     client.send(todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="ping")))
     assert client.next().error
     client.call.cancel()
-    assert servicer.wait_cancelled(1, timeout=5)
+    wait_until(lambda: servicer.cancelled_count >= 1, 5)
     client.close()
-    deadline = time.monotonic() + 5
-    while servicer.store._subscribers and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: not servicer.store._subscribers, 5, interval=0.01, fail=False)
     assert not servicer.store._subscribers
 
 
@@ -382,8 +389,8 @@ def test_web_demo_option() -> None:
 
 @pytest.fixture(params=["grpcio", "grpclib"])
 async def limited(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceStub]:
-    """A grpclib client stub of a Todo service (either implementation) whose store has the
-    demo's text limit."""
+    """A grpclib client stub of a Todo service (either implementation, as the test oracle)
+    whose store has the demo's text limit."""
     store = TodoStore(max_text_length=LIMIT)
     try:
         if request.param == "grpcio":
@@ -397,7 +404,7 @@ async def limited(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceSt
             sock = socket.socket()
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-            grpclib_server = Server([TodoService(store)])
+            grpclib_server = Server([OracleService(store)])
             await grpclib_server.start(sock=sock)
             try:
                 async with Channel("127.0.0.1", port) as channel:
@@ -476,3 +483,57 @@ async def test_sync_actions_refuse_invalid_text(limited: TodoServiceStub) -> Non
         assert (await sync.recv_message()) == todo_pb2.SyncResponse(error=_too_long(LIMIT + 1))
         await sync.end()
         assert (await sync.recv_message()) is None  # the stream ends OK after the errors
+
+
+# ------------------------------------------------------- the product has no test oracle
+
+
+@pytest.fixture(params=["grpcio", "grpclib"])
+async def product(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceStub]:
+    """A grpclib client stub of a product Todo service (no test oracle)."""
+    store = TodoStore()
+    try:
+        if request.param == "grpcio":
+            server, servicer, port = serve_product("127.0.0.1:0", store)
+            assert type(servicer) is TodoServicer
+            try:
+                async with Channel("127.0.0.1", port) as channel:
+                    yield TodoServiceStub(channel)
+            finally:
+                server.stop(grace=None).wait()
+        else:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            grpclib_server = Server([TodoService(store)])
+            await grpclib_server.start(sock=sock)
+            try:
+                async with Channel("127.0.0.1", port) as channel:
+                    yield TodoServiceStub(channel)
+            finally:
+                grpclib_server.close()
+                await grpclib_server.wait_closed()
+    finally:
+        store.close()
+
+
+async def test_product_services_echo_nothing_and_fail_on_nothing(
+        product: TodoServiceStub) -> None:
+    """``x-echo-`` metadata, the ``x-trailer-rpc`` trailer, ``fail:`` texts and cancellation
+    counters belong to the test oracle, not to the demo's services."""
+    async with product.CreateTodo.open(metadata={"x-echo-a": "1"}) as stream:
+        await stream.send_message(todo_pb2.CreateTodoRequest(text="fail:NOT_FOUND:no"),
+                                  end=True)
+        await stream.recv_initial_metadata()
+        todo = await stream.recv_message()
+        await stream.recv_trailing_metadata()
+    assert todo is not None and todo.text == "fail:NOT_FOUND:no"
+    assert not [key for key in stream.initial_metadata or {} if key.startswith("x-")]
+    assert not [key for key in stream.trailing_metadata or {} if key.startswith("x-")]
+    with pytest.raises(GRPCError) as missing:  # errors still end with their status
+        await product.DeleteTodo(todo_pb2.DeleteTodoRequest(id="nope"))
+    assert (missing.value.status, missing.value.message) == (Status.NOT_FOUND,
+                                                             "todo 'nope' not found")
+    for service in (TodoServicer(TodoStore()), TodoService(TodoStore())):
+        assert not hasattr(service, "cancelled_count")
+        service.store.close()

@@ -1,7 +1,8 @@
 """End to end: grpcio clients -> `grpcbridge forward` -> `grpcbridge serve` -> grpcio server.
 
-Every part is real: the Todo service (grpcio, in this process or a subprocess), the bridge
-and the forwarder as CLI subprocesses, and sync grpcio channels to the forwarder's port.
+Every part is real: the Todo service (grpcio, the test oracle of tests/todo_oracle.py, in this
+process or a subprocess), the bridge and the forwarder as CLI subprocesses, and sync grpcio
+channels to the forwarder's port.
 The module-scoped bridge + forwarder are reused by the tests that only make calls; tests
 that need their own processes start them (and run under ``leak_check``).
 """
@@ -12,11 +13,8 @@ import hashlib
 import os
 import queue
 import re
-import select
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,15 +23,16 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from todo_oracle import OracleServicer, serve
+from todo_oracle import process as oracle_process
 
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.service import TodoServicer, serve
 
 import support
-from support import GRPC_OPTIONS, MiB, Process, cli, start_cli, wait_until
+from support import GRPC_OPTIONS, MiB, Process, cli, start_cli, timing, wait_until
 
 #: Timeout for calls that are expected to succeed: only there to turn a hang into a failure.
-CALL_TIMEOUT = 30.0
+CALL_TIMEOUT = timing(30.0)
 Stub = todo_pb2_grpc.TodoServiceStub
 
 
@@ -116,7 +115,7 @@ def _start_every_worker(port: int, workers: int = 64) -> None:
 
 
 @pytest.fixture(scope="module")
-def backend() -> Iterator[tuple[TodoServicer, int]]:
+def backend() -> Iterator[tuple[OracleServicer, int]]:
     server, servicer, port = serve("127.0.0.1:0")
     try:
         _start_every_worker(port)
@@ -127,12 +126,12 @@ def backend() -> Iterator[tuple[TodoServicer, int]]:
 
 
 @pytest.fixture(scope="module")
-def servicer(backend: tuple[TodoServicer, int]) -> TodoServicer:
+def servicer(backend: tuple[OracleServicer, int]) -> OracleServicer:
     return backend[0]
 
 
 @pytest.fixture(scope="module")
-def bridge(backend: tuple[TodoServicer, int]) -> Iterator[Process]:
+def bridge(backend: tuple[OracleServicer, int]) -> Iterator[Process]:
     process = _module_process([
         "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend[1]}",
         "--max-upgrades-per-minute", "0", "--max-connections-per-client", "0",
@@ -312,7 +311,7 @@ def test_status_codes_and_messages(
 # ------------------------------------------------------ 4./5. deadlines, cancellation
 
 
-def test_deadline_exceeded_reaches_the_server(stub: Stub, servicer: TodoServicer) -> None:
+def test_deadline_exceeded_reaches_the_server(stub: Stub, servicer: OracleServicer) -> None:
     stub.CreateTodo(todo_pb2.CreateTodoRequest(text="deadline seed"), timeout=CALL_TIMEOUT)
     before = servicer.cancelled_count
     call = stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=1_000_000, interval_ms=50),
@@ -323,10 +322,11 @@ def test_deadline_exceeded_reaches_the_server(stub: Stub, servicer: TodoServicer
             received += 1
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert received >= 1
-    assert servicer.wait_cancelled(before + 1, timeout=10), "handler did not see the deadline"
+    wait_until(lambda: servicer.cancelled_count >= before + 1, 10,
+               message="handler did not see the deadline")
 
 
-def test_client_cancellation_reaches_the_server(stub: Stub, servicer: TodoServicer) -> None:
+def test_client_cancellation_reaches_the_server(stub: Stub, servicer: OracleServicer) -> None:
     stub.CreateTodo(todo_pb2.CreateTodoRequest(text="cancel seed"), timeout=CALL_TIMEOUT)
     before = servicer.cancelled_count
     call = stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=1_000_000, interval_ms=20),
@@ -338,7 +338,8 @@ def test_client_cancellation_reaches_the_server(stub: Stub, servicer: TodoServic
         for _ in call:
             pass
     assert failure.value.code() == grpc.StatusCode.CANCELLED
-    assert servicer.wait_cancelled(before + 1, timeout=10), "handler did not see the cancel"
+    wait_until(lambda: servicer.cancelled_count >= before + 1, 10,
+               message="handler did not see the cancel")
 
 
 # ------------------------------------------------------------------ 6. big messages
@@ -421,22 +422,6 @@ def test_20_channels_at_once(forwarder: Process, bridge: Process) -> None:
 # ------------------------------------------------------- 9. backend killed mid-stream
 
 
-def _start_backend_process() -> tuple[subprocess.Popen[str], int]:
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "grpcbridge.demo.service", "--listen", "127.0.0.1:0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    assert popen.stdout is not None
-    readable, _, _ = select.select([popen.stdout], [], [], 15)
-    line = popen.stdout.readline() if readable else ""
-    match = re.search(r"listening on \S+:(\d+)", line)
-    if match is None:
-        popen.kill()
-        popen.wait()
-        popen.stdout.close()
-        raise AssertionError(f"backend did not start: {line!r}")
-    return popen, int(match.group(1))
-
-
 def _unread_bytes(port: int) -> int | None:
     """Bytes waiting unread in the receive queues of connections accepted on ``port``
     (from /proc/net/tcp{,6}: grpcio listens on a dual-stack socket; None without /proc)."""
@@ -459,64 +444,57 @@ def _unread_bytes(port: int) -> int | None:
 
 
 def test_backend_killed_mid_stream(leak_check: None, stub: Stub, bridge: Process) -> None:
-    popen, port = _start_backend_process()
-    try:
-        with cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}"]) as b2, \
-                cli(["forward", "--listen", "127.0.0.1:0", "--target", b2.url]) as f2, \
-                grpc.insecure_channel(f2.listen, options=GRPC_OPTIONS) as doomed:
-            doomed_stub = Stub(doomed)
-            for text in ("one", "two"):
-                doomed_stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text),
-                                       timeout=CALL_TIMEOUT)
-            call = doomed_stub.StreamTodos(
-                todo_pb2.StreamTodosRequest(repeat=1_000_000, interval_ms=20), timeout=60)
-            assert next(call).text == "one"
-            assert next(call).text == "two"
+    with (oracle_process() as (popen, port),
+          cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}"]) as b2,
+          cli(["forward", "--listen", "127.0.0.1:0", "--target", b2.url]) as f2,
+          grpc.insecure_channel(f2.listen, options=GRPC_OPTIONS) as doomed):
+        doomed_stub = Stub(doomed)
+        for text in ("one", "two"):
+            doomed_stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text),
+                                   timeout=CALL_TIMEOUT)
+        call = doomed_stub.StreamTodos(
+            todo_pb2.StreamTodosRequest(repeat=1_000_000, interval_ms=20), timeout=60)
+        assert next(call).text == "one"
+        assert next(call).text == "two"
 
-            # Crash the backend like a hung process that gets killed: stopped, with a
-            # request it never read. The kernel then resets the connection instead of
-            # closing it in order (a clean FIN is a normal close, logged as 1000).
-            popen.send_signal(signal.SIGSTOP)
-            unread = doomed_stub.ListTodos.future(todo_pb2.ListTodosRequest(), timeout=60)
-            visible = _unread_bytes(port) is not None  # Linux: wait until it is queued
-            wait_until(lambda: not visible or (_unread_bytes(port) or 0) > 0)
-            popen.kill()
-            popen.wait(10)
-            killed_at = time.monotonic()
-            with pytest.raises(grpc.RpcError) as failure:
-                for _ in call:
-                    pass
-            took = time.monotonic() - killed_at
-            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert took < 5, f"the client learned of the dead backend only after {took:.1f} s"
-            with pytest.raises(grpc.RpcError) as pending:
-                unread.result()
-            assert pending.value.code() == grpc.StatusCode.UNAVAILABLE
+        # Crash the backend like a hung process that gets killed: stopped, with a
+        # request it never read. The kernel then resets the connection instead of
+        # closing it in order (a clean FIN is a normal close, logged as 1000).
+        popen.send_signal(signal.SIGSTOP)
+        unread = doomed_stub.ListTodos.future(todo_pb2.ListTodosRequest(), timeout=60)
+        visible = _unread_bytes(port) is not None  # Linux: wait until it is queued
+        wait_until(lambda: not visible or (_unread_bytes(port) or 0) > 0)
+        popen.kill()
+        popen.wait(10)
+        killed_at = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failure:
+            for _ in call:
+                pass
+        took = time.monotonic() - killed_at
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert took < 5, f"the client learned of the dead backend only after {took:.1f} s"
+        with pytest.raises(grpc.RpcError) as pending:
+            unread.result()
+        assert pending.value.code() == grpc.StatusCode.UNAVAILABLE
 
-            # The other bridge and its backend are unaffected.
-            alive = stub.CreateTodo(todo_pb2.CreateTodoRequest(text="still alive"),
-                                    timeout=CALL_TIMEOUT)
-            assert alive.text == "still alive"
-            assert alive in list(stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=1),
-                                                  timeout=CALL_TIMEOUT))
+        # The other bridge and its backend are unaffected.
+        alive = stub.CreateTodo(todo_pb2.CreateTodoRequest(text="still alive"),
+                                timeout=CALL_TIMEOUT)
+        assert alive.text == "still alive"
+        assert alive in list(stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=1),
+                                              timeout=CALL_TIMEOUT))
 
-            line = b2.wait_for_line(r"\btunnel_closed\b")  # the first one is the killed one
-            if visible:
-                assert "code=1011" in line, line
-                assert 'reason="backend connection lost"' in line, line
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-        popen.wait()
-        assert popen.stdout is not None
-        popen.stdout.close()
+        line = b2.wait_for_line(r"\btunnel_closed\b")  # the first one is the killed one
+        if visible:
+            assert "code=1011" in line, line
+            assert 'reason="backend connection lost"' in line, line
 
 
 # ---------------------------------------------------------------------------- 10. TLS
 
 
 def test_tls_bridge_and_forwarder(
-    leak_check: None, tmp_path: Path, backend: tuple[TodoServicer, int]
+    leak_check: None, tmp_path: Path, backend: tuple[OracleServicer, int]
 ) -> None:
     ca = trustme.CA()
     leaf = ca.issue_cert("127.0.0.1", "localhost")
@@ -557,7 +535,7 @@ def test_tls_bridge_and_forwarder(
 
 
 def test_sigterm_drains_then_closes_with_1001(
-    leak_check: None, backend: tuple[TodoServicer, int]
+    leak_check: None, backend: tuple[OracleServicer, int]
 ) -> None:
     with cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend[1]}",
               "--drain-timeout", "1"]) as draining, \

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from todo_oracle import OracleService
 
 import grpcbridge
 from grpcbridge import Bridge, BridgeConfig, GrpclibBackend, ThreadedBridge
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
 
 
@@ -34,7 +34,7 @@ async def test_aio_channel_calls_through_a_private_socket_removed_on_close() -> 
     # until the loop closes, after the test. What this channel owns is checked directly.
     tasks_before = len(asyncio.all_tasks())
     store = TodoStore()
-    config = BridgeConfig(backend=GrpclibBackend([TodoService(store)]), listen="127.0.0.1:0")
+    config = BridgeConfig(backend=GrpclibBackend([OracleService(store)]), listen="127.0.0.1:0")
     try:
         async with Bridge(config) as bridge:
             channel = await grpcbridge.aio_channel(bridge.url)
@@ -59,7 +59,7 @@ async def test_aio_channel_calls_through_a_private_socket_removed_on_close() -> 
 
 def test_sync_channel_needs_no_event_loop(leak_check: None) -> None:
     store = TodoStore()
-    threaded = ThreadedBridge(BridgeConfig(backend=GrpclibBackend([TodoService(store)]),
+    threaded = ThreadedBridge(BridgeConfig(backend=GrpclibBackend([OracleService(store)]),
                                            listen="127.0.0.1:0"))
     try:
         with threaded:

@@ -46,7 +46,6 @@ from hostile import (
     raw_exchange,
     serve_args,
     statuses,
-    timing,
     todo_service,
     upgrade_status,
 )
@@ -55,7 +54,7 @@ import grpcbridge
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-from support import MiB, Process, cli, start_cli, wait_until
+from support import MiB, Process, cli, eventually, start_cli, timing, wait_until
 
 LOOPS = ["uvloop", "asyncio"]
 
@@ -74,16 +73,6 @@ async def stop_bridge(bridge: Process, within: float = 30.0) -> float:
     seconds = time.monotonic() - started
     wait_until(lambda: bridge.popen.stderr is None or bridge.popen.stderr.closed, 5)
     return seconds
-
-
-async def eventually(predicate: object, within: float, interval: float = 0.05) -> bool:
-    assert callable(predicate)
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(interval)
-    return True
 
 
 def tail(bridge: Process, lines: int = 30) -> str:
@@ -112,7 +101,7 @@ async def test_stalled_backend_tunnel_is_freed_when_its_client_leaves(
             started = time.monotonic()
             freed = await eventually(
                 lambda: log_count(bridge.lines, "tunnel_closed", client="127.0.0.2") == 1,
-                timing(5))
+                5, interval=0.05, fail=False)
             seconds = time.monotonic() - started
             status = await upgrade_status(bridge.url, source="127.0.0.2")
             await stop_bridge(bridge)
@@ -140,7 +129,8 @@ async def test_stalled_backend_20_tunnels_release_their_memory(
             ws = await RawWebSocket.connect(bridge.url)
             await ws.send(binary_frame(b"x" * 1000))
             await ws.abort()
-            assert await eventually(lambda: log_count(bridge.lines, "tunnel_closed") == 1, 5)
+            await eventually(lambda: log_count(bridge.lines, "tunnel_closed") == 1, 5,
+                             interval=0.05)
             await asyncio.sleep(0.3)
             baseline = bridge.rss()
             gate = asyncio.Semaphore(5)
@@ -159,9 +149,10 @@ async def test_stalled_backend_20_tunnels_release_their_memory(
             def closed() -> int:
                 return sum(log_count(bridge.lines, "tunnel_closed", client=s) for s in sources)
 
-            all_closed = await eventually(lambda: closed() == len(sources), timing(5))
+            all_closed = await eventually(lambda: closed() == len(sources), 5, interval=0.05,
+                                          fail=False)
             released = await eventually(lambda: bridge.rss() - baseline <= 32 * MiB,
-                                        timing(5), interval=0.2)
+                                        5, interval=0.2, fail=False)
             rss = bridge.rss()
             n_closed = closed()
             after_gc = ""
@@ -335,7 +326,8 @@ async def test_backend_reset_during_upload_closes_1011_cleanly(
             finally:
                 await ws.abort()
             assert backend.resets == 1
-            await eventually(lambda: log_count(bridge.lines, "tunnel_closed") >= 1, 5)
+            await eventually(lambda: log_count(bridge.lines, "tunnel_closed") >= 1, 5,
+                             interval=0.05, fail=False)
             await asyncio.sleep(0.3)
             await stop_bridge(bridge)
     closed = log_count(bridge.lines, "tunnel_closed", client="127.0.0.2")
@@ -417,7 +409,7 @@ async def test_trickled_message_does_not_outlive_idle_timeout(
                 closed = ws.done.is_set()
                 logged = await eventually(
                     lambda: log_count(bridge.lines, "tunnel_closed", client="127.0.0.2") == 1,
-                    timing(3))
+                    3, interval=0.05, fail=False)
             finally:
                 await ws.abort()
             await stop_bridge(bridge)
@@ -537,7 +529,8 @@ async def test_soak_mixed_abuse(todo_port: int) -> None:
 
         settled = await eventually(
             lambda: open_abusers() == 0 and process.num_fds() <= baseline_fds + 2
-            and process.memory_info().rss - baseline_rss <= 32 * MiB, timing(20), 0.25)
+            and process.memory_info().rss - baseline_rss <= 32 * MiB, 20, interval=0.25,
+            fail=False)
         fds, rss = process.num_fds(), process.memory_info().rss
         stop_healthy.set()
         await asyncio.wait_for(healthy_task, timing(15))

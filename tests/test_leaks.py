@@ -1,8 +1,8 @@
 """No leaks after thousands of tunnels: file descriptors, memory, tasks and tunnel state all
 return to their baseline once the tunnels are gone, however they ended.
 
-The backend is the grpcio Todo service in its own process (``python -m
-grpcbridge.demo.service``), so neither its threads nor its sockets blur what is measured.
+The backend is the grpcio Todo service in its own process (``python tests/todo_oracle.py``),
+so neither its threads nor its sockets blur what is measured.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,13 +20,14 @@ from collections.abc import Awaitable, Callable, Iterator
 import psutil
 import pytest
 from grpclib.client import Channel
+from todo_oracle import process as todo_process
 from websockets.asyncio.client import connect
 
 from grpcbridge import Bridge, BridgeConfig, Forwarder, ForwarderConfig
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-from support import MiB, Process, cli, start_cli
+from support import MiB, Process, cli, eventually, start_cli
 
 #: The HTTP/2 client connection preface and an empty SETTINGS frame.
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -47,20 +46,8 @@ RSS_SLACK = 10 * MiB
 @pytest.fixture(scope="module")
 def backend() -> Iterator[int]:
     """The grpcio Todo service in its own process; yields its port."""
-    popen = subprocess.Popen(
-        [sys.executable, "-m", "grpcbridge.demo.service", "--listen", "127.0.0.1:0"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    try:
-        assert popen.stdout is not None
-        line = popen.stdout.readline()
-        match = re.search(r"listening on \S+:(\d+)", line)
-        assert match, f"Todo service did not start: {line!r}"
-        yield int(match.group(1))
-    finally:
-        popen.kill()
-        popen.wait()
-        if popen.stdout is not None:
-            popen.stdout.close()
+    with todo_process() as (_, port):
+        yield port
 
 
 def first_frame_is_settings(data: bytes) -> bool | None:
@@ -177,11 +164,14 @@ class Metrics:
     async def settled(self, tunnels: int) -> dict[str, float]:
         """The metrics once no tunnel is active and ``tunnels`` have been counted as closed
         (or as they are after 15 s)."""
-        for _ in range(150):
+        samples: dict[str, float] = {}
+
+        async def done() -> bool:
+            nonlocal samples
             samples = await self.scrape()
-            if samples.get("grpcbridge_tunnels_active") == 0 and closed(samples) == tunnels:
-                break
-            await asyncio.sleep(0.1)
+            return samples.get("grpcbridge_tunnels_active") == 0 and closed(samples) == tunnels
+
+        await eventually(done, 15, interval=0.1, fail=False)
         return samples
 
 
@@ -201,12 +191,8 @@ def closed_by_code(samples: dict[str, float]) -> dict[str, int]:
 
 async def settle_fds(process: psutil.Process, target: int) -> int:
     """The process's fd count once it is down to ``target`` (or as it is after 10 s)."""
-    for _ in range(200):
-        fds = process.num_fds()
-        if fds <= target:
-            break
-        await asyncio.sleep(0.05)
-    return fds
+    await eventually(lambda: process.num_fds() <= target, 10, interval=0.05, fail=False)
+    return process.num_fds()
 
 
 async def grpc_tunnels_then_sigkill(bridge_url: str, count: int) -> None:
@@ -316,14 +302,6 @@ async def dropped_h2_connection(port: int, *, at_once: bool = False) -> None:
             await writer.wait_closed()
 
 
-async def wait_for(predicate: Callable[[], bool]) -> None:
-    """Return once ``predicate()`` holds, or after 10 s (the caller asserts)."""
-    for _ in range(500):
-        if predicate():
-            break
-        await asyncio.sleep(0.02)
-
-
 async def test_no_leaks_after_300_tunnels_in_process(backend: int, leak_check: None) -> None:
     """Bridge and Forwarder in the test's event loop: 300 connections to the forwarder, three
     quarters with a real unary call (grpclib), a quarter reset. Afterwards neither holds a
@@ -346,13 +324,13 @@ async def test_no_leaks_after_300_tunnels_in_process(backend: int, leak_check: N
             return bridge.connections == 0 and forwarder.active_tunnels == 0
 
         await run_all(jobs(40, 0), 20)
-        await wait_for(idle)
+        await eventually(idle, 10, interval=0.02, fail=False)
         await asyncio.sleep(0.2)
         tasks_baseline = len(asyncio.all_tasks())
         fds_baseline = me.num_fds()
 
         await run_all(jobs(300, 1000), 20)
-        await wait_for(idle)
+        await eventually(idle, 10, interval=0.02, fail=False)
         assert bridge.connections == 0 and bridge.active_tunnels == 0
         assert forwarder.active_tunnels == 0
         registry = bridge.metrics.registry
@@ -365,7 +343,8 @@ async def test_no_leaks_after_300_tunnels_in_process(backend: int, leak_check: N
         # once may have ended before their upgrade, the others were all tunnels.
         assert sum(by_code.values()) == accepted, (by_code, accepted)
         assert 340 - 340 // 8 <= accepted <= 340, accepted
-        await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_baseline)
+        await eventually(lambda: len(asyncio.all_tasks()) <= tasks_baseline, 10,
+                         interval=0.02, fail=False)
         assert len(asyncio.all_tasks()) == tasks_baseline, asyncio.all_tasks()
         fds = await settle_fds(me, fds_baseline)
         print(f"\nin-process: {accepted:.0f} tunnels accepted, closed by code {by_code}; tasks "

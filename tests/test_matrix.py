@@ -11,7 +11,9 @@ Starlette (relaying to the grpcio service) and in FastAPI (``GrpclibBackend``).
 Each combination checks unary calls with metadata echo and trailers, errors with non-ASCII
 messages, the three streaming kinds, a deadline and a client cancellation that both reach the
 handler. Reflection and health are queried through tunnels too. All servers (and one
-forwarder subprocess per server) live for the whole module, on the module's event loop.
+forwarder subprocess per server) live for the whole module, on the module's event loop; the
+Todo services are the test oracle's (tests/todo_oracle.py), and every test starts with their
+stores empty (the ``world`` fixture), so no test sees another's todos.
 """
 
 from __future__ import annotations
@@ -40,136 +42,24 @@ from grpclib.reflection.v1 import reflection_grpc as grpclib_reflection_grpc
 from grpclib.reflection.v1 import reflection_pb2 as grpclib_reflection_pb2
 from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
+from todo_oracle import AioOracleServicer, OracleService, OracleServicer
+from todo_oracle import serve as serve_grpcio
 
 import grpcbridge
 from grpcbridge.demo import todo_grpc, todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.grpclib_service import TodoService
-from grpcbridge.demo.service import TodoServicer
-from grpcbridge.demo.service import serve as serve_grpcio
 from grpcbridge.demo.store import TodoStore
 
 import support
-from support import Process
+from support import Process, eventually, timing
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SERVICE = "todo.v1.TodoService"
 HEALTH = "grpc.health.v1.Health"
 #: Timeout of calls that are expected to succeed: only there to turn a hang into a failure.
-CALL_TIMEOUT = 20.0
+CALL_TIMEOUT = timing(20.0)
 ECHO = (("x-echo-user", "ada"), ("x-echo-blob-bin", b"\x00\x01\xfe\xff"))
 FAIL_MESSAGE = "nö such tödo ✓ — 失敗"
-
-
-# ===================================================================== grpc.aio servicer
-
-
-class AioTodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc]
-    """The Todo service for ``grpc.aio.server()`` (the sync servicer cannot run there), with
-    the behaviours of :class:`~grpcbridge.demo.service.TodoServicer`."""
-
-    def __init__(self, store: TodoStore) -> None:
-        self.store = store
-        self.cancelled_count = 0
-        self._apply = TodoService(store)._apply  # the sync actions, shared
-
-    @contextlib.asynccontextmanager
-    async def _rpc(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
-        echo = tuple((k, v) for k, v in context.invocation_metadata() or ()
-                     if k.startswith("x-echo-"))
-        context.set_trailing_metadata((("x-trailer-rpc", method), *echo))
-        try:
-            await context.send_initial_metadata(echo)
-            yield
-        except (asyncio.CancelledError, GeneratorExit):
-            self.cancelled_count += 1
-            raise
-
-    async def CreateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "CreateTodo"):
-            if not request.text:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text must not be empty")
-            if request.text.startswith("fail:"):
-                name, _, message = request.text[len("fail:"):].partition(":")
-                code = grpc.StatusCode.__members__.get(name)
-                if code is None or code is grpc.StatusCode.OK:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"unknown status code {name!r}")
-                await context.abort(code, message)
-            return self.store.create(request.text)
-
-    async def ListTodos(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "ListTodos"):
-            return todo_pb2.ListTodosResponse(todos=self.store.list())
-
-    async def UpdateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "UpdateTodo"):
-            try:
-                return self.store.update(request.id, request.text, request.done)
-            except KeyError:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"todo {request.id!r} not found")
-
-    async def DeleteTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "DeleteTodo"):
-            try:
-                self.store.delete(request.id)
-            except KeyError:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"todo {request.id!r} not found")
-            return todo_pb2.DeleteTodoResponse()
-
-    async def StreamTodos(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "StreamTodos"):
-            interval = max(request.interval_ms, 0) / 1000
-            first = True
-            for _ in range(max(request.repeat, 1)):
-                for todo in self.store.list():
-                    if not first and interval:
-                        await asyncio.sleep(interval)
-                    first = False
-                    yield todo
-
-    async def BulkCreateTodos(self, request_iterator: Any,
-                              context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "BulkCreateTodos"):
-            count = 0
-            async for request in request_iterator:
-                if not request.text:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        "text must not be empty")
-                self.store.create(request.text)
-                count += 1
-            return todo_pb2.BulkCreateTodosResponse(created_count=count)
-
-    async def SyncTodos(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-        async with self._rpc(context, "SyncTodos"):
-            items: Any = self.store.subscribe()
-
-            async def read() -> None:
-                async for request in request_iterator:
-                    error = self._apply(request)
-                    if error is not None:
-                        items.put(("error", error))
-
-            reader = asyncio.get_running_loop().create_task(read())
-            try:
-                while True:
-                    if items.empty():
-                        if reader.done():
-                            reader.result()
-                            break
-                        await asyncio.sleep(0.01)
-                        continue
-                    kind, value = items.get_nowait()
-                    if kind == "todo":
-                        yield todo_pb2.SyncResponse(todo=value)
-                    elif kind == "deleted":
-                        yield todo_pb2.SyncResponse(deleted_id=value)
-                    else:
-                        yield todo_pb2.SyncResponse(error=value)
-            finally:
-                self.store.unsubscribe(items)
-                reader.cancel()
-                await asyncio.wait([reader])
 
 
 # ============================================================================ servers
@@ -188,10 +78,8 @@ async def start_uvicorn(app: Any) -> tuple[uvicorn.Server, asyncio.Task[None], i
         app, host="127.0.0.1", port=0, ws="websockets-sansio", lifespan="off",
         log_level="warning", timeout_graceful_shutdown=2))
     task = asyncio.get_running_loop().create_task(server.serve())
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert not task.done() and time.monotonic() < deadline, "uvicorn did not start"
-        await asyncio.sleep(0.01)
+    await eventually(lambda: server.started or task.done(), 10, message="uvicorn did not start")
+    assert not task.done(), "uvicorn did not start"
     port = int(server.servers[0].sockets[0].getsockname()[1])
     return server, task, port
 
@@ -209,6 +97,8 @@ class Server:
 class World:
     servers: dict[str, Server] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: The Todo services' stores (each test starts with them empty).
+    stores: list[TodoStore] = field(default_factory=list)
 
 
 SERVERS = ["bridge-relay", "bridge-grpclib", "attach-sync", "attach-aio",
@@ -216,8 +106,8 @@ SERVERS = ["bridge-relay", "bridge-grpclib", "attach-sync", "attach-aio",
 CLIENTS = ["channel", "forwarder", "forward-cli"]
 
 
-def _grpclib_handlers(store: TodoStore) -> tuple[TodoService, list[Any]]:
-    service = TodoService(store)
+def _grpclib_handlers(store: TodoStore) -> tuple[OracleService, list[Any]]:
+    service = OracleService(store)
     health = Health({service: []})
     return service, ServerReflection.extend([service, health])
 
@@ -225,7 +115,7 @@ def _grpclib_handlers(store: TodoStore) -> tuple[TodoService, list[Any]]:
 async def _build_world(world: World) -> None:
     loop = asyncio.get_running_loop()
     add = world.servers.__setitem__
-    stores: list[TodoStore] = []
+    stores = world.stores
 
     def new_store() -> TodoStore:
         stores.append(TodoStore())
@@ -259,7 +149,7 @@ async def _build_world(world: World) -> None:
     # attach_grpcio on a sync grpc.server: the bridge runs on its own thread.
     executor = ThreadPoolExecutor(32, thread_name_prefix="attach-sync")
     sync_server = grpc.server(executor)
-    sync_servicer = TodoServicer(new_store())
+    sync_servicer = OracleServicer(new_store())
     todo_pb2_grpc.add_TodoServiceServicer_to_server(sync_servicer, sync_server)
     threaded = grpcbridge.attach_grpcio(sync_server, listen="127.0.0.1:0")
     sync_server.start()
@@ -272,7 +162,7 @@ async def _build_world(world: World) -> None:
 
     # attach_grpcio on grpc.aio.server(), in this loop.
     aio_server = grpc.aio.server()
-    aio_servicer = AioTodoServicer(new_store())
+    aio_servicer = AioOracleServicer(new_store())
     todo_pb2_grpc.add_TodoServiceServicer_to_server(aio_servicer, aio_server)
     attached = grpcbridge.attach_grpcio(aio_server, threaded=False, listen="127.0.0.1:0")
     await aio_server.start()
@@ -309,28 +199,17 @@ async def _build_world(world: World) -> None:
             ["forward", "--listen", "127.0.0.1:0", "--target", server.url], ready=False)
         support._PROCESSES.remove(server.forward_cli)  # stopped by this module, not per test
     for server in world.servers.values():
-        assert server.forward_cli is not None
-        world.closers.append(_stopper(server.forward_cli))
-        await _wait_listening(server.forward_cli)
+        process = server.forward_cli
+        assert process is not None
+        world.closers.append(_stopper(process))
+        await eventually(process.started, 15, interval=0.02, message=lambda p=process: (
+            f"grpcbridge forward did not start:\n{p.output()}"))
 
 
 def _stopper(process: Process) -> Callable[[], Awaitable[None]]:
     async def stop() -> None:
         await asyncio.get_running_loop().run_in_executor(None, process.stop)
     return stop
-
-
-async def _wait_listening(process: Process) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        for line in list(process.lines):
-            match = support._LISTEN_RE.search(line)
-            if match:
-                process.listen = match.group(1)
-                return
-        assert process.popen.poll() is None, process.output()
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"grpcbridge forward did not start:\n{process.output()}")
 
 
 async def _stop_sync(server: grpc.Server) -> None:
@@ -344,7 +223,7 @@ async def _stop_uvicorn(server: uvicorn.Server, task: asyncio.Task[None]) -> Non
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def world() -> AsyncIterator[World]:
+async def _world() -> AsyncIterator[World]:
     world = World()
     try:
         await _build_world(world)
@@ -355,6 +234,15 @@ async def world() -> AsyncIterator[World]:
                 await close()
             except Exception as exc:  # keep closing the rest
                 print(f"closing failed: {exc!r}")
+
+
+@pytest.fixture
+def world(_world: World) -> World:
+    """The module's servers, with every Todo store emptied: a test gets what it creates."""
+    for store in _world.stores:
+        for todo in store.list():
+            store.delete(todo.id)
+    return _world
 
 
 # ============================================================================ clients
@@ -583,13 +471,6 @@ async def open_client(kind: str, server: Server) -> AsyncIterator[Client]:
             yield GrpcioClient(channel)
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
-
-
 def _create(text: str) -> Any:
     return todo_pb2.CreateTodoRequest(text=text)
 
@@ -704,13 +585,13 @@ async def test_deadline_and_cancellation(world: World, client_name: str,
             await client.server_stream(slow, deadline=0.3)
         assert failed.value.code == "DEADLINE_EXCEEDED"
         assert time.monotonic() - started < 3
-        await eventually(lambda: server.cancelled() >= before + 1)
+        await eventually(lambda: server.cancelled() >= before + 1, 5)
 
         # Cancelling a server stream reaches the handler.
         before = server.cancelled()
         first = await client.stream_then_cancel(slow)
         assert first.text
-        await eventually(lambda: server.cancelled() >= before + 1)
+        await eventually(lambda: server.cancelled() >= before + 1, 5)
 
         # So does cancelling a bidi stream.
         before = server.cancelled()
@@ -718,7 +599,7 @@ async def test_deadline_and_cancellation(world: World, client_name: str,
             await sync.send(todo_pb2.SyncRequest(create=_create("sync then cancel")))
             assert await sync.recv() is not None
             await sync.cancel()
-        await eventually(lambda: server.cancelled() >= before + 1)
+        await eventually(lambda: server.cancelled() >= before + 1, 5)
 
         # The connection still serves calls afterwards.
         listed = await client.unary("ListTodos", todo_pb2.ListTodosRequest())

@@ -52,7 +52,7 @@ from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 from grpcbridge.loops import loop_factory
 
-from support import MiB
+from support import MiB, eventually
 
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.1, min_connect_timeout=5)
 LIST = todo_pb2.ListTodosRequest()
@@ -96,10 +96,8 @@ def other_tasks() -> set[asyncio.Task[Any]]:
 
 async def assert_no_tasks_left(within: float = 3.0) -> None:
     """Every task but the test's own finishes (callbacks may need a few loop turns)."""
-    deadline = time.monotonic() + within
-    while other_tasks():
-        assert time.monotonic() < deadline, f"tasks left behind: {other_tasks()}"
-        await asyncio.sleep(0.01)
+    await eventually(lambda: not other_tasks(), within,
+                     message=lambda: f"tasks left behind: {other_tasks()}")
 
 
 def exists(path: str) -> bool:
@@ -218,15 +216,18 @@ async def test_reconnects_after_bridge_restart(store: TodoStore, leak_check: Non
             # Back on the same port: the channel recovers once the backoff has passed.
             restarted = Bridge(grpclib_config(store, listen=f"127.0.0.1:{port}"))
             await restarted.start()
-            deadline = time.monotonic() + 5
-            while True:
+            replies: list[todo_pb2.ListTodosResponse] = []
+
+            async def recovered() -> bool:
                 try:
-                    reply = await stub.ListTodos(LIST, timeout=5)
-                    break
+                    replies.append(await stub.ListTodos(LIST, timeout=5))
                 except GRPCError as exc:
                     assert exc.status is Status.UNAVAILABLE
-                    assert time.monotonic() < deadline, "the channel did not recover"
-                    await asyncio.sleep(0.02)
+                    return False
+                return True
+
+            await eventually(recovered, 5, interval=0.02, message="the channel did not recover")
+            (reply,) = replies
             assert len(reply.todos) == 2
             assert restarted.active_tunnels == 1
     finally:
@@ -627,9 +628,3 @@ async def test_dropped_tunnel_fails_rpc_and_next_rpc_reconnects(
         await eventually(lambda: bridge.active_tunnels == 1)
     await assert_no_tasks_left()
 
-
-async def eventually(predicate: Any, within: float = 5.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)

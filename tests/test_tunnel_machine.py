@@ -268,7 +268,7 @@ def test_dialing_keeps_the_tunnel_until_the_dial_ends() -> None:
 _inputs = st.lists(st.one_of(
     st.tuples(st.just("data"), st.binary(min_size=1, max_size=8)),
     st.tuples(st.just("stream_data"), st.binary(min_size=1, max_size=8)),
-    st.tuples(st.sampled_from(["attach", "open", "empty", "text", "stream_eof",
+    st.tuples(st.sampled_from(["dial", "attach", "open", "empty", "text", "stream_eof",
                                "stream_lost", "stream_closed", "ws_lost", "abort",
                                "never_attached", "pause_ws", "resume_ws", "ws_full",
                                "ws_drained"]), st.none()),
@@ -279,7 +279,7 @@ _inputs = st.lists(st.one_of(
 ), max_size=60)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_inputs)
 def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object]]) -> None:
     """Bytes reach each side complete and in order or the tunnel ends with a close code;
@@ -301,8 +301,12 @@ def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object
             assert isinstance(value, bytes)
             sent_by_backend.append(value)
             tunnel.stream_data(value)
+        elif name == "dial":
+            if not tunnel.stream_attached and tunnel.state is not TunnelState.CLOSED:
+                tunnel.dialing = True  # adapters attach a stream only after dialling it
         elif name == "attach":
-            tunnel.stream_attached_now()
+            if tunnel.dialing:
+                tunnel.stream_attached_now()
         elif name == "open":
             tunnel.websocket_opened()
         elif name == "empty":
@@ -319,7 +323,8 @@ def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object
         elif name == "abort":
             tunnel.abort()
         elif name == "never_attached":
-            tunnel.stream_never_attached()
+            if tunnel.dialing:
+                tunnel.stream_never_attached()
         elif name == "pause_ws":
             tunnel.stream_write_paused()
         elif name == "resume_ws":

@@ -28,6 +28,8 @@ from grpcbridge import (
 )
 from grpcbridge.demo.service import TodoServicer, serve
 
+from support import eventually, timing
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # SETTINGS (type 4) on stream 0 with SETTINGS_MAX_CONCURRENT_STREAMS = 100.
 SETTINGS = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"
@@ -46,7 +48,6 @@ class RawBackend:
         self.writers: list[asyncio.StreamWriter] = []
         self.accepted = 0
         self.eofs = 0
-        self.changed = asyncio.Event()
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -57,22 +58,13 @@ class RawBackend:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         self.writers.append(writer)
-        self.changed.set()
         try:
             while chunk := await reader.read(65536):
                 self.received += chunk
-                self.changed.set()
         except ConnectionError:
             pass
         self.eofs += 1
-        self.changed.set()
         writer.close()
-
-    async def wait_for(self, predicate: Callable[[], bool], within: float = 3.0) -> None:
-        async with asyncio.timeout(within):
-            while not predicate():
-                self.changed.clear()
-                await self.changed.wait()
 
     async def close(self) -> None:
         if self.server is not None:
@@ -133,19 +125,11 @@ async def refused(url: str, **kwargs: Any) -> Response:
     return exc.value.response
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
-
-
 async def receive_until(ws: Any, predicate: Callable[[bytes], bool],
                         within: float = 5.0, data: bytearray | None = None) -> bytes:
     """Receive binary messages (appending to ``data``) until ``predicate(data)``."""
     data = bytearray() if data is None else data
-    async with asyncio.timeout(within):
+    async with asyncio.timeout(timing(within)):
         while not predicate(bytes(data)):
             message = await ws.recv()
             assert isinstance(message, bytes), "the bridge must send binary messages only"
@@ -155,7 +139,7 @@ async def receive_until(ws: Any, predicate: Callable[[bytes], bool],
 
 async def closed_code(ws: Any, within: float = 3.0) -> int | None:
     """Wait for the server to close ``ws``; return the close code it sent."""
-    async with asyncio.timeout(within):
+    async with asyncio.timeout(timing(within)):
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await ws.recv()
@@ -168,7 +152,7 @@ async def http_request(port: int, request: str, within: float = 5.0
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request.encode())
-        async with asyncio.timeout(within):
+        async with asyncio.timeout(timing(within)):
             data = await reader.read()
     finally:
         writer.close()
@@ -217,7 +201,7 @@ async def test_split_preface_and_settings_reach_backend_byte_exact(backend: RawB
             await ws.send(payload[i:i + 1])
             if i % 3 == 0:
                 await ws.send(b"")  # empty messages are legal and skipped
-        await backend.wait_for(lambda: len(backend.received) >= len(payload))
+        await eventually(lambda: len(backend.received) >= len(payload))
         assert bytes(backend.received) == payload
         assert backend.accepted == 1
 
@@ -225,7 +209,7 @@ async def test_split_preface_and_settings_reach_backend_byte_exact(backend: RawB
         await ws.send(SETTINGS_ACK + PING)
         await ws.send([PING[:3], b"", PING[3:]])
         expected = payload + SETTINGS_ACK + PING + PING
-        await backend.wait_for(lambda: len(backend.received) >= len(expected))
+        await eventually(lambda: len(backend.received) >= len(expected))
         assert bytes(backend.received) == expected
 
         reply = bytes(range(256)) * 40  # 10 KiB from the backend
@@ -233,13 +217,13 @@ async def test_split_preface_and_settings_reach_backend_byte_exact(backend: RawB
         received = await receive_until(ws, lambda data: len(data) >= len(reply))
         assert received == reply
     # Closing the WebSocket closed the backend connection.
-    await backend.wait_for(lambda: backend.eofs == 1)
+    await eventually(lambda: backend.eofs == 1)
 
 
 async def test_backend_close_closes_websocket_normally(backend: RawBackend) -> None:
     async with running_bridge(backend.port) as bridge, connect(bridge.url) as ws:
         await ws.send(b"x")
-        await backend.wait_for(lambda: backend.received == b"x")
+        await eventually(lambda: backend.received == b"x")
         backend.writers[0].write(b"bye")
         backend.writers[0].close()
         assert await receive_until(ws, lambda d: len(d) >= 3) == b"bye"
@@ -293,10 +277,10 @@ async def test_grpc_server_settings_come_back_through_one_byte_messages(
 async def test_text_message_closes_with_1003(backend: RawBackend, text: Any) -> None:
     async with running_bridge(backend.port) as bridge, connect(bridge.url) as ws:
         await ws.send(b"ok")
-        await backend.wait_for(lambda: backend.received == b"ok")
+        await eventually(lambda: backend.received == b"ok")
         await ws.send(text)
         assert await closed_code(ws) == 1003
-        await backend.wait_for(lambda: backend.eofs == 1)
+        await eventually(lambda: backend.eofs == 1)
         assert bytes(backend.received) == b"ok"  # nothing of the text reached the backend
         await eventually(lambda: sample(bridge, "grpcbridge_tunnels_closed_total",
                                         code="1003") == 1)
@@ -307,11 +291,11 @@ async def test_message_over_limit_closes_with_1009(backend: RawBackend) -> None:
     async with running_bridge(backend.port, max_message_bytes=limit) as bridge:
         async with connect(bridge.url) as ws:
             await ws.send(b"a" * limit)  # exactly at the limit: relayed
-            await backend.wait_for(lambda: len(backend.received) >= limit)
+            await eventually(lambda: len(backend.received) >= limit)
             assert bytes(backend.received) == b"a" * limit
             await ws.send(b"b" * (limit + 1))
             assert await closed_code(ws) == 1009
-        await backend.wait_for(lambda: backend.eofs == 1)
+        await eventually(lambda: backend.eofs == 1)
         assert b"b" not in backend.received
         await eventually(lambda: sample(bridge, "grpcbridge_tunnels_closed_total",
                                         code="1009") == 1)
@@ -335,7 +319,7 @@ async def test_origin_policy(backend: RawBackend) -> None:
         same_host = f"http://127.0.0.1:{bridge.address[1]}"
         async with connect(bridge.url, origin=same_host) as ws:
             await ws.send(b"x")
-            await backend.wait_for(lambda: backend.received == b"x")
+            await eventually(lambda: backend.received == b"x")
         async with connect(bridge.url):  # no Origin at all (non-browser client)
             pass
 
@@ -369,7 +353,7 @@ async def test_global_connection_cap_is_503(backend: RawBackend) -> None:
             assert response.status_code == 503
             assert "Retry-After" in response.headers
             await ws.send(b"still relaying")
-            await backend.wait_for(lambda: backend.received == b"still relaying")
+            await eventually(lambda: backend.received == b"still relaying")
         # The slot is released when the tunnel closes.
         await eventually(lambda: bridge.limiter.active == 0)
         async with connect(bridge.url):
@@ -442,7 +426,7 @@ async def test_bearer_token_auth(backend: RawBackend,
         async with connect(bridge.url, additional_headers={"Authorization": f"Bearer {token}"}
                            ) as ws:
             await ws.send(b"header")
-            await backend.wait_for(lambda: backend.received == b"header")
+            await eventually(lambda: backend.received == b"header")
 
         async with connect(bridge.url, subprotocols=["grpcbridge", f"bearer.{token}"]) as ws:
             assert ws.subprotocol == "grpcbridge"
@@ -458,7 +442,7 @@ async def test_bearer_token_auth(backend: RawBackend,
 
         async with connect(f"{bridge.url}?access_token={token}") as ws:
             await ws.send(b"query")
-            await backend.wait_for(lambda: bytes(backend.received).endswith(b"query"))
+            await eventually(lambda: bytes(backend.received).endswith(b"query"))
         await eventually(lambda: bridge.connections == 0)
 
     assert any(getattr(r, "event", None) == "upgrade_rejected" for r in grpcbridge_records)
@@ -580,7 +564,7 @@ async def test_client_answering_pings_stays_open(backend: RawBackend) -> None:
         assert ws.close_code is None
         assert bridge.active_tunnels == 1
         await ws.send(b"alive")
-        await backend.wait_for(lambda: backend.received == b"alive")
+        await eventually(lambda: backend.received == b"alive")
 
 
 async def test_silent_client_is_pinged_then_closed_1001_after_idle(backend: RawBackend) -> None:
@@ -616,7 +600,7 @@ async def test_silent_client_is_pinged_then_closed_1001_after_idle(backend: RawB
         assert protocol.close_rcvd.reason == "idle timeout"
         assert any(f.opcode is Opcode.PING for f in frames), "the bridge sent no ping"
         assert 0.4 <= elapsed < 2.0
-        await eventually(lambda: bridge.connections == 0, within=4)
+        await eventually(lambda: bridge.connections == 0, 4)
         assert sample(bridge, "grpcbridge_tunnels_closed_total", code="1001") == 1
 
 
@@ -648,7 +632,7 @@ async def test_metrics_health_and_readiness(backend: RawBackend) -> None:
 
         async with connect(bridge.url) as ws:
             await ws.send(b"12345")
-            await backend.wait_for(lambda: backend.received == b"12345")
+            await eventually(lambda: backend.received == b"12345")
             _, _, body = await http_get(port, "/metrics")
             assert b"grpcbridge_tunnels_active 1.0" in body
         await eventually(lambda: bridge.connections == 0)
@@ -702,7 +686,7 @@ async def test_close_with_open_tunnel_sends_1001(backend: RawBackend) -> None:
     try:
         async with connect(bridge.url) as ws:
             await ws.send(b"x")
-            await backend.wait_for(lambda: backend.received == b"x")
+            await eventually(lambda: backend.received == b"x")
             started = time.monotonic()
             closing = asyncio.gather(bridge.close(), bridge.close())
             assert await closed_code(ws) == 1001
@@ -711,7 +695,7 @@ async def test_close_with_open_tunnel_sends_1001(backend: RawBackend) -> None:
             assert time.monotonic() - started < 3
     finally:
         await bridge.close()
-    await backend.wait_for(lambda: backend.eofs == 1)
+    await eventually(lambda: backend.eofs == 1)
     assert bridge.connections == 0
     assert bridge.limiter.active == 0
 
@@ -723,7 +707,7 @@ async def test_tunnel_finishing_during_drain_closes_normally(backend: RawBackend
     try:
         async with connect(bridge.url) as ws:
             await ws.send(b"x")
-            await backend.wait_for(lambda: backend.received == b"x")
+            await eventually(lambda: backend.received == b"x")
             closing = asyncio.create_task(bridge.close())
             await asyncio.sleep(0.1)
             assert not closing.done()  # draining: waits for the tunnel

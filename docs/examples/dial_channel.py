@@ -30,11 +30,9 @@ async def main() -> None:
             bulk = await stub.BulkCreateTodos(requests, timeout=5)
             print("created", bulk.created_count)
 
-            # Server streaming, with request metadata and the response's metadata.
-            async with stub.StreamTodos.open(metadata={"x-echo-trace": "42"}) as stream:
+            # Server streaming, with request metadata (sent as HTTP/2 headers, as usual).
+            async with stub.StreamTodos.open(metadata={"x-trace-id": "42"}) as stream:
                 await stream.send_message(todo_pb2.StreamTodosRequest(repeat=1), end=True)
-                await stream.recv_initial_metadata()
-                print("initial metadata:", dict(stream.initial_metadata or {}))
                 async for todo in stream:
                     print("todo:", todo.text)
 

@@ -24,9 +24,10 @@ import tempfile
 from collections.abc import Collection
 from typing import Any
 
+from ._grpclib_compat import advertise_max_frame_size, server_handlers, server_protocol
 from .core.errors import ConfigError
 from .core.target import SocketAddress, parse_address
-from .framesize import advertise_max_frame_size, fit_frame_size, max_frame_size_for
+from .framesize import fit_frame_size, max_frame_size_for
 from .pipe import Pipe
 from .relay import StreamSide
 from .sockets import connect_address
@@ -114,7 +115,7 @@ class GrpclibBackend(Backend):
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
         if self._server is None or self._closed:
             raise ConnectionRefusedError("the in-process grpclib server is not running")
-        protocol = self._server._protocol_factory()
+        protocol = server_protocol(self._server)
         Pipe(tunnel, protocol, {"peername": ("grpcbridge", 0)}).connect(buffer_bytes)
         # Clients' frames arrive in this tunnel's WebSocket messages: keep them within its limit.
         advertise_max_frame_size(protocol, fit_frame_size(self._max_frame_size,
@@ -130,7 +131,7 @@ class GrpclibBackend(Backend):
         server = self._server
         if server is None:
             return
-        handlers = list(server._handlers)
+        handlers = server_handlers(server)
         for handler in handlers:
             handler.close()
         for handler in handlers:

@@ -7,14 +7,12 @@ the in-process ``GrpclibBackend``) advertise a larger size, 1 MiB by default, ke
 WebSocket message limit of the side that receives the frames. Measured: about 30 % less CPU
 per MiB streamed in process, and +30 % download in the browser (docs/benchmarks.md).
 
-This module imports only grpclib and h2, so the browser channel can use it.
+The sizes are checked and fitted here (pure arithmetic); telling a grpclib protocol's h2
+connection about them is :func:`grpcbridge._grpclib_compat.advertise_max_frame_size` (it
+reaches into grpclib internals, like everything in that module).
 """
 
 from __future__ import annotations
-
-from typing import Any
-
-from h2.settings import SettingCodes
 
 from .core.errors import ConfigError
 
@@ -48,19 +46,3 @@ def max_frame_size_for(requested: int | None, max_message_bytes: int | None) -> 
                           "lower one or raise the other")
     return requested
 
-
-def advertise_max_frame_size(protocol: Any, size: int) -> None:
-    """Tell the peer of grpclib ``protocol`` (an ``H2Protocol`` whose ``connection_made`` ran)
-    that frames of up to ``size`` bytes are welcome, and accept them from now on.
-
-    h2 raises its inbound limit only when the peer's ACK is processed, and checks frames
-    against the limit it had when ``receive_data()`` began: an ACK and a first large frame
-    arriving in one message (a relay reading both at once) would fail the connection.
-    Accepting larger frames early is always allowed."""
-    if size == H2_MIN_FRAME_SIZE:
-        return
-    connection = protocol.connection
-    h2_connection = connection._connection
-    h2_connection.update_settings({SettingCodes.MAX_FRAME_SIZE: size})
-    h2_connection.max_inbound_frame_size = size
-    connection.flush()

@@ -18,10 +18,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from .core.wire import COALESCE_LIMIT as COALESCE_LIMIT  # defined once, for the browser too
 from .relay import StreamOwner
-
-#: Held writes are sent at once beyond this many bytes.
-COALESCE_LIMIT = 256 * 1024
 
 
 class ProtocolTransport(asyncio.Transport):

@@ -4,6 +4,9 @@
 the raw test server, sizes), runs every scenario in order on Pyodide's event loop and returns
 JSON: ``{name: {"ok": bool, "error": str, ...figures}}``. ``tests/test_browser_node.py``
 asserts on it. Scenarios may poke transport internals on purpose (forced close events).
+
+The config's ``timing`` is the suite's timing factor (``GRPCBRIDGE_TEST_TIMING``, see
+tests/support.py, which Pyodide cannot import): :func:`timing` scales every wait by it.
 """
 
 from __future__ import annotations
@@ -43,11 +46,17 @@ def check(condition: object, message: str) -> None:
         raise AssertionError(message)
 
 
+def timing(seconds: float) -> float:
+    """``seconds`` scaled by the suite's timing factor."""
+    return seconds * float(CONFIG.get("timing", 1.0))
+
+
 async def until(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
+    """tests/support.py's ``eventually`` (scaled the same way), for Pyodide."""
+    deadline = time.monotonic() + timing(within)
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {within} s")
+            raise AssertionError(f"condition not met within {timing(within):g} s")
         await asyncio.sleep(0.01)
 
 
@@ -341,7 +350,7 @@ async def scenario_backpressure() -> Result:
     high, low, chunk, chunks = 256 * KiB, 64 * KiB, 64 * KiB, 256
     url = CONFIG["raw"] + f"/sink?id={rid('backpressure')}&stall=0.5&delay=0.002"
     transport = WebSocketTransport(url, ["grpcbridge"], high_water=high, low_water=low)
-    await transport.wait_open(5)
+    await transport.wait_open(timing(5))
     recorder = Recorder()
     transport.attach(recorder)
     digest = hashlib.sha256()
@@ -354,7 +363,7 @@ async def scenario_backpressure() -> Result:
     await until(lambda: not transport.get_write_buffer_size())
     elapsed = time.perf_counter() - started
     transport.close()
-    await asyncio.wait_for(transport.closed, 10)
+    await asyncio.wait_for(transport.closed, timing(10))
     stats = transport.stats
     check(stats.pauses >= 1 and recorder.pauses == stats.pauses, f"pauses {stats.pauses}")
     check(stats.max_buffered_amount <= high + chunk,
@@ -373,7 +382,7 @@ async def scenario_coalescing() -> Result:
     check(limit == 256 * KiB, f"coalesce_limit {limit}")
     url = CONFIG["raw"] + f"/sink?id={rid('coalesce')}"
     transport = WebSocketTransport(url, ["grpcbridge"])
-    await transport.wait_open(5)
+    await transport.wait_open(timing(5))
     recorder = Recorder()
     transport.attach(recorder)
     digest = hashlib.sha256()
@@ -402,7 +411,7 @@ async def scenario_coalescing() -> Result:
     write(b"a" * KiB)
     write(b"b" * (20 * KiB))
     check(recorder.pauses == 1, f"not paused by 21 KiB held: pauses {recorder.pauses}")
-    await asyncio.wait_for(recorder.resumed.wait(), 10)
+    await asyncio.wait_for(recorder.resumed.wait(), timing(10))
     # Writes followed by close() in the same task are all sent before the close frame.
     transport.set_write_buffer_limits()
     for i in range(3):
@@ -413,7 +422,7 @@ async def scenario_coalescing() -> Result:
         raise AssertionError("a write after close() was accepted")
     except SocketClosedError as exc:
         check("1000" in str(exc), f"write after close: {exc}")
-    await asyncio.wait_for(transport.closed, 10)
+    await asyncio.wait_for(transport.closed, timing(10))
     check(stats.bytes_unsent == 0, f"{stats.bytes_unsent} bytes not sent")
     check(recorder.lost == [None], f"connection_lost {recorder.lost}")
 
@@ -482,7 +491,8 @@ async def scenario_frame_size() -> Result:
         except ValueError as exc:
             check("max_frame_size" in str(exc), f"message {exc}")
     small = Channel(CONFIG["bridge"], max_message_bytes=64 * KiB)  # default follows the limit
-    check(small._max_frame_size == 64 * KiB - 9, f"default frame size {small._max_frame_size}")
+    frame_size = small._options.max_frame_size
+    check(frame_size == 64 * KiB - 9, f"default frame size {frame_size}")
     small.close()
     import hyperframe.frame
     check(hyperframe.frame.DataFrame(1, data=b"0123456789abc").__repr__().endswith(
@@ -495,7 +505,7 @@ async def scenario_outbound_cap() -> Result:
     transport = WebSocketTransport(CONFIG["raw"] + f"/sink?id={rid('outbound_cap')}&stall=1",
                                    ["grpcbridge"], high_water=256 * KiB, low_water=64 * KiB,
                                    max_buffer_bytes=1 * MiB, max_message_bytes=64 * KiB)
-    await transport.wait_open(5)
+    await transport.wait_open(timing(5))
     recorder = Recorder()
     transport.attach(recorder)
     error = None
@@ -509,7 +519,7 @@ async def scenario_outbound_cap() -> Result:
             break
     check(error is not None and "send buffer over 1048576 bytes" in error, f"error {error!r}")
     check(transport.close_code == 1011, f"close code {transport.close_code}")
-    await asyncio.wait_for(transport.closed, 10)
+    await asyncio.wait_for(transport.closed, timing(10))
     await asyncio.sleep(0)
     check(len(recorder.lost) == 1 and recorder.lost[0] is not None, f"lost {recorder.lost}")
     try:
@@ -530,7 +540,7 @@ async def scenario_early_bytes() -> Result:
     check(all(not is_null(getattr(ws, name)) for name in ("onopen", "onmessage", "onclose",
                                                               "onerror")),
           "handlers not installed at construction")
-    await transport.wait_open(5)
+    await transport.wait_open(timing(5))
     await until(lambda: transport.stats.bytes_received >= size)
     recorder = Recorder()
     transport.attach(recorder)
@@ -539,7 +549,7 @@ async def scenario_early_bytes() -> Result:
     check(transport.stats.max_pending_bytes == size, f"pending {transport.stats.max_pending_bytes}")
     check(transport.stats.empty_messages >= 1, "empty message not counted")
     transport.close()
-    await asyncio.wait_for(transport.closed, 10)
+    await asyncio.wait_for(transport.closed, timing(10))
     return {"pending_bytes": transport.stats.max_pending_bytes}
 
 
@@ -548,8 +558,8 @@ async def scenario_inbound_cap() -> Result:
     url = CONFIG["raw"] + f"/early?bytes={3 * MiB}&id={rid('inbound_cap')}"
     transport = WebSocketTransport(url, ["grpcbridge"], high_water=256 * KiB, low_water=64 * KiB,
                                    max_buffer_bytes=1 * MiB, max_message_bytes=64 * KiB)
-    await transport.wait_open(5)
-    await asyncio.wait_for(transport.closed, 10)
+    await transport.wait_open(timing(5))
+    await asyncio.wait_for(transport.closed, timing(10))
     check(transport.close_code == 1009, f"close code {transport.close_code}")
     check("more than 1048576 bytes arrived before" in transport.close_reason,
           f"reason {transport.close_reason!r}")
@@ -560,8 +570,8 @@ async def scenario_inbound_cap() -> Result:
         check("1009" in str(exc), f"error {exc}")
     big = WebSocketTransport(CONFIG["raw"] + f"/early?bytes={200 * KiB}&chunk={200 * KiB}",
                              ["grpcbridge"], max_message_bytes=64 * KiB)
-    await big.wait_open(5)
-    await asyncio.wait_for(big.closed, 10)
+    await big.wait_open(timing(5))
+    await asyncio.wait_for(big.closed, timing(10))
     check(big.close_code == 1009 and "larger than" in big.close_reason,
           f"too-big message: {big.close_code} {big.close_reason!r}")
     return {"reason": transport.close_reason}
@@ -633,7 +643,7 @@ async def scenario_reconnect() -> Result:
         await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="before idle"))
         first = ch.transport
         assert first is not None
-        await asyncio.wait_for(first.closed, 10)
+        await asyncio.wait_for(first.closed, timing(10))
         check(first.close_code == 1001 and "idle" in first.close_reason,
               f"idle close {first.close_code} {first.close_reason!r}")
         todo = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="after idle"))
@@ -716,7 +726,7 @@ async def scenario_complete_before_close_relay() -> Result:
             # sent while the server's close frame is on its way fails with UNAVAILABLE).
             transport = ch.transport
             assert transport is not None
-            await asyncio.wait_for(transport.closed, 10)
+            await asyncio.wait_for(transport.closed, timing(10))
             check(transport.close_code == 1000, f"close code {transport.close_code}")
 
         for i in range(4):
@@ -753,7 +763,7 @@ async def scenario_close_races() -> Result:
     for index, order in enumerate(itertools.permutations(("error", "close_event", "close"))):
         url = CONFIG["raw"] + f"/sink?id={rid(f'race{index}')}"
         transport = WebSocketTransport(url, ["grpcbridge"])
-        await transport.wait_open(5)
+        await transport.wait_open(timing(5))
         recorder = Recorder()
         transport.attach(recorder)
         ws = transport.websocket
@@ -768,7 +778,7 @@ async def scenario_close_races() -> Result:
                 event.code = 1001
                 event.reason = "fake close"
                 handler(event)
-        await asyncio.wait_for(transport.closed, 10)
+        await asyncio.wait_for(transport.closed, timing(10))
         await asyncio.sleep(0.02)
         # An error event only waits (briefly) for the close event, which has the code.
         first = next(step for step in order if step != "error")
@@ -783,12 +793,12 @@ async def scenario_close_races() -> Result:
     # An error event with no close event after it (not per spec, but seen in Node 20).
     transport = WebSocketTransport(CONFIG["raw"] + f"/sink?id={rid('error-only')}",
                                    ["grpcbridge"])
-    await transport.wait_open(5)
+    await transport.wait_open(timing(5))
     recorder = Recorder()
     transport.attach(recorder)
     transport.websocket.onerror(js.Object.new())
     check(transport.close_code is None, "closed at the error event, before waiting for close")
-    await asyncio.wait_for(transport.closed, 5)
+    await asyncio.wait_for(transport.closed, timing(5))
     await asyncio.sleep(0.02)
     check(transport.close_code == 1006 and len(recorder.lost) == 1,
           f"error only: {transport.close_code} {recorder.lost}")
@@ -796,15 +806,16 @@ async def scenario_close_races() -> Result:
     # Natural races: the server closes at ~150 ms, the client closes around then too.
     for i in range(8):
         transport = WebSocketTransport(CONFIG["raw"] + "/close-soon?ms=150", ["grpcbridge"])
-        await transport.wait_open(5)
+        await transport.wait_open(timing(5))
         recorder = Recorder()
         transport.attach(recorder)
         await asyncio.sleep(0.13 + 0.005 * i)
         transport.close()
-        await asyncio.wait_for(transport.closed, 10)
+        await asyncio.wait_for(transport.closed, timing(10))
         await asyncio.sleep(0.02)
         check(len(recorder.lost) == 1, f"natural race {i}: lost {len(recorder.lost)}")
-    # A channel closed while an RPC waits: UNAVAILABLE with code 1000.
+    # A channel closed while an RPC waits: CANCELLED, as for grpcbridge.Channel (the channel
+    # core's status for RPCs in flight on close; it used to be UNAVAILABLE with code 1000).
     async with channel(CONFIG["bridge"]) as ch:
         stub = TodoServiceStub(ch)
         await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="something to stream"))
@@ -822,10 +833,10 @@ async def scenario_close_races() -> Result:
         await until(lambda: got >= 2)
         ch.close()
         try:
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(task, timing(10))
             raise AssertionError("stream survived close()")
         except GRPCError as exc:
-            check(exc.status is Status.UNAVAILABLE and "1000" in (exc.message or ""),
+            check(exc.status is Status.CANCELLED and "was closed" in (exc.message or ""),
                   f"close(): {exc.status} {exc.message!r}")
             close_message = exc.message
         try:
@@ -932,6 +943,12 @@ async def scenario_targets() -> Result:
         raise AssertionError("token with '/' accepted as a subprotocol")
     except ValueError as exc:
         check("a/b=" not in str(exc), "token in the error message")
+    # One option name for both channels: the old one points to the new one.
+    try:
+        Channel("ws://h/grpc", open_timeout=1)
+        raise AssertionError("open_timeout accepted")
+    except TypeError as exc:
+        check("handshake_timeout" in str(exc), f"message {exc}")
     return {}
 
 
@@ -943,7 +960,7 @@ async def scenario_dead_target() -> Result:
         navigator.onLine = False
         js.globalThis.navigator = navigator
     try:
-        async with channel(CONFIG["dead"], reconnect=policy) as ch:
+        async with channel(CONFIG["dead"], reconnect=policy, handshake_timeout=5) as ch:
             started = time.perf_counter()
             try:
                 await TodoServiceStub(ch).ListTodos(todo_pb2.ListTodosRequest())
@@ -1024,7 +1041,8 @@ async def main() -> str:
             started = time.perf_counter()
             errors_before = len(LOOP_ERRORS)
             try:
-                result = await asyncio.wait_for(scenario(), CONFIG.get("scenario_timeout", 60))
+                result = await asyncio.wait_for(scenario(),
+                                                timing(CONFIG.get("scenario_timeout", 60)))
                 result["ok"] = True
             except BaseException as exc:
                 result = {"ok": False, "error": "".join(traceback.format_exception(exc))}

@@ -17,8 +17,9 @@ fell short:
   (latency); the writes that follow in the same task are held and sent as one binary message
   by a microtask the first one queued (right after the task, before any other event), at once
   when ``COALESCE_LIMIT`` bytes are held, and always before a close frame this side sends
-  (the rules of ``grpcbridge.pipe``, whose flush is a loop callback: one costs ~0.15 ms in
-  Pyodide under Chromium, a microtask ~0.01 ms).
+  (the rules of ``grpcbridge.pipe``, one limit for both in ``grpcbridge.core.wire``; the
+  pipe's flush is a loop callback: one costs ~0.15 ms in Pyodide under Chromium, a microtask
+  ~0.01 ms).
 * **Outbound backpressure.** Above ``high_water`` bytes held or in ``bufferedAmount`` the
   protocol's ``pause_writing()`` is called; ``resume_writing()`` follows once the amount is at
   or below ``low_water``, checked at every inbound message (HTTP/2 acknowledgements arrive
@@ -47,6 +48,7 @@ from typing import Any, ClassVar
 
 from grpclib.exceptions import StreamTerminatedError
 
+from .._grpclib_compat import open_streams, release_finished_streams
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
 from ..core.stream import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -56,6 +58,7 @@ from ..core.stream import (
     StreamViolation,
     message_too_big_reason,
 )
+from ..core.wire import COALESCE_LIMIT
 from . import _ffi
 
 logger = logging.getLogger("grpcbridge.browser")
@@ -74,8 +77,6 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 #: Seconds to wait for ``close`` after an ``error`` event before giving up on it.
 ERROR_CLOSE_TIMEOUT = 1.0
-#: Held writes are sent at once when this many bytes are held (see ``grpcbridge.pipe``).
-COALESCE_LIMIT = 256 * 1024
 
 # JavaScript WebSocket.readyState values.
 _CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
@@ -163,6 +164,8 @@ class WebSocketTransport(asyncio.Transport):
     live_proxies: ClassVar[int] = 0
     #: Held writes are sent at once when this many bytes are held.
     coalesce_limit: ClassVar[int] = COALESCE_LIMIT
+    #: Seconds to wait for the ``close`` event after closing from this side.
+    close_timeout: float = CLOSE_TIMEOUT
 
     def __init__(
         self,
@@ -280,6 +283,15 @@ class WebSocketTransport(asyncio.Transport):
         """True while new requests can be sent: open, and not closing on either side."""
         return (self.close_code is None and self._protocol is not None
                 and not self._finalized and self._ws.readyState == _OPEN)
+
+    @property
+    def close_started(self) -> bool:
+        """True once closing began (ours, the peer's or the network's)."""
+        return self.close_code is not None
+
+    def loss_description(self) -> str | None:
+        """:meth:`describe_close` once closing began, else ``None`` (for the channel core)."""
+        return None if self.close_code is None else self.describe_close()
 
     @property
     def draining(self) -> bool:
@@ -651,16 +663,8 @@ class WebSocketTransport(asyncio.Transport):
         """The peer closed. RPCs whose response ended (END_STREAM arrived) may still be
         reading it: let them finish for up to ``drain_timeout`` seconds; end the others now
         with the close code and reason. Then ``connection_lost``."""
-        finishing: list[int] = []
         try:
-            protocol.handler.close()  # grpclib: the next RPC dials a new connection
-            reason = self.describe_close()
-            for stream_id, stream in list(protocol.processor.streams.items()):
-                buffer = getattr(stream, "buffer", None)
-                if buffer is not None and getattr(buffer, "_eof", False):
-                    finishing.append(stream_id)
-                else:
-                    stream.__terminated__(reason)
+            finishing = release_finished_streams(protocol, self.describe_close())
         except AttributeError:  # pragma: no cover - a grpclib without these internals
             logger.debug("grpcbridge.browser: unknown grpclib internals", exc_info=True)
             finishing = []
@@ -672,7 +676,7 @@ class WebSocketTransport(asyncio.Transport):
 
     async def _drain(self, protocol: Any, stream_ids: list[int]) -> None:
         deadline = self._loop.time() + self._drain_timeout
-        streams = protocol.processor.streams
+        streams = open_streams(protocol)
         try:
             while self._loop.time() < deadline:
                 if not any(stream_id in streams for stream_id in stream_ids):

@@ -52,13 +52,16 @@ class DialSettings:
         return tunnel
 
 
-async def open_websocket(tunnel: Tunnel, settings: DialSettings) -> None:
-    """Connect ``tunnel``'s WebSocket side and complete the opening handshake.
+async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
+                         within: float | None = None) -> None:
+    """Connect ``tunnel``'s WebSocket side and complete the opening handshake within
+    ``within`` seconds (default: ``settings.handshake_timeout``).
 
     Raises :class:`HandshakeError` (refused, unreachable, TLS failure or timeout); the
     tunnel is then already being torn down, so callers only report the error.
     """
     target = settings.target
+    within = settings.handshake_timeout if within is None else within
     loop = tunnel.loop
     websocket = tunnel.websocket
     assert isinstance(websocket, ClientProtocol)
@@ -70,7 +73,7 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings) -> None:
 
     tunnel.on_handshake_event = on_event
     try:
-        async with asyncio.timeout(settings.handshake_timeout):
+        async with asyncio.timeout(within):
             try:
                 await loop.create_connection(
                     lambda: WebSocketSide(tunnel, settings.buffer_bytes), target.host,
@@ -99,7 +102,7 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings) -> None:
     except TimeoutError:
         _abandon(tunnel)
         raise HandshakeError(
-            f"no WebSocket handshake with {target.url} within {settings.handshake_timeout} s"
+            f"no WebSocket handshake with {target.url} within {within} s"
         ) from None
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)

@@ -7,7 +7,6 @@ what to use instead, so a mistake surfaces at start-up and never as a 500 per re
 from __future__ import annotations
 
 import os
-import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -17,8 +16,7 @@ from .errors import ConfigError
 from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .target import SocketAddress, Target, parse_address, parse_target
-
-_SUBPROTOCOL_CHARS = set(string.ascii_letters + string.digits + "!#$%&'*+-.^_`|~")
+from .wire import TOKEN_CHARS
 
 
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
@@ -56,7 +54,7 @@ def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
     if isinstance(values, str):
         raise ConfigError(f"{name} must be a list of strings, not one string")
     for value in values:
-        if not value or not set(value) <= _SUBPROTOCOL_CHARS:
+        if not value or not set(value) <= TOKEN_CHARS:
             raise ConfigError(f"{name}: {value!r} is not a valid subprotocol token")
     return tuple(values)
 

@@ -2,14 +2,11 @@
 :class:`grpcbridge.GrpclibBackend`.
 
 It behaves exactly like the grpcio servicer in :mod:`grpcbridge.demo.service` (see its module
-docstring): ``x-echo-*`` metadata echoed as initial metadata and, after
-``("x-trailer-rpc", "<MethodName>")``, in the trailers (also for failed RPCs);
-``INVALID_ARGUMENT`` for a text the store refuses (empty, whitespace-only or too long, with the
-message of :func:`grpcbridge.demo.store.text_error`);
-``fail:<CODE_NAME>:<message>`` errors (non-ASCII allowed); ``NOT_FOUND`` for unknown ids;
-``StreamTodos`` repeats with ``interval_ms`` pauses and stops as soon as it is cancelled;
-``BulkCreateTodos``; ``SyncTodos`` fed by the store's change feed; and cancellation
-counting (:attr:`TodoService.cancelled_count`, :meth:`TodoService.wait_cancelled`).
+docstring): ``INVALID_ARGUMENT`` for a text the store refuses (empty, whitespace-only or too
+long, with the message of :func:`grpcbridge.demo.store.text_error`); ``NOT_FOUND`` for unknown
+ids; the response headers sent as soon as an RPC starts; ``StreamTodos`` repeats with
+``interval_ms`` pauses and stops as soon as it is cancelled; ``BulkCreateTodos``; and
+``SyncTodos`` fed by the store's change feed.
 
 ::
 
@@ -27,12 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-import threading
 from collections.abc import AsyncIterator
 from typing import Any, Literal, NoReturn, TypeAlias, cast
 
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from grpcbridge.demo import todo_grpc, todo_pb2
@@ -41,7 +37,6 @@ from grpcbridge.demo.store import ChangeEvent, InvalidTextError, TodoStore
 __all__ = ["TodoService"]
 
 _SyncItem: TypeAlias = ChangeEvent | tuple[Literal["error"], str]
-_Metadata: TypeAlias = list[tuple[str, str | bytes]]
 #: Seconds between checks of the change feed for changes made by other clients (and threads);
 #: changes caused by the stream's own requests are sent at once.
 _POLL = 0.02
@@ -52,74 +47,16 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
 
     def __init__(self, store: TodoStore) -> None:
         self.store = store
-        self._lock = threading.Lock()
-        self._cancelled_count = 0
-        self._waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-
-    # -- cancellation observability -----------------------------------------------------
-
-    @property
-    def cancelled_count(self) -> int:
-        """Number of RPCs that ended because the client cancelled, the deadline passed or the
-        connection was lost (never normally completed or failed RPCs)."""
-        with self._lock:
-            return self._cancelled_count
-
-    async def wait_cancelled(self, n: int, timeout: float) -> bool:  # noqa: ASYNC109
-        """Wait until at least ``n`` RPCs were cancelled; False on timeout. Works from any
-        event loop (the service may run on another thread's loop)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        waiter = (n, loop, future)
-        with self._lock:
-            if self._cancelled_count >= n:
-                return True
-            self._waiters.append(waiter)
-        try:
-            async with asyncio.timeout(timeout):
-                await future
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with self._lock:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-
-    def _count_cancelled(self) -> None:
-        with self._lock:
-            self._cancelled_count += 1
-            ready = [w for w in self._waiters if w[0] <= self._cancelled_count]
-            for waiter in ready:
-                self._waiters.remove(waiter)
-        for _, loop, future in ready:
-            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                loop.call_soon_threadsafe(_resolve, future)
 
     # -- helpers --------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def _rpc(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[None]:
-        """Echo metadata, send the trailers (with the status of a raised ``GRPCError``), and
-        count the RPC if it ends by cancellation."""
-        metadata = stream.metadata if stream.metadata is not None else {}
-        echo: _Metadata = [(key, value) for key, value in metadata.items()
-                           if key.startswith("x-echo-")]
-        trailers: _Metadata = [("x-trailer-rpc", method), *echo]
-        try:
-            await stream.send_initial_metadata(metadata=echo)
-            try:
-                yield
-            except GRPCError as error:
-                await stream.send_trailing_metadata(
-                    status=error.status, status_message=error.message,
-                    status_details=error.details, metadata=trailers)
-            else:
-                await stream.send_trailing_metadata(metadata=trailers)
-        except (asyncio.CancelledError, StreamTerminatedError):
-            # Client cancel (RST_STREAM), deadline, lost connection or server shutdown.
-            self._count_cancelled()
-            raise
+        """Around the RPC named ``method``: send the response headers at once (a client may
+        wait for them before the first message: the demo page subscribes with SyncTodos and
+        waits for its headers before it loads the list)."""
+        await stream.send_initial_metadata()
+        yield
 
     def _check_text(self, text: str) -> None:
         """Raise ``INVALID_ARGUMENT`` if the store refuses ``text``."""
@@ -146,12 +83,6 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
             request = await self._request(stream)
             text: str = request.text
             self._check_text(text)
-            if text.startswith("fail:"):
-                name, _, message = text[len("fail:"):].partition(":")
-                code = Status.__members__.get(name)
-                if code is None or code is Status.OK:
-                    raise GRPCError(Status.INVALID_ARGUMENT, f"unknown status code {name!r}")
-                raise GRPCError(code, message)
             await stream.send_message(self.store.create(text))
 
     async def ListTodos(self, stream: Stream[Any, Any]) -> None:
@@ -250,8 +181,3 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
     def _apply(self, request: Any) -> str | None:
         """Perform one sync action; return an error message on failure."""
         return self.store.apply_sync(request)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)

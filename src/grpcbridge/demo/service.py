@@ -1,19 +1,12 @@
 """grpcio (sync, thread-pool) implementation of ``todo.v1.TodoService``.
 
-Behaviour that the tests and benchmarks rely on:
-
-* **Metadata echo** -- for every RPC, request metadata entries whose key starts with
-  ``x-echo-`` are sent back as initial metadata (same key and value; ``-bin`` keys carry
-  bytes).  The trailing metadata always is ``("x-trailer-rpc", "<MethodName>")`` followed
-  by the echoed entries again.  This also holds for failed RPCs.
 * **Errors** -- ``CreateTodo``, ``UpdateTodo`` and ``BulkCreateTodos`` with a text the
   store refuses (:func:`grpcbridge.demo.store.text_error`: empty or whitespace-only, or longer
   than the store's ``max_text_length``) fail with ``INVALID_ARGUMENT`` and the rule's message,
-  "text must not be empty" for a store without a limit.  ``CreateTodo`` with text
-  ``fail:<CODE_NAME>:<message>`` (e.g. ``fail:NOT_FOUND:nö such tödo ✓``) fails with
-  ``grpc.StatusCode.<CODE_NAME>`` and exactly ``<message>`` (non-ASCII allowed); an unknown
-  code name (or ``OK``) gives ``INVALID_ARGUMENT``.  ``UpdateTodo``/``DeleteTodo`` of an
+  "text must not be empty" for a store without a limit.  ``UpdateTodo``/``DeleteTodo`` of an
   unknown id fail with ``NOT_FOUND`` "todo <id> not found" (whatever the text).
+* **Headers at once** -- every RPC sends its (empty) initial metadata when it starts, so a
+  client may wait for them before the first message (the demo page does, on ``SyncTodos``).
 * **StreamTodos** -- sends the current list, then ``repeat - 1`` more times (``repeat <= 0``
   means once), sleeping ``interval_ms`` between consecutive todos; it stops promptly when
   the client cancels or the deadline passes.
@@ -23,10 +16,8 @@ Behaviour that the tests and benchmarks rely on:
   store's change feed (changes made by *any* client) as ``SyncResponse(todo=...)`` or
   ``SyncResponse(deleted_id=...)``; a failed action (also a refused text) yields
   ``SyncResponse(error=...)`` to the requesting client only.  After the client half-closes,
-  all changes caused by its requests are flushed and the stream ends with OK.
-* **Cancellation observability** -- :attr:`TodoServicer.cancelled_count` counts RPCs that
-  ended because the client cancelled or the deadline passed (also server shutdown), never
-  normally completed or failed RPCs; :meth:`TodoServicer.wait_cancelled` waits for it.
+  all changes caused by its requests are flushed and the stream ends with OK; it stops
+  promptly when the client cancels.
 
 Run standalone with ``python -m grpcbridge.demo.service --listen 127.0.0.1:50051
 [--db PATH] [--max-text-length N]`` (no length limit by default); it prints
@@ -62,7 +53,8 @@ class _Rpc:
 
     Used as a context manager around the handler body.  On exit the RPC counts as
     *finished* if it is still active (the handler returned or aborted on its own); the
-    termination callback then counts a cancellation only for RPCs not finished that way.
+    termination callback sets :attr:`cancelled` only for RPCs not finished that way (the
+    client cancelled, the deadline passed or the server shut down).
     """
 
     def __init__(self, context: grpc.ServicerContext) -> None:
@@ -95,38 +87,29 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
 
     def __init__(self, store: TodoStore) -> None:
         self.store = store
-        self._cancel_cond = threading.Condition()
-        self._cancelled_count = 0
-
-    @property
-    def cancelled_count(self) -> int:
-        """Number of RPCs that ended because the client cancelled or the deadline passed."""
-        with self._cancel_cond:
-            return self._cancelled_count
-
-    def wait_cancelled(self, n: int, timeout: float) -> bool:
-        """Wait until at least ``n`` RPCs were cancelled; False on timeout."""
-        with self._cancel_cond:
-            return self._cancel_cond.wait_for(lambda: self._cancelled_count >= n, timeout)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _start(self, context: grpc.ServicerContext, method: str) -> _Rpc:
+    @staticmethod
+    def _watch(context: grpc.ServicerContext) -> _Rpc:
+        """Bookkeeping for the RPC of ``context``: its ``cancelled`` event is set when the
+        RPC ends before the handler finished."""
         rpc = _Rpc(context)
 
         def on_terminated() -> None:
             if not rpc.finished:
                 rpc.cancelled.set()
-                with self._cancel_cond:
-                    self._cancelled_count += 1
-                    self._cancel_cond.notify_all()
 
         if not context.add_callback(on_terminated):
             on_terminated()  # already terminated before the handler ran
-        echo = tuple((k, v) for k, v in context.invocation_metadata() if k.startswith("x-echo-"))
-        context.set_trailing_metadata((("x-trailer-rpc", method), *echo))
+        return rpc
+
+    def _start(self, context: grpc.ServicerContext, method: str) -> _Rpc:
+        """Begin the RPC named ``method``: watch it (:meth:`_watch`) and send the response
+        headers at once (a client may wait for them before the first message)."""
+        rpc = self._watch(context)
         if context.is_active():
-            context.send_initial_metadata(echo)
+            context.send_initial_metadata(())
         return rpc
 
     def _check_text(self, context: grpc.ServicerContext, text: str) -> None:
@@ -147,12 +130,6 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
     ) -> todo_pb2.Todo:
         with self._start(context, "CreateTodo"):
             self._check_text(context, request.text)
-            if request.text.startswith("fail:"):
-                name, _, message = request.text[len("fail:") :].partition(":")
-                code = grpc.StatusCode.__members__.get(name)
-                if code is None or code is grpc.StatusCode.OK:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown status code {name!r}")
-                context.abort(code, message)
             return self.store.create(request.text)
 
     def ListTodos(

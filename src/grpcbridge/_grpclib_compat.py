@@ -1,0 +1,280 @@
+"""Every use grpcbridge makes of grpclib's and h2's private internals, in one place.
+
+grpcbridge runs grpclib's HTTP/2 protocol on connections grpclib never made (a WebSocket
+tunnel, the browser's ``WebSocket``, an in-process pipe). Doing so needs a few things
+grpclib does not offer publicly; they are all here, so a new grpclib or h2 release is
+checked against one module (and ``tests/test_channel_core.py``), not the whole code base:
+
+* :class:`GrpclibChannel` - grpclib's ``Channel`` with its private connection hooks
+  (``_create_connection``, ``_connected``, ``_protocol_factory``, ``_authority``,
+  ``_scheme``) routed to public-named methods the grpcbridge channels implement;
+* :func:`advertise_max_frame_size` and :class:`FrameSizeProtocol` - h2's connection behind
+  grpclib's (``Connection._connection``) and its inbound frame limit;
+* :func:`retype_stream`, :func:`stream_connection`, :func:`release_finished_streams`,
+  :func:`open_streams` - giving the streams ``Channel.request`` makes grpcbridge's class,
+  which connection a client stream runs on, and ending some streams of a connection but not
+  others (``Stream._stream``, ``processor.streams``, ``buffer._eof``, ``__terminated__``);
+* :func:`server_protocol`, :func:`server_handlers` - serving a grpclib ``Server`` over
+  connections it did not accept (``Server._protocol_factory``, ``Server._handlers``);
+* :func:`cheapen_frame_repr` - hyperframe's payload formatter (``frame._raw_data_repr``).
+
+Supported: grpclib 0.4.x and h2 4.x (:data:`SUPPORTED`). :func:`require_supported` (called
+when a channel or an in-process grpclib server is created) fails with a clear message on
+other versions instead of an ``AttributeError`` deep inside an RPC.
+
+This module imports only grpclib, h2 and hyperframe (pure Python): the browser channel
+(Pyodide) uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import re
+from collections.abc import Container
+from typing import Any, TypeVar
+
+import grpclib
+import grpclib.client
+import h2
+from grpclib.config import Configuration
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.protocol import AbstractHandler, H2Protocol
+from h2.config import H2Configuration
+from h2.settings import SettingCodes
+
+from .core.errors import GrpcBridgeError
+from .framesize import H2_MIN_FRAME_SIZE
+
+#: Versions whose internals this module was written and tested against:
+#: package -> (lowest supported, first unsupported), compared on (major, minor).
+SUPPORTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    "grpclib": ((0, 4), (0, 5)),
+    "h2": ((4, 0), (5, 0)),
+}
+#: What to tell pip, per package.
+_REQUIREMENT = {"grpclib": "grpclib>=0.4,<0.5", "h2": "h2>=4,<5"}
+
+
+class UnsupportedDependencyError(GrpcBridgeError, RuntimeError):
+    """An installed grpclib or h2 is a version whose internals grpcbridge does not know."""
+
+
+def _version_of(package: str) -> str:
+    module = {"grpclib": grpclib, "h2": h2}[package]
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def _parse(version: str) -> tuple[int, int] | None:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def unsupported_versions() -> list[str]:
+    """One line per installed package outside :data:`SUPPORTED` (empty: all supported)."""
+    problems = []
+    for package, (lowest, beyond) in SUPPORTED.items():
+        version = _version_of(package)
+        parsed = _parse(version)
+        if parsed is None or not lowest <= parsed < beyond:
+            problems.append(
+                f"{package} {version} is installed, but grpcbridge supports {package} "
+                f"{lowest[0]}.{lowest[1]} up to (not including) {beyond[0]}.{beyond[1]} "
+                f"(install '{_REQUIREMENT[package]}')")
+    return problems
+
+
+_checked = False
+
+
+def require_supported() -> None:
+    """Raise :class:`UnsupportedDependencyError` unless grpclib and h2 are supported versions
+    (checked once per process)."""
+    global _checked
+    if _checked:
+        return
+    problems = unsupported_versions()
+    if problems:
+        raise UnsupportedDependencyError(
+            "; ".join(problems) + ". grpcbridge runs grpclib's HTTP/2 protocol over "
+            "WebSockets using grpclib/h2 internals (grpcbridge._grpclib_compat) that other "
+            "versions may not have")
+    _checked = True
+
+
+# ----------------------------------------------------------------- HTTP/2 frame size
+
+
+def advertise_max_frame_size(protocol: Any, size: int) -> None:
+    """Tell the peer of grpclib ``protocol`` (an ``H2Protocol`` whose ``connection_made`` ran)
+    that frames of up to ``size`` bytes are welcome, and accept them from now on.
+
+    h2 raises its inbound limit only when the peer's ACK is processed, and checks frames
+    against the limit it had when ``receive_data()`` began: an ACK and a first large frame
+    arriving in one message (a relay reading both at once) would fail the connection.
+    Accepting larger frames early is always allowed."""
+    if size == H2_MIN_FRAME_SIZE:  # HTTP/2's initial value: nothing to say
+        return
+    connection = protocol.connection
+    h2_connection = connection._connection
+    h2_connection.update_settings({SettingCodes.MAX_FRAME_SIZE: size})
+    h2_connection.max_inbound_frame_size = size
+    connection.flush()
+
+
+class FrameSizeProtocol(H2Protocol):
+    """grpclib's ``H2Protocol`` advertising a larger SETTINGS_MAX_FRAME_SIZE as soon as it
+    is connected (its SETTINGS follow grpclib's preface, before any request)."""
+
+    def __init__(self, handler: AbstractHandler, config: Any, h2_config: H2Configuration,
+                 max_frame_size: int) -> None:
+        super().__init__(handler, config, h2_config)
+        self._max_frame_size = max_frame_size
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        advertise_max_frame_size(self, self._max_frame_size)
+
+
+# ----------------------------------------------------------------------- channels
+
+
+class GrpclibChannel(grpclib.client.Channel):
+    """grpclib's client ``Channel`` whose connections are made by a subclass.
+
+    grpclib dials TCP itself; its hooks for that are private. They are overridden here and
+    routed to :meth:`open_protocol` (make a connected protocol) and
+    :meth:`connection_usable` (may the current connection take new RPCs?). The HTTP/2
+    ``:authority`` is ``authority`` and ``:scheme`` is ``http`` (the HTTP/2 inside a tunnel
+    is cleartext whatever the WebSocket's scheme)."""
+
+    def __init__(self, *, host: str, port: int, authority: str, max_frame_size: int,
+                 codec: CodecBase | None, status_details_codec: StatusDetailsCodecBase | None,
+                 config: Configuration | None) -> None:
+        require_supported()
+        super().__init__(host, port, codec=codec, status_details_codec=status_details_codec,
+                         config=config)
+        self._authority = authority  # host[:port] as in the URL, never a path
+        self._scheme = "http"
+        self._bridge_max_frame_size = max_frame_size
+
+    def new_protocol(self) -> H2Protocol:
+        """A client protocol for a new connection, asking for frames up to
+        ``max_frame_size`` once connected."""
+        return FrameSizeProtocol(grpclib.client.Handler(), self._config, self._h2_config,
+                                 self._bridge_max_frame_size)
+
+    async def open_protocol(self) -> H2Protocol:
+        """Open a connection and return the protocol connected to it (grpclib calls this
+        when an RPC needs a connection and :meth:`connection_usable` said no)."""
+        raise NotImplementedError
+
+    def connection_usable(self) -> bool:
+        """Whether the current connection (grpclib has one) may take new RPCs."""
+        return True
+
+    # grpclib's private hooks.
+
+    def _protocol_factory(self) -> H2Protocol:
+        return self.new_protocol()
+
+    async def _create_connection(self) -> H2Protocol:
+        return await self.open_protocol()
+
+    @property
+    def _connected(self) -> bool:
+        return bool(super()._connected and self.connection_usable())
+
+
+StreamT = TypeVar("StreamT", bound=grpclib.client.Stream)  # type: ignore[type-arg]
+
+
+def retype_stream(stream: grpclib.client.Stream,  # type: ignore[type-arg]
+                  cls: type[StreamT]) -> StreamT:
+    """Make the stream grpclib's ``Channel.request`` created an instance of ``cls``, a
+    subclass overriding public methods only (grpclib offers no hook to choose the class)."""
+    stream.__class__ = cls
+    assert isinstance(stream, cls)
+    return stream
+
+
+def protocol_connection(protocol: H2Protocol) -> object:
+    """The object identifying ``protocol``'s connection (after ``connection_made``); the
+    same object :func:`stream_connection` returns for streams on it."""
+    return protocol.connection
+
+
+def stream_connection(stream: grpclib.client.Stream) -> object | None:  # type: ignore[type-arg]
+    """The connection (as :func:`protocol_connection` names it) a client stream was sent
+    on, or ``None`` before its request was sent."""
+    h2_stream = getattr(stream, "_stream", None)
+    return getattr(h2_stream, "connection", None)
+
+
+def release_finished_streams(protocol: Any, reason: str) -> list[int]:
+    """The peer closed ``protocol``'s connection. Stop new RPCs on it, end the streams whose
+    response had not fully arrived with ``reason``, and return the ids of those whose
+    response did (END_STREAM arrived): they may still be reading it."""
+    finishing: list[int] = []
+    protocol.handler.close()  # grpclib: the next RPC dials a new connection
+    for stream_id, stream in list(protocol.processor.streams.items()):
+        buffer = getattr(stream, "buffer", None)
+        if buffer is not None and getattr(buffer, "_eof", False):
+            finishing.append(stream_id)
+        else:
+            stream.__terminated__(reason)
+    return finishing
+
+
+def open_streams(protocol: Any) -> Container[int]:
+    """The ids of ``protocol``'s streams that have not been released yet (a live view)."""
+    streams: Container[int] = protocol.processor.streams
+    return streams
+
+
+# ------------------------------------------------------------------------ servers
+
+
+def server_protocol(server: Any) -> H2Protocol:
+    """A new server-side protocol of grpclib ``server`` (as if it had accepted a socket)."""
+    require_supported()
+    protocol: H2Protocol = server._protocol_factory()
+    return protocol
+
+
+def server_handlers(server: Any) -> list[Any]:
+    """The connection handlers of grpclib ``server`` (one per connection it served)."""
+    return list(server._handlers)
+
+
+# --------------------------------------------------------------------- hyperframe
+
+
+def hex_head(data: bytes | None) -> str:
+    """hyperframe's ``_raw_data_repr``, hexlifying only the 10 bytes it shows."""
+    if not data:
+        return "None"
+    text = binascii.hexlify(data[:10]).decode("ascii")
+    return f"<hex:{text}{'...' if len(data) > 10 else ''}>"
+
+
+def cheapen_frame_repr() -> None:
+    """h2 4.x formats every frame it receives for a trace log that is normally discarded
+    (``logger.trace("Received frame: %s", repr(frame))``), and hyperframe's repr hexlifies a
+    frame's whole payload to show its first 10 bytes: in Pyodide that is 10-15 % of a bulk
+    download. Swap in :func:`hex_head`: the same text, without the per-byte cost. Only done
+    if hyperframe's helper gives the same results (another hyperframe is left alone)."""
+    try:
+        from hyperframe import frame
+    except ImportError:  # pragma: no cover - h2 always brings hyperframe
+        return
+    current = getattr(frame, "_raw_data_repr", None)
+    if current is None or current is hex_head:
+        return
+    try:
+        if any(current(sample) != hex_head(sample) for sample in
+               (b"", b"\x00", bytes(range(10)), bytes(range(11)), bytes(range(200)))):
+            return
+    except Exception:  # pragma: no cover - a different helper
+        return
+    frame._raw_data_repr = hex_head

@@ -1,0 +1,322 @@
+"""The one core of grpcbridge's grpclib channels: :class:`grpcbridge.Channel` (CPython, over a
+WebSocket tunnel) and :class:`grpcbridge.browser.Channel` (Pyodide, over the browser's
+``WebSocket``). Both are thin subclasses of :class:`CoreChannel`; what they share is
+decided here, once:
+
+* **Options**: the names, defaults and checks every channel shares (:func:`check_options`):
+  ``handshake_timeout`` (seconds to open a connection, WebSocket handshake included;
+  default: the ``reconnect`` policy's ``min_connect_timeout``, 20 s), ``reconnect``,
+  ``max_message_bytes``, ``max_frame_size``, ``bearer_token``, ``subprotocols``, and
+  grpclib's ``config``/``codec``/``status_details_codec``. Old names fail with a
+  ``TypeError`` naming the new one (:data:`RENAMED_OPTIONS`: ``open_timeout`` is
+  ``handshake_timeout``).
+* **Dialing**: lazily, on the next RPC that needs a connection. After a failed attempt the
+  next waits for the :class:`~grpcbridge.ReconnectPolicy` backoff; RPCs made meanwhile fail
+  fast with ``UNAVAILABLE`` naming the last error and the time left
+  (:class:`~grpcbridge.core.reconnect.Backoff`). A connection that is closing (the peer's
+  close frame arrived) takes no new RPCs: the next one dials.
+* **Errors**: an RPC whose connection could not be opened or was lost fails with
+  :data:`LOST_STATUS` (``UNAVAILABLE``: retrying may help), its message naming the close
+  code and reason of the connection that RPC ran on. RPCs in flight when the application
+  closes the channel - waiting for a connection, for a reply, or in the middle of a stream -
+  fail with :data:`CLOSED_STATUS` (``CANCELLED``: gRPC's status for a call cancelled on the
+  client side, which grpcio also gives when its channel is closed; ``UNAVAILABLE`` would
+  invite a retry on a channel that is gone). RPCs started after ``close()`` raise
+  :class:`~grpcbridge.TunnelClosed`.
+* **Closing**: ``close()`` closes the connection (code 1000) and is idempotent;
+  ``await wait_closed()`` (or leaving ``async with``) closes, then waits until the
+  connection is gone (dropping it if the peer does not answer in time); both are safe from
+  several tasks.
+
+What differs is how a connection is made: the **runtime hook**. Each channel implements
+:meth:`CoreChannel._new_connection`, returning a :class:`Connection` (a tunnel through
+websockets in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
+
+This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`)
+and ``grpcbridge.core``: the browser (Pyodide) imports it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar
+from weakref import WeakKeyDictionary
+
+import grpclib.client
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
+
+from ._grpclib_compat import GrpclibChannel, protocol_connection, stream_connection
+from .client.streams import tunnel_stream
+from .core.config import ReconnectPolicy, check_dial_options
+from .core.errors import ConfigError, HandshakeError, TunnelClosed
+from .core.reconnect import Backoff
+from .core.target import Target
+from .framesize import max_frame_size_for
+
+#: Status of RPCs in flight when the application closes the channel (see above).
+CLOSED_STATUS = Status.CANCELLED
+#: Status of RPCs whose connection could not be opened, or was lost.
+LOST_STATUS = Status.UNAVAILABLE
+#: Old option names -> their name now. Passing an old name raises ``TypeError`` saying so.
+RENAMED_OPTIONS = {"open_timeout": "handshake_timeout"}
+#: grpclib's own reasons for ending streams, which say nothing about the WebSocket.
+GENERIC_REASONS = frozenset({"Connection lost", "Connection closed", ""})
+
+
+# ------------------------------------------------------------------------- options
+
+
+def reject_unknown_options(owner: str, options: Mapping[str, object]) -> None:
+    """Raise ``TypeError`` for keyword arguments ``owner`` does not take, pointing renamed
+    ones to their new name (channels collect these in ``**renamed``)."""
+    for name in options:
+        new = RENAMED_OPTIONS.get(name)
+        if new is not None:
+            raise TypeError(f"{owner}() has no option {name!r} any more: it is called "
+                            f"{new!r} now (one name for both grpcbridge channels)")
+        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChannelOptions:
+    """The options every channel has, checked (see :func:`check_options`)."""
+
+    #: Seconds an attempt gets to connect and complete the WebSocket handshake.
+    handshake_timeout: float
+    reconnect: ReconnectPolicy
+    max_message_bytes: int
+    #: SETTINGS_MAX_FRAME_SIZE the channel advertises (fitted to ``max_message_bytes``).
+    max_frame_size: int
+    bearer_token: str | None = field(repr=False)
+    subprotocols: tuple[str, ...]
+    #: Extra upgrade request headers (CPython only: browsers cannot set any).
+    headers: dict[str, str] = field(repr=False)
+
+
+def check_options(
+    *,
+    handshake_timeout: float | None,
+    reconnect: ReconnectPolicy | None,
+    max_message_bytes: int,
+    max_frame_size: int | None,
+    bearer_token: str | None,
+    subprotocols: Sequence[str],
+    headers: Mapping[str, str] | None = None,
+    buffer_bytes: int,
+) -> ChannelOptions:
+    """Check the shared options; :class:`~grpcbridge.ConfigError` names the bad one."""
+    policy = reconnect if reconnect is not None else ReconnectPolicy()
+    if not isinstance(policy, ReconnectPolicy):
+        raise ConfigError("reconnect must be a grpcbridge.ReconnectPolicy")
+    timeout = policy.min_connect_timeout if handshake_timeout is None else handshake_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"handshake_timeout must be a number > 0, got {timeout!r}")
+    frame_size = max_frame_size_for(max_frame_size, max_message_bytes)
+    checked_headers, checked_subprotocols = check_dial_options(
+        headers=headers or {}, bearer_token=bearer_token, subprotocols=subprotocols,
+        max_message_bytes=max_message_bytes, buffer_bytes=buffer_bytes)
+    return ChannelOptions(
+        handshake_timeout=timeout, reconnect=policy, max_message_bytes=max_message_bytes,
+        max_frame_size=frame_size, bearer_token=bearer_token,
+        subprotocols=checked_subprotocols, headers=checked_headers)
+
+
+# --------------------------------------------------------------------- the runtime hook
+
+
+class Connection(Protocol):
+    """One connection of a channel, as the runtime hook makes it: created not yet open,
+    then :meth:`wait_open`, then :meth:`attach` grpclib's protocol to it."""
+
+    #: Resolved once the connection is gone (its resources released).
+    closed: asyncio.Future[None]
+    #: Seconds :meth:`close` may take before ``wait_closed`` drops the connection.
+    close_timeout: float
+
+    async def wait_open(self, within: float) -> None:
+        """Open within ``within`` seconds, or raise :class:`HandshakeError` (the connection
+        is then torn down)."""
+
+    def attach(self, protocol: asyncio.Protocol) -> None:
+        """Connect ``protocol`` (``connection_made``, then any bytes that arrived before).
+        May raise :class:`HandshakeError` or :class:`TunnelClosed` if the connection is
+        already closing."""
+
+    @property
+    def usable(self) -> bool:
+        """Open, and not closing on either side: new RPCs may use it."""
+
+    @property
+    def close_started(self) -> bool:
+        """Closing began (from either side): :attr:`closed` resolves soon."""
+
+    def loss_description(self) -> str | None:
+        """One line naming the close code and reason, once closing began (else ``None``)."""
+
+    def close(self) -> None:
+        """Close with code 1000 (idempotent). A connection still opening may go on opening:
+        the channel closes it as soon as it is open."""
+
+    def abort(self) -> None:
+        """Drop the connection without waiting for the peer."""
+
+
+ConnectionT = TypeVar("ConnectionT", bound=Connection)
+
+
+def lost_detail(detail: str, description: str | None) -> str:
+    """The message of an RPC whose connection was lost: grpclib's ``detail``, with grpclib's
+    generic wording replaced by the connection's ``description`` (close code and reason)."""
+    if description is None:
+        return detail or "connection lost"
+    if detail in GENERIC_REASONS:
+        return description
+    if detail.startswith("Received GOAWAY"):
+        return f"{description} ({detail})"
+    return detail  # already specific (e.g. a send refused with the close code)
+
+
+class _StreamErrors:
+    """Maps the errors of one stream (see :func:`grpcbridge.client.streams.tunnel_stream`)."""
+
+    __slots__ = ("_channel", "_stream")
+
+    def __init__(self, channel: CoreChannel[Any],
+                 stream: grpclib.client.Stream) -> None:  # type: ignore[type-arg]
+        self._channel = channel
+        self._stream = stream
+
+    def call_error(self, exc: BaseException) -> GRPCError:
+        return self._channel._call_error(exc, self._stream)
+
+
+class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
+    """A grpclib channel whose connections come from :meth:`_new_connection` (see the
+    module docstring for what every grpcbridge channel shares). Must be created inside a
+    running event loop."""
+
+    #: Shown by ``repr``: the public name of the channel class.
+    _public_name = "grpcbridge channel"
+
+    def __init__(self, target: Target, options: ChannelOptions, *,
+                 codec: CodecBase | None, status_details_codec: StatusDetailsCodecBase | None,
+                 config: Configuration | None) -> None:
+        super().__init__(host=target.host, port=target.port, authority=target.authority,
+                         max_frame_size=options.max_frame_size, codec=codec,
+                         status_details_codec=status_details_codec, config=config)
+        self._options = options
+        self._bridge_target = target
+        self._backoff = Backoff(options.reconnect, target.url)
+        self._bridge_closed = False
+        #: The current (or last) connection, possibly still opening.
+        self._current: ConnectionT | None = None
+        #: grpclib's connection -> ours, to name the connection a failed RPC ran on.
+        self._by_protocol: WeakKeyDictionary[object, ConnectionT] = WeakKeyDictionary()
+        self._connections_opened = 0
+
+    # --------------------------------------------------------------- runtime hook
+
+    def _new_connection(self) -> ConnectionT:
+        """Start a new connection to :attr:`target` (not yet open). May raise
+        :class:`HandshakeError` at once (the runtime refuses the URL)."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------------------- public
+
+    def __repr__(self) -> str:
+        return f"{self._public_name}({self.target!r})"
+
+    @property
+    def target(self) -> str:
+        """The WebSocket URL (never with a token)."""
+        return self._bridge_target.url
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections opened so far (reconnects included)."""
+        return self._connections_opened
+
+    # ---------------------------------------------------------------- connecting
+
+    def connection_usable(self) -> bool:
+        connection = self._current
+        return connection is not None and connection.usable
+
+    async def open_protocol(self) -> H2Protocol:
+        if self._bridge_closed:
+            raise TunnelClosed(f"{self!r} is closed; create a new Channel")
+        loop = asyncio.get_running_loop()
+        refusal = self._backoff.refusal(loop.time())
+        if refusal is not None:
+            raise GRPCError(LOST_STATUS, refusal)
+        try:
+            connection = self._new_connection()
+            self._current = connection
+            await connection.wait_open(self._options.handshake_timeout)
+            if self._bridge_closed:
+                connection.close()
+                raise GRPCError(CLOSED_STATUS, f"{self!r} was closed while connecting")
+            protocol = self.new_protocol()
+            connection.attach(protocol)
+        except (HandshakeError, TunnelClosed) as exc:
+            if self._bridge_closed:
+                raise GRPCError(CLOSED_STATUS,
+                                f"{self!r} was closed while connecting") from exc
+            self._backoff.failed(loop.time(), str(exc), random.random())
+            raise GRPCError(LOST_STATUS, str(exc)) from exc
+        self._backoff.succeeded()
+        self._connections_opened += 1
+        self._by_protocol[protocol_connection(protocol)] = connection
+        return protocol
+
+    def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]
+        if self._bridge_closed:
+            raise TunnelClosed(f"{self!r} is closed; create a new Channel")
+        stream = super().request(*args, **kwargs)
+        return tunnel_stream(stream, _StreamErrors(self, stream))
+
+    def _call_error(self, exc: BaseException,
+                    stream: grpclib.client.Stream) -> GRPCError:  # type: ignore[type-arg]
+        """The gRPC error of an RPC whose stream grpclib ended with ``exc``."""
+        if self._bridge_closed:
+            return GRPCError(CLOSED_STATUS, f"{self!r} was closed")
+        key = stream_connection(stream)
+        connection = self._by_protocol.get(key) if key is not None else None
+        if connection is None:  # the request was not sent yet: the current connection
+            connection = self._current
+        description = connection.loss_description() if connection is not None else None
+        return GRPCError(LOST_STATUS, lost_detail(str(exc), description))
+
+    # ------------------------------------------------------------------- closing
+
+    def close(self) -> None:
+        """Close the connection (code 1000): RPCs in flight fail with ``CANCELLED``.
+        Idempotent. Later RPCs raise :class:`~grpcbridge.TunnelClosed`."""
+        self._bridge_closed = True
+        super().close()
+        if self._current is not None:
+            self._current.close()
+
+    async def wait_closed(self) -> None:
+        """Close, then wait until the connection is gone."""
+        self.close()
+        connection = self._current
+        if connection is not None and connection.close_started:
+            await asyncio.wait([connection.closed], timeout=connection.close_timeout + 1)
+            if not connection.closed.done():
+                connection.abort()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
+        await self.wait_closed()

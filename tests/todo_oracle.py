@@ -1,0 +1,380 @@
+"""The Todo test oracle: the demo's Todo services plus behaviour that only the tests use.
+
+:class:`OracleServicer` (grpcio, a subclass of :class:`grpcbridge.demo.service.TodoServicer`),
+:class:`OracleService` (grpclib, a subclass of
+:class:`grpcbridge.demo.grpclib_service.TodoService`) and :class:`AioOracleServicer`
+(``grpc.aio``, on which the sync servicer cannot run) add to the product's behaviour:
+
+* **Metadata echo** -- request metadata whose key starts with ``x-echo-`` is sent back as
+  initial metadata (same key and value; ``-bin`` keys carry bytes); the trailing metadata is
+  ``("x-trailer-rpc", "<MethodName>")`` followed by the echoed entries again. This also holds
+  for failed RPCs.
+* **Errors on demand** -- ``CreateTodo`` with text ``fail:<CODE_NAME>:<message>`` (e.g.
+  ``fail:NOT_FOUND:nö such tödo ✓``) fails with that status code and exactly ``<message>``
+  (non-ASCII allowed); an unknown code name (or ``OK``) gives ``INVALID_ARGUMENT`` "unknown
+  status code '<name>'". The store's text rule is checked first.
+* **Cancellation counting** -- ``cancelled_count``: the RPCs that ended because the client
+  cancelled, the deadline passed or the connection was lost (also server shutdown), never
+  normally completed or failed ones. Tests wait for it with ``support.wait_until`` or
+  ``support.eventually``.
+
+Everything else (CRUD, the text rule, the streaming RPCs) is the product's.
+
+Run it in its own process with ``python tests/todo_oracle.py --listen 127.0.0.1:0 [--db PATH]
+[--max-text-length N]`` (what :func:`process` does): it prints ``listening on <host:port>``
+and serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.server import Stream
+
+from grpcbridge.demo import todo_pb2, todo_pb2_grpc
+from grpcbridge.demo.grpclib_service import TodoService
+from grpcbridge.demo.service import TodoServicer
+from grpcbridge.demo.store import InvalidTextError, TodoStore
+
+from support import timing
+
+if TYPE_CHECKING:
+    from grpcbridge.demo.service import _Rpc
+
+__all__ = ["AioOracleServicer", "OracleService", "OracleServicer", "process", "serve"]
+
+ECHO_PREFIX = "x-echo-"
+TRAILER_KEY = "x-trailer-rpc"
+FAIL_PREFIX = "fail:"
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+def echoed(metadata: Iterable[tuple[str, Any]] | None) -> Metadata:
+    """The request metadata entries to send back."""
+    return tuple((key, value) for key, value in metadata or () if key.startswith(ECHO_PREFIX))
+
+
+def trailers(method: str, echo: Metadata) -> Metadata:
+    return ((TRAILER_KEY, method), *echo)
+
+
+def failure(text: str) -> tuple[str, str] | None:
+    """``(code name, message)`` if ``text`` asks for an error, else None."""
+    if not text.startswith(FAIL_PREFIX):
+        return None
+    name, _, message = text[len(FAIL_PREFIX):].partition(":")
+    return name, message
+
+
+def unknown_code(name: str) -> str:
+    return f"unknown status code {name!r}"
+
+
+class _Counter:
+    """A thread-safe count of cancelled RPCs."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count = 0
+
+    @property
+    def cancelled_count(self) -> int:
+        """RPCs that ended because the client cancelled, the deadline passed or the
+        connection was lost (never normally completed or failed ones)."""
+        with self._lock:
+            return self._count
+
+    def _count_cancelled(self) -> None:
+        with self._lock:
+            self._count += 1
+
+
+# ------------------------------------------------------------------------------ grpcio
+
+
+class OracleServicer(_Counter, TodoServicer):
+    """The grpcio Todo service with metadata echo, ``fail:`` errors and cancellation
+    counting."""
+
+    def __init__(self, store: TodoStore) -> None:
+        _Counter.__init__(self)
+        TodoServicer.__init__(self, store)
+
+    def _start(self, context: grpc.ServicerContext, method: str) -> _Rpc:
+        rpc = self._watch(context)
+
+        def on_terminated() -> None:
+            if not rpc.finished:
+                self._count_cancelled()
+
+        if not context.add_callback(on_terminated):
+            on_terminated()  # already terminated before the handler ran
+        echo = echoed(context.invocation_metadata())
+        context.set_trailing_metadata(trailers(method, echo))
+        if context.is_active():
+            context.send_initial_metadata(echo)
+        return rpc
+
+    def CreateTodo(self, request: todo_pb2.CreateTodoRequest,
+                   context: grpc.ServicerContext) -> todo_pb2.Todo:
+        with self._start(context, "CreateTodo"):
+            self._check_text(context, request.text)
+            fail = failure(request.text)
+            if fail is not None:
+                name, message = fail
+                code = grpc.StatusCode.__members__.get(name)
+                if code is None or code is grpc.StatusCode.OK:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, unknown_code(name))
+                context.abort(code, message)
+            return self.store.create(request.text)
+
+
+def serve(address: str, store: TodoStore | None = None, *,
+          max_message_bytes: int = 32 * 1024 * 1024,
+          max_workers: int = 64) -> tuple[grpc.Server, OracleServicer, int]:
+    """:func:`grpcbridge.demo.service.serve` with an :class:`OracleServicer`: returns
+    ``(server, servicer, port)``; the caller stops the server and closes the store."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="todo-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
+    servicer = OracleServicer(store if store is not None else TodoStore())
+    todo_pb2_grpc.add_TodoServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port(address)
+    server.start()
+    return server, servicer, 0 if address.startswith("unix") else port
+
+
+# ----------------------------------------------------------------------------- grpclib
+
+
+class OracleService(_Counter, TodoService):
+    """The grpclib Todo service with metadata echo, ``fail:`` errors and cancellation
+    counting."""
+
+    def __init__(self, store: TodoStore) -> None:
+        _Counter.__init__(self)
+        TodoService.__init__(self, store)
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[None]:
+        """Echo metadata, send the trailers (with the status of a raised ``GRPCError``), and
+        count the RPC if it ends by cancellation."""
+        echo = echoed((stream.metadata or {}).items())
+        try:
+            await stream.send_initial_metadata(metadata=echo)
+            try:
+                yield
+            except GRPCError as error:
+                await stream.send_trailing_metadata(
+                    status=error.status, status_message=error.message,
+                    status_details=error.details, metadata=trailers(method, echo))
+            else:
+                await stream.send_trailing_metadata(metadata=trailers(method, echo))
+        except (asyncio.CancelledError, StreamTerminatedError):
+            # Client cancel (RST_STREAM), deadline, lost connection or server shutdown.
+            self._count_cancelled()
+            raise
+
+    async def CreateTodo(self, stream: Stream[Any, Any]) -> None:
+        async with self._rpc(stream, "CreateTodo"):
+            request = await self._request(stream)
+            text: str = request.text
+            self._check_text(text)
+            fail = failure(text)
+            if fail is not None:
+                name, message = fail
+                code = Status.__members__.get(name)
+                if code is None or code is Status.OK:
+                    raise GRPCError(Status.INVALID_ARGUMENT, unknown_code(name))
+                raise GRPCError(code, message)
+            await stream.send_message(self.store.create(text))
+
+
+# ---------------------------------------------------------------------------- grpc.aio
+
+
+class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc]
+    """The Todo service for ``grpc.aio.server()`` (the sync servicer cannot run there), with
+    the behaviours of :class:`OracleServicer`."""
+
+    def __init__(self, store: TodoStore) -> None:
+        _Counter.__init__(self)
+        self.store = store
+
+    @contextlib.asynccontextmanager
+    async def _rpc(self, context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+        echo = echoed(context.invocation_metadata())
+        context.set_trailing_metadata(trailers(method, echo))
+        try:
+            await context.send_initial_metadata(echo)
+            yield
+        except (asyncio.CancelledError, GeneratorExit):
+            self._count_cancelled()
+            raise
+
+    async def _check_text(self, context: grpc.aio.ServicerContext, text: str) -> None:
+        try:
+            self.store.check_text(text)
+        except InvalidTextError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def CreateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "CreateTodo"):
+            await self._check_text(context, request.text)
+            fail = failure(request.text)
+            if fail is not None:
+                name, message = fail
+                code = grpc.StatusCode.__members__.get(name)
+                if code is None or code is grpc.StatusCode.OK:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unknown_code(name))
+                await context.abort(code, message)
+            return self.store.create(request.text)
+
+    async def ListTodos(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "ListTodos"):
+            return todo_pb2.ListTodosResponse(todos=self.store.list())
+
+    async def UpdateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "UpdateTodo"):
+            try:
+                return self.store.update(request.id, request.text, request.done)
+            except KeyError:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"todo {request.id!r} not found")
+
+    async def DeleteTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "DeleteTodo"):
+            try:
+                self.store.delete(request.id)
+            except KeyError:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"todo {request.id!r} not found")
+            return todo_pb2.DeleteTodoResponse()
+
+    async def StreamTodos(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "StreamTodos"):
+            interval = max(request.interval_ms, 0) / 1000
+            first = True
+            for _ in range(max(request.repeat, 1)):
+                for todo in self.store.list():
+                    if not first and interval:
+                        await asyncio.sleep(interval)
+                    first = False
+                    yield todo
+
+    async def BulkCreateTodos(self, request_iterator: Any,
+                              context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "BulkCreateTodos"):
+            count = 0
+            async for request in request_iterator:
+                await self._check_text(context, request.text)
+                self.store.create(request.text)
+                count += 1
+            return todo_pb2.BulkCreateTodosResponse(created_count=count)
+
+    async def SyncTodos(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with self._rpc(context, "SyncTodos"):
+            items: Any = self.store.subscribe()
+
+            async def read() -> None:
+                async for request in request_iterator:
+                    error = self.store.apply_sync(request)
+                    if error is not None:
+                        items.put(("error", error))
+
+            reader = asyncio.get_running_loop().create_task(read())
+            try:
+                while True:
+                    if items.empty():
+                        if reader.done():
+                            reader.result()
+                            break
+                        await asyncio.sleep(0.01)  # the feed is a thread-safe queue: polled
+                        continue
+                    kind, value = items.get_nowait()
+                    if kind == "todo":
+                        yield todo_pb2.SyncResponse(todo=value)
+                    elif kind == "deleted":
+                        yield todo_pb2.SyncResponse(deleted_id=value)
+                    else:
+                        yield todo_pb2.SyncResponse(error=value)
+            finally:
+                self.store.unsubscribe(items)
+                reader.cancel()
+                await asyncio.wait([reader])
+
+
+# ----------------------------------------------------------------------- as a process
+
+
+@contextlib.contextmanager
+def process(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """This module in its own process on a free port (plus ``args``); yields the process and
+    its port, and kills it at the end."""
+    popen = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--listen", "127.0.0.1:0", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert popen.stdout is not None
+        readable, _, _ = select.select([popen.stdout], [], [], timing(timeout))
+        line = popen.stdout.readline() if readable else ""
+        match = re.search(r"listening on \S+:(\d+)", line)
+        assert match, f"the Todo oracle did not start: {line!r}"
+        yield popen, int(match.group(1))
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.wait()
+        if popen.stdout is not None:
+            popen.stdout.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (the options of ``python -m grpcbridge.demo.service``)."""
+    parser = argparse.ArgumentParser(description="The Todo test oracle (grpcio)")
+    parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
+    parser.add_argument("--db", default=":memory:", help="sqlite database path")
+    parser.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--max-text-length", type=int, default=0, metavar="N",
+                        help="refuse todo texts longer than N characters (default 0: no limit)")
+    args = parser.parse_args(argv)
+
+    store = TodoStore(args.db, max_text_length=args.max_text_length or None)
+    server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    shown = args.listen if port == 0 else f"{args.listen.rpartition(':')[0]}:{port}"
+    print(f"listening on {shown}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop(grace=2).wait()
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
