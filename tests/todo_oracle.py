@@ -27,19 +27,15 @@ and serves until SIGTERM/SIGINT.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import re
 import select
-import signal
 import subprocess
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -47,7 +43,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
-from grpcbridge.demo import todo_pb2, todo_pb2_grpc
+from grpcbridge.demo import service, todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.service import TodoServicer
 from grpcbridge.demo.store import InvalidTextError, TodoStore
@@ -150,18 +146,11 @@ def serve(address: str, store: TodoStore | None = None, *,
           max_workers: int = 64) -> tuple[grpc.Server, OracleServicer, int]:
     """:func:`grpcbridge.demo.service.serve` with an :class:`OracleServicer`: returns
     ``(server, servicer, port)``; the caller stops the server and closes the store."""
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="todo-rpc"),
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ],
-    )
-    servicer = OracleServicer(store if store is not None else TodoStore())
-    todo_pb2_grpc.add_TodoServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port(address)
-    server.start()
-    return server, servicer, 0 if address.startswith("unix") else port
+    server, servicer, port = service.serve(address, store, max_message_bytes=max_message_bytes,
+                                           max_workers=max_workers,
+                                           servicer_class=OracleServicer)
+    assert isinstance(servicer, OracleServicer)
+    return server, servicer, port
 
 
 # ----------------------------------------------------------------------------- grpclib
@@ -349,31 +338,8 @@ def process(*args: str, timeout: float = 15.0) -> Iterator[tuple[subprocess.Pope
 
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGTERM/SIGINT (the options of ``python -m grpcbridge.demo.service``)."""
-    parser = argparse.ArgumentParser(description="The Todo test oracle (grpcio)")
-    parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
-    parser.add_argument("--db", default=":memory:", help="sqlite database path")
-    parser.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024)
-    parser.add_argument("--max-text-length", type=int, default=0, metavar="N",
-                        help="refuse todo texts longer than N characters (default 0: no limit)")
-    args = parser.parse_args(argv)
-
-    store = TodoStore(args.db, max_text_length=args.max_text_length or None)
-    server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    shown = args.listen if port == 0 else f"{args.listen.rpartition(':')[0]}:{port}"
-    print(f"listening on {shown}", flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop(grace=2).wait()
-        store.close()
+    service.main(argv, servicer_class=OracleServicer,
+                 description="The Todo test oracle (grpcio)")
 
 
 if __name__ == "__main__":

@@ -238,12 +238,14 @@ def serve(
     *,
     max_message_bytes: int = 32 * 1024 * 1024,
     max_workers: int = 64,
+    servicer_class: type[TodoServicer] = TodoServicer,
 ) -> tuple[grpc.Server, TodoServicer, int]:
     """Start a grpcio server for the Todo service on ``address`` (``host:port`` or ``unix:``).
 
     Returns ``(server, servicer, port)``; ``port`` is the bound TCP port, 0 for unix sockets.
     The caller stops the server (and closes the store, if it passed none, via
     ``servicer.store.close()``).  Each streaming RPC occupies one of ``max_workers`` threads.
+    ``servicer_class`` may be a subclass of :class:`TodoServicer` (tests add behaviour).
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="todo-rpc"),
@@ -252,16 +254,17 @@ def serve(
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    servicer = TodoServicer(store if store is not None else TodoStore())
+    servicer = servicer_class(store if store is not None else TodoStore())
     todo_pb2_grpc.add_TodoServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port(address)
     server.start()
     return server, servicer, 0 if address.startswith("unix") else port
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, servicer_class: type[TodoServicer] = TodoServicer,
+         description: str = "Todo example gRPC server (grpcio)") -> None:
     """Command-line entry point: serve until SIGTERM/SIGINT."""
-    parser = argparse.ArgumentParser(description="Todo example gRPC server (grpcio)")
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
     parser.add_argument("--db", default=":memory:", help="sqlite database path")
     parser.add_argument("--max-message-bytes", type=int, default=32 * 1024 * 1024)
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     store = TodoStore(args.db, max_text_length=args.max_text_length or None)
-    server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes)
+    server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes,
+                            servicer_class=servicer_class)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
