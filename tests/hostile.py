@@ -1,4 +1,4 @@
-"""Helpers for the hostile-client tests (tests/test_hostile.py): raw WebSocket clients on
+"""Helpers for the hostile-client tests (tests/server/test_hostile.py): raw WebSocket clients on
 plain sockets driven by websockets' sans-I/O protocol, misbehaving backends, and a flooder
 that runs as its own process (``python tests/hostile.py flood ...``) so that its CPU use
 does not blur what the test process measures.

@@ -2,7 +2,7 @@
 
 ``main()`` reads the driver's config (``globalThis.grpcbridgeHarness.config``: bridge URLs,
 the raw test server, sizes), runs every scenario in order on Pyodide's event loop and returns
-JSON: ``{name: {"ok": bool, "error": str, ...figures}}``. ``tests/test_browser_node.py``
+JSON: ``{name: {"ok": bool, "error": str, ...figures}}``. ``tests/browser/test_browser_node.py``
 asserts on it. Scenarios may poke transport internals on purpose (forced close events).
 
 The config's ``timing`` is the suite's timing factor (``GRPCBRIDGE_TEST_TIMING``, see

@@ -50,8 +50,8 @@ from grpcbridge.browser import private_close_code
 
 from support import TIMING, timing
 
-ROOT = Path(__file__).resolve().parent.parent
-HARNESS = ROOT / "tests" / "browser" / "run_node.mjs"
+ROOT = Path(__file__).resolve().parents[2]
+HARNESS = Path(__file__).resolve().with_name("run_node.mjs")
 BUNDLE = ROOT / "build" / "browser"
 MiB = 1024 * 1024
 TOKEN = "browser-test-token.42"

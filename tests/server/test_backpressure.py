@@ -46,7 +46,7 @@ SLOW_RATE = 40 * MiB
 #: buffering at once: the surplus would grow by hundreds of MiB per second.
 RSS_BOUND = 8 * MiB
 
-_PEER = Path(__file__).with_name("peer_stream.py")
+_PEER = Path(__file__).resolve().parents[1] / "peer_stream.py"
 _HWM = re.compile(r"^VmHWM:\s+(\d+) kB", re.MULTILINE)
 
 
