@@ -1,12 +1,15 @@
-"""Socket helpers shared by the asyncio adapters: dialing an address, unix socket files."""
+"""Socket helpers shared by the asyncio adapters: dialing an address, listening on one
+(:class:`Listener`, one lifecycle for the bridge and the forwarder), unix socket files."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import stat
 from collections.abc import Callable
+from ssl import SSLContext
 
 from .core.target import SocketAddress
 
@@ -40,3 +43,58 @@ def remove_stale_socket(path: str) -> None:
         raise OSError(f"{path} is in use by another process")
     finally:
         probe.close()
+
+
+class Listener:
+    """A listening socket on a TCP or unix :class:`SocketAddress`, as the bridge and the
+    forwarder use it: a stale unix socket file is replaced (never another kind of file), the
+    bound TCP address is known after :meth:`start`, and :meth:`close` stops accepting, waits
+    (bounded) for the server to close and removes the unix socket file. Closing is
+    idempotent."""
+
+    #: Seconds :meth:`close` waits for the server to finish closing.
+    CLOSE_WAIT = 5.0
+
+    def __init__(self, address: SocketAddress) -> None:
+        self.address = address
+        self._server: asyncio.Server | None = None
+        self._unix_path: str | None = None
+        #: Bound ``(host, port)`` of a TCP listener, after :meth:`start`.
+        self.bound: tuple[str, int] | None = None
+
+    async def start(self, factory: Callable[[], asyncio.BaseProtocol], *,
+                    ssl: SSLContext | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        address = self.address
+        if address.path is not None:
+            remove_stale_socket(address.path)
+            self._server = await loop.create_unix_server(factory, address.path, ssl=ssl,
+                                                         backlog=1024)
+            self._unix_path = address.path
+        else:
+            assert address.port is not None
+            self._server = await loop.create_server(factory, address.host, address.port,
+                                                    ssl=ssl, backlog=1024, reuse_address=True)
+            host, port = self._server.sockets[0].getsockname()[:2]
+            self.bound = (host, port)
+
+    @property
+    def unix_path(self) -> str | None:
+        """The socket file of a unix listener, while it exists."""
+        return self._unix_path
+
+    def stop_accepting(self) -> None:
+        """Stop accepting new connections (established ones are not touched)."""
+        if self._server is not None:
+            self._server.close()
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), self.CLOSE_WAIT)
+        path, self._unix_path = self._unix_path, None
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from typing import cast
 
 from ..core.config import ForwarderConfig
@@ -14,7 +13,7 @@ from ..core.stream import CloseCode
 from ..loops import loop_name
 from ..observability import log_event
 from ..relay import StreamSide, Tunnel, keepalive_forever
-from ..sockets import remove_stale_socket
+from ..sockets import Listener
 from .dial import DialSettings, client_ssl_context, open_websocket
 
 
@@ -40,20 +39,19 @@ class Forwarder:
             subprotocols=config.subprotocols, origin=config.origin,
             handshake_timeout=config.handshake_timeout,
             max_message_bytes=config.max_message_bytes, buffer_bytes=config.buffer_bytes)
-        self._server: asyncio.Server | None = None
+        self._listener = Listener(config.listen_address)
         self._tunnels: dict[Tunnel, asyncio.Task[None] | None] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self._state = "new"
         self._closed = asyncio.Event()
-        self._unix_path: str | None = None
         #: Bound ``(host, port)`` after :meth:`start` (TCP listeners).
         self.address: tuple[str, int] | None = None
 
     @property
     def target(self) -> str:
         """``host:port`` (or ``unix:/path``) for gRPC clients to dial, once started."""
-        if self._unix_path is not None:
-            return f"unix:{self._unix_path}"
+        if self._listener.unix_path is not None:
+            return f"unix:{self._listener.unix_path}"
         if self.address is None:
             raise InvalidStateError(
                 f"Forwarder.target is known once the forwarder listens; it is {self._state}: "
@@ -77,16 +75,8 @@ class Forwarder:
         loop = asyncio.get_running_loop()
         listen = self.config.listen_address
         try:
-            if listen.path is not None:
-                remove_stale_socket(listen.path)
-                self._server = await loop.create_unix_server(self._accept, listen.path,
-                                                             backlog=1024)
-                self._unix_path = listen.path
-            else:
-                assert listen.port is not None
-                self._server = await loop.create_server(self._accept, listen.host, listen.port,
-                                                        backlog=1024, reuse_address=True)
-                self.address = self._server.sockets[0].getsockname()[:2]
+            await self._listener.start(self._accept)
+            self.address = self._listener.bound
         except BaseException:
             self._state = "closed"
             self._closed.set()
@@ -117,8 +107,7 @@ class Forwarder:
             return
         self._state = "closing"
         try:
-            if self._server is not None:
-                self._server.close()
+            self._listener.stop_accepting()
             for tunnel, task in list(self._tunnels.items()):
                 if task is not None:
                     task.cancel()
@@ -138,12 +127,7 @@ class Forwarder:
                 self._keepalive.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._keepalive
-            if self._server is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._server.wait_closed(), 5)
-            if self._unix_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._unix_path)
+            await self._listener.close()
             self._state = "closed"
             self._closed.set()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from ..core.stream import CloseCode
 from ..loops import loop_name
 from ..observability import BridgeMetrics, log_event
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
-from ..sockets import remove_stale_socket
+from ..sockets import Listener
 from .gate import Admitted, Gate
 from .http import HttpServer, RequestHead, answer_malformed
 from .static import StaticSite
@@ -124,13 +123,12 @@ class Bridge:
                                    total=config.memory_budget)
         self.backend = make_backend(config)
         self._sessions: dict[Tunnel, _Session] = {}
-        self._server: asyncio.Server | None = None
+        self._listener = Listener(config.listen_address)
         self._metrics_server: HttpServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._ssl: ssl.SSLContext | None = None
         self._state = "new"
         self._closed = asyncio.Event()
-        self._unix_path: str | None = None
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
         #: Bound ``(host, port)`` of the WebSocket listener (TCP only), after start.
@@ -190,17 +188,8 @@ class Bridge:
         try:
             await self.backend.start()
             self._backend_started = True
-            if listen.path is not None:
-                remove_stale_socket(listen.path)
-                self._server = await loop.create_unix_server(
-                    self._protocol_factory, listen.path, ssl=self._ssl, backlog=1024)
-                self._unix_path = listen.path
-            else:
-                assert listen.port is not None
-                self._server = await loop.create_server(
-                    self._protocol_factory, listen.host, listen.port, ssl=self._ssl,
-                    backlog=1024, reuse_address=True)
-                self.address = self._server.sockets[0].getsockname()[:2]
+            await self._listener.start(self._protocol_factory, ssl=self._ssl)
+            self.address = self._listener.bound
             if config.metrics_address is not None:
                 self._metrics_server = HttpServer(self._http_handler)
                 metrics = config.metrics_address
@@ -251,8 +240,7 @@ class Bridge:
             log_event("bridge_stopped")
 
     async def _drain(self, seconds: float) -> None:
-        if self._server is not None:
-            self._server.close()
+        self._listener.stop_accepting()
         # Connections still in their handshake are not tunnels yet: drop them.
         for tunnel, session in list(self._sessions.items()):
             if not session.accepted:
@@ -284,18 +272,10 @@ class Bridge:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
             self._sweeper = None
-        if self._server is not None:
-            self._server.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 5)
-            self._server = None
+        await self._listener.close()
         if self._metrics_server is not None:
             await self._metrics_server.close()
             self._metrics_server = None
-        if self._unix_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._unix_path)
-            self._unix_path = None
         if self._backend_started:
             self._backend_started = False
             await self.backend.close()
