@@ -33,7 +33,8 @@ from ..core.stream import CloseCode, Opcode, message_too_big_reason
 from ..core.tunnel import TunnelMachine
 from ..observability import BridgeMetrics, log_event
 from .bridge import make_backend
-from .gate import Admitted, Gate
+from .gate import Gate
+from .session import TunnelSession
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -127,7 +128,7 @@ class _AsgiTunnel:
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, buffer_bytes: int,
-                 max_message_bytes: int, account: BudgetAccount | None = None) -> None:
+                 max_message_bytes: int) -> None:
         self.loop = loop
         self._send = send
         self._buffer_bytes = buffer_bytes
@@ -148,7 +149,6 @@ class _AsgiTunnel:
         self.finished = asyncio.Event()
         self.machine = TunnelMachine(self, clock=loop.time, stream_name="backend",
                                      close_timeout=_CLOSE_WAIT)
-        self.machine.account = account
         self.machine.dialing = True
         self.machine.websocket_opened()  # accepted before the tunnel exists
         self.machine.pause_websocket()  # until the backend is attached (or the dial fails)
@@ -400,7 +400,8 @@ class BridgeApp:
         self._closing = False
         self._closed = asyncio.Event()
         self._tunnels: set[asyncio.Task[None]] = set()
-        self._relaying: set[_AsgiTunnel] = set()
+        self._relaying: dict[_AsgiTunnel, TunnelSession] = {}
+        self._reporter: asyncio.Task[None] | None = None
 
     async def _ensure_started(self) -> None:
         if self._closing:
@@ -443,6 +444,18 @@ class BridgeApp:
             tunnel.abort()
         if self._tunnels:
             await asyncio.wait(set(self._tunnels), timeout=1)
+
+    async def _report_bytes(self) -> None:
+        """Report relayed bytes to the metrics every second while tunnels are open, as the
+        standalone bridge does (the task ends with the last tunnel)."""
+        try:
+            while self._relaying:
+                await asyncio.sleep(1.0)
+                for session in list(self._relaying.values()):
+                    session.report_bytes()
+        finally:
+            if self._reporter is asyncio.current_task():
+                self._reporter = None
 
     @property
     def active_tunnels(self) -> int:
@@ -548,39 +561,26 @@ class BridgeApp:
             self.gate.release(decision, loop.time())
             raise
         origin = headers.get("origin", [""])[0]
-        self.gate.opened(decision, peer=peer, path=path, origin=origin)
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
-                             self.config.max_message_bytes, self.budget.open(decision.client))
+                             self.config.max_message_bytes)
+        session = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
+                                peer=peer, path=path, origin=origin)
         try:
-            await self._relay(tunnel, decision, receive)
+            await self._relay(tunnel, session, receive)
         finally:
-            now = loop.time()
-            if tunnel.account is not None:
-                tunnel.account.close()
-            self.gate.release(decision, now)
-            self.metrics.add_bytes(tunnel.bytes_to_backend, tunnel.bytes_to_client)
-            self.gate.closed(decision, code=int(tunnel.close_code or CloseCode.ABNORMAL),
-                             reason=tunnel.close_reason, duration=now - tunnel.opened_at,
-                             bytes_to_backend=tunnel.bytes_to_backend,
-                             bytes_to_client=tunnel.bytes_to_client)
+            session.finish()
 
-    async def _relay(self, tunnel: _AsgiTunnel, admitted: Admitted, receive: Receive) -> None:
+    async def _relay(self, tunnel: _AsgiTunnel, session: TunnelSession,
+                     receive: Receive) -> None:
         loop = tunnel.loop
         sender = loop.create_task(tunnel.sender())
         receiver = loop.create_task(tunnel.receiver(receive))
         tunnel.tasks = (sender, receiver)
-        self._relaying.add(tunnel)
+        self._relaying[tunnel] = session
+        if self._reporter is None:
+            self._reporter = loop.create_task(self._report_bytes())
         try:
-            started = loop.time()
-            try:
-                await self.backend.connect(tunnel, self.config.buffer_bytes)
-            except (OSError, TimeoutError) as exc:
-                self.gate.backend_failed(exc)
-                tunnel.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
-            else:
-                self.gate.backend_connected(admitted, loop.time() - started)
-            finally:
-                tunnel.dial_finished()
+            await session.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
             # Ends when the client disconnects, or when we sent our close frame.
             await asyncio.wait([sender, receiver], return_when=asyncio.FIRST_COMPLETED)
             if receiver.done():
@@ -590,7 +590,10 @@ class BridgeApp:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(receiver), _CLOSE_WAIT)
         finally:
-            self._relaying.discard(tunnel)
+            del self._relaying[tunnel]
+            if not self._relaying and self._reporter is not None:
+                self._reporter.cancel()  # the last tunnel: its bytes go out in finish()
+                self._reporter = None
             for task in (sender, receiver):
                 task.cancel()
             await asyncio.gather(sender, receiver, return_exceptions=True)

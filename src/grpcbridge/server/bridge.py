@@ -26,6 +26,7 @@ from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import Listener
 from .gate import Admitted, Gate
 from .http import HttpServer, RequestHead, answer_malformed
+from .session import TunnelSession
 from .static import StaticSite
 
 #: Bytes a client may send after its upgrade request and before the answer (a pipelined
@@ -40,9 +41,8 @@ class _Session:
 
     peer: str
     admitted: Admitted | None = None
-    accepted: bool = False
-    reported_to_backend: int = 0
-    reported_to_client: int = 0
+    #: Set once the 101 is sent: the tunnel's path from then on.
+    tunnel: TunnelSession | None = None
     timer: asyncio.TimerHandle | None = None
     task: asyncio.Task[None] | None = None
 
@@ -164,7 +164,7 @@ class Bridge:
     @property
     def active_tunnels(self) -> int:
         """Tunnels currently accepted and not yet closed."""
-        return sum(1 for session in self._sessions.values() if session.accepted)
+        return sum(1 for session in self._sessions.values() if session.tunnel is not None)
 
     @property
     def connections(self) -> int:
@@ -243,7 +243,7 @@ class Bridge:
         self._listener.stop_accepting()
         # Connections still in their handshake are not tunnels yet: drop them.
         for tunnel, session in list(self._sessions.items()):
-            if not session.accepted:
+            if session.tunnel is None:
                 if session.task is not None:
                     session.task.cancel()
                 tunnel.abort()
@@ -313,7 +313,7 @@ class Bridge:
 
     def _handshake_timed_out(self, tunnel: Tunnel) -> None:
         session = self._sessions.get(tunnel)
-        if session is not None and not session.accepted and session.task is None:
+        if session is not None and session.tunnel is None and session.task is None:
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
                                peer=session.peer)
             tunnel.abort()
@@ -435,34 +435,15 @@ class Bridge:
             side.handshake_done(False)
             return
         # From here on the tunnel is charged to the client the gate identified.
-        if tunnel.account is not None:
-            tunnel.account.close()
-        tunnel.account = self.budget.open(decision.client)
+        session.tunnel = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
+                                       peer=session.peer, path=path,
+                                       origin=request.headers.get("Origin", ""))
         websocket.send_response(response)
         tunnel.flush_websocket()
-        session.accepted = True
         # Open on the WebSocket side; reading stays paused until the backend is attached.
         tunnel.websocket_opened()
         side.handshake_done(True)
-        self.gate.opened(decision, peer=session.peer, path=path,
-                         origin=request.headers.get("Origin", ""))
-        await self._connect_backend(tunnel, decision)
-
-    async def _connect_backend(self, tunnel: Tunnel, admitted: Admitted) -> None:
-        loop = tunnel.loop
-        tunnel.dialing = True
-        started = loop.time()
-        try:
-            await self.backend.connect(tunnel, self.config.buffer_bytes)
-        except (OSError, TimeoutError) as exc:
-            self.gate.backend_failed(exc)
-            # Closing also resumes reading (paused for the handshake), so the client's
-            # close reply completes the handshake now, not after Tunnel.CLOSE_TIMEOUT.
-            tunnel.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
-            return
-        finally:
-            tunnel.dial_finished()
-        self.gate.backend_connected(admitted, loop.time() - started)
+        await session.tunnel.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
 
     def _tunnel_finished(self, tunnel: Tunnel) -> None:
         session = self._sessions.pop(tunnel, None)
@@ -470,33 +451,22 @@ class Bridge:
             return
         if session.timer is not None:
             session.timer.cancel()
-        now = tunnel.loop.time()
-        if tunnel.account is not None:
-            tunnel.account.close()
-        if session.admitted is not None:
-            self.gate.release(session.admitted, now)
-        if not session.accepted or session.admitted is None:
+        if session.tunnel is not None:
+            session.tunnel.finish()
             return
-        self._report_bytes(tunnel, session)
-        self.gate.closed(session.admitted, code=int(tunnel.close_code or CloseCode.ABNORMAL),
-                         reason=tunnel.close_reason, duration=now - tunnel.opened_at,
-                         bytes_to_backend=tunnel.bytes_from_websocket,
-                         bytes_to_client=tunnel.bytes_to_websocket)
-
-    def _report_bytes(self, tunnel: Tunnel, session: _Session) -> None:
-        to_backend = tunnel.bytes_from_websocket - session.reported_to_backend
-        to_client = tunnel.bytes_to_websocket - session.reported_to_client
-        session.reported_to_backend = tunnel.bytes_from_websocket
-        session.reported_to_client = tunnel.bytes_to_websocket
-        self.metrics.add_bytes(to_backend, to_client)
+        if tunnel.account is not None:  # a handshake, charged to its peer address
+            tunnel.account.close()
+        if session.admitted is not None:  # admitted, then refused by the WebSocket checks
+            self.gate.release(session.admitted, tunnel.loop.time())
 
     def _accepted_tunnels(self) -> list[Tunnel]:
-        return [tunnel for tunnel, session in self._sessions.items() if session.accepted]
+        return [tunnel for tunnel, session in self._sessions.items()
+                if session.tunnel is not None]
 
     def _report_all_bytes(self) -> None:
-        for tunnel, session in self._sessions.items():
-            if session.accepted:
-                self._report_bytes(tunnel, session)
+        for session in self._sessions.values():
+            if session.tunnel is not None:
+                session.tunnel.report_bytes()
 
     # -------------------------------------------------------------- probes
 

@@ -1,0 +1,79 @@
+"""One admitted tunnel's path from upgrade to end, the same under :class:`~grpcbridge.Bridge`
+and :class:`~grpcbridge.BridgeApp`: admit (the :class:`~.gate.Gate` decided) -> open (log,
+metrics, the client's share of the memory budget) -> connect the backend (1011 when it fails)
+-> account (bytes reported as they flow) -> close (slot released, budget released, one
+``tunnel_closed`` line with the code, duration and bytes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.limits import MemoryBudget
+from ..core.stream import CloseCode
+from ..core.tunnel import TunnelMachine
+from .gate import Admitted, Gate
+
+
+class TunnelSession:
+    """Bookkeeping of one admitted tunnel whose rules run in ``machine``. Create it once the
+    upgrade is accepted; :meth:`finish` it exactly once when the tunnel has ended (later
+    calls are no-ops)."""
+
+    __slots__ = ("_finished", "_reported_to_backend", "_reported_to_client", "admitted",
+                 "gate", "machine")
+
+    def __init__(self, gate: Gate, budget: MemoryBudget, admitted: Admitted,
+                 machine: TunnelMachine, *, peer: str, path: str, origin: str) -> None:
+        self.gate = gate
+        self.admitted = admitted
+        self.machine = machine
+        if machine.account is not None:  # a handshake charged to the peer address so far
+            machine.account.close()
+        machine.account = budget.open(admitted.client)
+        self._reported_to_backend = 0
+        self._reported_to_client = 0
+        self._finished = False
+        gate.opened(admitted, peer=peer, path=path, origin=origin)
+
+    async def connect_backend(self, backend: Any, stream_owner: Any, buffer_bytes: int) -> None:
+        """Attach the backend's stream side to ``stream_owner`` (the adapter). A backend
+        that cannot be reached closes the tunnel with 1011 and a ``backend_dial_failed``
+        line."""
+        machine = self.machine
+        machine.dialing = True
+        started = machine.clock()
+        try:
+            await backend.connect(stream_owner, buffer_bytes)
+        except (OSError, TimeoutError) as exc:
+            self.gate.backend_failed(exc)
+            machine.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
+            return
+        finally:
+            machine.stream_never_attached()  # a no-op once the stream side is attached
+        self.gate.backend_connected(self.admitted, machine.clock() - started)
+
+    def report_bytes(self) -> None:
+        """Add the bytes relayed since the last report to the metrics."""
+        machine = self.machine
+        to_backend = machine.bytes_from_websocket - self._reported_to_backend
+        to_client = machine.bytes_to_websocket - self._reported_to_client
+        self._reported_to_backend = machine.bytes_from_websocket
+        self._reported_to_client = machine.bytes_to_websocket
+        self.gate.metrics.add_bytes(to_backend, to_client)
+
+    def finish(self) -> None:
+        """The tunnel ended: release its slot and budget, report it."""
+        if self._finished:
+            return
+        self._finished = True
+        machine = self.machine
+        now = machine.clock()
+        if machine.account is not None:
+            machine.account.close()
+        self.gate.release(self.admitted, now)
+        self.report_bytes()
+        self.gate.closed(self.admitted, code=int(machine.close_code or CloseCode.ABNORMAL),
+                         reason=machine.close_reason, duration=now - machine.opened_at,
+                         bytes_to_backend=machine.bytes_from_websocket,
+                         bytes_to_client=machine.bytes_to_websocket)
