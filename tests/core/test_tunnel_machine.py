@@ -367,3 +367,14 @@ def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object
         assert b"".join(io.to_stream) == b"".join(sent_by_client)
         assert b"".join(io.messages) == b"".join(sent_by_backend)
     assert io.closed <= 1
+
+
+def test_a_timer_that_fires_early_is_armed_again() -> None:
+    tunnel, io = opened()
+    io.stream_buffer = 10
+    tunnel.websocket_lost(CloseCode.ABNORMAL, "gone")
+    assert io.timer == CLOSE_TIMEOUT
+    io.now = CLOSE_TIMEOUT - 0.001  # event loops may run a timer a little early
+    io.timer = None
+    tunnel.tick()
+    assert io.timer == CLOSE_TIMEOUT and "abort_stream" not in io.names()

@@ -29,10 +29,12 @@ fell short:
   right after the socket is constructed, before it can open. Their Pyodide proxies live as
   long as the socket and are destroyed when it is gone.
 * **Idempotent close** from ``onclose``, ``onerror`` and :meth:`WebSocketTransport.close`, in
-  any order. Close codes: a text message closes with 1003, a message above
-  ``max_message_bytes`` or too many bytes before setup with 1009, a writer ignoring
-  backpressure with 1011. Browsers forbid scripts to send these, so there they go out as
-  4003/4009/4011 (:func:`private_close_code`); errors always show the real code.
+  any order: the close code is set once, by a :class:`~grpcbridge.core.tunnel.TunnelMachine`
+  (the rules every grpcbridge tunnel follows; this class is its adapter). Close codes: a
+  text message closes with 1003, a message above ``max_message_bytes`` or too many bytes
+  before setup with 1009, a writer ignoring backpressure with 1011, a flood of empty
+  messages with 1008. Browsers forbid scripts to send these, so there they go out as
+  4003/4008/4009/4011 (:func:`private_close_code`); errors always show the real code.
 
 Copies: inbound ``arraybuffer.to_bytes()``, outbound ``Uint8Array.new(n).assign(data)`` (one
 bulk copy each way, never element by element).
@@ -50,14 +52,8 @@ from grpclib.exceptions import StreamTerminatedError
 
 from .._grpclib_compat import open_streams, release_finished_streams
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
-from ..core.stream import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    CloseCode,
-    InboundMessages,
-    Opcode,
-    StreamViolation,
-    message_too_big_reason,
-)
+from ..core.stream import DEFAULT_MAX_MESSAGE_BYTES, CloseCode, Opcode, message_too_big_reason
+from ..core.tunnel import TunnelMachine
 from ..core.wire import COALESCE_LIMIT
 from . import _ffi
 
@@ -152,12 +148,18 @@ def _close_reason(text: str) -> str:
     return encoded[:120].decode(errors="ignore") + "..."
 
 
+
 class WebSocketTransport(asyncio.Transport):
     """An asyncio transport over a JavaScript ``WebSocket`` (browser, worker or Node).
 
     Create it inside Pyodide's running event loop, await :meth:`wait_open`, then
     :meth:`attach` a protocol (grpclib's ``H2Protocol``). ``url`` is the full WebSocket URL;
     ``name`` is what messages show instead (it must not carry a token).
+
+    The tunnel's rules (close code set once, bytes held before attach, inbound message rules,
+    close deadline) are a :class:`~grpcbridge.core.tunnel.TunnelMachine`'s: the JavaScript
+    socket is its WebSocket side, the protocol its stream side, and this class carries out its
+    outputs (the ``TunnelIO`` methods below) and feeds it the socket's events.
     """
 
     #: Pyodide proxies currently alive, over all transports (a leak check for tests).
@@ -199,10 +201,11 @@ class WebSocketTransport(asyncio.Transport):
         self._max_message_bytes = max_message_bytes
         self._drain_timeout = drain_timeout
         self._poll_interval = poll_interval
-        self._inbound = InboundMessages()
+        #: The tunnel's rules; it calls back the ``TunnelIO`` methods of this transport.
+        self.machine = TunnelMachine(self, clock=self._loop.time, stream_name="client",
+                                     close_timeout=self.close_timeout)
+        self.machine.pending_limit = max_buffer_bytes
         self._protocol: asyncio.Protocol | None = None
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
         #: Writes held until the end of the current JavaScript task (see ``write``).
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -212,16 +215,16 @@ class WebSocketTransport(asyncio.Transport):
         self._paused = False
         self._watcher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
+        #: The machine's close deadline, and the wait for ``close`` after an ``error`` event.
         self._timer: asyncio.TimerHandle | None = None
-        #: Close code and reason once closing began (ours, the peer's or the network's).
-        self.close_code: int | None = None
-        self.close_reason = ""
+        self._error_timer: asyncio.TimerHandle | None = None
         #: Who began the close: ``"client"`` (this side), ``"server"`` or ``"error"``.
         self.closed_by: str | None = None
         #: Code of the ``close`` event, when one arrived.
         self.close_event_code: int | None = None
         #: Code this side put in its close frame (see :func:`private_close_code`).
         self.sent_close_code: int | None = None
+        self._close_called = False
         self._error_seen = False
         self._draining = False
         self._lost = False
@@ -262,6 +265,15 @@ class WebSocketTransport(asyncio.Transport):
         return f"<WebSocketTransport {self.name} {state}>"
 
     # ------------------------------------------------------------------ state
+
+    @property
+    def close_code(self) -> int | None:
+        """Close code once closing began (ours, the peer's or the network's)."""
+        return self.machine.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.machine.close_reason
 
     @property
     def websocket(self) -> Any:
@@ -323,8 +335,7 @@ class WebSocketTransport(asyncio.Transport):
         try:
             await asyncio.wait_for(asyncio.shield(self.opened), within)
         except TimeoutError:
-            self._begin_close(CloseCode.NORMAL, f"did not open within {within:g} s",
-                              closed_by="client")
+            self.machine.close(CloseCode.NORMAL, f"did not open within {within:g} s")
             raise HandshakeError(f"WebSocket {self.name} did not open within {within:g} s"
                                  ) from None
 
@@ -337,11 +348,9 @@ class WebSocketTransport(asyncio.Transport):
             raise SocketClosedError(f"cannot attach: {self.describe_close()}")
         self._protocol = protocol
         protocol.connection_made(self)
-        pending, self._pending, self._pending_bytes = self._pending, [], 0
-        for chunk in pending:
-            if self.close_code is not None:
-                break
-            protocol.data_received(chunk)
+        self.machine.stream_attached_now()
+        if self._paused:  # connection_made's writes filled the socket already
+            self.machine.websocket_write_paused()
 
     # ------------------------------------------------------- JS event handlers
 
@@ -365,56 +374,49 @@ class WebSocketTransport(asyncio.Transport):
         except BaseException as exc:
             logger.exception("grpcbridge.browser: error in a WebSocket event handler")
             try:
-                self._fail(CloseCode.INTERNAL_ERROR, f"internal error: {exc!r}")
+                self.machine.fail(CloseCode.INTERNAL_ERROR, f"internal error: {exc!r}")
             except BaseException:  # pragma: no cover - last resort
                 logger.exception("grpcbridge.browser: error while failing the connection")
 
     def _handle_open(self, event: Any) -> None:
         if self.close_code is None and not self.opened.done():
+            self.machine.websocket_opened()
             self.opened.set_result(None)
 
     def _handle_message(self, event: Any) -> None:
         data = event.data
-        if self.close_code is not None and not self._draining:
+        machine = self.machine
+        if machine.close_code is not None and not self._draining:
             # This side closed the connection (close() or a violation): nobody reads any more.
             self.stats.bytes_ignored_after_close += len(data) if isinstance(data, str) else int(
                 getattr(data, "byteLength", 0) or 0)
             return
         self.stats.messages_received += 1
         if isinstance(data, str):
-            try:
-                self._inbound.accept(Opcode.TEXT, data.encode())
-            except StreamViolation as violation:
-                self._fail(violation.code, violation.reason)
+            machine.frame(Opcode.TEXT, data.encode())  # a violation: fails with 1003
             return
         size = getattr(data, "byteLength", None)
         if not isinstance(size, int):  # a Blob: someone changed binaryType
-            self._fail(CloseCode.UNSUPPORTED_DATA,
-                       "binary message is not an ArrayBuffer (binaryType must be 'arraybuffer')")
+            machine.fail(CloseCode.UNSUPPORTED_DATA,
+                         "binary message is not an ArrayBuffer (binaryType must be 'arraybuffer')")
             return
         if size > self._max_message_bytes:
-            self._fail(CloseCode.MESSAGE_TOO_BIG, message_too_big_reason(self._max_message_bytes))
+            machine.fail(CloseCode.MESSAGE_TOO_BIG, message_too_big_reason(self._max_message_bytes))
             return
         if size == 0:
             self.stats.empty_messages += 1
+            machine.empty_frame()  # rate-limited (1008)
             return
-        payload = self._inbound.accept(Opcode.BINARY, data.to_bytes())
+        payload = data.to_bytes()
         self.stats.bytes_received += len(payload)
         if self._paused:
             # Replies (HTTP/2 WINDOW_UPDATEs) arrive as sent data drains: a cheap moment to
             # check, and one that timers throttled in background tabs cannot delay.
             self._check_resume(stop_watcher=True)
-        protocol = self._protocol
-        if protocol is None:
-            self._pending.append(payload)
-            self._pending_bytes += len(payload)
-            self.stats.max_pending_bytes = max(self.stats.max_pending_bytes, self._pending_bytes)
-            if self._pending_bytes > self._max_buffer_bytes:
-                self._fail(CloseCode.MESSAGE_TOO_BIG,
-                           f"more than {self._max_buffer_bytes} bytes arrived before the "
-                           "connection was set up")
-            return
-        protocol.data_received(payload)
+        machine.data(payload)  # to the protocol, or held in order until one is attached
+        if self._protocol is None:
+            self.stats.max_pending_bytes = max(self.stats.max_pending_bytes,
+                                               machine.pending_bytes)
 
     def _handle_close(self, event: Any) -> None:
         if self._finalized:
@@ -422,8 +424,7 @@ class WebSocketTransport(asyncio.Transport):
         code = int(getattr(event, "code", CloseCode.ABNORMAL) or CloseCode.ABNORMAL)
         reason = str(getattr(event, "reason", "") or "")
         self.close_event_code = code
-        if self.close_code is None:  # the peer or the network closed the connection
-            self._begin_close(code, reason, closed_by="error" if self._error_seen else "server")
+        self._closed_there(code, reason, "error" if self._error_seen else "server")
         self._finalize()
 
     def _handle_error(self, event: Any) -> None:
@@ -434,10 +435,18 @@ class WebSocketTransport(asyncio.Transport):
         if self._ws.readyState == _CONNECTING:
             # The attempt failed: fail the RPCs waiting for it now. (Node 20's WebSocket
             # then fires no close event at all; browsers fire one with 1006.)
-            self._begin_close(CloseCode.ABNORMAL, "WebSocket error before opening",
-                              closed_by="error")
+            self._closed_there(CloseCode.ABNORMAL, "WebSocket error before opening", "error")
         # A close event follows an error event and carries the code: wait for it, briefly.
-        self._arm_timer(ERROR_CLOSE_TIMEOUT, CloseCode.ABNORMAL, "WebSocket error")
+        if self._error_timer is not None:
+            self._error_timer.cancel()
+        self._error_timer = self._loop.call_later(ERROR_CLOSE_TIMEOUT, self._error_timer_fired)
+
+    def _error_timer_fired(self) -> None:
+        self._error_timer = None
+        if not self._finalized:
+            self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed",
+                               "error")
+            self._finalize()
 
     # ----------------------------------------------------------------- writing
 
@@ -454,9 +463,9 @@ class WebSocketTransport(asyncio.Transport):
             held = self._held_bytes + size
             if held + self._buffered > self._max_buffer_bytes and \
                     held + self._read_buffered() > self._max_buffer_bytes:
-                self._fail(CloseCode.INTERNAL_ERROR,
-                           f"send buffer over {self._max_buffer_bytes} bytes (writer ignored "
-                           "backpressure)")
+                self.machine.fail(CloseCode.INTERNAL_ERROR,
+                                  f"send buffer over {self._max_buffer_bytes} bytes (writer "
+                                  "ignored backpressure)")
                 raise SocketClosedError(f"write of {size} bytes refused: {self.describe_close()}")
             if self._held and held > self.coalesce_limit:
                 self._flush()  # coalescing never makes a message larger than the limit
@@ -493,7 +502,7 @@ class WebSocketTransport(asyncio.Transport):
             self._flush()
         except BaseException:  # never throw into the microtask queue
             logger.exception("grpcbridge.browser: error while sending held writes")
-            self._fail(CloseCode.INTERNAL_ERROR, "internal error while sending")
+            self.machine.fail(CloseCode.INTERNAL_ERROR, "internal error while sending")
 
     def _flush(self) -> None:
         """Send the held writes as one binary message (or account for them if the socket can
@@ -504,24 +513,17 @@ class WebSocketTransport(asyncio.Transport):
         data = held[0] if len(held) == 1 else b"".join(held)
         self._held = []
         self._held_bytes = 0
-        ws = self._ws
-        if self._finalized or ws.readyState != _OPEN:
+        if self._finalized or self._ws.readyState != _OPEN:
             if _control_frames_only(data):
                 self.stats.control_bytes_dropped += len(data)
             else:
                 self.stats.bytes_unsent += len(data)
                 logger.debug("grpcbridge.browser: %d held bytes not sent: %s", len(data),
                              self.describe_close())
-            return
-        size = len(data)
-        buffer = self._uint8array.new(size)
-        buffer.assign(data)
-        ws.send(buffer)
-        self.stats.bytes_sent += size
-        self.stats.messages_sent += 1
-        buffered = self._read_buffered()
-        if buffered > self.stats.max_buffered_amount:
-            self.stats.max_buffered_amount = buffered
+        elif self.close_code is None:
+            self.machine.stream_data(data)
+        else:  # drain before close: writes accepted before this side closed go out first
+            self.send_message(data)
 
     def _read_buffered(self) -> int:
         self._buffered = buffered = int(self._ws.bufferedAmount)
@@ -552,11 +554,9 @@ class WebSocketTransport(asyncio.Transport):
         self._high_water, self._low_water = high, low
 
     def _pause(self) -> None:
-        protocol = self._protocol
-        assert protocol is not None
         self._paused = True
         self.stats.pauses += 1
-        protocol.pause_writing()
+        self.machine.websocket_write_paused()  # -> protocol.pause_writing()
         self._watcher = self._loop.create_task(self._wait_below_low_water())
 
     def _check_resume(self, *, stop_watcher: bool = False) -> None:
@@ -569,9 +569,7 @@ class WebSocketTransport(asyncio.Transport):
         if stop_watcher and self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
-        protocol = self._protocol
-        assert protocol is not None
-        protocol.resume_writing()
+        self.machine.websocket_write_resumed()  # -> protocol.resume_writing()
 
     async def _wait_below_low_water(self) -> None:
         # Browsers fire no event when bufferedAmount falls: poll. Background tabs throttle
@@ -605,43 +603,43 @@ class WebSocketTransport(asyncio.Transport):
 
     def close(self) -> None:
         """Close with code 1000; RPCs still waiting end at once. Idempotent."""
-        self._begin_close(CloseCode.NORMAL, "normal closure", closed_by="client")
+        self.machine.close(CloseCode.NORMAL, "normal closure")
 
     def abort(self) -> None:
         """Close without waiting for the ``close`` event."""
         self.close()
         self._finalize()
 
-    def _fail(self, code: int, reason: str) -> None:
-        """Fail the connection closed from this side (protocol violation, cap exceeded)."""
-        if self.close_code is None:
-            logger.warning("grpcbridge.browser: closing %s with %d: %s", self.name, code, reason)
-        self._begin_close(code, reason, closed_by="client")
-
-    def _begin_close(self, code: int, reason: str, *, closed_by: str) -> None:
+    def _closed_there(self, code: int, reason: str, closed_by: str) -> None:
+        """The peer or the network began the close (``closed_by``: ``server``, ``error``)."""
         if self.close_code is not None:
             return
+        if self._held and not self._finalized:
+            self._flush()  # accounted for as unsent if the socket can no longer send
+        self.closed_by = closed_by
+        self.machine.websocket_closing(code, reason)  # -> close_stream: RPCs drain
+        self._settle_opened()
+
+    def _closing_here(self) -> None:
+        """This side began the close (the machine is sending or failing it)."""
+        if self._close_called:
+            return
+        self._close_called = True
+        if self._error_timer is not None:  # the machine's close deadline applies now
+            self._error_timer.cancel()
+            self._error_timer = None
+        if self.closed_by is None:
+            self.closed_by = "client"
         if self._held and not self._finalized:
             # Writes accepted before the close go out first (drain before close); if the
             # socket can no longer send, _flush accounts for them.
             self._flush()
-        self.close_code = int(code)
-        self.close_reason = reason
-        self.closed_by = closed_by
+        self._settle_opened()
+
+    def _settle_opened(self) -> None:
         if not self.opened.done():
             self.opened.set_exception(HandshakeError(f"{self.describe_close()} before opening"))
             self.opened.exception()  # retrieved: wait_open re-raises it when awaited
-        if closed_by == "client" and not self._finalized:
-            self._send_close(code, reason)
-            self._arm_timer(CLOSE_TIMEOUT)
-        protocol = self._protocol
-        if protocol is None:
-            return
-        if closed_by == "client":
-            # This side gave up the connection: every RPC on it ends now.
-            self._loop.call_soon(self._connection_lost)
-        else:
-            self._release_finished_rpcs(protocol)
 
     def _send_close(self, code: int, reason: str) -> None:
         ws = self._ws
@@ -694,32 +692,19 @@ class WebSocketTransport(asyncio.Transport):
         self._draining = False
         clean = self.closed_by == "client" and self.close_code == CloseCode.NORMAL
         protocol.connection_lost(None if clean else SocketClosedError(self.describe_close()))
-
-    def _arm_timer(self, delay: float, code: int | None = None, reason: str = "") -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, self._timer_fired, code, reason)
-
-    def _timer_fired(self, code: int | None, reason: str) -> None:
-        self._timer = None
-        if self._finalized:
-            return
-        if self.close_code is None and code is not None:
-            self._begin_close(code, f"{reason}; no close event followed",
-                              closed_by="error")
-        self._finalize()
+        self.machine.stream_gone(False)
 
     def _finalize(self) -> None:
         """The socket is gone (or given up): detach the handlers, destroy the proxies."""
         if self._finalized:
             return
         self._finalized = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        for timer in (self._timer, self._error_timer):
+            if timer is not None:
+                timer.cancel()
+        self._timer = self._error_timer = None
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
-        self._pending, self._pending_bytes = [], 0
         if self._held:  # only if closing did not already send or account for them
             self._flush()
         ws = self._ws
@@ -731,7 +716,9 @@ class WebSocketTransport(asyncio.Transport):
         if ws.readyState in (_CONNECTING, _OPEN):  # given up without a close event
             self._send_close(CloseCode.NORMAL, "normal closure")
         if self.close_code is None:  # pragma: no cover - defensive
-            self._begin_close(CloseCode.ABNORMAL, "WebSocket gone", closed_by="error")
+            self.closed_by = "error"
+        self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
+        self._settle_opened()
         # The handler that called us may be one of the proxies: destroy them afterwards.
         self._loop.call_soon(self._destroy_proxies)
 
@@ -745,3 +732,103 @@ class WebSocketTransport(asyncio.Transport):
         WebSocketTransport.live_proxies -= len(proxies)
         if not self.closed.done():
             self.closed.set_result(None)
+
+    # ------------------------------------- TunnelIO: the machine's outputs, carried out
+
+    def send_message(self, data: bytes) -> None:
+        size = len(data)
+        buffer = self._uint8array.new(size)
+        buffer.assign(data)
+        self._ws.send(buffer)
+        self.stats.bytes_sent += size
+        self.stats.messages_sent += 1
+        buffered = self._read_buffered()
+        if buffered > self.stats.max_buffered_amount:
+            self.stats.max_buffered_amount = buffered
+
+    def send_ping(self) -> None:
+        """Browsers cannot send pings (the machine is not given a ping interval)."""
+
+    def send_close(self, code: int, reason: str) -> None:
+        self._closing_here()
+        self._send_close(code, reason)
+
+    def fail_websocket(self, code: int, reason: str) -> None:
+        logger.warning("grpcbridge.browser: closing %s with %d: %s", self.name, code, reason)
+        self.send_close(code, reason)
+
+    def abort_websocket(self) -> None:
+        # A script cannot drop a socket: the first call (closing before the socket opened)
+        # closes it; a later one (the close deadline passed) gives it up.
+        if self._close_called or self._finalized:
+            self._finalize()
+            return
+        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
+        if code != CloseCode.NORMAL:
+            logger.warning("grpcbridge.browser: closing %s with %d: %s", self.name, code,
+                           self.close_reason)
+        self.send_close(code, self.close_reason)
+
+    def finish_websocket(self) -> None:
+        """Nothing to do: the close was sent and only the ``close`` event (or the machine's
+        close deadline) ends a browser socket."""
+
+    def pause_websocket(self) -> None:
+        """Browsers cannot stop a WebSocket from reading (see :meth:`pause_reading`)."""
+
+    def resume_websocket(self) -> None:
+        """See :meth:`pause_websocket`."""
+
+    def websocket_buffered(self) -> int:
+        return 0 if self._finalized else self._held_bytes + self._read_buffered()
+
+    def write_stream(self, data: bytes) -> None:
+        assert self._protocol is not None
+        self._protocol.data_received(data)
+
+    def close_stream(self) -> None:
+        protocol = self._protocol
+        if protocol is None:
+            return
+        if self.closed_by == "client":
+            # This side gave up the connection: every RPC on it ends now.
+            self._loop.call_soon(self._connection_lost)
+        else:
+            self._release_finished_rpcs(protocol)
+
+    def abort_stream(self) -> None:
+        self._connection_lost()
+
+    def pause_stream(self) -> None:
+        assert self._protocol is not None
+        self._protocol.pause_writing()
+
+    def resume_stream(self) -> None:
+        assert self._protocol is not None
+        self._protocol.resume_writing()
+
+    def stream_buffered(self) -> int:
+        """0: bytes for the protocol are delivered synchronously (``data_received``)."""
+        return 0
+
+    def held_inbound(self) -> int:
+        """0: the browser hands over whole messages."""
+        return 0
+
+    def set_timer(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None and not self._finalized:
+            self._timer = self._loop.call_at(deadline, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        self.machine.tick()
+        deadline = self.machine.deadline
+        if self._timer is None and deadline is not None:
+            # The loop ran the timer a hair early (clock rounding): the machine did nothing.
+            self.set_timer(deadline)
+
+    def tunnel_closed(self) -> None:
+        """Nothing to do: :attr:`closed` resolves once the proxies are destroyed."""

@@ -140,6 +140,7 @@ class TunnelMachine:
         "dialing",
         "last_inbound",
         "opened_at",
+        "pending_limit",
         "state",
         "stream_attached",
         "stream_closing",
@@ -187,6 +188,9 @@ class TunnelMachine:
         self.bytes_to_websocket = 0
         #: Share of a server's memory budget (None: not accounted).
         self.account: BudgetAccount | None = None
+        #: Most WebSocket bytes held before the stream side is attached; beyond it the
+        #: tunnel fails with 1009 (None: no limit of its own, the budget account decides).
+        self.pending_limit: int | None = None
 
     # ----------------------------------------------------------------- queries
 
@@ -194,6 +198,11 @@ class TunnelMachine:
     def relaying(self) -> bool:
         """Both sides connected and nothing closing."""
         return self.state is TunnelState.OPEN
+
+    @property
+    def pending_bytes(self) -> int:
+        """WebSocket bytes waiting for the stream side to be attached."""
+        return self._pending_bytes
 
     @property
     def deadline(self) -> float | None:
@@ -235,6 +244,10 @@ class TunnelMachine:
             self._pending.append(payload)
             self._pending_bytes += len(payload)
         self.bytes_from_websocket += len(payload)
+        limit = self.pending_limit
+        if limit is not None and self._pending_bytes > limit:  # 0 once attached
+            self.fail(CloseCode.MESSAGE_TOO_BIG,
+                      f"more than {limit} bytes arrived before the connection was set up")
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it
@@ -319,8 +332,10 @@ class TunnelMachine:
         if not self.ws_open:
             self._io.pause_stream()
         for chunk in pending:
+            if self.stream_closing:
+                break  # the stream side closed while taking earlier bytes: drop the rest
             self._io.write_stream(chunk)
-        if self.ws_open:
+        if self.ws_open and self.close_code is None:
             self.state = TunnelState.OPEN
         self.resume_websocket()
 
@@ -494,7 +509,8 @@ class TunnelMachine:
                 self._stream_deadline = None
                 if not self.stream_lost:
                     self._io.abort_stream()
-        if self.deadline != before:
+        if self.deadline is not None or before is not None:
+            # Re-arm even when unchanged: a timer may fire a little before its deadline.
             self._io.set_timer(self.deadline)
         if self.ws_open and self.close_code is None:
             quiet = now - self.last_inbound
