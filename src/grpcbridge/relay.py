@@ -74,56 +74,23 @@ class StreamOwner(Protocol):
         """Largest WebSocket message this side accepts (None: no limit)."""
 
 
-class Tunnel:
-    """One tunnel over asyncio transports: an adapter that feeds a
-    :class:`~grpcbridge.core.tunnel.TunnelMachine` (where every rule lives) and carries out
-    its outputs on the WebSocket transport (through websockets' sans-I/O protocol) and the
-    stream transport. ``closed`` resolves once both connections are gone."""
+class StreamAdapter:
+    """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
+    an asyncio stream transport (a backend connection, a local client, or a
+    :class:`~grpcbridge.pipe.Pipe`), implements :class:`StreamOwner` for it, arms the
+    machine's timer and resolves ``closed`` when the machine is done. Shared by the relay's
+    :class:`Tunnel` and the ASGI app's tunnel, which add their WebSocket halves."""
 
-    __slots__ = (
-        "__weakref__",
-        "_inbound",
-        "_retained",
-        "_timer",
-        "_ws_yielding",
-        "closed",
-        "info",
-        "loop",
-        "machine",
-        "on_handshake_event",
-        "stream_transport",
-        "websocket",
-        "ws_transport",
-    )
+    __slots__ = ("_timer", "closed", "loop", "machine", "stream_transport")
 
-    #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
-    CLOSE_TIMEOUT = CLOSE_TIMEOUT
+    machine: TunnelMachine
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        websocket: WebSocketProtocol,
-        *,
-        stream_name: str,
-        info: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.websocket = websocket
-        self.info: dict[str, Any] = info if info is not None else {}
-        self.ws_transport: asyncio.Transport | None = None
         self.stream_transport: asyncio.Transport | None = None
-        #: Called with each non-frame event (handshake Request/Response).
-        self.on_handshake_event: Callable[[object], None] | None = None
-        self._ws_yielding = False
         self._timer: asyncio.TimerHandle | None = None
-        #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
-        self._inbound: bytearray = websocket.reader.buffer
-        #: Payload bytes of the last frame received: websockets' parser keeps that frame
-        #: referenced until the next one arrives, so it counts as held memory.
-        self._retained = 0
+        #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
-                                     close_timeout=self.CLOSE_TIMEOUT)
 
     # ------------------------------------------------------------- the machine's view
 
@@ -164,6 +131,149 @@ class Tunnel:
     @dialing.setter
     def dialing(self, value: bool) -> None:
         self.machine.dialing = value
+
+    # ------------------------------------------- StreamOwner: the stream side's calls
+
+    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+        """Attach the byte-stream connection (from its ``connection_made``).
+
+        Bytes that arrived from the WebSocket before are written to it first. If the
+        WebSocket is not open yet, reading from the stream waits for it.
+        """
+        transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
+        self.stream_transport = transport
+        self.machine.stream_attached_now()
+        self.machine.charge()
+
+    def stream_data(self, data: bytes) -> None:
+        self.machine.stream_data(data)
+
+    def stream_eof(self) -> None:
+        self.machine.stream_eof()
+
+    def stream_lost(self, exc: Exception | None) -> None:
+        self.machine.stream_gone(exc is not None)
+
+    def pause_websocket_reading(self) -> None:
+        self.machine.stream_write_paused()
+
+    def resume_websocket_reading(self) -> None:
+        self.machine.stream_write_resumed()
+
+    def websocket_buffer_size(self) -> int:
+        """Bytes waiting to be sent on the WebSocket."""
+        return self.websocket_buffered()
+
+    def websocket_buffered(self) -> int:
+        raise NotImplementedError
+
+    def dial_finished(self) -> None:
+        """The stream side was connected, or will never be (dial failed or cancelled)."""
+        self.machine.stream_never_attached()
+
+    def charge_budget(self) -> None:
+        """Report what this tunnel holds to its budget account; over budget: close 1008."""
+        self.machine.charge()
+
+    def close(self, code: int, reason: str) -> None:
+        """Close both sides; the WebSocket with ``code`` and ``reason``."""
+        self.machine.close(code, reason)
+
+    def fail(self, code: int, reason: str, *, detail: str | None = None) -> None:
+        """Fail the WebSocket for a protocol violation (no further frames are processed)."""
+        self.machine.fail(code, reason, detail=detail)
+
+    def abort(self) -> None:
+        """Drop both sides now, without waiting for buffers or handshakes."""
+        self.machine.abort()
+
+    # --------------------------------------- TunnelIO: the stream half of the outputs
+
+    def write_stream(self, data: bytes) -> None:
+        assert self.stream_transport is not None
+        self.stream_transport.write(data)
+
+    def close_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.close()
+
+    def abort_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.abort()
+
+    def pause_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.pause_reading()
+
+    def resume_stream(self) -> None:
+        if self.stream_transport is not None:
+            self.stream_transport.resume_reading()
+
+    def stream_buffered(self) -> int:
+        transport = self.stream_transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
+    def set_timer(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self.machine.tick()
+
+    def tunnel_closed(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+
+class Tunnel(StreamAdapter):
+    """One tunnel over asyncio transports: an adapter that feeds a
+    :class:`~grpcbridge.core.tunnel.TunnelMachine` (where every rule lives) and carries out
+    its outputs on the WebSocket transport (through websockets' sans-I/O protocol) and the
+    stream transport. ``closed`` resolves once both connections are gone."""
+
+    __slots__ = (
+        "__weakref__",
+        "_inbound",
+        "_retained",
+        "_ws_yielding",
+        "info",
+        "on_handshake_event",
+        "websocket",
+        "ws_transport",
+    )
+
+    #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
+    CLOSE_TIMEOUT = CLOSE_TIMEOUT
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        websocket: WebSocketProtocol,
+        *,
+        stream_name: str,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(loop)
+        self.websocket = websocket
+        self.info: dict[str, Any] = info if info is not None else {}
+        self.ws_transport: asyncio.Transport | None = None
+        #: Called with each non-frame event (handshake Request/Response).
+        self.on_handshake_event: Callable[[object], None] | None = None
+        self._ws_yielding = False
+        #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
+        self._inbound: bytearray = websocket.reader.buffer
+        #: Payload bytes of the last frame received: websockets' parser keeps that frame
+        #: referenced until the next one arrives, so it counts as held memory.
+        self._retained = 0
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
+                                     close_timeout=self.CLOSE_TIMEOUT)
 
     @property
     def is_open(self) -> bool:
@@ -243,10 +353,6 @@ class Tunnel:
                 and not self.machine.ws_paused):
             self.ws_transport.resume_reading()
 
-    def charge_budget(self) -> None:
-        """Report what this tunnel holds to its budget account; over budget: close 1008."""
-        self.machine.charge()
-
     def flush_websocket(self) -> None:
         transport = self.ws_transport
         if transport is None or self.machine.ws_lost:
@@ -286,59 +392,10 @@ class Tunnel:
     def ws_resume_writing(self) -> None:
         self.machine.websocket_write_resumed()
 
-    # ------------------------------------------------------------ stream side
-
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
-        """Attach the byte-stream connection (from its ``connection_made``).
-
-        Bytes that arrived from the WebSocket before are written to it first. If the
-        WebSocket is not open yet, reading from the stream waits for :meth:`websocket_opened`.
-        """
-        transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
-        self.stream_transport = transport
-        self.machine.stream_attached_now()
-
     def websocket_opened(self) -> None:
         """The WebSocket handshake completed: start relaying."""
         self.machine.websocket_opened()
         self.resume_websocket_reading()
-
-    def websocket_buffer_size(self) -> int:
-        """Bytes waiting in the WebSocket's write buffer."""
-        return self.websocket_buffered()
-
-    def pause_websocket_reading(self) -> None:
-        self.machine.stream_write_paused()
-
-    def resume_websocket_reading(self) -> None:
-        self.machine.stream_write_resumed()
-
-    def stream_data(self, data: bytes) -> None:
-        self.machine.stream_data(data)
-
-    def stream_eof(self) -> None:
-        self.machine.stream_eof()
-
-    def stream_lost(self, exc: Exception | None) -> None:
-        self.machine.stream_gone(exc is not None)
-
-    # ---------------------------------------------------------------- closing
-
-    def close(self, code: int, reason: str) -> None:
-        """Close both connections; the WebSocket with ``code`` and ``reason``."""
-        self.machine.close(code, reason)
-
-    def fail(self, code: int, reason: str, *, detail: str | None = None) -> None:
-        """Fail the WebSocket for a protocol violation (no further frames are processed)."""
-        self.machine.fail(code, reason, detail=detail)
-
-    def abort(self) -> None:
-        """Drop both connections now, without waiting for buffers or handshakes."""
-        self.machine.abort()
-
-    def dial_finished(self) -> None:
-        """The stream side was connected, or will never be (dial failed or cancelled)."""
-        self.machine.stream_never_attached()
 
     def keepalive(self, now: float, ping_interval: float, idle_timeout: float) -> None:
         del now  # the machine reads the loop's clock itself
@@ -393,50 +450,8 @@ class Tunnel:
             return 0
         return transport.get_write_buffer_size()
 
-    def write_stream(self, data: bytes) -> None:
-        assert self.stream_transport is not None
-        self.stream_transport.write(data)
-
-    def close_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.close()
-
-    def abort_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.abort()
-
-    def pause_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.pause_reading()
-
-    def resume_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.resume_reading()
-
-    def stream_buffered(self) -> int:
-        transport = self.stream_transport
-        return 0 if transport is None else transport.get_write_buffer_size()
-
     def held_inbound(self) -> int:
         return len(self._inbound) + self._retained
-
-    def set_timer(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self.machine.tick()
-
-    def tunnel_closed(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if not self.closed.done():
-            self.closed.set_result(None)
 
 
 class WebSocketSide(asyncio.Protocol):

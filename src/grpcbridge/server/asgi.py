@@ -28,10 +28,11 @@ from ..backends import Backend
 from ..core.admission import Rejection
 from ..core.config import BridgeConfig
 from ..core.errors import ConfigError, InvalidStateError
-from ..core.limits import BudgetAccount, MemoryBudget
+from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode, Opcode, message_too_big_reason
 from ..core.tunnel import TunnelMachine
 from ..observability import BridgeMetrics, log_event
+from ..relay import StreamAdapter
 from .bridge import make_backend
 from .gate import Gate
 from .session import TunnelSession
@@ -115,7 +116,7 @@ def check_asgi_config(config: BridgeConfig) -> None:
             + ". Leave these at their defaults in the BridgeConfig given to BridgeApp")
 
 
-class _AsgiTunnel:
+class _AsgiTunnel(StreamAdapter):
     """One tunnel under ASGI: an adapter feeding a :class:`~grpcbridge.core.tunnel.
     TunnelMachine` (where the rules live, as under the standalone bridge) from ASGI
     ``receive()`` and the backend stream, and carrying out its outputs.
@@ -129,12 +130,11 @@ class _AsgiTunnel:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, send: Send, buffer_bytes: int,
                  max_message_bytes: int) -> None:
-        self.loop = loop
+        super().__init__(loop)
         self._send = send
         self._buffer_bytes = buffer_bytes
         #: Largest WebSocket message accepted (what frames sent to us must fit in).
         self.max_message_bytes = max_message_bytes
-        self.stream_transport: asyncio.Transport | None = None
         self._outbox: collections.deque[bytes] = collections.deque()
         self._outbox_bytes = 0
         self._outbox_full = False
@@ -143,73 +143,13 @@ class _AsgiTunnel:
         self._may_read.set()
         #: The close frame to send once the outbox is flushed (code, wire reason).
         self._close: tuple[int, str] | None = None
-        self._timer: asyncio.TimerHandle | None = None
         #: The sender and receiver tasks, while the relay runs.
         self.tasks: tuple[asyncio.Task[None], ...] = ()
-        self.finished = asyncio.Event()
         self.machine = TunnelMachine(self, clock=loop.time, stream_name="backend",
                                      close_timeout=_CLOSE_WAIT)
         self.machine.dialing = True
         self.machine.websocket_opened()  # accepted before the tunnel exists
         self.machine.pause_websocket()  # until the backend is attached (or the dial fails)
-
-    # the machine's view, for accounting -------------------------------------------
-
-    @property
-    def account(self) -> BudgetAccount | None:
-        return self.machine.account
-
-    @property
-    def close_code(self) -> int | None:
-        return self.machine.close_code
-
-    @property
-    def close_reason(self) -> str:
-        return self.machine.close_reason
-
-    @property
-    def bytes_to_backend(self) -> int:
-        return self.machine.bytes_from_websocket
-
-    @property
-    def bytes_to_client(self) -> int:
-        return self.machine.bytes_to_websocket
-
-    @property
-    def opened_at(self) -> float:
-        return self.machine.opened_at
-
-    # StreamOwner (the backend's stream side calls these) ---------------------------
-
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
-        transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
-        self.stream_transport = transport
-        self.machine.stream_attached_now()
-        self.machine.charge()
-
-    def stream_data(self, data: bytes) -> None:
-        self.machine.stream_data(data)
-
-    def stream_eof(self) -> None:
-        self.machine.stream_eof()
-
-    def stream_lost(self, exc: Exception | None) -> None:
-        self.machine.stream_gone(exc is not None)
-
-    def pause_websocket_reading(self) -> None:
-        self.machine.stream_write_paused()
-
-    def resume_websocket_reading(self) -> None:
-        self.machine.stream_write_resumed()
-
-    def websocket_buffer_size(self) -> int:
-        return self._outbox_bytes
-
-    def dial_finished(self) -> None:
-        self.machine.stream_never_attached()
-
-    def close(self, code: int, reason: str) -> None:
-        self.machine.close(code, reason)
 
     # TunnelIO: the machine's outputs -------------------------------------------------
 
@@ -251,49 +191,8 @@ class _AsgiTunnel:
     def websocket_buffered(self) -> int:
         return self._outbox_bytes
 
-    def write_stream(self, data: bytes) -> None:
-        assert self.stream_transport is not None
-        self.stream_transport.write(data)
-
-    def close_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.close()
-
-    def abort_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.abort()
-
-    def pause_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.pause_reading()
-
-    def resume_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.resume_reading()
-
-    def stream_buffered(self) -> int:
-        transport = self.stream_transport
-        return 0 if transport is None else transport.get_write_buffer_size()
-
     def held_inbound(self) -> int:
         return 0  # the ASGI server hands over whole messages
-
-    def set_timer(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self.machine.tick()
-
-    def tunnel_closed(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.finished.set()
 
     # tasks ---------------------------------------------------------------------------
 
@@ -360,11 +259,6 @@ class _AsgiTunnel:
                     machine.charge()
             else:
                 machine.empty_frame()
-
-    def abort(self) -> None:
-        """Stop relaying now (the close frame could not be delivered in time)."""
-        self.machine.abort()
-
 
 class BridgeApp:
     """ASGI application serving gRPC tunnels at ``config.path``.
