@@ -218,3 +218,23 @@ def snapshot() -> Snapshot:
         threads={t.name for t in threading.enumerate()},
         children={child.pid for child in me.children(recursive=True)},
     )
+
+
+async def asgi_upgrade(app: object, *, path: str = "/grpc",
+                       headers: Sequence[tuple[bytes, bytes]] = ((b"host", b"bridge.test"),),
+                       ) -> list[dict[str, object]]:
+    """Call an ASGI app (``BridgeApp``) with one WebSocket upgrade, as a server supporting
+    the ``websocket.http.response`` extension would; the messages the app sent back."""
+    assert callable(app)
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(dict(message))
+
+    scope = {"type": "websocket", "path": path, "query_string": b"", "headers": list(headers),
+             "client": ("192.0.2.1", 5), "extensions": {"websocket.http.response": {}}}
+    await app(scope, receive, send)
+    return sent

@@ -26,6 +26,8 @@ from grpcbridge import (
     TunnelClosed,
 )
 
+from support import asgi_upgrade
+
 ROOT = Path(__file__).resolve().parent.parent
 
 EXPORTS = {
@@ -241,21 +243,13 @@ def test_threaded_bridge_that_failed_to_start() -> None:
 async def test_bridge_app_after_close_refuses_tunnels_and_startup() -> None:
     app = BridgeApp(BridgeConfig(backend="127.0.0.1:50051"))
     await app.close()
-    sent: list[dict[str, Any]] = []
-
-    async def connect() -> dict[str, Any]:
-        return {"type": "websocket.connect"}
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-
-    scope = {"type": "websocket", "path": "/grpc", "query_string": b"",
-             "headers": [(b"host", b"bridge.test")], "client": ("192.0.2.1", 5),
-             "extensions": {"websocket.http.response": {}}}
-    await app(scope, connect, send)
+    sent = await asgi_upgrade(app)
     assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 503
 
     sent.clear()
+
+    async def send(message: Any) -> None:
+        sent.append(dict(message))
 
     async def startup() -> dict[str, Any]:
         return {"type": "lifespan.startup"}

@@ -387,31 +387,41 @@ def test_web_demo_option() -> None:
         parser.parse_args(["--max-text-length", "-1"])
 
 
+@contextlib.asynccontextmanager
+async def todo_stub(kind: str, store: TodoStore, *, oracle: bool
+                    ) -> AsyncIterator[TodoServiceStub]:
+    """A grpclib client stub of a Todo service on ``store``: the grpcio or the grpclib
+    implementation, as the test oracle or as the product."""
+    if kind == "grpcio":
+        server, servicer, port = (serve if oracle else serve_product)("127.0.0.1:0", store)
+        assert type(servicer) is (OracleServicer if oracle else TodoServicer)
+        try:
+            async with Channel("127.0.0.1", port) as channel:
+                yield TodoServiceStub(channel)
+        finally:
+            server.stop(grace=None).wait()
+        return
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    grpclib_server = Server([(OracleService if oracle else TodoService)(store)])
+    await grpclib_server.start(sock=sock)
+    try:
+        async with Channel("127.0.0.1", port) as channel:
+            yield TodoServiceStub(channel)
+    finally:
+        grpclib_server.close()
+        await grpclib_server.wait_closed()
+
+
 @pytest.fixture(params=["grpcio", "grpclib"])
 async def limited(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceStub]:
-    """A grpclib client stub of a Todo service (either implementation, as the test oracle)
-    whose store has the demo's text limit."""
+    """A Todo service stub (either implementation, as the test oracle) whose store has the
+    demo's text limit."""
     store = TodoStore(max_text_length=LIMIT)
     try:
-        if request.param == "grpcio":
-            server, _servicer, port = serve("127.0.0.1:0", store)
-            try:
-                async with Channel("127.0.0.1", port) as channel:
-                    yield TodoServiceStub(channel)
-            finally:
-                server.stop(grace=None).wait()
-        else:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            grpclib_server = Server([OracleService(store)])
-            await grpclib_server.start(sock=sock)
-            try:
-                async with Channel("127.0.0.1", port) as channel:
-                    yield TodoServiceStub(channel)
-            finally:
-                grpclib_server.close()
-                await grpclib_server.wait_closed()
+        async with todo_stub(request.param, store, oracle=True) as stub:
+            yield stub
     finally:
         store.close()
 
@@ -493,26 +503,8 @@ async def product(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceSt
     """A grpclib client stub of a product Todo service (no test oracle)."""
     store = TodoStore()
     try:
-        if request.param == "grpcio":
-            server, servicer, port = serve_product("127.0.0.1:0", store)
-            assert type(servicer) is TodoServicer
-            try:
-                async with Channel("127.0.0.1", port) as channel:
-                    yield TodoServiceStub(channel)
-            finally:
-                server.stop(grace=None).wait()
-        else:
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            grpclib_server = Server([TodoService(store)])
-            await grpclib_server.start(sock=sock)
-            try:
-                async with Channel("127.0.0.1", port) as channel:
-                    yield TodoServiceStub(channel)
-            finally:
-                grpclib_server.close()
-                await grpclib_server.wait_closed()
+        async with todo_stub(request.param, store, oracle=False) as stub:
+            yield stub
     finally:
         store.close()
 

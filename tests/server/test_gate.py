@@ -13,6 +13,8 @@ from grpcbridge.observability import BridgeMetrics
 from grpcbridge.server.asgi import BridgeApp
 from grpcbridge.server.gate import Admitted, Gate
 
+from support import asgi_upgrade
+
 TOKEN = "s3cret-Tok3n"
 
 
@@ -61,18 +63,7 @@ class TestGate:
 
 async def test_asgi_rejection_carries_www_authenticate() -> None:
     app = BridgeApp(BridgeConfig(backend="127.0.0.1:1", authenticate=BearerTokenAuth(TOKEN)))
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "websocket.connect"}
-
-    async def send(message: Any) -> None:
-        sent.append(dict(message))
-
-    scope = {"type": "websocket", "path": "/grpc", "query_string": b"",
-             "headers": [(b"host", b"bridge.test")], "client": ("192.0.2.1", 5),
-             "extensions": {"websocket.http.response": {}}}
-    await app(scope, receive, send)
+    sent = await asgi_upgrade(app)
     start = sent[0]
     assert start["type"] == "websocket.http.response.start" and start["status"] == 401
     assert (b"www-authenticate", b'Bearer realm="grpcbridge"') in start["headers"]
