@@ -167,10 +167,6 @@ class StreamAdapter:
     def websocket_buffered(self) -> int:
         raise NotImplementedError
 
-    def dial_finished(self) -> None:
-        """The stream side was connected, or will never be (dial failed or cancelled)."""
-        self.machine.stream_never_attached()
-
     def charge_budget(self) -> None:
         """Report what this tunnel holds to its budget account; over budget: close 1008."""
         self.machine.charge()
@@ -393,12 +389,11 @@ class Tunnel(StreamAdapter):
         self.machine.websocket_write_resumed()
 
     def websocket_opened(self) -> None:
-        """The WebSocket handshake completed: start relaying."""
+        """The WebSocket handshake completed. Reading it stays as the machine has it (the
+        bridge keeps it paused until the backend is attached)."""
         self.machine.websocket_opened()
-        self.resume_websocket_reading()
 
-    def keepalive(self, now: float, ping_interval: float, idle_timeout: float) -> None:
-        del now  # the machine reads the loop's clock itself
+    def keepalive(self, ping_interval: float, idle_timeout: float) -> None:
         self.machine.tick(ping_interval, idle_timeout)
 
     # ------------------------------------------- TunnelIO: the machine's outputs
@@ -527,19 +522,17 @@ async def keepalive_forever(
     idle_timeout: float,
     on_tick: Callable[[], None] | None = None,
 ) -> None:
-    """Ping quiet tunnels and close idle ones, forever (cancel the task to stop).
+    """Tick every tunnel's machine, forever (cancel the task to stop): pings on quiet
+    tunnels, idle timeouts, probes of paused peers and the memory account's refresh (the
+    last two also when pings and the idle timeout are off).
 
     One task per server instead of one timer per tunnel keeps idle tunnels cheap.
     """
     periods = [p for p in (ping_interval, idle_timeout) if p]
     interval = min([1.0, *(p / 4 for p in periods)])
-    loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(interval)
         if on_tick is not None:
             on_tick()
-        if not periods:
-            continue
-        now = loop.time()
         for tunnel in tunnels():
-            tunnel.keepalive(now, ping_interval, idle_timeout)
+            tunnel.keepalive(ping_interval, idle_timeout)

@@ -432,6 +432,19 @@ UNPARSEABLE = {
 }
 
 
+async def test_two_host_headers_get_an_answer(leak_check: None) -> None:
+    """A plain GET with two Host headers (websockets' parser accepts them) is answered like
+    any other request, and trusted with neither Host."""
+    data = b"GET /nope HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"
+    with cli(serve_args("127.0.0.1:1", "asyncio")) as bridge:
+        received, closed = await raw_exchange(bridge.port, data, source="127.0.0.2")
+        await asyncio.sleep(0.2)
+        await stop_bridge(bridge)
+    assert statuses(received) == [404], f"got {received[:300]!r}"
+    assert closed
+    assert not crash_lines(bridge.lines), tail(bridge, 60)
+
+
 @pytest.mark.parametrize("case", list(UNPARSEABLE))
 @pytest.mark.parametrize("loop", LOOPS)
 async def test_unparseable_request_gets_400_and_a_log_line(

@@ -1,10 +1,11 @@
 """The rules of one tunnel, sans-I/O: a WebSocket (messages) on one side, a byte stream on the
 other, and what happens between them from open to close.
 
-:class:`TunnelMachine` knows nothing of sockets, event loops or WebSocket framing. An adapter
-(the asyncio relay; later the ASGI app, the in-process pipe and the browser transport) feeds
-it inputs - a data message arrived, stream bytes arrived, a side was lost, a write buffer
-filled or drained, the clock advanced - and carries out its outputs through a
+:class:`TunnelMachine` knows nothing of sockets, event loops or WebSocket framing. Its adapters
+(the asyncio relay of the bridge and the forwarder, the ASGI app's tunnel and the browser's
+WebSocket transport) feed it inputs - a data message arrived, stream bytes arrived, a side
+was lost, a write buffer filled or drained, the clock advanced - and carry out its outputs
+through a
 :class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
 resume reading a side, close or abort a side. It reads time from a clock the adapter gives
 (the event loop's, or a fake one in tests) and says when it next needs :meth:`tick`
@@ -195,11 +196,6 @@ class TunnelMachine:
     # ----------------------------------------------------------------- queries
 
     @property
-    def relaying(self) -> bool:
-        """Both sides connected and nothing closing."""
-        return self.state is TunnelState.OPEN
-
-    @property
     def pending_bytes(self) -> int:
         """WebSocket bytes waiting for the stream side to be attached."""
         return self._pending_bytes
@@ -243,11 +239,11 @@ class TunnelMachine:
         else:
             self._pending.append(payload)
             self._pending_bytes += len(payload)
+            limit = self.pending_limit
+            if limit is not None and self._pending_bytes > limit:
+                self.fail(CloseCode.MESSAGE_TOO_BIG,
+                          f"more than {limit} bytes arrived before the connection was set up")
         self.bytes_from_websocket += len(payload)
-        limit = self.pending_limit
-        if limit is not None and self._pending_bytes > limit:  # 0 once attached
-            self.fail(CloseCode.MESSAGE_TOO_BIG,
-                      f"more than {limit} bytes arrived before the connection was set up")
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it

@@ -30,7 +30,7 @@ from ..core.config import BridgeConfig
 from ..core.errors import ConfigError, InvalidStateError
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode, Opcode, message_too_big_reason
-from ..core.tunnel import TunnelMachine
+from ..core.tunnel import CLOSE_TIMEOUT, PROBE_INTERVAL, TunnelMachine
 from ..observability import BridgeMetrics, log_event
 from ..relay import StreamAdapter
 from .bridge import make_backend
@@ -43,9 +43,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 #: Seconds to wait for the client's disconnect once our close frame is out.
-_CLOSE_WAIT = 2.0
-#: Seconds between probes of a client whose reading waits for the backend.
-PROBE_INTERVAL = 1.0
+_CLOSE_WAIT = CLOSE_TIMEOUT
 
 #: :class:`BridgeConfig` fields :class:`BridgeApp` applies, and how.
 APPLIED: Mapping[str, str] = {
@@ -147,7 +145,6 @@ class _AsgiTunnel(StreamAdapter):
         self.tasks: tuple[asyncio.Task[None], ...] = ()
         self.machine = TunnelMachine(self, clock=loop.time, stream_name="backend",
                                      close_timeout=_CLOSE_WAIT)
-        self.machine.dialing = True
         self.machine.websocket_opened()  # accepted before the tunnel exists
         self.machine.pause_websocket()  # until the backend is attached (or the dial fails)
 

@@ -24,7 +24,7 @@ from ..loops import loop_name
 from ..observability import BridgeMetrics, log_event
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import Listener
-from .gate import Admitted, Gate
+from .gate import Admitted, Gate, single_host
 from .http import HttpServer, RequestHead, answer_malformed
 from .session import TunnelSession
 from .static import StaticSite
@@ -403,14 +403,14 @@ class Bridge:
         tunnel = side.tunnel
         loop = tunnel.loop
         path, _, query = request.path.partition("?")
-        if (not _upgrade_requested(request)
-                and self.config.host_policy.allows(request.headers.get("Host"))
-                and self._send_static(tunnel, path, request)):
-            side.handshake_done(False)
-            return
         headers: dict[str, list[str]] = {}
         for name, value in request.headers.raw_items():
             headers.setdefault(name.lower(), []).append(value)
+        if (not _upgrade_requested(request)
+                and self.config.host_policy.allows(single_host(headers))
+                and self._send_static(tunnel, path, request)):
+            side.handshake_done(False)
+            return
         decision = await self.gate.check(path=path, query=query, headers=headers,
                                          peer=session.peer,
                                          websocket=_upgrade_requested(request), now=loop.time())

@@ -37,6 +37,13 @@ def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0] if values else None
 
 
+def single_host(headers: Mapping[str, Sequence[str]]) -> str | None:
+    """The request's ``Host``, or None when it has none or several (a request with two
+    ``Host`` headers is not trusted with either)."""
+    hosts = headers.get("host", ())
+    return hosts[0] if len(hosts) == 1 else None
+
+
 class Gate:
     """Decides on upgrade requests: path, WebSocket upgrade, Host, Origin, abuse limits,
     auth."""
@@ -75,7 +82,7 @@ class Gate:
             rejection = Rejection(
                 426, "this endpoint only accepts WebSocket upgrades (gRPC over WebSocket)",
                 label="not_websocket")
-        elif not config.host_policy.allows(hosts[0] if len(hosts) == 1 else None):
+        elif not config.host_policy.allows(single_host(headers)):
             rejection = Rejection(403, "host not allowed", label="host")
         elif not config.origin_policy.allows(origin, _first(headers, "host")):
             rejection = Rejection(403, "origin not allowed", label="origin")
