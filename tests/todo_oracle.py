@@ -127,6 +127,13 @@ class OracleServicer(_Counter, TodoServicer):
             context.send_initial_metadata(echo)
         return rpc
 
+    def _check_text(self, context: grpc.ServicerContext, text: str) -> None:
+        """The store's text rule first, then the oracle's ``fail:`` texts."""
+        try:
+            self.store.check_text(text)
+        except InvalidTextError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
     def CreateTodo(self, request: todo_pb2.CreateTodoRequest,
                    context: grpc.ServicerContext) -> todo_pb2.Todo:
         with self._start(context, "CreateTodo"):
@@ -183,6 +190,13 @@ class OracleService(_Counter, TodoService):
             # Client cancel (RST_STREAM), deadline, lost connection or server shutdown.
             self._count_cancelled()
             raise
+
+    def _check_text(self, text: str) -> None:
+        """The store's text rule first, then the oracle's ``fail:`` texts."""
+        try:
+            self.store.check_text(text)
+        except InvalidTextError as exc:
+            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
 
     async def CreateTodo(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "CreateTodo"):

@@ -279,9 +279,13 @@ _inputs = st.lists(st.one_of(
 ), max_size=60)
 
 
+_OPEN_FIRST = [("dial", None), ("attach", None), ("open", None)]
+
+
 @settings(max_examples=1000, deadline=None)
-@given(_inputs)
-def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object]]) -> None:
+@given(st.booleans(), _inputs)
+def test_random_interleavings_keep_the_invariants(open_first: bool,
+                                                  inputs: list[tuple[str, object]]) -> None:
     """Bytes reach each side complete and in order or the tunnel ends with a close code;
     the close code is set once; CLOSED is final and silent; what is held never stays over
     budget without the tunnel failing."""
@@ -292,6 +296,8 @@ def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object
     sent_by_backend: list[bytes] = []
     first_code: int | None = None
     closed_snapshot: tuple[int, int, int] | None = None
+    if open_first:  # most tunnels relay for a while before anything closes them
+        inputs = [*_OPEN_FIRST, *inputs]
     for name, value in inputs:
         if name == "data":
             assert isinstance(value, bytes)
@@ -339,7 +345,10 @@ def test_random_interleavings_keep_the_invariants(inputs: list[tuple[str, object
         elif name == "levels":
             assert isinstance(value, tuple)
             io.inbound, io.ws_buffer, io.stream_buffer = value
+            was_open = tunnel.close_code is None
             tunnel.charge()
+            if was_open and budget.held_by("c") > 4000:
+                assert tunnel.close_code == CloseCode.POLICY_VIOLATION
         elif name == "tick":
             assert isinstance(value, float)
             io.now += value

@@ -58,10 +58,10 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
         await stream.send_initial_metadata()
         yield
 
-    def _check_text(self, text: str) -> None:
-        """Raise ``INVALID_ARGUMENT`` if the store refuses ``text``."""
+    def _create(self, text: str) -> todo_pb2.Todo:
+        """Create a todo; ``INVALID_ARGUMENT`` if the store refuses ``text``."""
         try:
-            self.store.check_text(text)
+            return self.store.create(text)
         except InvalidTextError as exc:
             raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
 
@@ -82,8 +82,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
         async with self._rpc(stream, "CreateTodo"):
             request = await self._request(stream)
             text: str = request.text
-            self._check_text(text)
-            await stream.send_message(self.store.create(text))
+            await stream.send_message(self._create(text))
 
     async def ListTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "ListTodos"):
@@ -126,8 +125,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
         async with self._rpc(stream, "BulkCreateTodos"):
             count = 0
             async for request in stream:
-                self._check_text(request.text)
-                self.store.create(request.text)
+                self._create(request.text)
                 count += 1
             await stream.send_message(todo_pb2.BulkCreateTodosResponse(created_count=count))
 

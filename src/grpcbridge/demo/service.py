@@ -112,10 +112,10 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
             context.send_initial_metadata(())
         return rpc
 
-    def _check_text(self, context: grpc.ServicerContext, text: str) -> None:
-        """Abort with ``INVALID_ARGUMENT`` if the store refuses ``text``."""
+    def _create(self, context: grpc.ServicerContext, text: str) -> todo_pb2.Todo:
+        """Create a todo; abort with ``INVALID_ARGUMENT`` if the store refuses ``text``."""
         try:
-            self.store.check_text(text)
+            return self.store.create(text)
         except InvalidTextError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
 
@@ -129,8 +129,7 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         self, request: todo_pb2.CreateTodoRequest, context: grpc.ServicerContext
     ) -> todo_pb2.Todo:
         with self._start(context, "CreateTodo"):
-            self._check_text(context, request.text)
-            return self.store.create(request.text)
+            return self._create(context, request.text)
 
     def ListTodos(
         self, request: todo_pb2.ListTodosRequest, context: grpc.ServicerContext
@@ -180,8 +179,7 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         with self._start(context, "BulkCreateTodos"):
             count = 0
             for request in request_iterator:
-                self._check_text(context, request.text)
-                self.store.create(request.text)
+                self._create(context, request.text)
                 count += 1
             return todo_pb2.BulkCreateTodosResponse(created_count=count)
 
