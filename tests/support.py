@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 
@@ -238,3 +239,45 @@ async def asgi_upgrade(app: object, *, path: str = "/grpc",
              "client": ("192.0.2.1", 5), "extensions": {"websocket.http.response": {}}}
     await app(scope, receive, send)
     return sent
+
+
+class RawBackend:
+    """An asyncio TCP server that records what it receives and can write back."""
+
+    def __init__(self) -> None:
+        self.received = bytearray()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.accepted = 0
+        self.eofs = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.writers.append(writer)
+        try:
+            while chunk := await reader.read(65536):
+                self.received += chunk
+        except ConnectionError:
+            pass
+        self.eofs += 1
+        writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.writers:
+            writer.close()
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+
+def sample(bridge: Any, name: str, **labels: str) -> float:
+    """A metric sample of an in-process bridge (0 when absent)."""
+    value = bridge.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
 from websockets.exceptions import InvalidState
@@ -46,6 +46,22 @@ _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 _SEND_EOF = b""
 #: A last frame smaller than this is not worth charging to the memory budget.
 _RETAINED_MIN = 64 * 1024
+
+
+def flush_handshake(websocket: WebSocketProtocol, transport: asyncio.Transport | None,
+                    machine: TunnelMachine) -> None:
+    """Write what websockets' protocol has to send; its end-of-stream marker closes the
+    connection once flushed (within the machine's close deadline)."""
+    if transport is None or machine.ws_lost:
+        if machine.ws_lost:
+            websocket.data_to_send()  # the peer is gone: nothing to write to
+        return
+    for chunk in websocket.data_to_send():
+        if chunk is _SEND_EOF or not chunk:
+            transport.close()
+            machine.websocket_flushing()
+        else:
+            transport.write(chunk)
 
 
 class StreamOwner(Protocol):
@@ -167,6 +183,10 @@ class StreamAdapter:
     def websocket_buffered(self) -> int:
         raise NotImplementedError
 
+    def keepalive(self, ping_interval: float, idle_timeout: float) -> None:
+        """A tick of the server's keepalive sweep (see :func:`keepalive_forever`)."""
+        self.machine.tick(ping_interval, idle_timeout)
+
     def charge_budget(self) -> None:
         """Report what this tunnel holds to its budget account; over budget: close 1008."""
         self.machine.charge()
@@ -228,7 +248,67 @@ class StreamAdapter:
             self.closed.set_result(None)
 
 
-class Tunnel(StreamAdapter):
+class SocketTunnel(StreamAdapter):
+    """A tunnel whose WebSocket is an asyncio transport (``ws_transport``): the transport
+    half shared by the websockets (:class:`Tunnel`) and picows
+    (:class:`~grpcbridge.fastws.PicowsTunnel`) adapters."""
+
+    __slots__ = ("_ws_yielding", "ws_transport")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.ws_transport: asyncio.Transport | None = None
+        self._ws_yielding = False
+
+    def _yield_turn(self) -> None:
+        """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
+        many frames at once cannot hold the loop (uvloop reads up to 32 times per wake-up)."""
+        transport = self.ws_transport
+        if transport is None or self.machine.ws_lost or self._ws_yielding:
+            return
+        self._ws_yielding = True
+        if not self.machine.ws_paused:
+            transport.pause_reading()
+        self.loop.call_soon(self._end_turn)
+
+    def _end_turn(self) -> None:
+        self._ws_yielding = False
+        if (self.ws_transport is not None and not self.machine.ws_lost
+                and not self.machine.ws_paused):
+            self.ws_transport.resume_reading()
+
+    def ws_pause_writing(self) -> None:
+        self.machine.websocket_write_paused()
+
+    def ws_resume_writing(self) -> None:
+        self.machine.websocket_write_resumed()
+
+    # ------------------------------------------- TunnelIO: the transport's outputs
+
+    def abort_websocket(self) -> None:
+        if self.ws_transport is not None and not self.machine.ws_lost:
+            self.ws_transport.abort()
+
+    def finish_websocket(self) -> None:
+        if self.ws_transport is not None and not self.machine.ws_lost:
+            self.ws_transport.close()
+
+    def pause_websocket(self) -> None:
+        if self.ws_transport is not None and not self._ws_yielding:
+            self.ws_transport.pause_reading()
+
+    def resume_websocket(self) -> None:
+        if self.ws_transport is not None and not self._ws_yielding:
+            self.ws_transport.resume_reading()
+
+    def websocket_buffered(self) -> int:
+        transport = self.ws_transport
+        if transport is None or self.machine.ws_lost:
+            return 0
+        return transport.get_write_buffer_size()
+
+
+class Tunnel(SocketTunnel):
     """One tunnel over asyncio transports: an adapter that feeds a
     :class:`~grpcbridge.core.tunnel.TunnelMachine` (where every rule lives) and carries out
     its outputs on the WebSocket transport (through websockets' sans-I/O protocol) and the
@@ -238,11 +318,9 @@ class Tunnel(StreamAdapter):
         "__weakref__",
         "_inbound",
         "_retained",
-        "_ws_yielding",
         "info",
         "on_handshake_event",
         "websocket",
-        "ws_transport",
     )
 
     #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
@@ -259,10 +337,8 @@ class Tunnel(StreamAdapter):
         super().__init__(loop)
         self.websocket = websocket
         self.info: dict[str, Any] = info if info is not None else {}
-        self.ws_transport: asyncio.Transport | None = None
         #: Called with each non-frame event (handshake Request/Response).
         self.on_handshake_event: Callable[[object], None] | None = None
-        self._ws_yielding = False
         #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
         self._inbound: bytearray = websocket.reader.buffer
         #: Payload bytes of the last frame received: websockets' parser keeps that frame
@@ -332,35 +408,8 @@ class Tunnel(StreamAdapter):
         elif received is not None:
             self.machine.websocket_closing(received.code, received.reason)
 
-    def _yield_turn(self) -> None:
-        """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
-        many frames at once cannot hold the loop (uvloop reads up to 32 times per wake-up)."""
-        transport = self.ws_transport
-        if transport is None or self.machine.ws_lost or self._ws_yielding:
-            return
-        self._ws_yielding = True
-        if not self.machine.ws_paused:
-            transport.pause_reading()
-        self.loop.call_soon(self._end_turn)
-
-    def _end_turn(self) -> None:
-        self._ws_yielding = False
-        if (self.ws_transport is not None and not self.machine.ws_lost
-                and not self.machine.ws_paused):
-            self.ws_transport.resume_reading()
-
     def flush_websocket(self) -> None:
-        transport = self.ws_transport
-        if transport is None or self.machine.ws_lost:
-            if self.machine.ws_lost:
-                self.websocket.data_to_send()  # the peer is gone: nothing to write to
-            return
-        for chunk in self.websocket.data_to_send():
-            if chunk is _SEND_EOF or not chunk:
-                transport.close()
-                self.machine.websocket_flushing()
-            else:
-                transport.write(chunk)
+        flush_handshake(self.websocket, self.ws_transport, self.machine)
 
     def ws_lost(self, exc: Exception | None) -> None:
         machine = self.machine
@@ -382,19 +431,10 @@ class Tunnel(StreamAdapter):
             self._inbound.clear()
         machine.websocket_lost(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
 
-    def ws_pause_writing(self) -> None:
-        self.machine.websocket_write_paused()
-
-    def ws_resume_writing(self) -> None:
-        self.machine.websocket_write_resumed()
-
     def websocket_opened(self) -> None:
         """The WebSocket handshake completed. Reading it stays as the machine has it (the
         bridge keeps it paused until the backend is attached)."""
         self.machine.websocket_opened()
-
-    def keepalive(self, ping_interval: float, idle_timeout: float) -> None:
-        self.machine.tick(ping_interval, idle_timeout)
 
     # ------------------------------------------- TunnelIO: the machine's outputs
 
@@ -422,28 +462,6 @@ class Tunnel(StreamAdapter):
         if self.websocket.state is OPEN:
             self.websocket.fail(code, reason)
             self.flush_websocket()
-
-    def abort_websocket(self) -> None:
-        if self.ws_transport is not None and not self.machine.ws_lost:
-            self.ws_transport.abort()
-
-    def finish_websocket(self) -> None:
-        if self.ws_transport is not None and not self.machine.ws_lost:
-            self.ws_transport.close()
-
-    def pause_websocket(self) -> None:
-        if self.ws_transport is not None and not self._ws_yielding:
-            self.ws_transport.pause_reading()
-
-    def resume_websocket(self) -> None:
-        if self.ws_transport is not None and not self._ws_yielding:
-            self.ws_transport.resume_reading()
-
-    def websocket_buffered(self) -> int:
-        transport = self.ws_transport
-        if transport is None or self.machine.ws_lost:
-            return 0
-        return transport.get_write_buffer_size()
 
     def held_inbound(self) -> int:
         return len(self._inbound) + self._retained
@@ -517,7 +535,7 @@ class StreamSide(asyncio.Protocol):
 
 
 async def keepalive_forever(
-    tunnels: Callable[[], list[Tunnel]],
+    tunnels: Callable[[], Sequence[StreamAdapter]],
     ping_interval: float,
     idle_timeout: float,
     on_tick: Callable[[], None] | None = None,

@@ -597,7 +597,7 @@ class TestInboundMessages:
         assert rules.accept(Opcode.CONTINUATION, b"b") == b"b"
 
     def test_close_codes(self) -> None:
-        assert [int(c) for c in CloseCode] == [1000, 1001, 1003, 1006, 1008, 1009, 1011]
+        assert [int(c) for c in CloseCode] == [1000, 1001, 1002, 1003, 1006, 1008, 1009, 1011]
 
     def test_too_big_reason_fits_in_a_close_frame(self) -> None:
         reason = message_too_big_reason(16 * 1024 * 1024)

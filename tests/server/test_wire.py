@@ -28,7 +28,7 @@ from grpcbridge import (
 )
 from grpcbridge.demo.service import TodoServicer, serve
 
-from support import eventually, timing
+from support import RawBackend, eventually, sample, timing
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # SETTINGS (type 4) on stream 0 with SETTINGS_MAX_CONCURRENT_STREAMS = 100.
@@ -38,51 +38,6 @@ PING = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"grpcbrdg"
 
 
 # ------------------------------------------------------------------------ helpers
-
-
-class RawBackend:
-    """An asyncio TCP server that records what it receives and can write back."""
-
-    def __init__(self) -> None:
-        self.received = bytearray()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.accepted = 0
-        self.eofs = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.accepted += 1
-        self.writers.append(writer)
-        try:
-            while chunk := await reader.read(65536):
-                self.received += chunk
-        except ConnectionError:
-            pass
-        self.eofs += 1
-        writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for writer in self.writers:
-            writer.close()
-        if self.server is not None:
-            await self.server.wait_closed()
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[RawBackend]:
-    server = RawBackend()
-    await server.start()
-    try:
-        yield server
-    finally:
-        await server.close()
 
 
 @pytest.fixture
@@ -169,11 +124,6 @@ async def http_request(port: int, request: str, within: float = 5.0
 async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
     return await http_request(
         port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
-
-
-def sample(bridge: Bridge, name: str, **labels: str) -> float:
-    value = bridge.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
 
 
 def h2_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:

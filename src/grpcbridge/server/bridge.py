@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -20,6 +22,7 @@ from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import InvalidStateError
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
+from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import BridgeMetrics, log_event
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
@@ -33,6 +36,11 @@ from .static import StaticSite
 #: request, frames sent too early). Reading pauses once the request is in, so legitimate
 #: clients send nothing here; past this the connection is dropped.
 MAX_EARLY_BYTES = 256 * 1024
+
+
+#: A bridge tunnel: on picows (the default), or on websockets' framing where picows cannot
+#: serve (permessage-deflate, unix socket listeners).
+AnyTunnel = PicowsTunnel | Tunnel
 
 
 @dataclass(slots=True)
@@ -56,8 +64,11 @@ class _ServerSide(WebSocketSide):
 
     __slots__ = ("bridge", "eof", "handshaking", "head", "held", "held_bytes")
 
-    def __init__(self, bridge: Bridge, tunnel: Tunnel, buffer_bytes: int) -> None:
-        super().__init__(tunnel, buffer_bytes, bridge._connection_made)
+    tunnel: AnyTunnel  # type: ignore[assignment]
+
+    def __init__(self, bridge: Bridge, tunnel: AnyTunnel, buffer_bytes: int) -> None:
+        super().__init__(tunnel, buffer_bytes,  # type: ignore[arg-type]
+                         bridge._connection_made)
         self.bridge = bridge
         self.handshaking = True
         self.head = RequestHead()
@@ -69,7 +80,7 @@ class _ServerSide(WebSocketSide):
         if self.handshaking:
             self.bridge._handshake_data(self, data)
         else:
-            self.tunnel.ws_data(data)
+            cast(Tunnel, self.tunnel).ws_data(data)
 
     def eof_received(self) -> bool | None:
         if self.handshaking and self.head.complete:
@@ -77,13 +88,23 @@ class _ServerSide(WebSocketSide):
             return True
         return super().eof_received()
 
-    def handshake_done(self, accepted: bool) -> None:
-        """The bridge answered: feed what was held to the tunnel (101) or drop it."""
+    def handshake_done(self, accepted: tuple[Request, Response] | None = None) -> None:
+        """The bridge answered: with ``accepted`` (the request and its 101), the WebSocket
+        opens and the held bytes go to the tunnel; otherwise they are dropped."""
         self.handshaking = False
         held, self.held = self.held, []
-        if not accepted:
+        if accepted is None:
             return
+        request, response = accepted
         tunnel = self.tunnel
+        if isinstance(tunnel, PicowsTunnel):
+            tunnel.upgrade(response.headers.raw_items(), request.headers["Sec-WebSocket-Key"],
+                           held, self.eof)
+            return
+        assert isinstance(tunnel.websocket, ServerProtocol)
+        tunnel.websocket.send_response(response)
+        tunnel.flush_websocket()
+        tunnel.websocket_opened()
         for chunk in held:
             tunnel.ws_data(chunk)
         if self.eof:
@@ -122,7 +143,7 @@ class Bridge:
         self.budget = MemoryBudget(per_client=config.client_memory_budget,
                                    total=config.memory_budget)
         self.backend = make_backend(config)
-        self._sessions: dict[Tunnel, _Session] = {}
+        self._sessions: dict[AnyTunnel, _Session] = {}
         self._listener = Listener(config.listen_address)
         self._metrics_server: HttpServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -293,10 +314,15 @@ class Bridge:
             select_subprotocol=lambda protocol, offered: _chosen_subprotocol(gate, offered),
             logger=websockets_logger,
         )
-        tunnel = Tunnel(loop, websocket, stream_name="backend")
+        tunnel: AnyTunnel
+        if config.compression or config.listen_address.path is not None:
+            tunnel = Tunnel(loop, websocket, stream_name="backend")
+        else:
+            tunnel = PicowsTunnel(loop, websocket, stream_name="backend",
+                                  max_message_bytes=config.max_message_bytes)
         return _ServerSide(self, tunnel, config.buffer_bytes)
 
-    def _connection_made(self, tunnel: Tunnel) -> None:
+    def _connection_made(self, tunnel: AnyTunnel) -> None:
         assert tunnel.ws_transport is not None
         if self._state != "running":
             tunnel.ws_transport.abort()
@@ -311,7 +337,7 @@ class Bridge:
             self.config.handshake_timeout, self._handshake_timed_out, tunnel)
         tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(tunnel))
 
-    def _handshake_timed_out(self, tunnel: Tunnel) -> None:
+    def _handshake_timed_out(self, tunnel: AnyTunnel) -> None:
         session = self._sessions.get(tunnel)
         if session is not None and session.tunnel is None and session.task is None:
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
@@ -333,6 +359,7 @@ class Bridge:
             return
         head, rest = side.head.split(data)
         websocket = tunnel.websocket
+        assert websocket is not None  # set until the handshake is answered
         websocket.receive_data(head)
         request = next((event for event in websocket.events_received()
                         if isinstance(event, Request)), None)
@@ -355,7 +382,7 @@ class Bridge:
         tunnel.pause_websocket_reading()
         session.task = tunnel.loop.create_task(self._open(side, session, request))
 
-    def _malformed_request(self, tunnel: Tunnel, session: _Session) -> None:
+    def _malformed_request(self, tunnel: AnyTunnel, session: _Session) -> None:
         """websockets could not parse the request: answer 400 (or the 414/431 websockets
         wrote itself), log it, close."""
         websocket = tunnel.websocket
@@ -370,7 +397,7 @@ class Bridge:
             session.timer.cancel()
             session.timer = None
 
-    def _send_rejection(self, tunnel: Tunnel, rejection: Rejection) -> None:
+    def _send_rejection(self, tunnel: AnyTunnel, rejection: Rejection) -> None:
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.reject(rejection.status, rejection.reason + "\n")
@@ -379,7 +406,7 @@ class Bridge:
         websocket.send_response(response)
         tunnel.flush_websocket()
 
-    def _send_static(self, tunnel: Tunnel, path: str, request: Request) -> bool:
+    def _send_static(self, tunnel: AnyTunnel, path: str, request: Request) -> bool:
         """Answer a plain GET from the static site; False if it has no such file."""
         if self.static is None or path == self.config.path:
             return False
@@ -409,18 +436,19 @@ class Bridge:
         if (not _upgrade_requested(request)
                 and self.config.host_policy.allows(single_host(headers))
                 and self._send_static(tunnel, path, request)):
-            side.handshake_done(False)
+            side.handshake_done()
             return
         decision = await self.gate.check(path=path, query=query, headers=headers,
                                          peer=session.peer,
                                          websocket=_upgrade_requested(request), now=loop.time())
-        if self._sessions.get(tunnel) is not session:  # the client left during the check
+        if self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost:
+            # the client left during the check
             if not isinstance(decision, Rejection):
                 self.gate.release(decision, loop.time())
             return
         if isinstance(decision, Rejection):
             self._send_rejection(tunnel, decision)
-            side.handshake_done(False)
+            side.handshake_done()
             return
         session.admitted = decision
         websocket = tunnel.websocket
@@ -432,20 +460,22 @@ class Bridge:
                                   label="handshake")
             self.gate.rejected(rejection, peer=session.peer, client=decision.client, path=path)
             self._send_rejection(tunnel, rejection)
-            side.handshake_done(False)
+            side.handshake_done()
             return
         # From here on the tunnel is charged to the client the gate identified.
         session.tunnel = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
                                        peer=session.peer, path=path,
                                        origin=request.headers.get("Origin", ""))
-        websocket.send_response(response)
-        tunnel.flush_websocket()
         # Open on the WebSocket side; reading stays paused until the backend is attached.
-        tunnel.websocket_opened()
-        side.handshake_done(True)
+        try:
+            side.handshake_done((request, response))
+        except Exception as exc:  # a bug here must not leave the connection hanging
+            log_event("upgrade_failed", logging.ERROR, peer=session.peer, error=repr(exc))
+            tunnel.abort()
+            raise
         await session.tunnel.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
 
-    def _tunnel_finished(self, tunnel: Tunnel) -> None:
+    def _tunnel_finished(self, tunnel: AnyTunnel) -> None:
         session = self._sessions.pop(tunnel, None)
         if session is None:
             return
@@ -459,7 +489,7 @@ class Bridge:
         if session.admitted is not None:  # admitted, then refused by the WebSocket checks
             self.gate.release(session.admitted, tunnel.loop.time())
 
-    def _accepted_tunnels(self) -> list[Tunnel]:
+    def _accepted_tunnels(self) -> list[AnyTunnel]:
         return [tunnel for tunnel, session in self._sessions.items()
                 if session.tunnel is not None]
 

@@ -1,0 +1,373 @@
+"""The bridge's WebSocket side on picows: Cython framing under the tunnel machine.
+
+The bridge reads the upgrade request and decides admission itself (websockets' sans-I/O
+parser, the :class:`~grpcbridge.server.gate.Gate`, async auth hooks). Once it accepts, the
+connection is handed to picows: its protocol replaces the bridge's on the transport, is fed
+a canonical upgrade request carrying the client's key (so picows writes the 101 with the
+headers the bridge chose) and then the bytes the client sent after its request. From there
+picows parses frames in C and :class:`PicowsTunnel` feeds them to the
+:class:`~grpcbridge.core.tunnel.TunnelMachine`, which keeps every tunnel rule.
+
+What picows leaves to its user, done here: the closing handshake (it does not answer a
+close frame), close codes (``send_close`` needs one, or 0 goes on the wire), reserved bits,
+continuation-frame order and the size of fragmented messages, pings (answered here so they
+count against the frame rate), and copies: a frame's payload is valid only inside the
+callback, and a buffer handed to ``transport.write`` must never be reused (uvloop keeps a
+reference instead of copying), so payloads are copied out once and picows' zero-copy send
+for large messages is only used with a fresh buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any, cast
+
+from picows import (
+    WSAutoPingStrategy,
+    WSCloseCode,
+    WSFrame,
+    WSListener,
+    WSMsgType,
+    WSTransport,
+    WSUpgradeResponse,
+    WSUpgradeResponseWithListener,
+)
+from picows.picows import WSProtocol  # type: ignore[attr-defined]
+from websockets.server import ServerProtocol
+
+from .core.limits import FRAMES_PER_TURN
+from .core.stream import CloseCode, Opcode, message_too_big_reason
+from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine
+from .relay import SocketTunnel, flush_handshake
+
+#: picows logs protocol errors at ERROR and every connection at INFO; the tunnel's own
+#: ``tunnel_closed`` line carries the code and reason, so its logger stays quiet. A
+#: LoggerAdapter (not a Logger) also keeps picows from creating a logger per connection.
+_PICOWS_LOG = logging.LoggerAdapter(logging.getLogger("grpcbridge.picows"), {})
+_PICOWS_LOG.logger.setLevel(logging.CRITICAL)
+
+#: Initial read buffer: idle tunnels stay small (picows grows it as frames need).
+READ_BUFFER = 2048
+#: Most bytes taken from the socket per read.
+READ_CHUNK = 64 * 1024
+#: Messages up to this size are copied into picows' write buffer; larger ones are sent
+#: from a fresh bytearray with room for the frame header (no reuse, so no corruption).
+_COPY_LIMIT = 8192
+_HEADROOM = bytearray(14)
+#: A read buffer that grew past this is charged to the memory budget (it never shrinks).
+_CHARGED_BUFFER = 64 * 1024
+
+_BINARY = WSMsgType.BINARY
+_CONTINUATION = WSMsgType.CONTINUATION
+_TEXT = WSMsgType.TEXT
+_PING = WSMsgType.PING
+_PONG = WSMsgType.PONG
+_CLOSE = WSMsgType.CLOSE
+_NO_STATUS = 1005
+_CLOSE_CODES = {int(code.value): code for code in WSCloseCode}
+
+
+def _close_payload(code: int, reason: str) -> tuple[WSCloseCode | None, bytes]:
+    data = reason.encode()[:123]
+    while data:  # never cut a character in two
+        try:
+            data.decode()
+            break
+        except UnicodeDecodeError:
+            data = data[:-1]
+    return _CLOSE_CODES.get(code), data
+
+
+class _Listener(WSListener):
+    """picows' callbacks for one tunnel; the per-frame work lives here (the hot path)."""
+
+    __slots__ = ("frames", "tunnel")
+
+    def __init__(self, tunnel: PicowsTunnel) -> None:
+        self.tunnel = tunnel
+        #: Frames parsed in the current read.
+        self.frames = 0
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.tunnel.ws = transport
+        self.tunnel.machine.websocket_opened()
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        tunnel = self.tunnel
+        self.frames += 1
+        if frame.last_in_buffer:
+            tunnel.partial = frame.tail_size
+        if tunnel.failed:
+            return
+        if (frame.msg_type is _BINARY and frame.fin and tunnel.fragment < 0
+                and not (frame.rsv1 or frame.rsv2 or frame.rsv3 or transport.is_close_frame_sent)):
+            if frame.payload_size:
+                tunnel.machine.data(frame.get_payload_as_bytes())
+            else:
+                tunnel.machine.empty_frame()
+            return
+        tunnel.other_frame(frame)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.tunnel.ws_lost(None)
+
+    def pause_writing(self) -> None:
+        self.tunnel.machine.websocket_write_paused()
+
+    def resume_writing(self) -> None:
+        self.tunnel.machine.websocket_write_resumed()
+
+
+class _Protocol(WSProtocol):  # type: ignore[misc]
+    """picows' server protocol, counting the bytes of each read for the tunnel (partial
+    frames, read buffer size) and giving the loop back after many frames."""
+
+    __slots__ = ("listener", "tunnel")
+
+    def __init__(self, tunnel: PicowsTunnel, listener: _Listener,
+                 response: WSUpgradeResponse, max_frame_size: int) -> None:
+        super().__init__(
+            None, "/", False,  # host, path, client side
+            lambda _request: WSUpgradeResponseWithListener(response, listener),
+            _PICOWS_LOG,
+            True,  # disconnect (1011) if a callback raises
+            None,  # handshake timeout: the bridge had its own
+            False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # off: the machine pings
+            False,  # auto pong: pings are answered (and rate-limited) by the tunnel
+            max_frame_size,
+            None,  # extra headers (client side only)
+            READ_BUFFER,
+        )
+        self.tunnel = tunnel
+        self.listener = listener
+
+    def get_buffer(self, size_hint: int) -> memoryview:
+        view = cast(memoryview, super().get_buffer(size_hint))
+        tunnel = self.tunnel
+        tunnel.buffer_size = tunnel.partial + len(view)
+        # picows doubles its buffer whenever a read fills it, so a fast sender would grow
+        # it without bound (it never shrinks): reads stay at READ_CHUNK, and the buffer at
+        # about twice the largest frame plus one read.
+        return view[:READ_CHUNK] if len(view) > READ_CHUNK else view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        tunnel = self.tunnel
+        listener = self.listener
+        listener.frames = 0
+        tunnel.partial += nbytes
+        super().buffer_updated(nbytes)
+        tunnel.read_done(listener.frames)
+
+    def feed(self, chunks: Iterable[bytes]) -> None:
+        """Deliver bytes as if read from the socket."""
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                buffer = self.get_buffer(-1)
+                size = min(len(buffer), len(view))
+                buffer[:size] = view[:size]
+                view = view[size:]
+                self.buffer_updated(size)
+
+
+class PicowsTunnel(SocketTunnel):
+    """A bridge tunnel whose WebSocket side runs on picows once accepted (see the module
+    docstring). Until :meth:`upgrade`, ``websocket`` is the websockets protocol that parses
+    the request and writes refusals; ``ws_transport`` is the connection throughout."""
+
+    __slots__ = (
+        "__weakref__",
+        "buffer_size",
+        "failed",
+        "fragment",
+        "info",
+        "max_message_bytes",
+        "partial",
+        "websocket",
+        "ws",
+    )
+
+    CLOSE_TIMEOUT = CLOSE_TIMEOUT
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol, *,
+                 stream_name: str, max_message_bytes: int) -> None:
+        super().__init__(loop)
+        self.websocket: ServerProtocol | None = websocket
+        self.max_message_bytes = max_message_bytes
+        self.info: dict[str, Any] = {}
+        self.ws: WSTransport | None = None
+        #: Bytes of the current fragmented message so far (-1: not in one).
+        self.fragment = -1
+        #: A close frame was sent for a violation or received: later frames are ignored.
+        self.failed = False
+        #: Bytes of an incomplete frame in picows' read buffer, and that buffer's size.
+        self.partial = 0
+        self.buffer_size = 0
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
+                                     close_timeout=self.CLOSE_TIMEOUT)
+
+    # ------------------------------------------------------------ handshake phase
+
+    def flush_websocket(self) -> None:
+        """Write what the handshake protocol has for the client (a refusal, a page)."""
+        if self.websocket is not None:
+            flush_handshake(self.websocket, self.ws_transport, self.machine)
+
+    def upgrade(self, response_headers: Iterable[tuple[str, str]], key: str,
+                early: list[bytes], eof: bool) -> None:
+        """Accept: hand the connection to picows, which writes the 101 (with
+        ``response_headers``) and parses ``early`` (bytes sent after the request) first."""
+        transport = self.ws_transport
+        assert transport is not None and self.websocket is not None
+        # The handshake parser's generator keeps the protocol in a cycle: end it now.
+        self.websocket.parser.close()
+        self.websocket = None
+        listener = _Listener(self)
+        response = WSUpgradeResponse.create_101_response(extra_headers=[
+            (name, value) for name, value in response_headers
+            if name.lower() not in ("upgrade", "connection", "sec-websocket-accept")])
+        protocol = _Protocol(self, listener, response, self.max_message_bytes)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        request = (b"GET / HTTP/1.1\r\nHost: grpcbridge\r\nUpgrade: websocket\r\n"
+                   b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                   b"Sec-WebSocket-Key: " + key.encode("ascii") + b"\r\n\r\n")
+        protocol.feed([request, *early])
+        if eof and not self.machine.ws_lost:
+            transport.close()
+
+    # ------------------------------------------------------------- frames, reads
+
+    def other_frame(self, frame: WSFrame) -> None:
+        """Every frame but a whole binary message without reserved bits."""
+        machine = self.machine
+        ws = self.ws
+        if ws is not None and ws.is_close_frame_sent and machine.close_code is None:
+            # picows closed for a framing error (a frame over the size limit, a bad opcode)
+            # but goes on parsing until it disconnects: record its code, ignore the rest.
+            self.failed = True
+            handshake = ws.close_handshake
+            if handshake is not None and handshake.sent is not None:
+                machine.websocket_closing(int(handshake.sent.code.value), handshake.sent.reason)
+            self._finish_handshake()
+            return
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            machine.fail(CloseCode.PROTOCOL_ERROR, "reserved bits must be 0")
+            return
+        msg_type = frame.msg_type
+        if msg_type is _BINARY or msg_type is _TEXT or msg_type is _CONTINUATION:
+            if (msg_type is _CONTINUATION) is (self.fragment < 0):
+                machine.fail(CloseCode.PROTOCOL_ERROR, "unexpected continuation frame"
+                             if self.fragment < 0 else "expected a continuation frame")
+                return
+            size = max(self.fragment, 0) + frame.payload_size
+            if size > self.max_message_bytes:
+                machine.fail(CloseCode.MESSAGE_TOO_BIG,
+                             message_too_big_reason(self.max_message_bytes))
+                return
+            self.fragment = -1 if frame.fin else size
+            if msg_type is _BINARY:
+                if frame.payload_size:
+                    machine.data(frame.get_payload_as_bytes())
+                else:
+                    machine.empty_frame()
+            else:
+                opcode = Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION
+                machine.frame(opcode, frame.get_payload_as_bytes())
+        elif msg_type is _PING:
+            if machine.empty_frame() and self.ws is not None:
+                self.ws.send_pong(frame.get_payload_as_bytes())
+        elif msg_type is _PONG:
+            machine.empty_frame()
+        elif msg_type is _CLOSE:
+            self._close_received(frame)
+
+    def _close_received(self, frame: WSFrame) -> None:
+        ws = self.ws
+        assert ws is not None
+        payload = frame.get_payload_as_bytes()  # picows checked the code and the UTF-8
+        code = int.from_bytes(payload[:2], "big") if payload else _NO_STATUS
+        reason = payload[2:].decode()
+        if not ws.is_close_frame_sent:  # the peer began: answer with its code (RFC 6455)
+            if payload:
+                self.send_close(code, reason)
+            else:
+                ws.send(_CLOSE, b"")
+            self.machine.websocket_closing(code, reason)
+        self.failed = True
+        # The closing handshake is complete: close the connection once flushed.
+        self._finish_handshake()
+
+    def _finish_handshake(self) -> None:
+        transport = self.ws_transport
+        if transport is not None and not self.machine.ws_lost:
+            transport.close()
+            self.machine.websocket_flushing()
+
+    def read_done(self, frames: int) -> None:
+        """After each read: idle-timeout activity, the loop's turn and the memory budget."""
+        machine = self.machine
+        machine.received(frames, self.partial)
+        if frames > FRAMES_PER_TURN and machine.close_code is None:
+            self._yield_turn()
+        account = machine.account
+        if account is not None and (self.partial or account.held
+                                    or self.buffer_size > _CHARGED_BUFFER):
+            machine.charge()
+
+    # ------------------------------------------------- the connection's callbacks
+
+    def ws_lost(self, exc: Exception | None) -> None:
+        machine = self.machine
+        if machine.ws_lost:
+            return
+        if self.websocket is not None:  # lost during the handshake
+            self.websocket.parser.close()
+            self.websocket = None
+        ws = self.ws
+        if machine.close_code is None and ws is not None and ws.close_handshake is not None:
+            sent = ws.close_handshake.sent  # picows failed the connection itself
+            if sent is not None:
+                machine.websocket_closing(int(sent.code.value), sent.reason)
+        self.partial = self.buffer_size = 0
+        machine.websocket_lost(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
+
+    # ------------------------------------------------- TunnelIO: the machine's outputs
+
+    def send_message(self, data: bytes) -> None:
+        ws = self.ws
+        if ws is None:
+            return
+        if len(data) <= _COPY_LIMIT:
+            ws.send(_BINARY, data)
+        else:
+            ws.send_reuse_external_bytearray(_BINARY, _HEADROOM + data, 14)
+
+    def send_ping(self) -> None:
+        ws = self.ws
+        if ws is not None and not ws.is_close_frame_sent:
+            ws.send_ping(b"grpcbridge")
+
+    def send_close(self, code: int, reason: str) -> None:
+        ws = self.ws
+        if ws is None or ws.is_close_frame_sent or self.failed:
+            return
+        known, data = _close_payload(code, reason)
+        if known is not None:
+            ws.send_close(known, data)
+        else:
+            ws.send(_CLOSE, code.to_bytes(2, "big") + data)
+
+    def fail_websocket(self, code: int, reason: str) -> None:
+        self.send_close(code, reason)
+        self.failed = True
+        self._finish_handshake()
+
+    def held_inbound(self) -> int:
+        if self.websocket is not None:
+            return len(self.websocket.reader.buffer)
+        size = self.buffer_size
+        return size if size > _CHARGED_BUFFER else self.partial
+
