@@ -61,8 +61,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--idle-timeout", type=float, default=60.0,
                         help="close a tunnel after this many seconds without traffic (0: off)")
     parser.add_argument("--loop", choices=LOOP_NAMES, default="auto",
-                        help="event loop; auto: uvloop when installed (less CPU per message; "
-                             "pip install 'grpcbridge[speed]'), else asyncio")
+                        help="event loop; auto (default): uvloop (installed with grpcbridge "
+                             "except on Windows; less CPU per message), else asyncio")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"])

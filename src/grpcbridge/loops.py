@@ -1,7 +1,7 @@
 """Event-loop choice for the loops grpcbridge creates itself (the CLI, the threaded bridge).
 
-``"auto"`` (the default) takes uvloop when it is installed (``pip install
-'grpcbridge[speed]'``) and asyncio's own loop otherwise; ``"uvloop"`` insists on uvloop;
+``"auto"`` (the default) takes uvloop when it is installed (it is a dependency of grpcbridge
+except on Windows) and asyncio's own loop otherwise; ``"uvloop"`` insists on uvloop;
 ``"asyncio"`` never uses it. uvloop cuts the relay's CPU per message by about a quarter
 (docs/benchmarks.md). Code that runs the bridge on its own loop (``await bridge.start()``,
 ASGI servers) keeps whatever loop it has.
@@ -31,8 +31,8 @@ def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop]:
     except ImportError:
         if name == "auto":
             return asyncio.new_event_loop
-        raise ConfigError("loop 'uvloop' needs uvloop: pip install 'grpcbridge[speed]', "
-                          "or choose loop 'auto' or 'asyncio'") from None
+        raise ConfigError("loop 'uvloop' needs uvloop (pip install uvloop; it does not run "
+                          "on Windows), or choose loop 'auto' or 'asyncio'") from None
     return uvloop.new_event_loop
 
 
