@@ -19,7 +19,7 @@ from .core.config import BridgeConfig, ForwarderConfig
 from .core.errors import ConfigError
 from .core.limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-from .loops import LOOP_NAMES, run
+from .loops import LOOP_NAMES, run, tune_allocator
 from .observability import configure_logging
 from .server.bridge import Bridge
 
@@ -239,6 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             else Forwarder(_forwarder_config(args)))
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
+    tune_allocator()
     try:
         run(_run_until_signalled(server), args.loop)
     except ConfigError as exc:

@@ -51,7 +51,7 @@ _PICOWS_LOG.logger.setLevel(logging.CRITICAL)
 #: Initial read buffer: idle tunnels stay small (picows grows it as frames need).
 READ_BUFFER = 2048
 #: Most bytes taken from the socket per read.
-READ_CHUNK = 64 * 1024
+READ_CHUNK = 256 * 1024
 #: Messages up to this size are copied into picows' write buffer; larger ones are sent
 #: from a fresh bytearray with room for the frame header (no reuse, so no corruption).
 _COPY_LIMIT = 8192
@@ -231,7 +231,7 @@ class PicowsTunnel(SocketTunnel):
         protocol = _Protocol(self, listener, response, self.max_message_bytes)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        request = (b"GET / HTTP/1.1\r\nHost: grpcbridge\r\nUpgrade: websocket\r\n"
+        request = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"
                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                    b"Sec-WebSocket-Key: " + key.encode("ascii") + b"\r\n\r\n")
         protocol.feed([request, *early])

@@ -52,7 +52,13 @@ class _Session:
     #: Set once the 101 is sent: the tunnel's path from then on.
     tunnel: TunnelSession | None = None
     timer: asyncio.TimerHandle | None = None
+    #: Answers the request (admission, upgrade, backend dial); None once done.
     task: asyncio.Task[None] | None = None
+
+    def opened(self, task: asyncio.Task[None]) -> None:
+        """The request is answered: drop the task (and the request it holds)."""
+        if self.task is task:
+            self.task = None
 
 
 class _ServerSide(WebSocketSide):
@@ -381,6 +387,7 @@ class Bridge:
             session.timer = None
         tunnel.pause_websocket_reading()
         session.task = tunnel.loop.create_task(self._open(side, session, request))
+        session.task.add_done_callback(session.opened)
 
     def _malformed_request(self, tunnel: AnyTunnel, session: _Session) -> None:
         """websockets could not parse the request: answer 400 (or the 414/431 websockets
