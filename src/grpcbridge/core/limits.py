@@ -38,6 +38,16 @@ DEFAULT_CLIENT_MEMORY_BUDGET = 48 * MiB
 DEFAULT_MEMORY_BUDGET = 2048 * MiB
 
 
+def check_bytes(name: str, value: object, minimum: int = 0) -> None:
+    """:class:`ConfigError` naming ``name`` unless ``value`` is an integer number of bytes
+    >= ``minimum`` (with no minimum, 0 disables the limit)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
+    if value < minimum:
+        hint = "" if minimum else " (0 disables it)"
+        raise ConfigError(f"{name} must be >= {minimum}{hint}, got {value}")
+
+
 class FrameRate:
     """Token bucket: ``allow(now)`` is False once the peer has sent more than ``burst``
     frames beyond ``rate`` per second."""
@@ -89,10 +99,8 @@ class MemoryBudget:
 
     def __init__(self, *, per_client: int = DEFAULT_CLIENT_MEMORY_BUDGET,
                  total: int = DEFAULT_MEMORY_BUDGET) -> None:
-        for name, value in (("client memory budget", per_client), ("memory budget", total)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a number of bytes >= 0 (0 disables it), "
-                                  f"got {value!r}")
+        check_bytes("client memory budget", per_client)
+        check_bytes("memory budget", total)
         self.per_client = per_client
         self.total = total
         self.held = 0
