@@ -64,20 +64,11 @@ class FrameRate:
         self._stamp = now
 
     def allow(self, now: float) -> bool:
-        tokens = self._tokens
-        if tokens < 1.0:
-            tokens = min(self._burst, tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if tokens < 1.0:
-                self._tokens = tokens
-                return False
-        elif tokens < self._burst:
-            tokens = min(self._burst, tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-        else:
-            self._stamp = now
-        self._tokens = tokens - 1.0
-        return True
+        tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        allowed = tokens >= 1.0
+        self._tokens = tokens - 1.0 if allowed else tokens
+        return allowed
 
 
 @dataclass(slots=True)
