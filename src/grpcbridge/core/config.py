@@ -27,6 +27,14 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
 
 
+def _check_keepalive(ping_interval: float, idle_timeout: float) -> None:
+    for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
+        _positive(name, value, allow_zero=True)
+    if idle_timeout and ping_interval and idle_timeout <= ping_interval:
+        raise ConfigError(f"idle_timeout ({idle_timeout}) must be longer than ping_interval "
+                          f"({ping_interval}), or a healthy quiet tunnel would be closed")
+
+
 def _check_sizes(max_message_bytes: int, buffer_bytes: int) -> None:
     check_bytes("max_message_bytes", max_message_bytes, 1024)
     check_bytes("buffer_bytes", buffer_bytes, 4096)
@@ -170,13 +178,8 @@ class BridgeConfig:
             raise ConfigError(f"path must start with '/' and hold no query, got {self.path!r}")
         for name in ("backend_connect_timeout", "handshake_timeout"):
             _positive(name, getattr(self, name))
-        for name in ("ping_interval", "idle_timeout", "drain_timeout"):
-            _positive(name, getattr(self, name), allow_zero=True)
-        if self.idle_timeout and self.ping_interval and self.idle_timeout <= self.ping_interval:
-            raise ConfigError(
-                f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
-                f"({self.ping_interval}), or a healthy quiet tunnel would be closed"
-            )
+        _check_keepalive(self.ping_interval, self.idle_timeout)
+        _positive("drain_timeout", self.drain_timeout, allow_zero=True)
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
         _check_budgets(self.client_memory_budget, self.memory_budget,
                        self.max_message_bytes + self.buffer_bytes)
@@ -323,13 +326,7 @@ class ForwarderConfig:
         target = parse_target(self.target, tls=self.tls)
         listen = parse_address(self.listen, what="listen", allow_port_zero=True)
         _positive("handshake_timeout", self.handshake_timeout)
-        for name in ("ping_interval", "idle_timeout"):
-            _positive(name, getattr(self, name), allow_zero=True)
-        if self.idle_timeout and self.ping_interval and self.idle_timeout <= self.ping_interval:
-            raise ConfigError(
-                f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
-                f"({self.ping_interval})"
-            )
+        _check_keepalive(self.ping_interval, self.idle_timeout)
         _check_file("cacert", self.cacert)
         if self.cacert is not None and not target.secure:
             raise ConfigError("cacert is only used with a wss:// target")
