@@ -154,7 +154,6 @@ def _close_reason(text: str) -> str:
     return encoded[:120].decode(errors="ignore") + "..."
 
 
-
 class WebSocketTransport(asyncio.Transport):
     """An asyncio transport over a JavaScript ``WebSocket`` (browser, worker or Node).
 
@@ -734,8 +733,7 @@ class WebSocketTransport(asyncio.Transport):
         else:
             self.fail_websocket(self.close_code, self.close_reason)
 
-    def websocket_buffered(self) -> int:
-        return 0 if self._finalized else self._held_bytes + self._read_buffered()
+    websocket_buffered = get_write_buffer_size
 
     def write_stream(self, data: bytes) -> None:
         assert self._protocol is not None
