@@ -22,8 +22,8 @@ Supported: grpclib 0.4.x and h2 4.x (:data:`SUPPORTED`). :func:`require_supporte
 when a channel or an in-process grpclib server is created) fails with a clear message on
 other versions instead of an ``AttributeError`` deep inside an RPC.
 
-This module imports only grpclib, h2 and hyperframe (pure Python): the browser channel
-(Pyodide) uses it too.
+This module imports only grpclib, h2, hyperframe (pure Python), ``grpcbridge.core.errors``
+and ``grpcbridge.framesize``: the browser channel (Pyodide) uses it too.
 """
 
 from __future__ import annotations

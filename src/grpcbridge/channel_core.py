@@ -32,8 +32,9 @@ What differs is how a connection is made: the **runtime hook**. Each channel imp
 :meth:`CoreChannel._new_connection`, returning a :class:`Connection` (a tunnel through
 websockets in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
 
-This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`)
-and ``grpcbridge.core``: the browser (Pyodide) imports it too.
+This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`),
+``grpcbridge.core``, ``grpcbridge.framesize`` and ``grpcbridge.client.streams``: the browser
+(Pyodide) imports it too.
 """
 
 from __future__ import annotations
@@ -87,15 +88,14 @@ def reject_unknown_options(owner: str, options: Mapping[str, object]) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class ChannelOptions:
-    """The options every channel has, checked (see :func:`check_options`)."""
+    """The checked options the core and the runtime hooks read (:func:`check_options` also
+    checks ``max_message_bytes`` and ``bearer_token``, which each channel passes on itself)."""
 
     #: Seconds an attempt gets to connect and complete the WebSocket handshake.
     handshake_timeout: float
     reconnect: ReconnectPolicy
-    max_message_bytes: int
     #: SETTINGS_MAX_FRAME_SIZE the channel advertises (fitted to ``max_message_bytes``).
     max_frame_size: int
-    bearer_token: str | None = field(repr=False)
     subprotocols: tuple[str, ...]
     #: Extra upgrade request headers (CPython only: browsers cannot set any).
     headers: dict[str, str] = field(repr=False)
@@ -124,8 +124,7 @@ def check_options(
         headers=headers or {}, bearer_token=bearer_token, subprotocols=subprotocols,
         max_message_bytes=max_message_bytes, buffer_bytes=buffer_bytes)
     return ChannelOptions(
-        handshake_timeout=timeout, reconnect=policy, max_message_bytes=max_message_bytes,
-        max_frame_size=frame_size, bearer_token=bearer_token,
+        handshake_timeout=timeout, reconnect=policy, max_frame_size=frame_size,
         subprotocols=checked_subprotocols, headers=checked_headers)
 
 

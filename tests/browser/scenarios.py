@@ -301,7 +301,7 @@ async def scenario_bulk() -> Result:
         # Slow reader: everything arrives, in order, with bounded buffering.
         repeat = -(-total // list_bytes)
         heap_before = heap_bytes()
-        received_before = transport.stats.bytes_received
+        received_before = transport.machine.bytes_from_websocket
         digest = hashlib.sha256()
         consumed = 0
         count = 0
@@ -314,7 +314,7 @@ async def scenario_bulk() -> Result:
                 digest.update(todo.id.encode() + b"\0" + todo.text.encode() + b"\0")
                 consumed += todo.ByteSize() + 5
                 count += 1
-                outstanding = transport.stats.bytes_received - received_before - consumed
+                outstanding = transport.machine.bytes_from_websocket - received_before - consumed
                 max_outstanding = max(max_outstanding, outstanding)
                 since_sleep += todo.ByteSize()
                 if since_sleep >= 512 * KiB:  # a slow consumer: ~20 MiB/s at most
@@ -449,7 +449,7 @@ async def scenario_coalescing() -> Result:
         check(sorted(t.text for t in mine) == sorted(texts), "uploaded texts differ")
         for todo in mine:
             await stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=todo.id))
-    return {"sha256": digest.hexdigest(), "bytes": stats.bytes_sent,
+    return {"sha256": digest.hexdigest(), "bytes": transport.machine.bytes_to_websocket,
             "messages": stats.messages_sent, "writes": stats.writes,
             "unary_writes_messages": unary, "bulk_writes_messages": bulk}
 
@@ -541,7 +541,7 @@ async def scenario_early_bytes() -> Result:
                                                               "onerror")),
           "handlers not installed at construction")
     await transport.wait_open(timing(5))
-    await until(lambda: transport.stats.bytes_received >= size)
+    await until(lambda: transport.machine.bytes_from_websocket >= size)
     recorder = Recorder()
     transport.attach(recorder)
     check(bytes(recorder.data) == pattern(size), f"delivered {len(recorder.data)} bytes, "

@@ -25,6 +25,7 @@ from .transport import (
     DEFAULT_LOW_WATER,
     DEFAULT_MAX_BUFFER_BYTES,
     WebSocketTransport,
+    check_buffer_sizes,
 )
 
 
@@ -118,10 +119,7 @@ class Channel(CoreChannel[WebSocketTransport]):
         if token_in not in ("subprotocol", "query"):
             raise ConfigError(f"token_in must be 'subprotocol' or 'query', got {token_in!r}")
         # Fail now on bad sizes, not at the first RPC.
-        if not 0 <= low_water <= high_water <= max_buffer_bytes or \
-                max_buffer_bytes < max_message_bytes:
-            raise ConfigError("need 0 <= low_water <= high_water <= max_buffer_bytes and "
-                              "max_message_bytes <= max_buffer_bytes")
+        check_buffer_sizes(high_water, low_water, max_buffer_bytes, max_message_bytes)
         cheapen_frame_repr()
         parsed = resolve_target(target, _ffi.page_location())
         offered = list(options.subprotocols)

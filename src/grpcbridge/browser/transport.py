@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar
 
 from grpclib.exceptions import StreamTerminatedError
@@ -91,10 +92,9 @@ class SocketClosedError(TunnelClosed, StreamTerminatedError):
 
 @dataclass(slots=True)
 class TransportStats:
-    """Counters of one :class:`WebSocketTransport`."""
+    """Counters of one :class:`WebSocketTransport` (bytes each way are its machine's:
+    ``bytes_to_websocket``, ``bytes_from_websocket``)."""
 
-    bytes_sent: int = 0
-    bytes_received: int = 0
     #: Binary messages sent: writes made in one JavaScript task leave as one message.
     messages_sent: int = 0
     messages_received: int = 0
@@ -108,16 +108,11 @@ class TransportStats:
     max_buffered_amount: int = 0
     #: Largest number of received bytes held before a protocol was attached.
     max_pending_bytes: int = 0
-    #: HTTP/2 control frames (flow-control acks, stream resets) written for RPCs finishing
-    #: after the socket closed: there is nobody to send them to.
-    control_bytes_dropped: int = 0
     #: Bytes received after this side had closed the connection (the client gave them up).
     bytes_ignored_after_close: int = 0
     #: Held (accepted) bytes, other than control frames, that could not be sent because the
     #: peer or the network had closed the socket first; their RPCs fail with the close code.
     bytes_unsent: int = 0
-    #: ``error`` events seen.
-    error_events: int = 0
 
 
 def _control_frames_only(data: bytes | bytearray | memoryview) -> bool:
@@ -134,6 +129,17 @@ def _control_frames_only(data: bytes | bytearray | memoryview) -> bool:
     return offset == len(view)
 
 
+def check_buffer_sizes(high_water: int, low_water: int, max_buffer_bytes: int,
+                       max_message_bytes: int) -> None:
+    """:class:`ConfigError` unless ``0 <= low_water <= high_water <= max_buffer_bytes`` and
+    ``max_message_bytes <= max_buffer_bytes`` (the transport's and the channel's check)."""
+    if not 0 <= low_water <= high_water <= max_buffer_bytes or \
+            max_buffer_bytes < max_message_bytes:
+        raise ConfigError("need 0 <= low_water <= high_water <= max_buffer_bytes and "
+                          "max_message_bytes <= max_buffer_bytes, got "
+                          f"{low_water}, {high_water}, {max_buffer_bytes}, {max_message_bytes}")
+
+
 def private_close_code(code: int) -> int:
     """The code a browser client sends instead of ``code`` (scripts may not send 1001-1015):
     ``4000 + code - 1000``, e.g. 1003 -> 4003. Other codes are returned unchanged."""
@@ -148,18 +154,14 @@ def _close_reason(text: str) -> str:
     return encoded[:120].decode(errors="ignore") + "..."
 
 
-
 class WebSocketTransport(asyncio.Transport):
     """An asyncio transport over a JavaScript ``WebSocket`` (browser, worker or Node).
 
     Create it inside Pyodide's running event loop, await :meth:`wait_open`, then
     :meth:`attach` a protocol (grpclib's ``H2Protocol``). ``url`` is the full WebSocket URL;
     ``name`` is what messages show instead (it must not carry a token).
-
-    The tunnel's rules (close code set once, bytes held before attach, inbound message rules,
-    close deadline) are a :class:`~grpcbridge.core.tunnel.TunnelMachine`'s: the JavaScript
-    socket is its WebSocket side, the protocol its stream side, and this class carries out its
-    outputs (the ``TunnelIO`` methods below) and feeds it the socket's events.
+    The tunnel's rules are its :attr:`machine`'s: the JavaScript socket is the WebSocket
+    side, the protocol the stream side.
     """
 
     #: Pyodide proxies currently alive, over all transports (a leak check for tests).
@@ -183,11 +185,7 @@ class WebSocketTransport(asyncio.Transport):
         poll_interval: float = 0.005,
         websocket_class: Any = None,
     ) -> None:
-        if not 0 <= low_water <= high_water:
-            raise ConfigError(f"need 0 <= low_water <= high_water, got {low_water}, {high_water}")
-        if max_buffer_bytes < high_water or max_buffer_bytes < max_message_bytes:
-            raise ConfigError("max_buffer_bytes must be >= high_water and >= max_message_bytes "
-                              f"(got {max_buffer_bytes})")
+        check_buffer_sizes(high_water, low_water, max_buffer_bytes, max_message_bytes)
         if drain_timeout < 0 or poll_interval <= 0:
             raise ConfigError("drain_timeout must be >= 0 and poll_interval > 0")
         super().__init__({"url": name or url})
@@ -247,12 +245,9 @@ class WebSocketTransport(asyncio.Transport):
             raise HandshakeError(f"cannot open a WebSocket to {self.name}: {exc}") from None
         self._ws.binaryType = "arraybuffer"
         # Install every handler now, before the socket can open or deliver anything.
-        self._proxies: dict[str, Any] = {
-            "onopen": _ffi.create_proxy(self._on_open_event),
-            "onmessage": _ffi.create_proxy(self._on_message_event),
-            "onclose": _ffi.create_proxy(self._on_close_event),
-            "onerror": _ffi.create_proxy(self._on_error_event),
-        }
+        self._proxies: dict[str, Any] = {  # onopen -> _handle_open, looked up per event
+            handler: _ffi.create_proxy(partial(self._guard, "_handle_" + handler[2:]))
+            for handler in _HANDLERS}
         for handler, proxy in self._proxies.items():
             setattr(self._ws, handler, proxy)
         # One long-lived proxy runs every flush microtask (no proxy per flush).
@@ -354,23 +349,11 @@ class WebSocketTransport(asyncio.Transport):
 
     # ------------------------------------------------------- JS event handlers
 
-    def _on_open_event(self, event: Any) -> None:
-        self._guard(self._handle_open, event)
-
-    def _on_message_event(self, event: Any) -> None:
-        self._guard(self._handle_message, event)
-
-    def _on_close_event(self, event: Any) -> None:
-        self._guard(self._handle_close, event)
-
-    def _on_error_event(self, event: Any) -> None:
-        self._guard(self._handle_error, event)
-
-    def _guard(self, handler: Callable[[Any], None], event: Any) -> None:
+    def _guard(self, handler: str, event: Any) -> None:
         # An exception escaping into JavaScript would be thrown out of the event dispatch
         # (in Node: an uncaught exception). Fail the connection closed instead.
         try:
-            handler(event)
+            getattr(self, handler)(event)
         except BaseException as exc:
             logger.exception("grpcbridge.browser: error in a WebSocket event handler")
             try:
@@ -408,7 +391,6 @@ class WebSocketTransport(asyncio.Transport):
             machine.empty_frame()  # rate-limited (1008)
             return
         payload = data.to_bytes()
-        self.stats.bytes_received += len(payload)
         if self._paused:
             # Replies (HTTP/2 WINDOW_UPDATEs) arrive as sent data drains: a cheap moment to
             # check, and one that timers throttled in background tabs cannot delay.
@@ -428,7 +410,6 @@ class WebSocketTransport(asyncio.Transport):
         self._finalize()
 
     def _handle_error(self, event: Any) -> None:
-        self.stats.error_events += 1
         self._error_seen = True
         if self._finalized or self.close_code is not None:
             return  # the close event (or our own close) decides
@@ -488,7 +469,6 @@ class WebSocketTransport(asyncio.Transport):
         ws = self._ws
         socket_going = self.close_code is None and ws.readyState in (_CLOSING, _CLOSED)
         if (self._draining or socket_going) and _control_frames_only(data):
-            self.stats.control_bytes_dropped += size
             return
         if socket_going:
             raise SocketClosedError(f"write of {size} bytes refused: WebSocket {self.name} is "
@@ -514,15 +494,14 @@ class WebSocketTransport(asyncio.Transport):
         self._held = []
         self._held_bytes = 0
         if self._finalized or self._ws.readyState != _OPEN:
-            if _control_frames_only(data):
-                self.stats.control_bytes_dropped += len(data)
-            else:
+            if not _control_frames_only(data):  # control frames: nobody to send them to
                 self.stats.bytes_unsent += len(data)
                 logger.debug("grpcbridge.browser: %d held bytes not sent: %s", len(data),
                              self.describe_close())
         elif self.close_code is None:
             self.machine.stream_data(data)
         else:  # drain before close: writes accepted before this side closed go out first
+            self.machine.bytes_to_websocket += len(data)  # the machine sends nothing now
             self.send_message(data)
 
     def _read_buffered(self) -> int:
@@ -585,13 +564,6 @@ class WebSocketTransport(asyncio.Transport):
     def is_reading(self) -> bool:
         """True until the socket began closing (or while finishing RPCs drain)."""
         return self.close_code is None or self._draining
-
-    def pause_reading(self) -> None:
-        """Not supported: browsers cannot stop a WebSocket from reading. Inbound memory is
-        bounded by HTTP/2 flow control (grpclib never calls this)."""
-
-    def resume_reading(self) -> None:
-        """See :meth:`pause_reading`."""
 
     # ----------------------------------------------------------------- closing
 
@@ -736,18 +708,12 @@ class WebSocketTransport(asyncio.Transport):
     # ------------------------------------- TunnelIO: the machine's outputs, carried out
 
     def send_message(self, data: bytes) -> None:
-        size = len(data)
-        buffer = self._uint8array.new(size)
+        buffer = self._uint8array.new(len(data))
         buffer.assign(data)
         self._ws.send(buffer)
-        self.stats.bytes_sent += size
         self.stats.messages_sent += 1
-        buffered = self._read_buffered()
-        if buffered > self.stats.max_buffered_amount:
-            self.stats.max_buffered_amount = buffered
-
-    def send_ping(self) -> None:
-        """Browsers cannot send pings (the machine is not given a ping interval)."""
+        self.stats.max_buffered_amount = max(self.stats.max_buffered_amount,
+                                             self._read_buffered())
 
     def send_close(self, code: int, reason: str) -> None:
         self._closing_here()
@@ -762,25 +728,12 @@ class WebSocketTransport(asyncio.Transport):
         # closes it; a later one (the close deadline passed) gives it up.
         if self._close_called or self._finalized:
             self._finalize()
-            return
-        code = self.close_code if self.close_code is not None else CloseCode.NORMAL
-        if code != CloseCode.NORMAL:
-            logger.warning("grpcbridge.browser: closing %s with %d: %s", self.name, code,
-                           self.close_reason)
-        self.send_close(code, self.close_reason)
+        elif self.close_code is None or self.close_code == CloseCode.NORMAL:
+            self.send_close(CloseCode.NORMAL, self.close_reason)
+        else:
+            self.fail_websocket(self.close_code, self.close_reason)
 
-    def finish_websocket(self) -> None:
-        """Nothing to do: the close was sent and only the ``close`` event (or the machine's
-        close deadline) ends a browser socket."""
-
-    def pause_websocket(self) -> None:
-        """Browsers cannot stop a WebSocket from reading (see :meth:`pause_reading`)."""
-
-    def resume_websocket(self) -> None:
-        """See :meth:`pause_websocket`."""
-
-    def websocket_buffered(self) -> int:
-        return 0 if self._finalized else self._held_bytes + self._read_buffered()
+    websocket_buffered = get_write_buffer_size
 
     def write_stream(self, data: bytes) -> None:
         assert self._protocol is not None
@@ -807,14 +760,6 @@ class WebSocketTransport(asyncio.Transport):
         assert self._protocol is not None
         self._protocol.resume_writing()
 
-    def stream_buffered(self) -> int:
-        """0: bytes for the protocol are delivered synchronously (``data_received``)."""
-        return 0
-
-    def held_inbound(self) -> int:
-        """0: the browser hands over whole messages."""
-        return 0
-
     def set_timer(self, deadline: float | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -830,5 +775,19 @@ class WebSocketTransport(asyncio.Transport):
             # The loop ran the timer a hair early (clock rounding): the machine did nothing.
             self.set_timer(deadline)
 
-    def tunnel_closed(self) -> None:
-        """Nothing to do: :attr:`closed` resolves once the proxies are destroyed."""
+    # Nothing to do: browsers cannot send pings (the machine gets no ping interval) nor stop
+    # reading a socket (inbound memory is bounded by HTTP/2 flow control); only the ``close``
+    # event or the close deadline ends a socket, and :attr:`closed` resolves once the
+    # proxies are destroyed.
+    def _nothing(self) -> None:
+        pass
+
+    send_ping = finish_websocket = pause_websocket = resume_websocket = _nothing
+    pause_reading = resume_reading = tunnel_closed = _nothing
+
+    def _none_held(self) -> int:
+        """0: bytes for the protocol are delivered at once, and the browser hands over whole
+        messages."""
+        return 0
+
+    stream_buffered = held_inbound = _none_held

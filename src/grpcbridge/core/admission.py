@@ -166,14 +166,6 @@ _PORT = re.compile(r"[0-9]{1,5}\Z")
 _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*\Z")
 
 
-def _wildcard_error(what: str, value: str, example: str) -> ConfigError:
-    return ConfigError(
-        f"{what}: {value!r} uses '*' where it is not supported; the only wildcard is a "
-        f"leading '*.' matching subdomains at any depth ({example}; the apex example.com "
-        "is not matched), or '*' alone for anything"
-    )
-
-
 def _split_host_port(value: str) -> tuple[str, int | None] | None:
     """Lower-case ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> ``(host, port)`` with
     the host normalised (no trailing dot; IPv6 compressed, in brackets); None if malformed."""
@@ -248,6 +240,22 @@ class _HostPattern:
         return host == self.host
 
 
+def _host_pattern(what: str, value: str, text: str, *, any_port: bool, example: str,
+                  expected: str) -> _HostPattern:
+    """``text`` (the entry ``value`` of ``what``, or its part after ``scheme://``) as a
+    pattern; else a :class:`ConfigError` for a misplaced ``*`` (``example`` shows where it
+    goes) or for not being ``expected``."""
+    pattern = _HostPattern.parse(text, any_port=any_port)
+    if pattern is not None:
+        return pattern
+    if "*" in text:
+        raise ConfigError(
+            f"{what}: {value!r} uses '*' where it is not supported; the only wildcard is a "
+            f"leading '*.' matching subdomains at any depth ({example}; the apex example.com "
+            "is not matched), or '*' alone for anything")
+    raise ConfigError(f"{what}: {value!r} is not {expected}")
+
+
 def _entries(allowed: Iterable[str], what: str) -> list[str]:
     if isinstance(allowed, str):
         raise ConfigError(f"{what} must be a list of strings, not one string")
@@ -257,6 +265,9 @@ def _entries(allowed: Iterable[str], what: str) -> list[str]:
             raise ConfigError(f"{what} entries must be non-empty strings, got {entry!r}")
         values.append(entry.strip().lower())
     return values
+
+
+_AN_ORIGIN = "an http(s) origin like https://app.example.com (scheme, host and optional port only)"
 
 
 class OriginPolicy:
@@ -282,24 +293,14 @@ class OriginPolicy:
                 self._any = True
                 continue
             is_origin = "://" in value
-            scheme, _, rest = value.rstrip("/").partition("://") if is_origin else ("", "", value)
-            pattern = _HostPattern.parse(rest, any_port=not is_origin)
+            scheme, _, rest = value.rstrip("/").partition("://")
             if is_origin and scheme not in ("http", "https"):
-                raise ConfigError(
-                    f"allowed_origins: {value!r} is not an http(s) origin like "
-                    "https://app.example.com (scheme, host and optional port only)"
-                )
-            if pattern is None and "*" in rest:
-                raise _wildcard_error("allowed_origins", value,
-                                      "*.example.com or https://*.example.com")
-            if pattern is None:
-                raise ConfigError(
-                    f"allowed_origins: {value!r} is not an http(s) origin like "
-                    "https://app.example.com (scheme, host and optional port only)"
-                    if is_origin else
-                    f"allowed_origins: {value!r} is not a host like app.example.com or "
-                    "app.example.com:3000"
-                )
+                raise ConfigError(f"allowed_origins: {value!r} is not {_AN_ORIGIN}")
+            pattern = _host_pattern(
+                "allowed_origins", value, rest if is_origin else value, any_port=not is_origin,
+                example="*.example.com or https://*.example.com",
+                expected=_AN_ORIGIN if is_origin else "a host like app.example.com or "
+                "app.example.com:3000")
             if is_origin:
                 self._origins.append((scheme, pattern))
             else:
@@ -340,15 +341,10 @@ class HostPolicy:
             if value == "*":
                 self._any = True
                 continue
-            pattern = _HostPattern.parse(value, any_port=True)
-            if pattern is None and "*" in value:
-                raise _wildcard_error("allowed_hosts", value, "*.example.com")
-            if pattern is None:
-                raise ConfigError(
-                    f"allowed_hosts: {value!r} is not a host name like bridge.example.com, "
-                    "bridge.example.com:8080 or [::1]:8080"
-                )
-            self._patterns.append(pattern)
+            self._patterns.append(_host_pattern(
+                "allowed_hosts", value, value, any_port=True, example="*.example.com",
+                expected="a host name like bridge.example.com, bridge.example.com:8080 or "
+                "[::1]:8080"))
 
     @property
     def enabled(self) -> bool:

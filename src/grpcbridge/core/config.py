@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks
 from .errors import ConfigError
-from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
+from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET, check_bytes
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .target import SocketAddress, Target, parse_address, parse_target
 from .wire import TOKEN_CHARS
@@ -27,20 +27,22 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
 
 
+def _check_keepalive(ping_interval: float, idle_timeout: float) -> None:
+    for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
+        _positive(name, value, allow_zero=True)
+    if idle_timeout and ping_interval and idle_timeout <= ping_interval:
+        raise ConfigError(f"idle_timeout ({idle_timeout}) must be longer than ping_interval "
+                          f"({ping_interval}), or a healthy quiet tunnel would be closed")
+
+
 def _check_sizes(max_message_bytes: int, buffer_bytes: int) -> None:
-    for name, value, minimum in (("max_message_bytes", max_message_bytes, 1024),
-                                 ("buffer_bytes", buffer_bytes, 4096)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
-        if value < minimum:
-            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+    check_bytes("max_message_bytes", max_message_bytes, 1024)
+    check_bytes("buffer_bytes", buffer_bytes, 4096)
 
 
 def _check_budgets(per_client: int, total: int, needed: int) -> None:
     for name, value in (("client_memory_budget", per_client), ("memory_budget", total)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"{name} must be an integer number of bytes >= 0 "
-                              f"(0 disables it), got {value!r}")
+        check_bytes(name, value)
         if value and value < needed:
             raise ConfigError(
                 f"{name} ({value}) must hold at least one largest message plus a buffer "
@@ -50,13 +52,20 @@ def _check_budgets(per_client: int, total: int, needed: int) -> None:
                           f"memory_budget ({total})")
 
 
-def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
+def _strings(name: str, values: Sequence[str]) -> tuple[str, ...]:
+    """``values`` as a tuple; one string (for a list of one) is refused."""
     if isinstance(values, str):
-        raise ConfigError(f"{name} must be a list of strings, not one string")
-    for value in values:
+        raise ConfigError(f"{name} must be a list of strings, not one string "
+                          f"(write [{values!r}])")
+    return tuple(values)
+
+
+def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
+    checked = _strings(name, values)
+    for value in checked:
         if not value or not set(value) <= TOKEN_CHARS:
             raise ConfigError(f"{name}: {value!r} is not a valid subprotocol token")
-    return tuple(values)
+    return checked
 
 
 def _check_file(name: str, path: str | None) -> None:
@@ -169,13 +178,8 @@ class BridgeConfig:
             raise ConfigError(f"path must start with '/' and hold no query, got {self.path!r}")
         for name in ("backend_connect_timeout", "handshake_timeout"):
             _positive(name, getattr(self, name))
-        for name in ("ping_interval", "idle_timeout", "drain_timeout"):
-            _positive(name, getattr(self, name), allow_zero=True)
-        if self.idle_timeout and self.ping_interval and self.idle_timeout <= self.ping_interval:
-            raise ConfigError(
-                f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
-                f"({self.ping_interval}), or a healthy quiet tunnel would be closed"
-            )
+        _check_keepalive(self.ping_interval, self.idle_timeout)
+        _positive("drain_timeout", self.drain_timeout, allow_zero=True)
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
         _check_budgets(self.client_memory_budget, self.memory_budget,
                        self.max_message_bytes + self.buffer_bytes)
@@ -209,21 +213,15 @@ class BridgeConfig:
             raise ConfigError("authenticate must be a callable (request) -> Rejection | None")
         object.__setattr__(self, "subprotocols",
                            _check_subprotocols("subprotocols", self.subprotocols))
-        for name in ("allowed_origins", "trusted_proxies"):
-            if isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a list of strings, not one string "
-                                  f"(write [{getattr(self, name)!r}])")
-        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
+        for name in ("allowed_origins", "allowed_hosts"):
+            object.__setattr__(self, name, _strings(name, getattr(self, name)))
         object.__setattr__(self, "backend_address", backend)
         object.__setattr__(self, "listen_address", listen)
         object.__setattr__(self, "metrics_address", metrics)
         object.__setattr__(self, "origin_policy", OriginPolicy(self.allowed_origins))
-        hosts = self.allowed_hosts
-        hosts = hosts if isinstance(hosts, str) else tuple(hosts)  # HostPolicy refuses a str
-        object.__setattr__(self, "host_policy", HostPolicy(hosts))
-        object.__setattr__(self, "allowed_hosts", hosts)
-        object.__setattr__(self, "trusted_networks",
-                           parse_networks(self.trusted_proxies, what="trusted_proxies"))
+        object.__setattr__(self, "host_policy", HostPolicy(self.allowed_hosts))
+        object.__setattr__(self, "trusted_networks", parse_networks(
+            _strings("trusted_proxies", self.trusted_proxies), what="trusted_proxies"))
 
 
 def check_dial_options(
@@ -328,13 +326,7 @@ class ForwarderConfig:
         target = parse_target(self.target, tls=self.tls)
         listen = parse_address(self.listen, what="listen", allow_port_zero=True)
         _positive("handshake_timeout", self.handshake_timeout)
-        for name in ("ping_interval", "idle_timeout"):
-            _positive(name, getattr(self, name), allow_zero=True)
-        if self.idle_timeout and self.ping_interval and self.idle_timeout <= self.ping_interval:
-            raise ConfigError(
-                f"idle_timeout ({self.idle_timeout}) must be longer than ping_interval "
-                f"({self.ping_interval})"
-            )
+        _check_keepalive(self.ping_interval, self.idle_timeout)
         _check_file("cacert", self.cacert)
         if self.cacert is not None and not target.secure:
             raise ConfigError("cacert is only used with a wss:// target")

@@ -38,6 +38,16 @@ DEFAULT_CLIENT_MEMORY_BUDGET = 48 * MiB
 DEFAULT_MEMORY_BUDGET = 2048 * MiB
 
 
+def check_bytes(name: str, value: object, minimum: int = 0) -> None:
+    """:class:`ConfigError` naming ``name`` unless ``value`` is an integer number of bytes
+    >= ``minimum`` (with no minimum, 0 disables the limit)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
+    if value < minimum:
+        hint = "" if minimum else " (0 disables it)"
+        raise ConfigError(f"{name} must be >= {minimum}{hint}, got {value}")
+
+
 class FrameRate:
     """Token bucket: ``allow(now)`` is False once the peer has sent more than ``burst``
     frames beyond ``rate`` per second."""
@@ -54,20 +64,11 @@ class FrameRate:
         self._stamp = now
 
     def allow(self, now: float) -> bool:
-        tokens = self._tokens
-        if tokens < 1.0:
-            tokens = min(self._burst, tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-            if tokens < 1.0:
-                self._tokens = tokens
-                return False
-        elif tokens < self._burst:
-            tokens = min(self._burst, tokens + (now - self._stamp) * self._rate)
-            self._stamp = now
-        else:
-            self._stamp = now
-        self._tokens = tokens - 1.0
-        return True
+        tokens = min(self._burst, self._tokens + (now - self._stamp) * self._rate)
+        self._stamp = now
+        allowed = tokens >= 1.0
+        self._tokens = tokens - 1.0 if allowed else tokens
+        return allowed
 
 
 @dataclass(slots=True)
@@ -89,10 +90,8 @@ class MemoryBudget:
 
     def __init__(self, *, per_client: int = DEFAULT_CLIENT_MEMORY_BUDGET,
                  total: int = DEFAULT_MEMORY_BUDGET) -> None:
-        for name, value in (("client memory budget", per_client), ("memory budget", total)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a number of bytes >= 0 (0 disables it), "
-                                  f"got {value!r}")
+        check_bytes("client memory budget", per_client)
+        check_bytes("memory budget", total)
         self.per_client = per_client
         self.total = total
         self.held = 0

@@ -122,6 +122,8 @@ class _AsgiTunnel(StreamAdapter):
     Backend bytes wait in an outbox drained by one sender task; above ``buffer_bytes`` the
     machine pauses the backend's reading. Client messages are handed to the machine one at a
     time, and the next ``receive()`` waits while the machine has paused the WebSocket side.
+    As under the relay, the memory budget is charged when a buffer fills or drains (the
+    machine's pauses and resumes) and on every tick, not per message.
     ASGI has no pings: the machine's pings become empty messages (legal and skipped by
     every peer), which is how a client that left is noticed while reading is paused.
     """
@@ -157,8 +159,6 @@ class _AsgiTunnel(StreamAdapter):
         if self._outbox_bytes > self._buffer_bytes and not self._outbox_full:
             self._outbox_full = True
             self.machine.websocket_write_paused()
-        elif self.machine.account is not None:
-            self.machine.charge()
 
     def send_ping(self) -> None:
         self.send_message(b"")
@@ -224,8 +224,6 @@ class _AsgiTunnel(StreamAdapter):
                 if self._outbox_full and self._outbox_bytes <= self._buffer_bytes // 4:
                     self._outbox_full = False
                     machine.websocket_write_resumed()
-                elif machine.account is not None:
-                    machine.charge()
             if self._close is not None:
                 code, reason = self._close
                 await send({"type": "websocket.close", "code": code, "reason": reason})
@@ -252,8 +250,6 @@ class _AsgiTunnel(StreamAdapter):
                              message_too_big_reason(self.max_message_bytes))
             elif data:
                 machine.data(data)
-                if machine.account is not None:
-                    machine.charge()
             else:
                 machine.empty_frame()
 
@@ -337,13 +333,15 @@ class BridgeApp:
             await asyncio.wait(set(self._tunnels), timeout=1)
 
     async def _report_bytes(self) -> None:
-        """Report relayed bytes to the metrics every second while tunnels are open, as the
-        standalone bridge does (the task ends with the last tunnel)."""
+        """Every second while tunnels are open, as the standalone bridge does: report relayed
+        bytes to the metrics and tick every machine (a refresh of its memory charge). The
+        task ends with the last tunnel."""
         try:
             while self._relaying:
                 await asyncio.sleep(1.0)
                 for session in list(self._relaying.values()):
                     session.report_bytes()
+                    session.machine.tick()
         finally:
             if self._reporter is asyncio.current_task():
                 self._reporter = None
