@@ -51,7 +51,7 @@ _PICOWS_LOG.logger.setLevel(logging.CRITICAL)
 #: Initial read buffer: idle tunnels stay small (picows grows it as frames need).
 READ_BUFFER = 2048
 #: Most bytes taken from the socket per read.
-READ_CHUNK = 256 * 1024
+READ_CHUNK = 64 * 1024
 #: Messages up to this size are copied into picows' write buffer; larger ones are sent
 #: from a fresh bytearray with room for the frame header (no reuse, so no corruption).
 _COPY_LIMIT = 8192
