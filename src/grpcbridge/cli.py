@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dial through this proxy: http://[user:password@]host:port "
                             "(HTTP CONNECT), socks5://, socks5h:// or socks4://; default: "
                             "$https_proxy (wss://) or $http_proxy (ws://), else $all_proxy, "
-                            "unless $no_proxy lists the target")
+                            "unless $no_proxy lists the target (credentials are safer there "
+                            "than in argv)")
     proxy.add_argument("--no-proxy", action="store_true",
                        help="dial directly, ignoring the proxy variables")
     _add_common(forward)
@@ -196,6 +197,10 @@ def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
         if not sep:
             raise ConfigError(f"--header {item!r} must look like Name:value")
         headers[name.strip()] = value.strip()
+    if args.proxy is not None and "@" in args.proxy:
+        logging.getLogger("grpcbridge").warning(
+            "the proxy credentials given in --proxy can be read by local users in the process "
+            "list; put the proxy URL in $https_proxy or $http_proxy instead")
     return ForwarderConfig(
         target=args.target, listen=args.listen, tls=True if args.tls else None,
         cacert=args.cacert, headers=headers, bearer_token=_token(args),

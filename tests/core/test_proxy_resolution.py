@@ -164,8 +164,9 @@ def test_refusal_messages() -> None:
     assert refusal_message(plain, 407, "Proxy Authentication Required", "b", 8) == (
         "proxy proxy:3128 answered HTTP 407 Proxy Authentication Required: proxy "
         "authentication required (give user:password in the proxy URL)")
-    assert refusal_message(authed, 407, "", "b", 8).endswith(
-        "(the user:password in the proxy URL were refused)")
+    for status in (401, 407):
+        assert refusal_message(authed, status, "", "b", 8).endswith(
+            "(the user:password in the proxy URL were refused)")
     assert refusal_message(plain, 403, "Forbidden", "::1", 8).endswith(
         "proxy refused CONNECT to [::1]:8")
     for status in (500, 502, 503, 504):

@@ -88,7 +88,7 @@ class Forwarder:
         log_event("forwarder_started", listen=str(listen) if listen.path else
                   f"{self.address[0]}:{self.address[1]}" if self.address else "",
                   target=self.config.parsed_target.url, loop=loop_name(loop),
-                  proxy=f"{proxy.masked} (from {proxy.source})" if proxy else "none")
+                  **({"proxy": proxy.masked, "proxy_from": proxy.source} if proxy else {}))
 
     async def serve_forever(self) -> None:
         if self._state == "new":

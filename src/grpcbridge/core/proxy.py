@@ -218,7 +218,7 @@ def refusal_message(proxy: ProxyURL, status: int, reason: str, host: str, port: 
     """Why an HTTP proxy's answer ``status`` to ``CONNECT host:port`` means no tunnel."""
     destination = _host_port(host, port)
     answered = f"proxy {proxy.address} answered HTTP {status}" + (f" {reason}" if reason else "")
-    if status == 407:
+    if status in (401, 407):  # tinyproxy answers wrong credentials with 401
         hint = ("the user:password in the proxy URL were refused" if proxy.username is not None
                 else "give user:password in the proxy URL")
         return f"{answered}: proxy authentication required ({hint})"
