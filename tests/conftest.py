@@ -3,12 +3,19 @@ suite's timing factor (support.TIMING) scales pytest-timeout's limit of every te
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
 from support import TIMING, kill_all_processes, snapshot, wait_until
+
+# Clients read the proxy variables by default: those of the machine running the suite must not
+# send its loopback tunnels through a proxy (tests/client/test_proxy.py sets them on purpose).
+for _name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+    os.environ.pop(_name, None)
+    os.environ.pop(_name.upper(), None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

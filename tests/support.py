@@ -21,7 +21,9 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -203,6 +205,38 @@ def cli(args: Sequence[str], **kwargs: object) -> Iterator[Process]:
         process.stop()
         if process in _PROCESSES:
             _PROCESSES.remove(process)
+
+
+def warm_up_grpc_and_uvloop() -> None:
+    """grpcio creates process-wide threads and descriptors on first use, and so does uvloop
+    (libuv keeps two descriptors for the process): call this (in a module-scoped fixture)
+    before any ``leak_check`` snapshot is taken."""
+    import grpc
+
+    from grpcbridge.loops import loop_factory
+
+    loop_factory("uvloop")().close()
+    executor = ThreadPoolExecutor(2)
+    server = grpc.server(executor)
+    server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    server.stop(None).wait()
+    executor.shutdown()
+
+
+def tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A fresh trustme CA and a certificate it signed for 127.0.0.1 and localhost, written to
+    ``directory``: ``(ca.pem, cert.pem, key.pem)``."""
+    import trustme
+
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    ca_pem, cert_pem, key_pem = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    for i, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(cert_pem), append=i > 0)
+    leaf.private_key_pem.write_to_path(str(key_pem))
+    return ca_pem, cert_pem, key_pem
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,22 @@ from pathlib import Path
 
 import grpc
 import pytest
-import trustme
 from todo_oracle import OracleServicer, serve
 from todo_oracle import process as oracle_process
 
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
 
 import support
-from support import GRPC_OPTIONS, MiB, Process, cli, start_cli, timing, wait_until
+from support import (
+    GRPC_OPTIONS,
+    MiB,
+    Process,
+    cli,
+    start_cli,
+    timing,
+    tls_files,
+    wait_until,
+)
 
 #: Timeout for calls that are expected to succeed: only there to turn a hang into a failure.
 CALL_TIMEOUT = timing(30.0)
@@ -496,13 +504,7 @@ def test_backend_killed_mid_stream(leak_check: None, stub: Stub, bridge: Process
 def test_tls_bridge_and_forwarder(
     leak_check: None, tmp_path: Path, backend: tuple[OracleServicer, int]
 ) -> None:
-    ca = trustme.CA()
-    leaf = ca.issue_cert("127.0.0.1", "localhost")
-    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    for i, blob in enumerate(leaf.cert_chain_pems):
-        blob.write_to_path(str(cert_pem), append=i > 0)
-    leaf.private_key_pem.write_to_path(str(key_pem))
+    ca_pem, cert_pem, key_pem = tls_files(tmp_path)
 
     with cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend[1]}",
               "--certfile", str(cert_pem), "--keyfile", str(key_pem)]) as secure_bridge:

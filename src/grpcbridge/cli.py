@@ -139,7 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="demand wss:// (a ws:// target is then an error)")
     forward.add_argument("--cacert", help="PEM CA bundle to verify a wss:// bridge")
     forward.add_argument("--handshake-timeout", type=float, default=10.0,
-                         help="seconds for connect + TLS + upgrade (default: 10)")
+                         help="seconds for connect + proxy CONNECT + TLS + upgrade "
+                              "(default: 10)")
+    proxy = forward.add_mutually_exclusive_group()
+    proxy.add_argument("--proxy", metavar="URL",
+                       help="dial through this proxy: http://[user:password@]host:port "
+                            "(HTTP CONNECT), socks5://, socks5h:// or socks4://; default: "
+                            "$https_proxy (wss://) or $http_proxy (ws://), else $all_proxy, "
+                            "unless $no_proxy lists the target (credentials are safer there "
+                            "than in argv)")
+    proxy.add_argument("--no-proxy", action="store_true",
+                       help="dial directly, ignoring the proxy variables")
     _add_common(forward)
 
     demo = commands.add_parser(
@@ -187,10 +197,15 @@ def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
         if not sep:
             raise ConfigError(f"--header {item!r} must look like Name:value")
         headers[name.strip()] = value.strip()
+    if args.proxy is not None and "@" in args.proxy:
+        logging.getLogger("grpcbridge").warning(
+            "the proxy credentials given in --proxy can be read by local users in the process "
+            "list; put the proxy URL in $https_proxy or $http_proxy instead")
     return ForwarderConfig(
         target=args.target, listen=args.listen, tls=True if args.tls else None,
         cacert=args.cacert, headers=headers, bearer_token=_token(args),
         subprotocols=args.subprotocol, origin=args.origin,
+        proxy=None if args.no_proxy else True if args.proxy is None else args.proxy,
         handshake_timeout=args.handshake_timeout, max_message_bytes=args.max_message_bytes,
         buffer_bytes=args.buffer_bytes, ping_interval=args.ping_interval,
         idle_timeout=args.idle_timeout,

@@ -52,7 +52,7 @@ from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 from grpcbridge.loops import loop_factory
 
-from support import MiB, eventually
+from support import MiB, eventually, warm_up_grpc_and_uvloop
 
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.1, min_connect_timeout=5)
 LIST = todo_pb2.ListTodosRequest()
@@ -64,17 +64,7 @@ SLOW_STREAM = todo_pb2.StreamTodosRequest(repeat=10_000, interval_ms=20)
 
 @pytest.fixture(scope="module", autouse=True)
 def _grpc_warmed_up() -> None:
-    """grpcio creates process-wide threads and descriptors on first use, and so does uvloop
-    (libuv keeps two descriptors for the process); do that before any ``leak_check``
-    snapshot is taken."""
-    uvloop_loop = loop_factory("uvloop")()
-    uvloop_loop.close()
-    executor = ThreadPoolExecutor(2)
-    server = grpc.server(executor)
-    server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    server.stop(None).wait()
-    executor.shutdown()
+    warm_up_grpc_and_uvloop()
 
 
 @pytest.fixture

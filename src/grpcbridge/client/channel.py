@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl as ssl_module
 from collections.abc import Mapping, Sequence
 from typing import Never
@@ -12,6 +13,7 @@ from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 
 from ..channel_core import CoreChannel, check_options, reject_unknown_options
 from ..core.config import ReconnectPolicy
+from ..core.proxy import FROM_ENVIRONMENT, ProxySetting, resolve_proxy
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, CloseCode
 from ..core.target import parse_target
 from ..pipe import Pipe
@@ -77,7 +79,10 @@ class Channel(CoreChannel[_TunnelConnection]):
     (a ``wss://`` target without it uses the system CAs). ``headers``, ``bearer_token``
     (``Authorization: Bearer``), ``subprotocols`` and ``origin`` go on the upgrade request.
     ``handshake_timeout``: seconds for TCP connect, TLS and the WebSocket handshake
-    (default: ``reconnect.min_connect_timeout``, 20 s).
+    (default: ``reconnect.min_connect_timeout``, 20 s; a proxy's CONNECT included).
+    ``proxy``: by default the ``https_proxy``/``http_proxy``/``all_proxy``/``no_proxy``
+    variables, read once, here; a URL (``http://user:password@host:3128``,
+    ``socks5://host:1080``) to always use; ``None`` for none (:mod:`grpcbridge.core.proxy`).
 
     Shared with :class:`grpcbridge.browser.Channel` (:mod:`grpcbridge.channel_core`): a
     dropped tunnel fails in-flight RPCs with ``UNAVAILABLE`` naming its close code; the next
@@ -100,6 +105,7 @@ class Channel(CoreChannel[_TunnelConnection]):
         bearer_token: str | None = None,
         subprotocols: Sequence[str] = (),
         origin: str | None = None,
+        proxy: ProxySetting = FROM_ENVIRONMENT,
         handshake_timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         buffer_bytes: int = DEFAULT_BUFFER_BYTES,
@@ -126,6 +132,7 @@ class Channel(CoreChannel[_TunnelConnection]):
                                              else None),
             headers=options.headers, bearer_token=bearer_token,
             subprotocols=options.subprotocols, origin=origin,
+            proxy=resolve_proxy(parsed, proxy, os.environ),
             handshake_timeout=options.handshake_timeout,
             max_message_bytes=max_message_bytes, buffer_bytes=buffer_bytes)
 

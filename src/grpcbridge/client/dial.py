@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
+from python_socks.async_.asyncio import Proxy
 from websockets.client import ClientProtocol
 from websockets.http11 import Response
 from websockets.protocol import OPEN
@@ -14,6 +17,7 @@ from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
 from ..core.errors import HandshakeError
+from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target
 from ..relay import Tunnel, WebSocketSide, websockets_logger
@@ -34,6 +38,8 @@ class DialSettings:
     bearer_token: str | None = None
     subprotocols: Sequence[str] = ()
     origin: str | None = None
+    #: Proxy to dial through (already resolved: see :mod:`grpcbridge.core.proxy`), or None.
+    proxy: ProxyURL | None = None
     handshake_timeout: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -57,8 +63,11 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
     """Connect ``tunnel``'s WebSocket side and complete the opening handshake within
     ``within`` seconds (default: ``settings.handshake_timeout``).
 
-    Raises :class:`HandshakeError` (refused, unreachable, TLS failure or timeout); the
-    tunnel is then already being torn down, so callers only report the error.
+    Through ``settings.proxy`` when set (TLS, for wss://, is then end to end with the
+    bridge); ``within`` covers the proxy's CONNECT too.
+
+    Raises :class:`HandshakeError` (refused, unreachable, TLS failure, proxy refusal or
+    timeout); the tunnel is then already being torn down, so callers only report the error.
     """
     target = settings.target
     within = settings.handshake_timeout if within is None else within
@@ -74,13 +83,7 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
     tunnel.on_handshake_event = on_event
     try:
         async with asyncio.timeout(within):
-            try:
-                await loop.create_connection(
-                    lambda: WebSocketSide(tunnel, settings.buffer_bytes), target.host,
-                    target.port, ssl=settings.ssl,
-                    server_hostname=target.host if settings.ssl else None)
-            except OSError as exc:
-                raise HandshakeError(f"cannot connect to {target.url}: {exc}") from exc
+            await _connect(tunnel, settings, within)
             request = websocket.connect()
             extra = dict(settings.headers)
             if settings.bearer_token is not None:
@@ -101,8 +104,9 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
                 + (f": {body}" if body else ""), status=answer.status_code)
     except TimeoutError:
         _abandon(tunnel)
+        via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
         raise HandshakeError(
-            f"no WebSocket handshake with {target.url} within {within} s"
+            f"no WebSocket handshake with {target.url}{via} within {within} s"
         ) from None
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)
@@ -111,6 +115,61 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
         tunnel.on_handshake_event = None
     tunnel.dialing = False
     tunnel.websocket_opened()
+
+
+async def _connect(tunnel: Tunnel, settings: DialSettings, within: float) -> None:
+    """Connect ``tunnel``'s WebSocket side (TCP, proxy, TLS), not yet upgraded."""
+    target = settings.target
+    sock = None
+    if settings.proxy is not None:
+        sock = await _proxy_socket(settings.proxy, target.host, target.port, within)
+
+    def side() -> WebSocketSide:
+        return WebSocketSide(tunnel, settings.buffer_bytes)
+
+    tls, hostname = settings.ssl, target.host if settings.ssl else None
+    try:
+        if sock is None:
+            await tunnel.loop.create_connection(side, target.host, target.port, ssl=tls,
+                                                server_hostname=hostname)
+        else:
+            await tunnel.loop.create_connection(side, sock=sock, ssl=tls,
+                                                server_hostname=hostname)
+    except OSError as exc:
+        via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
+        raise HandshakeError(f"cannot connect to {target.url}{via}: {exc}") from exc
+    finally:
+        if sock is not None and tunnel.ws_transport is None:
+            sock.close()  # the TLS handshake failed, or was cancelled
+
+
+_PROXY_TYPES = {"http": ProxyType.HTTP, "socks5": ProxyType.SOCKS5, "socks4": ProxyType.SOCKS4}
+
+
+async def _proxy_socket(proxy: ProxyURL, host: str, port: int, within: float) -> socket.socket:
+    """A socket connected to ``host:port`` through ``proxy`` (python-socks: HTTP CONNECT,
+    SOCKS5 or SOCKS4). Messages name the proxy by address only: never its password."""
+    dialer = Proxy(_PROXY_TYPES[proxy.kind], proxy.host, proxy.port, username=proxy.username,
+                   password=proxy.password, rdns=proxy.remote_dns,
+                   loop=asyncio.get_running_loop())
+    try:
+        return await dialer.connect(host, port, timeout=within)
+    except ProxyConnectionError as exc:
+        cause = exc.__cause__ or exc
+        raise HandshakeError(
+            f"cannot connect to proxy {proxy.address} (from {proxy.source}): {cause}"
+        ) from None
+    except ProxyTimeoutError:
+        raise TimeoutError from None
+    except ProxyError as exc:
+        status = exc.error_code if proxy.kind == "http" else None
+        if status is not None:
+            reason = str(exc).removeprefix(str(status)).strip()
+            message = refusal_message(proxy, status, reason, host, port)
+        else:  # a SOCKS refusal, or an HTTP proxy that closed or answered garbage
+            message = (f"{proxy.kind.upper()} proxy {proxy.address} opened no tunnel to "
+                       f"{host}:{port}: {exc}")
+        raise HandshakeError(message, proxy_status=status) from None
 
 
 def _abandon(tunnel: Tunnel) -> None:

@@ -36,7 +36,7 @@ class Forwarder:
             target=target,
             ssl=client_ssl_context(config.cacert) if target.secure else None,
             headers=config.headers, bearer_token=config.bearer_token,
-            subprotocols=config.subprotocols, origin=config.origin,
+            subprotocols=config.subprotocols, origin=config.origin, proxy=config.parsed_proxy,
             handshake_timeout=config.handshake_timeout,
             max_message_bytes=config.max_message_bytes, buffer_bytes=config.buffer_bytes)
         self._listener = Listener(config.listen_address)
@@ -84,9 +84,11 @@ class Forwarder:
         self._keepalive = loop.create_task(keepalive_forever(
             lambda: [t for t in self._tunnels if t.is_open],
             self.config.ping_interval, self.config.idle_timeout))
+        proxy = self.config.parsed_proxy
         log_event("forwarder_started", listen=str(listen) if listen.path else
                   f"{self.address[0]}:{self.address[1]}" if self.address else "",
-                  target=self.config.parsed_target.url, loop=loop_name(loop))
+                  target=self.config.parsed_target.url, loop=loop_name(loop),
+                  **({"proxy": proxy.masked, "proxy_from": proxy.source} if proxy else {}))
 
     async def serve_forever(self) -> None:
         if self._state == "new":

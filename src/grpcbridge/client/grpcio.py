@@ -107,7 +107,7 @@ async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
     """A ``grpc.aio.Channel`` reaching the WebSocket ``target`` (must run in the event loop
     that uses it). ``options`` are grpcio channel options; ``tunnel`` takes
     :class:`~grpcbridge.ForwarderConfig` fields (``bearer_token``, ``headers``, ``cacert``,
-    ``subprotocols``, ``handshake_timeout``...)."""
+    ``subprotocols``, ``proxy``, ``handshake_timeout``...)."""
     directory, path = _private_socket()
     try:
         forwarder = await _start_forwarder(target, path, tunnel)

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks
 from .errors import ConfigError
 from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET, check_bytes
+from .proxy import FROM_ENVIRONMENT, ProxySetting, ProxyURL, resolve_proxy
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .target import SocketAddress, Target, parse_address, parse_target
 from .wire import TOKEN_CHARS
@@ -310,7 +311,11 @@ class ForwarderConfig:
     subprotocols: Sequence[str] = ()
     #: Origin header to send, if any.
     origin: str | None = None
-    #: Seconds for TCP connect + TLS + WebSocket handshake.
+    #: Proxy to dial through: ``True`` reads ``https_proxy``/``http_proxy``/``all_proxy``/
+    #: ``no_proxy`` when the config is built, a URL (``http://user:password@host:port``,
+    #: ``socks5://...``) is always used, ``None`` means none (:mod:`grpcbridge.core.proxy`).
+    proxy: ProxySetting = field(default=FROM_ENVIRONMENT, repr=False)
+    #: Seconds for TCP connect + proxy CONNECT + TLS + WebSocket handshake.
     handshake_timeout: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
@@ -321,9 +326,12 @@ class ForwarderConfig:
 
     parsed_target: Target = field(init=False, repr=False)
     listen_address: SocketAddress = field(init=False, repr=False)
+    #: The proxy ``proxy`` resolved to (its ``repr`` hides the password), or None.
+    parsed_proxy: ProxyURL | None = field(init=False)
 
     def __post_init__(self) -> None:
         target = parse_target(self.target, tls=self.tls)
+        object.__setattr__(self, "parsed_proxy", resolve_proxy(target, self.proxy, os.environ))
         listen = parse_address(self.listen, what="listen", allow_port_zero=True)
         _positive("handshake_timeout", self.handshake_timeout)
         _check_keepalive(self.ping_interval, self.idle_timeout)

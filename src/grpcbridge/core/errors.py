@@ -18,10 +18,13 @@ class TargetError(ConfigError):
 class HandshakeError(GrpcBridgeError):
     """The WebSocket opening handshake failed (refused, timed out or unreachable)."""
 
-    def __init__(self, message: str, *, status: int | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None,
+                 proxy_status: int | None = None) -> None:
         super().__init__(message)
         #: HTTP status of the server's refusal, when the server answered with one.
         self.status = status
+        #: HTTP status of an HTTP proxy's refusal of CONNECT (407, 403, 502...).
+        self.proxy_status = proxy_status
 
 
 class TunnelClosed(GrpcBridgeError):
