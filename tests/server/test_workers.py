@@ -17,9 +17,11 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import psutil
 import pytest
+from grpclib.exceptions import GRPCError
 from hostile import todo_service
 
 import grpcbridge
@@ -69,6 +71,14 @@ def served(bridge: Process) -> Counter[str]:
     return Counter(match.group(1) for match in found if match)
 
 
+def exited(bridge: Process, timeout: float) -> int:
+    """Wait for the supervisor to exit and for the last of its output; its exit code."""
+    code = bridge.popen.wait(timing(timeout))
+    assert bridge.pump is not None
+    bridge.pump.join(timing(5))  # EOF once the workers, which share the pipe, are gone too
+    return code
+
+
 def workers(bridge: Process) -> list[psutil.Process]:
     return psutil.Process(bridge.pid).children()
 
@@ -97,6 +107,21 @@ async def until_both_served(bridge: Process) -> int:
     await eventually(both, 30, interval=0,
                      message=lambda: f"after {calls} calls, served by {served(bridge)}")
     return calls
+
+
+async def started_stream(stack: contextlib.AsyncExitStack, channel: grpcbridge.Channel,
+                         seconds: float) -> Any:
+    """A StreamTodos call on ``channel`` that lasts about ``seconds`` (one todo every 50 ms)
+    and has sent its first message."""
+    stub = TodoServiceStub(channel)
+    await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="streamed"))
+    todos = len((await stub.ListTodos(todo_pb2.ListTodosRequest())).todos)
+    stream = await stack.enter_async_context(stub.StreamTodos.open())
+    repeat = max(1, round(seconds / 0.05 / todos))  # the oracle's store grows test by test
+    await stream.send_message(todo_pb2.StreamTodosRequest(repeat=repeat, interval_ms=50),
+                              end=True)
+    assert await stream.recv_message() is not None
+    return stream
 
 
 async def test_two_workers_share_the_port_and_metrics_sum_them(todo_port: int) -> None:
@@ -158,13 +183,7 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
             async def both_hold_one() -> bool:
                 channel = grpcbridge.Channel(bridge.url)
                 channels.append(channel)
-                stub = TodoServiceStub(channel)
-                await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="drain me"))
-                stream = await stack.enter_async_context(stub.StreamTodos.open())
-                await stream.send_message(
-                    todo_pb2.StreamTodosRequest(repeat=20, interval_ms=50), end=True)
-                assert await stream.recv_message() is not None
-                streams.append(stream)
+                streams.append(await started_stream(stack, channel, 1.0))
                 now = served(bridge) - before
                 return len(now) == 2
 
@@ -181,7 +200,7 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
         for channel in channels:
             channel.close()
         started = time.monotonic()
-        bridge.popen.wait(timing(10))
+        exited(bridge, 10)
         print(f"\nexit {time.monotonic() - started:.2f} s after the last tunnel closed")
     finally:
         for channel in channels:
@@ -192,14 +211,43 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
+async def test_a_second_signal_kills_the_workers_at_once(todo_port: int) -> None:
+    """A stream keeps its worker draining for up to 60 s; a second SIGTERM ends that."""
+    bridge = start_cli(serve_args(todo_port, "--drain-timeout", "60"))
+    metrics_of(bridge)
+    pids = [child.pid for child in workers(bridge)]
+    seconds = float("inf")
+    with contextlib.suppress(GRPCError):  # the stream's tunnel dies with its worker
+        async with grpcbridge.Channel(bridge.url) as channel, \
+                contextlib.AsyncExitStack() as stack:
+            await started_stream(stack, channel, 3600)
+            bridge.popen.send_signal(signal.SIGTERM)
+            bridge.wait_for_line(r"bridge_draining .*tunnels=1 ")
+            started = time.monotonic()
+            bridge.popen.send_signal(signal.SIGTERM)
+            exited(bridge, 10)
+            seconds = time.monotonic() - started
+    assert seconds < timing(5), f"exit took {seconds:.2f} s after the second signal"
+    assert "supervisor_killing" in bridge.output()
+    assert "SIGKILL" in bridge.output()
+    assert not any(psutil.pid_exists(pid) for pid in pids)
+
+
 def test_workers_exit_when_the_supervisor_is_killed(todo_port: int) -> None:
     with cli(serve_args(todo_port)) as bridge:
         metrics_of(bridge)
         children = workers(bridge)
         bridge.popen.kill()
-        _gone, alive = psutil.wait_procs(children, timeout=timing(10))
-        assert not alive, bridge.output()
-        assert bridge.output().count("supervisor_gone") == 2
+
+        def ended(child: psutil.Process) -> bool:  # a zombie waits for init to reap it
+            with contextlib.suppress(psutil.NoSuchProcess):
+                return child.status() == psutil.STATUS_ZOMBIE
+            return True
+
+        wait_until(lambda: all(ended(child) for child in children), 10,
+                   message=lambda: bridge.output())
+        wait_until(lambda: bridge.output().count("supervisor_gone") == 2, 5,
+                   message=lambda: bridge.output())
 
 
 def test_gives_up_after_repeated_crashes(todo_port: int) -> None:
@@ -217,7 +265,7 @@ def test_gives_up_after_repeated_crashes(todo_port: int) -> None:
 
         for _ in range(5):  # the fifth exit within a minute: give up
             wait_until(kill_a_worker, 10, message=lambda: bridge.output())
-        bridge.popen.wait(timing(15))
+        exited(bridge, 15)
     assert bridge.popen.returncode == 1
     assert "workers_gave_up" in bridge.output()
     assert bridge.output().count("worker_restarting") == 4
