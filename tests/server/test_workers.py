@@ -233,10 +233,11 @@ async def test_a_second_signal_kills_the_workers_at_once(todo_port: int) -> None
     assert not any(psutil.pid_exists(pid) for pid in pids)
 
 
-def test_workers_exit_when_the_supervisor_is_killed(todo_port: int) -> None:
+def test_workers_exit_when_the_supervisor_is_killed_and_the_next_cleans_up(todo_port: int) -> None:
     with cli(serve_args(todo_port)) as bridge:
         metrics_of(bridge)
         children = workers(bridge)
+        metrics_dir = children[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
         bridge.popen.kill()
 
         def ended(child: psutil.Process) -> bool:  # a zombie waits for init to reap it
@@ -248,6 +249,10 @@ def test_workers_exit_when_the_supervisor_is_killed(todo_port: int) -> None:
                    message=lambda: bridge.output())
         wait_until(lambda: bridge.output().count("supervisor_gone") == 2, 5,
                    message=lambda: bridge.output())
+    assert os.path.isdir(metrics_dir)  # left behind by the killed supervisor
+    with cli(serve_args(todo_port)) as bridge:  # the next one removes it
+        metrics_of(bridge)
+        assert not os.path.exists(metrics_dir)
 
 
 def test_gives_up_after_repeated_crashes(todo_port: int) -> None:

@@ -14,7 +14,7 @@ up and exits 1), passes SIGTERM/SIGINT on to every worker (each drains for
 ``--drain-timeout``; a second signal kills them) and serves the one ``--metrics-listen``:
 workers record into prometheus-client's multiprocess files in a directory the supervisor
 creates (``PROMETHEUS_MULTIPROC_DIR``, in the worker's environment before it imports
-prometheus-client) and removes at exit.
+prometheus-client) and removes at exit (or, killed, the next supervisor does).
 
 Per-client limits (tunnels, upgrades per minute, memory budgets) are kept by each worker for
 the connections it accepted: they hold per worker.
@@ -53,6 +53,34 @@ from .http import HttpServer, probe_handler
 #: Environment variable naming a worker's inherited descriptors: ``LISTEN_FD,CONTROL_FD,INDEX``.
 WORKER_ENV = "GRPCBRIDGE_WORKER"
 _READY = b"ready\n"
+
+
+_METRICS_PREFIX = "grpcbridge-metrics-"
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that died without removing them
+    (SIGKILL): ``grpcbridge-metrics-<pid>-*`` in the temporary directory, ours, with no
+    process ``<pid>``."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(root):
+            pid = entry.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+            if (entry.name.startswith(_METRICS_PREFIX) and pid.isdigit()
+                    and entry.is_dir(follow_symlinks=False)
+                    and entry.stat(follow_symlinks=False).st_uid == os.getuid()
+                    and not _alive(int(pid))):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def parse_workers(value: str) -> int:
@@ -197,7 +225,8 @@ class Supervisor:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self._sock = bind_listener(self.config.listen_address)
-        self._metrics_dir = tempfile.mkdtemp(prefix="grpcbridge-metrics-")
+        remove_stale_metrics_dirs()
+        self._metrics_dir = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-")
         MultiProcessCollector(self.registry, path=self._metrics_dir)  # type: ignore[no-untyped-call]
         metrics_server: HttpServer | None = None
         slots: list[asyncio.Task[None]] = []
