@@ -7,6 +7,11 @@ so the driver can sample the relays' CPU times exactly around it):
 * ``conc``    -- grpc.aio client, N concurrent in-flight unary calls on one channel, for a
   fixed duration: completed calls per second.
 * ``stream``  -- grpc.aio bidi echo of fixed-size messages for a fixed duration: MiB/s.
+
+With ``--channels K`` (conc, stream) the client opens K channels, each its own connection
+(hence its own tunnel through a forwarder): conc spreads its N calls over them, stream runs
+one bidi stream on each at once (throughput summed). Tunnels are what ``serve --workers``
+spreads over its processes.
 * ``tunnels`` -- opens raw WebSocket tunnels (websockets asyncio client, no compression) to a
   bridge, each doing the HTTP/2 preface + SETTINGS exchange with the backend, and holds them
   open; stops at each checkpoint so the driver can read the bridge's RSS.
@@ -20,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from echo_server import GRPC_OPTIONS, STREAM, UNARY, raise_nofile_limit
@@ -94,20 +101,36 @@ def run_seq(target: str, calls: int, warmup: int, size: int) -> None:
 # -------------------------------------------------------------------------- conc
 
 
+@contextlib.asynccontextmanager
+async def open_channels(target: str, count: int) -> AsyncIterator[list[Any]]:
+    """``count`` ready grpc.aio channels, each with its own connection (a local subchannel
+    pool; grpcio otherwise shares one connection between channels with equal settings)."""
+    import grpc
+
+    options = (GRPC_OPTIONS if count == 1
+               else [*GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)])
+    async with contextlib.AsyncExitStack() as stack:
+        channels = [await stack.enter_async_context(
+            grpc.aio.insecure_channel(target, options=options)) for _ in range(count)]
+        await asyncio.wait_for(
+            asyncio.gather(*(channel.channel_ready() for channel in channels)), 30)
+        yield channels
+
+
 async def run_conc(target: str, concurrency: int, duration: float, warmup: float,
-                   size: int) -> None:
+                   size: int, channels: int) -> None:
     import grpc
 
     payload = os.urandom(size)
-    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 15)
-        unary = channel.unary_unary(UNARY)
+    async with open_channels(target, channels) as opened:
+        unaries = [channel.unary_unary(UNARY) for channel in opened]
         done = 0
         errors = 0
         stop_at = 0.0
 
-        async def worker() -> None:
+        async def worker(index: int) -> None:
             nonlocal done, errors
+            unary = unaries[index % len(unaries)]
             while time.perf_counter() < stop_at:
                 try:
                     await unary(payload, timeout=30)
@@ -117,14 +140,14 @@ async def run_conc(target: str, concurrency: int, duration: float, warmup: float
                     done += 1
 
         stop_at = time.perf_counter() + warmup
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         emit({"ready": True, "warmup_calls": done})
         await wait_go_async()
         done = errors = 0
         cpu0 = time.process_time()
         t0 = time.perf_counter()
         stop_at = t0 + duration
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
         elapsed = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         emit({"result": {
@@ -167,18 +190,20 @@ async def _stream_once(channel: Any, payload: bytes, duration: float) -> tuple[i
     return sent, received, elapsed
 
 
-async def run_stream(target: str, size: int, duration: float, warmup: float) -> None:
-    import grpc
-
+async def run_stream(target: str, size: int, duration: float, warmup: float,
+                     channels: int) -> None:
     payload = os.urandom(size)
-    async with grpc.aio.insecure_channel(target, options=GRPC_OPTIONS) as channel:
-        await asyncio.wait_for(channel.channel_ready(), 15)
-        await _stream_once(channel, payload, warmup)
+    async with open_channels(target, channels) as opened:
+        await asyncio.gather(*(_stream_once(channel, payload, warmup) for channel in opened))
         emit({"ready": True})
         await wait_go_async()
         cpu0 = time.process_time()
-        sent, received, elapsed = await _stream_once(channel, payload, duration)
+        results = await asyncio.gather(
+            *(_stream_once(channel, payload, duration) for channel in opened))
         cpu = time.process_time() - cpu0
+        sent = sum(result[0] for result in results)
+        received = sum(result[1] for result in results)
+        elapsed = max(result[2] for result in results)
         emit({"result": {
             "message_bytes": size,
             "bytes_sent": sent,
@@ -287,6 +312,8 @@ def main() -> None:
     parser.add_argument("--warmup-calls", type=int, default=200)
     parser.add_argument("--size", type=int, default=16, help="payload bytes")
     parser.add_argument("--concurrency", type=int, default=200)
+    parser.add_argument("--channels", type=int, default=1,
+                        help="conc, stream: channels (connections) to spread the load over")
     parser.add_argument("--duration", type=float, default=4.0)
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds")
     parser.add_argument("--checkpoints", default="20,1000,2000,3000,4000,5020")
@@ -297,9 +324,10 @@ def main() -> None:
         run_seq(args.target, args.calls, args.warmup_calls, args.size)
     elif args.mode == "conc":
         asyncio.run(run_conc(args.target, args.concurrency, args.duration, args.warmup,
-                             args.size))
+                             args.size, args.channels))
     elif args.mode == "stream":
-        asyncio.run(run_stream(args.target, args.size, args.duration, args.warmup))
+        asyncio.run(run_stream(args.target, args.size, args.duration, args.warmup,
+                               args.channels))
     else:
         checkpoints = [int(c) for c in args.checkpoints.split(",")]
         asyncio.run(run_tunnels(args.target, checkpoints, args.batch, args.timeout))

@@ -5,6 +5,7 @@
     C  client -> grpcbridge forward -> websockify -> server                (reference relay)
     D  client -> tcp_relay.py -> tcp_relay.py -> server      (diagnostic: 2 plain asyncio hops)
     E  as B, with bridge and forwarder on uvloop (--loop uvloop)   (--paths ABCDE)
+    W  as B, with the bridge as `grpcbridge serve --workers 2`           (--paths BW)
 
 Every party is its own process (client, forwarder, bridge/websockify, server), so nothing
 shares a GIL. The server is benchmarks/echo_server.py (grpc.aio, raw-bytes echo defined with
@@ -13,6 +14,9 @@ generic handlers: no protobuf in the figures). Metrics:
 * sequential unary echo latency (sync grpcio client, 16-byte payload): p50 / p99;
 * 200-way concurrent unary echo rate (grpc.aio, one channel, fixed duration);
 * bidi streaming echo throughput with 64 KiB messages (grpc.aio, fixed duration);
+* with ``--channels K`` both spread over K channels, each its own connection and so its own
+  tunnel (the concurrent calls round-robin, one stream per channel): what ``--workers``
+  needs to spread the load over its processes (one tunnel is served by one worker);
 * relay CPU time (utime + stime of each relay process tree, from psutil) per unit of work;
 * bridge RSS per idle tunnel with thousands of tunnels open, each with a live HTTP/2
   connection to the backend (fresh bridge process; load from a separate process).
@@ -23,7 +27,7 @@ their median is reported, which keeps them meaningful on a busy machine.
 
 Usage: .venv/bin/python benchmarks/relay.py [--quick] [--rounds N] [--paths ABCDE]
                                             [--modes seq,conc,stream] [--skip-rss]
-                                            [--tunnels N] [--profile]
+                                            [--tunnels N] [--profile] [--channels K]
 Prints a markdown report and writes benchmarks/results/relay-<timestamp>.json.
 """
 
@@ -66,9 +70,10 @@ RELAY_FLAGS = ["--max-upgrades-per-minute", "0", "--max-connections-per-client",
 #: Which processes are "the relay" on each path (names of watched processes).
 PATH_RELAYS = {"A": [], "B": ["bridge", "forwarder_b"], "C": ["websockify", "forwarder_c"],
                "D": ["tcp_relay_1", "tcp_relay_2"], "E": ["bridge_uv", "forwarder_e"],
-               "O": ["bridge_o", "forwarder_o"]}
+               "O": ["bridge_o", "forwarder_o"], "W": ["bridge_w", "forwarder_w"]}
 PATH_NAMES = {"A": "direct", "B": "grpcbridge", "C": "websockify", "D": "2 plain TCP relays",
-              "E": "grpcbridge, both relays on uvloop", "O": "grpcbridge at --baseline"}
+              "E": "grpcbridge, both relays on uvloop", "O": "grpcbridge at --baseline",
+              "W": "grpcbridge, serve --workers 2"}
 
 TARGETS = [
     # (key, description, kind, threshold)
@@ -95,6 +100,8 @@ class Settings:
     stream_warmup: float
     tunnel_checkpoints: list[int]
     tunnel_batch: int
+    #: Channels (connections, hence tunnels) the conc and stream loads are spread over.
+    channels: int = 1
 
 
 FULL = Settings(rounds=5, seq_calls=2000, seq_warmup=200, unary_size=16, concurrency=200,
@@ -267,11 +274,12 @@ def run_worker(rig: Rig, mode: str, path: str) -> dict[str, Any]:
         budget = 120.0
     elif mode == "conc":
         argv += ["--concurrency", str(s.concurrency), "--duration", str(s.conc_duration),
-                 "--warmup", str(s.conc_warmup), "--size", str(s.unary_size)]
+                 "--warmup", str(s.conc_warmup), "--size", str(s.unary_size),
+                 "--channels", str(s.channels)]
         budget = s.conc_duration + 120
     else:
         argv += ["--duration", str(s.stream_duration), "--warmup", str(s.stream_warmup),
-                 "--size", str(s.stream_size)]
+                 "--size", str(s.stream_size), "--channels", str(s.channels)]
         budget = s.stream_duration + 120
     worker = rig.procs.start(f"client-{mode}-{path}", argv, stdin=True)
     try:
@@ -404,11 +412,11 @@ def _median(values: Sequence[float]) -> float:
 METRICS = [
     ("seq", "p50_us", "sequential unary p50 (µs, {unary_size} B)", 0),
     ("seq", "p99_us", "sequential unary p99 (µs)", 0),
-    ("conc", "rate", "{concurrency}-way concurrent unary (calls/s)", 0),
-    ("stream", "mib_per_s", "bidi stream echo, {stream_kib} KiB msgs (MiB/s each way)", 1),
+    ("conc", "rate", "{concurrency}-way concurrent unary{over} (calls/s)", 0),
+    ("stream", "mib_per_s", "bidi stream echo, {stream_kib} KiB msgs{over} (MiB/s each way)", 1),
 ]
 RATIO_PAIRS = [("B", "A"), ("B", "C"), ("C", "A"), ("D", "A"), ("B", "D"), ("E", "A"),
-               ("E", "B"), ("B", "O")]
+               ("E", "B"), ("B", "O"), ("W", "B")]
 #: Target key -> (metric, field, numerator path, denominator path)
 TARGET_SOURCES = {
     "stream_vs_direct": ("stream", "mib_per_s", "B", "A"),
@@ -480,7 +488,8 @@ def markdown(summary: dict[str, Any], paths: str, rss: dict[str, Any] | None,
     lines = ["| metric (median of rounds) | " + " | ".join(head + pairs) + " |",
              "|---|" + "---:|" * (len(paths) + len(pairs))]
     names = {"unary_size": settings.unary_size, "concurrency": settings.concurrency,
-             "stream_kib": settings.stream_size // KiB}
+             "stream_kib": settings.stream_size // KiB,
+             "over": f" over {settings.channels} tunnels" if settings.channels > 1 else ""}
     for mode, key, label, digits in METRICS:
         metric = f"{mode}_{key}"
         cells = [_fmt(med[p][metric], digits) for p in paths]
@@ -570,6 +579,22 @@ def relay_argv(profile_dir: Path | None, name: str, args: list[str]) -> list[str
             "-m", "grpcbridge.cli", *args]
 
 
+def start_bridge_path(procs: Processes, names: Sequence[str], server_port: int,
+                      bridge_flags: Sequence[str], profile_dir: Path | None,
+                      both_flags: Sequence[str] = ()) -> tuple[Proc, Proc]:
+    """A bridge (``grpcbridge serve`` plus ``bridge_flags``) to the echo server and a
+    forwarder to it, named ``names`` (bridge, forwarder); ``both_flags`` go to both."""
+    bridge_name, forwarder_name = names
+    bridge = procs.start(bridge_name, relay_argv(profile_dir, bridge_name, [
+        "serve", "--backend", f"127.0.0.1:{server_port}", *both_flags, *bridge_flags,
+        "--listen", "127.0.0.1:0", "--path", "/grpc", *RELAY_FLAGS]))
+    bridge_port = listening_port(bridge, pattern=r"bridge_started listen=ws://[^:]+:(\d+)")
+    forwarder = procs.start(forwarder_name, relay_argv(profile_dir, forwarder_name, [
+        "forward", "--target", f"ws://127.0.0.1:{bridge_port}/grpc", *both_flags,
+        "--listen", "127.0.0.1:0", *RELAY_FLAGS[-2:]]))
+    return bridge, forwarder
+
+
 def source_tree(commit: str | None, workdir: Path) -> tuple[dict[str, str], dict[str, Any]]:
     """Environment for the relay processes and a description of the code they run: the
     working tree (default), or ``git archive <commit>`` unpacked under ``workdir``."""
@@ -648,9 +673,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="few iterations (smoke run)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument("--paths", default="ABCD",
-                        help="subset of ABCDEO (default: ABCD; D = two plain TCP relays, "
+                        help="subset of ABCDEOW (default: ABCD; D = two plain TCP relays, "
                         "E = B with the bridge on uvloop, which must be importable, "
-                        "O = B from --baseline REV)")
+                        "O = B from --baseline REV, W = B with serve --workers 2)")
+    parser.add_argument("--channels", type=int, default=1,
+                        help="spread the conc and stream loads over this many channels, "
+                             "each its own tunnel (default: 1)")
     parser.add_argument("--modes", default="seq,conc,stream",
                         help="comma-separated subset of seq,conc,stream")
     parser.add_argument("--skip-rss", action="store_true", help="skip the idle-tunnel test")
@@ -669,10 +697,11 @@ def main() -> int:
     settings = QUICK if args.quick else FULL
     if args.rounds:
         settings.rounds = args.rounds
+    settings.channels = args.channels
     if args.tunnels:
         settings.tunnel_checkpoints = [20, *range(20 + 1000, 20 + args.tunnels, 1000),
                                        20 + args.tunnels]
-    paths = "".join(p for p in "ABCDEO" if p in args.paths.upper())
+    paths = "".join(p for p in "ABCDEOW" if p in args.paths.upper())
     modes = [m for m in ("seq", "conc", "stream") if m in args.modes.split(",")]
     run = begin_run("grpcbridge-bench-", args.commit, machine())
     stamp, results_dir, logdir, relay_env, info = (run.stamp, run.results_dir, run.logdir,
@@ -695,17 +724,12 @@ def main() -> int:
             server_port = int(match.group(1))
             watched: dict[str, Proc] = {"server": server}
             targets = {"A": f"127.0.0.1:{server_port}"}
-            if "B" in paths:
-                bridge = procs.start("bridge", relay_argv(profile_dir, "bridge", [
-                    "serve", "--backend", f"127.0.0.1:{server_port}",
-                    "--listen", "127.0.0.1:0", "--path", "/grpc", *RELAY_FLAGS]))
-                bridge_port = listening_port(
-                    bridge, pattern=r"bridge_started listen=ws://[^:]+:(\d+)")
-                forwarder = procs.start("forwarder_b", relay_argv(profile_dir, "forwarder_b", [
-                    "forward", "--target", f"ws://127.0.0.1:{bridge_port}/grpc",
-                    "--listen", "127.0.0.1:0", *RELAY_FLAGS[-2:]]))
-                targets["B"] = f"127.0.0.1:{listening_port(forwarder)}"
-                watched |= {"bridge": bridge, "forwarder_b": forwarder}
+            for path, flags in (("B", []), ("W", ["--workers", "2"])):
+                if path in paths:
+                    bridge, forwarder = start_bridge_path(
+                        procs, PATH_RELAYS[path], server_port, flags, profile_dir)
+                    targets[path] = f"127.0.0.1:{listening_port(forwarder)}"
+                    watched |= {bridge.name: bridge, forwarder.name: forwarder}
             if "C" in paths:
                 # Plain relay: no --web, no heartbeat, no token/auth plugins, no TLS. It
                 # forks one process per connection (its default server engine).
@@ -745,12 +769,8 @@ def main() -> int:
                 watched |= {"bridge_o": bridge_o, "forwarder_o": forwarder_o}
             if "E" in paths:
                 # B with both relays on uvloop (`--loop uvloop`, the `speed` extra).
-                bridge_uv = procs.start("bridge_uv", relay_argv(None, "bridge_uv", [
-                    "serve", "--backend", f"127.0.0.1:{server_port}", "--loop", "uvloop",
-                    "--listen", "127.0.0.1:0", "--path", "/grpc", *RELAY_FLAGS]))
-                forwarder_e = procs.start("forwarder_e", relay_argv(None, "forwarder_e", [
-                    "forward", "--target", f"ws://127.0.0.1:{listening_port(bridge_uv)}/grpc",
-                    "--loop", "uvloop", "--listen", "127.0.0.1:0", *RELAY_FLAGS[-2:]]))
+                bridge_uv, forwarder_e = start_bridge_path(
+                    procs, PATH_RELAYS["E"], server_port, [], None, ["--loop", "uvloop"])
                 targets["E"] = f"127.0.0.1:{listening_port(forwarder_e)}"
                 watched |= {"bridge_uv": bridge_uv, "forwarder_e": forwarder_e}
             log(f"targets: {targets}; logs in {logdir}")

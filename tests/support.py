@@ -315,3 +315,57 @@ def sample(bridge: Any, name: str, **labels: str) -> float:
     """A metric sample of an in-process bridge (0 when absent)."""
     value = bridge.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
+
+
+async def http_get(host: str, port: int, path: str) -> str:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        lengths = re.findall(rb"(?im)^content-length:\s*(\d+)", head)
+        assert len(lengths) == 1, f"want one Content-Length: {head!r}"
+        length = int(lengths[0])
+        return (await reader.readexactly(length)).decode()
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+class Metrics:
+    """Scrapes the /metrics of a ``grpcbridge serve`` subprocess (of its supervisor under
+    ``--workers N``: the line that names a metrics port)."""
+
+    def __init__(self, bridge: Process) -> None:
+        line = bridge.wait_for_line(r"bridge_started .*metrics=\S+:\d+")
+        host, port = re.search(r"metrics=(\S+):(\d+)", line).groups()  # type: ignore[union-attr]
+        self.host, self.port = host, int(port)
+
+    async def scrape(self) -> dict[str, float]:
+        text = await http_get(self.host, self.port, "/metrics")
+        samples: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        return samples
+
+    async def settled(self, tunnels: int) -> dict[str, float]:
+        """The metrics once no tunnel is active and ``tunnels`` have been counted as closed
+        (or as they are after 15 s)."""
+        samples: dict[str, float] = {}
+
+        async def done() -> bool:
+            nonlocal samples
+            samples = await self.scrape()
+            return samples.get("grpcbridge_tunnels_active") == 0 and closed(samples) == tunnels
+
+        await eventually(done, 15, interval=0.1, fail=False)
+        return samples
+
+
+def closed(samples: dict[str, float]) -> int:
+    """Tunnels counted as closed, over all close codes."""
+    return int(sum(value for name, value in samples.items()
+                   if name.startswith("grpcbridge_tunnels_closed_total{")))

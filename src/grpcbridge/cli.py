@@ -11,7 +11,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth
@@ -22,6 +23,7 @@ from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .loops import LOOP_NAMES, run, tune_allocator
 from .observability import configure_logging
 from .server.bridge import Bridge
+from .server.workers import Supervisor, WorkerLink, parse_workers
 
 TOKEN_ENV = "GRPCBRIDGE_TOKEN"
 
@@ -96,20 +98,28 @@ def build_parser() -> argparse.ArgumentParser:
                             "bridge.example.com:8080, *.example.com, * = any; default: any")
     serve.add_argument("--subprotocol", action="append", default=None, metavar="NAME",
                        help="subprotocol to echo when offered (repeatable; default: grpcbridge)")
+    serve.add_argument("--workers", type=parse_workers, default=1, metavar="N|auto",
+                       help="processes serving the one --listen address (auto: one per core); "
+                            "a supervisor restarts a crashed one, passes SIGTERM on to all "
+                            "and serves --metrics-listen summed over all. The limits below "
+                            "then hold per worker: each counts only the connections it "
+                            "accepted (default: 1)")
     serve.add_argument("--client-memory-budget", type=int,
                        default=DEFAULT_CLIENT_MEMORY_BUDGET, metavar="BYTES",
                        help="bytes one client may make the bridge hold in unfinished messages "
                             "and buffers, over all its tunnels; the tunnel that goes over "
-                            "closes with 1008 (default: 48 MiB; 0: unlimited)")
+                            "closes with 1008 (default: 48 MiB; 0: unlimited; per worker)")
     serve.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET,
                        metavar="BYTES",
-                       help="the same for all clients together (default: 2 GiB; 0: unlimited)")
+                       help="the same for all clients together (default: 2 GiB; 0: unlimited; "
+                            "per worker)")
     serve.add_argument("--max-connections", type=int, default=10_000,
-                       help="active tunnels in total, 503 beyond (0: unlimited)")
+                       help="active tunnels in total, 503 beyond (0: unlimited; per worker)")
     serve.add_argument("--max-connections-per-client", type=int, default=200,
-                       help="active tunnels per client, 429 beyond (0: unlimited)")
+                       help="active tunnels per client, 429 beyond (0: unlimited; per worker)")
     serve.add_argument("--max-upgrades-per-minute", type=int, default=600,
-                       help="upgrades per client per sliding minute, 429 beyond (0: unlimited)")
+                       help="upgrades per client per sliding minute, 429 beyond (0: unlimited; "
+                            "per worker)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="proxy whose X-Forwarded-For is believed (repeatable)")
     serve.add_argument("--drain-timeout", type=float, default=10.0,
@@ -212,9 +222,14 @@ def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
     )
 
 
-async def _run_until_signalled(server: Bridge | Forwarder) -> None:
+async def _run_until_signalled(server: Bridge | Forwarder,
+                               worker: WorkerLink | None = None) -> None:
     loop = asyncio.get_running_loop()
-    await server.start()
+    if worker is not None:
+        assert isinstance(server, Bridge)
+        await worker.start(server)
+    else:
+        await server.start()
     stopping: list[asyncio.Task[None]] = []
 
     def stop(signame: str) -> None:
@@ -232,14 +247,22 @@ async def _run_until_signalled(server: Bridge | Forwarder) -> None:
         await server.close()
         for task in stopping:
             await task
+        if worker is not None:
+            worker.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # A worker of `serve --workers N`: its supervisor serves the metrics and counts workers.
+    worker = WorkerLink.from_environment() if args.command == "serve" else None
+    if worker is not None:
+        args.metrics_listen, args.workers = None, 1
     level = args.log_level or ("warning" if getattr(args, "terminal", False) else "info")
     configure_logging(json_lines=getattr(args, "log_json", False),
-                      level=getattr(logging, level.upper()))
+                      level=getattr(logging, level.upper()),
+                      common=None if worker is None else {"worker": worker.index,
+                                                          "pid": os.getpid()})
     try:
         if args.command == "demo":
             if args.terminal:
@@ -249,20 +272,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .demo.web import run_from_args
 
             return run_from_args(args)
-        server: Bridge | Forwarder = (
-            Bridge(_bridge_config(args)) if args.command == "serve"
-            else Forwarder(_forwarder_config(args)))
+        job: Coroutine[Any, Any, int | None]
+        if args.command == "serve" and args.workers > 1:
+            supervisor = Supervisor(_bridge_config(args),
+                                    sys.argv[1:] if argv is None else argv, args.workers)
+            job = supervisor.run()
+        else:
+            server: Bridge | Forwarder = (
+                Bridge(_bridge_config(args)) if args.command == "serve"
+                else Forwarder(_forwarder_config(args)))
+            job = _run_until_signalled(server, worker)
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     tune_allocator()
     try:
-        run(_run_until_signalled(server), args.loop)
+        code = run(job, args.loop)
     except ConfigError as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     except OSError as exc:
         print(f"grpcbridge {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 Log events go to the ``grpcbridge`` logger as records with an ``event`` name and ``fields``;
 :func:`configure_logging` renders them one per line as ``key=value`` pairs or JSON.
 Metrics live in a per-instance Prometheus registry so several bridges in one process (tests,
-ASGI apps) never collide.
+ASGI apps) never collide. Under ``grpcbridge serve --workers N`` each worker process records
+into prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the
+supervisor before the worker starts) and the supervisor serves their sum.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ def log_event(event: str, level: int = logging.INFO, /, **fields: Any) -> None:
 
 
 class _EventFormatter(logging.Formatter):
-    def __init__(self, as_json: bool) -> None:
+    def __init__(self, as_json: bool, common: dict[str, Any]) -> None:
         super().__init__()
         self.as_json = as_json
+        self.common = common
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = dict(getattr(record, "fields", {}))
+        fields.update(self.common)
         event = getattr(record, "event", None)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
         stamp += f".{int(record.msecs):03d}Z"
@@ -42,9 +46,9 @@ class _EventFormatter(logging.Formatter):
             document: dict[str, Any] = {"time": stamp, "level": record.levelname.lower()}
             if event is not None:
                 document["event"] = event
-                document.update(fields)
             else:
                 document["message"] = record.getMessage()
+            document.update(fields)
             if record.exc_info:
                 document["exception"] = self.formatException(record.exc_info)
             return json.dumps(document, default=str, ensure_ascii=False)
@@ -63,10 +67,12 @@ def _logfmt(value: Any) -> str:
     return text
 
 
-def configure_logging(*, json_lines: bool = False, level: int = logging.INFO) -> None:
-    """Send grpcbridge's events to stderr, one per line (``key=value`` or JSON)."""
+def configure_logging(*, json_lines: bool = False, level: int = logging.INFO,
+                      common: dict[str, Any] | None = None) -> None:
+    """Send grpcbridge's events to stderr, one per line (``key=value`` or JSON); ``common``
+    fields (a worker's ``worker`` and ``pid``) end every line."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_EventFormatter(json_lines))
+    handler.setFormatter(_EventFormatter(json_lines, dict(common or {})))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
     logger.propagate = False
@@ -78,8 +84,10 @@ class BridgeMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # livesum: summed over the live workers in multiprocess mode (ignored otherwise).
         self.tunnels_active = Gauge(
-            "grpcbridge_tunnels_active", "Tunnels currently open.", registry=r)
+            "grpcbridge_tunnels_active", "Tunnels currently open.", registry=r,
+            multiprocess_mode="livesum")
         self.tunnels_closed = Counter(
             "grpcbridge_tunnels_closed", "Tunnels closed, by WebSocket close code.",
             ["code"], registry=r)

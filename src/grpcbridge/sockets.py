@@ -50,7 +50,11 @@ class Listener:
     forwarder use it: a stale unix socket file is replaced (never another kind of file), the
     bound TCP address is known after :meth:`start`, and :meth:`close` stops accepting, waits
     (bounded) for the server to close and removes the unix socket file. Closing is
-    idempotent."""
+    idempotent.
+
+    ``start(sock=...)`` serves a socket bound and listening already (a worker of
+    ``grpcbridge serve --workers N`` gets it from its supervisor): the listener owns it from
+    then on, but never removes its unix socket file, which the supervisor owns."""
 
     #: Seconds :meth:`close` waits for the server to finish closing.
     CLOSE_WAIT = 5.0
@@ -63,10 +67,19 @@ class Listener:
         self.bound: tuple[str, int] | None = None
 
     async def start(self, factory: Callable[[], asyncio.BaseProtocol], *,
-                    ssl: SSLContext | None = None) -> None:
+                    ssl: SSLContext | None = None, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         address = self.address
-        if address.path is not None:
+        if sock is not None:
+            if sock.family == socket.AF_UNIX:
+                self._server = await loop.create_unix_server(factory, sock=sock, ssl=ssl,
+                                                             backlog=1024)
+            else:
+                self._server = await loop.create_server(factory, sock=sock, ssl=ssl,
+                                                        backlog=1024)
+                host, port = sock.getsockname()[:2]
+                self.bound = (host, port)
+        elif address.path is not None:
             remove_stale_socket(address.path)
             self._server = await loop.create_unix_server(factory, address.path, ssl=ssl,
                                                          backlog=1024)

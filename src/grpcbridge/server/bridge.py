@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -28,7 +28,7 @@ from ..observability import BridgeMetrics, log_event
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import Listener
 from .gate import Admitted, Gate, single_host
-from .http import HttpServer, RequestHead, answer_malformed
+from .http import HttpServer, RequestHead, answer_malformed, probe_handler
 from .session import TunnelSession
 from .static import StaticSite
 
@@ -198,8 +198,11 @@ class Bridge:
         """Every connection the bridge holds state for (including handshakes)."""
         return len(self._sessions)
 
-    async def start(self) -> None:
-        """Bind the listeners. Raises :class:`OSError` if an address is taken."""
+    async def start(self, *, sock: socket.socket | None = None) -> None:
+        """Bind the listeners. Raises :class:`OSError` if an address is taken.
+
+        ``sock``: serve this socket (bound to ``config.listen`` and listening already)
+        instead of binding one; the bridge owns it from then on."""
         if self._state != "new":
             raise InvalidStateError(
                 f"start() called on a bridge that is {self._state}; a Bridge starts once: "
@@ -215,10 +218,11 @@ class Bridge:
         try:
             await self.backend.start()
             self._backend_started = True
-            await self._listener.start(self._protocol_factory, ssl=self._ssl)
+            await self._listener.start(self._protocol_factory, ssl=self._ssl, sock=sock)
             self.address = self._listener.bound
             if config.metrics_address is not None:
-                self._metrics_server = HttpServer(self._http_handler)
+                self._metrics_server = HttpServer(
+                    probe_handler(self.metrics.registry, self._not_ready))
                 metrics = config.metrics_address
                 assert metrics.host is not None and metrics.port is not None
                 self.metrics_address = await self._metrics_server.start(
@@ -511,17 +515,11 @@ class Bridge:
         """Whether a tunnel opened now would reach the backend."""
         return await self.backend.reachable()
 
-    async def _http_handler(self, path: str) -> tuple[int, str, bytes]:
-        text = "text/plain; charset=utf-8"
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self.metrics.registry)
-        if path == "/healthz":
-            return 200, text, b"ok\n"
-        if path == "/readyz":
-            if self._state == "running" and await self.backend_reachable():
-                return 200, text, b"ready\n"
-            return 503, text, b"backend unreachable\n"
-        return 404, text, b"not found; try /metrics, /healthz or /readyz\n"
+    async def _not_ready(self) -> str | None:
+        """Why ``/readyz`` answers 503, or None when it answers 200."""
+        if self._state == "running" and await self.backend_reachable():
+            return None
+        return "backend unreachable"
 
 
 def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | None:

@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import cast
 
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.exceptions import RequestLineTooLong
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
@@ -18,6 +19,27 @@ from ..relay import websockets_logger
 Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
 _END_OF_HEAD = b"\r\n\r\n"
+_TEXT = "text/plain; charset=utf-8"
+
+
+def probe_handler(registry: CollectorRegistry,
+                  not_ready: Callable[[], Awaitable[str | None]]) -> Handler:
+    """The handler of a metrics listener: ``/metrics`` from ``registry``, ``/healthz``, and
+    ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives."""
+
+    async def handle(path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
+        if path == "/healthz":
+            return 200, _TEXT, b"ok\n"
+        if path == "/readyz":
+            reason = await not_ready()
+            if reason is None:
+                return 200, _TEXT, b"ready\n"
+            return 503, _TEXT, f"{reason}\n".encode()
+        return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
+
+    return handle
 
 
 class RequestHead:
