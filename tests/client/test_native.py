@@ -528,7 +528,7 @@ def test_loop_choices_are_validated() -> None:
 def test_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "uvloop", None)  # what `import uvloop` sees without it
     assert loop_factory("auto") is asyncio.new_event_loop
-    with pytest.raises(grpcbridge.ConfigError, match=r"pip install 'grpcbridge\[speed\]'"):
+    with pytest.raises(grpcbridge.ConfigError, match=r"pip install uvloop"):
         loop_factory("uvloop")
 
 
