@@ -40,6 +40,7 @@ from websockets.server import ServerProtocol
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode, message_too_big_reason
 from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine
+from .observability import log_event
 from .relay import SocketTunnel, flush_handshake
 
 #: picows logs protocol errors at ERROR and every connection at INFO; the tunnel's own
@@ -69,7 +70,7 @@ _NO_STATUS = 1005
 _CLOSE_CODES = {int(code.value): code for code in WSCloseCode}
 
 
-def _close_payload(code: int, reason: str) -> tuple[WSCloseCode | None, bytes]:
+def _close_reason(reason: str) -> bytes:
     data = reason.encode()[:123]
     while data:  # never cut a character in two
         try:
@@ -77,7 +78,7 @@ def _close_payload(code: int, reason: str) -> tuple[WSCloseCode | None, bytes]:
             break
         except UnicodeDecodeError:
             data = data[:-1]
-    return _CLOSE_CODES.get(code), data
+    return data
 
 
 class _Listener(WSListener):
@@ -99,6 +100,13 @@ class _Listener(WSListener):
         self.tunnel.machine.websocket_opened()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        try:
+            self._frame(transport, frame)
+        except Exception as exc:  # a bug: picows would send 1011 with nothing logged
+            log_event("tunnel_failed", logging.ERROR, error=repr(exc))
+            self.tunnel.machine.fail(CloseCode.INTERNAL_ERROR, "internal error")
+
+    def _frame(self, transport: WSTransport, frame: WSFrame) -> None:
         tunnel = self.tunnel
         self.frames += 1
         if frame.last_in_buffer:
@@ -115,7 +123,7 @@ class _Listener(WSListener):
         tunnel.other_frame(frame)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.tunnel.ws_lost(None)
+        self.tunnel.ws_lost(None)  # _Protocol.connection_lost makes sure of it too
 
     def pause_writing(self) -> None:
         self.tunnel.machine.websocket_write_paused()
@@ -161,8 +169,18 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         listener = self.listener
         listener.frames = 0
         tunnel.partial += nbytes
+        ws = tunnel.ws
+        tunnel.closed_before = ws is not None and ws.is_close_frame_sent
         super().buffer_updated(nbytes)
+        # picows may have doubled its buffer in there: account for what it holds now.
+        tunnel.buffer_size = tunnel.partial + len(WSProtocol.get_buffer(self, -1))
         tunnel.read_done(listener.frames)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:  # picows skips on_ws_disconnected for a connection it never upgraded
+            self.tunnel.ws_lost(exc)
 
     def feed(self, chunks: Iterable[bytes]) -> None:
         """Deliver bytes as if read from the socket."""
@@ -184,6 +202,7 @@ class PicowsTunnel(SocketTunnel):
     __slots__ = (
         "__weakref__",
         "buffer_size",
+        "closed_before",
         "failed",
         "fragment",
         "max_message_bytes",
@@ -204,6 +223,8 @@ class PicowsTunnel(SocketTunnel):
         self.fragment = -1
         #: A close frame was sent for a violation or received: later frames are ignored.
         self.failed = False
+        #: picows had sent a close frame before the current read.
+        self.closed_before = False
         #: Bytes of an incomplete frame in picows' read buffer, and that buffer's size.
         self.partial = 0
         self.buffer_size = 0
@@ -237,24 +258,37 @@ class PicowsTunnel(SocketTunnel):
                    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
                    b"Sec-WebSocket-Key: " + key.encode("ascii") + b"\r\n\r\n")
         protocol.feed([request, *early])
-        if eof and not self.machine.ws_lost:
-            transport.close()
+        if eof:
+            self._finish_handshake()
 
     # ------------------------------------------------------------- frames, reads
 
     def other_frame(self, frame: WSFrame) -> None:
         """Every frame but a whole binary message without reserved bits."""
-        machine = self.machine
         ws = self.ws
-        if ws is not None and ws.is_close_frame_sent and machine.close_code is None:
+        if ws is not None and ws.is_close_frame_sent and self.machine.close_code is None:
             # picows closed for a framing error (a frame over the size limit, a bad opcode)
-            # but goes on parsing until it disconnects: record its code, ignore the rest.
-            self.failed = True
-            handshake = ws.close_handshake
-            if handshake is not None and handshake.sent is not None:
-                machine.websocket_closing(int(handshake.sent.code.value), handshake.sent.reason)
-            self._finish_handshake()
+            # but goes on parsing until it disconnects. It parses a frame before delivering
+            # the previous one: the last frame of the read in which it closed was whole and
+            # valid, the rest is ignored.
+            if frame.last_in_buffer and not self.closed_before:
+                self.frame_rules(frame)
+            self.picows_closed()
             return
+        self.frame_rules(frame)
+
+    def picows_closed(self) -> None:
+        """picows sent a close frame itself and disconnects in a moment, after reading on
+        (closing now, with its frame's payload unread, would reset the connection and lose
+        the close frame); :meth:`ws_lost` then records its code. The close deadline covers a
+        peer that never reads the close frame."""
+        if self.failed or self.ws is None or self.machine.close_code is not None:
+            return
+        self.failed = True
+        self.machine.websocket_flushing()
+
+    def frame_rules(self, frame: WSFrame) -> None:
+        machine = self.machine
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
             machine.fail(CloseCode.PROTOCOL_ERROR, "reserved bits must be 0")
             return
@@ -292,6 +326,10 @@ class PicowsTunnel(SocketTunnel):
         payload = frame.get_payload_as_bytes()  # picows checked the code and the UTF-8
         code = int.from_bytes(payload[:2], "big") if payload else _NO_STATUS
         reason = payload[2:].decode()
+        if payload and not (1000 <= code <= 1003 or 1007 <= code <= 1014
+                            or 3000 <= code <= 4999):  # picows lets 0, 1006, >= 5000 by
+            self.machine.fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+            return
         if not ws.is_close_frame_sent:  # the peer began: answer with its code (RFC 6455)
             if payload:
                 self.send_close(code, reason)
@@ -311,6 +349,9 @@ class PicowsTunnel(SocketTunnel):
     def read_done(self, frames: int) -> None:
         """After each read: idle-timeout activity, the loop's turn and the memory budget."""
         machine = self.machine
+        ws = self.ws
+        if ws is not None and ws.is_close_frame_sent and not self.failed:
+            self.picows_closed()  # no frame came after picows' close to tell us
         machine.received(frames, self.partial)
         if frames > FRAMES_PER_TURN and machine.close_code is None:
             self._yield_turn()
@@ -356,11 +397,7 @@ class PicowsTunnel(SocketTunnel):
         ws = self.ws
         if ws is None or ws.is_close_frame_sent or self.failed:
             return
-        known, data = _close_payload(code, reason)
-        if known is not None:
-            ws.send_close(known, data)
-        else:
-            ws.send(_CLOSE, code.to_bytes(2, "big") + data)
+        ws.send_close(_CLOSE_CODES.get(code, code), _close_reason(reason))  # type: ignore[arg-type]
 
     def fail_websocket(self, code: int, reason: str) -> None:
         self.send_close(code, reason)

@@ -180,3 +180,26 @@ async def test_oversized_single_frame_is_1009_and_never_reaches_backend(
         assert await client.close_code() == 1009
     await eventually(lambda: backend.eofs == 1)
     assert b"z" not in backend.received and b"after" not in backend.received
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+async def test_frame_before_a_violation_in_the_same_write_still_arrives(
+        engine: str, backend: RawBackend, tmp_path: Path) -> None:
+    async with bridge_client(engine, backend, tmp_path) as (_bridge, client):
+        bad = bytearray(Frame(Opcode.BINARY, b"bad").serialize(mask=True, extensions=[]))
+        bad[0] = (bad[0] & 0xF0) | 0x3  # a reserved opcode
+        client.send_raw(Frame(Opcode.BINARY, b"keep-me").serialize(mask=True, extensions=[])
+                        + bytes(bad))
+        assert await client.close_code() == 1002
+    await eventually(lambda: backend.eofs == 1)
+    assert backend.received == b"keep-me"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("code", [1006, 1005, 5000, 999])
+async def test_close_with_an_invalid_code_is_1002(engine: str, code: int,
+                                                  backend: RawBackend, tmp_path: Path) -> None:
+    async with bridge_client(engine, backend, tmp_path) as (_bridge, client):
+        client.send_raw(Frame(Opcode.CLOSE, code.to_bytes(2, "big"))
+                        .serialize(mask=True, extensions=[]))
+        assert await client.close_code() == 1002

@@ -452,7 +452,9 @@ class Bridge:
         decision = await self.gate.check(path=path, query=query, headers=headers,
                                          peer=session.peer,
                                          websocket=_upgrade_requested(request), now=loop.time())
-        if self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost:
+        transport = tunnel.ws_transport
+        if (self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost
+                or tunnel.close_code is not None or transport is None or transport.is_closing()):
             # the client left during the check
             if not isinstance(decision, Rejection):
                 self.gate.release(decision, loop.time())
