@@ -154,7 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     proxy = forward.add_mutually_exclusive_group()
     proxy.add_argument("--proxy", metavar="URL",
                        help="dial through this proxy: http://[user:password@]host:port "
-                            "(HTTP CONNECT), socks5://, socks5h:// or socks4://; default: "
+                            "(HTTP CONNECT), socks5://, socks5h://, socks4:// or socks4a://; "
+                            "default: "
                             "$https_proxy (wss://) or $http_proxy (ws://), else $all_proxy, "
                             "unless $no_proxy lists the target (credentials are safer there "
                             "than in argv)")
@@ -282,9 +283,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 Bridge(_bridge_config(args)) if args.command == "serve"
                 else Forwarder(_forwarder_config(args)))
             job = _run_until_signalled(server, worker)
+            tune_allocator()  # the relaying processes (not the supervisor)
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
-    tune_allocator()
     try:
         code = run(job, args.loop)
     except ConfigError as exc:

@@ -39,7 +39,7 @@ from websockets.server import ServerProtocol
 
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode, message_too_big_reason
-from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine
+from .core.tunnel import TunnelMachine
 from .observability import log_event
 from .relay import SocketTunnel, flush_handshake
 
@@ -100,27 +100,25 @@ class _Listener(WSListener):
         self.tunnel.machine.websocket_opened()
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        tunnel = self.tunnel
         try:
-            self._frame(transport, frame)
+            self.frames += 1
+            if frame.last_in_buffer:
+                tunnel.partial = frame.tail_size
+            if tunnel.failed:
+                return
+            if (frame.msg_type is _BINARY and frame.fin and tunnel.fragment < 0
+                    and not (frame.rsv1 or frame.rsv2 or frame.rsv3
+                             or transport.is_close_frame_sent)):
+                if frame.payload_size:
+                    tunnel.machine.data(frame.get_payload_as_bytes())
+                else:
+                    tunnel.machine.empty_frame()
+                return
+            tunnel.other_frame(frame)
         except Exception as exc:  # a bug: picows would send 1011 with nothing logged
             log_event("tunnel_failed", logging.ERROR, error=repr(exc))
-            self.tunnel.machine.fail(CloseCode.INTERNAL_ERROR, "internal error")
-
-    def _frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        tunnel = self.tunnel
-        self.frames += 1
-        if frame.last_in_buffer:
-            tunnel.partial = frame.tail_size
-        if tunnel.failed:
-            return
-        if (frame.msg_type is _BINARY and frame.fin and tunnel.fragment < 0
-                and not (frame.rsv1 or frame.rsv2 or frame.rsv3 or transport.is_close_frame_sent)):
-            if frame.payload_size:
-                tunnel.machine.data(frame.get_payload_as_bytes())
-            else:
-                tunnel.machine.empty_frame()
-            return
-        tunnel.other_frame(frame)
+            tunnel.machine.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.tunnel.ws_lost(None)  # _Protocol.connection_lost makes sure of it too
@@ -157,8 +155,6 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
 
     def get_buffer(self, size_hint: int) -> memoryview:
         view = cast(memoryview, super().get_buffer(size_hint))
-        tunnel = self.tunnel
-        tunnel.buffer_size = tunnel.partial + len(view)
         # picows doubles its buffer whenever a read fills it, so a fast sender would grow
         # it without bound (it never shrinks): reads stay at READ_CHUNK, and the buffer at
         # about twice the largest frame plus one read.
@@ -210,8 +206,6 @@ class PicowsTunnel(SocketTunnel):
         "websocket",
         "ws",
     )
-
-    CLOSE_TIMEOUT = CLOSE_TIMEOUT
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol, *,
                  stream_name: str, max_message_bytes: int) -> None:

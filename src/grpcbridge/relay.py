@@ -2,8 +2,9 @@
 
 Used by the bridge (WebSocket from a client, stream to the backend) and the forwarder
 (stream from a local gRPC client, WebSocket to a bridge). Both sides are callback-level
-asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol, so there is no
-coroutine, queue or task per message.
+asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`;
+the bridge's TCP listeners use picows instead, :mod:`grpcbridge.fastws`, on the same
+:class:`SocketTunnel` transport half), so there is no coroutine, queue or task per message.
 
 Memory stays bounded in both directions: every transport's write buffer has a high-water
 mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
@@ -33,9 +34,8 @@ from websockets.protocol import Protocol as WebSocketProtocol
 
 from .core.limits import FRAMES_PER_TURN, BudgetAccount
 from .core.stream import CloseCode, Opcode
-from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine, TunnelState
+from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine, TunnelState, TunnelView
 
-logger = logging.getLogger("grpcbridge")
 #: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
 #: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
 websockets_logger = logging.getLogger("grpcbridge.websockets")
@@ -43,7 +43,6 @@ websockets_logger.setLevel(logging.WARNING)
 
 _BINARY = WsOpcode.BINARY
 _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
-_SEND_EOF = b""
 #: A last frame smaller than this is not worth charging to the memory budget.
 _RETAINED_MIN = 64 * 1024
 
@@ -57,7 +56,7 @@ def flush_handshake(websocket: WebSocketProtocol, transport: asyncio.Transport |
             websocket.data_to_send()  # the peer is gone: nothing to write to
         return
     for chunk in websocket.data_to_send():
-        if chunk is _SEND_EOF or not chunk:
+        if not chunk:  # websockets' end-of-stream marker
             transport.close()
             machine.websocket_flushing()
         else:
@@ -66,8 +65,9 @@ def flush_handshake(websocket: WebSocketProtocol, transport: asyncio.Transport |
 
 class StreamOwner(Protocol):
     """What the stream side of a tunnel (a socket's :class:`StreamSide`, or an in-process
-    :class:`~grpcbridge.pipe.Pipe`) needs from its tunnel. Implemented by :class:`Tunnel`
-    (websockets sans-I/O) and by the ASGI app's tunnel."""
+    :class:`~grpcbridge.pipe.Pipe`) needs from its tunnel. Implemented by
+    :class:`StreamAdapter`, so by :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel`
+    and the ASGI app's tunnel."""
 
     loop: asyncio.AbstractEventLoop
 
@@ -90,7 +90,7 @@ class StreamOwner(Protocol):
         """Largest WebSocket message this side accepts (None: no limit)."""
 
 
-class StreamAdapter:
+class StreamAdapter(TunnelView):
     """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
     an asyncio stream transport (a backend connection, a local client, or a
     :class:`~grpcbridge.pipe.Pipe`), implements :class:`StreamOwner` for it, arms the
@@ -109,26 +109,6 @@ class StreamAdapter:
         self.closed: asyncio.Future[None] = loop.create_future()
 
     # ------------------------------------------------------------- the machine's view
-
-    @property
-    def close_code(self) -> int | None:
-        return self.machine.close_code
-
-    @property
-    def close_reason(self) -> str:
-        return self.machine.close_reason
-
-    @property
-    def bytes_from_websocket(self) -> int:
-        return self.machine.bytes_from_websocket
-
-    @property
-    def bytes_to_websocket(self) -> int:
-        return self.machine.bytes_to_websocket
-
-    @property
-    def opened_at(self) -> float:
-        return self.machine.opened_at
 
     @property
     def account(self) -> BudgetAccount | None:
@@ -255,6 +235,9 @@ class SocketTunnel(StreamAdapter):
 
     __slots__ = ("_ws_yielding", "ws_transport")
 
+    #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
+    CLOSE_TIMEOUT = CLOSE_TIMEOUT
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.ws_transport: asyncio.Transport | None = None
@@ -323,8 +306,6 @@ class Tunnel(SocketTunnel):
         "websocket",
     )
 
-    #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
-    CLOSE_TIMEOUT = CLOSE_TIMEOUT
 
     def __init__(
         self,

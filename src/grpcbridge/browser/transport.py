@@ -54,7 +54,7 @@ from grpclib.exceptions import StreamTerminatedError
 from .._grpclib_compat import open_streams, release_finished_streams
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
 from ..core.stream import DEFAULT_MAX_MESSAGE_BYTES, CloseCode, Opcode, message_too_big_reason
-from ..core.tunnel import TunnelMachine
+from ..core.tunnel import TunnelMachine, TunnelView
 from ..core.wire import COALESCE_LIMIT
 from . import _ffi
 
@@ -154,7 +154,7 @@ def _close_reason(text: str) -> str:
     return encoded[:120].decode(errors="ignore") + "..."
 
 
-class WebSocketTransport(asyncio.Transport):
+class WebSocketTransport(asyncio.Transport, TunnelView):
     """An asyncio transport over a JavaScript ``WebSocket`` (browser, worker or Node).
 
     Create it inside Pyodide's running event loop, await :meth:`wait_open`, then
@@ -260,15 +260,6 @@ class WebSocketTransport(asyncio.Transport):
         return f"<WebSocketTransport {self.name} {state}>"
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def close_code(self) -> int | None:
-        """Close code once closing began (ours, the peer's or the network's)."""
-        return self.machine.close_code
-
-    @property
-    def close_reason(self) -> str:
-        return self.machine.close_reason
 
     @property
     def websocket(self) -> Any:

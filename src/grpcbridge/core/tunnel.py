@@ -110,6 +110,36 @@ class TunnelIO(Protocol):
         """Both sides are gone: the tunnel reached :attr:`TunnelState.CLOSED`."""
 
 
+class TunnelView:
+    """What an adapter shows of its machine (``self.machine``): why and when it closed, and
+    the bytes it carried. A mixin for :class:`TunnelMachine` adapters."""
+
+    __slots__ = ()
+
+    machine: TunnelMachine
+
+    @property
+    def close_code(self) -> int | None:
+        """Close code once closing began (ours, the peer's or the network's)."""
+        return self.machine.close_code
+
+    @property
+    def close_reason(self) -> str:
+        return self.machine.close_reason
+
+    @property
+    def bytes_from_websocket(self) -> int:
+        return self.machine.bytes_from_websocket
+
+    @property
+    def bytes_to_websocket(self) -> int:
+        return self.machine.bytes_to_websocket
+
+    @property
+    def opened_at(self) -> float:
+        return self.machine.opened_at
+
+
 class TunnelMachine:
     """State and rules of one tunnel (see the module docstring).
 

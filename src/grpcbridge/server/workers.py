@@ -203,6 +203,9 @@ class Supervisor:
 
     def __init__(self, config: BridgeConfig, argv: Sequence[str], workers: int) -> None:
         self.config = config
+        #: What /readyz dials to tell whether the backend is reachable.
+        self._backend_probe = SocketBackend(str(config.backend_address),
+                                            connect_timeout=config.backend_connect_timeout)
         self.argv = list(argv)
         self.count = workers
         self._workers: dict[int, _Worker] = {}
@@ -383,9 +386,7 @@ class Supervisor:
         ready = sum(1 for worker in self._workers.values() if worker.ready)
         if ready < self.count:
             return f"{ready} of {self.count} workers ready"
-        if not await SocketBackend(self._backend(),
-                                   connect_timeout=self.config.backend_connect_timeout
-                                   ).reachable():
+        if not await self._backend_probe.reachable():
             return "backend unreachable"
         return None
 
