@@ -110,9 +110,13 @@ class Nginx:
             self.popen = subprocess.Popen([*self.command, "-g", "daemon off;"],
                                           stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT)
-        wait_until(lambda: self.popen.poll() is not None or accepts(port), 10,
-                   message=lambda: f"nginx did not listen:\n{self.errors()}")
-        assert self.popen.poll() is None, f"nginx exited:\n{self.errors()}"
+        try:
+            wait_until(lambda: self.popen.poll() is not None or accepts(port), 10,
+                       message=lambda: f"nginx did not listen:\n{self.errors()}")
+            assert self.popen.poll() is None, f"nginx exited:\n{self.errors()}"
+        except BaseException:
+            self.stop()
+            raise
 
     def errors(self) -> str:
         logs = [self.stderr, self.prefix / "logs" / "error.log"]
@@ -178,7 +182,6 @@ class Deployment:
     def active(self) -> int:
         opened, closed = self.tunnels()
         return opened - closed
-
 
 
 def count(process: Process, event: str) -> int:
@@ -313,6 +316,15 @@ def test_timeouts_fit_the_bridge_keepalive() -> None:
 # ------------------------------------------------------------- 2. X-Forwarded-For
 
 
+def peer_and_client(bridge: Process) -> tuple[str, ...]:
+    """The socket peer and the client (the address limits and logs go by) of the first
+    tunnel the bridge accepted."""
+    accepted = r"\bupgrade_accepted\b.*\bpeer=(\S+) client=(\S+)"
+    match = re.search(accepted, bridge.wait_for_line(accepted))
+    assert match is not None
+    return match.groups()
+
+
 async def test_x_forwarded_for_is_believed_from_trusted_nginx_only(
     leak_check: None, tmp_path: Path, backend_port: int
 ) -> None:
@@ -330,11 +342,8 @@ async def test_x_forwarded_for_is_believed_from_trusted_nginx_only(
                     additional_headers={"X-Forwarded-For": "203.0.113.9"},
                     local_addr=("127.0.0.2", 0), open_timeout=timing(10)))
             trusting, other = deployment.bridges
-            accepted = r"\bupgrade_accepted\b.*\bpeer=(\S+) client=(\S+)"
-            line = trusting.wait_for_line(accepted)
-            assert re.search(accepted, line).groups() == ("127.0.0.1", "127.0.0.2"), line  # type: ignore[union-attr]
-            line = other.wait_for_line(accepted)
-            assert re.search(accepted, line).groups() == ("127.0.0.1", "127.0.0.1"), line  # type: ignore[union-attr]
+            assert peer_and_client(trusting) == ("127.0.0.1", "127.0.0.2"), trusting.output()
+            assert peer_and_client(other) == ("127.0.0.1", "127.0.0.1"), other.output()
         for bridge in deployment.bridges:
             assert count(bridge, "upgrade_accepted") == 1, bridge.output()
             assert "203.0.113.9" not in bridge.output()
