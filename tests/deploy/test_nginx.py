@@ -274,6 +274,7 @@ def own_channels(address: str, n: int) -> list[grpc.Channel]:
 
 
 def test_every_rpc_kind_through_nginx(deployment: Deployment, forwarder: Process) -> None:
+    settled(deployment, 0)
     accepted = [count(bridge, "upgrade_accepted") for bridge in deployment.bridges]
     channels = own_channels(forwarder.listen, 2)
     try:
