@@ -127,8 +127,13 @@ class Nginx:
         return path.read_text().splitlines() if path.exists() else []
 
     def workers(self) -> list[psutil.Process]:
-        return [child for child in psutil.Process(self.popen.pid).children()
-                if child.status() != psutil.STATUS_ZOMBIE]
+        """The master's worker processes still running (old ones exit after a reload)."""
+        running = []
+        for child in psutil.Process(self.popen.pid).children():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.status() != psutil.STATUS_ZOMBIE:
+                    running.append(child)
+        return running
 
     def reload(self) -> None:
         """``nginx -s reload``: the signal goes to the master named in the config's pid file."""
