@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -205,6 +206,22 @@ def cli(args: Sequence[str], **kwargs: object) -> Iterator[Process]:
         process.stop()
         if process in _PROCESSES:
             _PROCESSES.remove(process)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for programs that cannot pick their own (port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def warm_up_grpc_and_uvloop() -> None:
