@@ -1,11 +1,11 @@
 """``max_tunnel_age``: tunnels retired with a graceful HTTP/2 GOAWAY while RPCs go on.
 
 Real parts only: in-process bridges with a relayed grpcio backend or an in-process grpclib
-one, ``grpcbridge.Channel`` clients, and grpcio through ``grpcbridge serve`` and
-``grpcbridge forward`` subprocesses. A bidirectional stream lives across several tunnel
-ages while unary calls run without pause: no RPC fails, and the clients opened a new tunnel
-after each GOAWAY. Past the grace, an RPC still open on a retired tunnel fails with
-UNAVAILABLE naming the maximum age (close code 1001).
+one (and BridgeApp under uvicorn), ``grpcbridge.Channel`` clients, and grpcio through
+``grpcbridge serve`` and ``grpcbridge forward`` subprocesses. A bidirectional stream lives
+across several tunnel ages while unary calls run without pause: no RPC fails, and the
+clients opened a new tunnel after each GOAWAY. Past the grace, an RPC still open on a
+retired tunnel fails with UNAVAILABLE naming the maximum age (close code 1001).
 """
 
 from __future__ import annotations
@@ -20,10 +20,13 @@ from typing import Any
 
 import grpc
 import pytest
+import uvicorn
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
 
-from grpcbridge import Bridge, BridgeConfig, Channel, GrpclibBackend
+from grpcbridge import Bridge, BridgeApp, BridgeConfig, Channel, GrpclibBackend
 from grpcbridge.core.age import MAX_AGE_REASON
 from grpcbridge.core.errors import ConfigError
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
@@ -63,12 +66,42 @@ def grpcio_backend(store: TodoStore) -> Iterator[str]:
         server.stop(None).wait()
 
 
+class _QuietUvicorn(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 @contextlib.asynccontextmanager
-async def bridge(kind: str, store: TodoStore, **options: Any) -> AsyncIterator[Bridge]:
-    """A bridge whose backend is a relayed grpcio server or an in-process grpclib one."""
+async def asgi_bridge(config: BridgeConfig) -> AsyncIterator[Any]:
+    """BridgeApp under uvicorn; what it yields has the ``url`` a Bridge has."""
+    app = BridgeApp(config)
+    server = _QuietUvicorn(uvicorn.Config(
+        Starlette(routes=[WebSocketRoute("/grpc", app)]), host="127.0.0.1", port=0,
+        ws="websockets-sansio", lifespan="off", log_level="warning"))
+    task = asyncio.get_running_loop().create_task(server.serve())
+    try:
+        await eventually(lambda: server.started or task.done())
+        port = server.servers[0].sockets[0].getsockname()[1]
+        app.url = f"ws://127.0.0.1:{port}/grpc"  # type: ignore[attr-defined]
+        yield app
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timing(10))
+        await app.close()
+
+
+@contextlib.asynccontextmanager
+async def bridge(kind: str, store: TodoStore, **options: Any) -> AsyncIterator[Any]:
+    """A bridge whose backend is a relayed grpcio server or an in-process grpclib one, or
+    (``asgi``) BridgeApp with an in-process grpclib one."""
     with contextlib.ExitStack() as stack:
         backend: Any = (stack.enter_context(grpcio_backend(store)) if kind == "grpcio"
                         else GrpclibBackend([TodoService(store)]))
+        if kind == "asgi":
+            async with asgi_bridge(BridgeConfig(backend=backend, **options)) as app:
+                yield app
+            return
         async with Bridge(BridgeConfig(backend=backend, listen="127.0.0.1:0",
                                        **options)) as server:
             yield server
@@ -81,7 +114,7 @@ def sync_create(text: str) -> todo_pb2.SyncRequest:
 # ------------------------------------------------------------------ grpcbridge.Channel
 
 
-@pytest.mark.parametrize("kind", ["grpcio", "grpclib"])
+@pytest.mark.parametrize("kind", ["grpcio", "grpclib", "asgi"])
 async def test_channel_rpcs_survive_several_tunnel_ages(kind: str, store: TodoStore,
                                                          leak_check: None) -> None:
     async with bridge(kind, store, max_tunnel_age=AGE,
