@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import subprocess
 import sys
@@ -307,6 +308,15 @@ class FakeChannel(CoreChannel[FakeConnection]):
         return connection
 
 
+@contextlib.asynccontextmanager
+async def streaming(stub: TodoServiceStub) -> AsyncIterator[Any]:
+    """A slow StreamTodos that has sent its first message."""
+    async with stub.StreamTodos.open() as stream:
+        await stream.send_message(SLOW_STREAM, end=True)
+        assert await stream.recv_message() is not None
+        yield stream
+
+
 async def _status(coro: Any) -> tuple[Status, str]:
     with pytest.raises(GRPCError) as failed:
         await coro
@@ -327,9 +337,7 @@ async def test_lost_connection_is_unavailable_and_the_next_rpc_redials(
         runtime: FakeRuntime) -> None:
     async with FakeChannel(runtime) as channel:
         stub = TodoServiceStub(channel)
-        async with stub.StreamTodos.open() as stream:
-            await stream.send_message(SLOW_STREAM, end=True)
-            assert await stream.recv_message() is not None
+        async with streaming(stub) as stream:
             runtime.connections[0].drop(1011, "gone")
             status, message = await _status(stream.recv_message())
         assert status is LOST_STATUS is Status.UNAVAILABLE
@@ -345,9 +353,7 @@ async def test_goaway_moves_new_rpcs_to_a_new_connection_and_retires_the_old(
     # goes on; new RPCs dial; the old connection closes after its last stream.
     async with FakeChannel(runtime) as channel:
         stub = TodoServiceStub(channel)
-        async with stub.StreamTodos.open() as stream:
-            await stream.send_message(SLOW_STREAM, end=True)
-            assert await stream.recv_message() is not None
+        async with streaming(stub) as stream:
             old = runtime.connections[0]
             client = old._ends[0].protocol  # between two writes: at a frame boundary
             client.data_received(GOAWAY)

@@ -20,11 +20,9 @@ from typing import Any
 
 import grpc
 import pytest
-import uvicorn
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
+from test_asgi_config import serving
 
 from grpcbridge import Bridge, BridgeApp, BridgeConfig, Channel, GrpclibBackend
 from grpcbridge.core.age import MAX_AGE_REASON
@@ -66,29 +64,13 @@ def grpcio_backend(store: TodoStore) -> Iterator[str]:
         server.stop(None).wait()
 
 
-class _QuietUvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @contextlib.asynccontextmanager
 async def asgi_bridge(config: BridgeConfig) -> AsyncIterator[Any]:
     """BridgeApp under uvicorn; what it yields has the ``url`` a Bridge has."""
     app = BridgeApp(config)
-    server = _QuietUvicorn(uvicorn.Config(
-        Starlette(routes=[WebSocketRoute("/grpc", app)]), host="127.0.0.1", port=0,
-        ws="websockets-sansio", lifespan="off", log_level="warning"))
-    task = asyncio.get_running_loop().create_task(server.serve())
-    try:
-        await eventually(lambda: server.started or task.done())
-        port = server.servers[0].sockets[0].getsockname()[1]
-        app.url = f"ws://127.0.0.1:{port}/grpc"  # type: ignore[attr-defined]
+    async with serving(app) as url:
+        app.url = url  # type: ignore[attr-defined]
         yield app
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timing(10))
-        await app.close()
 
 
 @contextlib.asynccontextmanager
