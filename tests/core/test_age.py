@@ -18,7 +18,7 @@ from hyperframe.frame import (
     SettingsFrame,
     WindowUpdateFrame,
 )
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from test_tunnel_machine import opened
 
@@ -91,8 +91,14 @@ def _allowed_offsets(frames: list[tuple[bytes, bool]]) -> list[int]:
 # -------------------------------------------------------------------- the injector
 
 
+_SETTINGS = bytes(SettingsFrame(0, settings={4: 65535}).serialize())
+_ACK = bytes(SettingsFrame(0, flags=["ACK"]).serialize())
+
+
 @settings(max_examples=300, deadline=None)
 @given(frame_stream(), st.lists(st.integers(0, 2000), max_size=12), st.integers(0, 12))
+# A chunk that ends exactly where the first frame's payload ends: that frame is complete.
+@example(frames=[(_SETTINGS, True), (_ACK, True)], cuts=[1, 9, 15], due_before=3)
 def test_goaway_lands_at_the_first_allowed_boundary_whatever_the_chunking(
         frames: list[tuple[bytes, bool]], cuts: list[int], due_before: int) -> None:
     stream = b"".join(data for data, _ in frames)
@@ -212,23 +218,26 @@ def _goaway(last: int, error: int, debug: bytes = b"") -> bytes:
 def test_filter_removes_graceful_goaways_from_any_chunking(
         frames: list[tuple[bytes, bool]], goaways: list[tuple[int, int, int, bytes]],
         cuts: list[int]) -> None:
-    parts = [data for data, _ in frames]
-    expected_parts = list(parts)
+    parts: list[bytes] = []
+    expected_parts: list[bytes] = []
     expected_ids: list[int] = []
-    for position, last, error, debug in sorted(goaways, key=lambda g: -g[0]):
-        index = min(position, len(parts))
-        frame = _goaway(last, error, debug)
-        parts.insert(index, frame)
-        if error:
-            expected_parts.insert(index, frame)
-        else:
-            expected_ids.insert(0, last)
+    for index, (data, _) in enumerate([*frames, (b"", True)]):
+        for position, last, error, debug in goaways:  # before the frame at ``position``
+            if min(position, len(frames)) == index:
+                frame = _goaway(last, error, debug)
+                parts.append(frame)
+                if error:
+                    expected_parts.append(frame)
+                else:
+                    expected_ids.append(last)
+        parts.append(data)
+        expected_parts.append(data)
     seen: list[int] = []
     goaway_filter = GoawayFilter(seen.append)
     stream = b"".join(parts)
     out = b"".join(goaway_filter.feed(chunk) for chunk in _chunks(stream, cuts))
     assert out == b"".join(expected_parts)
-    assert sorted(seen) == sorted(expected_ids)
+    assert seen == expected_ids
 
 
 def test_filter_passes_the_bridges_goaway_to_nobody_and_reports_it() -> None:

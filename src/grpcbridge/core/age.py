@@ -88,7 +88,7 @@ class FrameCursor:
         ``len(data)``) that is a boundary :attr:`at_boundary` would accept, else -1."""
         size = len(data)
         need = self._need
-        if need >= size and not find:  # inside one payload: the common case, no parsing
+        if need > size and not find:  # inside one payload: the common case, no parsing
             self._need = need - size
             return -1
         found = 0 if find and self.at_boundary else -1
