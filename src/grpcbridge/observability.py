@@ -91,6 +91,9 @@ class BridgeMetrics:
         self.tunnels_closed = Counter(
             "grpcbridge_tunnels_closed", "Tunnels closed, by WebSocket close code.",
             ["code"], registry=r)
+        self.tunnels_retired = Counter(
+            "grpcbridge_tunnels_retired",
+            "Tunnels sent a GOAWAY for reaching their maximum age.", registry=r)
         self.upgrades_accepted = Counter(
             "grpcbridge_upgrades_accepted", "WebSocket upgrades accepted.", registry=r)
         self.upgrades_rejected = Counter(

@@ -66,6 +66,8 @@ APPLIED: Mapping[str, str] = {
     "memory_budget": "the same, over all clients",
     "drain_timeout": "close() and the ASGI lifespan shutdown let open tunnels finish this "
                      "long, then close them with 1001",
+    "max_tunnel_age": "tunnels get a graceful HTTP/2 GOAWAY at this age, as in Bridge",
+    "max_tunnel_age_grace": "then this long until the close with 1001, as in Bridge",
 }
 
 #: :class:`BridgeConfig` fields that are the ASGI server's (or the surrounding app's) job:

@@ -155,6 +155,12 @@ class Gate:
         self.metrics.backend_dial_seconds.observe(seconds)
         log_event("tunnel_opened", client=admitted.client, backend=str(self.config.backend))
 
+    def retiring(self, admitted: Admitted, age: float) -> None:
+        """A tunnel reached its maximum age: its client was sent a GOAWAY."""
+        self.metrics.tunnels_retired.inc()
+        log_event("tunnel_retiring", client=admitted.client, age=round(age, 3),
+                  grace=self.config.max_tunnel_age_grace)
+
     def closed(self, admitted: Admitted, *, code: int, reason: str, duration: float,
                bytes_to_backend: int, bytes_to_client: int) -> None:
         """Count a finished tunnel (its bytes are reported separately, as they flow)."""

@@ -7,8 +7,10 @@ metrics, the client's share of the memory budget) -> connect the backend (1011 w
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+from ..core.age import jittered
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
 from ..core.tunnel import TunnelMachine
@@ -35,6 +37,11 @@ class TunnelSession:
         self._reported_to_client = 0
         self._finished = False
         gate.opened(admitted, peer=peer, path=path, origin=origin)
+        max_age = gate.config.max_tunnel_age
+        if max_age:
+            age = jittered(max_age, random.random())
+            machine.retire_after(age, gate.config.max_tunnel_age_grace,
+                                 lambda: gate.retiring(admitted, age))
 
     async def connect_backend(self, backend: Any, stream_owner: Any, buffer_bytes: int) -> None:
         """Attach the backend's stream side to ``stream_owner`` (the adapter). A backend
