@@ -652,15 +652,20 @@ async def test_close_with_open_tunnel_sends_1001(backend: RawBackend) -> None:
 
 async def test_tunnel_finishing_during_drain_closes_normally(backend: RawBackend) -> None:
     bridge = Bridge(BridgeConfig(listen="127.0.0.1:0", backend=f"127.0.0.1:{backend.port}",
-                                 drain_timeout=5))
+                                 drain_timeout=5, metrics_listen="127.0.0.1:0"))
     await bridge.start()
+    assert bridge.metrics_address is not None
+    metrics_port = bridge.metrics_address[1]
     try:
         async with connect(bridge.url) as ws:
             await ws.send(b"x")
             await eventually(lambda: backend.received == b"x")
             closing = asyncio.create_task(bridge.close())
-            await asyncio.sleep(0.1)
-            assert not closing.done()  # draining: waits for the tunnel
+            # Draining: /readyz says so (a load balancer sends no new tunnels), the backend is
+            # still fine, and close waits for the tunnel.
+            status, _, body = await http_get(metrics_port, "/readyz")
+            assert (status, body) == (503, b"draining\n")
+            assert not closing.done()
             backend.writers[0].close()  # the backend ends the connection
             assert await closed_code(ws) == 1000
         await asyncio.wait_for(closing, 3)

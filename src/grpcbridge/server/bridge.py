@@ -519,9 +519,9 @@ class Bridge:
 
     async def _not_ready(self) -> str | None:
         """Why ``/readyz`` answers 503, or None when it answers 200."""
-        if self._state == "running" and await self.backend_reachable():
-            return None
-        return "backend unreachable"
+        if self._state != "running":
+            return "draining" if self._state == "closing" else f"bridge {self._state}"
+        return None if await self.backend_reachable() else "backend unreachable"
 
 
 def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | None:
