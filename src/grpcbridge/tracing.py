@@ -1,0 +1,224 @@
+"""OpenTelemetry spans for tunnels and in-process RPCs (optional: ``pip install
+grpcbridge[otel]``).
+
+With ``opentelemetry-api`` installed, every tunnel a bridge admits (standalone
+:class:`~grpcbridge.Bridge` or :class:`~grpcbridge.BridgeApp`) gets a span, and every RPC an
+in-process :class:`~grpcbridge.GrpclibBackend` serves gets one too, continuing the W3C trace
+context (``traceparent``/``tracestate``) the client sent in the call's metadata. Spans go to
+whatever tracer provider the application configured (the SDK and an exporter, e.g. through
+``opentelemetry-instrument``); with none configured they cost the API's no-op. Without
+``opentelemetry-api`` nothing here imports it and every hook returns at once.
+
+Tunnel span ``grpcbridge.tunnel`` (kind SERVER; a child of a ``traceparent`` header on the
+upgrade request, if any), attributes:
+
+* ``client.address`` - the client as the bridge believes it (after ``trusted_proxies``),
+  ``network.peer.address`` - the socket's peer, ``url.path``, ``network.protocol.name``
+  (``websocket``);
+* ``grpcbridge.request_id``, ``grpcbridge.subprotocol`` (when one was chosen),
+  ``grpcbridge.backend``;
+* at the end: ``grpcbridge.close_code``, ``grpcbridge.close_reason``,
+  ``grpcbridge.bytes_to_backend``, ``grpcbridge.bytes_to_client``. Closes other than 1000,
+  1001 and 1005 set the status to ERROR.
+
+RPC span ``{service}/{method}`` (kind SERVER), attributes ``rpc.system`` (``grpc``),
+``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``, ``grpcbridge.request_id``; linked
+to its tunnel's span. The statuses OpenTelemetry counts as server errors (UNKNOWN,
+DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS) set ERROR. The span is
+current while the handler runs, so spans the handler makes are its children.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._grpclib_compat import peer_extra_info
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span, Tracer
+
+#: The transport extra of an in-process connection that holds its tunnel's :class:`TunnelTrace`.
+TUNNEL_EXTRA = "grpcbridge.tunnel"
+
+#: Close codes that end a tunnel normally (not an ERROR span).
+_CLEAN_CLOSES = frozenset((1000, 1001, 1005))
+#: gRPC status codes OpenTelemetry's semantic conventions count as server errors.
+_SERVER_ERRORS = frozenset((2, 4, 12, 13, 14, 15))
+#: rpc.grpc.status_code of an RPC whose handler ended without sending its status.
+_CANCELLED = 1
+
+_available: bool | None = None
+_tracer_cache: tuple[object, Tracer] | None = None
+
+
+def available() -> bool:
+    """Whether ``opentelemetry-api`` is installed (imported on the first call)."""
+    global _available
+    if _available is None:
+        try:
+            import opentelemetry.context
+            import opentelemetry.propagate
+            import opentelemetry.trace  # noqa: F401
+        except ImportError:
+            _available = False
+        else:
+            _available = True
+    return _available
+
+
+def _tracer() -> Tracer:
+    """grpcbridge's tracer from the current global provider (it may be set after import)."""
+    global _tracer_cache
+    from opentelemetry import trace
+
+    from . import __version__
+
+    provider = trace.get_tracer_provider()
+    cached = _tracer_cache
+    if cached is None or cached[0] is not provider:
+        cached = _tracer_cache = (provider, provider.get_tracer("grpcbridge", __version__))
+    return cached[1]
+
+
+@dataclass(slots=True)
+class TunnelTrace:
+    """What an RPC span needs of its tunnel: the request id and the tunnel's span."""
+
+    request_id: str
+    span: Span | None
+
+
+#: The tunnel whose backend is being connected (set around ``Backend.connect``).
+current_tunnel: contextvars.ContextVar[TunnelTrace | None] = contextvars.ContextVar(
+    "grpcbridge_current_tunnel", default=None)
+
+
+def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
+                 subprotocol: str | None, backend: str,
+                 headers: Mapping[str, Sequence[str]]) -> TunnelTrace:
+    """Open the span of a tunnel just admitted (``headers``: the upgrade request's, with
+    lower-case names; a ``traceparent`` among them is the span's parent)."""
+    if not available():
+        return TunnelTrace(request_id, None)
+    from opentelemetry import propagate
+    from opentelemetry.trace import SpanKind
+
+    parent = propagate.extract(headers) if "traceparent" in headers else None
+    attributes: dict[str, str] = {
+        "client.address": client, "network.peer.address": peer, "url.path": path,
+        "network.protocol.name": "websocket", "grpcbridge.request_id": request_id,
+        "grpcbridge.backend": backend,
+    }
+    if subprotocol:
+        attributes["grpcbridge.subprotocol"] = subprotocol
+    span = _tracer().start_span("grpcbridge.tunnel", context=parent, kind=SpanKind.SERVER,
+                                attributes=attributes)
+    return TunnelTrace(request_id, span)
+
+
+def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: int,
+               bytes_to_client: int) -> None:
+    """Close the tunnel's span with how it ended."""
+    span = trace.span
+    if span is None:
+        return
+    trace.span = None
+    from opentelemetry.trace import Status, StatusCode
+
+    span.set_attributes({
+        "grpcbridge.close_code": code, "grpcbridge.close_reason": reason,
+        "grpcbridge.bytes_to_backend": bytes_to_backend,
+        "grpcbridge.bytes_to_client": bytes_to_client,
+    })
+    if code not in _CLEAN_CLOSES:
+        span.set_status(Status(StatusCode.ERROR, f"closed with {code}: {reason}"))
+    span.end()
+
+
+# ---------------------------------------------------------------------- RPC spans
+
+
+class _Rpc:
+    """The span of one RPC being handled, ended once (status sent, or the handler gone)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span: Span | None = span
+
+    def end(self, status: int, message: str | None = None) -> None:
+        span = self.span
+        if span is None:
+            return
+        self.span = None
+        from opentelemetry.trace import Status, StatusCode
+
+        span.set_attribute("rpc.grpc.status_code", status)
+        if status in _SERVER_ERRORS:
+            span.set_status(Status(StatusCode.ERROR, message))
+        span.end()
+
+
+#: The RPC whose handler runs in this task (grpclib runs each request in its own task).
+_current_rpc: contextvars.ContextVar[_Rpc | None] = contextvars.ContextVar(
+    "grpcbridge_current_rpc", default=None)
+
+
+class _MetadataGetter:
+    """Reads W3C trace headers from grpclib's metadata (a MultiDict)."""
+
+    def get(self, carrier: Any, key: str) -> list[str] | None:
+        values = [value for value in carrier.getall(key, ()) if isinstance(value, str)]
+        return values or None
+
+    def keys(self, carrier: Any) -> list[str]:
+        return list(carrier.keys())
+
+
+async def _on_request(event: Any) -> None:
+    """grpclib ``RecvRequest``: open the RPC's span, current for the handler's task."""
+    from opentelemetry import context, propagate, trace
+    from opentelemetry.trace import Link, SpanKind
+
+    metadata = event.metadata
+    parent = (propagate.extract(metadata, getter=_MetadataGetter())  # type: ignore[arg-type]
+              if "traceparent" in metadata else context.Context())
+    service, _, method = event.method_name.lstrip("/").rpartition("/")
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    links = None
+    tunnel = peer_extra_info(event.peer, TUNNEL_EXTRA)
+    if isinstance(tunnel, TunnelTrace):
+        attributes["grpcbridge.request_id"] = tunnel.request_id
+        span_context = tunnel.span.get_span_context() if tunnel.span is not None else None
+        if span_context is not None and span_context.is_valid:
+            links = [Link(span_context)]
+    span = _tracer().start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
+                                attributes=attributes, links=links)
+    rpc = _Rpc(span)
+    # Both stay set in the handler's task (this runs inside it), and end with it.
+    _current_rpc.set(rpc)
+    context.attach(trace.set_span_in_context(span, parent))
+    task = asyncio.current_task()
+    if task is not None:  # the handler ended without sending a status (cancelled, reset)
+        task.add_done_callback(lambda _task: rpc.end(_CANCELLED))
+
+
+async def _on_trailers(event: Any) -> None:
+    """grpclib ``SendTrailingMetadata``: the RPC's status is known; end its span."""
+    rpc = _current_rpc.get()
+    if rpc is not None:
+        rpc.end(int(event.status.value), event.status_message)
+
+
+def trace_rpcs(server: Any) -> None:
+    """Give every RPC grpclib ``server`` handles a span (nothing without opentelemetry)."""
+    if not available():
+        return
+    from grpclib.events import RecvRequest, SendTrailingMetadata, listen
+
+    listen(server, RecvRequest, _on_request)
+    listen(server, SendTrailingMetadata, _on_trailers)
