@@ -50,7 +50,7 @@ def choose_request_id(values: Sequence[str]) -> tuple[str, str | None]:
         return new_request_id(), None
     if len(values) > 1:
         return new_request_id(), f"{len(values)} {REQUEST_ID_HEADER} headers"
-    value = values[0].strip()
+    value = values[0]
     if len(value) > MAX_REQUEST_ID:
         return new_request_id(), f"over {MAX_REQUEST_ID} characters ({len(value)})"
     if not _REQUEST_ID.fullmatch(value):

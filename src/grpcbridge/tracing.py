@@ -145,10 +145,12 @@ def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: 
 class _Rpc:
     """The span of one RPC being handled, ended once (status sent, or the handler gone)."""
 
-    __slots__ = ("span",)
+    __slots__ = ("cancelled", "span")
 
     def __init__(self, span: Span) -> None:
         self.span: Span | None = span
+        #: The client cancelled (or the connection went): grpclib still reports UNKNOWN.
+        self.cancelled = False
 
     def end(self, status: int, message: str | None = None) -> None:
         span = self.span
@@ -180,7 +182,8 @@ class _MetadataGetter:
 
 
 async def _on_request(event: Any) -> None:
-    """grpclib ``RecvRequest``: open the RPC's span, current for the handler's task."""
+    """grpclib ``RecvRequest``: open the RPC's span, current while the handler runs."""
+    from grpclib.exceptions import StreamTerminatedError
     from opentelemetry import context, propagate, trace
     from opentelemetry.trace import Link, SpanKind
 
@@ -199,11 +202,21 @@ async def _on_request(event: Any) -> None:
     span = _tracer().start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
                                 attributes=attributes, links=links)
     rpc = _Rpc(span)
-    # Both stay set in the handler's task (this runs inside it), and end with it.
-    _current_rpc.set(rpc)
-    context.attach(trace.set_span_in_context(span, parent))
+    _current_rpc.set(rpc)  # this runs in the RPC's own task: set until the task ends
+    handler = event.method_func
+
+    async def traced(stream: Any) -> None:
+        with trace.use_span(span, end_on_exit=False, record_exception=False,
+                            set_status_on_exception=False):
+            try:
+                await handler(stream)
+            except (StreamTerminatedError, asyncio.CancelledError):
+                rpc.cancelled = True
+                raise
+
+    event.method_func = traced
     task = asyncio.current_task()
-    if task is not None:  # the handler ended without sending a status (cancelled, reset)
+    if task is not None:  # the handler ended without sending a status (connection lost)
         task.add_done_callback(lambda _task: rpc.end(_CANCELLED))
 
 
@@ -211,7 +224,10 @@ async def _on_trailers(event: Any) -> None:
     """grpclib ``SendTrailingMetadata``: the RPC's status is known; end its span."""
     rpc = _current_rpc.get()
     if rpc is not None:
-        rpc.end(int(event.status.value), event.status_message)
+        if rpc.cancelled:
+            rpc.end(_CANCELLED)
+        else:
+            rpc.end(int(event.status.value), event.status_message)
 
 
 def trace_rpcs(server: Any) -> None:
