@@ -91,7 +91,10 @@ class GrpclibBackend(Backend):
 
     ``max_frame_size``: the largest HTTP/2 frame accepted from clients (SETTINGS_MAX_FRAME_SIZE;
     default 1 MiB, kept below the bridge's ``max_message_bytes``; see
-    :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``."""
+    :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``.
+
+    With ``opentelemetry-api`` installed, each RPC gets a span continuing the caller's W3C
+    trace context and linked to its tunnel's (:mod:`grpcbridge.tracing`)."""
 
     def __init__(self, handlers: Collection[Any], *, max_frame_size: int | None = None,
                  **server_options: Any) -> None:

@@ -9,7 +9,6 @@ WebSockets arrive.
 from __future__ import annotations
 
 import inspect
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -65,7 +64,7 @@ class Gate:
         client's when well formed, else a new one (the replacement is logged)."""
         request_id, problem = choose_request_id(values)
         if problem is not None:
-            log_event("request_id_replaced", logging.WARNING, request_id=request_id,
+            log_event("request_id_replaced", request_id=request_id,
                       peer=peer, reason=problem)
         return request_id
 
