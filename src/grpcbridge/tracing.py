@@ -6,8 +6,9 @@ With ``opentelemetry-api`` installed, every tunnel a bridge admits (standalone
 in-process :class:`~grpcbridge.GrpclibBackend` serves gets one too, continuing the W3C trace
 context (``traceparent``/``tracestate``) the client sent in the call's metadata. Spans go to
 whatever tracer provider the application configured (the SDK and an exporter, e.g. through
-``opentelemetry-instrument``); with none configured they cost the API's no-op. Without
-``opentelemetry-api`` nothing here imports it and every hook returns at once.
+``opentelemetry-instrument``). With no provider configured (or OpenTelemetry's no-op one)
+the hooks return at once, as they do without ``opentelemetry-api``, which is then never
+imported.
 
 Tunnel span ``grpcbridge.tunnel`` (kind SERVER; a child of a ``traceparent`` header on the
 upgrade request, if any), attributes:
@@ -52,7 +53,7 @@ _SERVER_ERRORS = frozenset((2, 4, 12, 13, 14, 15))
 _CANCELLED = 1
 
 _available: bool | None = None
-_tracer_cache: tuple[object, Tracer] | None = None
+_tracer_cache: tuple[object, Tracer | None] | None = None
 
 
 def available() -> bool:
@@ -70,9 +71,12 @@ def available() -> bool:
     return _available
 
 
-def _tracer() -> Tracer:
-    """grpcbridge's tracer from the current global provider (it may be set after import)."""
+def _tracer() -> Tracer | None:
+    """grpcbridge's tracer from the current global provider (it may be set after import);
+    None without one (OpenTelemetry's placeholder or its no-op provider): nothing to record."""
     global _tracer_cache
+    if not available():
+        return None
     from opentelemetry import trace
 
     from . import __version__
@@ -80,7 +84,9 @@ def _tracer() -> Tracer:
     provider = trace.get_tracer_provider()
     cached = _tracer_cache
     if cached is None or cached[0] is not provider:
-        cached = _tracer_cache = (provider, provider.get_tracer("grpcbridge", __version__))
+        unset = isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
+        tracer = None if unset else provider.get_tracer("grpcbridge", __version__)
+        cached = _tracer_cache = (provider, tracer)
     return cached[1]
 
 
@@ -102,7 +108,8 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
                  headers: Mapping[str, Sequence[str]]) -> TunnelTrace:
     """Open the span of a tunnel just admitted (``headers``: the upgrade request's, with
     lower-case names; a ``traceparent`` among them is the span's parent)."""
-    if not available():
+    tracer = _tracer()
+    if tracer is None:
         return TunnelTrace(request_id, None)
     from opentelemetry import propagate
     from opentelemetry.trace import SpanKind
@@ -115,8 +122,8 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
     }
     if subprotocol:
         attributes["grpcbridge.subprotocol"] = subprotocol
-    span = _tracer().start_span("grpcbridge.tunnel", context=parent, kind=SpanKind.SERVER,
-                                attributes=attributes)
+    span = tracer.start_span("grpcbridge.tunnel", context=parent, kind=SpanKind.SERVER,
+                             attributes=attributes)
     return TunnelTrace(request_id, span)
 
 
@@ -183,6 +190,9 @@ class _MetadataGetter:
 
 async def _on_request(event: Any) -> None:
     """grpclib ``RecvRequest``: open the RPC's span, current while the handler runs."""
+    tracer = _tracer()
+    if tracer is None:
+        return
     from grpclib.exceptions import StreamTerminatedError
     from opentelemetry import context, propagate, trace
     from opentelemetry.trace import Link, SpanKind
@@ -199,8 +209,8 @@ async def _on_request(event: Any) -> None:
         span_context = tunnel.span.get_span_context() if tunnel.span is not None else None
         if span_context is not None and span_context.is_valid:
             links = [Link(span_context)]
-    span = _tracer().start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
-                                attributes=attributes, links=links)
+    span = tracer.start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
+                             attributes=attributes, links=links)
     rpc = _Rpc(span)
     _current_rpc.set(rpc)  # this runs in the RPC's own task: set until the task ends
     handler = event.method_func

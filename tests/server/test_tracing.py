@@ -46,6 +46,12 @@ CALL_TIMEOUT = timing(20.0)
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
     """An SDK tracer provider installed globally for the test, its spans kept in memory."""
+    with installed_provider() as exporter:
+        yield exporter
+
+
+@contextlib.contextmanager
+def installed_provider() -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -328,17 +334,26 @@ async def test_asgi_app_gets_tunnel_and_rpc_spans(
 # ----------------------------------------------------------- without provider / without otel
 
 
-async def test_without_a_tracer_provider_calls_work_and_record_nothing(
+async def test_without_a_tracer_provider_calls_work_and_a_later_one_is_used(
         leak_check: None) -> None:
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
     store = TodoStore()
-    try:
-        async with grpclib_bridge(TodoService(store)) as bridge, \
-                grpcbridge.Channel(bridge.url) as channel:
+
+    async def create(url: str, text: str) -> None:
+        async with grpcbridge.Channel(url) as channel:
             created = await todo_grpc.TodoServiceStub(channel).CreateTodo(
-                todo_pb2.CreateTodoRequest(text="untraced"), timeout=CALL_TIMEOUT,
+                todo_pb2.CreateTodoRequest(text=text), timeout=CALL_TIMEOUT,
                 metadata={"traceparent": TRACEPARENT})
-            assert created.text == "untraced"
+            assert created.text == text
+
+    try:
+        async with grpclib_bridge(TodoService(store)) as bridge:
+            await create(bridge.url, "untraced")
+            # A provider configured after the bridge started is used from then on.
+            with installed_provider() as exporter:
+                await create(bridge.url, "traced")
+                await finished(exporter, "todo.v1.TodoService/CreateTodo")
+                await finished(exporter, "grpcbridge.tunnel")
     finally:
         store.close()
 
