@@ -45,6 +45,20 @@ if TYPE_CHECKING:
 #: The transport extra of an in-process connection that holds its tunnel's :class:`TunnelTrace`.
 TUNNEL_EXTRA = "grpcbridge.tunnel"
 
+#: The tunnel span's name, and the attributes grpcbridge adds to spans beside OpenTelemetry's
+#: semantic conventions (``client.address``, ``url.path``, ``rpc.*``...).
+TUNNEL_SPAN = "grpcbridge.tunnel"
+REQUEST_ID = "grpcbridge.request_id"
+SUBPROTOCOL = "grpcbridge.subprotocol"
+BACKEND = "grpcbridge.backend"
+CLOSE_CODE = "grpcbridge.close_code"
+CLOSE_REASON = "grpcbridge.close_reason"
+BYTES_TO_BACKEND = "grpcbridge.bytes_to_backend"
+BYTES_TO_CLIENT = "grpcbridge.bytes_to_client"
+#: All of the above.
+OWN_NAMES = (TUNNEL_SPAN, REQUEST_ID, SUBPROTOCOL, BACKEND, CLOSE_CODE, CLOSE_REASON,
+             BYTES_TO_BACKEND, BYTES_TO_CLIENT)
+
 #: Close codes that end a tunnel normally (not an ERROR span).
 _CLEAN_CLOSES = frozenset((1000, 1001, 1005))
 #: gRPC status codes OpenTelemetry's semantic conventions count as server errors.
@@ -117,12 +131,11 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
     parent = propagate.extract(headers) if "traceparent" in headers else None
     attributes: dict[str, str] = {
         "client.address": client, "network.peer.address": peer, "url.path": path,
-        "network.protocol.name": "websocket", "grpcbridge.request_id": request_id,
-        "grpcbridge.backend": backend,
+        "network.protocol.name": "websocket", REQUEST_ID: request_id, BACKEND: backend,
     }
     if subprotocol:
-        attributes["grpcbridge.subprotocol"] = subprotocol
-    span = tracer.start_span("grpcbridge.tunnel", context=parent, kind=SpanKind.SERVER,
+        attributes[SUBPROTOCOL] = subprotocol
+    span = tracer.start_span(TUNNEL_SPAN, context=parent, kind=SpanKind.SERVER,
                              attributes=attributes)
     return TunnelTrace(request_id, span)
 
@@ -137,9 +150,8 @@ def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: 
     from opentelemetry.trace import Status, StatusCode
 
     span.set_attributes({
-        "grpcbridge.close_code": code, "grpcbridge.close_reason": reason,
-        "grpcbridge.bytes_to_backend": bytes_to_backend,
-        "grpcbridge.bytes_to_client": bytes_to_client,
+        CLOSE_CODE: code, CLOSE_REASON: reason, BYTES_TO_BACKEND: bytes_to_backend,
+        BYTES_TO_CLIENT: bytes_to_client,
     })
     if code not in _CLEAN_CLOSES:
         span.set_status(Status(StatusCode.ERROR, f"closed with {code}: {reason}"))
@@ -205,7 +217,7 @@ async def _on_request(event: Any) -> None:
     links = None
     tunnel = peer_extra_info(event.peer, TUNNEL_EXTRA)
     if isinstance(tunnel, TunnelTrace):
-        attributes["grpcbridge.request_id"] = tunnel.request_id
+        attributes[REQUEST_ID] = tunnel.request_id
         span_context = tunnel.span.get_span_context() if tunnel.span is not None else None
         if span_context is not None and span_context.is_valid:
             links = [Link(span_context)]
