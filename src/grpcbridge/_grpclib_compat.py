@@ -19,6 +19,8 @@ checked against one module (and ``tests/test_channel_core.py``), not the whole c
   others (``Stream._stream``, ``processor.streams``, ``buffer._eof``, ``__terminated__``);
 * :func:`server_protocol`, :func:`server_handlers` - serving a grpclib ``Server`` over
   connections it did not accept (``Server._protocol_factory``, ``Server._handlers``);
+* :func:`peer_extra_info` - what the bridge put in an in-process connection's transport,
+  from a server event's ``Peer`` (``Peer._transport``);
 * :func:`cheapen_frame_repr` - hyperframe's payload formatter (``frame._raw_data_repr``).
 
 Supported: grpclib 0.4.x and h2 4.x (:data:`SUPPORTED`). :func:`require_supported` (called
@@ -285,6 +287,13 @@ def server_protocol(server: Any) -> H2Protocol:
 def server_handlers(server: Any) -> list[Any]:
     """The connection handlers of grpclib ``server`` (one per connection it served)."""
     return list(server._handlers)
+
+
+def peer_extra_info(peer: Any, name: str) -> object:
+    """``get_extra_info(name)`` of the transport behind grpclib ``peer`` (a ``Peer``, as
+    server events carry it); grpclib shows only its ``peername`` and certificate."""
+    transport = getattr(peer, "_transport", None)
+    return None if transport is None else transport.get_extra_info(name)
 
 
 # --------------------------------------------------------------------- hyperframe

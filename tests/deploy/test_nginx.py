@@ -355,6 +355,27 @@ async def test_x_forwarded_for_is_believed_from_trusted_nginx_only(
             assert "203.0.113.9" not in bridge.output()
 
 
+async def test_one_request_id_in_nginx_and_bridge_logs(
+    leak_check: None, tmp_path: Path, backend_port: int
+) -> None:
+    """nginx's $request_id replaces the client's X-Request-Id: the 101 echoes it, and the
+    access log line and every bridge line of the tunnel carry it."""
+    with deployed(tmp_path, backend_port, [bridge_options(), bridge_options()]) as deployment:
+        context = ssl.create_default_context(cafile=str(deployment.ca))
+        async with connect(deployment.url, ssl=context, open_timeout=timing(10),
+                           additional_headers={"X-Request-Id": "forged-by-client"}) as ws:
+            request_id = ws.response.headers["X-Request-Id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", request_id), request_id
+        wait_until(lambda: sum(count(bridge, "tunnel_closed")
+                               for bridge in deployment.bridges) == 1, timing(10))
+        wait_until(lambda: any(f"request_id={request_id}" in line
+                               for line in deployment.nginx.access_log()), timing(10))
+    lines = [line for bridge in deployment.bridges for line in bridge.lines
+             if "upgrade_" in line or "tunnel_" in line]
+    assert len(lines) == 3 and all(f"request_id={request_id}" in line for line in lines), lines
+    assert not any("forged-by-client" in bridge.output() for bridge in deployment.bridges)
+
+
 # ------------------------------------------------------------------- 3. under load
 
 

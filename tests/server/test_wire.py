@@ -336,30 +336,6 @@ async def test_forwarded_for_from_trusted_proxy_is_the_client(backend: RawBacken
 # ---------------------------------------------------------------------- (7) auth
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def grpcbridge_records() -> Iterator[list[logging.LogRecord]]:
-    """Every record of the ``grpcbridge`` logger at DEBUG (also when propagation is off)."""
-    logger = logging.getLogger("grpcbridge")
-    handler = _Records()
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 async def test_bearer_token_auth(backend: RawBackend,
                                  grpcbridge_records: list[logging.LogRecord]) -> None:
     token = "s3cret"

@@ -177,6 +177,7 @@ class TunnelMachine:
         "last_inbound",
         "opened_at",
         "pending_limit",
+        "request_id",
         "state",
         "stream_attached",
         "stream_closing",
@@ -205,6 +206,8 @@ class TunnelMachine:
         #: The stream side is being connected (the tunnel cannot be CLOSED before it is
         #: attached or given up: :meth:`stream_never_attached`).
         self.dialing = False
+        #: The bridge's request id for this tunnel (its log lines carry it); "" elsewhere.
+        self.request_id = ""
         self._rules = InboundMessages()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
