@@ -125,10 +125,9 @@ class TodoApp:
     async def _sync_forever(self) -> None:
         while True:
             if self._connected_once:
-                self._set_status("reconnecting", "reconnecting", "opening a new tunnel")
+                self._set_status("reconnecting", "opening a new tunnel")
             else:
-                self._set_status("connecting", "connecting",
-                                 f"gRPC over WebSocket to {self.channel.target}")
+                self._set_status("connecting", f"gRPC over WebSocket to {self.channel.target}")
             try:
                 await self._sync_once()
                 reason = "the server ended the sync stream"
@@ -150,7 +149,7 @@ class TodoApp:
         # Before the first connection this is still "connecting" (with the reason).
         state = "reconnecting" if self._connected_once else "connecting"
         while (left := deadline - loop.time()) > 0:
-            self._set_status(state, state, f"{reason} · next try in {left:.1f} s")
+            self._set_status(state, f"{reason} · next try in {left:.1f} s")
             try:
                 await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
             except TimeoutError:
@@ -176,8 +175,7 @@ class TodoApp:
                       self._now() - started)
             self._failures = 0
             self._connected_once = True
-            self._set_status("connected", "connected",
-                             f"{self.channel.target} · live updates (SyncTodos)")
+            self._set_status("connected", f"{self.channel.target} · live updates (SyncTodos)")
             if not self.first_attempt.done():
                 self.first_attempt.set_result((True, ""))
             async for event in sync:
@@ -456,10 +454,10 @@ class TodoApp:
         self._element("todo-count").textContent = f"{total} {noun} · {done} done"
         self._element("empty").hidden = total > 0
 
-    def _set_status(self, state: str, text: str, detail: str) -> None:
+    def _set_status(self, state: str, detail: str) -> None:
         status = self._element("status")
         status.setAttribute("data-state", state)
-        status.textContent = text
+        status.textContent = state
         self._element("status-detail").textContent = detail
         self._element("app").setAttribute("data-connection", state)
 

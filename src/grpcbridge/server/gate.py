@@ -141,8 +141,7 @@ class Gate:
         self.metrics.upgrades_accepted.inc()
         self.metrics.tunnels_active.inc()
         log_event("upgrade_accepted", peer=peer, client=admitted.client,
-                  path=loggable_path(path),
-                  origin=origin, subprotocol=admitted.subprotocol or "")
+                  path=loggable_path(path), origin=origin, subprotocol=admitted.subprotocol or "")
 
     def backend_failed(self, exc: BaseException) -> None:
         reason = ("timeout" if isinstance(exc, TimeoutError)
