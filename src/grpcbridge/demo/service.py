@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import NoReturn, cast
 
 import grpc
@@ -64,12 +64,7 @@ class _Rpc:
     def __enter__(self) -> _Rpc:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.finished = self.context.is_active()
 
     def sleep(self, seconds: float) -> bool:
