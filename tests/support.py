@@ -266,6 +266,22 @@ def build_browser_bundle() -> None:
     assert build.returncode == 0, f"bundle build failed:\n{build.stdout}{build.stderr}"
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for programs that cannot pick their own (port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def warm_up_grpc_and_uvloop() -> None:
     """grpcio creates process-wide threads and descriptors on first use, and so does uvloop
     (libuv keeps two descriptors for the process): call this (in a module-scoped fixture)
@@ -374,13 +390,6 @@ def sample(bridge: Any, name: str, **labels: str) -> float:
     """A metric sample of an in-process bridge (0 when absent)."""
     value = bridge.metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 with nothing listening on it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def http_request(port: int, request: str, within: float = 5.0, *,
