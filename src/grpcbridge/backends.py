@@ -155,7 +155,7 @@ class GrpcioBackend(SocketBackend):
         os.chmod(directory, stat.S_IRWXU)
         path = os.path.join(directory, "grpc.sock")
         try:
-            if server.add_insecure_port(f"unix:{path}") == 0:  # grpcio's failure, for unix
+            if server.add_insecure_port(f"unix:{path}") == 0:  # grpcio may refuse this way
                 raise ConfigError("the grpcio server refused the unix port; attach it before "
                                   "server.start()")
         except Exception:

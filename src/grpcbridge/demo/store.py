@@ -40,6 +40,7 @@ def sync_response(item: SyncItem) -> todo_pb2.SyncResponse:
         return todo_pb2.SyncResponse(deleted_id=item[1])
     return todo_pb2.SyncResponse(error=item[1])
 
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS todos ("
     "id TEXT PRIMARY KEY, text TEXT NOT NULL, done INTEGER NOT NULL, position INTEGER NOT NULL)"

@@ -18,8 +18,8 @@
 
 DOM access goes through Pyodide's ``js`` module and ``pyodide.ffi.create_proxy``, imported
 lazily (:mod:`grpcbridge.browser._ffi`): under CPython this module imports (linters, type
-checkers) but cannot run. Elements
-carry stable ids and ``data-testid`` attributes for the browser tests.
+checkers) but cannot run. Elements carry stable ids and ``data-testid`` attributes for the
+browser tests.
 """
 
 from __future__ import annotations
@@ -409,9 +409,11 @@ class TodoApp:
         self._render_counts()
 
     def _element_of(self, tag: str, css: str, testid: str = "", **properties: str) -> Any:
-        """A new ``<tag class=css data-testid=testid>`` with ``properties`` set."""
+        """A new ``<tag class=css data-testid=testid>`` (each only when given) with
+        ``properties`` set."""
         element = self._document.createElement(tag)
-        element.className = css
+        if css:
+            element.className = css
         if testid:
             element.setAttribute("data-testid", testid)
         for name, value in properties.items():
