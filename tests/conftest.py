@@ -61,6 +61,15 @@ def _kill_processes_after_each_test() -> Iterator[None]:
     kill_all_processes()
 
 
+@pytest.fixture(scope="module")
+def todo_port() -> Iterator[int]:
+    """The port of the grpcio Todo service (the test oracle) in its own process."""
+    from hostile import todo_service
+
+    with todo_service() as port:
+        yield port
+
+
 @pytest.fixture
 def leak_check() -> Iterator[None]:
     """Assert the test leaves no extra file descriptors, threads or child processes."""

@@ -381,8 +381,16 @@ async def test_failed_attempt_backs_off_then_redials(runtime: FakeRuntime) -> No
         assert "refused by the fake runtime" in message
         assert len(runtime.connections) == 1
         runtime.refuse = False
-        await asyncio.sleep(0.25)
-        await stub.ListTodos(LIST)
+
+        async def redialed() -> bool:  # RPCs fail fast, dialing nothing, until it is over
+            try:
+                await stub.ListTodos(LIST)
+            except GRPCError as error:
+                assert "next attempt in" in str(error.message), error.message
+                return False
+            return True
+
+        await eventually(redialed, 5, interval=0.05, message="no redial after the backoff")
         assert len(runtime.connections) == 2 and channel.connections_opened == 1
 
 

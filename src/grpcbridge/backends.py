@@ -161,14 +161,12 @@ class GrpcioBackend(SocketBackend):
         os.chmod(directory, stat.S_IRWXU)
         path = os.path.join(directory, "grpc.sock")
         try:
-            bound = server.add_insecure_port(f"unix:{path}")
+            if server.add_insecure_port(f"unix:{path}") == 0:  # grpcio may refuse this way
+                raise ConfigError("the grpcio server refused the unix port; attach it before "
+                                  "server.start()")
         except Exception:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        if bound == 0:  # grpcio reports failure this way for unix sockets
-            shutil.rmtree(directory, ignore_errors=True)
-            raise ConfigError("the grpcio server refused the unix port; attach it before "
-                              "server.start()")
         self.directory = directory
         super().__init__(SocketAddress(path=path), connect_timeout=connect_timeout)
 

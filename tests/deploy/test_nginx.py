@@ -53,6 +53,7 @@ from support import (
     Process,
     accepts,
     free_port,
+    skip_or_fail,
     snapshot,
     start_cli,
     timing,
@@ -76,10 +77,8 @@ PACE = 0.01
 def nginx_program() -> str:
     path = shutil.which("nginx") or (DEBIAN_NGINX if os.access(DEBIAN_NGINX, os.X_OK) else None)
     if path is None:
-        reason = "nginx is not installed (apt-get install nginx; .ci/run does)"
-        if os.environ.get("GRPCBRIDGE_REQUIRE_NGINX") == "1":  # set by .ci/run
-            pytest.fail(f"GRPCBRIDGE_REQUIRE_NGINX=1 but {reason}", pytrace=False)
-        pytest.skip(reason)
+        skip_or_fail("nginx is not installed (apt-get install nginx; .ci/run does)",
+                     "GRPCBRIDGE_REQUIRE_NGINX")  # set by .ci/run
     return path
 
 
