@@ -115,11 +115,11 @@ class GrpclibBackend(Backend):
         from grpclib.server import Server  # created inside the running loop, as grpclib wants
 
         self._server = Server(self._handlers, **self._options)
-        trace_rpcs(self._server)  # RPC spans, with opentelemetry installed
 
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
         if self._server is None or self._closed:
             raise ConnectionRefusedError("the in-process grpclib server is not running")
+        trace_rpcs(self._server)  # RPC spans, once a tracer provider is set
         protocol = server_protocol(self._server)
         extra = {"peername": ("grpcbridge", 0), TUNNEL_EXTRA: current_tunnel.get()}
         Pipe(tunnel, protocol, extra).connect(buffer_bytes)
