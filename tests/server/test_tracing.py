@@ -515,3 +515,22 @@ def test_without_opentelemetry_nothing_is_imported_and_tunnels_work(leak_check: 
                             text=True, timeout=timing(60), check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "plain no-otel False []", result.stdout
+
+
+async def test_context_without_a_traceparent_is_extracted_too(
+        spans: InMemorySpanExporter, leak_check: None) -> None:
+    # The configured propagators read the context, whatever headers they use (B3's, or
+    # baggage alone): the bridge does not look for a traceparent first.
+    store = TodoStore()
+    service = _TracedTodos(store)
+    try:
+        async with grpclib_bridge(service, trust_trace_context=True) as bridge, \
+                grpcbridge.Channel(bridge.url) as channel:
+            await todo_grpc.TodoServiceStub(channel).ListTodos(
+                todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT,
+                metadata={"baggage": "tenant=acme"})
+            (rpc,) = await finished(spans, "todo.v1.TodoService/ListTodos")
+    finally:
+        store.close()
+    assert service.tenants == ["acme"]
+    assert rpc.parent is None
