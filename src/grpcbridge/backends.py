@@ -93,8 +93,9 @@ class GrpclibBackend(Backend):
     default 1 MiB, kept below the bridge's ``max_message_bytes``; see
     :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``.
 
-    With ``opentelemetry-api`` installed, each RPC gets a span continuing the caller's W3C
-    trace context and linked to its tunnel's (:mod:`grpcbridge.tracing`)."""
+    With ``opentelemetry-api`` installed and a tracer provider set, each RPC gets a span
+    linked to its tunnel's, continuing the caller's trace context when the tunnel trusts it
+    (:mod:`grpcbridge.tracing`)."""
 
     def __init__(self, handlers: Collection[Any], *, max_frame_size: int | None = None,
                  **server_options: Any) -> None:
