@@ -161,3 +161,20 @@ def test_terminal_demo_prints_every_kind_of_call() -> None:
                  " -> created_count=3", "server stream  StreamTodos -> 4 todos",
                  "bidi stream    SyncTodos(update, delete) -> todo 'write the bridge' done=True"):
         assert line in result.stdout
+
+
+def test_trust_trace_context_flag_reaches_the_config() -> None:
+    from grpcbridge.cli import _bridge_config, build_parser
+
+    for flags, trusted in (([], False), (["--trust-trace-context"], True)):
+        args = build_parser().parse_args(["serve", "--backend", "127.0.0.1:50051", *flags])
+        assert _bridge_config(args).trust_trace_context is trusted
+    assert "--trust-trace-context" in run("serve", "--help").stdout
+
+
+def test_trust_trace_context_must_be_a_bool() -> None:
+    from grpcbridge import BridgeConfig
+    from grpcbridge.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="trust_trace_context must be True or False"):
+        BridgeConfig(backend="127.0.0.1:50051", trust_trace_context="yes")  # type: ignore[arg-type]

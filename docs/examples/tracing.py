@@ -28,9 +28,13 @@ CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"  # the caller
 async def main() -> None:
     store = TodoStore()
     backend = grpcbridge.GrpclibBackend([TodoService(store)])
-    config = grpcbridge.BridgeConfig(backend=backend, listen="127.0.0.1:0")
+    # The callers here are our own services: continue their trace context. By default only a
+    # trusted proxy's is (trusted_proxies), and other clients' spans start a trace of their
+    # own, linked to the caller's. The proxy's X-Request-Id, too, names the tunnel in the
+    # bridge's logs and spans (here 127.0.0.1 stands for that proxy).
+    config = grpcbridge.BridgeConfig(backend=backend, listen="127.0.0.1:0",
+                                     trust_trace_context=True, trusted_proxies=["127.0.0.1/32"])
     async with grpcbridge.Bridge(config) as bridge:
-        # X-Request-Id on the upgrade names the tunnel in the bridge's logs and spans.
         async with grpcbridge.Channel(bridge.url, headers={"X-Request-Id": "docs-1"}) as channel:
             await TodoServiceStub(channel).CreateTodo(
                 todo_pb2.CreateTodoRequest(text="traced"), metadata={"traceparent": CALLER})

@@ -93,8 +93,9 @@ class GrpclibBackend(Backend):
     default 1 MiB, kept below the bridge's ``max_message_bytes``; see
     :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``.
 
-    With ``opentelemetry-api`` installed, each RPC gets a span continuing the caller's W3C
-    trace context and linked to its tunnel's (:mod:`grpcbridge.tracing`)."""
+    With ``opentelemetry-api`` installed and a tracer provider set, each RPC gets a span
+    linked to its tunnel's, continuing the caller's trace context when the tunnel trusts it
+    (:mod:`grpcbridge.tracing`)."""
 
     def __init__(self, handlers: Collection[Any], *, max_frame_size: int | None = None,
                  **server_options: Any) -> None:
@@ -115,11 +116,11 @@ class GrpclibBackend(Backend):
         from grpclib.server import Server  # created inside the running loop, as grpclib wants
 
         self._server = Server(self._handlers, **self._options)
-        trace_rpcs(self._server)  # RPC spans, with opentelemetry installed
 
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
         if self._server is None or self._closed:
             raise ConnectionRefusedError("the in-process grpclib server is not running")
+        trace_rpcs(self._server)  # RPC spans, once a tracer provider is set
         protocol = server_protocol(self._server)
         extra = {"peername": ("grpcbridge", 0), TUNNEL_EXTRA: current_tunnel.get()}
         Pipe(tunnel, protocol, extra).connect(buffer_bytes)

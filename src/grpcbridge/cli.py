@@ -121,7 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upgrades per client per sliding minute, 429 beyond (0: unlimited; "
                             "per worker)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
-                       help="proxy whose X-Forwarded-For is believed (repeatable)")
+                       help="proxy whose X-Forwarded-For, X-Request-Id and trace context "
+                            "(traceparent) are believed (repeatable)")
+    serve.add_argument("--trust-trace-context", action="store_true",
+                       help="continue every client's trace context (traceparent, baggage) "
+                            "in tunnel and RPC spans; by default only a trusted proxy's is, "
+                            "and other clients' spans start a new trace linked to theirs")
     serve.add_argument("--max-tunnel-age", type=float, default=None, metavar="SECONDS",
                        help="retire tunnels after about this long (+/- 10%% jitter): the "
                             "client gets a graceful HTTP/2 GOAWAY and opens a new tunnel "
@@ -202,7 +207,8 @@ def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
         max_connections=args.max_connections,
         max_connections_per_client=args.max_connections_per_client,
         max_upgrades_per_minute=args.max_upgrades_per_minute,
-        trusted_proxies=args.trusted_proxy, ping_interval=args.ping_interval,
+        trusted_proxies=args.trusted_proxy,
+        trust_trace_context=args.trust_trace_context, ping_interval=args.ping_interval,
         idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,
         max_tunnel_age=args.max_tunnel_age, max_tunnel_age_grace=args.max_tunnel_age_grace,
         certfile=args.certfile, keyfile=args.keyfile, compression=args.compression,

@@ -41,21 +41,20 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def choose_request_id(values: Sequence[str]) -> tuple[str, str | None]:
-    """The request id for an upgrade request whose ``X-Request-Id`` headers are ``values``:
-    the client's when there is exactly one and it is well formed (at most
-    :data:`MAX_REQUEST_ID` characters of ``A-Z a-z 0-9 . _ : @ + / = -``), else a new one.
-    Returns ``(request_id, why the client's was replaced, or None)``."""
+def client_request_id(values: Sequence[str]) -> tuple[str | None, str | None]:
+    """The request id an upgrade request whose ``X-Request-Id`` headers are ``values``
+    brings: exactly one, well formed (at most :data:`MAX_REQUEST_ID` characters of
+    ``A-Z a-z 0-9 . _ : @ + / = -``). Returns ``(the id or None, what is wrong with the
+    headers or None)``."""
     if not values:
-        return new_request_id(), None
+        return None, None
     if len(values) > 1:
-        return new_request_id(), f"{len(values)} {REQUEST_ID_HEADER} headers"
+        return None, f"{len(values)} {REQUEST_ID_HEADER} headers"
     value = values[0]
     if len(value) > MAX_REQUEST_ID:
-        return new_request_id(), f"over {MAX_REQUEST_ID} characters ({len(value)})"
+        return None, f"over {MAX_REQUEST_ID} characters ({len(value)})"
     if not _REQUEST_ID.fullmatch(value):
-        return new_request_id(), ("empty" if not value else
-                                  "characters outside A-Z a-z 0-9 . _ : @ + / = -")
+        return None, "empty" if not value else "characters outside A-Z a-z 0-9 . _ : @ + / = -"
     return value, None
 
 
@@ -113,8 +112,26 @@ def configure_logging(*, json_lines: bool = False, level: int = logging.INFO,
     logger.propagate = False
 
 
+#: ``reason`` of grpcbridge_upgrades_rejected_total: the bridge's own refusals, and
+#: ``rejected``, the label of an ``authenticate`` hook's :class:`~grpcbridge.Rejection` that
+#: names none (a hook may name others).
+REJECTION_REASONS = ("path", "not_websocket", "host", "origin", "capacity",
+                     "client_connections", "rate", "auth", "auth_error", "timeout", "memory",
+                     "malformed", "handshake", "shutdown", "rejected")
+#: ``reason`` of grpcbridge_backend_dial_failures_total.
+DIAL_TIMEOUT, DIAL_REFUSED, DIAL_ERROR = DIAL_FAILURE_REASONS = ("timeout", "refused", "error")
+#: ``direction`` of grpcbridge_bytes_total.
+TO_BACKEND, TO_CLIENT = DIRECTIONS = ("client_to_backend", "backend_to_client")
+#: ``code``s of grpcbridge_tunnels_closed_total that exist (at 0) from the start: normal,
+#: going away, policy (memory budget) and internal error (backend unavailable) closes.
+PRESET_CLOSE_CODES = (1000, 1001, 1008, 1011)
+
+
 class BridgeMetrics:
-    """The operator's view of a bridge (Prometheus)."""
+    """The operator's view of a bridge (Prometheus). The labelled counters start with every
+    known label value at 0 (:data:`REJECTION_REASONS`, :data:`DIAL_FAILURE_REASONS`,
+    :data:`PRESET_CLOSE_CODES`), so that ``increase()`` and ``rate()`` see the first event
+    after a start, not only the second."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -145,8 +162,14 @@ class BridgeMetrics:
         self.backend_dial_seconds = Histogram(
             "grpcbridge_backend_dial_seconds", "Time to connect to the backend.",
             buckets=_DIAL_BUCKETS, registry=r)
-        self._to_backend = self.bytes.labels("client_to_backend")
-        self._to_client = self.bytes.labels("backend_to_client")
+        self._to_backend = self.bytes.labels(TO_BACKEND)
+        self._to_client = self.bytes.labels(TO_CLIENT)
+        for reason in REJECTION_REASONS:
+            self.upgrades_rejected.labels(reason)
+        for reason in DIAL_FAILURE_REASONS:
+            self.backend_dial_failures.labels(reason)
+        for code in PRESET_CLOSE_CODES:
+            self.tunnels_closed.labels(str(code))
 
     def add_bytes(self, to_backend: int, to_client: int) -> None:
         if to_backend:

@@ -3,15 +3,20 @@ grpcbridge[otel]``).
 
 With ``opentelemetry-api`` installed, every tunnel a bridge admits (standalone
 :class:`~grpcbridge.Bridge` or :class:`~grpcbridge.BridgeApp`) gets a span, and every RPC an
-in-process :class:`~grpcbridge.GrpclibBackend` serves gets one too, continuing the W3C trace
-context (``traceparent``/``tracestate``) the client sent in the call's metadata. Spans go to
-whatever tracer provider the application configured (the SDK and an exporter, e.g. through
+in-process :class:`~grpcbridge.GrpclibBackend` serves gets one too. Spans go to whatever
+tracer provider the application configured (the SDK and an exporter, e.g. through
 ``opentelemetry-instrument``). With no provider configured (or OpenTelemetry's no-op one)
 the hooks return at once, as they do without ``opentelemetry-api``, which is then never
 imported.
 
-Tunnel span ``grpcbridge.tunnel`` (kind SERVER; a child of a ``traceparent`` header on the
-upgrade request, if any), attributes:
+Trace context: the client's (read with the configured propagators, W3C ``traceparent`` and
+baggage by default: from the upgrade request's headers for the tunnel span, from the call's
+metadata for an RPC span) is the span's parent only when it is trusted: the socket peer is
+one of ``BridgeConfig.trusted_proxies``, or ``BridgeConfig.trust_trace_context`` is set.
+Otherwise the span starts a new trace with a link to the client's span, as public endpoints
+do (a client must not choose the trace id or the sampling decision, nor inject baggage).
+
+Tunnel span ``grpcbridge.tunnel`` (kind SERVER), attributes:
 
 * ``client.address`` - the client as the bridge believes it (after ``trusted_proxies``),
   ``network.peer.address`` - the socket's peer, ``url.path``, ``network.protocol.name``
@@ -25,14 +30,17 @@ upgrade request, if any), attributes:
 RPC span ``{service}/{method}`` (kind SERVER), attributes ``rpc.system`` (``grpc``),
 ``rpc.service``, ``rpc.method``, ``rpc.grpc.status_code``, ``grpcbridge.request_id``; linked
 to its tunnel's span. The statuses OpenTelemetry counts as server errors (UNKNOWN,
-DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS) set ERROR. The span is
-current while the handler runs, so spans the handler makes are its children.
+DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS) set ERROR; an RPC the
+client cancelled is CANCELLED. The span (and the trusted context's baggage) is current while
+the handler runs, so spans the handler makes are its children. Calls grpclib answers
+without a handler (UNIMPLEMENTED methods) get no span.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,7 +48,9 @@ from typing import TYPE_CHECKING, Any
 from ._grpclib_compat import peer_extra_info
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import Span, Tracer
+    from opentelemetry.context import Context
+    from opentelemetry.propagators.textmap import Getter
+    from opentelemetry.trace import Link, Span, Tracer
 
 #: The transport extra of an in-process connection that holds its tunnel's :class:`TunnelTrace`.
 TUNNEL_EXTRA = "grpcbridge.tunnel"
@@ -65,6 +75,8 @@ _CLEAN_CLOSES = frozenset((1000, 1001, 1005))
 _SERVER_ERRORS = frozenset((2, 4, 12, 13, 14, 15))
 #: rpc.grpc.status_code of an RPC whose handler ended without sending its status.
 _CANCELLED = 1
+#: What grpclib sends when the client cancelled or the connection went.
+_UNKNOWN = 2
 
 _available: bool | None = None
 _tracer_cache: tuple[object, Tracer | None] | None = None
@@ -106,10 +118,12 @@ def _tracer() -> Tracer | None:
 
 @dataclass(slots=True)
 class TunnelTrace:
-    """What an RPC span needs of its tunnel: the request id and the tunnel's span."""
+    """What an RPC span needs of its tunnel: the request id, the tunnel's span, and whether
+    the trace context its client sends is trusted."""
 
     request_id: str
     span: Span | None
+    trust_context: bool = False
 
 
 #: The tunnel whose backend is being connected (set around ``Backend.connect``).
@@ -117,18 +131,35 @@ current_tunnel: contextvars.ContextVar[TunnelTrace | None] = contextvars.Context
     "grpcbridge_current_tunnel", default=None)
 
 
+def _parent(carrier: Any, getter: Getter[Any], trusted: bool
+            ) -> tuple[Context, list[Link]]:
+    """The context a server span starts in, and its links, from the trace context in
+    ``carrier`` (read by the configured propagators): that context when ``trusted``; else
+    an empty one (a new trace, no baggage) and a link to the remote span, if any."""
+    from opentelemetry import propagate, trace
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Link
+
+    extracted = propagate.extract(carrier, context=Context(), getter=getter)
+    if trusted:
+        return extracted, []
+    remote = trace.get_current_span(extracted).get_span_context()
+    return Context(), [Link(remote)] if remote.is_valid else []
+
+
 def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
                  subprotocol: str | None, backend: str,
-                 headers: Mapping[str, Sequence[str]]) -> TunnelTrace:
+                 headers: Mapping[str, Sequence[str]], trust_context: bool) -> TunnelTrace:
     """Open the span of a tunnel just admitted (``headers``: the upgrade request's, with
-    lower-case names; a ``traceparent`` among them is the span's parent)."""
+    lower-case names; the trace context among them is the span's parent when
+    ``trust_context``, else linked)."""
     tracer = _tracer()
     if tracer is None:
-        return TunnelTrace(request_id, None)
-    from opentelemetry import propagate
+        return TunnelTrace(request_id, None, trust_context)
+    from opentelemetry.propagators.textmap import DefaultGetter
     from opentelemetry.trace import SpanKind
 
-    parent = propagate.extract(headers) if "traceparent" in headers else None
+    parent, links = _parent(headers, DefaultGetter(), trust_context)
     attributes: dict[str, str] = {
         "client.address": client, "network.peer.address": peer, "url.path": path,
         "network.protocol.name": "websocket", REQUEST_ID: request_id, BACKEND: backend,
@@ -136,8 +167,8 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
     if subprotocol:
         attributes[SUBPROTOCOL] = subprotocol
     span = tracer.start_span(TUNNEL_SPAN, context=parent, kind=SpanKind.SERVER,
-                             attributes=attributes)
-    return TunnelTrace(request_id, span)
+                             attributes=attributes, links=links)
+    return TunnelTrace(request_id, span, trust_context)
 
 
 def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: int,
@@ -189,15 +220,19 @@ _current_rpc: contextvars.ContextVar[_Rpc | None] = contextvars.ContextVar(
     "grpcbridge_current_rpc", default=None)
 
 
-class _MetadataGetter:
-    """Reads W3C trace headers from grpclib's metadata (a MultiDict)."""
+def _metadata_getter() -> Getter[Any]:
+    """A propagator getter for grpclib's metadata (a MultiDict; binary values skipped)."""
+    from opentelemetry.propagators.textmap import Getter
 
-    def get(self, carrier: Any, key: str) -> list[str] | None:
-        values = [value for value in carrier.getall(key, ()) if isinstance(value, str)]
-        return values or None
+    class MetadataGetter(Getter[Any]):
+        def get(self, carrier: Any, key: str) -> list[str] | None:
+            values = [value for value in carrier.getall(key, ()) if isinstance(value, str)]
+            return values or None
 
-    def keys(self, carrier: Any) -> list[str]:
-        return list(carrier.keys())
+        def keys(self, carrier: Any) -> list[str]:
+            return list(carrier.keys())
+
+    return MetadataGetter()
 
 
 async def _on_request(event: Any) -> None:
@@ -206,35 +241,39 @@ async def _on_request(event: Any) -> None:
     if tracer is None:
         return
     from grpclib.exceptions import StreamTerminatedError
-    from opentelemetry import context, propagate, trace
+    from opentelemetry import context, trace
     from opentelemetry.trace import Link, SpanKind
 
-    metadata = event.metadata
-    parent = (propagate.extract(metadata, getter=_MetadataGetter())  # type: ignore[arg-type]
-              if "traceparent" in metadata else context.Context())
+    global _getter
+    if _getter is None:
+        _getter = _metadata_getter()
     service, _, method = event.method_name.lstrip("/").rpartition("/")
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
-    links = None
     tunnel = peer_extra_info(event.peer, TUNNEL_EXTRA)
+    trusted = isinstance(tunnel, TunnelTrace) and tunnel.trust_context
+    parent, remote = _parent(event.metadata, _getter, trusted)
+    links = []
     if isinstance(tunnel, TunnelTrace):
         attributes[REQUEST_ID] = tunnel.request_id
         span_context = tunnel.span.get_span_context() if tunnel.span is not None else None
         if span_context is not None and span_context.is_valid:
-            links = [Link(span_context)]
+            links.append(Link(span_context))
     span = tracer.start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
-                             attributes=attributes, links=links)
+                             attributes=attributes, links=links + remote)
     rpc = _Rpc(span)
     _current_rpc.set(rpc)  # this runs in the RPC's own task: set until the task ends
     handler = event.method_func
+    current = trace.set_span_in_context(span, parent)  # with the trusted context's baggage
 
     async def traced(stream: Any) -> None:
-        with trace.use_span(span, end_on_exit=False, record_exception=False,
-                            set_status_on_exception=False):
-            try:
-                await handler(stream)
-            except (StreamTerminatedError, asyncio.CancelledError):
-                rpc.cancelled = True
-                raise
+        token = context.attach(current)
+        try:
+            await handler(stream)
+        except (StreamTerminatedError, asyncio.CancelledError):
+            rpc.cancelled = True
+            raise
+        finally:
+            context.detach(token)
 
     event.method_func = traced
     task = asyncio.current_task()
@@ -246,17 +285,30 @@ async def _on_trailers(event: Any) -> None:
     """grpclib ``SendTrailingMetadata``: the RPC's status is known; end its span."""
     rpc = _current_rpc.get()
     if rpc is not None:
-        if rpc.cancelled:
+        status = int(event.status.value)
+        # A handler cancelled by its deadline sends DEADLINE_EXCEEDED: keep that. One the
+        # client cancelled (or whose connection went) sends UNKNOWN: it was CANCELLED.
+        if rpc.cancelled and status == _UNKNOWN:
             rpc.end(_CANCELLED)
         else:
-            rpc.end(int(event.status.value), event.status_message)
+            rpc.end(status, event.status_message)
+
+
+#: The propagator getter for grpclib metadata (made on first use).
+_getter: Getter[Any] | None = None
+#: grpclib servers whose RPCs get spans (their listeners are registered).
+_traced: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def trace_rpcs(server: Any) -> None:
-    """Give every RPC grpclib ``server`` handles a span (nothing without opentelemetry)."""
-    if not available():
+    """Give every RPC grpclib ``server`` handles from now on a span. Call it for every
+    connection: it registers grpclib's event listeners only once a tracer provider is set,
+    because with listeners each RPC costs several microseconds more even when there is
+    nothing to record (nothing without opentelemetry)."""
+    if server in _traced or _tracer() is None:
         return
     from grpclib.events import RecvRequest, SendTrailingMetadata, listen
 
+    _traced.add(server)
     listen(server, RecvRequest, _on_request)
     listen(server, SendTrailingMetadata, _on_trailers)

@@ -1,7 +1,9 @@
-"""X-Request-Id: taken from the upgrade request when well formed (else replaced, once
-logged), echoed in the 101 and in refusals, and carried by every log line of the tunnel, on
-both engines of the standalone bridge, under BridgeApp and in a ``grpcbridge serve``
-subprocess's JSON log."""
+"""X-Request-Id: taken from the upgrade request when a trusted proxy sent it and it is well
+formed (a malformed one is replaced, once logged; a direct client's is replaced and logged
+once as ``client_request_id``), echoed in the 101 and in refusals, and carried by every log
+line of the tunnel, on both engines of the standalone bridge, under BridgeApp and in a
+``grpcbridge serve`` subprocess's JSON log. Bridges that should believe the test's header
+trust 127.0.0.1 as a proxy, as a bridge behind nginx does."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from support import RawBackend, asgi_upgrade, cli, eventually, timing
 #: Events about the bridge as a whole, not about one request.
 BRIDGE_EVENTS = {"bridge_started", "bridge_stopped", "bridge_draining"}
 GENERATED = re.compile(r"[0-9a-f]{32}")
+#: Settings of a bridge behind a proxy on this machine.
+BEHIND_PROXY: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"]}
 
 
 def lines(records: list[logging.LogRecord]) -> list[tuple[str, dict[str, Any]]]:
@@ -74,7 +78,7 @@ async def test_every_line_of_a_tunnel_carries_its_request_id(
         backend: RawBackend, grpcbridge_records: list[logging.LogRecord], compression: bool,
         leak_check: None) -> None:
     config = BridgeConfig(backend=f"127.0.0.1:{backend.port}", listen="127.0.0.1:0",
-                          drain_timeout=0, compression=compression)
+                          drain_timeout=0, compression=compression, **BEHIND_PROXY)
     deflate = "deflate" if compression else None
     async with Bridge(config) as bridge:
         given = await one_tunnel(bridge.url, {"X-Request-Id": "client-id_1.2:3"}, backend,
@@ -84,6 +88,31 @@ async def test_every_line_of_a_tunnel_carries_its_request_id(
     assert given == "client-id_1.2:3"
     assert GENERATED.fullmatch(generated)
     assert request_ids(grpcbridge_records) == {given: TUNNEL_EVENTS, generated: TUNNEL_EVENTS}
+    # A proxy's id is the request id: not logged a second time.
+    assert not [fields for _event, fields in lines(grpcbridge_records)
+                if "client_request_id" in fields]
+
+
+@pytest.mark.parametrize("compression", [False, True], ids=["picows", "websockets"])
+async def test_a_direct_clients_request_id_is_logged_once_not_used(
+        backend: RawBackend, grpcbridge_records: list[logging.LogRecord], compression: bool,
+        leak_check: None) -> None:
+    # Not a trusted proxy: the client could name another tunnel's id to muddle the logs.
+    config = BridgeConfig(backend=f"127.0.0.1:{backend.port}", listen="127.0.0.1:0",
+                          drain_timeout=0, compression=compression,
+                          trusted_proxies=["10.0.0.0/8"])
+    deflate = "deflate" if compression else None
+    async with Bridge(config) as bridge:
+        first = await one_tunnel(bridge.url, {"X-Request-Id": "victim-1"}, backend,
+                                 compression=deflate)
+        second = await one_tunnel(bridge.url, {"X-Request-Id": "victim-1"}, backend,
+                                  compression=deflate)
+        await eventually(lambda: tunnel_closed(grpcbridge_records, 2))
+    assert GENERATED.fullmatch(first) and GENERATED.fullmatch(second) and first != second
+    assert request_ids(grpcbridge_records) == {first: TUNNEL_EVENTS, second: TUNNEL_EVENTS}
+    logged = [(event, fields["request_id"]) for event, fields in lines(grpcbridge_records)
+              if fields.get("client_request_id") == "victim-1"]
+    assert logged == [("upgrade_accepted", first), ("upgrade_accepted", second)]
 
 
 @pytest.mark.parametrize(("headers", "why"), [
@@ -120,7 +149,7 @@ async def test_refusals_and_failures_carry_the_request_id(
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
     config = BridgeConfig(backend=f"127.0.0.1:{closed_port}", listen="127.0.0.1:0",
-                          drain_timeout=0, authenticate=failing_hook)
+                          drain_timeout=0, authenticate=failing_hook, **BEHIND_PROXY)
     async def refused(url: str, request_id: str) -> tuple[int, str]:
         with pytest.raises(InvalidStatus) as refusal:
             async with connect(url, additional_headers={"X-Request-Id": request_id}):
@@ -146,7 +175,9 @@ async def test_refusals_and_failures_carry_the_request_id(
 
 async def test_bridge_app_echoes_and_logs_the_request_id(
         grpcbridge_records: list[logging.LogRecord]) -> None:
-    app = BridgeApp(BridgeConfig(backend="127.0.0.1:1", allowed_origins=[]))
+    # asgi_upgrade's client is 192.0.2.1, here a trusted proxy.
+    app = BridgeApp(BridgeConfig(backend="127.0.0.1:1", allowed_origins=[],
+                                 trusted_proxies=["192.0.2.0/24"]))
     sent = await asgi_upgrade(app, path="/nowhere", headers=[
         (b"host", b"bridge.test"), (b"x-request-id", b"asgi-refused")])
     start = sent[0]
@@ -164,7 +195,7 @@ async def test_bridge_app_echoes_and_logs_the_request_id(
 async def test_json_log_of_serve_has_the_request_id_on_every_tunnel_line(
         backend: RawBackend, leak_check: None) -> None:
     with cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend.port}",
-              "--log-json"]) as bridge:
+              "--log-json", "--trusted-proxy", "127.0.0.1/32"]) as bridge:
         echoed = await one_tunnel(bridge.url, {"X-Request-Id": "json-9"}, backend)
         await eventually(lambda: any('"tunnel_closed"' in line for line in list(bridge.lines)))
     documents = [json.loads(line) for line in bridge.lines]

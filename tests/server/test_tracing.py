@@ -1,6 +1,9 @@
 """OpenTelemetry spans (grpcbridge.tracing) with the real SDK: a tunnel span per tunnel on
 both engines and under BridgeApp, an RPC span per in-process grpclib call continuing the
-caller's ``traceparent``, and nothing breaking without a provider or without opentelemetry.
+caller's ``traceparent`` when it is trusted (a trusted proxy's, or with
+``trust_trace_context``) and linking it otherwise, and nothing breaking without a provider or
+without opentelemetry. Bridges that should believe the test's headers trust 127.0.0.1 as a
+proxy, as a bridge behind nginx does.
 
 Each test installs its own SDK ``TracerProvider`` with an in-memory exporter and puts the
 previous global provider back afterwards (OpenTelemetry allows setting it once per process,
@@ -20,10 +23,11 @@ import pytest
 import websockets.asyncio.client
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from opentelemetry import trace
+from opentelemetry import baggage, trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 from todo_oracle import serve
@@ -41,6 +45,8 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 CALL_TIMEOUT = timing(20.0)
+#: Bridges behind a proxy on this machine: they believe 127.0.0.1's headers.
+BEHIND_PROXY: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"]}
 
 
 @pytest.fixture
@@ -51,9 +57,9 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 @contextlib.contextmanager
-def installed_provider() -> Iterator[InMemorySpanExporter]:
+def installed_provider(**settings: Any) -> Iterator[InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
+    provider = TracerProvider(**settings)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     saved = trace._TRACER_PROVIDER, trace._TRACER_PROVIDER_SET_ONCE
     trace._TRACER_PROVIDER_SET_ONCE = Once()
@@ -106,7 +112,7 @@ async def test_tunnel_span_has_the_bytes_each_way_and_the_close(
     sent = [b"\x00" * 1000, bytes(range(256)) * 7, b"x"]
     reply = b"from the backend" * 300
     config = BridgeConfig(backend=f"127.0.0.1:{backend.port}", listen="127.0.0.1:0",
-                          drain_timeout=0, compression=compression)
+                          drain_timeout=0, compression=compression, **BEHIND_PROXY)
     async with Bridge(config) as bridge:
         async with ws_connect(bridge.url, subprotocols=["grpcbridge"],  # type: ignore[list-item]
                               compression="deflate" if compression else None,
@@ -134,7 +140,7 @@ async def test_tunnel_span_has_the_bytes_each_way_and_the_close(
     assert values["network.protocol.name"] == "websocket"
     assert span.kind is SpanKind.SERVER
     assert span.status.status_code is StatusCode.UNSET
-    # The upgrade's traceparent is the tunnel span's parent.
+    # The (trusted) upgrade's traceparent is the tunnel span's parent.
     assert span.parent is not None and span.parent.is_remote
     assert f"{span.context.trace_id:032x}" == TRACE_ID
     assert f"{span.parent.span_id:016x}" == PARENT_ID
@@ -168,7 +174,7 @@ async def test_tunnel_span_relaying_to_a_grpcio_server(
     server, servicer, port = serve("127.0.0.1:0")
     try:
         config = BridgeConfig(backend=f"127.0.0.1:{port}", listen="127.0.0.1:0",
-                              drain_timeout=0)
+                              drain_timeout=0, **BEHIND_PROXY)
         async with Bridge(config) as bridge:
             async with grpcbridge.Channel(bridge.url, headers={"X-Request-Id": "relay-1"}
                                           ) as channel:
@@ -199,9 +205,15 @@ async def test_tunnel_span_relaying_to_a_grpcio_server(
 
 
 class _TracedTodos(TodoService):
-    """The demo service, whose ListTodos makes a span of its own."""
+    """The demo service, whose ListTodos makes a span of its own and notes the ``tenant``
+    baggage it sees."""
+
+    def __init__(self, store: TodoStore) -> None:
+        super().__init__(store)
+        self.tenants: list[object] = []
 
     async def ListTodos(self, stream: Any) -> None:
+        self.tenants.append(baggage.get_baggage("tenant"))
         with trace.get_tracer("test").start_as_current_span("handler work"):
             await super().ListTodos(stream)
 
@@ -209,14 +221,16 @@ class _TracedTodos(TodoService):
 async def test_rpc_spans_continue_the_callers_trace_and_link_the_tunnel(
         spans: InMemorySpanExporter, leak_check: None) -> None:
     store = TodoStore()
+    service = _TracedTodos(store)
     try:
-        async with grpclib_bridge(_TracedTodos(store)) as bridge:
+        async with grpclib_bridge(service, **BEHIND_PROXY) as bridge:
             async with grpcbridge.Channel(bridge.url, headers={"X-Request-Id": "rpc-7"}
                                           ) as channel:
                 stub = todo_grpc.TodoServiceStub(channel)
                 await stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT,
                                      metadata={"traceparent": TRACEPARENT,
-                                               "tracestate": "vendor=1"})
+                                               "tracestate": "vendor=1",
+                                               "baggage": "tenant=acme"})
                 with pytest.raises(GRPCError) as error:
                     await stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id="missing"),
                                           timeout=CALL_TIMEOUT)
@@ -242,6 +256,7 @@ async def test_rpc_spans_continue_the_callers_trace_and_link_the_tunnel(
     # Linked to its tunnel's span, and current while the handler ran.
     assert [link.context.span_id for link in listed.links] == [tunnel.context.span_id]
     assert work.parent is not None and work.parent.span_id == listed.context.span_id
+    assert service.tenants == ["acme"]  # the caller's baggage too
 
     # No traceparent: a new trace (not a child of whatever was current), still linked.
     assert attributes(deleted)["rpc.grpc.status_code"] == Status.NOT_FOUND.value
@@ -299,6 +314,110 @@ async def test_rpc_span_ends_when_the_client_cancels(
     assert span.status.status_code is StatusCode.UNSET
 
 
+class _Slow(TodoService):
+    async def ListTodos(self, stream: Any) -> None:
+        await asyncio.sleep(timing(60))  # cancelled by grpclib at the call's deadline
+
+
+async def test_rpc_span_of_a_handler_past_its_deadline_is_deadline_exceeded(
+        spans: InMemorySpanExporter, leak_check: None) -> None:
+    store = TodoStore()
+    try:
+        async with grpclib_bridge(_Slow(store)) as bridge, \
+                grpcbridge.Channel(bridge.url) as channel:
+            with contextlib.suppress(GRPCError, TimeoutError):
+                async with todo_grpc.TodoServiceStub(channel).ListTodos.open(
+                        timeout=timing(0.5)) as stream:
+                    await stream.send_message(todo_pb2.ListTodosRequest(), end=True)
+                    # Not reading: the client does not reset the call at its own deadline,
+                    # so the server's deadline ends it (grpclib cancels the handler).
+                    (span,) = await finished(spans, "todo.v1.TodoService/ListTodos")
+    finally:
+        store.close()
+    assert attributes(span)["rpc.grpc.status_code"] == Status.DEADLINE_EXCEEDED.value
+    assert span.status.status_code is StatusCode.ERROR
+
+
+# ---------------------------------------------------------------- whose trace context
+
+
+def _remote_link(span: ReadableSpan) -> list[tuple[str, str]]:
+    return [(f"{link.context.trace_id:032x}", f"{link.context.span_id:016x}")
+            for link in span.links if link.context.is_remote]
+
+
+async def _traced_call(exporter: InMemorySpanExporter, service: _TracedTodos, **settings: Any
+                       ) -> tuple[ReadableSpan, ReadableSpan, ReadableSpan]:
+    """A ListTodos through a bridge with ``settings``, the upgrade and the call carrying
+    the test's traceparent and ``tenant`` baggage; the tunnel, RPC and handler spans."""
+    context = {"traceparent": TRACEPARENT, "baggage": "tenant=acme"}
+    async with grpclib_bridge(service, **settings) as bridge:
+        async with grpcbridge.Channel(bridge.url, headers=context) as channel:
+            await todo_grpc.TodoServiceStub(channel).ListTodos(
+                todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT, metadata=context)
+        (tunnel,) = await finished(exporter, "grpcbridge.tunnel")
+    (rpc,) = await finished(exporter, "todo.v1.TodoService/ListTodos")
+    (work,) = await finished(exporter, "handler work")
+    return tunnel, rpc, work
+
+
+async def test_a_direct_clients_trace_context_is_linked_not_continued(
+        spans: InMemorySpanExporter, leak_check: None) -> None:
+    store = TodoStore()
+    service = _TracedTodos(store)
+    try:
+        tunnel, rpc, work = await _traced_call(spans, service)
+    finally:
+        store.close()
+    # New traces (the client chose neither the trace id nor the sampling), linked to the
+    # client's span; the RPC also to its tunnel; no baggage from the client.
+    for span in (tunnel, rpc):
+        assert span.parent is None
+        assert f"{span.context.trace_id:032x}" != TRACE_ID
+        assert _remote_link(span) == [(TRACE_ID, PARENT_ID)]
+    assert rpc.context.trace_id != tunnel.context.trace_id
+    assert tunnel.context.span_id in [link.context.span_id for link in rpc.links]
+    assert work.parent is not None and work.parent.span_id == rpc.context.span_id
+    assert service.tenants == [None]
+
+
+@pytest.mark.parametrize("settings", [{"trust_trace_context": True}, BEHIND_PROXY],
+                         ids=["trust_trace_context", "trusted_proxy"])
+async def test_a_trusted_trace_context_is_continued(
+        spans: InMemorySpanExporter, settings: dict[str, Any],
+        leak_check: None) -> None:
+    store = TodoStore()
+    service = _TracedTodos(store)
+    try:
+        tunnel, rpc, _work = await _traced_call(spans, service, **settings)
+    finally:
+        store.close()
+    for span in (tunnel, rpc):
+        assert span.parent is not None and span.parent.is_remote
+        assert f"{span.context.trace_id:032x}" == TRACE_ID
+        assert f"{span.parent.span_id:016x}" == PARENT_ID
+        assert _remote_link(span) == []
+    assert service.tenants == ["acme"]
+
+
+@pytest.mark.parametrize("trusted", [False, True], ids=["direct", "trusted"])
+async def test_only_a_trusted_client_decides_sampling(trusted: bool, leak_check: None) -> None:
+    # The application samples nothing of its own; the client's traceparent says "sampled".
+    with installed_provider(sampler=ParentBased(ALWAYS_OFF)) as exporter:
+        config = BridgeConfig(backend="127.0.0.1:1", listen="127.0.0.1:0", drain_timeout=0,
+                              trust_trace_context=trusted)
+        async with Bridge(config) as bridge:
+            async with ws_connect(bridge.url,
+                                  additional_headers={"traceparent": TRACEPARENT}) as ws:
+                with contextlib.suppress(ConnectionClosed):
+                    async with asyncio.timeout(timing(5)):
+                        await ws.recv()
+                assert ws.close_code == 1011  # nothing listens on port 1
+            if trusted:
+                await finished(exporter, "grpcbridge.tunnel")
+        assert len(exporter.get_finished_spans()) == int(trusted)
+
+
 async def test_asgi_app_gets_tunnel_and_rpc_spans(
         spans: InMemorySpanExporter, leak_check: None) -> None:
     from starlette.applications import Starlette
@@ -306,7 +425,8 @@ async def test_asgi_app_gets_tunnel_and_rpc_spans(
     from test_matrix import _stop_uvicorn, start_uvicorn
 
     store = TodoStore()
-    app = grpcbridge.BridgeApp(BridgeConfig(backend=GrpclibBackend([TodoService(store)])))
+    app = grpcbridge.BridgeApp(BridgeConfig(backend=GrpclibBackend([TodoService(store)]),
+                                            **BEHIND_PROXY))
     server, task, port = await start_uvicorn(Starlette(routes=[WebSocketRoute("/grpc", app)]))
     try:
         url = f"ws://127.0.0.1:{port}/grpc"
@@ -371,7 +491,8 @@ _WITHOUT_OTEL = textwrap.dedent("""
     async def main():
         store = TodoStore()
         config = grpcbridge.BridgeConfig(backend=grpcbridge.GrpclibBackend([TodoService(store)]),
-                                         listen="127.0.0.1:0", drain_timeout=0)
+                                         listen="127.0.0.1:0", drain_timeout=0,
+                                         trusted_proxies=["127.0.0.1/32"])
         async with grpcbridge.Bridge(config) as bridge:
             async with grpcbridge.Channel(bridge.url) as channel:
                 todo = await todo_grpc.TodoServiceStub(channel).CreateTodo(
@@ -394,3 +515,22 @@ def test_without_opentelemetry_nothing_is_imported_and_tunnels_work(leak_check: 
                             text=True, timeout=timing(60), check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[0] == "plain no-otel False []", result.stdout
+
+
+async def test_context_without_a_traceparent_is_extracted_too(
+        spans: InMemorySpanExporter, leak_check: None) -> None:
+    # The configured propagators read the context, whatever headers they use (B3's, or
+    # baggage alone): the bridge does not look for a traceparent first.
+    store = TodoStore()
+    service = _TracedTodos(store)
+    try:
+        async with grpclib_bridge(service, trust_trace_context=True) as bridge, \
+                grpcbridge.Channel(bridge.url) as channel:
+            await todo_grpc.TodoServiceStub(channel).ListTodos(
+                todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT,
+                metadata={"baggage": "tenant=acme"})
+            (rpc,) = await finished(spans, "todo.v1.TodoService/ListTodos")
+    finally:
+        store.close()
+    assert service.tenants == ["acme"]
+    assert rpc.parent is None

@@ -110,7 +110,8 @@ def parse_networks(values: Iterable[str], *, what: str) -> tuple[IPNetwork, ...]
     return tuple(networks)
 
 
-def _in_networks(address: str, networks: Sequence[IPNetwork]) -> bool:
+def is_trusted_proxy(address: str, networks: Sequence[IPNetwork]) -> bool:
+    """Whether ``address`` (a socket peer) lies in one of ``networks`` (trusted proxies)."""
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
@@ -126,7 +127,7 @@ def client_identity(
     ``X-Forwarded-For`` is believed only when the socket peer is a trusted proxy; it is then
     walked from the right, skipping trusted proxies, and the first other valid address wins.
     """
-    if not trusted_proxies or not _in_networks(peer, trusted_proxies):
+    if not trusted_proxies or not is_trusted_proxy(peer, trusted_proxies):
         return peer
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
@@ -134,7 +135,7 @@ def client_identity(
             ipaddress.ip_address(hop)
         except ValueError:
             return peer  # a malformed chain cannot be trusted
-        if not _in_networks(hop, trusted_proxies):
+        if not is_trusted_proxy(hop, trusted_proxies):
             return hop
     return peer
 

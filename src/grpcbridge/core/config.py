@@ -131,6 +131,10 @@ class BridgeConfig:
     max_upgrades_per_minute: int = 600
     #: CIDRs of reverse proxies whose X-Forwarded-For is believed.
     trusted_proxies: Sequence[str] = ()
+    #: Continue the W3C trace context (``traceparent``, baggage) of every client in tunnel and
+    #: RPC spans; by default only a trusted proxy's is continued, other clients' spans start a
+    #: new trace linked to theirs (a client must not pick trace ids or sampling).
+    trust_trace_context: bool = False
     #: Seconds between WebSocket pings on a quiet tunnel; 0 disables pings.
     ping_interval: float = 20.0
     #: Close a tunnel with no traffic at all (data, ping or pong) for this long; 0 disables.
@@ -230,6 +234,9 @@ class BridgeConfig:
         object.__setattr__(self, "metrics_address", metrics)
         object.__setattr__(self, "origin_policy", OriginPolicy(self.allowed_origins))
         object.__setattr__(self, "host_policy", HostPolicy(self.allowed_hosts))
+        if not isinstance(self.trust_trace_context, bool):
+            raise ConfigError(f"trust_trace_context must be True or False, not "
+                              f"{self.trust_trace_context!r}")
         object.__setattr__(self, "trusted_networks", parse_networks(
             _strings("trusted_proxies", self.trusted_proxies), what="trusted_proxies"))
 

@@ -60,6 +60,7 @@ APPLIED: Mapping[str, str] = {
     "max_connections_per_client": "admission (Gate)",
     "max_upgrades_per_minute": "admission (Gate)",
     "trusted_proxies": "admission (Gate), on the ASGI scope's client address",
+    "trust_trace_context": "tunnel and RPC spans continue every client's trace context",
     "max_message_bytes": "larger messages close the tunnel with 1009",
     "buffer_bytes": "bytes queued per direction before reading from that side pauses",
     "client_memory_budget": "counts each tunnel's queued bytes (to the client and to the "

@@ -17,21 +17,38 @@ from ..core.admission import (
     HandshakeRequest,
     Rejection,
     client_identity,
+    is_trusted_proxy,
     loggable_path,
     select_subprotocol,
 )
 from ..core.config import BridgeConfig
-from ..observability import BridgeMetrics, choose_request_id, log_event, logger
+from ..observability import (
+    DIAL_ERROR,
+    DIAL_REFUSED,
+    DIAL_TIMEOUT,
+    REQUEST_ID_HEADER,
+    BridgeMetrics,
+    client_request_id,
+    log_event,
+    logger,
+    new_request_id,
+)
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """An upgrade that passed every guard; :meth:`Gate.release` it when the tunnel ends.
-    ``request_id`` goes into every log line (and the span) of the tunnel."""
+    ``request_id`` goes into every log line (and the span) of the tunnel;
+    ``client_request_id`` is the well-formed ``X-Request-Id`` a client that is not a trusted
+    proxy sent (not used as the request id, logged once). ``trust_trace_context``: whether
+    the trace context the client sent (``traceparent``...) may be the tunnel's and its RPCs'
+    parent (the peer is a trusted proxy, or ``BridgeConfig.trust_trace_context``)."""
 
     client: str
     subprotocol: str | None
     request_id: str
+    client_request_id: str | None = None
+    trust_trace_context: bool = False
 
 
 def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -59,13 +76,20 @@ class Gate:
             max_upgrades_per_minute=config.max_upgrades_per_minute,
         )
 
+    def trusts(self, peer: str) -> bool:
+        """Whether the socket peer is one of ``trusted_proxies``."""
+        return is_trusted_proxy(peer, self.config.trusted_networks)
+
     def request_id(self, values: Sequence[str], *, peer: str) -> str:
         """The request id of a request whose ``X-Request-Id`` headers are ``values``: the
-        client's when well formed, else a new one (the replacement is logged)."""
-        request_id, problem = choose_request_id(values)
+        header's when it is well formed and the peer is a trusted proxy (a direct client
+        could reuse another tunnel's id), else a new one (a malformed header is logged)."""
+        request_id, problem = client_request_id(values)
         if problem is not None:
-            log_event("request_id_replaced", request_id=request_id,
+            log_event("request_id_replaced", request_id=(request_id := new_request_id()),
                       peer=peer, reason=problem)
+        elif request_id is None or not self.trusts(peer):
+            request_id = new_request_id()
         return request_id
 
     async def check(
@@ -114,8 +138,10 @@ class Gate:
                 if rejection is not None:
                     self.limiter.release(client, now)
                 else:
+                    sent, _ = client_request_id(headers.get(REQUEST_ID_HEADER.lower(), ()))
                     return Admitted(client, select_subprotocol(offered, config.subprotocols),
-                                    request_id)
+                                    request_id, sent if sent != request_id else None,
+                                    config.trust_trace_context or self.trusts(peer))
         self.rejected(rejection, request_id=request_id, peer=peer, client=client, path=path,
                       origin=origin or "", host=", ".join(hosts))
         return rejection
@@ -158,13 +184,15 @@ class Gate:
     def opened(self, admitted: Admitted, *, peer: str, path: str, origin: str) -> None:
         self.metrics.upgrades_accepted.inc()
         self.metrics.tunnels_active.inc()
+        extra = ({} if admitted.client_request_id is None
+                 else {"client_request_id": admitted.client_request_id})
         log_event("upgrade_accepted", request_id=admitted.request_id, peer=peer,
                   client=admitted.client, path=loggable_path(path),
-                  origin=origin, subprotocol=admitted.subprotocol or "")
+                  origin=origin, subprotocol=admitted.subprotocol or "", **extra)
 
     def backend_failed(self, admitted: Admitted, exc: BaseException) -> None:
-        reason = ("timeout" if isinstance(exc, TimeoutError)
-                  else "refused" if isinstance(exc, ConnectionRefusedError) else "error")
+        reason = (DIAL_TIMEOUT if isinstance(exc, TimeoutError)
+                  else DIAL_REFUSED if isinstance(exc, ConnectionRefusedError) else DIAL_ERROR)
         self.metrics.backend_dial_failures.labels(reason).inc()
         log_event("backend_dial_failed", request_id=admitted.request_id,
                   backend=str(self.config.backend), reason=reason,
