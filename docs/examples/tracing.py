@@ -28,9 +28,8 @@ CALLER = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"  # the caller
 async def main() -> None:
     store = TodoStore()
     backend = grpcbridge.GrpclibBackend([TodoService(store)])
-    # The callers here are our own services: continue their trace context. By default only a
-    # trusted proxy's is (trusted_proxies), and other clients' spans start a trace of their
-    # own, linked to the caller's. The proxy's X-Request-Id, too, names the tunnel in the
+    # The callers here are our own services: continue their trace context. By default other
+    # clients' spans start a trace of their own, linked to the caller's. The proxy's X-Request-Id, too, names the tunnel in the
     # bridge's logs and spans (here 127.0.0.1 stands for that proxy).
     config = grpcbridge.BridgeConfig(backend=backend, listen="127.0.0.1:0",
                                      trust_trace_context=True, trusted_proxies=["127.0.0.1/32"])

@@ -11,8 +11,10 @@ imported.
 
 Trace context: the client's (read with the configured propagators, W3C ``traceparent`` and
 baggage by default: from the upgrade request's headers for the tunnel span, from the call's
-metadata for an RPC span) is the span's parent only when it is trusted: the socket peer is
-one of ``BridgeConfig.trusted_proxies``, or ``BridgeConfig.trust_trace_context`` is set.
+metadata for an RPC span) is the span's parent only when it is trusted: with
+``BridgeConfig.trust_trace_context``, or, for the upgrade request's headers only, when the
+socket peer is one of ``BridgeConfig.trusted_proxies`` (a proxy can vet the headers of the
+request it forwards, not the calls a client makes inside the tunnel).
 Otherwise the span starts a new trace with a link to the client's span, as public endpoints
 do (a client must not choose the trace id or the sampling decision, nor inject baggage).
 
@@ -119,7 +121,9 @@ def _tracer() -> Tracer | None:
 @dataclass(slots=True)
 class TunnelTrace:
     """What an RPC span needs of its tunnel: the request id, the tunnel's span, and whether
-    the trace context its client sends is trusted."""
+    the trace context in its calls' metadata is trusted (only with
+    ``BridgeConfig.trust_trace_context``: a trusted proxy vouches for the upgrade request's
+    headers, not for what the client sends inside the tunnel)."""
 
     request_id: str
     span: Span | None
@@ -149,13 +153,14 @@ def _parent(carrier: Any, getter: Getter[Any], trusted: bool
 
 def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
                  subprotocol: str | None, backend: str,
-                 headers: Mapping[str, Sequence[str]], trust_context: bool) -> TunnelTrace:
+                 headers: Mapping[str, Sequence[str]], trust_context: bool,
+                 trust_rpc_context: bool) -> TunnelTrace:
     """Open the span of a tunnel just admitted (``headers``: the upgrade request's, with
     lower-case names; the trace context among them is the span's parent when
-    ``trust_context``, else linked)."""
+    ``trust_context``, else linked; ``trust_rpc_context``: the same for its RPCs' metadata)."""
     tracer = _tracer()
     if tracer is None:
-        return TunnelTrace(request_id, None, trust_context)
+        return TunnelTrace(request_id, None, trust_rpc_context)
     from opentelemetry.propagators.textmap import DefaultGetter
     from opentelemetry.trace import SpanKind
 
@@ -168,7 +173,7 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
         attributes[SUBPROTOCOL] = subprotocol
     span = tracer.start_span(TUNNEL_SPAN, context=parent, kind=SpanKind.SERVER,
                              attributes=attributes, links=links)
-    return TunnelTrace(request_id, span, trust_context)
+    return TunnelTrace(request_id, span, trust_rpc_context)
 
 
 def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: int,

@@ -223,7 +223,8 @@ async def test_rpc_spans_continue_the_callers_trace_and_link_the_tunnel(
     store = TodoStore()
     service = _TracedTodos(store)
     try:
-        async with grpclib_bridge(service, **BEHIND_PROXY) as bridge:
+        async with grpclib_bridge(service, trust_trace_context=True,
+                                  **BEHIND_PROXY) as bridge:
             async with grpcbridge.Channel(bridge.url, headers={"X-Request-Id": "rpc-7"}
                                           ) as channel:
                 stub = todo_grpc.TodoServiceStub(channel)
@@ -386,18 +387,27 @@ async def test_a_direct_clients_trace_context_is_linked_not_continued(
 async def test_a_trusted_trace_context_is_continued(
         spans: InMemorySpanExporter, settings: dict[str, Any],
         leak_check: None) -> None:
+    """trust_trace_context: every client's context, upgrade and calls. A trusted proxy
+    vouches for the upgrade request it forwards only: the calls' metadata inside the tunnel
+    is still the client's own, so the RPC span starts a trace of its own, linked."""
     store = TodoStore()
     service = _TracedTodos(store)
     try:
         tunnel, rpc, _work = await _traced_call(spans, service, **settings)
     finally:
         store.close()
-    for span in (tunnel, rpc):
-        assert span.parent is not None and span.parent.is_remote
-        assert f"{span.context.trace_id:032x}" == TRACE_ID
-        assert f"{span.parent.span_id:016x}" == PARENT_ID
-        assert _remote_link(span) == []
-    assert service.tenants == ["acme"]
+    rpc_trusted = settings.get("trust_trace_context", False)
+    for span, trusted in ((tunnel, True), (rpc, rpc_trusted)):
+        if trusted:
+            assert span.parent is not None and span.parent.is_remote
+            assert f"{span.context.trace_id:032x}" == TRACE_ID
+            assert f"{span.parent.span_id:016x}" == PARENT_ID
+            assert _remote_link(span) == []
+        else:
+            assert span.parent is None
+            assert f"{span.context.trace_id:032x}" != TRACE_ID
+            assert _remote_link(span) == [(TRACE_ID, PARENT_ID)]
+    assert service.tenants == (["acme"] if rpc_trusted else [None])
 
 
 @pytest.mark.parametrize("trusted", [False, True], ids=["direct", "trusted"])
@@ -426,7 +436,7 @@ async def test_asgi_app_gets_tunnel_and_rpc_spans(
 
     store = TodoStore()
     app = grpcbridge.BridgeApp(BridgeConfig(backend=GrpclibBackend([TodoService(store)]),
-                                            **BEHIND_PROXY))
+                                            trust_trace_context=True, **BEHIND_PROXY))
     server, task, port = await start_uvicorn(Starlette(routes=[WebSocketRoute("/grpc", app)]))
     try:
         url = f"ws://127.0.0.1:{port}/grpc"

@@ -45,7 +45,8 @@ class TunnelSession:
         self.trace: TunnelTrace = start_tunnel(
             request_id=admitted.request_id, client=admitted.client, peer=peer, path=path,
             subprotocol=admitted.subprotocol, backend=str(gate.config.backend),
-            headers=headers, trust_context=admitted.trust_trace_context)
+            headers=headers, trust_context=admitted.trust_trace_context,
+            trust_rpc_context=gate.config.trust_trace_context)
         max_age = gate.config.max_tunnel_age
         if max_age:
             age = jittered(max_age, random.random())
