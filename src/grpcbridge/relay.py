@@ -243,6 +243,11 @@ class SocketTunnel(StreamAdapter):
         self.ws_transport: asyncio.Transport | None = None
         self._ws_yielding = False
 
+    @property
+    def is_open(self) -> bool:
+        """Relaying: WebSocket open and stream side attached."""
+        return self.machine.state is TunnelState.OPEN
+
     def _yield_turn(self) -> None:
         """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
         many frames at once cannot hold the loop (uvloop reads up to 32 times per wake-up)."""
@@ -327,11 +332,6 @@ class Tunnel(SocketTunnel):
         self._retained = 0
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
-
-    @property
-    def is_open(self) -> bool:
-        """Relaying: WebSocket open and stream side attached."""
-        return self.machine.state is TunnelState.OPEN
 
     @property
     def max_message_bytes(self) -> int | None:
