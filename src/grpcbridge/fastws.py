@@ -19,9 +19,7 @@ for large messages is only used with a fresh buffer.
 The forwarder's tunnels (the client end) run on the same adapter: picows writes the upgrade
 request (:class:`ClientRequest`) on a connection the forwarder dialed (directly or through
 a proxy, TLS end to end), parses the 101 and masks what it sends; the frame rules above are
-the same at both ends, and picows refuses masked frames from a server itself. A client does
-not close the connection after the closing handshake: the server does (RFC 6455 7.1.1),
-within the close deadline.
+the same at both ends, and picows refuses masked frames from a server itself.
 """
 
 from __future__ import annotations
@@ -385,10 +383,8 @@ class PicowsTunnel(SocketTunnel):
                 ws.send(_CLOSE, b"")
             self.machine.websocket_closing(code, reason)
         self.failed = True
-        if self.client:  # the server closes the connection now, within the close deadline
-            self.machine.websocket_flushing()
-        else:  # the closing handshake is complete: close the connection once flushed
-            self._finish_handshake()
+        # The closing handshake is complete: close the connection once flushed.
+        self._finish_handshake()
 
     def _finish_handshake(self) -> None:
         transport = self.ws_transport

@@ -253,7 +253,9 @@ async def _proxy_socket(proxy: ProxyURL, host: str, port: int, within: float) ->
 
 
 def _abandon(tunnel: ClientTunnel) -> None:
-    tunnel.dialing = False
+    # No longer dialing; a tunnel without a stream side ends once its connection is gone,
+    # which may be already (picows drops the connection as soon as it refuses the answer).
+    tunnel.machine.stream_never_attached()
     if tunnel.ws_transport is None:
         tunnel.ws_lost(None)  # never connected: let the tunnel finish
     else:
