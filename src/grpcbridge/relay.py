@@ -3,8 +3,9 @@
 Used by the bridge (WebSocket from a client, stream to the backend) and the forwarder
 (stream from a local gRPC client, WebSocket to a bridge). Both sides are callback-level
 asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`;
-the bridge's TCP listeners use picows instead, :mod:`grpcbridge.fastws`, on the same
-:class:`SocketTunnel` transport half), so there is no coroutine, queue or task per message.
+the bridge's TCP listeners and the forwarder use picows instead, :mod:`grpcbridge.fastws`, on
+the same :class:`SocketTunnel` transport half), so there is no coroutine, queue or task per
+message.
 
 Memory stays bounded in both directions: every transport's write buffer has a high-water
 mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
