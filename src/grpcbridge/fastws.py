@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -117,7 +118,7 @@ class _Listener(WSListener):
                     and not (frame.rsv1 or frame.rsv2 or frame.rsv3
                              or transport.is_close_frame_sent)):
                 if frame.payload_size:
-                    tunnel.machine.data(frame.get_payload_as_bytes())
+                    tunnel.payload(frame)
                 else:
                     tunnel.machine.empty_frame()
                 return
@@ -246,6 +247,7 @@ class PicowsTunnel(SocketTunnel):
         "fragment",
         "max_message_bytes",
         "partial",
+        "stream_fd",
         "websocket",
         "ws",
     )
@@ -267,6 +269,8 @@ class PicowsTunnel(SocketTunnel):
         #: Bytes of an incomplete frame in picows' read buffer, and that buffer's size.
         self.partial = 0
         self.buffer_size = 0
+        #: The stream side's socket, written to directly while its buffer is empty (-1: none).
+        self.stream_fd = -1
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
 
@@ -308,6 +312,30 @@ class PicowsTunnel(SocketTunnel):
         return _Protocol(self, _Listener(self), self.max_message_bytes, request=request)
 
     # ------------------------------------------------------------- frames, reads
+
+    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+        sock = transport.get_extra_info("socket")
+        self.stream_fd = -1 if sock is None else sock.fileno()
+        super().attach_stream(transport, buffer_bytes)
+
+    def payload(self, frame: WSFrame) -> None:
+        """A binary message's payload, for the stream side. While nothing waits in the
+        stream's write buffer it is written to the socket straight from picows' read buffer
+        (no copy unless the socket takes only part of it); otherwise it is copied out."""
+        machine = self.machine
+        transport = self.stream_transport
+        if (self.stream_fd < 0 or transport is None or not machine.relaying_websocket
+                or transport.is_closing() or transport.get_write_buffer_size()):
+            machine.data(frame.get_payload_as_bytes())
+            return
+        view = frame.get_payload_as_memoryview()
+        try:  # the transport is open, so its descriptor is still this connection's
+            written = os.write(self.stream_fd, view)
+        except OSError:  # full (EAGAIN), or failed: the transport's own write reports it
+            written = 0
+        machine.data_written(written)
+        if written < len(view):
+            machine.data(bytes(view[written:]))
 
     def other_frame(self, frame: WSFrame) -> None:
         """Every frame but a whole binary message without reserved bits."""
