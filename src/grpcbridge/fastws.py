@@ -13,8 +13,9 @@ close frame), close codes (``send_close`` needs one, or 0 goes on the wire), res
 continuation-frame order and the size of fragmented messages, pings (answered here so they
 count against the frame rate), and copies: a frame's payload is valid only inside the
 callback, and a buffer handed to ``transport.write`` must never be reused (uvloop keeps a
-reference instead of copying), so payloads are copied out once and picows' zero-copy send
-for large messages is only used with a fresh buffer.
+reference instead of copying), so a payload is written to the stream socket from picows'
+buffer during the callback when that socket has nothing queued, else copied out once; and
+picows' zero-copy send for large messages is only used with a fresh buffer.
 
 The forwarder's tunnels (the client end) run on the same adapter: picows writes the upgrade
 request (:class:`ClientRequest`) on a connection the forwarder dialed (directly or through
