@@ -1,8 +1,9 @@
 """Opening the WebSocket side of a client tunnel (shared by the forwarder and channels).
 
-Two framing engines, one dialer: the forwarder's tunnels run on picows
-(:meth:`DialSettings.new_fast_tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel`), the
-channels' on websockets (:meth:`DialSettings.new_tunnel`). Either way the connection is
+Two framing engines, one dialer: the forwarder's tunnels (so also the grpcio channels')
+run on picows (:meth:`DialSettings.new_fast_tunnel`,
+:class:`~grpcbridge.fastws.PicowsTunnel`), :class:`~grpcbridge.Channel`'s on websockets
+(:meth:`DialSettings.new_tunnel`). Either way the connection is
 made here (TCP, or a python-socks proxy socket, then TLS end to end) and the upgrade carries
 the same headers; failures raise the same :class:`HandshakeError` messages.
 """
