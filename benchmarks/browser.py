@@ -54,12 +54,16 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
+sys.path.insert(0, str(HERE.parent / "tests"))  # Chromium and its prerequisites, as the tests
+
+from support import (  # noqa: E402
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    ROOT,
+    build_browser_bundle,
+    chromium_missing,
+)
+
 TARGETS = {"unary_p50_ms": 3.0, "bulk_mib_s": 40.0, "page_ready_warm_s": 6.0}
 
 #: Runs in the page (Pyodide, top-level await); returns a JSON string.
@@ -150,20 +154,6 @@ async def run():
 
 await run()
 """
-
-
-def _missing(driver: str) -> str | None:
-    if not Path(CHROMIUM).is_file():
-        return "Chromium is not installed at /usr/bin/chromium: apt-get install -y chromium"
-    if driver == "playwright":
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            return ("pip install playwright (never `playwright install`: Debian's Chromium is "
-                    "used)")
-    if not (ROOT / "node_modules" / "pyodide" / "pyodide.mjs").is_file():
-        return "node_modules/pyodide is missing: run `npm ci`"
-    return None
 
 
 class Server:
@@ -311,7 +301,7 @@ class PlaywrightPage:
 
     def __init__(self, profile: str, playwright: Any) -> None:
         self.context = playwright.chromium.launch_persistent_context(
-            profile, executable_path=CHROMIUM, args=CHROMIUM_FLAGS, headless=True)
+            profile, executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
         self.version = self.context.browser.version if self.context.browser else "?"
         self.page = self.context.new_page()
 
@@ -369,14 +359,14 @@ def main() -> int:
     parser.add_argument("--driver", choices=("cdp", "playwright"), default="cdp",
                         help="how Chromium is driven (see the module docstring)")
     args = parser.parse_args()
-    reason = _missing(args.driver)
+    reason = chromium_missing(playwright=args.driver == "playwright")
     if reason:
         print(f"cannot run: {reason}", file=sys.stderr)
         return 2
-    build = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_browser_bundle.py")],
-                           capture_output=True, text=True)
-    if build.returncode != 0:
-        print(build.stdout + build.stderr, file=sys.stderr)
+    try:
+        build_browser_bundle()
+    except AssertionError as failed:
+        print(failed, file=sys.stderr)
         return 2
 
     load_before = os.getloadavg()

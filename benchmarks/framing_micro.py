@@ -248,9 +248,20 @@ def per_message(size: int, count: int = 20000) -> None:
         payload = os.urandom(size)
         client.send_binary(payload)
         frame = b"".join(client.data_to_send())  # one masked frame, as read from the socket
+        aged = Tunnel(loop, open_pair()[1], stream_name="backend")
+        aged.ws_transport = _NullTransport()  # type: ignore[assignment]
+        aged.attach_stream(_NullTransport(), 256 * 1024)  # type: ignore[arg-type]
+        aged.websocket_opened()
+        if hasattr(aged.machine, "retire_after"):  # what --max-tunnel-age adds
+            aged.machine.retire_after(3600.0, 30.0)
+        # Whole HTTP/2 DATA frames, as a backend sends them (the age follows frame headers).
+        data_frame = (max(size - 9, 0)).to_bytes(3, "big") + b"\x00\x00\x00\x00\x00\x01"
+        data_frame += payload[:max(size - 9, 0)]
         for label, step in (("WebSocket -> backend (ws_data)", lambda: tunnel.ws_data(frame)),
                             ("backend -> WebSocket (stream_data)",
-                             lambda: tunnel.stream_data(payload))):
+                             lambda: tunnel.stream_data(payload)),
+                            ("backend -> WebSocket, --max-tunnel-age set",
+                             lambda: aged.stream_data(data_frame))):
             best = float("inf")
             for _ in range(5):
                 t0 = time.process_time()

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from hypothesis import settings
 
 from support import TIMING, kill_all_processes, snapshot, wait_until
 
@@ -16,6 +17,14 @@ from support import TIMING, kill_all_processes, snapshot, wait_until
 for _name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
     os.environ.pop(_name, None)
     os.environ.pop(_name.upper(), None)
+
+# Hypothesis: no per-example deadline (shared, noisy machines; the suite never asserts timing).
+# .ci/run sets HYPOTHESIS_PROFILE=ci: derandomized, so a CI run is reproducible and a red one
+# can be replayed; runs elsewhere draw new examples each time and find what CI would not.
+settings.register_profile("default", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -50,6 +59,15 @@ def _no_leaks_at_session_end() -> Iterator[None]:
 def _kill_processes_after_each_test() -> Iterator[None]:
     yield
     kill_all_processes()
+
+
+@pytest.fixture(scope="module")
+def todo_port() -> Iterator[int]:
+    """The port of the grpcio Todo service (the test oracle) in its own process."""
+    from hostile import todo_service
+
+    with todo_service() as port:
+        yield port
 
 
 @pytest.fixture

@@ -56,13 +56,6 @@ def log_count(lines: Sequence[str], event: str, **fields: str) -> int:
                if event in (tokens := set(line.split())) and wanted <= tokens)
 
 
-def serve_args(backend: str, loop: str, *extra: str) -> list[str]:
-    """``grpcbridge serve`` arguments; no drain on SIGTERM unless ``extra`` sets one (the
-    last --drain-timeout wins), so stuck tunnels do not slow every teardown by 10 s."""
-    return ["serve", "--listen", "127.0.0.1:0", "--backend", backend, "--loop", loop,
-            "--drain-timeout", "0", *extra]
-
-
 # ------------------------------------------------------------------------ frames
 
 

@@ -16,6 +16,7 @@ import inspect
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,9 +25,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import psutil
+
+#: The repository's root.
+ROOT = Path(__file__).resolve().parents[1]
 
 #: Scales every time bound of the tests (waits, timeouts of calls that should succeed, the
 #: per-test timeout): ``GRPCBRIDGE_TEST_TIMING``, default 1.0.
@@ -162,6 +166,14 @@ class Process:
         return self.popen.returncode
 
 
+def serve_args(backend: str, *extra: str, loop: str | None = None) -> list[str]:
+    """``grpcbridge serve`` arguments on a free port in front of ``backend``; no drain on
+    SIGTERM unless ``extra`` sets one (the last --drain-timeout wins), so stuck tunnels do not
+    slow every teardown by 10 s."""
+    return ["serve", "--listen", "127.0.0.1:0", "--backend", backend,
+            *(("--loop", loop) if loop else ()), "--drain-timeout", "0", *extra]
+
+
 def start_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
               ready: bool = True, timeout: float = 15.0) -> Process:
     """Start ``grpcbridge <args>`` and wait until it logs that it listens."""
@@ -205,6 +217,69 @@ def cli(args: Sequence[str], **kwargs: object) -> Iterator[Process]:
         process.stop()
         if process in _PROCESSES:
             _PROCESSES.remove(process)
+
+
+#: Debian's Chromium: the browser tests and benchmarks never use a downloaded browser.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def chromium_missing(*, playwright: bool = True) -> str | None:
+    """Why the browser demo cannot run in headless Chromium here (None: it can): Chromium at
+    :data:`CHROMIUM`, the playwright package (when ``playwright``), ``npm ci``'s Pyodide."""
+    if not CHROMIUM.is_file():
+        return f"Chromium is not installed at {CHROMIUM}: run `apt-get install -y chromium`"
+    if playwright:
+        try:
+            import playwright.sync_api
+        except ImportError:
+            return ("the Python package playwright is missing: `pip install playwright` "
+                    "(Debian's Chromium is used; never run `playwright install`)")
+    if not (ROOT / "node_modules" / "pyodide" / "pyodide.mjs").is_file():
+        return "node_modules/pyodide is missing: run `npm ci` in the repository root"
+    return None
+
+
+def skip_or_fail(reason: str, require: str) -> NoReturn:
+    """Skip the test loudly because ``reason`` (a missing prerequisite), or fail it when the
+    environment variable ``require`` is ``1`` (CI, where the prerequisite must be there)."""
+    import warnings
+
+    import pytest
+
+    if os.environ.get(require) == "1":
+        pytest.fail(f"{require}=1 but {reason}", pytrace=False)
+    message = f"SKIPPED (set {require}=1 to fail instead): {reason}"
+    warnings.warn(message, stacklevel=2)
+    print(f"\n*** {message} ***", file=sys.stderr)
+    pytest.skip(message)
+
+
+def build_browser_bundle() -> None:
+    """Build build/browser (the wheels Pyodide installs) when it is missing or older than the
+    sources, so a browser never runs stale code; a quick no-op otherwise."""
+    build = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_browser_bundle.py")],
+                           capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, f"bundle build failed:\n{build.stdout}{build.stderr}"
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for programs that cannot pick their own (port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def accepts(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def warm_up_grpc_and_uvloop() -> None:
@@ -317,20 +392,37 @@ def sample(bridge: Any, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
-async def http_get(host: str, port: int, path: str) -> str:
+async def http_request(port: int, request: str, within: float = 5.0, *,
+                       host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """Send a raw HTTP/1.1 request and read the response until the server closes (every
+    grpcbridge listener answers one request per connection): ``(status, headers, body)``,
+    header names in lower case. A repeated ``Content-Length`` fails the test."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200"), head
-        lengths = re.findall(rb"(?im)^content-length:\s*(\d+)", head)
-        assert len(lengths) == 1, f"want one Content-Length: {head!r}"
-        length = int(lengths[0])
-        return (await reader.readexactly(length)).decode()
+        writer.write(request.encode())
+        async with asyncio.timeout(timing(within)):
+            data = await reader.read()
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        name = name.strip().lower()
+        assert not (name == "content-length" and name in headers), f"two {name}: {head!r}"
+        headers[name] = value.strip()
+    return int(lines[0].split()[1]), headers, body
+
+
+async def http_get(port: int, path: str, headers: dict[str, str] | None = None, *,
+                   host: str = "127.0.0.1") -> tuple[int, dict[str, str], bytes]:
+    """``GET path`` with ``headers``: :func:`http_request`'s ``(status, headers, body)``."""
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    return await http_request(port, "\r\n".join(lines) + "\r\n\r\n", host=host)
 
 
 class Metrics:
@@ -343,7 +435,10 @@ class Metrics:
         self.host, self.port = host, int(port)
 
     async def scrape(self) -> dict[str, float]:
-        text = await http_get(self.host, self.port, "/metrics")
+        status, headers, body = await http_get(self.port, "/metrics", host=self.host)
+        assert status == 200, (status, body)
+        assert int(headers["content-length"]) == len(body), headers
+        text = body.decode()
         samples: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):

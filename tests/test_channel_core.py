@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import subprocess
 import sys
@@ -41,12 +42,15 @@ from grpcbridge.channel_core import (
     check_options,
     lost_detail,
 )
+from grpcbridge.core.age import GOAWAY
 from grpcbridge.core.errors import ConfigError, HandshakeError, TunnelClosed
 from grpcbridge.core.target import parse_target
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
+
+from support import eventually
 
 LIST = todo_pb2.ListTodosRequest()
 SLOW_STREAM = todo_pb2.StreamTodosRequest(repeat=10_000, interval_ms=20)
@@ -304,6 +308,15 @@ class FakeChannel(CoreChannel[FakeConnection]):
         return connection
 
 
+@contextlib.asynccontextmanager
+async def streaming(stub: TodoServiceStub) -> AsyncIterator[Any]:
+    """A slow StreamTodos that has sent its first message."""
+    async with stub.StreamTodos.open() as stream:
+        await stream.send_message(SLOW_STREAM, end=True)
+        assert await stream.recv_message() is not None
+        yield stream
+
+
 async def _status(coro: Any) -> tuple[Status, str]:
     with pytest.raises(GRPCError) as failed:
         await coro
@@ -324,15 +337,37 @@ async def test_lost_connection_is_unavailable_and_the_next_rpc_redials(
         runtime: FakeRuntime) -> None:
     async with FakeChannel(runtime) as channel:
         stub = TodoServiceStub(channel)
-        async with stub.StreamTodos.open() as stream:
-            await stream.send_message(SLOW_STREAM, end=True)
-            assert await stream.recv_message() is not None
+        async with streaming(stub) as stream:
             runtime.connections[0].drop(1011, "gone")
             status, message = await _status(stream.recv_message())
         assert status is LOST_STATUS is Status.UNAVAILABLE
         assert message == "fake closed with code 1011", message
         await stub.ListTodos(LIST)
         assert len(runtime.connections) == 2 and channel.connections_opened == 2
+
+
+async def test_goaway_moves_new_rpcs_to_a_new_connection_and_retires_the_old(
+        runtime: FakeRuntime) -> None:
+    # What both channels (grpcbridge.Channel, grpcbridge.browser.Channel) do when a bridge
+    # retires a tunnel (max_tunnel_age): h2 never sees the GOAWAY, so the stream in flight
+    # goes on; new RPCs dial; the old connection closes after its last stream.
+    async with FakeChannel(runtime) as channel:
+        stub = TodoServiceStub(channel)
+        async with streaming(stub) as stream:
+            old = runtime.connections[0]
+            client = old._ends[0].protocol  # between two writes: at a frame boundary
+            client.data_received(GOAWAY)
+            assert not channel.connection_usable()
+            await stub.ListTodos(LIST)
+            assert len(runtime.connections) == 2 and channel.connections_opened == 2
+            for _ in range(3):
+                assert await stream.recv_message() is not None  # still on the old one
+            assert old.closes == 0
+            await stream.cancel()
+        await eventually(lambda: old.closes == 1)
+        assert runtime.connections[1].closes == 0
+        await stub.ListTodos(LIST)
+        assert len(runtime.connections) == 2
 
 
 async def test_failed_attempt_backs_off_then_redials(runtime: FakeRuntime) -> None:
@@ -346,8 +381,16 @@ async def test_failed_attempt_backs_off_then_redials(runtime: FakeRuntime) -> No
         assert "refused by the fake runtime" in message
         assert len(runtime.connections) == 1
         runtime.refuse = False
-        await asyncio.sleep(0.25)
-        await stub.ListTodos(LIST)
+
+        async def redialed() -> bool:  # RPCs fail fast, dialing nothing, until it is over
+            try:
+                await stub.ListTodos(LIST)
+            except GRPCError as error:
+                assert "next attempt in" in str(error.message), error.message
+                return False
+            return True
+
+        await eventually(redialed, 5, interval=0.05, message="no redial after the backoff")
         assert len(runtime.connections) == 2 and channel.connections_opened == 1
 
 

@@ -23,6 +23,8 @@ EXPECTED = {
     "dial_grpcio_forwarder.py": "created: sent by grpcio",
     "fastapi_app.py": "created: served by FastAPI",
     "serve_grpclib.py": "created: served in process",
+    "tracing.py": "rpc span: todo.v1.TodoService/CreateTodo continues trace "
+                  "4bf92f3577b34da6a3ce929d0e0e4736",
 }
 
 

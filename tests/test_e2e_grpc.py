@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import queue
 import re
 import signal
 import socket
@@ -22,10 +21,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+import rpc_checks
+from rpc_checks import CALL_TIMEOUT, Requests, Stub, create_request
 from todo_oracle import OracleServicer, serve
 from todo_oracle import process as oracle_process
 
-from grpcbridge.demo import todo_pb2, todo_pb2_grpc
+from grpcbridge.demo import todo_pb2
 
 import support
 from support import (
@@ -34,15 +35,9 @@ from support import (
     Process,
     cli,
     start_cli,
-    timing,
     tls_files,
     wait_until,
 )
-
-#: Timeout for calls that are expected to succeed: only there to turn a hang into a failure.
-CALL_TIMEOUT = timing(30.0)
-Stub = todo_pb2_grpc.TodoServiceStub
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -80,27 +75,6 @@ def _stop_promptly(process: Process) -> None:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-class _Requests:
-    """A request iterator for bidi calls, fed from the test; ``close()`` half-closes."""
-
-    def __init__(self) -> None:
-        self._queue: queue.Queue[todo_pb2.SyncRequest | None] = queue.Queue()
-
-    def __iter__(self) -> Iterator[todo_pb2.SyncRequest]:
-        while (item := self._queue.get()) is not None:
-            yield item
-
-    def send(self, request: todo_pb2.SyncRequest) -> None:
-        self._queue.put(request)
-
-    def close(self) -> None:
-        self._queue.put(None)
-
-
-def _create(text: str) -> todo_pb2.SyncRequest:
-    return todo_pb2.SyncRequest(create=todo_pb2.CreateTodoRequest(text=text))
 
 
 # -------------------------------------------------------------------------- fixtures
@@ -176,78 +150,19 @@ def stub(channel: grpc.Channel) -> Stub:
 
 
 def test_unary_calls(stub: Stub) -> None:
-    created = stub.CreateTodo(todo_pb2.CreateTodoRequest(text="buy milk"), timeout=CALL_TIMEOUT)
-    assert created.id and created.text == "buy milk" and not created.done
-
-    updated = stub.UpdateTodo(
-        todo_pb2.UpdateTodoRequest(id=created.id, text="buy oat milk", done=True),
-        timeout=CALL_TIMEOUT)
-    assert (updated.id, updated.text, updated.done) == (created.id, "buy oat milk", True)
-    listed = stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT).todos
-    assert updated in listed
-
-    stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=created.id), timeout=CALL_TIMEOUT)
-    listed = stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT).todos
-    assert created.id not in {todo.id for todo in listed}
-    with pytest.raises(grpc.RpcError) as missing:
-        stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=created.id), timeout=CALL_TIMEOUT)
-    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    rpc_checks.unary_calls(stub)
 
 
 def test_server_streaming(stub: Stub) -> None:
-    for i in range(3):
-        stub.CreateTodo(todo_pb2.CreateTodoRequest(text=f"stream-{i}"), timeout=CALL_TIMEOUT)
-    current = list(stub.ListTodos(todo_pb2.ListTodosRequest(), timeout=CALL_TIMEOUT).todos)
-    assert len(current) >= 3
-
-    call = stub.StreamTodos(todo_pb2.StreamTodosRequest(repeat=4), timeout=CALL_TIMEOUT)
-    received = list(call)
-    assert received == current * 4
-    assert call.code() == grpc.StatusCode.OK
-    assert ("x-trailer-rpc", "StreamTodos") in call.trailing_metadata()
+    rpc_checks.server_streaming(stub)
 
 
 def test_client_streaming(stub: Stub) -> None:
-    texts = [f"bulk-{i}-{'x' * i}" for i in range(100)]
-    response, call = stub.BulkCreateTodos.with_call(
-        (todo_pb2.CreateTodoRequest(text=text) for text in texts), timeout=CALL_TIMEOUT)
-    assert response.created_count == len(texts)
-    assert call.code() == grpc.StatusCode.OK
-    listed = {t.text for t in stub.ListTodos(todo_pb2.ListTodosRequest(),
-                                             timeout=CALL_TIMEOUT).todos}
-    assert set(texts) <= listed
+    rpc_checks.client_streaming(stub)
 
 
 def test_bidi_streaming(stub: Stub) -> None:
-    requests = _Requests()
-    call = stub.SyncTodos(iter(requests), timeout=CALL_TIMEOUT)
-    try:
-        requests.send(_create("sync me"))
-        event = next(call)
-        assert event.WhichOneof("event") == "todo" and event.todo.text == "sync me"
-        todo_id = event.todo.id
-
-        requests.send(todo_pb2.SyncRequest(
-            update=todo_pb2.UpdateTodoRequest(id=todo_id, text="synced", done=True)))
-        event = next(call)
-        assert (event.todo.id, event.todo.text, event.todo.done) == (todo_id, "synced", True)
-
-        requests.send(todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id=todo_id)))
-        assert next(call).deleted_id == todo_id
-
-        requests.send(todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id=todo_id)))
-        event = next(call)
-        assert event.WhichOneof("event") == "error" and todo_id in event.error
-
-        # Several requests in flight at once, then half-close: all answered, then OK.
-        for i in range(20):
-            requests.send(_create(f"burst-{i}"))
-    finally:
-        requests.close()
-    rest = list(call)
-    assert [event.todo.text for event in rest] == [f"burst-{i}" for i in range(20)]
-    assert call.code() == grpc.StatusCode.OK
-    assert ("x-trailer-rpc", "SyncTodos") in call.trailing_metadata()
+    rpc_checks.bidi_streaming(stub)
 
 
 # ------------------------------------------------------------ 2. metadata, trailers
@@ -543,10 +458,10 @@ def test_sigterm_drains_then_closes_with_1001(
               "--drain-timeout", "1"]) as draining, \
             cli(["forward", "--listen", "127.0.0.1:0", "--target", draining.url]) as fwd, \
             grpc.insecure_channel(fwd.listen, options=GRPC_OPTIONS) as channel:
-        requests = _Requests()
+        requests = Requests()
         call = Stub(channel).SyncTodos(iter(requests), timeout=CALL_TIMEOUT)
         try:
-            requests.send(_create("open during drain"))
+            requests.send(create_request("open during drain"))
             assert next(call).todo.text == "open during drain"
             draining.wait_for_line(r"\btunnel_opened\b")
 

@@ -46,7 +46,7 @@ from grpclib.server import Stream
 from grpcbridge.demo import service, todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.service import TodoServicer
-from grpcbridge.demo.store import InvalidTextError, TodoStore
+from grpcbridge.demo.store import InvalidTextError, TodoStore, sync_response
 
 from support import timing
 
@@ -312,13 +312,7 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
                             break
                         await asyncio.sleep(0.01)  # the feed is a thread-safe queue: polled
                         continue
-                    kind, value = items.get_nowait()
-                    if kind == "todo":
-                        yield todo_pb2.SyncResponse(todo=value)
-                    elif kind == "deleted":
-                        yield todo_pb2.SyncResponse(deleted_id=value)
-                    else:
-                        yield todo_pb2.SyncResponse(error=value)
+                    yield sync_response(items.get_nowait())
             finally:
                 self.store.unsubscribe(items)
                 reader.cancel()

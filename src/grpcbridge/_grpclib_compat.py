@@ -9,13 +9,18 @@ checked against one module (and ``tests/test_channel_core.py``), not the whole c
   (``_create_connection``, ``_connected``, ``_protocol_factory``, ``_authority``,
   ``_scheme``) routed to public-named methods the grpcbridge channels implement;
 * :func:`advertise_max_frame_size` and :class:`FrameSizeProtocol` - h2's connection behind
-  grpclib's (``Connection._connection``) and its inbound frame limit;
+  grpclib's (``Connection._connection``) and its inbound frame limit; the protocol also
+  keeps graceful GOAWAYs from h2, which would fail the streams still open (see
+  :class:`~grpcbridge.core.age.GoawayFilter`), and :func:`streams_released` waits for a
+  retiring connection's streams (``Connection.stream_close_waiter``);
 * :func:`retype_stream`, :func:`stream_connection`, :func:`release_finished_streams`,
   :func:`open_streams` - giving the streams ``Channel.request`` makes grpcbridge's class,
   which connection a client stream runs on, and ending some streams of a connection but not
   others (``Stream._stream``, ``processor.streams``, ``buffer._eof``, ``__terminated__``);
 * :func:`server_protocol`, :func:`server_handlers` - serving a grpclib ``Server`` over
   connections it did not accept (``Server._protocol_factory``, ``Server._handlers``);
+* :func:`peer_extra_info` - what the bridge put in an in-process connection's transport,
+  from a server event's ``Peer`` (``Peer._transport``);
 * :func:`cheapen_frame_repr` - hyperframe's payload formatter (``frame._raw_data_repr``).
 
 Supported: grpclib 0.4.x and h2 4.x (:data:`SUPPORTED`). :func:`require_supported` (called
@@ -31,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import re
-from collections.abc import Container
+from collections.abc import Callable, Container
 from typing import Any, TypeVar
 
 import grpclib
@@ -43,6 +48,7 @@ from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
 from h2.settings import SettingCodes
 
+from .core.age import GoawayFilter
 from .core.errors import GrpcBridgeError
 from .framesize import H2_MIN_FRAME_SIZE
 
@@ -123,17 +129,39 @@ def advertise_max_frame_size(protocol: Any, size: int) -> None:
 
 
 class FrameSizeProtocol(H2Protocol):
-    """grpclib's ``H2Protocol`` advertising a larger SETTINGS_MAX_FRAME_SIZE as soon as it
-    is connected (its SETTINGS follow grpclib's preface, before any request)."""
+    """grpclib's client ``H2Protocol`` advertising a larger SETTINGS_MAX_FRAME_SIZE as soon
+    as it is connected (its SETTINGS follow grpclib's preface, before any request).
+
+    A graceful GOAWAY from the server (a bridge retiring the tunnel, a backend's own
+    max-connection-age) is kept from h2 - h2 4.x would end the connection and grpclib fail
+    every stream on it - and reported to ``on_goaway`` (once): the channel then opens a new
+    connection for new RPCs and closes this one when its streams are done
+    (:attr:`goaway_received` tells one that arrived before the channel was listening)."""
 
     def __init__(self, handler: AbstractHandler, config: Any, h2_config: H2Configuration,
-                 max_frame_size: int) -> None:
+                 max_frame_size: int,
+                 on_goaway: Callable[[FrameSizeProtocol], None] | None = None) -> None:
         super().__init__(handler, config, h2_config)
         self._max_frame_size = max_frame_size
+        self._on_goaway = on_goaway
+        self._goaways = GoawayFilter(self._goaway)
+        self.goaway_received = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         advertise_max_frame_size(self, self._max_frame_size)
+
+    def data_received(self, data: bytes) -> None:
+        data = self._goaways.feed(data)
+        if data:
+            super().data_received(data)
+
+    def _goaway(self, _last_stream_id: int) -> None:
+        if self.goaway_received:
+            return
+        self.goaway_received = True
+        if self._on_goaway is not None:
+            self._on_goaway(self)
 
 
 # ----------------------------------------------------------------------- channels
@@ -162,7 +190,11 @@ class GrpclibChannel(grpclib.client.Channel):
         """A client protocol for a new connection, asking for frames up to
         ``max_frame_size`` once connected."""
         return FrameSizeProtocol(grpclib.client.Handler(), self._config, self._h2_config,
-                                 self._bridge_max_frame_size)
+                                 self._bridge_max_frame_size, self.connection_retiring)
+
+    def connection_retiring(self, protocol: FrameSizeProtocol) -> None:
+        """The server sent ``protocol``'s connection a graceful GOAWAY: it takes no new
+        RPCs (overridden by the grpcbridge channels)."""
 
     async def open_protocol(self) -> H2Protocol:
         """Open a connection and return the protocol connected to it (grpclib calls this
@@ -226,6 +258,16 @@ def release_finished_streams(protocol: Any, reason: str) -> list[int]:
     return finishing
 
 
+async def streams_released(protocol: Any) -> None:
+    """Return once client ``protocol`` has no stream left (grpclib sets its connection's
+    ``stream_close_waiter`` whenever one is released)."""
+    streams = protocol.processor.streams
+    waiter = protocol.connection.stream_close_waiter
+    while streams:
+        waiter.clear()
+        await waiter.wait()
+
+
 def open_streams(protocol: Any) -> Container[int]:
     """The ids of ``protocol``'s streams that have not been released yet (a live view)."""
     streams: Container[int] = protocol.processor.streams
@@ -245,6 +287,13 @@ def server_protocol(server: Any) -> H2Protocol:
 def server_handlers(server: Any) -> list[Any]:
     """The connection handlers of grpclib ``server`` (one per connection it served)."""
     return list(server._handlers)
+
+
+def peer_extra_info(peer: Any, name: str) -> object:
+    """``get_extra_info(name)`` of the transport behind grpclib ``peer`` (a ``Peer``, as
+    server events carry it); grpclib shows only its ``peername`` and certificate."""
+    transport = getattr(peer, "_transport", None)
+    return None if transport is None else transport.get_extra_info(name)
 
 
 # --------------------------------------------------------------------- hyperframe

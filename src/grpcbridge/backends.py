@@ -31,6 +31,7 @@ from .framesize import fit_frame_size, max_frame_size_for
 from .pipe import Pipe
 from .relay import StreamSide
 from .sockets import connect_address
+from .tracing import TUNNEL_EXTRA, current_tunnel, trace_rpcs
 
 
 class Backend(abc.ABC):
@@ -90,7 +91,10 @@ class GrpclibBackend(Backend):
 
     ``max_frame_size``: the largest HTTP/2 frame accepted from clients (SETTINGS_MAX_FRAME_SIZE;
     default 1 MiB, kept below the bridge's ``max_message_bytes``; see
-    :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``."""
+    :mod:`grpcbridge.framesize`). ``server_options`` go to ``grpclib.server.Server``.
+
+    With ``opentelemetry-api`` installed, each RPC gets a span continuing the caller's W3C
+    trace context and linked to its tunnel's (:mod:`grpcbridge.tracing`)."""
 
     def __init__(self, handlers: Collection[Any], *, max_frame_size: int | None = None,
                  **server_options: Any) -> None:
@@ -111,12 +115,14 @@ class GrpclibBackend(Backend):
         from grpclib.server import Server  # created inside the running loop, as grpclib wants
 
         self._server = Server(self._handlers, **self._options)
+        trace_rpcs(self._server)  # RPC spans, with opentelemetry installed
 
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
         if self._server is None or self._closed:
             raise ConnectionRefusedError("the in-process grpclib server is not running")
         protocol = server_protocol(self._server)
-        Pipe(tunnel, protocol, {"peername": ("grpcbridge", 0)}).connect(buffer_bytes)
+        extra = {"peername": ("grpcbridge", 0), TUNNEL_EXTRA: current_tunnel.get()}
+        Pipe(tunnel, protocol, extra).connect(buffer_bytes)
         # Clients' frames arrive in this tunnel's WebSocket messages: keep them within its limit.
         advertise_max_frame_size(protocol, fit_frame_size(self._max_frame_size,
                                                           tunnel.max_message_bytes))
@@ -155,14 +161,12 @@ class GrpcioBackend(SocketBackend):
         os.chmod(directory, stat.S_IRWXU)
         path = os.path.join(directory, "grpc.sock")
         try:
-            bound = server.add_insecure_port(f"unix:{path}")
+            if server.add_insecure_port(f"unix:{path}") == 0:  # grpcio may refuse this way
+                raise ConfigError("the grpcio server refused the unix port; attach it before "
+                                  "server.start()")
         except Exception:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        if bound == 0:  # grpcio reports failure this way for unix sockets
-            shutil.rmtree(directory, ignore_errors=True)
-            raise ConfigError("the grpcio server refused the unix port; attach it before "
-                              "server.start()")
         self.directory = directory
         super().__init__(SocketAddress(path=path), connect_timeout=connect_timeout)
 

@@ -14,7 +14,9 @@ decided here, once:
   next waits for the :class:`~grpcbridge.ReconnectPolicy` backoff; RPCs made meanwhile fail
   fast with ``UNAVAILABLE`` naming the last error and the time left
   (:class:`~grpcbridge.core.reconnect.Backoff`). A connection that is closing (the peer's
-  close frame arrived) takes no new RPCs: the next one dials.
+  close frame arrived) takes no new RPCs: the next one dials. So does one the server sent
+  a graceful GOAWAY (a bridge's ``max_tunnel_age``): its RPCs in flight finish on it, and
+  it is closed (1000) once the last one is done.
 * **Errors**: an RPC whose connection could not be opened or was lost fails with
   :data:`LOST_STATUS` (``UNAVAILABLE``: retrying may help), its message naming the close
   code and reason of the connection that RPC ran on. RPCs in flight when the application
@@ -54,7 +56,13 @@ from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
-from ._grpclib_compat import GrpclibChannel, protocol_connection, stream_connection
+from ._grpclib_compat import (
+    FrameSizeProtocol,
+    GrpclibChannel,
+    protocol_connection,
+    stream_connection,
+    streams_released,
+)
 from .client.streams import tunnel_stream
 from .core.config import ReconnectPolicy, check_dial_options
 from .core.errors import ConfigError, HandshakeError, TunnelClosed
@@ -220,6 +228,8 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         #: grpclib's connection -> ours, to name the connection a failed RPC ran on.
         self._by_protocol: WeakKeyDictionary[object, ConnectionT] = WeakKeyDictionary()
         self._connections_opened = 0
+        #: Connections the server sent a GOAWAY, until their last stream is done.
+        self._retiring: dict[ConnectionT, asyncio.Task[None]] = {}
 
     # --------------------------------------------------------------- runtime hook
 
@@ -247,7 +257,25 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
 
     def connection_usable(self) -> bool:
         connection = self._current
-        return connection is not None and connection.usable
+        return (connection is not None and connection.usable
+                and connection not in self._retiring)
+
+    def connection_retiring(self, protocol: FrameSizeProtocol) -> None:
+        connection = self._by_protocol.get(protocol_connection(protocol))
+        if connection is None or connection in self._retiring:
+            return  # not registered yet: open_protocol calls again
+        self._retiring[connection] = asyncio.get_running_loop().create_task(
+            self._retire(protocol, connection))
+
+    async def _retire(self, protocol: FrameSizeProtocol, connection: ConnectionT) -> None:
+        released = asyncio.ensure_future(streams_released(protocol))
+        try:
+            await asyncio.wait([released, connection.closed],
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            released.cancel()
+            self._retiring.pop(connection, None)
+            connection.close()
 
     async def open_protocol(self) -> H2Protocol:
         if self._bridge_closed:
@@ -274,6 +302,8 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         self._backoff.succeeded()
         self._connections_opened += 1
         self._by_protocol[protocol_connection(protocol)] = connection
+        if isinstance(protocol, FrameSizeProtocol) and protocol.goaway_received:
+            self.connection_retiring(protocol)  # the GOAWAY came with the first bytes
         return protocol
 
     def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]
@@ -303,15 +333,20 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         super().close()
         if self._current is not None:
             self._current.close()
+        for connection in self._retiring:
+            connection.close()
 
     async def wait_closed(self) -> None:
-        """Close, then wait until the connection is gone."""
+        """Close, then wait until the connections (retiring ones too) are gone."""
+        retiring = dict(self._retiring)
         self.close()
-        connection = self._current
-        if connection is not None and connection.close_started:
-            await asyncio.wait([connection.closed], timeout=connection.close_timeout + 1)
-            if not connection.closed.done():
-                connection.abort()
+        for connection in (self._current, *retiring):
+            if connection is not None and connection.close_started:
+                await asyncio.wait([connection.closed], timeout=connection.close_timeout + 1)
+                if not connection.closed.done():
+                    connection.abort()
+        if retiring:
+            await asyncio.gather(*retiring.values(), return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self

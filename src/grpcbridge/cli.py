@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "per worker)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
                        help="proxy whose X-Forwarded-For is believed (repeatable)")
+    serve.add_argument("--max-tunnel-age", type=float, default=None, metavar="SECONDS",
+                       help="retire tunnels after about this long (+/- 10%% jitter): the "
+                            "client gets a graceful HTTP/2 GOAWAY and opens a new tunnel "
+                            "for new RPCs while those in flight finish, so long-lived "
+                            "clients spread over restarted or added bridges (gRPC's "
+                            "MAX_CONNECTION_AGE); default: never")
+    serve.add_argument("--max-tunnel-age-grace", type=float, default=30.0, metavar="SECONDS",
+                       help="after the GOAWAY, seconds a retired tunnel's RPCs get to "
+                            "finish before it is closed with 1001 (default: 30)")
     serve.add_argument("--drain-timeout", type=float, default=10.0,
                        help="on SIGTERM/SIGINT, seconds tunnels get to finish (default: 10)")
     serve.add_argument("--certfile", help="PEM certificate chain: serve wss://")
@@ -195,6 +204,7 @@ def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
         max_upgrades_per_minute=args.max_upgrades_per_minute,
         trusted_proxies=args.trusted_proxy, ping_interval=args.ping_interval,
         idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,
+        max_tunnel_age=args.max_tunnel_age, max_tunnel_age_grace=args.max_tunnel_age_grace,
         certfile=args.certfile, keyfile=args.keyfile, compression=args.compression,
         metrics_listen=_metrics_address(args.metrics_listen),
         allow_remote_metrics=args.allow_remote_metrics,

@@ -125,7 +125,8 @@ class _Listener(WSListener):
                 return
             tunnel.other_frame(frame)
         except Exception as exc:  # a bug: picows would send 1011 with nothing logged
-            log_event("tunnel_failed", logging.ERROR, error=repr(exc))
+            log_event("tunnel_failed", logging.ERROR, request_id=tunnel.machine.request_id,
+                      error=repr(exc))
             tunnel.machine.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:

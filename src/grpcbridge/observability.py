@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +25,38 @@ logger = logging.getLogger("grpcbridge")
 
 _DURATION_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400, float("inf"))
 _DIAL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1, 5, float("inf"))
+
+
+#: The header naming a request across systems (a proxy's, the bridge's logs, the client's).
+REQUEST_ID_HEADER = "X-Request-Id"
+#: Longest ``X-Request-Id`` taken from a client; longer ones are replaced.
+MAX_REQUEST_ID = 128
+#: What a client's ``X-Request-Id`` may contain (UUIDs, nginx's ``$request_id``, base64 and
+#: ``key=value`` forms); nothing that could split a log line or a header.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@+/=-]+")
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def choose_request_id(values: Sequence[str]) -> tuple[str, str | None]:
+    """The request id for an upgrade request whose ``X-Request-Id`` headers are ``values``:
+    the client's when there is exactly one and it is well formed (at most
+    :data:`MAX_REQUEST_ID` characters of ``A-Z a-z 0-9 . _ : @ + / = -``), else a new one.
+    Returns ``(request_id, why the client's was replaced, or None)``."""
+    if not values:
+        return new_request_id(), None
+    if len(values) > 1:
+        return new_request_id(), f"{len(values)} {REQUEST_ID_HEADER} headers"
+    value = values[0]
+    if len(value) > MAX_REQUEST_ID:
+        return new_request_id(), f"over {MAX_REQUEST_ID} characters ({len(value)})"
+    if not _REQUEST_ID.fullmatch(value):
+        return new_request_id(), ("empty" if not value else
+                                  "characters outside A-Z a-z 0-9 . _ : @ + / = -")
+    return value, None
 
 
 def log_event(event: str, level: int = logging.INFO, /, **fields: Any) -> None:
@@ -91,6 +126,9 @@ class BridgeMetrics:
         self.tunnels_closed = Counter(
             "grpcbridge_tunnels_closed", "Tunnels closed, by WebSocket close code.",
             ["code"], registry=r)
+        self.tunnels_retired = Counter(
+            "grpcbridge_tunnels_retired",
+            "Tunnels sent a GOAWAY for reaching their maximum age.", registry=r)
         self.upgrades_accepted = Counter(
             "grpcbridge_upgrades_accepted", "WebSocket upgrades accepted.", registry=r)
         self.upgrades_rejected = Counter(

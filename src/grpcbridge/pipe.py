@@ -46,8 +46,7 @@ class ProtocolTransport(asyncio.Transport):
     def close(self) -> None:
         self._pipe.close_from_protocol(None)
 
-    def abort(self) -> None:
-        self._pipe.close_from_protocol(None)
+    abort = close
 
     def get_write_buffer_size(self) -> int:
         return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffer_size()
@@ -81,8 +80,7 @@ class _TunnelTransport(asyncio.Transport):
     def close(self) -> None:
         self._pipe.close_from_tunnel()
 
-    def abort(self) -> None:
-        self._pipe.close_from_tunnel()
+    abort = close
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass  # nothing is buffered: writes are delivered synchronously

@@ -70,15 +70,11 @@ class Listener:
                     ssl: SSLContext | None = None, sock: socket.socket | None = None) -> None:
         loop = asyncio.get_running_loop()
         address = self.address
-        if sock is not None:
-            if sock.family == socket.AF_UNIX:
-                self._server = await loop.create_unix_server(factory, sock=sock, ssl=ssl,
-                                                             backlog=1024)
-            else:
-                self._server = await loop.create_server(factory, sock=sock, ssl=ssl,
-                                                        backlog=1024)
-                host, port = sock.getsockname()[:2]
-                self.bound = (host, port)
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self._server = await loop.create_unix_server(factory, sock=sock, ssl=ssl,
+                                                         backlog=1024)
+        elif sock is not None:
+            self._server = await loop.create_server(factory, sock=sock, ssl=ssl, backlog=1024)
         elif address.path is not None:
             remove_stale_socket(address.path)
             self._server = await loop.create_unix_server(factory, address.path, ssl=ssl,
@@ -88,7 +84,9 @@ class Listener:
             assert address.port is not None
             self._server = await loop.create_server(factory, address.host, address.port,
                                                     ssl=ssl, backlog=1024, reuse_address=True)
-            host, port = self._server.sockets[0].getsockname()[:2]
+        listening = self._server.sockets[0]
+        if listening.family != socket.AF_UNIX:
+            host, port = listening.getsockname()[:2]
             self.bound = (host, port)
 
     @property

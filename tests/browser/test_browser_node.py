@@ -17,9 +17,10 @@ follows the browser spec (Node 20 gets ``--experimental-websocket`` when it acce
 tests are parametrised ``[ws]`` / ``[native]``. ``BROWSER_SCENARIOS=unary,bulk`` runs a
 subset; ``BROWSER_NODE_FLAGS`` adds Node flags.
 
-Needs ``node``, ``npm ci`` (node_modules/pyodide, node_modules/ws) and the bundle
-(``python scripts/build_browser_bundle.py``); skipped with the reason otherwise. The bundle is
-rebuilt here when the sources changed since it was built (so the tests never run stale code).
+Needs ``node`` >= 20, ``npm ci`` (node_modules/pyodide, node_modules/ws) and the bundle
+(``python scripts/build_browser_bundle.py``); skipped with the reason otherwise, or failed
+with ``GRPCBRIDGE_REQUIRE_NODE=1`` (as in CI). The bundle is rebuilt here when the sources
+changed since it was built (so the tests never run stale code).
 """
 
 from __future__ import annotations
@@ -30,9 +31,7 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -48,9 +47,8 @@ from websockets.exceptions import ConnectionClosed
 from grpcbridge import BearerTokenAuth, Bridge, BridgeConfig
 from grpcbridge.browser import private_close_code
 
-from support import TIMING, timing
+from support import ROOT, TIMING, build_browser_bundle, free_port, skip_or_fail, timing
 
-ROOT = Path(__file__).resolve().parents[2]
 HARNESS = Path(__file__).resolve().with_name("run_node.mjs")
 BUNDLE = ROOT / "build" / "browser"
 MiB = 1024 * 1024
@@ -58,9 +56,18 @@ TOKEN = "browser-test-token.42"
 NODE_TIMEOUT = timing(100.0)  # below pytest-timeout's 120 s (scaled alike): this message wins
 
 
+#: The oldest Node the tests run on (the first with a WebSocket of its own, behind a flag).
+MIN_NODE = 20
+
+
 def _missing() -> str | None:
     if shutil.which("node") is None:
-        return "node is not installed (apt-get install nodejs)"
+        return f"node is not installed (apt-get install nodejs; >= {MIN_NODE})"
+    version = subprocess.run(["node", "--version"], capture_output=True, text=True,
+                             timeout=30).stdout.strip()
+    major = version.lstrip("v").partition(".")[0]
+    if not major.isdigit() or int(major) < MIN_NODE:
+        return f"node {version or '(no version)'} is too old: grpcbridge needs >= {MIN_NODE}"
     for package in ("pyodide/pyodide.mjs", "ws/package.json"):
         if not (ROOT / "node_modules" / package).is_file():
             return f"node_modules/{package} is missing: run `npm ci` in the repository root"
@@ -201,12 +208,6 @@ def _node_flags() -> list[str]:
     return []
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _run_node(backend_port: int) -> NodeRun:
     base = {"backend": f"127.0.0.1:{backend_port}", "listen": "127.0.0.1:0",
             "max_upgrades_per_minute": 0}
@@ -234,7 +235,7 @@ async def _run_node(backend_port: int) -> NodeRun:
             "bridge_auth": bridges["auth"].url,
             "token": TOKEN,
             "raw": f"ws://127.0.0.1:{raw_port}",
-            "dead": f"ws://127.0.0.1:{_free_port()}/grpc",
+            "dead": f"ws://127.0.0.1:{free_port()}/grpc",
             "bulk_bytes": 64 * MiB,
             "native_bulk_bytes": 16 * MiB,
             "only": [name for name in os.environ.get("BROWSER_SCENARIOS", "").split(",")
@@ -279,11 +280,8 @@ async def _run_node(backend_port: int) -> NodeRun:
 def node_run() -> Iterator[NodeRun]:
     reason = _missing()
     if reason is not None:
-        pytest.skip(reason)
-    # Rebuild the grpcbridge wheel if the sources changed (fast no-op when up to date).
-    build = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_browser_bundle.py")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, f"bundle build failed:\n{build.stdout}{build.stderr}"
+        skip_or_fail(reason, "GRPCBRIDGE_REQUIRE_NODE")
+    build_browser_bundle()
     grpc_server, servicer, port = serve_todo("127.0.0.1:0")
     try:
         yield asyncio.run(_run_node(port))

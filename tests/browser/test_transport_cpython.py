@@ -9,6 +9,10 @@ is tested end to end in Node and Chromium (``tests/browser``, ``tests/demo``).
 
 Also the ``TunnelMachine`` additions the browser adapter needs (``pending_limit``, the end of
 delivery of held bytes when the stream side closes while taking them).
+
+And ``grpcbridge.browser.Channel`` on a tunnel a bridge retires (``max_tunnel_age``): the
+bridge is a grpclib server in memory behind the fake ``WebSocket``; after its GOAWAY, new
+RPCs take a new socket, the stream in flight finishes on the old one, which then closes.
 """
 
 from __future__ import annotations
@@ -19,13 +23,23 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
+from grpclib.server import Server
 
+from grpcbridge import _grpclib_compat as compat
+from grpcbridge.browser import Channel as BrowserChannel
 from grpcbridge.browser import _ffi
 from grpcbridge.browser import transport as transport_module
 from grpcbridge.browser.transport import SocketClosedError, WebSocketTransport
+from grpcbridge.core.age import GOAWAY
 from grpcbridge.core.errors import HandshakeError
 from grpcbridge.core.stream import CloseCode
 from grpcbridge.core.tunnel import TunnelMachine, TunnelState
+from grpcbridge.demo import todo_pb2
+from grpcbridge.demo.grpclib_service import TodoService
+from grpcbridge.demo.store import TodoStore
+from grpcbridge.demo.todo_grpc import TodoServiceStub
+
+from support import eventually
 
 CONNECTING, OPEN, CLOSING, CLOSED = 0, 1, 2, 3
 # An HTTP/2 WINDOW_UPDATE frame (a control frame: dropped, not refused, after a close).
@@ -619,3 +633,83 @@ def test_machine_stops_delivering_held_bytes_once_the_stream_side_closes() -> No
     machine.stream_attached_now()
     assert io.to_stream == [b"one"]
     assert machine.state is TunnelState.CLOSING, "a closing tunnel was marked open"
+
+
+# ------------------------------------------------- browser.Channel and a retired tunnel
+
+
+class _ServerEnd(asyncio.Transport):
+    """A grpclib server's transport whose writes arrive as messages on a fake WebSocket."""
+
+    def __init__(self, ws: FakeWebSocket) -> None:
+        super().__init__()
+        self.ws = ws
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self.ws.readyState == OPEN:
+            asyncio.get_running_loop().call_soon(self.ws.fire_message, bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.ws.readyState != OPEN
+
+    def close(self) -> None:
+        pass
+
+
+async def test_browser_channel_moves_new_rpcs_off_a_retired_tunnel(
+        fake_js: FakeJS, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bridge side in memory: each FakeWebSocket is a tunnel to a grpclib server; the
+    # test injects the GOAWAY a bridge with max_tunnel_age sends, between two writes.
+    loop = asyncio.get_running_loop()
+    monkeypatch.setattr(fake_js, "queueMicrotask", loop.call_soon)
+    store = TodoStore()
+    store.create("streamed")
+    server = Server([TodoService(store)])
+    protocols: dict[FakeWebSocket, asyncio.Protocol] = {}
+
+    def network(url: str, protocols_offered: Any = None) -> FakeWebSocket:
+        ws = FakeWebSocket(url, protocols_offered)
+        protocol = compat.server_protocol(server)
+        protocols[ws] = protocol
+        sent = ws.send
+
+        def send(buffer: FakeUint8Array) -> None:
+            sent(buffer)
+            loop.call_soon(protocol.data_received, buffer.data)
+
+        def close(code: int, reason: str) -> None:
+            FakeWebSocket.close(ws, code, reason)
+            loop.call_soon(ws.fire_close, code, reason)
+            loop.call_soon(protocol.connection_lost, None)
+
+        def opened() -> None:
+            ws.protocol = "grpcbridge"
+            ws.fire_open()
+            protocol.connection_made(_ServerEnd(ws))
+
+        ws.send = send  # type: ignore[method-assign]
+        ws.close = close  # type: ignore[method-assign]
+        loop.call_soon(opened)
+        return ws
+
+    monkeypatch.setattr(FakeWebSocket, "new", staticmethod(network))
+    try:
+        async with BrowserChannel("ws://bridge.test/grpc") as channel:
+            stub = TodoServiceStub(channel)
+            async with stub.StreamTodos.open() as stream:
+                await stream.send_message(
+                    todo_pb2.StreamTodosRequest(repeat=10_000, interval_ms=5), end=True)
+                assert await stream.recv_message() is not None
+                first = FakeWebSocket.instances[0]
+                first.fire_message(GOAWAY)
+                await stub.ListTodos(todo_pb2.ListTodosRequest())
+                assert len(FakeWebSocket.instances) == 2 and channel.connections_opened == 2
+                for _ in range(3):  # the stream goes on over the retired tunnel
+                    assert await stream.recv_message() is not None
+                assert first.close_calls == []
+                await stream.cancel()
+            await eventually(lambda: first.close_calls != [])
+            assert first.close_calls[0][0] == 1000
+            assert FakeWebSocket.instances[1].close_calls == []
+    finally:
+        store.close()

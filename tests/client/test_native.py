@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -52,7 +51,7 @@ from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 from grpcbridge.loops import loop_factory
 
-from support import MiB, eventually, warm_up_grpc_and_uvloop
+from support import MiB, eventually, free_port, warm_up_grpc_and_uvloop
 
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.1, min_connect_timeout=5)
 LIST = todo_pb2.ListTodosRequest()
@@ -92,12 +91,6 @@ async def assert_no_tasks_left(within: float = 3.0) -> None:
 
 def exists(path: str) -> bool:
     return os.path.exists(path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 async def rpc_status(coro: Any) -> tuple[Status, str]:

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -38,7 +37,15 @@ from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-from support import cli, timing, tls_files, wait_until, warm_up_grpc_and_uvloop
+from support import (
+    accepts,
+    cli,
+    free_port,
+    timing,
+    tls_files,
+    wait_until,
+    warm_up_grpc_and_uvloop,
+)
 
 USER, PASSWORD = "grpc", "pr0xy-s3cret"
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.1, min_connect_timeout=5)
@@ -53,20 +60,6 @@ def _require(program: str) -> str:
             pytest.fail(f"GRPCBRIDGE_REQUIRE_PROXY=1 but {reason}", pytrace=False)
         pytest.skip(reason)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 class ProxyServer:

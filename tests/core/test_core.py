@@ -29,11 +29,13 @@ from grpcbridge.core.stream import (
     InboundMessages,
     Opcode,
     StreamViolation,
+    fit_close_reason,
     message_too_big_reason,
 )
 from grpcbridge.core.target import (
     SocketAddress,
     browser_target,
+    host_port,
     parse_address,
     parse_target,
 )
@@ -194,6 +196,13 @@ class TestParseAddress:
         assert a.path == "/run/app/grpc.sock"
         assert a.host is None and a.port is None
         assert str(a) == "unix:/run/app/grpc.sock"
+
+    def test_host_port_brackets_ipv6_only(self) -> None:
+        assert host_port("example.com", 80) == "example.com:80"
+        assert host_port("10.0.0.1", 0) == "10.0.0.1:0"
+        assert host_port("::1", 443) == "[::1]:443"
+        assert host_port("fe80::1%eth0") == "[fe80::1%eth0]"
+        assert host_port("example.com") == "example.com"
 
     def test_unix_url_form(self) -> None:
         assert parse_address("unix:///tmp/x.sock").path == "/tmp/x.sock"
@@ -603,6 +612,15 @@ class TestInboundMessages:
         reason = message_too_big_reason(16 * 1024 * 1024)
         assert "16777216" in reason
         assert len(reason.encode()) <= 123
+
+    def test_close_reason_is_cut_to_fit_between_characters(self) -> None:
+        assert fit_close_reason("short") == "short"
+        exact = "x" * 123
+        assert fit_close_reason(exact) == exact
+        cut = fit_close_reason("x" * 119 + "é" * 10)  # a 2-byte character straddles byte 120
+        assert cut == "x" * 119 + "..."
+        assert len(fit_close_reason("€" * 100).encode()) <= 123
+        assert fit_close_reason("€" * 100) == "€" * 40 + "..."
 
 
 # -------------------------------------------------------------------------- config

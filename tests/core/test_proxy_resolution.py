@@ -97,7 +97,11 @@ def test_no_proxy_rules(no_proxy: str, host: str, port: int, expected: bool) -> 
 
 
 _label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-_domain = st.lists(_label, min_size=1, max_size=4).map(".".join)
+# A name, not an address: a top label that starts with a letter never parses as an IP
+# ("0.0.0.0" would, and addresses match NO_PROXY entries by address, not by suffix).
+_top = st.from_regex(r"[a-z]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+_domain = st.builds(lambda labels, top: ".".join([*labels, top]),
+                    st.lists(_label, max_size=3), _top)
 
 
 @given(domain=_domain, sub=_label, others=st.lists(_domain, max_size=3),

@@ -40,7 +40,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,14 +47,17 @@ from typing import Any
 import psutil
 import pytest
 
-from support import timing, wait_until
+from support import (
+    CHROMIUM,
+    CHROMIUM_FLAGS,
+    ROOT,
+    build_browser_bundle,
+    chromium_missing,
+    skip_or_fail,
+    timing,
+    wait_until,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 SCREENSHOT = ROOT / "docs" / "demo.png"
 #: Milliseconds a page gets to boot Pyodide and connect (a cold start on a busy 2-core
 #: machine takes 10-15 s; warm ones 4-6 s).
@@ -68,29 +70,6 @@ RUNTIME_FILES = ("pyodide.asm.wasm", "python_stdlib.zip")
 TEXT_LIMIT = 500
 
 pytestmark = pytest.mark.timeout(150)
-
-
-def _missing() -> str | None:
-    if not CHROMIUM.is_file():
-        return ("Chromium is not installed at /usr/bin/chromium: run "
-                "`apt-get install -y chromium`")
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return ("the Python package playwright is missing: `pip install playwright` "
-                "(Debian's Chromium is used; never run `playwright install`)")
-    if not (ROOT / "node_modules" / "pyodide" / "pyodide.mjs").is_file():
-        return "node_modules/pyodide is missing: run `npm ci` in the repository root"
-    return None
-
-
-def _skip_loudly(reason: str) -> None:
-    if os.environ.get("GRPCBRIDGE_REQUIRE_BROWSER") == "1":  # set by .ci/run
-        pytest.fail(f"GRPCBRIDGE_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
-    message = f"BROWSER DEMO TESTS SKIPPED (CI must not skip them): {reason}"
-    warnings.warn(message, stacklevel=2)
-    print(f"\n*** {message} ***", file=sys.stderr)
-    pytest.skip(message)
 
 
 # ------------------------------------------------------------------- the server
@@ -154,14 +133,10 @@ class DemoServer:
 
 @pytest.fixture(scope="module")
 def demo_ready() -> None:
-    reason = _missing()
+    reason = chromium_missing()
     if reason is not None:
-        _skip_loudly(reason)
-    # Builds build/browser when it is missing, rebuilds the grpcbridge wheel when the sources
-    # changed (so the page never runs stale code), and is a quick no-op otherwise.
-    build = subprocess.run([sys.executable, str(ROOT / "scripts" / "build_browser_bundle.py")],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, f"bundle build failed:\n{build.stdout}{build.stderr}"
+        skip_or_fail(reason, "GRPCBRIDGE_REQUIRE_BROWSER")  # set by .ci/run
+    build_browser_bundle()
 
 
 @pytest.fixture(scope="module")

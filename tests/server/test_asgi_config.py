@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from grpcbridge import BridgeApp, BridgeConfig, ConfigError
 from grpcbridge.server.asgi import APPLIED, REFUSED
+
+from support import eventually
 
 MiB = 1024 * 1024
 
@@ -174,13 +176,6 @@ class _Backend:
         await self.server.wait_closed()
 
 
-async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
-
-
 async def echo(ws: ClientConnection, data: bytes) -> None:
     await ws.send(data)
     got = b""
@@ -198,7 +193,7 @@ async def test_drain_timeout_lets_open_tunnels_finish_then_closes_them_1001() ->
             await echo(ws, b"before")
             started = time.monotonic()
             closing = asyncio.get_running_loop().create_task(app.close())
-            await asyncio.sleep(0.1)
+            await eventually(lambda: app._closing, message="close() did not begin")
             # During the drain: the open tunnel still relays; new ones get 503.
             await echo(ws, b"during the drain")
             with pytest.raises(websockets.InvalidStatus) as refused:

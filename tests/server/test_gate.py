@@ -25,8 +25,8 @@ def gate(**settings: Any) -> Gate:
 async def check(g: Gate, path: str = "/grpc", **headers: str | list[str]) -> Admitted | Rejection:
     values = {name.replace("_", "-"): [value] if isinstance(value, str) else value
               for name, value in headers.items()}
-    return await g.check(path=path, query="", headers=values, peer="192.0.2.1",
-                         websocket=True, now=0.0)
+    return await g.check(request_id="test", path=path, query="", headers=values,
+                         peer="192.0.2.1", websocket=True, now=0.0)
 
 
 class TestGate:

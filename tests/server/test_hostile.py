@@ -22,7 +22,6 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import grpc
 import psutil
@@ -44,9 +43,7 @@ from hostile import (
     incomplete_frame,
     log_count,
     raw_exchange,
-    serve_args,
     statuses,
-    todo_service,
     upgrade_status,
 )
 
@@ -54,15 +51,9 @@ import grpcbridge
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-from support import MiB, Process, cli, eventually, start_cli, timing, wait_until
+from support import MiB, Process, cli, eventually, serve_args, start_cli, timing, wait_until
 
 LOOPS = ["uvloop", "asyncio"]
-
-
-@pytest.fixture(scope="module")
-def todo_port() -> Iterator[int]:
-    with todo_service() as port:
-        yield port
 
 
 async def stop_bridge(bridge: Process, within: float = 30.0) -> float:
@@ -93,7 +84,7 @@ async def test_stalled_backend_tunnel_is_freed_when_its_client_leaves(
     bridge must notice within seconds (tunnel_closed) and free the client's slot."""
     message = binary_frame(os.urandom(STUCK_MESSAGE))
     async with ScriptedBackend("stuck") as backend:
-        with cli(serve_args(backend.address, loop, "--max-connections-per-client", "1")
+        with cli(serve_args(backend.address, "--max-connections-per-client", "1", loop=loop)
                  ) as bridge:
             ws = await RawWebSocket.connect(bridge.url, source="127.0.0.2")
             pushed = await ws.push_until_blocked(message)
@@ -124,7 +115,7 @@ async def test_stalled_backend_20_tunnels_release_their_memory(
     message = binary_frame(os.urandom(STUCK_MESSAGE))
     sources = [f"127.0.1.{i}" for i in range(1, 21)]
     async with ScriptedBackend("stuck") as backend:
-        with cli(serve_args(backend.address, loop), env=MEASURE_ENV) as bridge:
+        with cli(serve_args(backend.address, loop=loop), env=MEASURE_ENV) as bridge:
             # Warm-up: one small message and a clean close, then the baseline.
             ws = await RawWebSocket.connect(bridge.url)
             await ws.send(binary_frame(b"x" * 1000))
@@ -186,7 +177,7 @@ async def test_sigterm_with_a_stalled_tunnel_exits_within_drain_timeout(
     drain = 1.0
     message = binary_frame(os.urandom(STUCK_MESSAGE))
     async with ScriptedBackend("stuck") as backend:
-        with cli(serve_args(backend.address, loop, "--drain-timeout", str(drain))) as bridge:
+        with cli(serve_args(backend.address, "--drain-timeout", str(drain), loop=loop)) as bridge:
             ws = await RawWebSocket.connect(bridge.url, source="127.0.0.2")
             try:
                 await ws.push_until_blocked(message)
@@ -227,7 +218,7 @@ async def test_frame_flood_does_not_starve_other_tunnels(
     """One client floods masked empty binary frames (or pings, reading the pongs) for 8 s.
     Meanwhile a new tunnel opens and answers a call within 1 s, a healthy server stream
     never pauses for more than 0.5 s, and the flooder is closed with 1008."""
-    with cli(serve_args(f"127.0.0.1:{todo_port}", loop)) as bridge:
+    with cli(serve_args(f"127.0.0.1:{todo_port}", loop=loop)) as bridge:
         async with grpcbridge.Channel(bridge.url) as channel:
             stub = TodoServiceStub(channel)
             await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="healthy"))
@@ -297,7 +288,7 @@ async def test_pipelined_requests_get_one_answer_then_close(
     """Two requests in one write: the first is answered (404 / 401 without the token), the
     connection is then closed; one upgrade_rejected, no exception in the bridge."""
     data, want = PIPELINED[case]
-    with cli(serve_args("127.0.0.1:1", loop), env={"GRPCBRIDGE_TOKEN": "secret"}) as bridge:
+    with cli(serve_args("127.0.0.1:1", loop=loop), env={"GRPCBRIDGE_TOKEN": "secret"}) as bridge:
         received, closed = await raw_exchange(bridge.port, data, source="127.0.0.2")
         await asyncio.sleep(0.2)
         await stop_bridge(bridge)
@@ -318,7 +309,7 @@ async def test_backend_reset_during_upload_closes_1011_cleanly(
     uploading: the client gets 1011, the bridge logs one tunnel_closed and no error."""
     message = binary_frame(os.urandom(64 * 1024))
     async with ScriptedBackend("reset", reset_after=100_000) as backend:
-        with cli(serve_args(backend.address, loop)) as bridge:
+        with cli(serve_args(backend.address, loop=loop)) as bridge:
             ws = await RawWebSocket.connect(bridge.url, source="127.0.0.2")
             try:
                 await ws.push_until_blocked(message, stall=timing(3), limit=64 * MiB)
@@ -369,7 +360,7 @@ async def test_incomplete_messages_from_one_client_stay_within_budget(
     the others are closed with 1008 and the bridge's RSS grows by less than 64 MiB."""
     head, rest = incomplete_frame(16 * MiB, 15 * MiB)
     async with ScriptedBackend("sink") as backend:
-        with cli(serve_args(backend.address, loop), env=MEASURE_ENV) as bridge:
+        with cli(serve_args(backend.address, loop=loop), env=MEASURE_ENV) as bridge:
             assert await upgrade_status(bridge.url) == 101
             await asyncio.sleep(0.3)
             baseline = bridge.rss()
@@ -400,8 +391,8 @@ async def test_trickled_message_does_not_outlive_idle_timeout(
     idle = 3.0
     head, rest = incomplete_frame(16 * MiB, 15 * MiB)
     async with ScriptedBackend("sink") as backend:
-        with cli(serve_args(backend.address, loop, "--ping-interval", "1",
-                            "--idle-timeout", str(idle))) as bridge:
+        with cli(serve_args(backend.address, "--ping-interval", "1",
+                            "--idle-timeout", str(idle), loop=loop)) as bridge:
             started = time.monotonic()
             ws = await trickle_tunnel(bridge.url, "127.0.0.2", head, rest, timing(3 * idle))
             seconds = time.monotonic() - started
@@ -436,7 +427,7 @@ async def test_two_host_headers_get_an_answer(leak_check: None) -> None:
     """A plain GET with two Host headers (websockets' parser accepts them) is answered like
     any other request, and trusted with neither Host."""
     data = b"GET /nope HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"
-    with cli(serve_args("127.0.0.1:1", "asyncio")) as bridge:
+    with cli(serve_args("127.0.0.1:1", loop="asyncio")) as bridge:
         received, closed = await raw_exchange(bridge.port, data, source="127.0.0.2")
         await asyncio.sleep(0.2)
         await stop_bridge(bridge)
@@ -449,7 +440,7 @@ async def test_two_host_headers_get_an_answer(leak_check: None) -> None:
 @pytest.mark.parametrize("loop", LOOPS)
 async def test_unparseable_request_gets_400_and_a_log_line(
         loop: str, case: str, leak_check: None) -> None:
-    with cli(serve_args("127.0.0.1:1", loop)) as bridge:
+    with cli(serve_args("127.0.0.1:1", loop=loop)) as bridge:
         received, closed = await raw_exchange(bridge.port, UNPARSEABLE[case],
                                               source="127.0.0.2")
         await asyncio.sleep(0.2)
@@ -473,7 +464,7 @@ async def test_soak_mixed_abuse(todo_port: int) -> None:
     forward` process) checks SHA-256 of every echoed message. Afterwards the bridge is back
     to its fds and (nearly) its RSS, and never logged a traceback."""
     # No leak_check: grpc.aio keeps a poller thread and fds per event loop.
-    bridge = start_cli(serve_args(f"127.0.0.1:{todo_port}", "uvloop"), env=MEASURE_ENV)
+    bridge = start_cli(serve_args(f"127.0.0.1:{todo_port}", loop="uvloop"), env=MEASURE_ENV)
     forwarder = start_cli(["forward", "--listen", "127.0.0.1:0", "--target", bridge.url])
     process = psutil.Process(bridge.pid)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{forwarder.port}", options=[

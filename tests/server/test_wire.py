@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -28,7 +27,7 @@ from grpcbridge import (
 )
 from grpcbridge.demo.service import TodoServicer, serve
 
-from support import RawBackend, eventually, sample, timing
+from support import RawBackend, eventually, free_port, http_get, http_request, sample, timing
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # SETTINGS (type 4) on stream 0 with SETTINGS_MAX_CONCURRENT_STREAMS = 100.
@@ -48,13 +47,6 @@ def grpc_backend() -> Iterator[tuple[TodoServicer, int]]:
     finally:
         server.stop(grace=None).wait()
         servicer.store.close()
-
-
-def free_port() -> int:
-    """A TCP port with nothing listening on it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.asynccontextmanager
@@ -99,31 +91,6 @@ async def closed_code(ws: Any, within: float = 3.0) -> int | None:
             while True:
                 await ws.recv()
     return ws.close_code  # type: ignore[no-any-return]
-
-
-async def http_request(port: int, request: str, within: float = 5.0
-                       ) -> tuple[int, dict[str, str], bytes]:
-    """Send a raw HTTP/1.1 request, read the response until the server closes."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request.encode())
-        async with asyncio.timeout(timing(within)):
-            data = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, body
-
-
-async def http_get(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
-    return await http_request(
-        port, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
 
 
 def h2_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
@@ -334,30 +301,6 @@ async def test_forwarded_for_from_trusted_proxy_is_the_client(backend: RawBacken
 
 
 # ---------------------------------------------------------------------- (7) auth
-
-
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def grpcbridge_records() -> Iterator[list[logging.LogRecord]]:
-    """Every record of the ``grpcbridge`` logger at DEBUG (also when propagation is off)."""
-    logger = logging.getLogger("grpcbridge")
-    handler = _Records()
-    level = logger.level
-    logger.setLevel(logging.DEBUG)
-    logger.addHandler(handler)
-    try:
-        yield handler.records
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 async def test_bearer_token_auth(backend: RawBackend,
@@ -652,15 +595,20 @@ async def test_close_with_open_tunnel_sends_1001(backend: RawBackend) -> None:
 
 async def test_tunnel_finishing_during_drain_closes_normally(backend: RawBackend) -> None:
     bridge = Bridge(BridgeConfig(listen="127.0.0.1:0", backend=f"127.0.0.1:{backend.port}",
-                                 drain_timeout=5))
+                                 drain_timeout=5, metrics_listen="127.0.0.1:0"))
     await bridge.start()
+    assert bridge.metrics_address is not None
+    metrics_port = bridge.metrics_address[1]
     try:
         async with connect(bridge.url) as ws:
             await ws.send(b"x")
             await eventually(lambda: backend.received == b"x")
             closing = asyncio.create_task(bridge.close())
-            await asyncio.sleep(0.1)
-            assert not closing.done()  # draining: waits for the tunnel
+            # Draining: /readyz says so (a load balancer sends no new tunnels), the backend is
+            # still fine, and close waits for the tunnel.
+            status, _, body = await http_get(metrics_port, "/readyz")
+            assert (status, body) == (503, b"draining\n")
+            assert not closing.done()
             backend.writers[0].close()  # the backend ends the connection
             assert await closed_code(ws) == 1000
         await asyncio.wait_for(closing, 3)

@@ -16,33 +16,37 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import psutil
 import pytest
 from grpclib.exceptions import GRPCError
-from hostile import todo_service
 
 import grpcbridge
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 from grpcbridge.server.workers import parse_workers
 
-from support import Metrics, Process, cli, closed, eventually, start_cli, timing, wait_until
+from support import (
+    Metrics,
+    Process,
+    cli,
+    closed,
+    eventually,
+    serve_args,
+    start_cli,
+    timing,
+    wait_until,
+)
 
 SUPERVISOR_STARTED = r"bridge_started .*workers=2"
 
 
-@pytest.fixture(scope="module")
-def todo_port() -> Iterator[int]:
-    with todo_service() as port:
-        yield port
-
-
-def serve_args(port: int, *extra: str) -> list[str]:
-    return ["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{port}",
-            "--workers", "2", "--metrics-listen", "127.0.0.1:0", "--drain-timeout", "0", *extra]
+def workers_args(port: int, *extra: str) -> list[str]:
+    """``grpcbridge serve --workers 2`` with /metrics, in front of the Todo service on
+    ``port``."""
+    return serve_args(f"127.0.0.1:{port}", "--workers", "2", "--metrics-listen", "127.0.0.1:0",
+                      *extra)
 
 
 def metrics_of(bridge: Process) -> Metrics:
@@ -130,7 +134,7 @@ async def started_stream(stack: contextlib.AsyncExitStack, channel: grpcbridge.C
 
 
 async def test_two_workers_share_the_port_and_metrics_sum_them(todo_port: int) -> None:
-    with cli(serve_args(todo_port)) as bridge:
+    with cli(workers_args(todo_port)) as bridge:
         metrics = metrics_of(bridge)
         assert len(workers(bridge)) == 2
         assert await ready(metrics)
@@ -148,7 +152,7 @@ async def test_two_workers_share_the_port_and_metrics_sum_them(todo_port: int) -
 
 
 async def test_a_killed_worker_is_restarted_and_service_continues(todo_port: int) -> None:
-    with cli(serve_args(todo_port)) as bridge:
+    with cli(workers_args(todo_port)) as bridge:
         metrics = metrics_of(bridge)
         await unary_calls(bridge.url, 10)
         victim, survivor = workers(bridge)
@@ -175,7 +179,7 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
         todo_port: int, leak_check: None) -> None:
     """Streams in flight on both workers when SIGTERM arrives run to their end; then the
     supervisor and its workers exit 0 and no process is left."""
-    bridge = start_cli(serve_args(todo_port, "--drain-timeout", "10"))
+    bridge = start_cli(workers_args(todo_port, "--drain-timeout", "10"))
     metrics_of(bridge)
     pids = [child.pid for child in workers(bridge)]
     await until_both_served(bridge)
@@ -218,7 +222,7 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
 
 async def test_a_second_signal_kills_the_workers_at_once(todo_port: int) -> None:
     """A stream keeps its worker draining for up to 60 s; a second SIGTERM ends that."""
-    bridge = start_cli(serve_args(todo_port, "--drain-timeout", "60"))
+    bridge = start_cli(workers_args(todo_port, "--drain-timeout", "60"))
     metrics_of(bridge)
     pids = [child.pid for child in workers(bridge)]
     seconds = float("inf")
@@ -239,7 +243,7 @@ async def test_a_second_signal_kills_the_workers_at_once(todo_port: int) -> None
 
 
 def test_workers_exit_when_the_supervisor_is_killed_and_the_next_cleans_up(todo_port: int) -> None:
-    with cli(serve_args(todo_port)) as bridge:
+    with cli(workers_args(todo_port)) as bridge:
         metrics_of(bridge)
         children = workers(bridge)
         metrics_dir = children[0].environ()["PROMETHEUS_MULTIPROC_DIR"]
@@ -255,13 +259,13 @@ def test_workers_exit_when_the_supervisor_is_killed_and_the_next_cleans_up(todo_
         wait_until(lambda: bridge.output().count("supervisor_gone") == 2, 5,
                    message=lambda: bridge.output())
     assert os.path.isdir(metrics_dir)  # left behind by the killed supervisor
-    with cli(serve_args(todo_port)) as bridge:  # the next one removes it
+    with cli(workers_args(todo_port)) as bridge:  # the next one removes it
         metrics_of(bridge)
         assert not os.path.exists(metrics_dir)
 
 
 def test_gives_up_after_repeated_crashes(todo_port: int) -> None:
-    with cli(serve_args(todo_port)) as bridge:
+    with cli(workers_args(todo_port)) as bridge:
         metrics_of(bridge)
         killed: set[int] = set()
 
@@ -287,7 +291,7 @@ def test_a_worker_that_cannot_start_stops_the_supervisor(
     with open(junk, "w") as handle:
         handle.write("not a certificate\n")
     result = subprocess.run(
-        [sys.executable, "-m", "grpcbridge.cli", *serve_args(todo_port, "--certfile", junk,
+        [sys.executable, "-m", "grpcbridge.cli", *workers_args(todo_port, "--certfile", junk,
                                                              "--keyfile", junk)],
         capture_output=True, text=True, timeout=timing(30))
     assert result.returncode == 1, result.stderr

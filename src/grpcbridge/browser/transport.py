@@ -53,7 +53,13 @@ from grpclib.exceptions import StreamTerminatedError
 
 from .._grpclib_compat import open_streams, release_finished_streams
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
-from ..core.stream import DEFAULT_MAX_MESSAGE_BYTES, CloseCode, Opcode, message_too_big_reason
+from ..core.stream import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CloseCode,
+    Opcode,
+    fit_close_reason,
+    message_too_big_reason,
+)
 from ..core.tunnel import TunnelMachine, TunnelView
 from ..core.wire import COALESCE_LIMIT
 from . import _ffi
@@ -144,14 +150,6 @@ def private_close_code(code: int) -> int:
     """The code a browser client sends instead of ``code`` (scripts may not send 1001-1015):
     ``4000 + code - 1000``, e.g. 1003 -> 4003. Other codes are returned unchanged."""
     return 4000 + code - 1000 if 1001 <= code <= 1015 else code
-
-
-def _close_reason(text: str) -> str:
-    """A close reason within the 123-byte limit of a close frame."""
-    encoded = text.encode()
-    if len(encoded) <= 123:
-        return text
-    return encoded[:120].decode(errors="ignore") + "..."
 
 
 class WebSocketTransport(asyncio.Transport, TunnelView):
@@ -608,7 +606,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         ws = self._ws
         if ws.readyState not in (_CONNECTING, _OPEN):
             return
-        text = _close_reason(reason)
+        text = fit_close_reason(reason)
         # Browsers let scripts send only 1000 and 3000-4999: 1003, 1009 and 1011 go out as
         # 4003, 4009 and 4011 there (private-use codes); the reason says why in any case.
         for candidate in dict.fromkeys((int(code), private_close_code(code), 1000)):

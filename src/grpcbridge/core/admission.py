@@ -418,10 +418,7 @@ def select_subprotocol(offered: Sequence[str], allowed: Sequence[str]) -> str | 
     """The subprotocol to echo: the first of ``allowed`` the client offered. Token entries
     (``bearer.*``) are never echoed."""
     offered_set = {entry for entry in offered if not entry.startswith(BEARER_SUBPROTOCOL_PREFIX)}
-    for entry in allowed:
-        if entry in offered_set:
-            return entry
-    return None
+    return next((entry for entry in allowed if entry in offered_set), None)
 
 
 @dataclass(slots=True)

@@ -137,6 +137,12 @@ class BridgeConfig:
     idle_timeout: float = 60.0
     #: On shutdown, seconds open tunnels get to finish before they are closed with 1001.
     drain_timeout: float = 10.0
+    #: Seconds after which a tunnel is retired (gRPC's MAX_CONNECTION_AGE, +/- 10 % jitter
+    #: per tunnel): the client gets a graceful HTTP/2 GOAWAY, opens a new tunnel for new
+    #: RPCs and finishes those in flight; None or 0 = tunnels live as long as they are used.
+    max_tunnel_age: float | None = None
+    #: Seconds a retired tunnel's RPCs get to finish before it is closed with 1001.
+    max_tunnel_age_grace: float = 30.0
     #: Serve wss:// with this certificate chain and key (PEM files).
     certfile: str | None = None
     keyfile: str | None = None
@@ -181,6 +187,9 @@ class BridgeConfig:
             _positive(name, getattr(self, name))
         _check_keepalive(self.ping_interval, self.idle_timeout)
         _positive("drain_timeout", self.drain_timeout, allow_zero=True)
+        if self.max_tunnel_age is not None:
+            _positive("max_tunnel_age", self.max_tunnel_age, allow_zero=True)
+        _positive("max_tunnel_age_grace", self.max_tunnel_age_grace, allow_zero=True)
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
         _check_budgets(self.client_memory_budget, self.memory_budget,
                        self.max_message_bytes + self.buffer_bytes)

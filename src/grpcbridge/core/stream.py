@@ -25,6 +25,8 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
 
 
+#: Most bytes of UTF-8 a close frame's reason may hold (RFC 6455 section 5.5: 125 - 2 for the code).
+MAX_CLOSE_REASON_BYTES = 123
 #: Default limit for one WebSocket message (the Go project's read limit).
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Bytes a relay may hold for one direction of one tunnel before it stops reading the
@@ -76,6 +78,14 @@ class InboundMessages:
         )
 
 
+def fit_close_reason(text: str) -> str:
+    """``text`` cut to fit in a close frame (``...`` marks a cut; never inside a character)."""
+    encoded = text.encode()
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return encoded[:MAX_CLOSE_REASON_BYTES - 3].decode(errors="ignore") + "..."
+
+
 def message_too_big_reason(limit: int) -> str:
-    """Close reason for a message above ``limit`` bytes (kept under 123 bytes)."""
+    """Close reason for a message above ``limit`` bytes (it fits in a close frame)."""
     return f"message larger than the {limit} byte limit"

@@ -15,6 +15,13 @@ from .errors import TargetError
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
+def host_port(host: str, port: int | None = None) -> str:
+    """``host:port`` as URLs and ``Host`` headers write it: an IPv6 literal in brackets
+    (``[::1]:80``); just the (bracketed) host when ``port`` is None."""
+    host = f"[{host}]" if ":" in host else host
+    return host if port is None else f"{host}:{port}"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A parsed WebSocket target URL."""
@@ -34,8 +41,7 @@ class Target:
     @property
     def authority(self) -> str:
         """``host[:port]`` as in the URL: the HTTP/2 ``:authority`` and the ``Host`` header."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}" if self.explicit_port else host
+        return host_port(self.host, self.port if self.explicit_port else None)
 
     @property
     def url(self) -> str:
@@ -137,8 +143,8 @@ class SocketAddress:
     def __str__(self) -> str:
         if self.path is not None:
             return f"unix:{self.path}"
-        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        assert self.host is not None and self.port is not None
+        return host_port(self.host, self.port)
 
 
 def parse_address(

@@ -25,6 +25,9 @@ Rules kept here, once:
 * Keepalive: pings on quiet tunnels and, every ``probe_interval``, while the WebSocket is
   paused for backpressure (a vanished peer is only noticed by writing to it); an idle
   timeout counting only complete frames or real progress on a partial one.
+* Maximum age (servers, when set: :meth:`TunnelMachine.retire_after`): a graceful HTTP/2
+  GOAWAY goes to the client at a frame boundary once the age is reached, and the tunnel
+  closes with 1001 after the grace (:mod:`grpcbridge.core.age`).
 * Memory: what the tunnel holds (incomplete message, both write buffers, the last frame
   the framing layer keeps) is charged to a :class:`~grpcbridge.core.limits.BudgetAccount`;
   over budget closes with 1008.
@@ -36,6 +39,7 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
+from .age import MAX_AGE_REASON, TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
 from .stream import CloseCode, InboundMessages, Opcode, StreamViolation
 
@@ -162,6 +166,7 @@ class TunnelMachine:
         "_ws_buffer_at",
         "_ws_deadline",
         "account",
+        "age",
         "bytes_from_websocket",
         "bytes_to_websocket",
         "clock",
@@ -172,6 +177,7 @@ class TunnelMachine:
         "last_inbound",
         "opened_at",
         "pending_limit",
+        "request_id",
         "state",
         "stream_attached",
         "stream_closing",
@@ -200,6 +206,8 @@ class TunnelMachine:
         #: The stream side is being connected (the tunnel cannot be CLOSED before it is
         #: attached or given up: :meth:`stream_never_attached`).
         self.dialing = False
+        #: The bridge's request id for this tunnel (its log lines carry it); "" elsewhere.
+        self.request_id = ""
         self._rules = InboundMessages()
         self._pending: list[bytes] = []
         self._pending_bytes = 0
@@ -222,6 +230,8 @@ class TunnelMachine:
         #: Most WebSocket bytes held before the stream side is attached; beyond it the
         #: tunnel fails with 1009 (None: no limit of its own, the budget account decides).
         self.pending_limit: int | None = None
+        #: The tunnel's maximum age (None: it has none; see :meth:`retire_after`).
+        self.age: TunnelAge | None = None
 
     # ----------------------------------------------------------------- queries
 
@@ -235,9 +245,32 @@ class TunnelMachine:
         """The next time :meth:`tick` must run for a close deadline (keepalive ticks are
         the adapter's periodic sweep)."""
         ws, stream = self._ws_deadline, self._stream_deadline
+        age = self.age
+        if age is not None and age.next_at is not None and self.close_code is None:
+            ws = age.next_at if ws is None else min(ws, age.next_at)
         if ws is None:
             return stream
         return ws if stream is None else min(ws, stream)
+
+    # ------------------------------------------------------------ maximum age
+
+    def retire_after(self, max_age: float, grace: float,
+                     on_goaway: Callable[[], None] | None = None) -> None:
+        """Give the tunnel a maximum age: ``max_age`` seconds from now (jitter already
+        applied) a graceful GOAWAY goes to the client at the next frame boundary of the
+        stream side's bytes (``on_goaway`` runs then), and ``grace`` seconds later the
+        tunnel closes with 1001. Call it before any stream byte is sent (the frame
+        boundaries are followed from the first one)."""
+        self.age = TunnelAge(self.clock(), max_age, grace, on_goaway)
+        self._io.set_timer(self.deadline)
+
+    def _age_due(self, age: TunnelAge, now: float) -> None:
+        if age.due(now):
+            self.close(CloseCode.GOING_AWAY, MAX_AGE_REASON)
+        elif self.ws_open and self.close_code is None and not age.goaway_sent:
+            goaway = age.outbound(b"")  # empty unless at a frame boundary now
+            if goaway:
+                self._send(goaway)
 
     # ------------------------------------------------------- WebSocket inputs
 
@@ -528,6 +561,10 @@ class TunnelMachine:
         refresh of the memory account (buffers drain without telling anyone)."""
         now = self.clock()
         before = self.deadline
+        age = self.age
+        if age is not None and age.next_at is not None and now >= age.next_at \
+                and self.close_code is None:
+            self._age_due(age, now)
         if self._ws_deadline is not None and now >= self._ws_deadline:
             left = 0 if self.ws_lost else self._io.websocket_buffered()
             if 0 < left < self._ws_buffer_at:  # still draining: a slow reader, not a dead one
@@ -583,5 +620,8 @@ class TunnelMachine:
     # ------------------------------------------------------------------ output
 
     def _send(self, data: bytes) -> None:
+        age = self.age
+        if age is not None:
+            data = age.outbound(data)
         self.bytes_to_websocket += len(data)
         self._io.send_message(data)

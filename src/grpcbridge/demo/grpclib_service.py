@@ -25,18 +25,17 @@ import asyncio
 import contextlib
 import queue
 from collections.abc import AsyncIterator
-from typing import Any, Literal, NoReturn, TypeAlias, cast
+from typing import Any, NoReturn, cast
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from grpcbridge.demo import todo_grpc, todo_pb2
-from grpcbridge.demo.store import ChangeEvent, InvalidTextError, TodoStore
+from grpcbridge.demo.store import InvalidTextError, SyncItem, TodoStore, sync_response
 
 __all__ = ["TodoService"]
 
-_SyncItem: TypeAlias = ChangeEvent | tuple[Literal["error"], str]
 #: Seconds between checks of the change feed for changes made by other clients (and threads);
 #: changes caused by the stream's own requests are sent at once.
 _POLL = 0.02
@@ -132,14 +131,13 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
     async def SyncTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "SyncTodos"):
             changes = self.store.subscribe()
-            # Errors share the queue so they keep their order relative to the change feed.
-            items = cast("queue.SimpleQueue[_SyncItem]", changes)
+            items = cast("queue.SimpleQueue[SyncItem]", changes)
             wakeup = asyncio.Event()
 
             async def read_requests() -> None:
                 try:
                     async for request in stream:
-                        error = self._apply(request)
+                        error = self.store.apply_sync(request)
                         if error is not None:
                             items.put(("error", error))
                         wakeup.set()
@@ -162,12 +160,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
                                 await wakeup.wait()
                         wakeup.clear()
                         continue
-                    if item[0] == "todo":
-                        await stream.send_message(todo_pb2.SyncResponse(todo=item[1]))
-                    elif item[0] == "deleted":
-                        await stream.send_message(todo_pb2.SyncResponse(deleted_id=item[1]))
-                    else:
-                        await stream.send_message(todo_pb2.SyncResponse(error=item[1]))
+                    await stream.send_message(sync_response(item))
             finally:
                 self.store.unsubscribe(changes)
                 if not reader.done():
@@ -175,7 +168,3 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
                 await asyncio.wait([reader])  # never raises what ended the reader
                 if not reader.cancelled():
                     reader.exception()  # retrieved: not logged as "never retrieved"
-
-    def _apply(self, request: Any) -> str | None:
-        """Perform one sync action; return an error message on failure."""
-        return self.store.apply_sync(request)

@@ -34,17 +34,16 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType, TracebackType
-from typing import Literal, NoReturn, TypeAlias, cast
+from types import FrameType
+from typing import NoReturn, cast
 
 import grpc
 
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.store import ChangeEvent, InvalidTextError, TodoStore
+from grpcbridge.demo.store import InvalidTextError, SyncItem, TodoStore, sync_response
 
 __all__ = ["TodoServicer", "main", "serve"]
 
-_SyncItem: TypeAlias = ChangeEvent | tuple[Literal["error"], str]
 _POLL = 0.05  # seconds; granularity of cancellation checks
 
 
@@ -65,12 +64,7 @@ class _Rpc:
     def __enter__(self) -> _Rpc:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.finished = self.context.is_active()
 
     def sleep(self, seconds: float) -> bool:
@@ -189,14 +183,13 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         with self._start(context, "SyncTodos") as rpc:
             changes = self.store.subscribe()
             context.add_callback(lambda: self.store.unsubscribe(changes))
-            # Errors share the queue so they keep their order relative to the change feed.
-            items = cast("queue.SimpleQueue[_SyncItem]", changes)
+            items = cast("queue.SimpleQueue[SyncItem]", changes)
             reader_done = threading.Event()
 
             def read_requests() -> None:
                 try:
                     for request in request_iterator:
-                        error = self._apply(request)
+                        error = self.store.apply_sync(request)
                         if error is not None:
                             items.put(("error", error))
                 except grpc.RpcError:
@@ -216,18 +209,9 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
                         if reader_done.is_set() and items.empty():
                             break
                         continue
-                    if item[0] == "todo":
-                        yield todo_pb2.SyncResponse(todo=item[1])
-                    elif item[0] == "deleted":
-                        yield todo_pb2.SyncResponse(deleted_id=item[1])
-                    else:
-                        yield todo_pb2.SyncResponse(error=item[1])
+                    yield sync_response(item)
             finally:
                 self.store.unsubscribe(changes)
-
-    def _apply(self, request: todo_pb2.SyncRequest) -> str | None:
-        """Perform one sync action; return an error message on failure."""
-        return self.store.apply_sync(request)
 
 
 def serve(

@@ -22,10 +22,24 @@ from typing import Literal, TypeAlias
 
 from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2
 
-__all__ = ["MAX_TEXT_LENGTH", "ChangeEvent", "InvalidTextError", "TodoStore", "text_error"]
+__all__ = ["MAX_TEXT_LENGTH", "ChangeEvent", "InvalidTextError", "SyncItem", "TodoStore",
+           "sync_response", "text_error"]
 
 ChangeEvent: TypeAlias = tuple[Literal["todo"], todo_pb2.Todo] | tuple[Literal["deleted"], str]
 """A change-feed entry: an upserted todo or the id of a deleted one."""
+SyncItem: TypeAlias = ChangeEvent | tuple[Literal["error"], str]
+"""What a ``SyncTodos`` stream sends: a change, or an error for the requesting client only
+(errors share the change feed's queue so they keep their order relative to it)."""
+
+
+def sync_response(item: SyncItem) -> todo_pb2.SyncResponse:
+    """The ``SyncResponse`` that carries ``item``."""
+    if item[0] == "todo":
+        return todo_pb2.SyncResponse(todo=item[1])
+    if item[0] == "deleted":
+        return todo_pb2.SyncResponse(deleted_id=item[1])
+    return todo_pb2.SyncResponse(error=item[1])
+
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS todos ("

@@ -35,8 +35,7 @@ async def run_demo(emit: Callable[[str], None] = print) -> int:
             emit(f"bridge        {bridge.url}  ->  127.0.0.1:{port}")
             async with Forwarder(ForwarderConfig(target=bridge.url,
                                                  listen="127.0.0.1:0")) as forwarder:
-                assert forwarder.address is not None
-                local = f"{forwarder.address[0]}:{forwarder.address[1]}"
+                local = forwarder.target
                 emit(f"forwarder     {local}  ->  {bridge.url}")
                 emit("")
                 async with grpc.aio.insecure_channel(local) as channel:

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..core.errors import ConfigError
+from ..core.target import host_port
 from ..loops import run
 from ..server.static import Mount
 from . import MAX_TEXT_LENGTH
@@ -204,8 +205,7 @@ def _page_url(bridge: Bridge) -> str:
     host, port = bridge.address
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
-    host = f"[{host}]" if ":" in host else host
-    return f"http://{host}:{port}/"
+    return f"http://{host_port(host, port)}/"
 
 
 async def run_web_demo(*, listen: str = "127.0.0.1:8080",

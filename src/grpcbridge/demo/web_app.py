@@ -17,8 +17,9 @@
   list is loaded again after each reconnect.
 
 DOM access goes through Pyodide's ``js`` module and ``pyodide.ffi.create_proxy``, imported
-lazily: under CPython this module imports (linters, type checkers) but cannot run. Elements
-carry stable ids and ``data-testid`` attributes for the browser tests.
+lazily (:mod:`grpcbridge.browser._ffi`): under CPython this module imports (linters, type
+checkers) but cannot run. Elements carry stable ids and ``data-testid`` attributes for the
+browser tests.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
-from grpcbridge.browser import Channel
+from grpcbridge.browser import Channel, _ffi
 from grpcbridge.core.config import ReconnectPolicy
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.todo_grpc import TodoServiceStub
@@ -46,19 +47,6 @@ FIRST_RETRY = 0.25
 MAX_RETRY = 3.0
 #: Entries kept in the "gRPC calls from this page" list.
 LOG_ENTRIES = 8
-
-
-def _js() -> Any:
-    """Pyodide's ``js`` module (the page's global scope)."""
-    import js  # type: ignore[import-not-found]  # only exists in Pyodide
-
-    return js
-
-
-def _create_proxy(function: Callable[..., Any]) -> Any:
-    from pyodide.ffi import create_proxy  # type: ignore[import-not-found]  # only in Pyodide
-
-    return create_proxy(function)
 
 
 def user_reason(exc: BaseException) -> str:
@@ -83,7 +71,7 @@ class TodoApp:
     """The app: state (the todos, in server order), the DOM, the sync loop and the actions."""
 
     def __init__(self, grpc_path: str = "/grpc") -> None:
-        js = _js()
+        js = _ffi.js()
         self._js = js
         self._document = js.document
         # Backoff between attempts is this app's (see _sync_forever), so the channel itself
@@ -123,7 +111,7 @@ class TodoApp:
         self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
 
     def _listen(self, target: Any, kind: str, handler: Callable[[Any], None]) -> None:
-        proxy = _create_proxy(handler)
+        proxy = _ffi.create_proxy(handler)
         self._proxies.append(proxy)  # lives as long as the page
         target.addEventListener(kind, proxy)
 
@@ -137,10 +125,9 @@ class TodoApp:
     async def _sync_forever(self) -> None:
         while True:
             if self._connected_once:
-                self._set_status("reconnecting", "reconnecting", "opening a new tunnel")
+                self._set_status("reconnecting", "opening a new tunnel")
             else:
-                self._set_status("connecting", "connecting",
-                                 f"gRPC over WebSocket to {self.channel.target}")
+                self._set_status("connecting", f"gRPC over WebSocket to {self.channel.target}")
             try:
                 await self._sync_once()
                 reason = "the server ended the sync stream"
@@ -162,7 +149,7 @@ class TodoApp:
         # Before the first connection this is still "connecting" (with the reason).
         state = "reconnecting" if self._connected_once else "connecting"
         while (left := deadline - loop.time()) > 0:
-            self._set_status(state, state, f"{reason} · next try in {left:.1f} s")
+            self._set_status(state, f"{reason} · next try in {left:.1f} s")
             try:
                 await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
             except TimeoutError:
@@ -188,8 +175,7 @@ class TodoApp:
                       self._now() - started)
             self._failures = 0
             self._connected_once = True
-            self._set_status("connected", "connected",
-                             f"{self.channel.target} · live updates (SyncTodos)")
+            self._set_status("connected", f"{self.channel.target} · live updates (SyncTodos)")
             if not self.first_attempt.done():
                 self.first_attempt.set_result((True, ""))
             async for event in sync:
@@ -348,11 +334,8 @@ class TodoApp:
             return
         self._editing = todo_id
         text = item.querySelector(".text")
-        field = self._document.createElement("input")
-        field.type = "text"
-        field.className = "edit-input"
-        field.value = self.todos[todo_id].text
-        field.setAttribute("data-testid", "todo-edit-input")
+        field = self._element_of("input", "edit-input", "todo-edit-input", type="text",
+                                 value=self.todos[todo_id].text)
         field.setAttribute("aria-label", "Edit todo")
         text.hidden = True
         item.insertBefore(field, text)
@@ -425,34 +408,29 @@ class TodoApp:
             item.remove()
         self._render_counts()
 
+    def _element_of(self, tag: str, css: str, testid: str = "", **properties: str) -> Any:
+        """A new ``<tag class=css data-testid=testid>`` (each only when given) with
+        ``properties`` set."""
+        element = self._document.createElement(tag)
+        if css:
+            element.className = css
+        if testid:
+            element.setAttribute("data-testid", testid)
+        for name, value in properties.items():
+            setattr(element, name, value)
+        return element
+
     def _make_item(self, todo: todo_pb2.Todo) -> Any:
-        create = self._document.createElement
-        item = create("li")
-        item.className = "todo"
-        item.setAttribute("data-testid", "todo-item")
+        item = self._element_of("li", "todo", "todo-item")
         item.setAttribute("data-id", todo.id)
-        toggle = create("input")
-        toggle.type = "checkbox"
-        toggle.className = "toggle"
-        toggle.setAttribute("data-testid", "todo-toggle")
+        toggle = self._element_of("input", "toggle", "todo-toggle", type="checkbox")
         toggle.setAttribute("aria-label", "Done")
-        text = create("span")
-        text.className = "text"
-        text.setAttribute("data-testid", "todo-text")
-        text.title = "Double-click to edit"
-        actions = create("span")
-        actions.className = "actions"
-        edit = create("button")
-        edit.type = "button"
-        edit.className = "icon"
-        edit.textContent = "Edit"
-        edit.setAttribute("data-testid", "todo-edit")
-        delete = create("button")
-        delete.type = "button"
-        delete.className = "icon danger"
-        delete.textContent = "Delete"
-        delete.setAttribute("data-testid", "todo-delete")
-        actions.append(edit, delete)
+        text = self._element_of("span", "text", "todo-text", title="Double-click to edit")
+        actions = self._element_of("span", "actions")
+        actions.append(
+            self._element_of("button", "icon", "todo-edit", type="button", textContent="Edit"),
+            self._element_of("button", "icon danger", "todo-delete", type="button",
+                             textContent="Delete"))
         item.append(toggle, text, actions)
         self._fill(item, todo)
         return item
@@ -478,10 +456,10 @@ class TodoApp:
         self._element("todo-count").textContent = f"{total} {noun} · {done} done"
         self._element("empty").hidden = total > 0
 
-    def _set_status(self, state: str, text: str, detail: str) -> None:
+    def _set_status(self, state: str, detail: str) -> None:
         status = self._element("status")
         status.setAttribute("data-state", state)
-        status.textContent = text
+        status.textContent = state
         self._element("status-detail").textContent = detail
         self._element("app").setAttribute("data-connection", state)
 
@@ -513,17 +491,10 @@ class TodoApp:
 
     def _add_log_entry(self, method: str, kind: str, what: str, elapsed_ms: float | None,
                        failed: bool) -> Any:
-        create = self._document.createElement
-        entry = create("li")
-        entry.setAttribute("data-testid", "rpc-entry")
-        if failed:
-            entry.className = "failed"
+        entry = self._element_of("li", "failed" if failed else "", "rpc-entry")
         for css, text in (("method", method), ("kind", kind), ("what", what),
                           ("ms", "" if elapsed_ms is None else f"{elapsed_ms:.1f} ms")):
-            cell = create("span")
-            cell.className = css
-            cell.textContent = text
-            entry.append(cell)
+            entry.append(self._element_of("span", css, textContent=text))
         log = self._element("rpc-log")
         log.prepend(entry)
         while log.children.length > LOG_ENTRIES:

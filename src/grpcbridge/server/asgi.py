@@ -31,8 +31,9 @@ from ..core.errors import ConfigError, InvalidStateError
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode, Opcode, message_too_big_reason
 from ..core.tunnel import CLOSE_TIMEOUT, PROBE_INTERVAL, TunnelMachine
-from ..observability import BridgeMetrics, log_event
+from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event
 from ..relay import StreamAdapter
+from ..tracing import available as tracing_available
 from .bridge import make_backend
 from .gate import Gate
 from .session import TunnelSession
@@ -66,6 +67,8 @@ APPLIED: Mapping[str, str] = {
     "memory_budget": "the same, over all clients",
     "drain_timeout": "close() and the ASGI lifespan shutdown let open tunnels finish this "
                      "long, then close them with 1001",
+    "max_tunnel_age": "tunnels get a graceful HTTP/2 GOAWAY at this age, as in Bridge",
+    "max_tunnel_age_grace": "then this long until the close with 1001, as in Bridge",
 }
 
 #: :class:`BridgeConfig` fields that are the ASGI server's (or the surrounding app's) job:
@@ -294,6 +297,7 @@ class BridgeApp:
         if self._closing:
             raise InvalidStateError("this BridgeApp was closed; create a new BridgeApp")
         if self._started is None:
+            tracing_available()  # import opentelemetry (when installed) now, not later
             self._started = asyncio.get_running_loop().create_task(self.backend.start())
         await asyncio.shield(self._started)
 
@@ -394,32 +398,42 @@ class BridgeApp:
         return str(client[0]) if client else "unknown"
 
     async def _http(self, scope: Scope, send: Send) -> None:
+        headers = self._headers(scope)
+        peer = self._peer(scope)
+        request_id = self._request_id(headers, peer)
         decision = await self.gate.check(
-            path=scope["path"], query=scope.get("query_string", b"").decode("latin-1"),
-            headers=self._headers(scope), peer=self._peer(scope), websocket=False,
-            now=asyncio.get_running_loop().time())
+            request_id=request_id, path=scope["path"],
+            query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
+            peer=peer, websocket=False, now=asyncio.get_running_loop().time())
         assert isinstance(decision, Rejection)
-        await self._send_http_rejection(send, decision, prefix="http.response")
+        await self._send_http_rejection(send, decision, request_id, prefix="http.response")
+
+    def _request_id(self, headers: Mapping[str, list[str]], peer: str) -> str:
+        return self.gate.request_id(headers.get(REQUEST_ID_HEADER.lower(), ()), peer=peer)
 
     @staticmethod
-    async def _send_http_rejection(send: Send, rejection: Rejection, *, prefix: str) -> None:
+    async def _send_http_rejection(send: Send, rejection: Rejection, request_id: str, *,
+                                   prefix: str) -> None:
         body = (rejection.reason + "\n").encode()
         headers = [(b"content-type", b"text/plain; charset=utf-8"),
-                   (b"content-length", str(len(body)).encode())]
+                   (b"content-length", str(len(body)).encode()),
+                   (REQUEST_ID_HEADER.lower().encode(), request_id.encode())]
         headers.extend((name.lower().encode("latin-1"), value.encode("latin-1"))
                        for name, value in rejection.response_headers())
         await send({"type": f"{prefix}.start", "status": rejection.status, "headers": headers})
         await send({"type": f"{prefix}.body", "body": body})
 
-    async def _reject(self, scope: Scope, send: Send, rejection: Rejection) -> None:
+    async def _reject(self, scope: Scope, send: Send, rejection: Rejection,
+                      request_id: str) -> None:
         if "websocket.http.response" in scope.get("extensions", {}):
-            await self._send_http_rejection(send, rejection, prefix="websocket.http.response")
+            await self._send_http_rejection(send, rejection, request_id,
+                                            prefix="websocket.http.response")
         else:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
 
-    def _shutting_down(self, peer: str, path: str) -> Rejection:
+    def _shutting_down(self, peer: str, path: str, request_id: str) -> Rejection:
         rejection = Rejection(503, "the bridge is shutting down", label="shutdown")
-        self.gate.rejected(rejection, peer=peer, path=path)
+        self.gate.rejected(rejection, request_id=request_id, peer=peer, path=path)
         return rejection
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -430,22 +444,28 @@ class BridgeApp:
         headers = self._headers(scope)
         peer = self._peer(scope)
         path = scope["path"]
+        request_id = self._request_id(headers, peer)
         if self._closing:
-            await self._reject(scope, send, self._shutting_down(peer, path))
+            await self._reject(scope, send, self._shutting_down(peer, path, request_id),
+                               request_id)
             return
         decision = await self.gate.check(
-            path=path, query=scope.get("query_string", b"").decode("latin-1"),
+            request_id=request_id, path=path,
+            query=scope.get("query_string", b"").decode("latin-1"),
             headers=headers, peer=peer, websocket=True, now=loop.time())
         if isinstance(decision, Rejection):
-            await self._reject(scope, send, decision)
+            await self._reject(scope, send, decision, request_id)
             return
         if self._closing:  # close() began while the auth hook ran
             self.gate.release(decision, loop.time())
-            await self._reject(scope, send, self._shutting_down(peer, path))
+            await self._reject(scope, send, self._shutting_down(peer, path, request_id),
+                               request_id)
             return
         try:
             await self._ensure_started()
-            await send({"type": "websocket.accept", "subprotocol": decision.subprotocol})
+            await send({"type": "websocket.accept", "subprotocol": decision.subprotocol,
+                        "headers": [(REQUEST_ID_HEADER.lower().encode(),
+                                     request_id.encode())]})
         except BaseException:
             self.gate.release(decision, loop.time())
             raise
@@ -453,7 +473,7 @@ class BridgeApp:
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
                              self.config.max_message_bytes)
         session = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
-                                peer=peer, path=path, origin=origin)
+                                peer=peer, path=path, origin=origin, headers=headers)
         try:
             await self._relay(tunnel, session, receive)
         finally:

@@ -24,9 +24,10 @@ from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
-from ..observability import BridgeMetrics, log_event
+from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
 from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
 from ..sockets import Listener
+from ..tracing import available as tracing_available
 from .gate import Admitted, Gate, single_host
 from .http import HttpServer, RequestHead, answer_malformed, probe_handler
 from .session import TunnelSession
@@ -48,6 +49,8 @@ class _Session:
     """Bookkeeping of one accepted TCP connection on the bridge's listener."""
 
     peer: str
+    #: Chosen once the request is read (its X-Request-Id, or a new one).
+    request_id: str = ""
     admitted: Admitted | None = None
     #: Set once the 101 is sent: the tunnel's path from then on.
     tunnel: TunnelSession | None = None
@@ -215,6 +218,7 @@ class Bridge:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.certfile, config.keyfile)
         listen = config.listen_address
+        tracing_available()  # import opentelemetry (when installed) now, not in a tunnel
         try:
             await self.backend.start()
             self._backend_started = True
@@ -351,6 +355,7 @@ class Bridge:
         session = self._sessions.get(tunnel)
         if session is not None and session.tunnel is None and session.task is None:
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
+                               request_id=session.request_id or new_request_id(),
                                peer=session.peer)
             tunnel.abort()
 
@@ -363,7 +368,7 @@ class Bridge:
             side.held.append(data)
             side.held_bytes += len(data)
             if side.held_bytes > MAX_EARLY_BYTES:
-                log_event("upgrade_aborted", peer=session.peer,
+                log_event("upgrade_aborted", request_id=session.request_id, peer=session.peer,
                           reason=f"over {MAX_EARLY_BYTES} bytes sent before the answer")
                 tunnel.abort()
             return
@@ -380,9 +385,11 @@ class Bridge:
             tunnel.charge_budget()
             if tunnel.close_code is not None:  # headers over the client's memory budget
                 self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
-                                   peer=session.peer)
+                                   request_id=new_request_id(), peer=session.peer)
                 tunnel.abort()
             return
+        session.request_id = self.gate.request_id(request.headers.get_all(REQUEST_ID_HEADER),
+                                                  peer=session.peer)
         if rest:
             side.held.append(rest)
             side.held_bytes = len(rest)
@@ -399,7 +406,8 @@ class Bridge:
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         status, chunks, reason = answer_malformed(websocket)
-        self.gate.rejected(Rejection(status, reason, label="malformed"), peer=session.peer)
+        self.gate.rejected(Rejection(status, reason, label="malformed"),
+                           request_id=new_request_id(), peer=session.peer)
         transport = tunnel.ws_transport
         assert transport is not None
         transport.writelines(chunks)
@@ -408,12 +416,13 @@ class Bridge:
             session.timer.cancel()
             session.timer = None
 
-    def _send_rejection(self, tunnel: AnyTunnel, rejection: Rejection) -> None:
+    def _send_rejection(self, tunnel: AnyTunnel, rejection: Rejection, request_id: str) -> None:
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.reject(rejection.status, rejection.reason + "\n")
         for name, value in rejection.response_headers():
             response.headers[name] = value
+        response.headers[REQUEST_ID_HEADER] = request_id
         websocket.send_response(response)
         tunnel.flush_websocket()
 
@@ -449,8 +458,8 @@ class Bridge:
                 and self._send_static(tunnel, path, request)):
             side.handshake_done()
             return
-        decision = await self.gate.check(path=path, query=query, headers=headers,
-                                         peer=session.peer,
+        decision = await self.gate.check(request_id=session.request_id, path=path,
+                                         query=query, headers=headers, peer=session.peer,
                                          websocket=_upgrade_requested(request), now=loop.time())
         transport = tunnel.ws_transport
         if (self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost
@@ -460,7 +469,7 @@ class Bridge:
                 self.gate.release(decision, loop.time())
             return
         if isinstance(decision, Rejection):
-            self._send_rejection(tunnel, decision)
+            self._send_rejection(tunnel, decision, session.request_id)
             side.handshake_done()
             return
         session.admitted = decision
@@ -471,19 +480,23 @@ class Bridge:
             body = (response.body or b"").decode(errors="replace").strip().replace("\n", " ")
             rejection = Rejection(response.status_code, body or "invalid WebSocket handshake",
                                   label="handshake")
-            self.gate.rejected(rejection, peer=session.peer, client=decision.client, path=path)
-            self._send_rejection(tunnel, rejection)
+            self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer,
+                               client=decision.client, path=path)
+            self._send_rejection(tunnel, rejection, session.request_id)
             side.handshake_done()
             return
+        response.headers[REQUEST_ID_HEADER] = session.request_id
         # From here on the tunnel is charged to the client the gate identified.
         session.tunnel = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
                                        peer=session.peer, path=path,
-                                       origin=request.headers.get("Origin", ""))
+                                       origin=request.headers.get("Origin", ""),
+                                       headers=headers)
         # Open on the WebSocket side; reading stays paused until the backend is attached.
         try:
             side.handshake_done((request, response))
         except Exception as exc:  # a bug here must not leave the connection hanging
-            log_event("upgrade_failed", logging.ERROR, peer=session.peer, error=repr(exc))
+            log_event("upgrade_failed", logging.ERROR, request_id=session.request_id,
+                      peer=session.peer, error=repr(exc))
             tunnel.abort()
             raise
         await session.tunnel.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
@@ -519,9 +532,9 @@ class Bridge:
 
     async def _not_ready(self) -> str | None:
         """Why ``/readyz`` answers 503, or None when it answers 200."""
-        if self._state == "running" and await self.backend_reachable():
-            return None
-        return "backend unreachable"
+        if self._state != "running":
+            return "draining" if self._state == "closing" else f"bridge {self._state}"
+        return None if await self.backend_reachable() else "backend unreachable"
 
 
 def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | None:

@@ -21,15 +21,17 @@ from ..core.admission import (
     select_subprotocol,
 )
 from ..core.config import BridgeConfig
-from ..observability import BridgeMetrics, log_event, logger
+from ..observability import BridgeMetrics, choose_request_id, log_event, logger
 
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """An upgrade that passed every guard; :meth:`Gate.release` it when the tunnel ends."""
+    """An upgrade that passed every guard; :meth:`Gate.release` it when the tunnel ends.
+    ``request_id`` goes into every log line (and the span) of the tunnel."""
 
     client: str
     subprotocol: str | None
+    request_id: str
 
 
 def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -57,9 +59,19 @@ class Gate:
             max_upgrades_per_minute=config.max_upgrades_per_minute,
         )
 
+    def request_id(self, values: Sequence[str], *, peer: str) -> str:
+        """The request id of a request whose ``X-Request-Id`` headers are ``values``: the
+        client's when well formed, else a new one (the replacement is logged)."""
+        request_id, problem = choose_request_id(values)
+        if problem is not None:
+            log_event("request_id_replaced", request_id=request_id,
+                      peer=peer, reason=problem)
+        return request_id
+
     async def check(
         self,
         *,
+        request_id: str,
         path: str,
         query: str,
         headers: Mapping[str, Sequence[str]],
@@ -67,8 +79,9 @@ class Gate:
         websocket: bool,
         now: float,
     ) -> Admitted | Rejection:
-        """Run the guards in order. ``headers`` maps lower-case names to values. A
-        :class:`Rejection` has already been counted and logged."""
+        """Run the guards in order. ``headers`` maps lower-case names to values;
+        ``request_id`` is :meth:`request_id`'s. A :class:`Rejection` has already been
+        counted and logged."""
         config = self.config
         client = peer
         origin = _first(headers, "origin")
@@ -96,17 +109,20 @@ class Gate:
                     for value in headers.get("sec-websocket-protocol", ())
                     for entry in value.split(",") if entry.strip()
                 )
-                rejection = await self._authenticate(path, query, headers, client, offered)
+                rejection = await self._authenticate(path, query, headers, client, offered,
+                                                     request_id)
                 if rejection is not None:
                     self.limiter.release(client, now)
                 else:
-                    return Admitted(client, select_subprotocol(offered, config.subprotocols))
-        self.rejected(rejection, peer=peer, client=client, path=path, origin=origin or "",
-                      host=", ".join(hosts))
+                    return Admitted(client, select_subprotocol(offered, config.subprotocols),
+                                    request_id)
+        self.rejected(rejection, request_id=request_id, peer=peer, client=client, path=path,
+                      origin=origin or "", host=", ".join(hosts))
         return rejection
 
     async def _authenticate(self, path: str, query: str, headers: Mapping[str, Sequence[str]],
-                            client: str, offered: tuple[str, ...]) -> Rejection | None:
+                            client: str, offered: tuple[str, ...],
+                            request_id: str) -> Rejection | None:
         hook = self.config.authenticate
         if hook is None:
             return None
@@ -117,20 +133,22 @@ class Gate:
             if inspect.isawaitable(decision):
                 decision = await decision
         except Exception:
-            logger.exception("authentication hook failed")
+            logger.exception("authentication hook failed",
+                             extra={"fields": {"request_id": request_id}})
             return Rejection(500, "authentication failed", label="auth_error")
         if decision is not None and not isinstance(decision, Rejection):
-            logger.error("authentication hook returned %r, not None or a Rejection", decision)
+            logger.error("authentication hook returned %r, not None or a Rejection", decision,
+                         extra={"fields": {"request_id": request_id}})
             return Rejection(500, "authentication failed", label="auth_error")
         return decision
 
-    def rejected(self, rejection: Rejection, *, peer: str, client: str = "", path: str = "",
-                 origin: str = "", host: str = "") -> None:
+    def rejected(self, rejection: Rejection, *, request_id: str, peer: str, client: str = "",
+                 path: str = "", origin: str = "", host: str = "") -> None:
         """Count and log a refused upgrade (``path`` is logged without parameters/query)."""
         self.metrics.upgrades_rejected.labels(rejection.label).inc()
-        log_event("upgrade_rejected", status=rejection.status, reason=rejection.reason,
-                  peer=peer, client=client or peer, path=loggable_path(path), origin=origin,
-                  host=loggable_path(host))
+        log_event("upgrade_rejected", request_id=request_id, status=rejection.status,
+                  reason=rejection.reason, peer=peer, client=client or peer,
+                  path=loggable_path(path), origin=origin, host=loggable_path(host))
 
     def release(self, admitted: Admitted, now: float) -> None:
         self.limiter.release(admitted.client, now)
@@ -140,20 +158,29 @@ class Gate:
     def opened(self, admitted: Admitted, *, peer: str, path: str, origin: str) -> None:
         self.metrics.upgrades_accepted.inc()
         self.metrics.tunnels_active.inc()
-        log_event("upgrade_accepted", peer=peer, client=admitted.client,
-                  path=loggable_path(path),
+        log_event("upgrade_accepted", request_id=admitted.request_id, peer=peer,
+                  client=admitted.client, path=loggable_path(path),
                   origin=origin, subprotocol=admitted.subprotocol or "")
 
-    def backend_failed(self, exc: BaseException) -> None:
+    def backend_failed(self, admitted: Admitted, exc: BaseException) -> None:
         reason = ("timeout" if isinstance(exc, TimeoutError)
                   else "refused" if isinstance(exc, ConnectionRefusedError) else "error")
         self.metrics.backend_dial_failures.labels(reason).inc()
-        log_event("backend_dial_failed", backend=str(self.config.backend), reason=reason,
+        log_event("backend_dial_failed", request_id=admitted.request_id,
+                  backend=str(self.config.backend), reason=reason,
                   error=str(exc) or type(exc).__name__)
 
     def backend_connected(self, admitted: Admitted, seconds: float) -> None:
         self.metrics.backend_dial_seconds.observe(seconds)
-        log_event("tunnel_opened", client=admitted.client, backend=str(self.config.backend))
+        log_event("tunnel_opened", request_id=admitted.request_id, client=admitted.client,
+                  backend=str(self.config.backend))
+
+    def retiring(self, admitted: Admitted, age: float) -> None:
+        """A tunnel reached its maximum age: its client was sent a GOAWAY."""
+        self.metrics.tunnels_retired.inc()
+        log_event("tunnel_retiring", request_id=admitted.request_id, client=admitted.client,
+                  age=round(age, 3),
+                  grace=self.config.max_tunnel_age_grace)
 
     def closed(self, admitted: Admitted, *, code: int, reason: str, duration: float,
                bytes_to_backend: int, bytes_to_client: int) -> None:
@@ -161,6 +188,6 @@ class Gate:
         self.metrics.tunnels_active.dec()
         self.metrics.tunnels_closed.labels(str(code)).inc()
         self.metrics.tunnel_duration.observe(duration)
-        log_event("tunnel_closed", client=admitted.client, code=code, reason=reason,
-                  duration=round(duration, 3), bytes_to_backend=bytes_to_backend,
-                  bytes_to_client=bytes_to_client)
+        log_event("tunnel_closed", request_id=admitted.request_id, client=admitted.client,
+                  code=code, reason=reason, duration=round(duration, 3),
+                  bytes_to_backend=bytes_to_backend, bytes_to_client=bytes_to_client)

@@ -131,7 +131,7 @@ class _HttpProtocol(asyncio.Protocol):
         try:
             status, content_type, body = await self._handler(path)
         except Exception:  # pragma: no cover - reported as 500
-            status, content_type, body = 500, "text/plain; charset=utf-8", b"internal error\n"
+            status, content_type, body = 500, _TEXT, b"internal error\n"
         response: Response = self._parser.reject(status, "")
         response.body = body
         # reject() already set both for its empty body, and websockets' Headers append on

@@ -1,17 +1,22 @@
 """One admitted tunnel's path from upgrade to end, the same under :class:`~grpcbridge.Bridge`
 and :class:`~grpcbridge.BridgeApp`: admit (the :class:`~.gate.Gate` decided) -> open (log,
-metrics, the client's share of the memory budget) -> connect the backend (1011 when it fails)
--> account (bytes reported as they flow) -> close (slot released, budget released, one
-``tunnel_closed`` line with the code, duration and bytes).
+metrics, the client's share of the memory budget, the tunnel's span) -> connect the backend
+(1011 when it fails) -> account (bytes reported as they flow) -> close (slot released, budget
+released, one ``tunnel_closed`` line with the code, duration and bytes, the span ended).
+Every log line carries the upgrade's request id (``Admitted.request_id``).
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..core.age import jittered
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
 from ..core.tunnel import TunnelMachine
+from ..tracing import TunnelTrace, current_tunnel, end_tunnel, start_tunnel
 from .gate import Admitted, Gate
 
 
@@ -21,13 +26,15 @@ class TunnelSession:
     calls are no-ops)."""
 
     __slots__ = ("_finished", "_reported_to_backend", "_reported_to_client", "admitted",
-                 "gate", "machine")
+                 "gate", "machine", "trace")
 
     def __init__(self, gate: Gate, budget: MemoryBudget, admitted: Admitted,
-                 machine: TunnelMachine, *, peer: str, path: str, origin: str) -> None:
+                 machine: TunnelMachine, *, peer: str, path: str, origin: str,
+                 headers: Mapping[str, Sequence[str]]) -> None:
         self.gate = gate
         self.admitted = admitted
         self.machine = machine
+        machine.request_id = admitted.request_id
         if machine.account is not None:  # a handshake charged to the peer address so far
             machine.account.close()
         machine.account = budget.open(admitted.client)
@@ -35,6 +42,15 @@ class TunnelSession:
         self._reported_to_client = 0
         self._finished = False
         gate.opened(admitted, peer=peer, path=path, origin=origin)
+        self.trace: TunnelTrace = start_tunnel(
+            request_id=admitted.request_id, client=admitted.client, peer=peer, path=path,
+            subprotocol=admitted.subprotocol, backend=str(gate.config.backend),
+            headers=headers)
+        max_age = gate.config.max_tunnel_age
+        if max_age:
+            age = jittered(max_age, random.random())
+            machine.retire_after(age, gate.config.max_tunnel_age_grace,
+                                 lambda: gate.retiring(admitted, age))
 
     async def connect_backend(self, backend: Any, stream_owner: Any, buffer_bytes: int) -> None:
         """Attach the backend's stream side to ``stream_owner`` (the adapter). A backend
@@ -43,13 +59,15 @@ class TunnelSession:
         machine = self.machine
         machine.dialing = True
         started = machine.clock()
+        tunnel = current_tunnel.set(self.trace)  # for in-process backends' RPC spans
         try:
             await backend.connect(stream_owner, buffer_bytes)
         except (OSError, TimeoutError) as exc:
-            self.gate.backend_failed(exc)
+            self.gate.backend_failed(self.admitted, exc)
             machine.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
             return
         finally:
+            current_tunnel.reset(tunnel)
             machine.stream_never_attached()  # a no-op once the stream side is attached
         self.gate.backend_connected(self.admitted, machine.clock() - started)
 
@@ -73,7 +91,11 @@ class TunnelSession:
             machine.account.close()
         self.gate.release(self.admitted, now)
         self.report_bytes()
-        self.gate.closed(self.admitted, code=int(machine.close_code or CloseCode.ABNORMAL),
+        code = int(machine.close_code or CloseCode.ABNORMAL)
+        self.gate.closed(self.admitted, code=code,
                          reason=machine.close_reason, duration=now - machine.opened_at,
                          bytes_to_backend=machine.bytes_from_websocket,
                          bytes_to_client=machine.bytes_to_websocket)
+        end_tunnel(self.trace, code=code, reason=machine.close_reason,
+                   bytes_to_backend=machine.bytes_from_websocket,
+                   bytes_to_client=machine.bytes_to_websocket)
