@@ -13,15 +13,23 @@ close frame), close codes (``send_close`` needs one, or 0 goes on the wire), res
 continuation-frame order and the size of fragmented messages, pings (answered here so they
 count against the frame rate), and copies: a frame's payload is valid only inside the
 callback, and a buffer handed to ``transport.write`` must never be reused (uvloop keeps a
-reference instead of copying), so payloads are copied out once and picows' zero-copy send
-for large messages is only used with a fresh buffer.
+reference instead of copying), so a payload is written to the stream socket from picows'
+buffer during the callback when that socket has nothing queued, else copied out once; and
+picows' zero-copy send for large messages is only used with a fresh buffer.
+
+The forwarder's tunnels (the client end) run on the same adapter: picows writes the upgrade
+request (:class:`ClientRequest`) on a connection the forwarder dialed (directly or through
+a proxy, TLS end to end), parses the 101 and masks what it sends; the frame rules above are
+the same at both ends, and picows refuses masked frames from a server itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import cast
 
 from picows import (
@@ -111,7 +119,7 @@ class _Listener(WSListener):
                     and not (frame.rsv1 or frame.rsv2 or frame.rsv3
                              or transport.is_close_frame_sent)):
                 if frame.payload_size:
-                    tunnel.machine.data(frame.get_payload_as_bytes())
+                    tunnel.payload(frame)
                 else:
                     tunnel.machine.empty_frame()
                 return
@@ -131,28 +139,64 @@ class _Listener(WSListener):
         self.tunnel.machine.websocket_write_resumed()
 
 
+@dataclass(frozen=True, slots=True)
+class ClientRequest:
+    """The upgrade request of a client tunnel, and the check of the server's answer."""
+
+    #: ``host[:port]`` for the Host header, and the request target (path and query).
+    authority: str
+    resource: str
+    #: Headers besides those picows writes (Host, Upgrade, Connection, Sec-WebSocket-*).
+    headers: Sequence[tuple[str, str]]
+    #: Called with the 101 response before the tunnel opens; raises to refuse it.
+    check: Callable[[WSUpgradeResponse], None]
+    #: High-water mark of the connection's write buffer.
+    buffer_bytes: int
+
+
 class _Protocol(WSProtocol):  # type: ignore[misc]
-    """picows' server protocol, counting the bytes of each read for the tunnel (partial
-    frames, read buffer size) and giving the loop back after many frames."""
+    """picows' protocol (either end), counting the bytes of each read for the tunnel
+    (partial frames, read buffer size) and giving the loop back after many frames."""
 
-    __slots__ = ("listener", "tunnel")
+    __slots__ = ("buffer_bytes", "listener", "tunnel")
 
-    def __init__(self, tunnel: PicowsTunnel, listener: _Listener,
-                 response: WSUpgradeResponse, max_frame_size: int) -> None:
+    def __init__(self, tunnel: PicowsTunnel, listener: _Listener, max_frame_size: int, *,
+                 response: WSUpgradeResponse | None = None,
+                 request: ClientRequest | None = None) -> None:
+        factory: Callable[..., object]
+        if request is None:
+            assert response is not None
+            accepted = WSUpgradeResponseWithListener(response, listener)
+            factory = lambda _request: accepted  # noqa: E731
+        else:
+            def factory(_request: object, answer: WSUpgradeResponse) -> _Listener:
+                request.check(answer)  # raised: picows disconnects, the dialer is told
+                return listener
         super().__init__(
-            None, "/", False,  # host, path, client side
-            lambda _request: WSUpgradeResponseWithListener(response, listener),
+            request.authority if request else None,  # Host (client side)
+            request.resource if request else "/",
+            request is not None,  # client side: masks what it sends
+            factory,
             _PICOWS_LOG,
             True,  # disconnect (1011) if a callback raises
-            None,  # handshake timeout: the bridge had its own
+            None,  # handshake timeout: the bridge, or the dialer, has its own
             False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # off: the machine pings
             False,  # auto pong: pings are answered (and rate-limited) by the tunnel
             max_frame_size,
-            None,  # extra headers (client side only)
+            list(request.headers) if request else None,
             READ_BUFFER,
         )
         self.tunnel = tunnel
         self.listener = listener
+        self.buffer_bytes = request.buffer_bytes if request else 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.buffer_bytes:  # a client: the connection is the tunnel's from the start
+            transport = cast(asyncio.Transport, transport)
+            transport.set_write_buffer_limits(high=self.buffer_bytes,
+                                              low=self.buffer_bytes // 4)
+            self.tunnel.ws_transport = transport
+        super().connection_made(transport)  # a client writes its upgrade request here
 
     def get_buffer(self, size_hint: int) -> memoryview:
         view = cast(memoryview, super().get_buffer(size_hint))
@@ -199,18 +243,22 @@ class PicowsTunnel(SocketTunnel):
     __slots__ = (
         "__weakref__",
         "buffer_size",
+        "client",
         "closed_before",
         "failed",
         "fragment",
         "max_message_bytes",
         "partial",
+        "stream_fd",
         "websocket",
         "ws",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol, *,
+    def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol | None, *,
                  stream_name: str, max_message_bytes: int) -> None:
         super().__init__(loop)
+        #: The client end of a tunnel (``websocket`` None): see :meth:`client_protocol`.
+        self.client = websocket is None
         self.websocket: ServerProtocol | None = websocket
         self.max_message_bytes = max_message_bytes
         self.ws: WSTransport | None = None
@@ -223,6 +271,8 @@ class PicowsTunnel(SocketTunnel):
         #: Bytes of an incomplete frame in picows' read buffer, and that buffer's size.
         self.partial = 0
         self.buffer_size = 0
+        #: The stream side's socket, written to directly while its buffer is empty (-1: none).
+        self.stream_fd = -1
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
 
@@ -242,11 +292,10 @@ class PicowsTunnel(SocketTunnel):
         # The handshake parser's generator keeps the protocol in a cycle: end it now.
         self.websocket.parser.close()
         self.websocket = None
-        listener = _Listener(self)
         response = WSUpgradeResponse.create_101_response(extra_headers=[
             (name, value) for name, value in response_headers
             if name.lower() not in ("upgrade", "connection", "sec-websocket-accept")])
-        protocol = _Protocol(self, listener, response, self.max_message_bytes)
+        protocol = _Protocol(self, _Listener(self), self.max_message_bytes, response=response)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         request = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"
@@ -256,7 +305,39 @@ class PicowsTunnel(SocketTunnel):
         if eof:
             self._finish_handshake()
 
+    def client_protocol(self, request: ClientRequest) -> _Protocol:
+        """The protocol for the connection a client dials: it sends ``request`` once
+        connected; ``wait_until_handshake_complete()`` on it returns once the tunnel is
+        open or the connection is gone (:attr:`ws` tells which), or raises what refused the
+        answer (picows' ``WSHandshakeError``, or what ``request.check`` raised)."""
+        assert self.client
+        return _Protocol(self, _Listener(self), self.max_message_bytes, request=request)
+
     # ------------------------------------------------------------- frames, reads
+
+    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+        sock = transport.get_extra_info("socket")
+        self.stream_fd = -1 if sock is None else sock.fileno()
+        super().attach_stream(transport, buffer_bytes)
+
+    def payload(self, frame: WSFrame) -> None:
+        """A binary message's payload, for the stream side. While nothing waits in the
+        stream's write buffer it is written to the socket straight from picows' read buffer
+        (no copy unless the socket takes only part of it); otherwise it is copied out."""
+        machine = self.machine
+        transport = self.stream_transport
+        if (self.stream_fd < 0 or transport is None or not machine.relaying_websocket
+                or transport.is_closing() or transport.get_write_buffer_size()):
+            machine.data(frame.get_payload_as_bytes())
+            return
+        view = frame.get_payload_as_memoryview()
+        try:  # the transport is open, so its descriptor is still this connection's
+            written = os.write(self.stream_fd, view)
+        except OSError:  # full (EAGAIN), or failed: the transport's own write reports it
+            written = 0
+        machine.data_written(written)
+        if written < len(view):
+            machine.data(bytes(view[written:]))
 
     def other_frame(self, frame: WSFrame) -> None:
         """Every frame but a whole binary message without reserved bits."""

@@ -3,8 +3,9 @@
 Used by the bridge (WebSocket from a client, stream to the backend) and the forwarder
 (stream from a local gRPC client, WebSocket to a bridge). Both sides are callback-level
 asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`;
-the bridge's TCP listeners use picows instead, :mod:`grpcbridge.fastws`, on the same
-:class:`SocketTunnel` transport half), so there is no coroutine, queue or task per message.
+the bridge's TCP listeners and the forwarder use picows instead, :mod:`grpcbridge.fastws`, on
+the same :class:`SocketTunnel` transport half), so there is no coroutine, queue or task per
+message.
 
 Memory stays bounded in both directions: every transport's write buffer has a high-water
 mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
@@ -243,6 +244,11 @@ class SocketTunnel(StreamAdapter):
         self.ws_transport: asyncio.Transport | None = None
         self._ws_yielding = False
 
+    @property
+    def is_open(self) -> bool:
+        """Relaying: WebSocket open and stream side attached."""
+        return self.machine.state is TunnelState.OPEN
+
     def _yield_turn(self) -> None:
         """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
         many frames at once cannot hold the loop (uvloop reads up to 32 times per wake-up)."""
@@ -327,11 +333,6 @@ class Tunnel(SocketTunnel):
         self._retained = 0
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
-
-    @property
-    def is_open(self) -> bool:
-        """Relaying: WebSocket open and stream side attached."""
-        return self.machine.state is TunnelState.OPEN
 
     @property
     def max_message_bytes(self) -> int | None:

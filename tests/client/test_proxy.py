@@ -26,6 +26,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpclib.client import Channel as GrpclibChannel
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -245,6 +246,17 @@ async def test_wss_through_the_proxy_is_tls_to_the_bridge(
             message = await failure(bridge.url)
             assert "CERTIFICATE_VERIFY_FAILED" in message, message
             assert open_proxy.connects(port_of(bridge)) == before + 2
+            # The forwarder (picows framing) dials the same way: TLS over the proxy's tunnel.
+            config = grpcbridge.ForwarderConfig(target=bridge.url, listen="127.0.0.1:0",
+                                                cacert=str(ca_pem))
+            async with grpcbridge.Forwarder(config) as forwarder:
+                assert forwarder.address is not None
+                channel = GrpclibChannel(*forwarder.address)
+                try:
+                    assert len((await TodoServiceStub(channel).ListTodos(LIST)).todos) == 0
+                finally:
+                    channel.close()
+            assert open_proxy.connects(port_of(bridge)) == before + 3
     finally:
         store.close()
 

@@ -1,5 +1,6 @@
-"""Backpressure through a real ``grpcbridge serve`` process: 256 MiB each way between a fast
-and a slow side, every byte delivered in order, and the bridge's memory stays flat.
+"""Backpressure through a real ``grpcbridge serve`` process (and, at the end, through a
+``grpcbridge forward`` process in front of it): 256 MiB each way between a fast and a slow
+side, every byte delivered in order, and each process's memory stays flat.
 
 The backend is ``tests/peer_stream.py`` in its own process (a raw TCP server told over the
 tunnel what to do), the WebSocket client runs in the test process; the slow side of each
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -156,22 +157,33 @@ async def push(ws: ClientConnection, total: int, seed: int) -> str:
     return sha.hexdigest()
 
 
-async def pull(ws: ClientConnection, rate: float = 0) -> tuple[int, str]:
-    """Receive until the bridge closes, at most ``rate`` bytes/s (0: as fast as it comes);
-    return (byte count, sha256)."""
+async def paced(chunks: AsyncIterator[bytes], rate: float) -> tuple[int, str]:
+    """Take ``chunks`` at most ``rate`` bytes/s (0: as fast as they come); return (byte
+    count, sha256)."""
     sha = hashlib.sha256()
     count = 0
     started = time.monotonic()
-    with contextlib.suppress(ConnectionClosedError):  # the caller checks ws.close_code
-        async for message in ws:
-            assert isinstance(message, bytes), "the bridge sends binary messages only"
-            sha.update(message)
-            count += len(message)
-            if rate:
-                ahead = count / rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+    async for chunk in chunks:
+        sha.update(chunk)
+        count += len(chunk)
+        if rate:
+            ahead = count / rate - (time.monotonic() - started)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
     return count, sha.hexdigest()
+
+
+async def pull(ws: ClientConnection, rate: float = 0) -> tuple[int, str]:
+    """Receive until the bridge closes, at most ``rate`` bytes/s (0: as fast as it comes);
+    return (byte count, sha256)."""
+
+    async def messages() -> AsyncIterator[bytes]:
+        with contextlib.suppress(ConnectionClosedError):  # the caller checks ws.close_code
+            async for message in ws:
+                assert isinstance(message, bytes), "the bridge sends binary messages only"
+                yield message
+
+    return await paced(messages(), rate)
 
 
 async def warm_up(url: str) -> None:
@@ -193,9 +205,10 @@ async def idle_baseline(bridge: Process) -> int:
     return bridge.rss()
 
 
-def report(name: str, baseline: int, peak: PeakRss, seconds: float) -> None:
+def report(name: str, baseline: int, peak: PeakRss, seconds: float,
+           process: str = "bridge") -> None:
     print(f"\n{name}: {TOTAL / MiB:.0f} MiB in {seconds:.1f} s ({TOTAL / MiB / seconds:.1f} MiB/s);"
-          f" bridge RSS baseline {baseline / MiB:.1f} MiB, peak {peak.peak / MiB:.1f} MiB"
+          f" {process} RSS baseline {baseline / MiB:.1f} MiB, peak {peak.peak / MiB:.1f} MiB"
           f" (+{(peak.peak - baseline) / MiB:.2f} MiB; sampled +"
           f"{(peak.sampled - baseline) / MiB:.2f} MiB, exact={peak.exact})")
 
@@ -273,4 +286,111 @@ async def test_slow_reader_gets_the_tail_after_the_backend_closed(peer: Peer) ->
             code = ws.close_code
         assert (count, received, code) == (size, digest(size, 5), 1000)
         line = bridge.wait_for_line(r"tunnel_closed .*bytes_to_client=20971520")
+        assert "code=1000" in line, line
+
+
+# ------------------------------------------------------------------ through a forwarder
+# The same transfers with a ``grpcbridge forward`` process (picows client framing) between a
+# raw local TCP client and the bridge: every byte in order, and neither process's memory
+# grows with the surplus of the fast side.
+
+
+@contextmanager
+def forwarder_for(bridge: Process, loop: str) -> Iterator[Process]:
+    with cli(["forward", "--listen", "127.0.0.1:0", "--target", bridge.url,
+              "--loop", loop]) as process:
+        yield process
+
+
+async def local_push(port: int, total: int, seed: int, rate: int) -> tuple[str, bytes, float]:
+    """Over a local connection: ``SINK``, then payload(total, seed) as fast as the connection
+    takes it; return (its sha256, the peer's answer, seconds spent sending)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        started = time.monotonic()
+        writer.write(f"SINK {total} {rate}\n".encode())
+        sha = hashlib.sha256()
+        for chunk in payload(total, seed):
+            sha.update(chunk)
+            writer.write(chunk)
+            await writer.drain()
+        sent = time.monotonic() - started
+        answer = await asyncio.wait_for(reader.readline(), 30)
+        return sha.hexdigest(), answer, sent
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def local_pull(port: int, total: int, seed: int, rate: float) -> tuple[int, str]:
+    """Over a local connection: ``SOURCE``, then read until the forwarder closes, at most
+    ``rate`` bytes/s (0: as fast as it comes); return (byte count, sha256)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=64 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        while chunk := await reader.read(64 * 1024):
+            yield chunk
+
+    try:
+        writer.write(f"SOURCE {total} {seed}\n".encode())
+        return await paced(chunks(), rate)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def forwarded_baseline(bridge: Process, forwarder: Process) -> tuple[int, int]:
+    """Idle RSS of (bridge, forwarder) after one full-speed transfer each way."""
+    size = 16 * MiB
+    sent, answer, _ = await local_push(forwarder.port, size, 1, 0)
+    assert answer == f"{size} {sent}\n".encode()
+    assert await local_pull(forwarder.port, size, 2, 0) == (size, digest(size, 2))
+    bridge.wait_for_line(r"tunnel_closed .*bytes_to_client=16777216")
+    await asyncio.sleep(0.3)
+    return bridge.rss(), forwarder.rss()
+
+
+def check_growth(name: str, baselines: tuple[int, int], peaks: tuple[PeakRss, PeakRss],
+                 seconds: float) -> None:
+    for process, baseline, peak in zip(("bridge", "forwarder"), baselines, peaks, strict=True):
+        report(name, baseline, peak, seconds, process)
+        assert peak.peak - baseline <= RSS_BOUND, (
+            f"{process} RSS grew by {(peak.peak - baseline) / MiB:.1f} MiB")
+
+
+@LOOPS
+async def test_forwarded_client_to_slow_backend(peer: Peer, loop: str) -> None:
+    """A local client pushing 256 MiB through the forwarder and the bridge at a backend that
+    reads at 40 MiB/s: the forwarder stops reading its local client while the tunnel is
+    held back, nothing is lost."""
+    with bridge_for(peer, "--loop", loop) as bridge, forwarder_for(bridge, loop) as forwarder:
+        baselines = await forwarded_baseline(bridge, forwarder)
+        with PeakRss(bridge.pid) as bridge_peak, PeakRss(forwarder.pid) as forwarder_peak:
+            started = time.monotonic()
+            sent, answer, send_seconds = await local_push(forwarder.port, TOTAL, 7, SLOW_RATE)
+            seconds = time.monotonic() - started
+        check_growth("forwarded client -> slow backend", baselines,
+                     (bridge_peak, forwarder_peak), seconds)
+        assert answer == f"{TOTAL} {sent}\n".encode()
+        assert peer.done_seconds(f"SINK {TOTAL} {SLOW_RATE}") >= TOTAL / SLOW_RATE * 0.95
+        assert send_seconds >= 0.5 * TOTAL / SLOW_RATE, send_seconds
+
+
+@LOOPS
+async def test_backend_to_slow_forwarded_client(peer: Peer, loop: str) -> None:
+    """A backend writing 256 MiB as fast as it can, through the bridge and the forwarder, to
+    a local client reading at 40 MiB/s: nothing is lost, the backend is held back."""
+    with bridge_for(peer, "--loop", loop) as bridge, forwarder_for(bridge, loop) as forwarder:
+        baselines = await forwarded_baseline(bridge, forwarder)
+        with PeakRss(bridge.pid) as bridge_peak, PeakRss(forwarder.pid) as forwarder_peak:
+            started = time.monotonic()
+            count, received = await local_pull(forwarder.port, TOTAL, 7, SLOW_RATE)
+            seconds = time.monotonic() - started
+        check_growth("backend -> slow forwarded client", baselines,
+                     (bridge_peak, forwarder_peak), seconds)
+        assert (count, received) == (TOTAL, digest(TOTAL, 7))
+        assert peer.done_seconds(f"SOURCE {TOTAL} 7") >= 0.5 * TOTAL / SLOW_RATE
+        line = bridge.wait_for_line(rf"tunnel_closed .*bytes_to_client={TOTAL}\b")
         assert "code=1000" in line, line

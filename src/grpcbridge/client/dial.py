@@ -1,13 +1,22 @@
-"""Opening the WebSocket side of a client tunnel (shared by the forwarder and channels)."""
+"""Opening the WebSocket side of a client tunnel (shared by the forwarder and channels).
+
+Two framing engines, one dialer: the forwarder's tunnels (so also the grpcio channels')
+run on picows (:meth:`DialSettings.new_fast_tunnel`,
+:class:`~grpcbridge.fastws.PicowsTunnel`), :class:`~grpcbridge.Channel`'s on websockets
+(:meth:`DialSettings.new_tunnel`). Either way the connection is
+made here (TCP, or a python-socks proxy socket, then TLS end to end) and the upgrade carries
+the same headers; failures raise the same :class:`HandshakeError` messages.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from picows import WSHandshakeError, WSInvalidStatusError, WSUpgradeResponse
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
 from websockets.client import ClientProtocol
@@ -20,7 +29,11 @@ from ..core.errors import HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target
+from ..fastws import ClientRequest, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
+
+#: A client tunnel on either framing engine.
+ClientTunnel = Tunnel | PicowsTunnel
 
 
 def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
@@ -57,8 +70,31 @@ class DialSettings:
         tunnel.dialing = True
         return tunnel
 
+    def new_fast_tunnel(self, loop: asyncio.AbstractEventLoop,
+                        stream_name: str) -> PicowsTunnel:
+        """A tunnel whose WebSocket side is a picows client, not yet connected."""
+        tunnel = PicowsTunnel(loop, None, stream_name=stream_name,
+                              max_message_bytes=self.max_message_bytes)
+        tunnel.dialing = True
+        return tunnel
 
-async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
+    def upgrade_headers(self) -> list[tuple[str, str]]:
+        """The headers a client adds to its upgrade request: Origin and
+        Sec-WebSocket-Protocol, then ``headers`` (which replace them), then Authorization."""
+        chosen: dict[str, tuple[str, str]] = {}
+        if self.origin:
+            chosen["origin"] = ("Origin", self.origin)
+        if self.subprotocols:
+            chosen["sec-websocket-protocol"] = ("Sec-WebSocket-Protocol",
+                                                ", ".join(self.subprotocols))
+        for name, value in self.headers.items():
+            chosen[name.lower()] = (name, value)
+        if self.bearer_token is not None:
+            chosen["authorization"] = ("Authorization", f"Bearer {self.bearer_token}")
+        return list(chosen.values())
+
+
+async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
                          within: float | None = None) -> None:
     """Connect ``tunnel``'s WebSocket side and complete the opening handshake within
     ``within`` seconds (default: ``settings.handshake_timeout``).
@@ -71,37 +107,12 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
     """
     target = settings.target
     within = settings.handshake_timeout if within is None else within
-    loop = tunnel.loop
-    websocket = tunnel.websocket
-    assert isinstance(websocket, ClientProtocol)
-    response: asyncio.Future[Response] = loop.create_future()
-
-    def on_event(event: object) -> None:
-        if isinstance(event, Response) and not response.done():
-            response.set_result(event)
-
-    tunnel.on_handshake_event = on_event
     try:
         async with asyncio.timeout(within):
-            await _connect(tunnel, settings, within)
-            request = websocket.connect()
-            extra = dict(settings.headers)
-            if settings.bearer_token is not None:
-                extra["Authorization"] = f"Bearer {settings.bearer_token}"
-            for name, value in extra.items():
-                # websockets' Headers append on assignment, and raise KeyError on deleting a
-                # header that is absent (Authorization and custom headers always are).
-                if name in request.headers:
-                    del request.headers[name]
-                request.headers[name] = value
-            websocket.send_request(request)
-            tunnel.flush_websocket()
-            answer = await response
-        if websocket.handshake_exc is not None or websocket.state is not OPEN:
-            body = (answer.body or b"").decode(errors="replace").strip()
-            raise HandshakeError(
-                f"{target.url} refused the WebSocket upgrade: HTTP {answer.status_code}"
-                + (f": {body}" if body else ""), status=answer.status_code)
+            if isinstance(tunnel, PicowsTunnel):
+                await _open_picows(tunnel, settings, within)
+            else:
+                await _open_websockets(tunnel, settings, within)
     except TimeoutError:
         _abandon(tunnel)
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
@@ -111,21 +122,91 @@ async def open_websocket(tunnel: Tunnel, settings: DialSettings, *,
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)
         raise
+    tunnel.dialing = False
+    tunnel.machine.websocket_opened()
+
+
+def _refused(target: Target, status: int, body: bytes | bytearray | None) -> HandshakeError:
+    text = (body or b"").decode(errors="replace").strip()
+    return HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
+                          + (f": {text}" if text else ""), status=status)
+
+
+async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float) -> None:
+    websocket = tunnel.websocket
+    assert isinstance(websocket, ClientProtocol)
+    response: asyncio.Future[Response] = tunnel.loop.create_future()
+
+    def on_event(event: object) -> None:
+        if isinstance(event, Response) and not response.done():
+            response.set_result(event)
+
+    tunnel.on_handshake_event = on_event
+    try:
+        await _connect(tunnel, settings, within,
+                       lambda: WebSocketSide(tunnel, settings.buffer_bytes))
+        request = websocket.connect()  # with Origin and Sec-WebSocket-Protocol
+        extra = dict(settings.headers)
+        if settings.bearer_token is not None:
+            extra["Authorization"] = f"Bearer {settings.bearer_token}"
+        for name, value in extra.items():
+            # websockets' Headers append on assignment, and raise KeyError on deleting a
+            # header that is absent (Authorization and custom headers always are).
+            if name in request.headers:
+                del request.headers[name]
+            request.headers[name] = value
+        websocket.send_request(request)
+        tunnel.flush_websocket()
+        answer = await response
     finally:
         tunnel.on_handshake_event = None
-    tunnel.dialing = False
-    tunnel.websocket_opened()
+    if websocket.handshake_exc is not None or websocket.state is not OPEN:
+        raise _refused(settings.target, answer.status_code, answer.body)
 
 
-async def _connect(tunnel: Tunnel, settings: DialSettings, within: float) -> None:
-    """Connect ``tunnel``'s WebSocket side (TCP, proxy, TLS), not yet upgraded."""
+async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: float) -> None:
+    target = settings.target
+    protocols = settings.subprotocols
+
+    def check(answer: WSUpgradeResponse) -> None:
+        """What websockets' client checks and picows does not: the server chose an offered
+        subprotocol (or none) and no extension (none is offered)."""
+        chosen = answer.headers.getall("Sec-WebSocket-Protocol", [])
+        extensions = answer.headers.getall("Sec-WebSocket-Extensions", [])
+        problem = (f"it chose subprotocol {', '.join(chosen)!r}, not one offered"
+                   if len(chosen) > 1 or (chosen and chosen[0] not in protocols)
+                   else f"it chose extensions {', '.join(extensions)!r}, none offered"
+                   if extensions else None)
+        if problem is not None:
+            raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: "
+                                 + problem, status=int(answer.status))
+
+    request = ClientRequest(authority=target.authority, resource=target.resource,
+                            headers=settings.upgrade_headers(), check=check,
+                            buffer_bytes=settings.buffer_bytes)
+    protocol = tunnel.client_protocol(request)
+    await _connect(tunnel, settings, within, lambda: protocol)
+    try:
+        await protocol.wait_until_handshake_complete()
+    except WSInvalidStatusError as exc:
+        answer = exc.response
+        raise _refused(target, int(answer.status) if answer else 0, exc.raw_body) from None
+    except WSHandshakeError as exc:
+        raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
+                             status=int(exc.response.status) if exc.response else None
+                             ) from None
+    if tunnel.ws is None:
+        raise HandshakeError(f"{target.url} closed the connection during the WebSocket "
+                             "handshake")
+
+
+async def _connect(tunnel: ClientTunnel, settings: DialSettings, within: float,
+                   side: Callable[[], asyncio.BaseProtocol]) -> None:
+    """Connect ``tunnel``'s WebSocket side (TCP, proxy, TLS) with ``side`` as protocol."""
     target = settings.target
     sock = None
     if settings.proxy is not None:
         sock = await _proxy_socket(settings.proxy, target.host, target.port, within)
-
-    def side() -> WebSocketSide:
-        return WebSocketSide(tunnel, settings.buffer_bytes)
 
     tls, hostname = settings.ssl, target.host if settings.ssl else None
     try:
@@ -172,8 +253,10 @@ async def _proxy_socket(proxy: ProxyURL, host: str, port: int, within: float) ->
         raise HandshakeError(message, proxy_status=status) from None
 
 
-def _abandon(tunnel: Tunnel) -> None:
-    tunnel.dialing = False
+def _abandon(tunnel: ClientTunnel) -> None:
+    # No longer dialing; a tunnel without a stream side ends once its connection is gone,
+    # which may be already (picows drops the connection as soon as it refuses the answer).
+    tunnel.machine.stream_never_attached()
     if tunnel.ws_transport is None:
         tunnel.ws_lost(None)  # never connected: let the tunnel finish
     else:

@@ -10,9 +10,10 @@ from typing import cast
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, InvalidStateError
 from ..core.stream import CloseCode
+from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import log_event
-from ..relay import StreamSide, Tunnel, keepalive_forever
+from ..relay import StreamSide, keepalive_forever
 from ..sockets import Listener
 from .dial import DialSettings, client_ssl_context, open_websocket
 
@@ -40,7 +41,7 @@ class Forwarder:
             handshake_timeout=config.handshake_timeout,
             max_message_bytes=config.max_message_bytes, buffer_bytes=config.buffer_bytes)
         self._listener = Listener(config.listen_address)
-        self._tunnels: dict[Tunnel, asyncio.Task[None] | None] = {}
+        self._tunnels: dict[PicowsTunnel, asyncio.Task[None] | None] = {}
         self._keepalive: asyncio.Task[None] | None = None
         self._state = "new"
         self._closed = asyncio.Event()
@@ -116,7 +117,7 @@ class Forwarder:
                 tunnel.close(CloseCode.GOING_AWAY, "forwarder shutting down")
             pending = [tunnel.closed for tunnel in self._tunnels]
             if pending:
-                await asyncio.wait(pending, timeout=Tunnel.CLOSE_TIMEOUT + 1)
+                await asyncio.wait(pending, timeout=PicowsTunnel.CLOSE_TIMEOUT + 1)
             for tunnel in list(self._tunnels):
                 tunnel.abort()
             pending = [tunnel.closed for tunnel in self._tunnels]
@@ -136,14 +137,14 @@ class Forwarder:
     # ------------------------------------------------------------------
 
     def _accept(self) -> StreamSide:
-        tunnel = self._dial_settings.new_tunnel(asyncio.get_running_loop(), "client")
+        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
         if self._state != "running":
             return _RefusingStreamSide(tunnel, self.config.buffer_bytes)
         self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
         return StreamSide(tunnel, self.config.buffer_bytes)
 
-    async def _dial(self, tunnel: Tunnel) -> None:
+    async def _dial(self, tunnel: PicowsTunnel) -> None:
         url = self.config.parsed_target.url
         try:
             await open_websocket(tunnel, self._dial_settings)

@@ -308,6 +308,18 @@ class TunnelMachine:
                           f"more than {limit} bytes arrived before the connection was set up")
         self.bytes_from_websocket += len(payload)
 
+    @property
+    def relaying_websocket(self) -> bool:
+        """WebSocket payloads go to the stream side as they come (:meth:`data` writes them
+        at once): an adapter may then write them itself, saying so with
+        :meth:`data_written`."""
+        return self.stream_attached and not self.stream_closing
+
+    def data_written(self, size: int) -> None:
+        """The adapter wrote ``size`` payload bytes to the stream side itself (while
+        :attr:`relaying_websocket`), without a copy for :meth:`TunnelIO.write_stream`."""
+        self.bytes_from_websocket += size
+
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it
         breaks the wire rules: the tunnel is then failing (1003 for text)."""
