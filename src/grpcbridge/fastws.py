@@ -317,7 +317,9 @@ class PicowsTunnel(SocketTunnel):
 
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
         sock = transport.get_extra_info("socket")
-        self.stream_fd = -1 if sock is None else sock.fileno()
+        # Only a plain socket: bytes written past a TLS transport would skip its encryption.
+        plain = sock is not None and transport.get_extra_info("ssl_object") is None
+        self.stream_fd = sock.fileno() if plain else -1
         super().attach_stream(transport, buffer_bytes)
 
     def payload(self, frame: WSFrame) -> None:
