@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -50,7 +51,7 @@ from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-from support import eventually
+from support import eventually, timing
 
 LIST = todo_pb2.ListTodosRequest()
 SLOW_STREAM = todo_pb2.StreamTodosRequest(repeat=10_000, interval_ms=20)
@@ -200,6 +201,8 @@ class _MemoryTransport(asyncio.Transport):
         self.peer: _MemoryTransport | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._connection.lose_writes and self is self._connection._ends[0]:
+            return  # the client's bytes never reach the server
         if not self._connection.close_started and self.peer is not None:
             asyncio.get_running_loop().call_soon(self.peer.protocol.data_received, bytes(data))
 
@@ -225,6 +228,8 @@ class FakeConnection:
         self.reason = ""
         self._ends: list[_MemoryTransport] = []
         self.closes = 0
+        #: Drop what the client writes from now on (the server never sees it).
+        self.lose_writes = False
 
     async def wait_open(self, within: float) -> None:
         self._runtime.within.append(within)
@@ -347,7 +352,7 @@ async def test_lost_connection_is_unavailable_and_the_next_rpc_redials(
 
 
 async def test_goaway_moves_new_rpcs_to_a_new_connection_and_retires_the_old(
-        runtime: FakeRuntime) -> None:
+        runtime: FakeRuntime, caplog: pytest.LogCaptureFixture) -> None:
     # What both channels (grpcbridge.Channel, grpcbridge.browser.Channel) do when a bridge
     # retires a tunnel (max_tunnel_age): h2 never sees the GOAWAY, so the stream in flight
     # goes on; new RPCs dial; the old connection closes after its last stream.
@@ -356,8 +361,13 @@ async def test_goaway_moves_new_rpcs_to_a_new_connection_and_retires_the_old(
         async with streaming(stub) as stream:
             old = runtime.connections[0]
             client = old._ends[0].protocol  # between two writes: at a frame boundary
-            client.data_received(GOAWAY)
+            with caplog.at_level(logging.DEBUG, logger="grpcbridge.channel_core"):
+                client.data_received(GOAWAY)
+                client.data_received(GOAWAY)  # a second one: logged once all the same
             assert not channel.connection_usable()
+            assert [record.getMessage() for record in caplog.records] == [
+                "FakeChannel('ws://fake.example:81/grpc'): the server retires tunnel #1 "
+                "(GOAWAY, last_stream_id 2147483647); new RPCs open a new tunnel"]
             await stub.ListTodos(LIST)
             assert len(runtime.connections) == 2 and channel.connections_opened == 2
             for _ in range(3):
@@ -368,6 +378,79 @@ async def test_goaway_moves_new_rpcs_to_a_new_connection_and_retires_the_old(
         assert runtime.connections[1].closes == 0
         await stub.ListTodos(LIST)
         assert len(runtime.connections) == 2
+
+
+def _goaway(last_stream_id: int) -> bytes:
+    frame = hyperframe.frame.GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    return bytes(frame.serialize())
+
+
+async def test_streams_a_goaway_leaves_out_fail_at_once_as_safe_to_retry(
+        runtime: FakeRuntime) -> None:
+    # A backend's own GOAWAY(N) (e.g. its max connection age, second phase): the server
+    # never processed the streams above N. They fail at once, retryable; those up to N go on.
+    async with FakeChannel(runtime) as channel:
+        stub = TodoServiceStub(channel)
+        async with streaming(stub) as stream:  # stream 1
+            old = runtime.connections[0]
+            client = old._ends[0].protocol
+            old.lose_writes = True  # stream 3's request never reaches the server
+            unprocessed = asyncio.ensure_future(stub.ListTodos(LIST))
+            await eventually(lambda: 3 in compat.open_streams(client))
+            old.lose_writes = False
+            client.data_received(_goaway(1))
+            status, message = await _status(asyncio.wait_for(unprocessed, timing(10)))
+            assert status is Status.UNAVAILABLE
+            assert message == compat.UNPROCESSED_REASON == (
+                "not processed by the server (GOAWAY), safe to retry")
+            assert not channel.connection_usable()
+            await stub.ListTodos(LIST)  # the retry: on a new connection
+            assert len(runtime.connections) == 2
+            for _ in range(3):
+                assert await stream.recv_message() is not None  # stream 1 goes on
+            await stream.cancel()
+        await eventually(lambda: old.closes == 1)
+
+
+@pytest.mark.parametrize("last_stream_id", [compat.LAST_STREAM_ID, 1])
+async def test_a_stream_waiting_to_write_is_not_lost_when_its_connection_retires(
+        runtime: FakeRuntime, last_stream_id: int) -> None:
+    # An RPC that chose the connection while writing was paused registers its stream only
+    # once writing resumes: the retiring connection must not be closed under it. With a
+    # GOAWAY(1), its stream (3) was opened after the GOAWAY: it fails as never processed.
+    async with FakeChannel(runtime) as channel:
+        stub = TodoServiceStub(channel)
+        await stub.ListTodos(LIST)  # stream 1, done: the connection has no stream left
+        old = runtime.connections[0]
+        client = old._ends[0].protocol
+        write_ready = client.connection.write_ready
+        client.pause_writing()
+        waiting = asyncio.ensure_future(stub.ListTodos(LIST))
+        await eventually(lambda: len(write_ready._waiters) == 1)
+        client.data_received(_goaway(last_stream_id))
+        # The retiring connection waits for writing to resume too, not closed meanwhile.
+        await eventually(lambda: len(write_ready._waiters) == 2)
+        assert old.closes == 0 and not compat.open_streams(client)
+        client.resume_writing()
+        if last_stream_id == 1:
+            status, message = await _status(asyncio.wait_for(waiting, timing(10)))
+            assert (status, message) == (Status.UNAVAILABLE, compat.UNPROCESSED_REASON)
+        else:
+            reply = await asyncio.wait_for(waiting, timing(10))
+            assert [todo.text for todo in reply.todos] == ["first"]
+        await eventually(lambda: old.closes == 1)
+        assert len(runtime.connections) == 1
+
+
+async def test_a_goaway_after_close_starts_no_retirement(runtime: FakeRuntime) -> None:
+    channel = FakeChannel(runtime)
+    await TodoServiceStub(channel).ListTodos(LIST)
+    client = runtime.connections[0]._ends[0].protocol
+    channel.close()
+    client.data_received(GOAWAY)
+    assert not channel._retiring
+    await channel.wait_closed()
 
 
 async def test_failed_attempt_backs_off_then_redials(runtime: FakeRuntime) -> None:

@@ -11,8 +11,10 @@ checked against one module (and ``tests/test_channel_core.py``), not the whole c
 * :func:`advertise_max_frame_size` and :class:`FrameSizeProtocol` - h2's connection behind
   grpclib's (``Connection._connection``) and its inbound frame limit; the protocol also
   keeps graceful GOAWAYs from h2, which would fail the streams still open (see
-  :class:`~grpcbridge.core.age.GoawayFilter`), and :func:`streams_released` waits for a
-  retiring connection's streams (``Connection.stream_close_waiter``);
+  :class:`~grpcbridge.core.age.GoawayFilter`), ends the streams a GOAWAY says the server
+  never processed (``processor.streams``, ``Stream.__terminated__``), and
+  :func:`streams_released` waits for a retiring connection's streams
+  (``Connection.stream_close_waiter``, ``Connection.write_ready``);
 * :func:`retype_stream`, :func:`stream_connection`, :func:`release_finished_streams`,
   :func:`open_streams` - giving the streams ``Channel.request`` makes grpcbridge's class,
   which connection a client stream runs on, and ending some streams of a connection but not
@@ -48,7 +50,7 @@ from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
 from h2.settings import SettingCodes
 
-from .core.age import GoawayFilter
+from .core.age import LAST_STREAM_ID, GoawayFilter
 from .core.errors import GrpcBridgeError
 from .framesize import H2_MIN_FRAME_SIZE
 
@@ -58,6 +60,8 @@ SUPPORTED: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
     "grpclib": ((0, 4), (0, 5)),
     "h2": ((4, 0), (5, 0)),
 }
+#: Why a stream a GOAWAY's last-stream-id left out ends: the server never processed it.
+UNPROCESSED_REASON = "not processed by the server (GOAWAY), safe to retry"
 #: What to tell pip, per package.
 _REQUIREMENT = {"grpclib": "grpclib>=0.4,<0.5", "h2": "h2>=4,<5"}
 
@@ -136,7 +140,10 @@ class FrameSizeProtocol(H2Protocol):
     max-connection-age) is kept from h2 - h2 4.x would end the connection and grpclib fail
     every stream on it - and reported to ``on_goaway`` (once): the channel then opens a new
     connection for new RPCs and closes this one when its streams are done
-    (:attr:`goaway_received` tells one that arrived before the channel was listening)."""
+    (:attr:`goaway_received` tells one that arrived before the channel was listening).
+    Streams with an id above the lowest last-stream-id received were never processed by
+    the server: they end at once with :data:`UNPROCESSED_REASON` (an ``UNAVAILABLE``
+    the application may retry), also those that start on the connection afterwards."""
 
     def __init__(self, handler: AbstractHandler, config: Any, h2_config: H2Configuration,
                  max_frame_size: int,
@@ -144,24 +151,51 @@ class FrameSizeProtocol(H2Protocol):
         super().__init__(handler, config, h2_config)
         self._max_frame_size = max_frame_size
         self._on_goaway = on_goaway
-        self._goaways = GoawayFilter(self._goaway)
+        self._goaways = GoawayFilter(self._goaway, max_frame_size)
         self.goaway_received = False
+        #: The lowest last-stream-id of the GOAWAYs received (streams above it are ended).
+        self.goaway_last_stream_id = LAST_STREAM_ID
+        self._ended_unprocessed: set[int] = set()
+        #: Which of its channel's connections this is (1, 2, ...; set by the channel).
+        self.tunnel_number = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         advertise_max_frame_size(self, self._max_frame_size)
+        register = self.processor.register
+
+        def register_checked(stream: Any) -> Callable[[], None]:
+            release = register(stream)
+            if stream.id > self.goaway_last_stream_id:  # opened after the server's GOAWAY
+                asyncio.get_running_loop().call_soon(self.end_unprocessed_streams)
+            return release
+
+        self.processor.register = register_checked  # type: ignore[method-assign]
 
     def data_received(self, data: bytes) -> None:
         data = self._goaways.feed(data)
         if data:
             super().data_received(data)
 
-    def _goaway(self, _last_stream_id: int) -> None:
+    def _goaway(self, last_stream_id: int) -> None:
+        self.goaway_last_stream_id = min(self.goaway_last_stream_id, last_stream_id)
+        self.end_unprocessed_streams()
         if self.goaway_received:
             return
         self.goaway_received = True
         if self._on_goaway is not None:
             self._on_goaway(self)
+
+    def end_unprocessed_streams(self) -> None:
+        """End the streams above :attr:`goaway_last_stream_id` (once each)."""
+        last = self.goaway_last_stream_id
+        if last == LAST_STREAM_ID:
+            return
+        ended = self._ended_unprocessed
+        for stream_id, stream in list(self.processor.streams.items()):
+            if stream_id > last and stream_id not in ended:
+                ended.add(stream_id)
+                stream.__terminated__(UNPROCESSED_REASON)
 
 
 # ----------------------------------------------------------------------- channels
@@ -260,12 +294,23 @@ def release_finished_streams(protocol: Any, reason: str) -> list[int]:
 
 async def streams_released(protocol: Any) -> None:
     """Return once client ``protocol`` has no stream left (grpclib sets its connection's
-    ``stream_close_waiter`` whenever one is released)."""
+    ``stream_close_waiter`` whenever one is released).
+
+    A stream that already chose this connection but waits for its transport to take writes
+    (``write_ready``, cleared by ``pause_writing``) is not registered yet: while writing is
+    paused, wait for it to resume and let such streams register before concluding."""
     streams = protocol.processor.streams
-    waiter = protocol.connection.stream_close_waiter
-    while streams:
-        waiter.clear()
-        await waiter.wait()
+    connection = protocol.connection
+    waiter = connection.stream_close_waiter
+    while True:
+        if streams:
+            waiter.clear()
+            await waiter.wait()
+        elif not connection.write_ready.is_set():
+            await connection.write_ready.wait()
+            await asyncio.sleep(0)  # the streams woken first register now
+        else:
+            return
 
 
 def open_streams(protocol: Any) -> Container[int]:

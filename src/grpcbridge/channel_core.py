@@ -16,7 +16,9 @@ decided here, once:
   (:class:`~grpcbridge.core.reconnect.Backoff`). A connection that is closing (the peer's
   close frame arrived) takes no new RPCs: the next one dials. So does one the server sent
   a graceful GOAWAY (a bridge's ``max_tunnel_age``): its RPCs in flight finish on it, and
-  it is closed (1000) once the last one is done.
+  it is closed (1000) once the last one is done; those the GOAWAY's last-stream-id says the
+  server never processed fail at once with ``UNAVAILABLE`` ("not processed by the server
+  (GOAWAY), safe to retry"). A retiring connection is logged once, at debug level.
 * **Errors**: an RPC whose connection could not be opened or was lost fails with
   :data:`LOST_STATUS` (``UNAVAILABLE``: retrying may help), its message naming the close
   code and reason of the connection that RPC ran on. RPCs in flight when the application
@@ -42,6 +44,7 @@ This module imports only grpclib (its internals through :mod:`grpcbridge._grpcli
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +72,8 @@ from .core.errors import ConfigError, HandshakeError, TunnelClosed
 from .core.reconnect import Backoff
 from .core.target import Target
 from .framesize import max_frame_size_for
+
+log = logging.getLogger(__name__)
 
 #: Status of RPCs in flight when the application closes the channel (see above).
 CLOSED_STATUS = Status.CANCELLED
@@ -261,9 +266,14 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
                 and connection not in self._retiring)
 
     def connection_retiring(self, protocol: FrameSizeProtocol) -> None:
+        if self._bridge_closed:
+            return  # close() closes every connection; nobody would await a _retire task
         connection = self._by_protocol.get(protocol_connection(protocol))
         if connection is None or connection in self._retiring:
             return  # not registered yet: open_protocol calls again
+        log.debug("%r: the server retires tunnel #%d (GOAWAY, last_stream_id %d); new RPCs "
+                  "open a new tunnel", self, protocol.tunnel_number,
+                  protocol.goaway_last_stream_id)
         self._retiring[connection] = asyncio.get_running_loop().create_task(
             self._retire(protocol, connection))
 
@@ -302,8 +312,10 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         self._backoff.succeeded()
         self._connections_opened += 1
         self._by_protocol[protocol_connection(protocol)] = connection
-        if isinstance(protocol, FrameSizeProtocol) and protocol.goaway_received:
-            self.connection_retiring(protocol)  # the GOAWAY came with the first bytes
+        if isinstance(protocol, FrameSizeProtocol):
+            protocol.tunnel_number = self._connections_opened
+            if protocol.goaway_received:
+                self.connection_retiring(protocol)  # the GOAWAY came with the first bytes
         return protocol
 
     def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]

@@ -132,10 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "client gets a graceful HTTP/2 GOAWAY and opens a new tunnel "
                             "for new RPCs while those in flight finish, so long-lived "
                             "clients spread over restarted or added bridges (gRPC's "
-                            "MAX_CONNECTION_AGE); default: never")
+                            "MAX_CONNECTION_AGE); 0 or unset: never (the default)")
     serve.add_argument("--max-tunnel-age-grace", type=float, default=30.0, metavar="SECONDS",
                        help="after the GOAWAY, seconds a retired tunnel's RPCs get to "
-                            "finish before it is closed with 1001 (default: 30)")
+                            "finish before it is closed with 1001; the close comes at "
+                            "the latest at the age plus twice this (default: 30)")
     serve.add_argument("--drain-timeout", type=float, default=10.0,
                        help="on SIGTERM/SIGINT, seconds tunnels get to finish (default: 10)")
     serve.add_argument("--certfile", help="PEM certificate chain: serve wss://")

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import itertools
 
+import h2.config
+import h2.connection
+import h2.exceptions
+import pytest
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -20,11 +24,12 @@ from hyperframe.frame import (
 )
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_tunnel_machine import opened
+from test_tunnel_machine import FakeIO, opened
 
 from grpcbridge.core.age import (
     GOAWAY,
     LAST_STREAM_ID,
+    MAX_AGE_NO_GOAWAY_REASON,
     MAX_AGE_REASON,
     FrameCursor,
     GoawayFilter,
@@ -32,6 +37,7 @@ from grpcbridge.core.age import (
     jittered,
 )
 from grpcbridge.core.stream import CloseCode
+from grpcbridge.core.tunnel import TunnelMachine
 
 # ------------------------------------------------------------------ frame streams
 
@@ -95,20 +101,48 @@ _SETTINGS = bytes(SettingsFrame(0, settings={4: 65535}).serialize())
 _ACK = bytes(SettingsFrame(0, flags=["ACK"]).serialize())
 
 
+def _clock(now: float = 0.0) -> list[float]:
+    """A fake clock: ``clock[0]`` is the time, ``clock.__getitem__`` reads it."""
+    return [now]
+
+
+def _backend_goaway(last: int) -> bytes:
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last
+    return bytes(frame.serialize())
+
+
 @settings(max_examples=300, deadline=None)
-@given(frame_stream(), st.lists(st.integers(0, 2000), max_size=12), st.integers(0, 12))
+@given(frame_stream(), st.lists(st.integers(0, 2000), max_size=12), st.integers(0, 12),
+       st.none() | st.tuples(st.integers(1, 40), st.integers(0, LAST_STREAM_ID)))
 # A chunk that ends exactly where the first frame's payload ends: that frame is complete.
-@example(frames=[(_SETTINGS, True), (_ACK, True)], cuts=[1, 9, 15], due_before=3)
+@example(frames=[(_SETTINGS, True), (_ACK, True)], cuts=[1, 9, 15], due_before=3,
+         backend=None)
+# The backend's GOAWAY completely passed before the age: none is inserted.
+@example(frames=[(_SETTINGS, True), (_ACK, True)], cuts=[9, 26], due_before=2,
+         backend=(1, 5))
+# Only part of the backend's GOAWAY header passed when the age came: still none.
+@example(frames=[(_SETTINGS, True), (_ACK, True)], cuts=[9, 12], due_before=2,
+         backend=(1, 5))
 def test_goaway_lands_at_the_first_allowed_boundary_whatever_the_chunking(
-        frames: list[tuple[bytes, bool]], cuts: list[int], due_before: int) -> None:
+        frames: list[tuple[bytes, bool]], cuts: list[int], due_before: int,
+        backend: tuple[int, int] | None) -> None:
+    goaway_starts: list[int] = []  # where backend GOAWAYs begin in the stream
+    if backend is not None:  # a GOAWAY of the backend's after a frame a frame may follow
+        after = [index for index, (_, may_follow) in enumerate(frames) if may_follow]
+        index = after[backend[0] % len(after)] + 1
+        goaway_starts.append(sum(len(data) for data, _ in frames[:index]))
+        frames = [*frames[:index], (_backend_goaway(backend[1]), True), *frames[index:]]
     stream = b"".join(data for data, _ in frames)
     chunks = _chunks(stream, cuts)
-    age = TunnelAge(0.0, 5.0, 1.0)
+    clock = _clock()
+    age = TunnelAge(lambda: clock[0], 5.0, 1.0)
     out: list[bytes] = []
     fed = 0
     due_at = None
     for index, chunk in enumerate(chunks):
         if index == due_before:
+            clock[0] = 5.0
             assert not age.due(5.0) and age.retiring  # the age is reached: not yet closing
             due_at = fed
             out.append(age.outbound(b""))  # what the machine sends at once, if anything
@@ -119,11 +153,16 @@ def test_goaway_lands_at_the_first_allowed_boundary_whatever_the_chunking(
         assert sent == stream and not age.goaway_sent
         return
     later = [offset for offset in _allowed_offsets(frames) if offset >= due_at]
+    if any(start < (later[0] if later else len(stream) + 1) for start in goaway_starts):
+        # The backend's GOAWAY went out before the first boundary the bridge's could take:
+        # a second one would raise the last-stream-id (RFC 9113 section 6.8). None.
+        assert sent == stream and age.goaway_sent and age.backend_goaway
+        return
     if not later:  # the age came after the last boundary: nothing to insert it at yet
         assert sent == stream and not age.goaway_sent
         return
     cut = later[0]
-    assert age.goaway_sent
+    assert age.goaway_sent and not age.backend_goaway
     assert sent == stream[:cut] + GOAWAY + stream[cut:]
 
 
@@ -139,15 +178,48 @@ def test_cursor_follows_boundaries_and_header_blocks() -> None:
     assert not cursor.at_boundary  # inside the header block
     assert cursor.advance(continuation[:10]) == -1
     assert cursor.advance(continuation[10:], find=True) == len(continuation) - 10
-    assert cursor.at_boundary
+    assert cursor.at_boundary and not cursor.goaway_seen
+    goaway = _backend_goaway(7)
+    assert cursor.advance(goaway[:9], find=True) == 0  # before it only
+    assert cursor.goaway_seen
+    assert cursor.advance(goaway[9:] + settings_frame, find=True) == -1  # never after it
+    assert cursor.advance(settings_frame, find=True) == -1
 
 
 def test_due_then_grace_then_close_times() -> None:
-    age = TunnelAge(10.0, 5.0, 2.0)
+    clock = _clock(10.0)
+    age = TunnelAge(lambda: clock[0], 5.0, 2.0)
+    age.outbound(_SETTINGS)
     assert age.next_at == 15.0 and not age.due(14.9) and not age.retiring
-    assert not age.due(15.0) and age.retiring and age.next_at == 17.0
+    clock[0] = 15.0
+    assert not age.due(15.0) and age.retiring and age.next_at == 19.0  # at most 2 x grace
+    assert age.outbound(b"") == GOAWAY and age.next_at == 17.0  # the grace starts now
     assert not age.due(16.9)
-    assert age.due(17.0) and age.next_at is None
+    assert age.due(17.0) and age.next_at is None and age.close_reason == MAX_AGE_REASON
+
+
+def test_grace_starts_when_the_goaway_goes_out() -> None:
+    clock = _clock()
+    age = TunnelAge(lambda: clock[0], 5.0, 2.0)
+    data = bytes(DataFrame(1, data=b"x" * 100).serialize())
+    age.outbound(_SETTINGS + data[:50])
+    clock[0] = 5.0
+    assert not age.due(5.0) and age.outbound(b"") == b""  # mid-frame: it waits
+    clock[0] = 6.5
+    assert age.outbound(data[50:]) == data[50:] + GOAWAY
+    assert age.close_at == age.next_at == 8.5  # 2 s after the GOAWAY, not after the age
+    assert not age.due(8.4) and age.due(8.5) and age.close_reason == MAX_AGE_REASON
+
+
+def test_a_goaway_later_than_the_grace_keeps_the_latest_close() -> None:
+    clock = _clock()
+    age = TunnelAge(lambda: clock[0], 5.0, 2.0)
+    data = bytes(DataFrame(1, data=b"x" * 100).serialize())
+    age.outbound(_SETTINGS + data[:50])
+    assert not age.due(5.0)
+    clock[0] = 8.0
+    assert age.outbound(data[50:]) == data[50:] + GOAWAY
+    assert age.close_at == 9.0  # age + 2 x grace, not 8 + 2
 
 
 def test_jitter_is_ten_percent_each_way() -> None:
@@ -157,6 +229,83 @@ def test_jitter_is_ten_percent_each_way() -> None:
 
 
 # ------------------------------------------------------------------ in the machine
+
+
+def test_backend_goaway_before_the_age_means_none_inserted_and_the_close_after_grace() -> None:
+    # The review's case: the backend retired the connection itself (GOAWAY(5)); a GOAWAY
+    # (2^31-1) after it would raise the last-stream-id, which RFC 9113 forbids and grpc-go
+    # clients answer by dropping the connection, failing the RPCs in flight.
+    tunnel, io = opened()
+    retired: list[float] = []
+    tunnel.retire_after(5.0, 2.0, lambda: retired.append(io.now))
+    backend_goaway = _backend_goaway(5)
+    tunnel.stream_data(_SETTINGS + backend_goaway)
+    io.now = 5.0
+    tunnel.tick()
+    data = bytes(DataFrame(3, data=b"x").serialize())
+    tunnel.stream_data(data)
+    assert io.messages == [_SETTINGS + backend_goaway, data]  # nothing inserted
+    assert retired == [5.0] and tunnel.age is not None and tunnel.age.backend_goaway
+    assert io.timer == 7.0 and tunnel.close_code is None
+    io.now = 7.0
+    tunnel.tick()
+    assert ("send_close", 1001, MAX_AGE_REASON) in io.calls
+
+
+_BIG = bytes(DataFrame(1, data=b"x" * 100).serialize())
+
+
+def _retiring_mid_frame(max_age: float, grace: float) -> tuple[TunnelMachine, FakeIO]:
+    """A tunnel whose age passed while half of :data:`_BIG` was sent: no GOAWAY yet."""
+    tunnel, io = opened()
+    tunnel.retire_after(max_age, grace)
+    tunnel.stream_data(_SETTINGS + _BIG[:50])
+    io.now = max_age
+    tunnel.tick()
+    assert len(io.messages) == 1
+    return tunnel, io
+
+
+def test_backend_goaway_while_waiting_for_a_boundary_means_none_inserted() -> None:
+    tunnel, io = _retiring_mid_frame(1.0, 10.0)
+    backend_goaway = _backend_goaway(1)
+    # A header block cannot be interrupted: the backend's GOAWAY comes first here.
+    (headers, _), (continuation, _) = _block(1, [5, 5], push=False)
+    tunnel.stream_data(_BIG[50:] + headers)
+    assert io.messages[-1] == _BIG[50:] + GOAWAY + headers  # ours, at the first boundary
+    tunnel2, io2 = opened()
+    tunnel2.retire_after(1.0, 10.0)
+    tunnel2.stream_data(_SETTINGS + headers)  # inside a header block at the age
+    io2.now = 1.0
+    tunnel2.tick()
+    tunnel2.stream_data(backend_goaway[:4])
+    tunnel2.stream_data(backend_goaway[4:] + continuation)  # (a protocol error, passed on)
+    assert b"".join(io2.messages) == _SETTINGS + headers + backend_goaway + continuation
+    assert tunnel2.age is not None and tunnel2.age.backend_goaway
+    assert io2.timer == 11.0
+
+
+def test_machine_closes_a_stream_stuck_mid_frame_at_age_plus_twice_the_grace() -> None:
+    tunnel, io = _retiring_mid_frame(5.0, 2.0)
+    assert io.timer == 9.0
+    io.now = 7.0  # the grace after the age: no GOAWAY yet, so no close yet
+    tunnel.tick()
+    assert tunnel.close_code is None
+    io.now = 9.0
+    tunnel.tick()
+    assert ("send_close", 1001, MAX_AGE_NO_GOAWAY_REASON) in io.calls
+    assert len(MAX_AGE_NO_GOAWAY_REASON.encode()) <= 123  # fits a close frame
+
+
+def test_machine_rearms_its_timer_when_the_goaway_goes_out_late() -> None:
+    tunnel, io = _retiring_mid_frame(5.0, 2.0)
+    assert io.timer == 9.0
+    io.now = 6.0
+    tunnel.stream_data(_BIG[50:])
+    assert io.messages[-1] == _BIG[50:] + GOAWAY and io.timer == 8.0
+    io.now = 8.0
+    tunnel.tick()
+    assert ("send_close", 1001, MAX_AGE_REASON) in io.calls
 
 
 def test_machine_sends_goaway_when_the_age_passes_then_closes_1001_after_grace() -> None:
@@ -247,3 +396,32 @@ def test_filter_passes_the_bridges_goaway_to_nobody_and_reports_it() -> None:
     assert goaway_filter.feed(data + GOAWAY + data) == data + data
     assert seen == [LAST_STREAM_ID]
     assert goaway_filter.feed(b"") == b""
+
+
+def _h2_client() -> h2.connection.H2Connection:
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.receive_data(_SETTINGS)
+    return client
+
+
+@pytest.mark.parametrize("case", ["stream", "size"])
+def test_filter_passes_goaways_h2_must_refuse_and_h2_refuses_them(case: str) -> None:
+    seen: list[int] = []
+    goaway_filter = GoawayFilter(seen.append, max_frame_size=16384)
+    if case == "stream":  # RFC 9113 section 6.8: on a stream other than 0, PROTOCOL_ERROR
+        frame = GoAwayFrame(0)
+        frame.stream_id = 1  # hyperframe would refuse to build it on a stream
+        frame.last_stream_id = LAST_STREAM_ID
+        body = frame.serialize_body()
+        bad = (len(body).to_bytes(3, "big") + bytes([0x7, 0]) + (1).to_bytes(4, "big")
+               + body)
+        error: type[Exception] = h2.exceptions.ProtocolError
+    else:  # larger than the client accepts: FRAME_SIZE_ERROR
+        bad = _goaway(LAST_STREAM_ID, 0, b"d" * 16384)
+        error = h2.exceptions.FrameTooLargeError
+    passed = b"".join(goaway_filter.feed(bad[i:i + 7]) for i in range(0, len(bad), 7))
+    assert passed == bad and seen == []
+    with pytest.raises(error):
+        _h2_client().receive_data(passed)
+    assert goaway_filter.feed(GOAWAY) == b"" and seen == [LAST_STREAM_ID]  # still in step

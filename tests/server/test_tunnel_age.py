@@ -24,7 +24,15 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from test_asgi_config import serving
 
-from grpcbridge import Bridge, BridgeApp, BridgeConfig, Channel, GrpclibBackend
+from grpcbridge import (
+    Bridge,
+    BridgeApp,
+    BridgeConfig,
+    Channel,
+    ForwarderConfig,
+    GrpclibBackend,
+    ReconnectPolicy,
+)
 from grpcbridge.core.age import MAX_AGE_REASON
 from grpcbridge.core.errors import ConfigError
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
@@ -187,6 +195,32 @@ def test_config_refuses_negative_ages() -> None:
         with pytest.raises(ConfigError, match="max_tunnel_age"):
             BridgeConfig(backend="127.0.0.1:50051", **options)
     assert BridgeConfig(backend="127.0.0.1:50051", max_tunnel_age=0).max_tunnel_age == 0
+
+
+_FLOAT_OPTIONS = [
+    *((BridgeConfig, {"backend": "127.0.0.1:50051"}, name) for name in (
+        "max_tunnel_age", "max_tunnel_age_grace", "backend_connect_timeout",
+        "handshake_timeout", "ping_interval", "idle_timeout", "drain_timeout")),
+    *((ReconnectPolicy, {}, name) for name in (
+        "initial_delay", "max_delay", "min_connect_timeout", "multiplier")),
+    *((ForwarderConfig, {"target": "ws://127.0.0.1:8080/grpc", "proxy": None}, name)
+      for name in ("handshake_timeout", "ping_interval", "idle_timeout")),
+]
+
+
+@pytest.mark.parametrize(("cls", "required", "name"), _FLOAT_OPTIONS,
+                         ids=[f"{cls.__name__}.{name}" for cls, _, name in _FLOAT_OPTIONS])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_config_refuses_non_finite_seconds(cls: Any, required: dict[str, Any], name: str,
+                                           value: float) -> None:
+    # NaN passes every comparison-based check (nan < 0 is False): a bridge with
+    # max_tunnel_age=nan would tick without end and never retire a tunnel.
+    with pytest.raises(ConfigError) as error:
+        cls(**required, **{name: value})
+    message = str(error.value)
+    assert message.startswith(name) and str(value) in message, message
+    assert "finite" in message, message
+    cls(**required)  # the other options are fine: only the non-finite value is refused
 
 
 # ------------------------------------------------------- grpcio through forward + serve

@@ -12,11 +12,17 @@ is closed. The bridge does the same for every tunnel, whatever the backend:
   frames: never before the server's first frame, never inside a frame and never inside a
   HEADERS/PUSH_PROMISE ... CONTINUATION sequence (RFC 9113 section 6.10). The backend never
   learns of it, which is fine: a GOAWAY a server sends changes only the client's state.
-  After the grace the tunnel closes with 1001. Only tunnels of a bridge with a maximum age
-  pay for the tracking.
-* :class:`GoawayFilter` (client side) takes graceful GOAWAY frames (NO_ERROR) out of the
-  server's byte stream before h2 sees them and reports them: h2 4.x treats any GOAWAY as the
-  end of the connection and fails the streams still open on it, where gRPC lets them finish.
+  If the backend sent a GOAWAY of its own, none is inserted: a second one with a higher
+  last-stream-id is forbidden (RFC 9113 section 6.8) and grpc-go clients drop the whole
+  connection on it. The grace starts when the client has a GOAWAY, and the tunnel closes
+  with 1001 after it - at the latest ``age + 2 x grace``, so a stream stuck inside a frame
+  still ends (its close reason then says no GOAWAY was sent). Only tunnels of a bridge with
+  a maximum age pay for the tracking.
+* :class:`GoawayFilter` (client side) takes graceful GOAWAY frames (NO_ERROR, on stream 0,
+  no larger than the client's maximum frame size) out of the server's byte stream before
+  h2 sees them and reports them: h2 4.x treats any GOAWAY as the end of the connection and
+  fails the streams still open on it, where gRPC lets them finish. Any other GOAWAY goes on
+  to h2, which answers it as RFC 9113 says (a protocol error, or the end of the connection).
 
 The frames are built by hyperframe (a dependency of h2), never by hand.
 """
@@ -33,6 +39,9 @@ LAST_STREAM_ID = 2**31 - 1
 AGE_JITTER = 0.1
 #: WebSocket close reason once the grace after the GOAWAY has passed (code 1001).
 MAX_AGE_REASON = "tunnel reached its maximum age"
+#: The close reason when no GOAWAY could be sent by ``age + 2 x grace`` (the backend's bytes
+#: stayed inside one frame or header block all along).
+MAX_AGE_NO_GOAWAY_REASON = "tunnel reached its maximum age (no GOAWAY sent: stuck mid-frame)"
 
 
 def _goaway() -> bytes:
@@ -51,8 +60,8 @@ _PUSH_PROMISE = 0x5
 _GOAWAY = 0x7
 _CONTINUATION = 0x9
 _END_HEADERS = 0x4
-#: A GOAWAY whose payload is larger than this is passed on, not held (h2 judges it).
-_MAX_HELD_GOAWAY = 64 * 1024
+#: HTTP/2's initial SETTINGS_MAX_FRAME_SIZE (RFC 9113 section 6.5.2).
+_DEFAULT_MAX_FRAME_SIZE = 16384
 
 
 def jittered(seconds: float, random_unit: float) -> float:
@@ -63,9 +72,10 @@ def jittered(seconds: float, random_unit: float) -> float:
 class FrameCursor:
     """Where an HTTP/2 frame stream is, fed in chunks of any size: inside a frame's header
     or payload, inside a header block (HEADERS or PUSH_PROMISE without END_HEADERS, up to the
-    CONTINUATION that ends it), or between frames."""
+    CONTINUATION that ends it), or between frames. It also notes whether a GOAWAY frame
+    passed (:attr:`goaway_seen`)."""
 
-    __slots__ = ("_head", "_in_block", "_need", "frames")
+    __slots__ = ("_head", "_in_block", "_need", "frames", "goaway_seen")
 
     def __init__(self) -> None:
         #: Payload bytes of the current frame still to come.
@@ -75,6 +85,8 @@ class FrameCursor:
         self._in_block = False
         #: Complete frames seen.
         self.frames = 0
+        #: A GOAWAY frame's header passed.
+        self.goaway_seen = False
 
     @property
     def at_boundary(self) -> bool:
@@ -85,12 +97,14 @@ class FrameCursor:
 
     def advance(self, data: bytes, find: bool = False) -> int:
         """Move past ``data``. With ``find``, return the first offset in ``data`` (0 to
-        ``len(data)``) that is a boundary :attr:`at_boundary` would accept, else -1."""
+        ``len(data)``) that is a boundary :attr:`at_boundary` would accept and that comes
+        before any GOAWAY frame, else -1."""
         size = len(data)
         need = self._need
         if need > size and not find:  # inside one payload: the common case, no parsing
             self._need = need - size
             return -1
+        find = find and not self.goaway_seen
         found = 0 if find and self.at_boundary else -1
         pos = 0
         while True:
@@ -123,6 +137,9 @@ class FrameCursor:
             kind = head[3]
             if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
                 self._in_block = not head[4] & _END_HEADERS
+            elif kind == _GOAWAY:
+                self.goaway_seen = True
+                find = False  # no boundary after a GOAWAY is wanted any more
             if not need:  # a frame without payload ends with its header
                 self.frames += 1
                 if found < 0 and find and not self._in_block:
@@ -131,23 +148,30 @@ class FrameCursor:
 
 class TunnelAge:
     """The maximum age of one server-side tunnel: the GOAWAY after ``max_age`` seconds
-    (already jittered), the close after ``grace`` more. The tunnel machine calls
+    (already jittered) by the ``clock``, the close ``grace`` seconds after the GOAWAY went
+    out - or ``max_age + 2 x grace`` at the latest. The tunnel machine calls
     :meth:`outbound` with every chunk it sends to the client and :meth:`due` when
-    :attr:`next_at` has passed; ``on_goaway`` runs once, when the GOAWAY goes out."""
+    :attr:`next_at` has passed; ``on_goaway`` runs once, when the tunnel starts retiring
+    with a GOAWAY sent (the bridge's, or one the backend had sent)."""
 
-    __slots__ = ("_cursor", "close_at", "goaway_sent", "grace", "next_at", "on_goaway",
-                 "retire_at")
+    __slots__ = ("_clock", "_cursor", "backend_goaway", "close_at", "goaway_sent", "grace",
+                 "next_at", "on_goaway", "retire_at")
 
-    def __init__(self, now: float, max_age: float, grace: float,
+    def __init__(self, clock: Callable[[], float], max_age: float, grace: float,
                  on_goaway: Callable[[], None] | None = None) -> None:
+        self._clock = clock
         self._cursor = FrameCursor()
-        self.retire_at = now + max_age
+        self.retire_at = clock() + max_age
         self.grace = grace
-        #: When the grace ends (set once the age is reached).
+        #: When the tunnel closes (set once the age is reached; earlier once the GOAWAY
+        #: is sent).
         self.close_at: float | None = None
         #: The next time the machine must call :meth:`due` (None: nothing left to do).
         self.next_at: float | None = self.retire_at
+        #: The client has a GOAWAY: the bridge's, or the backend's (:attr:`backend_goaway`).
         self.goaway_sent = False
+        #: The backend had sent a GOAWAY of its own: the bridge inserts none.
+        self.backend_goaway = False
         self.on_goaway = on_goaway
 
     @property
@@ -155,28 +179,46 @@ class TunnelAge:
         """The age was reached: a GOAWAY is sent or waits for a frame boundary."""
         return self.close_at is not None
 
+    @property
+    def close_reason(self) -> str:
+        """The reason of the 1001 close: it says whether the client got a GOAWAY."""
+        return MAX_AGE_REASON if self.goaway_sent else MAX_AGE_NO_GOAWAY_REASON
+
     def outbound(self, data: bytes) -> bytes:
         """``data`` (backend bytes for the client) with the GOAWAY inserted at the first
-        allowed frame boundary, once the age is reached and until it is sent."""
+        allowed frame boundary, once the age is reached and until it is sent (never after
+        a GOAWAY of the backend's)."""
+        cursor = self._cursor
         if self.close_at is None or self.goaway_sent:
-            self._cursor.advance(data)
+            cursor.advance(data)
             return data
-        cut = self._cursor.advance(data, find=True)
+        cut = cursor.advance(data, find=True)
         if cut < 0:
+            if cursor.goaway_seen:  # the backend's GOAWAY went out: it stands for ours
+                self._sent(backend=True)
             return data
+        self._sent(backend=False)
+        return data[:cut] + GOAWAY + data[cut:] if data else GOAWAY
+
+    def _sent(self, *, backend: bool) -> None:
         self.goaway_sent = True
+        self.backend_goaway = backend
+        close_at = self._clock() + self.grace
+        if self.close_at is None or close_at < self.close_at:
+            self.close_at = self.next_at = close_at
         if self.on_goaway is not None:
             self.on_goaway()
-        return data[:cut] + GOAWAY + data[cut:] if data else GOAWAY
 
     def due(self, now: float) -> bool:
         """Time passed :attr:`next_at`: the age is reached (returns False; the machine then
-        sends ``outbound(b"")`` if not empty) or the grace is over (returns True: close the
-        tunnel with 1001 and :data:`MAX_AGE_REASON`)."""
+        sends ``outbound(b"")`` if not empty) or the close is due (returns True: close the
+        tunnel with 1001 and :attr:`close_reason`)."""
         if self.close_at is None:
             if now < self.retire_at:
                 return False
-            self.close_at = self.next_at = now + self.grace
+            self.close_at = self.next_at = now + 2 * self.grace  # the latest close
+            if self._cursor.goaway_seen:
+                self._sent(backend=True)
             return False
         if now < self.close_at:
             return False
@@ -187,14 +229,18 @@ class TunnelAge:
 class GoawayFilter:
     """Takes graceful GOAWAY frames (error code NO_ERROR) out of a server's HTTP/2 byte
     stream, fed in chunks of any size; ``on_goaway(last_stream_id)`` is called for each.
-    Other GOAWAY frames (errors, or oversized) pass on. Bytes of an incomplete frame
-    header, and of a GOAWAY frame until it is complete, are held back; everything else
-    passes at once, in order."""
+    Other GOAWAY frames pass on to the HTTP/2 layer, which judges them: errors, and those
+    h2 must refuse as RFC 9113 says - on a stream other than 0 (a PROTOCOL_ERROR), or larger
+    than ``max_frame_size`` (the SETTINGS_MAX_FRAME_SIZE the client accepts: a
+    FRAME_SIZE_ERROR). Bytes of an incomplete frame header, and of a GOAWAY frame until it is
+    complete, are held back; everything else passes at once, in order."""
 
-    __slots__ = ("_goaway", "_head", "_need", "on_goaway")
+    __slots__ = ("_goaway", "_head", "_need", "max_frame_size", "on_goaway")
 
-    def __init__(self, on_goaway: Callable[[int], None]) -> None:
+    def __init__(self, on_goaway: Callable[[int], None],
+                 max_frame_size: int = _DEFAULT_MAX_FRAME_SIZE) -> None:
         self.on_goaway = on_goaway
+        self.max_frame_size = max_frame_size
         #: Payload bytes of the current frame still to come (passed on, or gathered).
         self._need = 0
         self._head = b""
@@ -239,7 +285,8 @@ class GoawayFilter:
                 pos += _HEADER
                 held = False
             need = int.from_bytes(head[:3], "big")
-            if head[3] == _GOAWAY and need <= _MAX_HELD_GOAWAY:
+            if head[3] == _GOAWAY and need <= self.max_frame_size \
+                    and not int.from_bytes(head[5:9], "big") & LAST_STREAM_ID:
                 if not held and pos - _HEADER > run:
                     out.append(data[run:pos - _HEADER])
                 self._goaway = bytearray(head)

@@ -6,6 +6,7 @@ what to use instead, so a mistake surfaces at start-up and never as a 500 per re
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,10 @@ from .wire import TOKEN_CHARS
 def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        hint = ", or 0 to disable it" if allow_zero else ""
+        raise ConfigError(f"{name} must be a finite number, got {value}: give a value such "
+                          f"as 30{hint}")
     if value < 0 or (value == 0 and not allow_zero):
         hint = " (0 disables it)" if allow_zero else ""
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
@@ -145,7 +150,8 @@ class BridgeConfig:
     #: per tunnel): the client gets a graceful HTTP/2 GOAWAY, opens a new tunnel for new
     #: RPCs and finishes those in flight; None or 0 = tunnels live as long as they are used.
     max_tunnel_age: float | None = None
-    #: Seconds a retired tunnel's RPCs get to finish before it is closed with 1001.
+    #: Seconds a retired tunnel's RPCs get after its GOAWAY before it is closed with 1001
+    #: (at the latest the age plus twice this, if no GOAWAY could be sent).
     max_tunnel_age_grace: float = 30.0
     #: Serve wss:// with this certificate chain and key (PEM files).
     certfile: str | None = None
@@ -285,8 +291,9 @@ class ReconnectPolicy:
         _positive("max_delay", self.max_delay, allow_zero=True)
         _positive("min_connect_timeout", self.min_connect_timeout)
         if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, int | float) \
-                or self.multiplier < 1:
-            raise ConfigError(f"multiplier must be a number >= 1, got {self.multiplier!r}")
+                or not 1 <= self.multiplier < math.inf:
+            raise ConfigError(f"multiplier must be a finite number >= 1 (such as 1.6), "
+                              f"got {self.multiplier!r}")
         if isinstance(self.jitter, bool) or not isinstance(self.jitter, int | float) \
                 or not 0 <= self.jitter < 1:
             raise ConfigError(f"jitter must be in [0, 1), got {self.jitter!r}")

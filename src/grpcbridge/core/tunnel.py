@@ -26,8 +26,9 @@ Rules kept here, once:
   paused for backpressure (a vanished peer is only noticed by writing to it); an idle
   timeout counting only complete frames or real progress on a partial one.
 * Maximum age (servers, when set: :meth:`TunnelMachine.retire_after`): a graceful HTTP/2
-  GOAWAY goes to the client at a frame boundary once the age is reached, and the tunnel
-  closes with 1001 after the grace (:mod:`grpcbridge.core.age`).
+  GOAWAY goes to the client at a frame boundary once the age is reached (none if the
+  backend sent one), and the tunnel closes with 1001 the grace after it, ``age + 2 x grace``
+  at the latest (:mod:`grpcbridge.core.age`).
 * Memory: what the tunnel holds (incomplete message, both write buffers, the last frame
   the framing layer keeps) is charged to a :class:`~grpcbridge.core.limits.BudgetAccount`;
   over budget closes with 1008.
@@ -39,7 +40,7 @@ import enum
 from collections.abc import Callable
 from typing import Protocol
 
-from .age import MAX_AGE_REASON, TunnelAge
+from .age import TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
 from .stream import CloseCode, InboundMessages, Opcode, StreamViolation
 
@@ -258,15 +259,16 @@ class TunnelMachine:
                      on_goaway: Callable[[], None] | None = None) -> None:
         """Give the tunnel a maximum age: ``max_age`` seconds from now (jitter already
         applied) a graceful GOAWAY goes to the client at the next frame boundary of the
-        stream side's bytes (``on_goaway`` runs then), and ``grace`` seconds later the
-        tunnel closes with 1001. Call it before any stream byte is sent (the frame
-        boundaries are followed from the first one)."""
-        self.age = TunnelAge(self.clock(), max_age, grace, on_goaway)
+        stream side's bytes, unless the backend sent one (``on_goaway`` runs then), and
+        ``grace`` seconds after it - ``max_age + 2 x grace`` at the latest - the tunnel
+        closes with 1001. Call it before any stream byte is sent (the frame boundaries are
+        followed from the first one)."""
+        self.age = TunnelAge(self.clock, max_age, grace, on_goaway)
         self._io.set_timer(self.deadline)
 
     def _age_due(self, age: TunnelAge, now: float) -> None:
         if age.due(now):
-            self.close(CloseCode.GOING_AWAY, MAX_AGE_REASON)
+            self.close(CloseCode.GOING_AWAY, age.close_reason)
         elif self.ws_open and self.close_code is None and not age.goaway_sent:
             goaway = age.outbound(b"")  # empty unless at a frame boundary now
             if goaway:
@@ -622,6 +624,9 @@ class TunnelMachine:
     def _send(self, data: bytes) -> None:
         age = self.age
         if age is not None:
+            sent = age.goaway_sent
             data = age.outbound(data)
+            if age.goaway_sent is not sent:  # the grace starts now: the close comes sooner
+                self._io.set_timer(self.deadline)
         self.bytes_to_websocket += len(data)
         self._io.send_message(data)
