@@ -68,6 +68,28 @@ _HEADROOM = bytearray(14)
 #: A read buffer that grew past this is charged to the memory budget (it never shrinks).
 _CHARGED_BUFFER = 64 * 1024
 
+
+def _plain_socket_transports() -> frozenset[type]:
+    """Transport classes known to write straight to a plain socket: a payload may be
+    written to their socket's descriptor while their buffer is empty. TLS transports (and
+    pipes, and whatever else a loop offers) are other classes; on Windows a socket is a
+    handle, not a descriptor, so nothing qualifies there."""
+    if os.name != "posix":
+        return frozenset()
+    from asyncio import selector_events
+    kinds: set[type] = {selector_events._SelectorSocketTransport}  # type: ignore[attr-defined]
+    try:
+        from uvloop import loop as uvloop_loop
+    except ImportError:  # uvloop is optional
+        pass
+    else:
+        kinds |= {uvloop_loop.TCPTransport,  # type: ignore[attr-defined]
+                  uvloop_loop.UnixTransport}  # type: ignore[attr-defined]
+    return frozenset(kinds)
+
+
+_PLAIN_SOCKET_TRANSPORTS = _plain_socket_transports()
+
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _TEXT = WSMsgType.TEXT
@@ -191,7 +213,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         self.buffer_bytes = request.buffer_bytes if request else 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.buffer_bytes:  # a client: the connection is the tunnel's from the start
+        if self.tunnel.client:  # the connection is the tunnel's from the start
             transport = cast(asyncio.Transport, transport)
             transport.set_write_buffer_limits(high=self.buffer_bytes,
                                               low=self.buffer_bytes // 4)
@@ -316,10 +338,11 @@ class PicowsTunnel(SocketTunnel):
     # ------------------------------------------------------------- frames, reads
 
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
-        sock = transport.get_extra_info("socket")
-        # Only a plain socket: bytes written past a TLS transport would skip its encryption.
-        plain = sock is not None and transport.get_extra_info("ssl_object") is None
-        self.stream_fd = sock.fileno() if plain else -1
+        # Only a plain socket's transport (an allowlist): bytes written past a TLS transport
+        # would skip its encryption, and only on POSIX is a socket's fileno() a descriptor.
+        sock = (transport.get_extra_info("socket")
+                if type(transport) in _PLAIN_SOCKET_TRANSPORTS else None)
+        self.stream_fd = sock.fileno() if sock is not None else -1
         super().attach_stream(transport, buffer_bytes)
 
     def payload(self, frame: WSFrame) -> None:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +28,9 @@ from grpcbridge.core.errors import HandshakeError
 from grpcbridge.core.target import parse_target
 from grpcbridge.core.tunnel import CLOSE_TIMEOUT
 from grpcbridge.loops import loop_factory
+from grpcbridge.relay import StreamSide
 
-from support import eventually, timing
+from support import eventually, timing, tls_files
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
@@ -415,4 +418,66 @@ def test_connection_closed_during_the_handshake(loop: str) -> None:
         finally:
             server.close()
             await server.wait_closed()
+    run(loop, scenario)
+
+
+# ------------------------------------------------------ direct writes to the stream side
+
+
+@pytest.fixture(scope="module")
+def uvloop_warm() -> None:
+    """libuv keeps two descriptors for the process from the first loop on: open them before
+    any ``leak_check`` snapshot."""
+    loop_factory("uvloop")().close()
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_only_a_plain_socket_stream_side_is_written_directly(
+        loop: str, tls: bool, tmp_path: Path) -> None:
+    """Payloads skip the stream transport's write only for an allowlisted plain socket
+    transport: a TLS one gets no descriptor (bytes written past it would skip its
+    encryption), and its payloads still arrive intact through ``transport.write``."""
+    ca, cert, key = tls_files(tmp_path)
+    server_tls = client_tls = None
+    if tls:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, key)
+        client_tls = ssl.create_default_context(cafile=str(ca))
+    payload = bytes(range(256)) * 800  # over one read of either side
+
+    async def scenario() -> None:
+        received = bytearray()
+        done = asyncio.Event()
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while len(received) < len(payload) and (chunk := await reader.read(65536)):
+                received.extend(chunk)
+            done.set()
+            writer.close()
+
+        local = await asyncio.start_server(sink, "127.0.0.1", 0, ssl=server_tls)
+        async with RawBridge() as bridge:
+            settings = _settings(bridge.url)
+            tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+            await open_websocket(tunnel, settings)
+            try:
+                peer = await bridge.peers.get()
+                port = local.sockets[0].getsockname()[1]
+                await asyncio.get_running_loop().create_connection(
+                    lambda: StreamSide(tunnel, 65536), "127.0.0.1", port, ssl=client_tls,
+                    server_hostname="127.0.0.1" if tls else None)
+                assert (tunnel.stream_fd < 0) is tls, tunnel.stream_fd
+                peer.send(Frame(Opcode.BINARY, payload))
+                async with asyncio.timeout(timing(5)):
+                    await done.wait()
+                assert bytes(received) == payload
+                assert tunnel.machine.bytes_from_websocket == len(payload)
+            finally:
+                tunnel.abort()
+                async with asyncio.timeout(timing(5)):
+                    await tunnel.closed
+        local.close()
+        await local.wait_closed()
     run(loop, scenario)
