@@ -25,7 +25,7 @@ from websockets.protocol import OPEN
 from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
-from ..core.errors import HandshakeError
+from ..core.errors import ConfigError, HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target
@@ -41,9 +41,17 @@ def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cacert)
 
 
+#: Headers the WebSocket handshake writes itself: picows would send a user's copy besides its
+#: own (two Upgrade or Host headers), so ``headers`` may not name them.
+HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "sec-websocket-key",
+                               "sec-websocket-version", "sec-websocket-extensions",
+                               "sec-websocket-accept"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class DialSettings:
-    """How to open client tunnels to one target (already validated by the caller)."""
+    """How to open client tunnels to one target (already validated by the caller, but for
+    the handshake's own headers: see :data:`HANDSHAKE_HEADERS`)."""
 
     target: Target
     ssl: ssl.SSLContext | None = None
@@ -56,6 +64,14 @@ class DialSettings:
     handshake_timeout: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
+
+    def __post_init__(self) -> None:
+        for name in self.headers:
+            if name.lower() in HANDSHAKE_HEADERS:
+                raise ConfigError(
+                    f"headers: {name!r} is written by the WebSocket handshake itself and "
+                    "cannot be set; drop it (Host comes from the target URL; Origin and "
+                    "Sec-WebSocket-Protocol may be set, or use origin/subprotocols)")
 
     def new_tunnel(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> Tunnel:
         """A tunnel whose WebSocket side is a client, not yet connected."""
