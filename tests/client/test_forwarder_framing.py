@@ -27,6 +27,7 @@ from grpcbridge.client.dial import DialSettings, open_websocket
 from grpcbridge.core.errors import ConfigError, HandshakeError
 from grpcbridge.core.target import parse_target
 from grpcbridge.core.tunnel import CLOSE_TIMEOUT
+from grpcbridge.fastws import PicowsTunnel
 from grpcbridge.loops import loop_factory
 from grpcbridge.relay import StreamSide
 
@@ -419,20 +420,34 @@ def test_connection_closed_during_the_handshake(loop: str) -> None:
         async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.close()
 
-        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            settings = _settings(f"ws://127.0.0.1:{port}/grpc")
-            tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
-            with pytest.raises(HandshakeError, match="closed the connection during the "
-                                                     "WebSocket handshake"):
-                await open_websocket(tunnel, settings)
-            async with asyncio.timeout(timing(5)):
-                await tunnel.closed
-        finally:
-            server.close()
-            await server.wait_closed()
+        error = await _dial_raw(hang_up)
+        assert "closed the connection during the WebSocket handshake" in str(error)
     run(loop, scenario)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+async def _dial_raw(handler: Handler, within: float = 5.0,
+                    tunnels: list[PicowsTunnel] | None = None) -> HandshakeError:
+    """Dial a forwarder tunnel to a raw server running ``handler`` (the tunnel is appended
+    to ``tunnels`` first): the HandshakeError it must fail with, once the tunnel ended."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        settings = DialSettings(target=parse_target(f"ws://127.0.0.1:{port}/grpc"),
+                                handshake_timeout=timing(within))
+        tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        if tunnels is not None:
+            tunnels.append(tunnel)
+        with pytest.raises(HandshakeError) as caught:
+            await open_websocket(tunnel, settings)
+        async with asyncio.timeout(timing(5)):
+            await tunnel.closed
+    finally:
+        server.close()
+        await server.wait_closed()
+    return caught.value
 
 
 # ------------------------------------------------------ direct writes to the stream side
@@ -494,4 +509,60 @@ def test_only_a_plain_socket_stream_side_is_written_directly(
                     await tunnel.closed
         local.close()
         await local.wait_closed()
+    run(loop, scenario)
+
+
+# ------------------------------------------------------- a refusal's body comes later
+
+
+def _held_answer(tunnel: PicowsTunnel) -> int:
+    """Bytes of the upgrade answer the dialing tunnel holds back from picows."""
+    transport = tunnel.ws_transport
+    answer = getattr(transport.get_protocol(), "answer", None) if transport else None
+    return len(answer) if answer is not None else -1
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+@pytest.mark.parametrize(("head", "body", "close", "within", "expected"), [
+    pytest.param(b"Content-Length: 22\r\n", b"bearer token is wrong\n", False, 5,
+                 ": bearer token is wrong", id="content-length"),
+    pytest.param(b"", b"bearer token is wrong", True, 5, ": bearer token is wrong",
+                 id="until-close"),
+    pytest.param(b"Content-Length: 5000\r\n", b"\x00\x1b[31mred\r\n" + b"z" * 4986, False,
+                 5, ": " + ("[31mred " + "z" * 4986)[:197] + "...",
+                 id="long-and-unprintable"),
+    pytest.param(b"Content-Length: 100\r\n", b"only part", False, 1, ": only part",
+                 id="body-not-all-in-time"),
+])
+def test_a_refusal_reason_sent_after_the_head_is_reported(
+        loop: str, head: bytes, body: bytes, close: bool, within: float,
+        expected: str) -> None:
+    """picows parses the answer once its head is in and drops the connection when it is
+    not a 101: the forwarder holds the answer until the body (Content-Length, at most
+    1 KiB, or the connection's end) is in too, or the handshake timeout is up, so the
+    reason reaches the error as on websockets' path. The body is sent only once the
+    client holds the head, so it always comes in a later read."""
+    async def scenario() -> None:
+        tunnels: list[PicowsTunnel] = []
+        head_bytes = b"HTTP/1.1 401 Unauthorized\r\n" + head + b"\r\n"
+
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head_bytes)
+                await eventually(lambda: tunnels and _held_answer(tunnels[0]) >= len(
+                    head_bytes), message="the client never held the answer's head")
+                writer.write(body)
+                if close:
+                    writer.close()  # the body ends with the connection
+                with contextlib.suppress(ConnectionError):
+                    await reader.read()  # until the client hangs up
+            finally:
+                writer.close()
+
+        error = await _dial_raw(refuse, within, tunnels)
+        message = str(error)
+        assert message.endswith("refused the WebSocket upgrade: HTTP 401" + expected), message
+        assert error.status == 401
     run(loop, scenario)

@@ -29,7 +29,7 @@ from ..core.errors import ConfigError, HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target
-from ..fastws import ClientRequest, PicowsTunnel
+from ..fastws import REFUSAL_BODY, ClientRequest, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 
 #: A client tunnel on either framing engine.
@@ -130,6 +130,13 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
             else:
                 await _open_websockets(tunnel, settings, within)
     except TimeoutError:
+        if isinstance(tunnel, PicowsTunnel) and tunnel.release_answer():
+            # Refused, but the body (the reason) had not all come in time: picows read
+            # what did, and failed the handshake with it.
+            try:
+                await _answered(tunnel, target)
+            finally:
+                _abandon(tunnel)
         _abandon(tunnel)
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
         raise HandshakeError(
@@ -142,8 +149,17 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
     tunnel.machine.websocket_opened()
 
 
+#: Most characters of a refusal's body quoted in a HandshakeError (and so in logs).
+REASON_CHARS = 200
+
+
 def _refused(target: Target, status: int, body: bytes | bytearray | None) -> HandshakeError:
-    text = (body or b"").decode(errors="replace").strip()
+    """The error for an upgrade answered ``status``: the server's reason (the body) quoted
+    on one line, printable and at most REASON_CHARS long."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in
+                            (body or b"")[:REFUSAL_BODY].decode(errors="replace")).split())
+    if len(text) > REASON_CHARS:
+        text = text[:REASON_CHARS - 3] + "..."
     return HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
                           + (f": {text}" if text else ""), status=status)
 
@@ -202,11 +218,19 @@ async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: flo
                             buffer_bytes=settings.buffer_bytes)
     protocol = tunnel.client_protocol(request)
     await _connect(tunnel, settings, within, lambda: protocol)
+    await _answered(tunnel, target)
+
+
+async def _answered(tunnel: PicowsTunnel, target: Target) -> None:
+    """Wait until picows has the upgrade answer; raise HandshakeError unless it opened
+    the tunnel."""
     try:
-        await protocol.wait_until_handshake_complete()
+        await tunnel.handshake_answered()
     except WSInvalidStatusError as exc:
         answer = exc.response
-        raise _refused(target, int(answer.status) if answer else 0, exc.raw_body) from None
+        body = tunnel.refusal_body
+        raise _refused(target, int(answer.status) if answer else 0,
+                       exc.raw_body if body is None else body) from None
     except WSHandshakeError as exc:
         raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
                              status=int(exc.response.status) if exc.response else None
