@@ -286,7 +286,8 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
 
     def release_answer(self) -> bool:
         """Hand what a client holds of the upgrade answer to picows, which completes or
-        fails the handshake with it; False if nothing was held (any more)."""
+        fails the handshake with it if its head is whole; True if it was a refusal (so
+        picows has failed the handshake)."""
         answer = self.answer
         if answer is None:
             return False
@@ -299,7 +300,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             self.tunnel.refusal_body = bytes(answer[head:self.answer_end])
             del answer[head:]
         self.feed([answer])
-        return True
+        return self.answer_end >= 0
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.release_answer()  # a refusal's body ends with the connection
@@ -400,8 +401,9 @@ class PicowsTunnel(SocketTunnel):
         return protocol if isinstance(protocol, _Protocol) else None
 
     def release_answer(self) -> bool:
-        """A dialing client hands the upgrade answer it holds (a refusal whose body has not
-        all come) to picows now: the dial ran out of time. False if none was held."""
+        """A dialing client hands the upgrade answer it holds to picows now (the dial ran
+        out of time): True if it was a refusal whose body had not all come, which picows
+        has now failed the handshake with."""
         protocol = self._client_protocol()
         return protocol is not None and protocol.release_answer()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -565,4 +566,64 @@ def test_a_refusal_reason_sent_after_the_head_is_reported(
         message = str(error)
         assert message.endswith("refused the WebSocket upgrade: HTTP 401" + expected), message
         assert error.status == 401
+    run(loop, scenario)
+
+
+# ------------------------------------------------------------- dials that do not finish
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+def test_no_answer_within_the_handshake_timeout(loop: str) -> None:
+    async def scenario() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # the request, then nothing: until the client hangs up
+            writer.close()
+
+        error = await _dial_raw(silent, within=0.5)
+        assert re.fullmatch(rf"no WebSocket handshake with ws://127\.0\.0\.1:\d+/grpc within "
+                            rf"{timing(0.5)} s", str(error)), error
+        assert error.status is None
+    run(loop, scenario)
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+@pytest.mark.parametrize("answer", [b"", b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 9\r\n\r\n"],
+                         ids=["request-sent", "refusal-held"])
+def test_a_dial_cancelled_midway_leaves_nothing(loop: str, answer: bytes) -> None:
+    """Cancelling the dial (the caller gave up) ends the tunnel and closes its connection,
+    whether the answer has not come or a refusal's body is still awaited."""
+    async def scenario() -> None:
+        asked = asyncio.Event()
+        hung_up = asyncio.Event()
+
+        async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+                asked.set()
+                await reader.read()
+            hung_up.set()
+            writer.close()
+
+        server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+        settings = _settings(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/grpc")
+        tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        dial = asyncio.create_task(open_websocket(tunnel, settings))
+        try:
+            async with asyncio.timeout(timing(5)):
+                await asked.wait()
+            await eventually(lambda: _held_answer(tunnel) == len(answer),
+                             message="the client never read the answer")
+            dial.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await dial
+            async with asyncio.timeout(timing(5)):
+                await tunnel.closed
+                await hung_up.wait()  # the connection is closed, not just forgotten
+        finally:
+            server.close()
+            await server.wait_closed()
     run(loop, scenario)
