@@ -130,14 +130,11 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
             else:
                 await _open_websockets(tunnel, settings, within)
     except TimeoutError:
-        if isinstance(tunnel, PicowsTunnel) and tunnel.release_answer():
-            # Refused, but the body (the reason) had not all come in time: picows read
-            # what did, and failed the handshake with it.
-            try:
-                await _answered(tunnel, target)
-            finally:
-                _abandon(tunnel)
+        refused = (await _late_refusal(tunnel, target)
+                   if isinstance(tunnel, PicowsTunnel) and tunnel.release_answer() else None)
         _abandon(tunnel)
+        if refused is not None:
+            raise refused from None
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
         raise HandshakeError(
             f"no WebSocket handshake with {target.url}{via} within {within} s"
@@ -219,6 +216,20 @@ async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: flo
     protocol = tunnel.client_protocol(request)
     await _connect(tunnel, settings, within, lambda: protocol)
     await _answered(tunnel, target)
+
+
+async def _late_refusal(tunnel: PicowsTunnel, target: Target) -> HandshakeError | None:
+    """The error for a refusal whose body had not all come when the dial ran out of time,
+    once picows has it (:meth:`PicowsTunnel.release_answer`): it has already failed the
+    handshake, so nothing is waited for (None if, against that, it had not)."""
+    try:
+        async with asyncio.timeout(0):
+            await _answered(tunnel, target)
+    except HandshakeError as exc:
+        return exc
+    except TimeoutError:
+        pass
+    return None
 
 
 async def _answered(tunnel: PicowsTunnel, target: Target) -> None:
