@@ -156,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     forward.add_argument("--listen", default="127.0.0.1:50052",
                          help="host:port or unix:/path (default: 127.0.0.1:50052)")
     forward.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
-                         help="extra upgrade request header (repeatable)")
+                         help="extra upgrade request header (repeatable; not one the "
+                         "handshake writes: Host, Upgrade, Connection, Sec-WebSocket-Key, "
+                         "-Version, -Extensions, -Accept)")
     forward.add_argument("--subprotocol", action="append", default=[], metavar="NAME",
                          help="subprotocol to offer (repeatable)")
     forward.add_argument("--origin", help="Origin header to send")

@@ -67,6 +67,34 @@ _COPY_LIMIT = 8192
 _HEADROOM = bytearray(14)
 #: A read buffer that grew past this is charged to the memory budget (it never shrinks).
 _CHARGED_BUFFER = 64 * 1024
+#: Most bytes of a refusal's body (an upgrade answered other than 101) a client waits for,
+#: within its handshake timeout, before picows reads the answer: the server's reason.
+REFUSAL_BODY = 1024
+#: A client hands the upgrade answer to picows unread once it holds this much without the
+#: end of the head (picows then refuses it as it would).
+_ANSWER_HEAD_LIMIT = 16 * 1024
+
+
+def _plain_socket_transports() -> frozenset[type]:
+    """Transport classes known to write straight to a plain socket: a payload may be
+    written to their socket's descriptor while their buffer is empty. TLS transports (and
+    pipes, and whatever else a loop offers) are other classes; on Windows a socket is a
+    handle, not a descriptor, so nothing qualifies there."""
+    if os.name != "posix":
+        return frozenset()
+    from asyncio import selector_events
+    kinds: set[type] = {selector_events._SelectorSocketTransport}  # type: ignore[attr-defined]
+    try:
+        from uvloop import loop as uvloop_loop
+    except ImportError:  # uvloop is optional
+        pass
+    else:
+        kinds |= {uvloop_loop.TCPTransport,  # type: ignore[attr-defined]
+                  uvloop_loop.UnixTransport}  # type: ignore[attr-defined]
+    return frozenset(kinds)
+
+
+_PLAIN_SOCKET_TRANSPORTS = _plain_socket_transports()
 
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
@@ -158,7 +186,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
     """picows' protocol (either end), counting the bytes of each read for the tunnel
     (partial frames, read buffer size) and giving the loop back after many frames."""
 
-    __slots__ = ("buffer_bytes", "listener", "tunnel")
+    __slots__ = ("answer", "answer_end", "buffer_bytes", "listener", "read_into", "tunnel")
 
     def __init__(self, tunnel: PicowsTunnel, listener: _Listener, max_frame_size: int, *,
                  response: WSUpgradeResponse | None = None,
@@ -189,9 +217,19 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         self.tunnel = tunnel
         self.listener = listener
         self.buffer_bytes = request.buffer_bytes if request else 0
+        # A client holds the upgrade answer back from picows, which parses it as soon as its
+        # head is complete and drops the connection if it is not a 101: the body (the
+        # server's reason) would be lost when it comes in a later read. Reads go to
+        # ``read_into`` and collect in ``answer`` until the head, and for a refusal its
+        # body (up to REFUSAL_BODY, or the connection's end), are in; then picows gets them.
+        self.answer: bytearray | None = bytearray() if request else None
+        self.read_into: memoryview | None = memoryview(bytearray(READ_BUFFER)) if request \
+            else None
+        #: Where the held answer is complete (-1: its head has not all come yet).
+        self.answer_end = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.buffer_bytes:  # a client: the connection is the tunnel's from the start
+        if self.tunnel.client:  # the connection is the tunnel's from the start
             transport = cast(asyncio.Transport, transport)
             transport.set_write_buffer_limits(high=self.buffer_bytes,
                                               low=self.buffer_bytes // 4)
@@ -199,6 +237,8 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         super().connection_made(transport)  # a client writes its upgrade request here
 
     def get_buffer(self, size_hint: int) -> memoryview:
+        if self.read_into is not None:
+            return self.read_into
         view = cast(memoryview, super().get_buffer(size_hint))
         # picows doubles its buffer whenever a read fills it, so a fast sender would grow
         # it without bound (it never shrinks): reads stay at READ_CHUNK, and the buffer at
@@ -206,6 +246,9 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         return view[:READ_CHUNK] if len(view) > READ_CHUNK else view
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.answer is not None and self.read_into is not None:
+            self._hold_answer(self.read_into[:nbytes])
+            return
         tunnel = self.tunnel
         listener = self.listener
         listener.frames = 0
@@ -217,13 +260,56 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         tunnel.buffer_size = tunnel.partial + len(WSProtocol.get_buffer(self, -1))
         tunnel.read_done(listener.frames)
 
+    def _hold_answer(self, data: memoryview) -> None:
+        answer = self.answer
+        assert answer is not None
+        answer += data
+        if self.answer_end < 0:
+            head_end = answer.find(b"\r\n\r\n")
+            if head_end < 0:
+                if len(answer) > _ANSWER_HEAD_LIMIT:
+                    self.release_answer()
+                return
+            lines = bytes(answer[:head_end]).split(b"\r\n")
+            status = lines[0].split(b" ", 2)[1:2]
+            if status == [b"101"]:
+                self.release_answer()  # picows takes it, and any frames after it
+                return
+            body = REFUSAL_BODY  # until the connection ends, unless a length is given
+            for line in lines[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                    body = min(body, int(value))
+            self.answer_end = head_end + 4 + body
+        if len(answer) >= self.answer_end:
+            self.release_answer()
+
+    def release_answer(self) -> bool:
+        """Hand what a client holds of the upgrade answer to picows, which completes or
+        fails the handshake with it if its head is whole; True if it was a refusal (so
+        picows has failed the handshake)."""
+        answer = self.answer
+        if answer is None:
+            return False
+        self.answer = self.read_into = None
+        if self.answer_end >= 0:
+            # A refusal: picows gets its head only (it fails the handshake as soon as it
+            # has it, with whatever came in the same read as the body), the body is kept
+            # for the error; what follows (past REFUSAL_BODY) is not read.
+            head = answer.find(b"\r\n\r\n") + 4
+            self.tunnel.refusal_body = bytes(answer[head:self.answer_end])
+            del answer[head:]
+        self.feed([answer])
+        return self.answer_end >= 0
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.release_answer()  # a refusal's body ends with the connection
         try:
             super().connection_lost(exc)
         finally:  # picows skips on_ws_disconnected for a connection it never upgraded
             self.tunnel.ws_lost(exc)
 
-    def feed(self, chunks: Iterable[bytes]) -> None:
+    def feed(self, chunks: Iterable[bytes | bytearray]) -> None:
         """Deliver bytes as if read from the socket."""
         for chunk in chunks:
             view = memoryview(chunk)
@@ -249,6 +335,7 @@ class PicowsTunnel(SocketTunnel):
         "fragment",
         "max_message_bytes",
         "partial",
+        "refusal_body",
         "stream_fd",
         "websocket",
         "ws",
@@ -273,6 +360,9 @@ class PicowsTunnel(SocketTunnel):
         self.buffer_size = 0
         #: The stream side's socket, written to directly while its buffer is empty (-1: none).
         self.stream_fd = -1
+        #: A client's upgrade answered other than 101: its body (the server's reason; at
+        #: most REFUSAL_BODY bytes), else None.
+        self.refusal_body: bytes | None = None
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
 
@@ -305,6 +395,25 @@ class PicowsTunnel(SocketTunnel):
         if eof:
             self._finish_handshake()
 
+    def _client_protocol(self) -> _Protocol | None:
+        transport = self.ws_transport
+        protocol = transport.get_protocol() if transport is not None else None
+        return protocol if isinstance(protocol, _Protocol) else None
+
+    def release_answer(self) -> bool:
+        """A dialing client hands the upgrade answer it holds to picows now (the dial ran
+        out of time): True if it was a refusal whose body had not all come, which picows
+        has now failed the handshake with."""
+        protocol = self._client_protocol()
+        return protocol is not None and protocol.release_answer()
+
+    async def handshake_answered(self) -> None:
+        """A connected client's ``wait_until_handshake_complete()`` (see
+        :meth:`client_protocol`)."""
+        protocol = self._client_protocol()
+        assert protocol is not None
+        await protocol.wait_until_handshake_complete()
+
     def client_protocol(self, request: ClientRequest) -> _Protocol:
         """The protocol for the connection a client dials: it sends ``request`` once
         connected; ``wait_until_handshake_complete()`` on it returns once the tunnel is
@@ -316,10 +425,11 @@ class PicowsTunnel(SocketTunnel):
     # ------------------------------------------------------------- frames, reads
 
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
-        sock = transport.get_extra_info("socket")
-        # Only a plain socket: bytes written past a TLS transport would skip its encryption.
-        plain = sock is not None and transport.get_extra_info("ssl_object") is None
-        self.stream_fd = sock.fileno() if plain else -1
+        # Only a plain socket's transport (an allowlist): bytes written past a TLS transport
+        # would skip its encryption, and only on POSIX is a socket's fileno() a descriptor.
+        sock = (transport.get_extra_info("socket")
+                if type(transport) in _PLAIN_SOCKET_TRANSPORTS else None)
+        self.stream_fd = sock.fileno() if sock is not None else -1
         super().attach_stream(transport, buffer_bytes)
 
     def payload(self, frame: WSFrame) -> None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+import ssl
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,12 +25,14 @@ from websockets.server import ServerProtocol
 
 from grpcbridge import Forwarder, ForwarderConfig
 from grpcbridge.client.dial import DialSettings, open_websocket
-from grpcbridge.core.errors import HandshakeError
+from grpcbridge.core.errors import ConfigError, HandshakeError
 from grpcbridge.core.target import parse_target
 from grpcbridge.core.tunnel import CLOSE_TIMEOUT
+from grpcbridge.fastws import PicowsTunnel
 from grpcbridge.loops import loop_factory
+from grpcbridge.relay import StreamSide
 
-from support import eventually, timing
+from support import eventually, timing, tls_files
 
 LOOPS = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 
@@ -348,6 +353,20 @@ def test_upgrade_request_carries_what_the_forwarder_was_given(loop: str) -> None
     run(loop, scenario)
 
 
+@pytest.mark.parametrize("name", ["Upgrade", "connection", "SEC-WEBSOCKET-VERSION",
+                                  "Sec-WebSocket-Key", "Sec-WebSocket-Extensions", "Host"])
+def test_headers_the_handshake_writes_are_refused_at_construction(name: str) -> None:
+    """picows adds its own Upgrade, Connection, Sec-WebSocket-* and Host besides a user's
+    (two of each on the wire): such names fail the Forwarder's construction, saying why."""
+    config = ForwarderConfig(target="ws://127.0.0.1:1/grpc", listen="127.0.0.1:0",
+                             proxy=None, headers={"X-Tenant": "a", name: "x"})
+    with pytest.raises(ConfigError, match=rf"headers: '{name}' is written by the WebSocket "
+                                          "handshake itself"):
+        Forwarder(config)
+    with pytest.raises(ConfigError, match="written by the WebSocket handshake"):
+        DialSettings(target=parse_target("ws://127.0.0.1:1/grpc"), headers={name: "x"})
+
+
 def _refuse(response: Response) -> Response:
     return Response(403, "Forbidden", Headers([("Content-Length", "18")]),
                     b"origin not allowed")
@@ -402,16 +421,208 @@ def test_connection_closed_during_the_handshake(loop: str) -> None:
         async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             writer.close()
 
-        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
-        try:
-            port = server.sockets[0].getsockname()[1]
-            settings = _settings(f"ws://127.0.0.1:{port}/grpc")
+        error = await _dial_raw(hang_up)
+        assert "closed the connection during the WebSocket handshake" in str(error)
+    run(loop, scenario)
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Coroutine[Any, Any, None]]
+
+
+async def _dial_raw(handler: Handler, within: float = 5.0,
+                    tunnels: list[PicowsTunnel] | None = None) -> HandshakeError:
+    """Dial a forwarder tunnel to a raw server running ``handler`` (the tunnel is appended
+    to ``tunnels`` first): the HandshakeError it must fail with, once the tunnel ended."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        settings = DialSettings(target=parse_target(f"ws://127.0.0.1:{port}/grpc"),
+                                handshake_timeout=timing(within))
+        tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        if tunnels is not None:
+            tunnels.append(tunnel)
+        with pytest.raises(HandshakeError) as caught:
+            await open_websocket(tunnel, settings)
+        async with asyncio.timeout(timing(5)):
+            await tunnel.closed
+    finally:
+        server.close()
+        await server.wait_closed()
+    return caught.value
+
+
+# ------------------------------------------------------ direct writes to the stream side
+
+
+@pytest.fixture(scope="module")
+def uvloop_warm() -> None:
+    """libuv keeps two descriptors for the process from the first loop on: open them before
+    any ``leak_check`` snapshot."""
+    loop_factory("uvloop")().close()
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_only_a_plain_socket_stream_side_is_written_directly(
+        loop: str, tls: bool, tmp_path: Path) -> None:
+    """Payloads skip the stream transport's write only for an allowlisted plain socket
+    transport: a TLS one gets no descriptor (bytes written past it would skip its
+    encryption), and its payloads still arrive intact through ``transport.write``."""
+    ca, cert, key = tls_files(tmp_path)
+    server_tls = client_tls = None
+    if tls:
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(cert, key)
+        client_tls = ssl.create_default_context(cafile=str(ca))
+    payload = bytes(range(256)) * 800  # over one read of either side
+
+    async def scenario() -> None:
+        received = bytearray()
+        done = asyncio.Event()
+
+        async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while len(received) < len(payload) and (chunk := await reader.read(65536)):
+                received.extend(chunk)
+            done.set()
+            writer.close()
+
+        local = await asyncio.start_server(sink, "127.0.0.1", 0, ssl=server_tls)
+        async with RawBridge() as bridge:
+            settings = _settings(bridge.url)
             tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
-            with pytest.raises(HandshakeError, match="closed the connection during the "
-                                                     "WebSocket handshake"):
-                await open_websocket(tunnel, settings)
+            await open_websocket(tunnel, settings)
+            try:
+                peer = await bridge.peers.get()
+                port = local.sockets[0].getsockname()[1]
+                await asyncio.get_running_loop().create_connection(
+                    lambda: StreamSide(tunnel, 65536), "127.0.0.1", port, ssl=client_tls,
+                    server_hostname="127.0.0.1" if tls else None)
+                assert (tunnel.stream_fd < 0) is tls, tunnel.stream_fd
+                peer.send(Frame(Opcode.BINARY, payload))
+                async with asyncio.timeout(timing(5)):
+                    await done.wait()
+                assert bytes(received) == payload
+                assert tunnel.machine.bytes_from_websocket == len(payload)
+            finally:
+                tunnel.abort()
+                async with asyncio.timeout(timing(5)):
+                    await tunnel.closed
+        local.close()
+        await local.wait_closed()
+    run(loop, scenario)
+
+
+# ------------------------------------------------------- a refusal's body comes later
+
+
+def _held_answer(tunnel: PicowsTunnel) -> int:
+    """Bytes of the upgrade answer the dialing tunnel holds back from picows."""
+    transport = tunnel.ws_transport
+    answer = getattr(transport.get_protocol(), "answer", None) if transport else None
+    return len(answer) if answer is not None else -1
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+@pytest.mark.parametrize(("head", "body", "close", "within", "expected"), [
+    pytest.param(b"Content-Length: 22\r\n", b"bearer token is wrong\n", False, 5,
+                 ": bearer token is wrong", id="content-length"),
+    pytest.param(b"", b"bearer token is wrong", True, 5, ": bearer token is wrong",
+                 id="until-close"),
+    pytest.param(b"Content-Length: 5000\r\n", b"\x00\x1b[31mred\r\n" + b"z" * 4986, False,
+                 5, ": " + ("[31mred " + "z" * 4986)[:197] + "...",
+                 id="long-and-unprintable"),
+    pytest.param(b"Content-Length: 100\r\n", b"only part", False, 1, ": only part",
+                 id="body-not-all-in-time"),
+])
+def test_a_refusal_reason_sent_after_the_head_is_reported(
+        loop: str, head: bytes, body: bytes, close: bool, within: float,
+        expected: str) -> None:
+    """picows parses the answer once its head is in and drops the connection when it is
+    not a 101: the forwarder holds the answer until the body (Content-Length, at most
+    1 KiB, or the connection's end) is in too, or the handshake timeout is up, so the
+    reason reaches the error as on websockets' path. The body is sent only once the
+    client holds the head, so it always comes in a later read."""
+    async def scenario() -> None:
+        tunnels: list[PicowsTunnel] = []
+        head_bytes = b"HTTP/1.1 401 Unauthorized\r\n" + head + b"\r\n"
+
+        async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head_bytes)
+                await eventually(lambda: tunnels and _held_answer(tunnels[0]) >= len(
+                    head_bytes), message="the client never held the answer's head")
+                writer.write(body)
+                if close:
+                    writer.close()  # the body ends with the connection
+                with contextlib.suppress(ConnectionError):
+                    await reader.read()  # until the client hangs up
+            finally:
+                writer.close()
+
+        error = await _dial_raw(refuse, within, tunnels)
+        message = str(error)
+        assert message.endswith("refused the WebSocket upgrade: HTTP 401" + expected), message
+        assert error.status == 401
+    run(loop, scenario)
+
+
+# ------------------------------------------------------------- dials that do not finish
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+def test_no_answer_within_the_handshake_timeout(loop: str) -> None:
+    async def scenario() -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                await reader.read()  # the request, then nothing: until the client hangs up
+            writer.close()
+
+        error = await _dial_raw(silent, within=0.5)
+        assert re.fullmatch(rf"no WebSocket handshake with ws://127\.0\.0\.1:\d+/grpc within "
+                            rf"{timing(0.5)} s", str(error)), error
+        assert error.status is None
+    run(loop, scenario)
+
+
+@LOOPS
+@pytest.mark.usefixtures("uvloop_warm", "leak_check")
+@pytest.mark.parametrize("answer", [b"", b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 9\r\n\r\n"],
+                         ids=["request-sent", "refusal-held"])
+def test_a_dial_cancelled_midway_leaves_nothing(loop: str, answer: bytes) -> None:
+    """Cancelling the dial (the caller gave up) ends the tunnel and closes its connection,
+    whether the answer has not come or a refusal's body is still awaited."""
+    async def scenario() -> None:
+        asked = asyncio.Event()
+        hung_up = asyncio.Event()
+
+        async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(answer)
+                asked.set()
+                await reader.read()
+            hung_up.set()
+            writer.close()
+
+        server = await asyncio.start_server(stalling, "127.0.0.1", 0)
+        settings = _settings(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/grpc")
+        tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        dial = asyncio.create_task(open_websocket(tunnel, settings))
+        try:
+            async with asyncio.timeout(timing(5)):
+                await asked.wait()
+            await eventually(lambda: _held_answer(tunnel) == len(answer),
+                             message="the client never read the answer")
+            dial.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await dial
             async with asyncio.timeout(timing(5)):
                 await tunnel.closed
+                await hung_up.wait()  # the connection is closed, not just forgotten
         finally:
             server.close()
             await server.wait_closed()

@@ -13,6 +13,7 @@ them these tests are skipped, or fail under ``GRPCBRIDGE_REQUIRE_PROXY=1`` as in
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -32,6 +33,10 @@ from grpclib.exceptions import GRPCError
 
 import grpcbridge
 from grpcbridge import Bridge, BridgeConfig, Channel, GrpclibBackend, ReconnectPolicy
+from grpcbridge.client.dial import DialSettings, open_websocket
+from grpcbridge.core.errors import HandshakeError
+from grpcbridge.core.proxy import resolve_proxy
+from grpcbridge.core.target import parse_target
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
@@ -224,6 +229,31 @@ async def test_proxy_refusals_are_clear(bridge: Bridge, open_proxy: ProxyServer,
     assert message.startswith(f"cannot connect to proxy 127.0.0.1:{nowhere} (from proxy): "),\
         message
     assert PASSWORD not in message
+
+
+@pytest.mark.parametrize("proxy", ["refusing", "unreachable"])
+async def test_forwarder_dial_through_a_refusing_proxy_fails_cleanly(
+        bridge: Bridge, refusing_proxy: ProxyServer, leak_check: None, proxy: str) -> None:
+    """The forwarder's (picows) dial: the proxy's refusal is its HandshakeError, and the
+    tunnel ends with nothing left behind (``leak_check``; ``tunnel.closed``)."""
+    port = port_of(bridge)
+    target = parse_target(bridge.url)
+    url = refusing_proxy.url() if proxy == "refusing" else f"http://127.0.0.1:{free_port()}"
+    settings = DialSettings(target=target, proxy=resolve_proxy(target, url, {}),
+                            handshake_timeout=timing(5))
+    tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+    with pytest.raises(HandshakeError) as caught:
+        await open_websocket(tunnel, settings)
+    async with asyncio.timeout(timing(5)):
+        await tunnel.closed
+    if proxy == "refusing":
+        assert str(caught.value) == (
+            f"proxy 127.0.0.1:{refusing_proxy.port} answered HTTP 403 Access violation: "
+            f"proxy refused CONNECT to 127.0.0.1:{port}")
+        assert caught.value.proxy_status == 403
+    else:
+        assert str(caught.value).startswith(f"cannot connect to proxy {url[7:]} "), caught.value
+    assert tunnel.ws_transport is None  # the proxy's socket was closed, never wrapped
 
 
 async def test_wss_through_the_proxy_is_tls_to_the_bridge(

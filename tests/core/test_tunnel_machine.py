@@ -117,6 +117,34 @@ def test_bytes_before_attach_and_before_open_wait_in_order() -> None:
     assert tunnel.bytes_from_websocket == 2 and tunnel.bytes_to_websocket == 2
 
 
+def test_relaying_websocket_and_bytes_an_adapter_writes_itself() -> None:
+    tunnel, io = machine()
+    assert not tunnel.relaying_websocket  # no stream side yet: data() holds payloads
+    tunnel.data(b"held")
+    assert io.to_stream == []
+    tunnel.stream_attached_now()
+    assert tunnel.relaying_websocket and io.to_stream == [b"held"]
+    tunnel.websocket_opened()
+    io.now += 1.0
+    tunnel.data_written(5)  # the adapter wrote 5 payload bytes to the stream itself
+    tunnel.data(b"abc")  # and the rest through the stream's transport
+    assert io.to_stream == [b"held", b"abc"]
+    assert tunnel.bytes_from_websocket == 4 + 5 + 3
+    tunnel.stream_gone(error=False)  # the stream side closed its connection
+    assert tunnel.stream_closing and not tunnel.relaying_websocket  # no more direct writes
+    tunnel.data(b"late")  # nobody reads these: dropped, and not counted
+    assert io.to_stream == [b"held", b"abc"] and tunnel.bytes_from_websocket == 12
+
+
+def test_relaying_stops_once_the_tunnel_closes_the_stream_side() -> None:
+    tunnel, io = opened()
+    assert tunnel.relaying_websocket
+    tunnel.close(CloseCode.NORMAL, "done")
+    assert "close_stream" in io.names() and not tunnel.relaying_websocket
+    tunnel.data(b"late")
+    assert io.to_stream == [] and tunnel.bytes_from_websocket == 0
+
+
 def test_text_frame_fails_1003_once_and_stops_everything() -> None:
     tunnel, io = opened()
     assert not tunnel.frame(Opcode.TEXT, b"hi")

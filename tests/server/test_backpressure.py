@@ -30,7 +30,7 @@ from peer_stream import digest, payload
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosedError
 
-from support import MiB, Process, cli, wait_until
+from support import MiB, Process, cli, eventually, wait_until
 
 TOTAL = 256 * MiB
 #: Reading rate of the slow side (bytes/s): 256 MiB take ~6.4 s.
@@ -198,11 +198,20 @@ async def warm_up(url: str) -> None:
         assert await pull(ws) == (size, digest(size, 2))
 
 
+async def settled_rss(*processes: Process) -> list[int]:
+    """RSS of ``processes``, idle again: the caller has waited for their tunnels to end.
+    What remains is the allocator handing the freed buffers back to the OS, which nothing
+    signals and RSS polling cannot tell from noise, so a short settle time is unavoidable
+    here. It cannot make a test flaky: measured early, the baseline is only higher and the
+    growth checked against it smaller."""
+    await asyncio.sleep(0.3)
+    return [process.rss() for process in processes]
+
+
 async def idle_baseline(bridge: Process) -> int:
     await warm_up(bridge.url)
     bridge.wait_for_line(r"tunnel_closed .*bytes_to_client=16777216")
-    await asyncio.sleep(0.3)
-    return bridge.rss()
+    return (await settled_rss(bridge))[0]
 
 
 def report(name: str, baseline: int, peak: PeakRss, seconds: float,
@@ -344,12 +353,18 @@ async def local_pull(port: int, total: int, seed: int, rate: float) -> tuple[int
 async def forwarded_baseline(bridge: Process, forwarder: Process) -> tuple[int, int]:
     """Idle RSS of (bridge, forwarder) after one full-speed transfer each way."""
     size = 16 * MiB
+    idle_fds = forwarder.fds()
     sent, answer, _ = await local_push(forwarder.port, size, 1, 0)
     assert answer == f"{size} {sent}\n".encode()
     assert await local_pull(forwarder.port, size, 2, 0) == (size, digest(size, 2))
+    pushed = size + len(f"SINK {size} 0\n")  # local_push's command, then the payload
+    bridge.wait_for_line(rf"tunnel_closed .*bytes_to_backend={pushed}\b")
     bridge.wait_for_line(r"tunnel_closed .*bytes_to_client=16777216")
-    await asyncio.sleep(0.3)
-    return bridge.rss(), forwarder.rss()
+    # The forwarder logs no tunnel ends: its sockets for them are gone once it is idle.
+    await eventually(lambda: forwarder.fds() <= idle_fds,
+                     message="the forwarder kept its tunnels' sockets")
+    bridge_rss, forwarder_rss = await settled_rss(bridge, forwarder)
+    return bridge_rss, forwarder_rss
 
 
 def check_growth(name: str, baselines: tuple[int, int], peaks: tuple[PeakRss, PeakRss],

@@ -25,11 +25,11 @@ from websockets.protocol import OPEN
 from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
-from ..core.errors import HandshakeError
+from ..core.errors import ConfigError, HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target
-from ..fastws import ClientRequest, PicowsTunnel
+from ..fastws import REFUSAL_BODY, ClientRequest, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 
 #: A client tunnel on either framing engine.
@@ -41,9 +41,17 @@ def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cacert)
 
 
+#: Headers the WebSocket handshake writes itself: picows would send a user's copy besides its
+#: own (two Upgrade or Host headers), so ``headers`` may not name them.
+HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "sec-websocket-key",
+                               "sec-websocket-version", "sec-websocket-extensions",
+                               "sec-websocket-accept"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class DialSettings:
-    """How to open client tunnels to one target (already validated by the caller)."""
+    """How to open client tunnels to one target (already validated by the caller, but for
+    the handshake's own headers: see :data:`HANDSHAKE_HEADERS`)."""
 
     target: Target
     ssl: ssl.SSLContext | None = None
@@ -56,6 +64,14 @@ class DialSettings:
     handshake_timeout: float = 10.0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
+
+    def __post_init__(self) -> None:
+        for name in self.headers:
+            if name.lower() in HANDSHAKE_HEADERS:
+                raise ConfigError(
+                    f"headers: {name!r} is written by the WebSocket handshake itself and "
+                    "cannot be set; drop it (Host comes from the target URL; Origin and "
+                    "Sec-WebSocket-Protocol may be set, or use origin/subprotocols)")
 
     def new_tunnel(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> Tunnel:
         """A tunnel whose WebSocket side is a client, not yet connected."""
@@ -114,7 +130,11 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
             else:
                 await _open_websockets(tunnel, settings, within)
     except TimeoutError:
+        refused = (await _late_refusal(tunnel, target)
+                   if isinstance(tunnel, PicowsTunnel) and tunnel.release_answer() else None)
         _abandon(tunnel)
+        if refused is not None:
+            raise refused from None
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
         raise HandshakeError(
             f"no WebSocket handshake with {target.url}{via} within {within} s"
@@ -126,8 +146,17 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
     tunnel.machine.websocket_opened()
 
 
+#: Most characters of a refusal's body quoted in a HandshakeError (and so in logs).
+REASON_CHARS = 200
+
+
 def _refused(target: Target, status: int, body: bytes | bytearray | None) -> HandshakeError:
-    text = (body or b"").decode(errors="replace").strip()
+    """The error for an upgrade answered ``status``: the server's reason (the body) quoted
+    on one line, printable and at most REASON_CHARS long."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in
+                            (body or b"")[:REFUSAL_BODY].decode(errors="replace")).split())
+    if len(text) > REASON_CHARS:
+        text = text[:REASON_CHARS - 3] + "..."
     return HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
                           + (f": {text}" if text else ""), status=status)
 
@@ -186,11 +215,33 @@ async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: flo
                             buffer_bytes=settings.buffer_bytes)
     protocol = tunnel.client_protocol(request)
     await _connect(tunnel, settings, within, lambda: protocol)
+    await _answered(tunnel, target)
+
+
+async def _late_refusal(tunnel: PicowsTunnel, target: Target) -> HandshakeError | None:
+    """The error for a refusal whose body had not all come when the dial ran out of time,
+    once picows has it (:meth:`PicowsTunnel.release_answer`): it has already failed the
+    handshake, so nothing is waited for (None if, against that, it had not)."""
     try:
-        await protocol.wait_until_handshake_complete()
+        async with asyncio.timeout(0):
+            await _answered(tunnel, target)
+    except HandshakeError as exc:
+        return exc
+    except TimeoutError:
+        pass
+    return None
+
+
+async def _answered(tunnel: PicowsTunnel, target: Target) -> None:
+    """Wait until picows has the upgrade answer; raise HandshakeError unless it opened
+    the tunnel."""
+    try:
+        await tunnel.handshake_answered()
     except WSInvalidStatusError as exc:
         answer = exc.response
-        raise _refused(target, int(answer.status) if answer else 0, exc.raw_body) from None
+        body = tunnel.refusal_body
+        raise _refused(target, int(answer.status) if answer else 0,
+                       exc.raw_body if body is None else body) from None
     except WSHandshakeError as exc:
         raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
                              status=int(exc.response.status) if exc.response else None

@@ -295,11 +295,10 @@ class TunnelMachine:
 
     def data(self, payload: bytes) -> None:
         """Payload of a binary data frame (or of a continuation of one): stream bytes."""
-        if self.stream_attached:
-            if self.stream_closing:
-                return  # the stream side is going: nobody will read these bytes
+        if self.relaying_websocket:
             self._io.write_stream(payload)
-        elif self.state is TunnelState.CLOSED:
+        elif self.stream_attached or self.state is TunnelState.CLOSED:
+            # the stream side is going (or gone): nobody will read these bytes
             return
         else:
             self._pending.append(payload)
