@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from typing import cast
 
 BUFFER = 256 * 1024
 
@@ -31,7 +32,8 @@ class Half(asyncio.Protocol):
         self.pending: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are no asyncio.Transport subclasses: a cast, not an isinstance.
+        transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=BUFFER, low=BUFFER // 4)
         self.transport = transport
         if self.peer is not None:  # upstream connected: flush what arrived before
