@@ -308,6 +308,8 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             super().connection_lost(exc)
         finally:  # picows skips on_ws_disconnected for a connection it never upgraded
             self.tunnel.ws_lost(exc)
+            if self.tunnel.client:
+                _retrieve_disconnect_error(self.transport)
 
     def feed(self, chunks: Iterable[bytes | bytearray]) -> None:
         """Deliver bytes as if read from the socket."""
@@ -319,6 +321,14 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
                 buffer[:size] = view[:size]
                 view = view[size:]
                 self.buffer_updated(size)
+
+
+def _retrieve_disconnect_error(transport: WSTransport) -> None:
+    """A client-side picows connection that picows ended for a protocol error keeps the
+    error for ``wait_disconnected()``, which nothing here awaits (the tunnel reports it as
+    its close code): retrieve it, or asyncio logs "Future exception was never retrieved"."""
+    waiter = asyncio.ensure_future(transport.wait_disconnected())
+    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class PicowsTunnel(SocketTunnel):
