@@ -121,12 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upgrades per client per sliding minute, 429 beyond (0: unlimited; "
                             "per worker)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
-                       help="proxy whose X-Forwarded-For, X-Request-Id and trace context "
-                            "(traceparent) are believed (repeatable)")
+                       help="proxy whose X-Forwarded-For, X-Request-Id and upgrade-request "
+                            "trace context (traceparent) are believed (repeatable)")
     serve.add_argument("--trust-trace-context", action="store_true",
                        help="continue every client's trace context (traceparent, baggage) "
-                            "in tunnel and RPC spans; by default only a trusted proxy's is, "
-                            "and other clients' spans start a new trace linked to theirs")
+                            "in tunnel and RPC spans; by default only a trusted proxy's "
+                            "upgrade request's is (for the tunnel span), and other spans "
+                            "start a new trace linked to the client's")
     serve.add_argument("--max-tunnel-age", type=float, default=None, metavar="SECONDS",
                        help="retire tunnels after about this long (+/- 10%% jitter): the "
                             "client gets a graceful HTTP/2 GOAWAY and opens a new tunnel "
