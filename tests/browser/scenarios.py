@@ -910,6 +910,69 @@ async def scenario_auth() -> Result:
     return {"messages": messages}
 
 
+async def age_stats() -> dict[str, float]:
+    """The age bridge's tunnel counters, once it has no tunnel open (the driver waits)."""
+    return dict(json.loads(await signal("age_stats")))
+
+
+async def scenario_tunnel_ages() -> Result:
+    """A bidirectional stream stays open across several tunnel ages (the bridge's
+    ``max_tunnel_age``) while unary calls run without pause: no RPC fails, new RPCs move to
+    a new tunnel after each GOAWAY, and the client closes every retired tunnel with 1000
+    once its last RPC is done (the test checks the bridge's close codes)."""
+    ages = 3
+    before = await age_stats()
+    async with channel(CONFIG["bridge_age"]) as ch:
+        stub = TodoServiceStub(ch)
+        todo = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="aged"))
+        stop = asyncio.Event()
+        counts = {"unary": 0, "bidi": 0}
+        tag = f"{CONFIG['impl']}-{random.random()}"
+
+        async def unary_forever() -> None:
+            while not stop.is_set():
+                reply = await stub.UpdateTodo(
+                    todo_pb2.UpdateTodoRequest(id=todo.id, text=f"u{counts['unary']}"),
+                    timeout=timing(30))
+                check(reply.id == todo.id, f"update replied {reply}")
+                counts["unary"] += 1
+
+        async def bidi() -> None:
+            async with stub.SyncTodos.open(timeout=timing(60)) as stream:
+                while not stop.is_set():
+                    text = f"age {tag} {counts['bidi']}"
+                    await stream.send_message(todo_pb2.SyncRequest(
+                        create=todo_pb2.CreateTodoRequest(text=text)))
+                    while True:  # the change feed: wait for our own todo
+                        reply = await stream.recv_message()
+                        check(reply is not None, "the stream ended early")
+                        if reply.WhichOneof("event") == "todo" and reply.todo.text == text:
+                            break
+                    counts["bidi"] += 1
+                await stream.end()
+                async for _ in stream:
+                    pass
+
+        tasks = [asyncio.create_task(unary_forever()), asyncio.create_task(bidi())]
+        try:
+            # One new tunnel per GOAWAY: the first plus one per age.
+            await until(lambda: ch.connections_opened > ages
+                        or any(task.done() for task in tasks), 30)
+            for task in tasks:
+                check(not task.done(), f"an RPC ended: {task}")
+            rounds = counts["bidi"]
+            await until(lambda: counts["bidi"] > rounds + 1
+                        or any(task.done() for task in tasks), 30)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks)  # raises what failed, if anything did
+        opened = ch.connections_opened
+    after = await age_stats()
+    return {"connections_opened": opened, "unary_calls": counts["unary"],
+            "bidi_rounds": counts["bidi"],
+            "bridge": {key: after[key] - before[key] for key in after}}
+
+
 async def scenario_targets() -> Result:
     page = ("https:", "app.example:8443")
     check(resolve_target("", page).url == "wss://app.example:8443/", "'' on https page")
@@ -1009,6 +1072,7 @@ SCENARIOS: dict[str, Callable[[], Awaitable[Result]]] = {
     "send_after_close": scenario_send_after_close,
     "server_close_midstream": scenario_server_close_midstream,
     "reconnect": scenario_reconnect,
+    "tunnel_ages": scenario_tunnel_ages,
     "auth": scenario_auth,
     "dead_target": scenario_dead_target,
     "no_leaks": scenario_no_leaks,

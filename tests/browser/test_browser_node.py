@@ -7,7 +7,7 @@ module serves what they talk to and asserts on each scenario's result:
 * bridges (in-process :class:`grpcbridge.Bridge`) in front of the grpcio Todo service (the
   test oracle of tests/todo_oracle.py: the scenarios use its metadata echo and ``fail:``
   errors): the main one, one that the test closes while a stream runs, one with a short idle
-  timeout and one that demands a bearer token;
+  timeout, one that demands a bearer token and one that retires tunnels at a short age;
 * a raw WebSocket server (websockets) for wire-level cases: a slow sink, a server that sends
   bytes before the client is ready, one that sends a text message, one that closes soon,
   and a relay to the Todo service that closes right after each response's last frame.
@@ -46,13 +46,27 @@ from websockets.exceptions import ConnectionClosed
 
 from grpcbridge import BearerTokenAuth, Bridge, BridgeConfig
 from grpcbridge.browser import private_close_code
+from grpcbridge.observability import PRESET_CLOSE_CODES
 
-from support import ROOT, TIMING, build_browser_bundle, free_port, skip_or_fail, timing
+from support import (
+    ROOT,
+    TIMING,
+    build_browser_bundle,
+    eventually,
+    free_port,
+    sample,
+    skip_or_fail,
+    timing,
+)
 
 HARNESS = Path(__file__).resolve().with_name("run_node.mjs")
 BUNDLE = ROOT / "build" / "browser"
 MiB = 1024 * 1024
 TOKEN = "browser-test-token.42"
+#: The age bridge's ``max_tunnel_age`` (jittered +/- 10 % per tunnel) and grace: the
+#: tunnel_ages scenario's stream outlives several ages but ends well within the grace.
+TUNNEL_AGE = timing(0.6)
+TUNNEL_AGE_GRACE = timing(15.0)
 NODE_TIMEOUT = timing(100.0)  # below pytest-timeout's 120 s (scaled alike): this message wins
 
 
@@ -208,6 +222,19 @@ def _node_flags() -> list[str]:
     return []
 
 
+async def _age_stats(bridge: Bridge) -> dict[str, float]:
+    """The age bridge's tunnel counters for the ``tunnel_ages`` scenario, once its tunnels
+    are closed (or as they are after 10 s: the scenario's assertions then say what is open)."""
+    await eventually(lambda: bridge.active_tunnels == 0, 10, fail=False)
+    stats = {"active": float(bridge.active_tunnels),
+             "accepted": sample(bridge, "grpcbridge_upgrades_accepted_total"),
+             "retired": sample(bridge, "grpcbridge_tunnels_retired_total")}
+    for code in PRESET_CLOSE_CODES:
+        stats[f"closed_{code}"] = sample(bridge, "grpcbridge_tunnels_closed_total",
+                                         code=str(code))
+    return stats
+
+
 async def _run_node(backend_port: int) -> NodeRun:
     base = {"backend": f"127.0.0.1:{backend_port}", "listen": "127.0.0.1:0",
             "max_upgrades_per_minute": 0}
@@ -216,6 +243,8 @@ async def _run_node(backend_port: int) -> NodeRun:
         "close": Bridge(BridgeConfig(**base)),
         "idle": Bridge(BridgeConfig(**base, ping_interval=0, idle_timeout=0.6)),
         "auth": Bridge(BridgeConfig(**base, authenticate=BearerTokenAuth(TOKEN))),
+        "age": Bridge(BridgeConfig(**base, max_tunnel_age=TUNNEL_AGE,
+                                   max_tunnel_age_grace=TUNNEL_AGE_GRACE)),
     }
     raw = RawServer(backend_port)
     started = time.monotonic()
@@ -233,6 +262,7 @@ async def _run_node(backend_port: int) -> NodeRun:
             "bridge_close": bridges["close"].url,
             "bridge_idle": bridges["idle"].url,
             "bridge_auth": bridges["auth"].url,
+            "bridge_age": bridges["age"].url,
             "token": TOKEN,
             "raw": f"ws://127.0.0.1:{raw_port}",
             "dead": f"ws://127.0.0.1:{free_port()}/grpc",
@@ -256,9 +286,12 @@ async def _run_node(backend_port: int) -> NodeRun:
                 while line := await process.stdout.readline():
                     message = json.loads(line)
                     if "signal" in message:
+                        reply = "ok"
                         if message["signal"] == "close_bridge":
                             await bridges["close"].close(drain_timeout=0)
-                        process.stdin.write(b"ok\n")
+                        elif message["signal"] == "age_stats":
+                            reply = json.dumps(await _age_stats(bridges["age"]))
+                        process.stdin.write(reply.encode() + b"\n")
                         await process.stdin.drain()
                     elif "results" in message:
                         final = message
@@ -513,6 +546,21 @@ def test_server_closing_mid_stream_gives_unavailable(node_run: NodeRun) -> None:
 
 def test_lazy_reconnect_after_idle_close(node_run: NodeRun, impl: str) -> None:
     scenario(node_run, "reconnect", impl)
+
+
+def test_rpcs_survive_several_tunnel_ages(node_run: NodeRun, impl: str) -> None:
+    """The browser Channel under ``max_tunnel_age``: new RPCs took a new tunnel after each
+    GOAWAY, the stream finished on its old one, and every tunnel (retired or the last) was
+    closed by the client with 1000, none by the bridge's grace (1001)."""
+    result = scenario(node_run, "tunnel_ages", impl)
+    bridge = result["bridge"]
+    assert bridge["active"] == 0, result
+    assert result["connections_opened"] >= 4, result
+    assert bridge["accepted"] == result["connections_opened"], result
+    assert bridge["retired"] >= 3, result
+    assert bridge["closed_1001"] == 0, result
+    assert bridge["closed_1000"] == result["connections_opened"], result
+    assert result["unary_calls"] > 3 and result["bidi_rounds"] > 1, result
 
 
 def test_bearer_token_as_subprotocol_or_query(node_run: NodeRun, impl: str) -> None:
