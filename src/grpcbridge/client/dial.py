@@ -28,7 +28,7 @@ from websockets.uri import parse_uri
 from ..core.errors import ConfigError, HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-from ..core.target import Target
+from ..core.target import Target, host_port
 from ..fastws import REFUSAL_BODY, ClientRequest, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 
@@ -300,7 +300,7 @@ async def _proxy_socket(proxy: ProxyURL, host: str, port: int, within: float) ->
             message = refusal_message(proxy, status, reason, host, port)
         else:  # a SOCKS refusal, or an HTTP proxy that closed or answered garbage
             message = (f"{proxy.kind.upper()} proxy {proxy.address} opened no tunnel to "
-                       f"{host}:{port}: {exc}")
+                       f"{host_port(host, port)}: {exc}")
         raise HandshakeError(message, proxy_status=status) from None
 
 

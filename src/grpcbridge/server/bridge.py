@@ -22,6 +22,7 @@ from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import InvalidStateError
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
+from ..core.target import host_port
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
@@ -186,10 +187,8 @@ class Bridge:
                 + ("await bridge.start() (or use 'async with Bridge(...)') first"
                    if self._state in ("new", "starting")
                    else "it never listened; create a new Bridge"))
-        host, port = self.address
-        host = f"[{host}]" if ":" in host else host
         scheme = "wss" if self._ssl else "ws"
-        return f"{scheme}://{host}:{port}{self.config.path}"
+        return f"{scheme}://{host_port(*self.address)}{self.config.path}"
 
     @property
     def active_tunnels(self) -> int:
