@@ -395,7 +395,7 @@ class Bridge:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
-        tunnel.pause_websocket_reading()
+        tunnel.machine.pause_websocket()  # until the backend is attached (or the dial fails)
         session.task = tunnel.loop.create_task(self._open(side, session, request))
         session.task.add_done_callback(session.opened)
 
