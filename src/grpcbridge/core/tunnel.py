@@ -226,7 +226,8 @@ class TunnelMachine:
         self.close_reason = ""
         self.bytes_from_websocket = 0
         self.bytes_to_websocket = 0
-        #: Share of a server's memory budget (None: not accounted).
+        #: Share of a server's memory budget (None: not accounted). The machine closes it
+        #: when the WebSocket is lost (the one place: every tunnel ends through there).
         self.account: BudgetAccount | None = None
         #: Most WebSocket bytes held before the stream side is attached; beyond it the
         #: tunnel fails with 1009 (None: no limit of its own, the budget account decides).

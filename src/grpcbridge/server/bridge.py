@@ -509,8 +509,8 @@ class Bridge:
         if session.tunnel is not None:
             session.tunnel.finish()
             return
-        if tunnel.account is not None:  # a handshake, charged to its peer address
-            tunnel.account.close()
+        # The budget account (a handshake's, charged to its peer address) was closed by the
+        # machine: ``closed`` resolves only after websocket_lost.
         if session.admitted is not None:  # admitted, then refused by the WebSocket checks
             self.gate.release(session.admitted, tunnel.loop.time())
 
