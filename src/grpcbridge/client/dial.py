@@ -110,19 +110,18 @@ class DialSettings:
         return list(chosen.values())
 
 
-async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
-                         within: float | None = None) -> None:
+async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     """Connect ``tunnel``'s WebSocket side and complete the opening handshake within
-    ``within`` seconds (default: ``settings.handshake_timeout``).
+    ``settings.handshake_timeout`` seconds.
 
     Through ``settings.proxy`` when set (TLS, for wss://, is then end to end with the
-    bridge); ``within`` covers the proxy's CONNECT too.
+    bridge); the timeout covers the proxy's CONNECT too.
 
     Raises :class:`HandshakeError` (refused, unreachable, TLS failure, proxy refusal or
     timeout); the tunnel is then already being torn down, so callers only report the error.
     """
     target = settings.target
-    within = settings.handshake_timeout if within is None else within
+    within = settings.handshake_timeout
     try:
         async with asyncio.timeout(within):
             if isinstance(tunnel, PicowsTunnel):
