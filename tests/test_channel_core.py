@@ -155,8 +155,9 @@ async def test_old_option_names_point_to_the_new_ones() -> None:
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    ({"handshake_timeout": 0}, "handshake_timeout must be a number > 0, got 0"),
-    ({"handshake_timeout": "5"}, "handshake_timeout must be a number > 0"),
+    ({"handshake_timeout": 0}, "handshake_timeout must be > 0, got 0"),
+    ({"handshake_timeout": "5"}, "handshake_timeout must be a number, got '5'"),
+    ({"handshake_timeout": float("inf")}, "handshake_timeout must be a finite number"),
     ({"reconnect": 5}, "reconnect must be a grpcbridge.ReconnectPolicy"),
     ({"max_frame_size": 1000}, "max_frame_size must be 16384 to"),
     ({"bearer_token": "a b"}, "bearer_token must be non-empty"),

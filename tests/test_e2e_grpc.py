@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +33,7 @@ from support import (
     MiB,
     Process,
     cli,
+    free_port,
     start_cli,
     tls_files,
     wait_until,
@@ -56,12 +56,6 @@ def _module_process(args: list[str]) -> Process:
 def _count(process: Process, event: str) -> int:
     regex = re.compile(rf"\b{event}\b")
     return sum(1 for line in list(process.lines) if regex.search(line))
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _stop_promptly(process: Process) -> None:
@@ -490,7 +484,7 @@ def test_sigterm_drains_then_closes_with_1001(
 
 
 def test_forwarder_with_dead_target_fails_fast(leak_check: None) -> None:
-    target = f"ws://127.0.0.1:{_free_port()}/grpc"
+    target = f"ws://127.0.0.1:{free_port()}/grpc"
     with cli(["forward", "--listen", "127.0.0.1:0", "--target", target]) as fwd, \
             grpc.insecure_channel(fwd.listen, options=GRPC_OPTIONS) as channel:
         started = time.monotonic()

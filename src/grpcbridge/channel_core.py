@@ -67,7 +67,7 @@ from ._grpclib_compat import (
     streams_released,
 )
 from .client.streams import tunnel_stream
-from .core.config import ReconnectPolicy, check_dial_options
+from .core.config import ReconnectPolicy, check_dial_options, check_positive
 from .core.errors import ConfigError, HandshakeError, TunnelClosed
 from .core.reconnect import Backoff
 from .core.target import Target
@@ -130,8 +130,7 @@ def check_options(
     if not isinstance(policy, ReconnectPolicy):
         raise ConfigError("reconnect must be a grpcbridge.ReconnectPolicy")
     timeout = policy.min_connect_timeout if handshake_timeout is None else handshake_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-        raise ConfigError(f"handshake_timeout must be a number > 0, got {timeout!r}")
+    check_positive("handshake_timeout", timeout)
     frame_size = max_frame_size_for(max_frame_size, max_message_bytes)
     checked_headers, checked_subprotocols = check_dial_options(
         headers=headers or {}, bearer_token=bearer_token, subprotocols=subprotocols,

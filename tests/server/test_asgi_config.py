@@ -310,3 +310,26 @@ async def test_allowed_hosts_guard_applies() -> None:
         status = await asyncio.wait_for(reader.readline(), 5)
         writer.close()
         assert status.split()[1] == b"403", status
+
+
+async def test_relayed_bytes_are_reported_while_the_tunnel_is_open() -> None:
+    # The keepalive sweep runs while tunnels are open: it reports bytes before the tunnel
+    # ends (not only at its end) and stops with the last tunnel.
+    async with _Backend(read=True) as backend:
+        app = BridgeApp(BridgeConfig(backend=backend))
+        relayed = {direction: 0.0 for direction in ("client_to_backend", "backend_to_client")}
+
+        def reported() -> bool:
+            for direction in relayed:
+                relayed[direction] = app.metrics.registry.get_sample_value(
+                    "grpcbridge_bytes_total", {"direction": direction}) or 0.0
+            return all(relayed.values())
+
+        async with serving(app) as url, connect(url, compression=None) as ws:
+            await echo(ws, b"counted" * 100)
+            await eventually(reported, message="no bytes reported while the tunnel is open")
+            assert relayed == {"client_to_backend": 700, "backend_to_client": 700}
+            assert app._reporter is not None and not app._reporter.done()
+            reporter = app._reporter
+        await eventually(lambda: app._reporter is None and reporter.done(),
+                         message="the sweep outlived the last tunnel")

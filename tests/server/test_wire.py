@@ -381,6 +381,7 @@ async def test_failing_auth_hook_is_500_and_releases_the_slot(backend: RawBacken
         await eventually(lambda: bridge.connections == 0)
         assert bridge.limiter.active == 0
         assert bridge.limiter.tracked_clients == 0
+        assert (bridge.budget.held, bridge.budget.tracked_clients) == (0, 0)
 
 
 # -------------------------------------------------------------- (8) plain HTTP
@@ -631,6 +632,8 @@ async def test_state_returns_to_zero_after_tunnels_close(backend: RawBackend) ->
         assert bridge.active_tunnels == 0
         assert bridge.limiter.active == 0
         assert bridge.limiter.tracked_clients == 0
+        # The budget accounts (each handshake's, then each tunnel's) are all closed.
+        assert (bridge.budget.held, bridge.budget.tracked_clients) == (0, 0)
         assert sample(bridge, "grpcbridge_tunnels_active") == 0
 
 

@@ -35,7 +35,8 @@ class _TunnelConnection:
         self.closed = self.tunnel.closed
 
     async def wait_open(self, within: float) -> None:
-        await open_websocket(self.tunnel, self._dial, within=within)
+        # ``within`` is the channel's handshake_timeout, which the dial settings carry.
+        await open_websocket(self.tunnel, self._dial)
 
     def attach(self, protocol: asyncio.Protocol) -> None:
         tunnel = self.tunnel

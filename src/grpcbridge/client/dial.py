@@ -28,7 +28,7 @@ from websockets.uri import parse_uri
 from ..core.errors import ConfigError, HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
-from ..core.target import Target
+from ..core.target import Target, host_port
 from ..fastws import REFUSAL_BODY, ClientRequest, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 
@@ -110,19 +110,18 @@ class DialSettings:
         return list(chosen.values())
 
 
-async def open_websocket(tunnel: ClientTunnel, settings: DialSettings, *,
-                         within: float | None = None) -> None:
+async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     """Connect ``tunnel``'s WebSocket side and complete the opening handshake within
-    ``within`` seconds (default: ``settings.handshake_timeout``).
+    ``settings.handshake_timeout`` seconds.
 
     Through ``settings.proxy`` when set (TLS, for wss://, is then end to end with the
-    bridge); ``within`` covers the proxy's CONNECT too.
+    bridge); the timeout covers the proxy's CONNECT too.
 
     Raises :class:`HandshakeError` (refused, unreachable, TLS failure, proxy refusal or
     timeout); the tunnel is then already being torn down, so callers only report the error.
     """
     target = settings.target
-    within = settings.handshake_timeout if within is None else within
+    within = settings.handshake_timeout
     try:
         async with asyncio.timeout(within):
             if isinstance(tunnel, PicowsTunnel):
@@ -300,7 +299,7 @@ async def _proxy_socket(proxy: ProxyURL, host: str, port: int, within: float) ->
             message = refusal_message(proxy, status, reason, host, port)
         else:  # a SOCKS refusal, or an HTTP proxy that closed or answered garbage
             message = (f"{proxy.kind.upper()} proxy {proxy.address} opened no tunnel to "
-                       f"{host}:{port}: {exc}")
+                       f"{host_port(host, port)}: {exc}")
         raise HandshakeError(message, proxy_status=status) from None
 
 

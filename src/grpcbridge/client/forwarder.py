@@ -10,6 +10,7 @@ from typing import cast
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, InvalidStateError
 from ..core.stream import CloseCode
+from ..core.target import host_port
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import log_event
@@ -59,8 +60,7 @@ class Forwarder:
                 + ("await forwarder.start() (or use 'async with Forwarder(...)') first"
                    if self._state in ("new", "running")
                    else "it never listened; create a new Forwarder"))
-        host, port = self.address
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return host_port(*self.address)
 
     @property
     def active_tunnels(self) -> int:
@@ -87,7 +87,7 @@ class Forwarder:
             self.config.ping_interval, self.config.idle_timeout))
         proxy = self.config.parsed_proxy
         log_event("forwarder_started", listen=str(listen) if listen.path else
-                  f"{self.address[0]}:{self.address[1]}" if self.address else "",
+                  host_port(*self.address) if self.address else "",
                   target=self.config.parsed_target.url, loop=loop_name(loop),
                   **({"proxy": proxy.masked, "proxy_from": proxy.source} if proxy else {}))
 

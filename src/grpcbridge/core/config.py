@@ -21,7 +21,9 @@ from .target import SocketAddress, Target, parse_address, parse_target
 from .wire import TOKEN_CHARS
 
 
-def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    """:class:`ConfigError` naming ``name`` unless ``value`` is a finite number > 0 (>= 0
+    with ``allow_zero``, where 0 disables the setting)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
@@ -35,7 +37,7 @@ def _positive(name: str, value: float, *, allow_zero: bool = False) -> None:
 
 def _check_keepalive(ping_interval: float, idle_timeout: float) -> None:
     for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
-        _positive(name, value, allow_zero=True)
+        check_positive(name, value, allow_zero=True)
     if idle_timeout and ping_interval and idle_timeout <= ping_interval:
         raise ConfigError(f"idle_timeout ({idle_timeout}) must be longer than ping_interval "
                           f"({ping_interval}), or a healthy quiet tunnel would be closed")
@@ -194,17 +196,17 @@ class BridgeConfig:
         if not self.path.startswith("/") or "?" in self.path:
             raise ConfigError(f"path must start with '/' and hold no query, got {self.path!r}")
         for name in ("backend_connect_timeout", "handshake_timeout"):
-            _positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         _check_keepalive(self.ping_interval, self.idle_timeout)
-        _positive("drain_timeout", self.drain_timeout, allow_zero=True)
+        check_positive("drain_timeout", self.drain_timeout, allow_zero=True)
         if self.max_tunnel_age is not None:
-            _positive("max_tunnel_age", self.max_tunnel_age, allow_zero=True)
-        _positive("max_tunnel_age_grace", self.max_tunnel_age_grace, allow_zero=True)
+            check_positive("max_tunnel_age", self.max_tunnel_age, allow_zero=True)
+        check_positive("max_tunnel_age_grace", self.max_tunnel_age_grace, allow_zero=True)
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
         _check_budgets(self.client_memory_budget, self.memory_budget,
                        self.max_message_bytes + self.buffer_bytes)
         for name in ("max_connections", "max_connections_per_client", "max_upgrades_per_minute"):
-            _positive(name, getattr(self, name), allow_zero=True)
+            check_positive(name, getattr(self, name), allow_zero=True)
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("certfile and keyfile go together: give both for wss, or neither")
         _check_file("certfile", self.certfile)
@@ -287,9 +289,9 @@ class ReconnectPolicy:
     min_connect_timeout: float = 20.0
 
     def __post_init__(self) -> None:
-        _positive("initial_delay", self.initial_delay, allow_zero=True)
-        _positive("max_delay", self.max_delay, allow_zero=True)
-        _positive("min_connect_timeout", self.min_connect_timeout)
+        check_positive("initial_delay", self.initial_delay, allow_zero=True)
+        check_positive("max_delay", self.max_delay, allow_zero=True)
+        check_positive("min_connect_timeout", self.min_connect_timeout)
         if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, int | float) \
                 or not 1 <= self.multiplier < math.inf:
             raise ConfigError(f"multiplier must be a finite number >= 1 (such as 1.6), "
@@ -356,7 +358,7 @@ class ForwarderConfig:
         target = parse_target(self.target, tls=self.tls)
         object.__setattr__(self, "parsed_proxy", resolve_proxy(target, self.proxy, os.environ))
         listen = parse_address(self.listen, what="listen", allow_port_zero=True)
-        _positive("handshake_timeout", self.handshake_timeout)
+        check_positive("handshake_timeout", self.handshake_timeout)
         _check_keepalive(self.ping_interval, self.idle_timeout)
         _check_file("cacert", self.cacert)
         if self.cacert is not None and not target.secure:

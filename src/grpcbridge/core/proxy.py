@@ -25,7 +25,7 @@ from typing import Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ConfigError
-from .target import Target
+from .target import Target, host_port
 
 #: The default ``proxy`` setting: take the proxy from the environment.
 FROM_ENVIRONMENT: Final = True
@@ -62,7 +62,7 @@ class ProxyURL:
     @property
     def address(self) -> str:
         """``host:port`` of the proxy."""
-        return _host_port(self.host, self.port)
+        return host_port(self.host, self.port)
 
     @property
     def masked(self) -> str:
@@ -72,10 +72,6 @@ class ProxyURL:
 
     def __str__(self) -> str:
         return self.masked
-
-
-def _host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def mask_userinfo(raw: str) -> str:
@@ -216,7 +212,7 @@ def bypasses(no_proxy: str, host: str, port: int) -> bool:
 
 def refusal_message(proxy: ProxyURL, status: int, reason: str, host: str, port: int) -> str:
     """Why an HTTP proxy's answer ``status`` to ``CONNECT host:port`` means no tunnel."""
-    destination = _host_port(host, port)
+    destination = host_port(host, port)
     answered = f"proxy {proxy.address} answered HTTP {status}" + (f" {reason}" if reason else "")
     if status in (401, 407):  # tinyproxy answers wrong credentials with 401
         hint = ("the user:password in the proxy URL were refused" if proxy.username is not None

@@ -226,7 +226,8 @@ class TunnelMachine:
         self.close_reason = ""
         self.bytes_from_websocket = 0
         self.bytes_to_websocket = 0
-        #: Share of a server's memory budget (None: not accounted).
+        #: Share of a server's memory budget (None: not accounted). The machine closes it
+        #: when the WebSocket is lost (the one place: every tunnel ends through there).
         self.account: BudgetAccount | None = None
         #: Most WebSocket bytes held before the stream side is attached; beyond it the
         #: tunnel fails with 1009 (None: no limit of its own, the budget account decides).
@@ -477,33 +478,30 @@ class TunnelMachine:
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides; the WebSocket with ``code`` and ``reason``. Idempotent."""
-        if self.state is TunnelState.CLOSED:
-            return
-        if not self.ws_lost and self.close_code is None:
-            self._set_close(code, reason)
-            if self.ws_open:
-                self._io.send_close(code, reason)
-                # Read the peer's close frame even if reading was paused for backpressure.
-                self.resume_websocket()
-            else:
-                self._io.abort_websocket()
-            self._arm_websocket_deadline()
-        self._set_close(code, reason)
-        self._begin_closing()
+        self._end(code, reason, reason, failing=False)
 
     def fail(self, code: int, reason: str, *, detail: str | None = None) -> None:
         """Fail the WebSocket for a violation (no further frames are processed). ``reason``
         goes on the wire (keep it short); ``detail``, if given, to the logs."""
+        self._end(code, reason, detail or reason, failing=True)
+
+    def _end(self, code: int, reason: str, logged: str, *, failing: bool) -> None:
+        """:meth:`close` and :meth:`fail`: the first call decides the code and what is sent;
+        every call closes the stream side."""
         if self.state is TunnelState.CLOSED:
             return
-        first = self.close_code is None
-        self._set_close(code, detail or reason)
-        if first and not self.ws_lost:
-            if self.ws_open:
-                self._io.fail_websocket(code, reason)
-            else:
-                self._io.abort_websocket()
-            self._arm_websocket_deadline()
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, logged
+            if not self.ws_lost:
+                if not self.ws_open:
+                    self._io.abort_websocket()
+                elif failing:
+                    self._io.fail_websocket(code, reason)
+                else:
+                    self._io.send_close(code, reason)
+                    # Read the peer's close frame even if reading was paused for backpressure.
+                    self.resume_websocket()
+                self._arm_websocket_deadline()
         self._begin_closing()
 
     def abort(self) -> None:
@@ -567,24 +565,16 @@ class TunnelMachine:
                 and self.close_code is None:
             self._age_due(age, now)
         if self._ws_deadline is not None and now >= self._ws_deadline:
-            left = 0 if self.ws_lost else self._io.websocket_buffered()
-            if 0 < left < self._ws_buffer_at:  # still draining: a slow reader, not a dead one
-                self._ws_buffer_at = left
-                self._ws_deadline = now + self.close_timeout
-            else:
-                self._ws_deadline = None
-                if not self.ws_lost:
-                    self._set_close(CloseCode.ABNORMAL, "close timed out")
-                    self._io.abort_websocket()
+            self._ws_deadline, self._ws_buffer_at = self._next_deadline(
+                now, 0 if self.ws_lost else self._io.websocket_buffered(), self._ws_buffer_at)
+            if self._ws_deadline is None and not self.ws_lost:
+                self._set_close(CloseCode.ABNORMAL, "close timed out")
+                self._io.abort_websocket()
         if self._stream_deadline is not None and now >= self._stream_deadline:
-            left = self._io.stream_buffered()
-            if 0 < left < self._stream_buffer_at:
-                self._stream_buffer_at = left
-                self._stream_deadline = now + self.close_timeout
-            else:
-                self._stream_deadline = None
-                if not self.stream_lost:
-                    self._io.abort_stream()
+            self._stream_deadline, self._stream_buffer_at = self._next_deadline(
+                now, self._io.stream_buffered(), self._stream_buffer_at)
+            if self._stream_deadline is None and not self.stream_lost:
+                self._io.abort_stream()
         if self.deadline is not None or before is not None:
             # Re-arm even when unchanged: a timer may fire a little before its deadline.
             self._io.set_timer(self.deadline)
@@ -600,6 +590,15 @@ class TunnelMachine:
                 self._last_ping = now
                 self._io.send_ping()
         self.charge()
+
+    def _next_deadline(self, now: float, left: int, buffer_at: int) -> tuple[float | None, int]:
+        """A side's close deadline passed with ``left`` bytes still buffered (``buffer_at``
+        when it was set): one still draining is a slow reader, not a dead one, and gets
+        another ``close_timeout`` (the new deadline and mark); otherwise (None, unchanged)
+        the side is aborted."""
+        if 0 < left < buffer_at:
+            return now + self.close_timeout, left
+        return None, buffer_at
 
     # ----------------------------------------------------------------- memory
 

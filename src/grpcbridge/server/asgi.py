@@ -32,7 +32,7 @@ from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode, Opcode, message_too_big_reason
 from ..core.tunnel import CLOSE_TIMEOUT, PROBE_INTERVAL, TunnelMachine
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event
-from ..relay import StreamAdapter
+from ..relay import StreamAdapter, keepalive_forever
 from ..tracing import available as tracing_available
 from .bridge import make_backend
 from .gate import Gate
@@ -337,19 +337,9 @@ class BridgeApp:
         if self._tunnels:
             await asyncio.wait(set(self._tunnels), timeout=1)
 
-    async def _report_bytes(self) -> None:
-        """Every second while tunnels are open, as the standalone bridge does: report relayed
-        bytes to the metrics and tick every machine (a refresh of its memory charge). The
-        task ends with the last tunnel."""
-        try:
-            while self._relaying:
-                await asyncio.sleep(1.0)
-                for session in list(self._relaying.values()):
-                    session.report_bytes()
-                    session.machine.tick()
-        finally:
-            if self._reporter is asyncio.current_task():
-                self._reporter = None
+    def _report_bytes(self) -> None:
+        for session in self._relaying.values():
+            session.report_bytes()
 
     @property
     def active_tunnels(self) -> int:
@@ -488,7 +478,11 @@ class BridgeApp:
         tunnel.tasks = (sender, receiver)
         self._relaying[tunnel] = session
         if self._reporter is None:
-            self._reporter = loop.create_task(self._report_bytes())
+            # While tunnels are open, as the standalone bridge does: every second report
+            # relayed bytes and tick every machine (probes, the memory charge's refresh).
+            # Pings and the idle timeout are the ASGI server's (0, 0: off here).
+            self._reporter = loop.create_task(keepalive_forever(
+                lambda: list(self._relaying), 0, 0, self._report_bytes))
         try:
             await session.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
             # Ends when the client disconnects, or when we sent our close frame.

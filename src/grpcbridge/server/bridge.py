@@ -22,6 +22,7 @@ from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import InvalidStateError
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
+from ..core.target import host_port
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
@@ -186,10 +187,8 @@ class Bridge:
                 + ("await bridge.start() (or use 'async with Bridge(...)') first"
                    if self._state in ("new", "starting")
                    else "it never listened; create a new Bridge"))
-        host, port = self.address
-        host = f"[{host}]" if ":" in host else host
         scheme = "wss" if self._ssl else "ws"
-        return f"{scheme}://{host}:{port}{self.config.path}"
+        return f"{scheme}://{host_port(*self.address)}{self.config.path}"
 
     @property
     def active_tunnels(self) -> int:
@@ -396,7 +395,7 @@ class Bridge:
         if session.timer is not None:
             session.timer.cancel()
             session.timer = None
-        tunnel.pause_websocket_reading()
+        tunnel.machine.pause_websocket()  # until the backend is attached (or the dial fails)
         session.task = tunnel.loop.create_task(self._open(side, session, request))
         session.task.add_done_callback(session.opened)
 
@@ -510,8 +509,8 @@ class Bridge:
         if session.tunnel is not None:
             session.tunnel.finish()
             return
-        if tunnel.account is not None:  # a handshake, charged to its peer address
-            tunnel.account.close()
+        # The budget account (a handshake's, charged to its peer address) was closed by the
+        # machine: ``closed`` resolves only after websocket_lost.
         if session.admitted is not None:  # admitted, then refused by the WebSocket checks
             self.gate.release(session.admitted, tunnel.loop.time())
 

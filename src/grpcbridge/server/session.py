@@ -1,8 +1,9 @@
 """One admitted tunnel's path from upgrade to end, the same under :class:`~grpcbridge.Bridge`
 and :class:`~grpcbridge.BridgeApp`: admit (the :class:`~.gate.Gate` decided) -> open (log,
 metrics, the client's share of the memory budget, the tunnel's span) -> connect the backend
-(1011 when it fails) -> account (bytes reported as they flow) -> close (slot released, budget
-released, one ``tunnel_closed`` line with the code, duration and bytes, the span ended).
+(1011 when it fails) -> account (bytes reported as they flow) -> close (budget released by the
+machine when the WebSocket is lost; slot released, one ``tunnel_closed`` line with the code,
+duration and bytes, the span ended).
 Every log line carries the upgrade's request id (``Admitted.request_id``).
 """
 
@@ -82,14 +83,14 @@ class TunnelSession:
         self.gate.metrics.add_bytes(to_backend, to_client)
 
     def finish(self) -> None:
-        """The tunnel ended: release its slot and budget, report it."""
+        """The tunnel ended: release its slot, report it. (Its budget account is the
+        machine's to close, in ``websocket_lost``: every adapter calls that before the
+        tunnel ends.)"""
         if self._finished:
             return
         self._finished = True
         machine = self.machine
         now = machine.clock()
-        if machine.account is not None:
-            machine.account.close()
         self.gate.release(self.admitted, now)
         self.report_bytes()
         code = int(machine.close_code or CloseCode.ABNORMAL)

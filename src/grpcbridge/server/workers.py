@@ -43,7 +43,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from ..backends import SocketBackend
 from ..core.config import BridgeConfig
-from ..core.target import SocketAddress
+from ..core.target import SocketAddress, host_port
 from ..loops import loop_name
 from ..observability import log_event
 from ..sockets import remove_stale_socket
@@ -399,6 +399,5 @@ class Supervisor:
             return str(address)
         assert self._sock is not None
         host, port = self._sock.getsockname()[:2]
-        host = f"[{host}]" if ":" in host else host
         scheme = "wss" if self.config.certfile else "ws"
-        return f"{scheme}://{host}:{port}{self.config.path}"
+        return f"{scheme}://{host_port(host, port)}{self.config.path}"
