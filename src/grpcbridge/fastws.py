@@ -46,7 +46,7 @@ from picows.picows import WSProtocol  # type: ignore[attr-defined]
 from websockets.server import ServerProtocol
 
 from .core.limits import FRAMES_PER_TURN
-from .core.stream import CloseCode, Opcode, fit_close_reason, message_too_big_reason
+from .core.stream import CloseCode, Opcode, message_too_big_reason
 from .core.tunnel import TunnelMachine
 from .observability import log_event
 from .relay import SocketTunnel, flush_handshake
@@ -584,7 +584,7 @@ class PicowsTunnel(SocketTunnel):
         ws = self.ws
         if ws is None or ws.is_close_frame_sent or self.failed:
             return
-        ws.send_close(_CLOSE_CODES.get(code, code), fit_close_reason(reason).encode())  # type: ignore[arg-type]
+        ws.send_close(_CLOSE_CODES.get(code, code), reason.encode())  # type: ignore[arg-type]
 
     def fail_websocket(self, code: int, reason: str) -> None:
         self.send_close(code, reason)

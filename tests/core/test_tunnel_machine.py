@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -195,6 +196,21 @@ def test_close_is_idempotent_and_closed_after_both_sides() -> None:
     tunnel.tick(ping_interval=1, idle_timeout=2)
     assert (list(io.calls), list(io.messages), list(io.to_stream)) == before
     assert io.closed == 1
+
+
+@pytest.mark.parametrize("failing", [False, True])
+def test_a_long_close_reason_is_cut_to_fit_a_close_frame(failing: bool) -> None:
+    """Every adapter gets a reason that fits in a close frame (123 bytes of UTF-8): the
+    websockets engine raises on a longer one; the full text stays the logged reason."""
+    tunnel, io = opened()
+    reason = "backend said: " + "é" * 200
+    (tunnel.fail if failing else tunnel.close)(CloseCode.INTERNAL_ERROR, reason)
+    ((name, code, sent),) = [call for call in io.calls
+                             if call[0] in ("send_close", "fail_websocket")]
+    assert name == ("fail_websocket" if failing else "send_close")
+    assert code == 1011 and isinstance(sent, str)
+    assert len(sent.encode()) <= 123 and sent.endswith("...")
+    assert reason.startswith(sent[:-3])
 
 
 def test_stream_side_lost_with_error_closes_1011() -> None:

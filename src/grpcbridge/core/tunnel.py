@@ -42,7 +42,7 @@ from typing import Protocol
 
 from .age import TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
-from .stream import CloseCode, InboundMessages, Opcode, StreamViolation
+from .stream import CloseCode, InboundMessages, Opcode, StreamViolation, fit_close_reason
 
 #: Seconds a closing side gets to flush (and the peer to answer a close frame).
 CLOSE_TIMEOUT = 2.0
@@ -496,9 +496,9 @@ class TunnelMachine:
                 if not self.ws_open:
                     self._io.abort_websocket()
                 elif failing:
-                    self._io.fail_websocket(code, reason)
+                    self._io.fail_websocket(code, fit_close_reason(reason))
                 else:
-                    self._io.send_close(code, reason)
+                    self._io.send_close(code, fit_close_reason(reason))
                     # Read the peer's close frame even if reading was paused for backpressure.
                     self.resume_websocket()
                 self._arm_websocket_deadline()
