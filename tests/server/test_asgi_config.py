@@ -333,3 +333,47 @@ async def test_relayed_bytes_are_reported_while_the_tunnel_is_open() -> None:
             reporter = app._reporter
         await eventually(lambda: app._reporter is None and reporter.done(),
                          message="the sweep outlived the last tunnel")
+
+
+async def test_a_tunnel_cancelled_at_every_await_releases_its_budget() -> None:
+    """anyio's cancellation is delivered again at every await: the tunnel's cleanup (which
+    awaits its own tasks) is cut short, and the client's memory budget must still be
+    released and the backend connection closed."""
+    backend_closed = asyncio.Event()
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"y" * 300_000)  # more than the client (who never reads) takes
+        await reader.read()  # until the bridge closes the connection
+        backend_closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(flood, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    app = BridgeApp(BridgeConfig(backend=f"127.0.0.1:{port}"))
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    inbox.put_nowait({"type": "websocket.connect"})
+    inbox.put_nowait({"type": "websocket.receive", "bytes": b"x" * 1000})
+    stuck = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] != "websocket.accept":
+            await stuck.wait()  # a client that does not read
+
+    scope = {"type": "websocket", "path": "/grpc", "headers": [(b"host", b"example")],
+             "client": ("10.0.0.7", 1234), "query_string": b"", "subprotocols": []}
+    task = asyncio.create_task(app(scope, inbox.get, send))  # type: ignore[arg-type]
+    try:
+        await eventually(lambda: app.budget.held_by("10.0.0.7") > 100_000)
+        while not task.done():  # cancelled again at every await, as anyio does
+            task.cancel()
+            await asyncio.sleep(0)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert app.budget.held_by("10.0.0.7") == 0
+        assert app.budget.tracked_clients == 0 and app.active_tunnels == 0
+        await asyncio.wait_for(backend_closed.wait(), 10)
+    finally:
+        stuck.set()
+        await app.close()
+        server.close()
+        await server.wait_closed()

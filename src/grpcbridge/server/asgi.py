@@ -500,10 +500,14 @@ class BridgeApp:
                 self._reporter = None
             for task in (sender, receiver):
                 task.cancel()
-            await asyncio.gather(sender, receiver, return_exceptions=True)
-            # However it ended, the WebSocket side is done; the machine closes the backend
-            # stream (what is buffered for it gets the close timeout to drain).
-            tunnel.machine.websocket_lost(CloseCode.ABNORMAL, "client connection lost")
+            try:
+                await asyncio.gather(sender, receiver, return_exceptions=True)
+            finally:
+                # However it ended (a second cancellation of this task included: anyio
+                # delivers one at every await), the WebSocket side is done; the machine
+                # closes the backend stream (what is buffered for it gets the close timeout
+                # to drain) and releases the tunnel's memory budget.
+                tunnel.machine.websocket_lost(CloseCode.ABNORMAL, "client connection lost")
 
 
 __all__ = ["APPLIED", "REFUSED", "Backend", "BridgeApp", "check_asgi_config"]

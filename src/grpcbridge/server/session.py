@@ -84,12 +84,15 @@ class TunnelSession:
 
     def finish(self) -> None:
         """The tunnel ended: release its slot, report it. (Its budget account is the
-        machine's to close, in ``websocket_lost``: every adapter calls that before the
-        tunnel ends.)"""
+        machine's to close, in ``websocket_lost``, which every adapter calls before the
+        tunnel ends; closing it here too, idempotently, keeps an adapter cut short by a
+        cancellation from pinning the client's budget.)"""
         if self._finished:
             return
         self._finished = True
         machine = self.machine
+        if machine.account is not None:
+            machine.account.close()
         now = machine.clock()
         self.gate.release(self.admitted, now)
         self.report_bytes()
