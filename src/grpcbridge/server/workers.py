@@ -252,7 +252,7 @@ class Supervisor:
                 self._started = True
                 log_event("bridge_started", listen=self._url(), backend=self._backend(),
                           metrics="" if metrics_address is None
-                          else f"{metrics_address[0]}:{metrics_address[1]}",
+                          else host_port(metrics_address[0], metrics_address[1]),
                           loop=loop_name(loop), workers=self.count)
             await asyncio.gather(*slots)
             log_event("bridge_stopped", workers=self.count)
