@@ -3,7 +3,8 @@
 Regression tests for defects found by abusing the bridge: a stalled backend pinning tunnels
 whose clients left, floods of empty/control frames starving other tunnels, pipelined and
 unparseable HTTP requests, a backend reset in the middle of an upload, memory pinned by
-incomplete messages; and a soak of all of them at once (``-k soak``; its length from
+incomplete messages, requests pinned behind a slow auth hook (an in-process Bridge,
+whose hook the test holds); and a soak of all of them at once (``-k soak``; its length from
 GRPCBRIDGE_SOAK_SECONDS, default 60). Time bounds scale with GRPCBRIDGE_TEST_TIMING.
 
 Clients are raw sockets: frames come from websockets' sans-I/O code (hostile.py), floods
@@ -20,6 +21,8 @@ import os
 import random
 import re
 import signal
+import socket
+import struct
 import time
 from collections import Counter
 
@@ -585,3 +588,181 @@ async def healthy_watch(task: asyncio.Task[None], until: float) -> None:
             task.result()
             raise AssertionError("the healthy stream ended during the abuse")
         await asyncio.sleep(0.2)
+
+
+# ------------------------------------------- (8) requests held while admission runs
+# In-process Bridge: the auth hook is the test's, so admission can be held open at will.
+
+
+def big_upgrade(port: int, lines: int = 100) -> bytes:
+    """An upgrade request of ``lines`` 8000-byte headers (about 800 KB; websockets allows
+    128 of 8 KiB), up to its blank line."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (f"GET /grpc HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: grpcbridge\r\n"
+            + f"X-Pad: {'a' * 8000}\r\n" * lines + "\r\n").encode()
+
+
+async def send_raw(port: int, data: bytes, source: str) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(sock, data)
+    return sock
+
+
+async def read_answer(sock: socket.socket) -> bytes:
+    """Everything the bridge sends until it closes."""
+    loop = asyncio.get_running_loop()
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await loop.sock_recv(sock, 65536):
+            received += chunk
+    return received
+
+
+class SlowHook:
+    """An async auth hook that waits until :meth:`answer` (counting calls, cancellations)."""
+
+    def __init__(self) -> None:
+        self.entered = 0
+        self.cancelled = 0
+        self.answer_with: grpcbridge.Rejection | None = None
+        self._gate = asyncio.Event()
+
+    async def __call__(self, request: grpcbridge.HandshakeRequest) -> grpcbridge.Rejection | None:
+        self.entered += 1
+        try:
+            await self._gate.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return self.answer_with
+
+    def answer(self, rejection: grpcbridge.Rejection | None) -> None:
+        self.answer_with = rejection
+        self._gate.set()
+
+
+def rejected_for_memory(caplog: pytest.LogCaptureFixture) -> list[dict[str, object]]:
+    fields = [getattr(record, "fields", {}) for record in caplog.records
+              if getattr(record, "event", None) == "upgrade_rejected"]
+    return [f for f in fields if "memory budget exceeded" in str(f.get("reason"))]
+
+
+async def test_requests_waiting_for_a_slow_auth_hook_are_charged_to_the_budget(
+        caplog: pytest.LogCaptureFixture, leak_check: None) -> None:
+    """100 upgrades of about 1 MB each (an 800 KB head, 200 KB sent after it) wait on a
+    slow auth hook: the head and the early bytes count against the client's 48 MiB budget,
+    so the upgrades past it are refused (429, logged with their request id, metric
+    "memory") before the hook runs, the process grows by less than 64 MiB, and the budget
+    is back to 0 once the hook answers and the connections end. (Uncharged, the bridge
+    held about 110 MB here.)"""
+    caplog.set_level("INFO", logger="grpcbridge")
+    hook = SlowHook()
+    config = grpcbridge.BridgeConfig(listen="127.0.0.1:0", backend="127.0.0.1:1",
+                                     authenticate=hook, max_upgrades_per_minute=0,
+                                     handshake_timeout=timing(60), drain_timeout=0)
+    process = psutil.Process()
+    count = 100
+    async with grpcbridge.Bridge(config) as bridge:
+        assert bridge.address is not None
+        port = bridge.address[1]
+        data = big_upgrade(port) + b"\x82" * (200 * 1024)
+        baseline = process.memory_info().rss
+        sockets: list[socket.socket] = []
+        closing = contextlib.ExitStack()
+        peak = 0
+        for _ in range(count):
+            sockets.append(closing.enter_context(await send_raw(port, data, "127.0.0.2")))
+            peak = max(peak, process.memory_info().rss - baseline)
+        with closing:
+            answers = [asyncio.create_task(read_answer(sock)) for sock in sockets]
+            refused = lambda: sum(task.done() for task in answers)  # noqa: E731
+            await eventually(lambda: hook.entered + refused() == count, 20,
+                             message=lambda: f"{hook.entered} in the hook, {refused()} refused")
+            held = bridge.budget.held_by("127.0.0.2")
+            n_refused = refused()
+            peak = max(peak, process.memory_info().rss - baseline)
+            memory_refusals = bridge.metrics.registry.get_sample_value(
+                "grpcbridge_upgrades_rejected_total", {"reason": "memory"})
+            logged = rejected_for_memory(caplog)
+            refused_statuses = Counter(status for task in answers if task.done()
+                                       for status in statuses(task.result()))
+            hook.answer(grpcbridge.Rejection(403, "not today", label="auth"))
+            await asyncio.gather(*answers)
+            late_statuses = Counter(status for task in answers
+                                    for status in statuses(task.result()))
+        released = await eventually(lambda: bridge.budget.held_by("127.0.0.2") == 0
+                                    and bridge.connections == 0, 10, fail=False)
+        print(f"\n{count} x {len(data) / MiB:.1f} MB upgrades behind a slow hook: "
+              f"{hook.entered} reached it, {n_refused} refused, {held / MiB:.1f} MiB charged, "
+              f"process RSS +{peak / MiB:.0f} MiB")
+        assert released, (f"{bridge.budget.held_by('127.0.0.2')} bytes still charged, "
+                          f"{bridge.connections} connections")
+        assert bridge.budget.tracked_clients == 0 and bridge.budget.held == 0
+    per_client = config.client_memory_budget
+    assert 0 < hook.entered < count and held <= per_client
+    assert held > hook.entered * (len(data) - 256 * 1024), (
+        f"{held} bytes charged for {hook.entered} waiting {len(data)}-byte requests")
+    assert refused_statuses == Counter({429: count - hook.entered}), refused_statuses
+    assert late_statuses[403] == hook.entered, late_statuses
+    assert memory_refusals == count - hook.entered
+    assert len(logged) == count - hook.entered
+    assert all(str(f["request_id"]) and f["status"] == 429 for f in logged), logged[:3]
+    assert peak < 64 * MiB, f"process RSS grew by {peak / MiB:.0f} MiB (allowed 64)"
+
+
+@pytest.mark.parametrize("compression", [False, True], ids=["picows", "websockets"])
+async def test_auth_hook_is_bounded_by_the_handshake_timeout(
+        compression: bool, caplog: pytest.LogCaptureFixture, leak_check: None) -> None:
+    """An auth hook that never answers: at the handshake timeout the hook is cancelled, the
+    client gets a 503, its slot and its budget are released."""
+    caplog.set_level("INFO", logger="grpcbridge")
+    hook = SlowHook()
+    config = grpcbridge.BridgeConfig(listen="127.0.0.1:0", backend="127.0.0.1:1",
+                                     authenticate=hook, handshake_timeout=timing(1),
+                                     compression=compression, drain_timeout=0)
+    async with grpcbridge.Bridge(config) as bridge:
+        assert bridge.address is not None
+        port = bridge.address[1]
+        sock = await send_raw(port, big_upgrade(port, lines=4) + b"\x82" * 1000, "127.0.0.2")
+        try:
+            await eventually(lambda: hook.entered == 1, 5)
+            charged = bridge.budget.held_by("127.0.0.2")
+            answer = await asyncio.wait_for(read_answer(sock), timing(10))
+        finally:
+            sock.close()
+        await eventually(lambda: bridge.budget.held_by("127.0.0.2") == 0
+                         and bridge.connections == 0, 5,
+                         message=lambda: f"{bridge.budget.held_by('127.0.0.2')} bytes held")
+        assert bridge.limiter.active == 0
+    assert charged > 4 * 8000 + 1000, charged
+    assert statuses(answer) == [503] and b"handshake timeout" in answer, answer[:300]
+    assert hook.cancelled == 1
+    timeouts = [getattr(record, "fields", {}) for record in caplog.records
+                if getattr(record, "event", None) == "upgrade_rejected"]
+    assert [f["status"] for f in timeouts] == [503], timeouts
+
+
+async def test_client_leaving_during_admission_cancels_the_hook(leak_check: None) -> None:
+    """A client that leaves while the hook runs: noticed at the latest at the handshake
+    timeout (reading is paused during admission); the hook is cancelled, its slot and the
+    charged request released."""
+    hook = SlowHook()
+    config = grpcbridge.BridgeConfig(listen="127.0.0.1:0", backend="127.0.0.1:1",
+                                     authenticate=hook, handshake_timeout=timing(1),
+                                     drain_timeout=0)
+    async with grpcbridge.Bridge(config) as bridge:
+        assert bridge.address is not None
+        port = bridge.address[1]
+        sock = await send_raw(port, big_upgrade(port, lines=4), "127.0.0.2")
+        await eventually(lambda: hook.entered == 1, 5)
+        assert bridge.budget.held_by("127.0.0.2") > 4 * 8000
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset
+        await eventually(lambda: hook.cancelled == 1 and bridge.connections == 0, 10)
+        assert bridge.budget.held_by("127.0.0.2") == 0 and bridge.limiter.active == 0

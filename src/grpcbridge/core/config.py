@@ -109,7 +109,8 @@ class BridgeConfig:
     allow_remote_backend: bool = False
     #: Seconds to wait for the backend to accept a connection.
     backend_connect_timeout: float = 10.0
-    #: Seconds a client has to complete its HTTP upgrade request.
+    #: Seconds a client has to complete its HTTP upgrade request and the bridge to answer
+    #: it (the ``authenticate`` hook included: it is cancelled at the deadline, 503).
     handshake_timeout: float = 10.0
     #: Origins accepted besides same-host ones (see :class:`OriginPolicy`).
     allowed_origins: Sequence[str] = ()

@@ -38,6 +38,9 @@ from .static import StaticSite
 #: request, frames sent too early). Reading pauses once the request is in, so legitimate
 #: clients send nothing here; past this the connection is dropped.
 MAX_EARLY_BYTES = 256 * 1024
+#: Bytes charged per header line of a parsed request on top of the head's raw size: the
+#: Python objects websockets' ``Headers`` and the gate's header map keep for each line.
+PARSED_HEADER_BYTES = 512
 
 
 #: A bridge tunnel: on picows (the default), or on websockets' framing where picows cannot
@@ -53,6 +56,9 @@ class _Session:
     #: Chosen once the request is read (its X-Request-Id, or a new one).
     request_id: str = ""
     admitted: Admitted | None = None
+    #: Bytes the parsed request costs (its raw head plus :data:`PARSED_HEADER_BYTES` a
+    #: line), charged with the early bytes to the handshake's account until the answer.
+    request_bytes: int = 0
     #: Set once the 101 is sent: the tunnel's path from then on.
     tunnel: TunnelSession | None = None
     timer: asyncio.TimerHandle | None = None
@@ -77,14 +83,17 @@ class _ServerSide(WebSocketSide):
     tunnel: AnyTunnel  # type: ignore[assignment]
 
     def __init__(self, bridge: Bridge, tunnel: AnyTunnel, buffer_bytes: int) -> None:
-        super().__init__(tunnel, buffer_bytes,  # type: ignore[arg-type]
-                         bridge._connection_made)
+        super().__init__(tunnel, buffer_bytes)  # type: ignore[arg-type]
         self.bridge = bridge
         self.handshaking = True
         self.head = RequestHead()
         self.eof = False
         self.held: list[bytes] = []
         self.held_bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.bridge._connection_made(self)
 
     def data_received(self, data: bytes) -> None:
         if self.handshaking:
@@ -335,7 +344,8 @@ class Bridge:
                                   max_message_bytes=config.max_message_bytes)
         return _ServerSide(self, tunnel, config.buffer_bytes)
 
-    def _connection_made(self, tunnel: AnyTunnel) -> None:
+    def _connection_made(self, side: _ServerSide) -> None:
+        tunnel = side.tunnel
         assert tunnel.ws_transport is not None
         if self._state != "running":
             tunnel.ws_transport.abort()
@@ -347,16 +357,60 @@ class Bridge:
         # Until admission names the client, the handshake is charged to the peer address.
         tunnel.account = self.budget.open(peer)
         session.timer = tunnel.loop.call_later(
-            self.config.handshake_timeout, self._handshake_timed_out, tunnel)
+            self.config.handshake_timeout, self._handshake_timed_out, side)
         tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(tunnel))
 
-    def _handshake_timed_out(self, tunnel: AnyTunnel) -> None:
+    def _handshake_timed_out(self, side: _ServerSide) -> None:
+        """The handshake timeout passed before the request was answered: a client still
+        sending its head is dropped (408 in the log); a request still in admission (a slow
+        auth hook) has the hook cancelled and is answered 503."""
+        tunnel = side.tunnel
         session = self._sessions.get(tunnel)
-        if session is not None and session.tunnel is None and session.task is None:
+        if session is None or session.tunnel is not None:
+            return
+        session.timer = None
+        if session.task is None:
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
                                request_id=session.request_id or new_request_id(),
                                peer=session.peer)
             tunnel.abort()
+            return
+        self._refuse(side, session, Rejection(
+            503, f"admission did not finish within the handshake timeout "
+            f"({self.config.handshake_timeout:g} s)", label="timeout"))
+
+    def _charge_admission(self, side: _ServerSide, session: _Session) -> bool:
+        """Charge the handshake's account with what its admission holds (the parsed
+        request and the bytes sent after it); over budget: refuse it. False if refused."""
+        account = side.tunnel.account
+        if account is None:
+            return True
+        reason = account.charge(session.request_bytes + side.held_bytes)
+        if reason is None:
+            return True
+        status = 503 if reason.startswith("bridge") else 429
+        self._refuse(side, session, Rejection(status, reason, label="memory"))
+        return False
+
+    def _refuse(self, side: _ServerSide, session: _Session, rejection: Rejection) -> None:
+        """Answer a request whose admission the bridge ends itself (timeout, memory),
+        cancelling the gate's check if it is still running (its slot is released)."""
+        task, session.task = session.task, None
+        if task is not None:
+            task.cancel()
+        self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer)
+        self._send_rejection(side.tunnel, rejection, session.request_id)
+        self._answered(side, session)
+
+    def _answered(self, side: _ServerSide, session: _Session) -> None:
+        """The request was refused (or answered from the static site): the handshake
+        timeout stops, the request and the early bytes are dropped and uncharged."""
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        side.handshake_done()
+        if side.tunnel.account is not None:
+            side.tunnel.account.charge(0)
 
     def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
         tunnel = side.tunnel
@@ -370,6 +424,8 @@ class Bridge:
                 log_event("upgrade_aborted", request_id=session.request_id, peer=session.peer,
                           reason=f"over {MAX_EARLY_BYTES} bytes sent before the answer")
                 tunnel.abort()
+            else:
+                self._charge_admission(side, session)
             return
         head, rest = side.head.split(data)
         websocket = tunnel.websocket
@@ -392,10 +448,12 @@ class Bridge:
         if rest:
             side.held.append(rest)
             side.held_bytes = len(rest)
-        if session.timer is not None:
-            session.timer.cancel()
-            session.timer = None
+        # The handshake timeout keeps running until the answer: it bounds the admission too.
+        lines = sum(1 for _ in request.headers.raw_items())
+        session.request_bytes = side.head.size + PARSED_HEADER_BYTES * lines
         tunnel.machine.pause_websocket()  # until the backend is attached (or the dial fails)
+        if not self._charge_admission(side, session):
+            return
         session.task = tunnel.loop.create_task(self._open(side, session, request))
         session.task.add_done_callback(session.opened)
 
@@ -455,7 +513,7 @@ class Bridge:
         if (not _upgrade_requested(request)
                 and self.config.host_policy.allows(single_host(headers))
                 and self._send_static(tunnel, path, request)):
-            side.handshake_done()
+            self._answered(side, session)
             return
         decision = await self.gate.check(request_id=session.request_id, path=path,
                                          query=query, headers=headers, peer=session.peer,
@@ -469,7 +527,7 @@ class Bridge:
             return
         if isinstance(decision, Rejection):
             self._send_rejection(tunnel, decision, session.request_id)
-            side.handshake_done()
+            self._answered(side, session)
             return
         session.admitted = decision
         websocket = tunnel.websocket
@@ -482,10 +540,14 @@ class Bridge:
             self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer,
                                client=decision.client, path=path)
             self._send_rejection(tunnel, rejection, session.request_id)
-            side.handshake_done()
+            self._answered(side, session)
             return
         response.headers[REQUEST_ID_HEADER] = session.request_id
-        # From here on the tunnel is charged to the client the gate identified.
+        if session.timer is not None:
+            session.timer.cancel()
+            session.timer = None
+        # From here on the tunnel is charged to the client the gate identified (the
+        # handshake's account, and the request's charge with it, is closed).
         session.tunnel = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
                                        peer=session.peer, path=path,
                                        origin=request.headers.get("Origin", ""),
@@ -509,6 +571,8 @@ class Bridge:
         if session.tunnel is not None:
             session.tunnel.finish()
             return
+        if session.task is not None:  # the client left during admission: stop the auth hook
+            session.task.cancel()
         # The budget account (a handshake's, charged to its peer address) was closed by the
         # machine: ``closed`` resolves only after websocket_lost.
         if session.admitted is not None:  # admitted, then refused by the WebSocket checks

@@ -133,8 +133,12 @@ class Gate:
                     for value in headers.get("sec-websocket-protocol", ())
                     for entry in value.split(",") if entry.strip()
                 )
-                rejection = await self._authenticate(path, query, headers, client, offered,
-                                                     request_id)
+                try:
+                    rejection = await self._authenticate(path, query, headers, client,
+                                                         offered, request_id)
+                except BaseException:  # cancelled: the client left, or the handshake timed out
+                    self.limiter.release(client, now)
+                    raise
                 if rejection is not None:
                     self.limiter.release(client, now)
                 else:

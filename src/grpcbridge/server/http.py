@@ -52,11 +52,13 @@ class RequestHead:
     head keeps the rest aside until the answer is sent.
     """
 
-    __slots__ = ("_tail", "complete")
+    __slots__ = ("_tail", "complete", "size")
 
     def __init__(self) -> None:
         self._tail = b""
         self.complete = False
+        #: Bytes of the head seen so far (all of it once :attr:`complete`).
+        self.size = 0
 
     def split(self, data: bytes) -> tuple[bytes, bytes]:
         """``(head_part, rest)``: feed ``head_part`` to the parser; ``rest`` follows the
@@ -67,9 +69,11 @@ class RequestHead:
         end = window.find(_END_OF_HEAD)
         if end < 0:
             self._tail = window[-3:]
+            self.size += len(data)
             return data, b""
         self.complete = True
         cut = end + len(_END_OF_HEAD) - len(self._tail)
+        self.size += cut
         return data[:cut], data[cut:]
 
 
