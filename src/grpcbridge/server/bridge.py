@@ -606,7 +606,7 @@ def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | Non
 
 
 def _format_address(address: Sequence[object] | None) -> str:
-    return "" if address is None else f"{address[0]}:{address[1]}"
+    return "" if address is None else host_port(str(address[0]), cast(int, address[1]))
 
 
 __all__ = ["Backend", "Bridge", "make_backend"]
