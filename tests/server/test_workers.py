@@ -10,6 +10,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from typing import Any
+from urllib.parse import urlsplit
 
 import psutil
 import pytest
@@ -201,6 +203,12 @@ async def test_sigterm_drains_every_worker_and_leaves_no_process(
             bridge.wait_for_line("supervisor_stopping")
             for index in ("0", "1"):
                 bridge.wait_for_line(rf"bridge_draining .*worker={index} ")
+            # Every worker stopped accepting and the supervisor let go of its copy of the
+            # socket: a new connection is refused (a load balancer fails over at once),
+            # not left waiting in the backlog.
+            host, port = urlsplit(bridge.url).hostname, urlsplit(bridge.url).port
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, port), timeout=timing(5)).close()
             for stream in streams:  # every stream still runs to its end
                 received = 0
                 while await stream.recv_message() is not None:

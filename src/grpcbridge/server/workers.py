@@ -370,6 +370,11 @@ class Supervisor:
         for worker in list(self._workers.values()):
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)
+        # No worker starts after a stop: drop this copy of the listening socket, so that it
+        # closes (and new connections are refused, not queued unanswered) as soon as every
+        # draining worker has closed its own.
+        if self._sock is not None:
+            self._sock.close()
         self._kill_timer = asyncio.get_running_loop().call_later(
             self.config.drain_timeout + self.STOP_GRACE, self._kill_all)
 
