@@ -140,8 +140,9 @@ class BridgeConfig:
     #: CIDRs of reverse proxies whose X-Forwarded-For is believed.
     trusted_proxies: Sequence[str] = ()
     #: Continue the W3C trace context (``traceparent``, baggage) of every client in tunnel and
-    #: RPC spans; by default only a trusted proxy's is continued, other clients' spans start a
-    #: new trace linked to theirs (a client must not pick trace ids or sampling).
+    #: RPC spans; by default only a trusted proxy's upgrade request's is continued (for the
+    #: tunnel span), other spans start a new trace linked to the client's (a client must not
+    #: pick trace ids or sampling).
     trust_trace_context: bool = False
     #: Seconds between WebSocket pings on a quiet tunnel; 0 disables pings.
     ping_interval: float = 20.0

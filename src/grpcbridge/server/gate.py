@@ -41,8 +41,9 @@ class Admitted:
     ``request_id`` goes into every log line (and the span) of the tunnel;
     ``client_request_id`` is the well-formed ``X-Request-Id`` a client that is not a trusted
     proxy sent (not used as the request id, logged once). ``trust_trace_context``: whether
-    the trace context the client sent (``traceparent``...) may be the tunnel's and its RPCs'
-    parent (the peer is a trusted proxy, or ``BridgeConfig.trust_trace_context``)."""
+    the trace context of the upgrade request (``traceparent``...) may be the tunnel span's
+    parent (the peer is a trusted proxy, or ``BridgeConfig.trust_trace_context``; RPC spans
+    follow ``BridgeConfig.trust_trace_context`` only)."""
 
     client: str
     subprotocol: str | None
