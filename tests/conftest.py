@@ -10,7 +10,7 @@ import psutil
 import pytest
 from hypothesis import settings
 
-from support import TIMING, kill_all_processes, snapshot, wait_until
+from support import TIMING, kill_all_processes, snapshot, wait_until, warm_up_grpc_and_uvloop
 
 # Clients read the proxy variables by default: those of the machine running the suite must not
 # send its loopback tunnels through a proxy (tests/client/test_proxy.py sets them on purpose).
@@ -70,8 +70,15 @@ def todo_port() -> Iterator[int]:
         yield port
 
 
+@pytest.fixture(scope="session")
+def _grpc_warmed_up() -> None:
+    """grpcio and uvloop create process-wide threads and descriptors on first use: create
+    them before the first ``leak_check`` snapshot, whatever order the tests run in."""
+    warm_up_grpc_and_uvloop()
+
+
 @pytest.fixture
-def leak_check() -> Iterator[None]:
+def leak_check(_grpc_warmed_up: None) -> Iterator[None]:
     """Assert the test leaves no extra file descriptors, threads or child processes."""
     before = snapshot()
     yield

@@ -175,15 +175,19 @@ def serve_args(backend: str, *extra: str, loop: str | None = None) -> list[str]:
 
 
 def start_cli(args: Sequence[str], *, env: dict[str, str] | None = None,
-              ready: bool = True, timeout: float = 15.0) -> Process:
-    """Start ``grpcbridge <args>`` and wait until it logs that it listens."""
+              ready: bool = True, timeout: float = 15.0,
+              outlives_test: bool = False) -> Process:
+    """Start ``grpcbridge <args>`` and wait until it logs that it listens. conftest kills
+    every process started here after each test, except with ``outlives_test``: a process of
+    a module-scoped fixture, which stops it itself."""
     popen = subprocess.Popen(
         [sys.executable, "-m", "grpcbridge.cli", *args],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         text=True, env={**os.environ, **(env or {})},
     )
     process = Process(popen)
-    _PROCESSES.append(process)
+    if not outlives_test:
+        _PROCESSES.append(process)
 
     def pump() -> None:
         assert popen.stderr is not None

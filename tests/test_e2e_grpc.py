@@ -27,7 +27,6 @@ from todo_oracle import process as oracle_process
 
 from grpcbridge.demo import todo_pb2
 
-import support
 from support import (
     GRPC_OPTIONS,
     MiB,
@@ -40,17 +39,6 @@ from support import (
 )
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _module_process(args: list[str]) -> Process:
-    """Start a CLI process that outlives single tests.
-
-    conftest kills every process in ``support._PROCESSES`` after each test; module-scoped
-    processes are taken off that list and stopped by their fixture instead.
-    """
-    process = start_cli(args)
-    support._PROCESSES.remove(process)
-    return process
 
 
 def _count(process: Process, event: str) -> int:
@@ -108,10 +96,10 @@ def servicer(backend: tuple[OracleServicer, int]) -> OracleServicer:
 
 @pytest.fixture(scope="module")
 def bridge(backend: tuple[OracleServicer, int]) -> Iterator[Process]:
-    process = _module_process([
+    process = start_cli([
         "serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{backend[1]}",
         "--max-upgrades-per-minute", "0", "--max-connections-per-client", "0",
-    ])
+    ], outlives_test=True)
     try:
         yield process
     finally:
@@ -120,7 +108,8 @@ def bridge(backend: tuple[OracleServicer, int]) -> Iterator[Process]:
 
 @pytest.fixture(scope="module")
 def forwarder(bridge: Process) -> Iterator[Process]:
-    process = _module_process(["forward", "--listen", "127.0.0.1:0", "--target", bridge.url])
+    process = start_cli(["forward", "--listen", "127.0.0.1:0", "--target", bridge.url],
+                        outlives_test=True)
     try:
         yield process
     finally:

@@ -195,9 +195,9 @@ async def _build_world(world: World) -> None:
 
     # One `grpcbridge forward` subprocess per server, started together.
     for server in world.servers.values():
-        server.forward_cli = support.start_cli(
-            ["forward", "--listen", "127.0.0.1:0", "--target", server.url], ready=False)
-        support._PROCESSES.remove(server.forward_cli)  # stopped by this module, not per test
+        server.forward_cli = support.start_cli(  # stopped by this module, not per test
+            ["forward", "--listen", "127.0.0.1:0", "--target", server.url], ready=False,
+            outlives_test=True)
     for server in world.servers.values():
         process = server.forward_cli
         assert process is not None

@@ -220,7 +220,7 @@ class GrpclibChannel(grpclib.client.Channel):
         self._scheme = "http"
         self._bridge_max_frame_size = max_frame_size
 
-    def new_protocol(self) -> H2Protocol:
+    def new_protocol(self) -> FrameSizeProtocol:
         """A client protocol for a new connection, asking for frames up to
         ``max_frame_size`` once connected."""
         return FrameSizeProtocol(grpclib.client.Handler(), self._config, self._h2_config,

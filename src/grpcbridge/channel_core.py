@@ -311,10 +311,9 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         self._backoff.succeeded()
         self._connections_opened += 1
         self._by_protocol[protocol_connection(protocol)] = connection
-        if isinstance(protocol, FrameSizeProtocol):
-            protocol.tunnel_number = self._connections_opened
-            if protocol.goaway_received:
-                self.connection_retiring(protocol)  # the GOAWAY came with the first bytes
+        protocol.tunnel_number = self._connections_opened
+        if protocol.goaway_received:
+            self.connection_retiring(protocol)  # the GOAWAY came with the first bytes
         return protocol
 
     def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]

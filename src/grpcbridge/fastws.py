@@ -1,4 +1,5 @@
-"""The bridge's WebSocket side on picows: Cython framing under the tunnel machine.
+"""WebSocket framing on picows for both ends (the bridge and the forwarder): Cython
+framing under the tunnel machine.
 
 The bridge reads the upgrade request and decides admission itself (websockets' sans-I/O
 parser, the :class:`~grpcbridge.server.gate.Gate`, async auth hooks). Once it accepts, the
@@ -14,7 +15,8 @@ continuation-frame order and the size of fragmented messages, pings (answered he
 count against the frame rate), and copies: a frame's payload is valid only inside the
 callback, and a buffer handed to ``transport.write`` must never be reused (uvloop keeps a
 reference instead of copying), so a payload is written to the stream socket from picows'
-buffer during the callback when that socket has nothing queued, else copied out once; and
+buffer during the callback when that socket has nothing queued (POSIX plain-socket
+transports only), else copied out once; and
 picows' zero-copy send for large messages is only used with a fresh buffer.
 
 The forwarder's tunnels (the client end) run on the same adapter: picows writes the upgrade
@@ -235,7 +237,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         return view[:READ_CHUNK] if len(view) > READ_CHUNK else view
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.answer is not None and self.read_into is not None:
+        if self.read_into is not None:  # set and cleared with ``answer``
             self._hold_answer(self.read_into[:nbytes])
             return
         tunnel = self.tunnel
@@ -321,9 +323,10 @@ def _retrieve_disconnect_error(transport: WSTransport) -> None:
 
 
 class PicowsTunnel(SocketTunnel):
-    """A bridge tunnel whose WebSocket side runs on picows once accepted (see the module
-    docstring). Until :meth:`upgrade`, ``websocket`` is the websockets protocol that parses
-    the request and writes refusals; ``ws_transport`` is the connection throughout."""
+    """A tunnel whose WebSocket side runs on picows (see the module docstring). On the
+    bridge, until :meth:`upgrade`, ``websocket`` is the websockets protocol that parses the
+    request and writes refusals; a forwarder's (client) tunnel has none. ``ws_transport``
+    is the connection throughout."""
 
     __slots__ = (
         "__weakref__",

@@ -452,20 +452,16 @@ class Tunnel(SocketTunnel):
 class WebSocketSide(asyncio.Protocol):
     """asyncio Protocol for the WebSocket connection of a tunnel."""
 
-    __slots__ = ("_buffer_bytes", "on_connection", "tunnel")
+    __slots__ = ("_buffer_bytes", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, buffer_bytes: int,
-                 on_connection: Callable[[Tunnel], None] | None = None) -> None:
+    def __init__(self, tunnel: Tunnel, buffer_bytes: int) -> None:
         self.tunnel = tunnel
         self._buffer_bytes = buffer_bytes
-        self.on_connection = on_connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
         self.tunnel.ws_transport = transport
-        if self.on_connection is not None:
-            self.on_connection(self.tunnel)
 
     def data_received(self, data: bytes) -> None:
         self.tunnel.ws_data(data)

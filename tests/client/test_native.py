@@ -51,7 +51,7 @@ from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 from grpcbridge.loops import loop_factory
 
-from support import MiB, eventually, free_port, warm_up_grpc_and_uvloop
+from support import MiB, eventually, free_port
 
 FAST = ReconnectPolicy(initial_delay=0.05, max_delay=0.2, jitter=0.1, min_connect_timeout=5)
 LIST = todo_pb2.ListTodosRequest()
@@ -59,11 +59,6 @@ SLOW_STREAM = todo_pb2.StreamTodosRequest(repeat=10_000, interval_ms=20)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _grpc_warmed_up() -> None:
-    warm_up_grpc_and_uvloop()
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from grpcbridge.observability import (
     REJECTION_REASONS,
 )
 
-from support import Metrics, cli, eventually, http_get, timing
+from support import Metrics, cli, eventually, free_port, http_get, timing
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SOURCE = Path(grpcbridge.__file__).resolve().parent
@@ -241,9 +240,7 @@ async def _exported(workers: int) -> tuple[dict[str, set[str]], Values]:
     """Series name -> label names, and the label values, from a ``grpcbridge serve`` after
     one tunnel (backend down: a dial failure and a 1011 close) and one refusal (wrong
     path)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()
     with cli(["serve", "--listen", "127.0.0.1:0", "--backend", f"127.0.0.1:{closed_port}",
               "--metrics-listen", "127.0.0.1:0", "--workers", str(workers)]) as bridge:
         metrics = Metrics(bridge)

@@ -47,7 +47,6 @@ from websockets.asyncio.client import connect
 from grpcbridge.cli import build_parser
 from grpcbridge.demo import todo_pb2
 
-import support
 from support import (
     GRPC_OPTIONS,
     Process,
@@ -59,7 +58,6 @@ from support import (
     timing,
     tls_files,
     wait_until,
-    warm_up_grpc_and_uvloop,
 )
 
 DEPLOY_CONF = Path(__file__).resolve().parents[2] / "deploy" / "nginx.conf"
@@ -194,9 +192,9 @@ def count(process: Process, event: str) -> int:
 
 
 def start_bridge(backend_port: int, options: list[str], port: int = 0) -> Process:
+    # Stopped by its deployment, not after each test.
     process = start_cli(["serve", "--listen", f"127.0.0.1:{port}", "--backend",
-                         f"127.0.0.1:{backend_port}", *options])
-    support._PROCESSES.remove(process)  # stopped by its deployment, not after each test
+                         f"127.0.0.1:{backend_port}", *options], outlives_test=True)
     return process
 
 
@@ -227,11 +225,6 @@ def bridge_options(*, trusted: bool = True) -> list[str]:
 # -------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _warm_up() -> None:
-    warm_up_grpc_and_uvloop()
-
-
 @pytest.fixture(scope="module")
 def backend_port() -> Iterator[int]:
     with oracle_process() as (_, port):
@@ -251,8 +244,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture(scope="module")
 def forwarder(deployment: Deployment) -> Iterator[Process]:
     process = start_cli(["forward", "--listen", "127.0.0.1:0", "--target", deployment.url,
-                         "--tls", "--cacert", str(deployment.ca)])
-    support._PROCESSES.remove(process)
+                         "--tls", "--cacert", str(deployment.ca)], outlives_test=True)
     try:
         yield process
     finally:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import re
-import socket
 from typing import Any
 
 import pytest
@@ -22,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from grpcbridge import Bridge, BridgeApp, BridgeConfig, Rejection
 from grpcbridge.observability import MAX_REQUEST_ID
 
-from support import RawBackend, asgi_upgrade, cli, eventually, timing
+from support import RawBackend, asgi_upgrade, cli, eventually, free_port, timing
 
 #: Events about the bridge as a whole, not about one request.
 BRIDGE_EVENTS = {"bridge_started", "bridge_stopped", "bridge_draining"}
@@ -145,9 +144,7 @@ async def test_refusals_and_failures_carry_the_request_id(
             raise RuntimeError("hook bug")
         return None
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        closed_port = probe.getsockname()[1]
+    closed_port = free_port()
     config = BridgeConfig(backend=f"127.0.0.1:{closed_port}", listen="127.0.0.1:0",
                           drain_timeout=0, authenticate=failing_hook, **BEHIND_PROXY)
     async def refused(url: str, request_id: str) -> tuple[int, str]:

@@ -39,7 +39,7 @@ from grpcbridge.demo import todo_grpc, todo_pb2
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
 
-from support import RawBackend, eventually, timing
+from support import RawBackend, eventually, free_port, timing
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -150,9 +150,7 @@ async def test_tunnel_span_has_the_bytes_each_way_and_the_close(
 
 async def test_tunnel_span_is_an_error_when_the_backend_is_down(
         spans: InMemorySpanExporter, leak_check: None) -> None:
-    with contextlib.closing(__import__("socket").socket()) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]  # nothing listens here once closed
+    port = free_port()  # nothing listens there
     config = BridgeConfig(backend=f"127.0.0.1:{port}", listen="127.0.0.1:0", drain_timeout=0)
     async with Bridge(config) as bridge, ws_connect(bridge.url) as ws:
         with contextlib.suppress(ConnectionClosed):

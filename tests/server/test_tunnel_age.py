@@ -41,7 +41,7 @@ from grpcbridge.demo.service import serve
 from grpcbridge.demo.store import TodoStore
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-from support import cli, eventually, sample, timing, wait_until, warm_up_grpc_and_uvloop
+from support import cli, eventually, sample, timing, wait_until
 
 #: The tunnels' maximum age (jittered +/- 10 % per tunnel) and the grace of the long tests.
 AGE = timing(0.4)
@@ -49,11 +49,6 @@ LONG_GRACE = timing(60.0)
 #: Tunnels retired before a run counts as "across several ages".
 AGES = 3
 LIST = todo_pb2.ListTodosRequest()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _grpc_warmed_up() -> None:
-    warm_up_grpc_and_uvloop()
 
 
 @pytest.fixture

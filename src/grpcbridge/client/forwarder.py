@@ -74,7 +74,6 @@ class Forwarder:
                             else "create a new Forwarder to listen again"))
         self._state = "running"
         loop = asyncio.get_running_loop()
-        listen = self.config.listen_address
         try:
             await self._listener.start(self._accept)
             self.address = self._listener.bound
@@ -86,8 +85,7 @@ class Forwarder:
             lambda: [t for t in self._tunnels if t.is_open],
             self.config.ping_interval, self.config.idle_timeout))
         proxy = self.config.parsed_proxy
-        log_event("forwarder_started", listen=str(listen) if listen.path else
-                  host_port(*self.address) if self.address else "",
+        log_event("forwarder_started", listen=self.target,
                   target=self.config.parsed_target.url, loop=loop_name(loop),
                   **({"proxy": proxy.masked, "proxy_from": proxy.source} if proxy else {}))
 

@@ -189,7 +189,9 @@ class TunnelAge:
         allowed frame boundary, once the age is reached and until it is sent (never after
         a GOAWAY of the backend's)."""
         cursor = self._cursor
-        if self.close_at is None or self.goaway_sent:
+        if self.goaway_sent or cursor.goaway_seen:  # nothing left to find: no parsing
+            return data
+        if self.close_at is None:
             cursor.advance(data)
             return data
         cut = cursor.advance(data, find=True)

@@ -36,6 +36,8 @@ PROGRESS_BYTES = 64 * 1024
 #: slack on growing buffers and the fixed cost of its tunnels (about 10 KiB each).
 DEFAULT_CLIENT_MEMORY_BUDGET = 48 * MiB
 DEFAULT_MEMORY_BUDGET = 2048 * MiB
+#: How a refusal over the bridge-wide budget begins (the per-client one says "client ...").
+TOTAL_BUDGET_EXCEEDED = "bridge memory budget exceeded"
 
 
 def check_bytes(name: str, value: object, minimum: int = 0) -> None:
@@ -143,7 +145,7 @@ class BudgetAccount:
             return (f"client memory budget exceeded ({holder.held} bytes held in unfinished "
                     f"messages and buffers, limit {budget.per_client})")
         if budget.total and budget.held > budget.total:
-            return f"bridge memory budget exceeded ({budget.held} bytes, limit {budget.total})"
+            return f"{TOTAL_BUDGET_EXCEEDED} ({budget.held} bytes, limit {budget.total})"
         return None
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from ..backends import Backend, SocketBackend
 from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
 from ..core.config import BackendLike, BridgeConfig
 from ..core.errors import InvalidStateError
-from ..core.limits import MemoryBudget
+from ..core.limits import TOTAL_BUDGET_EXCEEDED, MemoryBudget
 from ..core.stream import CloseCode
 from ..core.target import host_port
 from ..fastws import PicowsTunnel
@@ -64,6 +64,12 @@ class _Session:
     timer: asyncio.TimerHandle | None = None
     #: Answers the request (admission, upgrade, backend dial); None once done.
     task: asyncio.Task[None] | None = None
+
+    def stop_timer(self) -> None:
+        """Cancel the handshake deadline, if armed."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def opened(self, task: asyncio.Task[None]) -> None:
         """The request is answered: drop the task (and the request it holds)."""
@@ -388,7 +394,7 @@ class Bridge:
         reason = account.charge(session.request_bytes + side.held_bytes)
         if reason is None:
             return True
-        status = 503 if reason.startswith("bridge") else 429
+        status = 503 if reason.startswith(TOTAL_BUDGET_EXCEEDED) else 429
         self._refuse(side, session, Rejection(status, reason, label="memory"))
         return False
 
@@ -405,9 +411,7 @@ class Bridge:
     def _answered(self, side: _ServerSide, session: _Session) -> None:
         """The request was refused (or answered from the static site): the handshake
         timeout stops, the request and the early bytes are dropped and uncharged."""
-        if session.timer is not None:
-            session.timer.cancel()
-            session.timer = None
+        session.stop_timer()
         side.handshake_done()
         if side.tunnel.account is not None:
             side.tunnel.account.charge(0)
@@ -469,9 +473,7 @@ class Bridge:
         assert transport is not None
         transport.writelines(chunks)
         transport.close()
-        if session.timer is not None:
-            session.timer.cancel()
-            session.timer = None
+        session.stop_timer()
 
     def _send_rejection(self, tunnel: AnyTunnel, rejection: Rejection, request_id: str) -> None:
         websocket = tunnel.websocket
@@ -543,9 +545,7 @@ class Bridge:
             self._answered(side, session)
             return
         response.headers[REQUEST_ID_HEADER] = session.request_id
-        if session.timer is not None:
-            session.timer.cancel()
-            session.timer = None
+        session.stop_timer()
         # From here on the tunnel is charged to the client the gate identified (the
         # handshake's account, and the request's charge with it, is closed).
         session.tunnel = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
@@ -566,8 +566,7 @@ class Bridge:
         session = self._sessions.pop(tunnel, None)
         if session is None:
             return
-        if session.timer is not None:
-            session.timer.cancel()
+        session.stop_timer()
         if session.tunnel is not None:
             session.tunnel.finish()
             return
