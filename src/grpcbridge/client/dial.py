@@ -25,7 +25,7 @@ from websockets.protocol import OPEN
 from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
-from ..core.errors import ConfigError, HandshakeError
+from ..core.errors import HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, host_port
@@ -41,17 +41,10 @@ def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=cacert)
 
 
-#: Headers the WebSocket handshake writes itself: picows would send a user's copy besides its
-#: own (two Upgrade or Host headers), so ``headers`` may not name them.
-HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "sec-websocket-key",
-                               "sec-websocket-version", "sec-websocket-extensions",
-                               "sec-websocket-accept"})
-
-
 @dataclass(frozen=True, kw_only=True)
 class DialSettings:
-    """How to open client tunnels to one target (already validated by the caller, but for
-    the handshake's own headers: see :data:`HANDSHAKE_HEADERS`)."""
+    """How to open client tunnels to one target (already validated by the caller:
+    :func:`~grpcbridge.core.config.check_dial_options`)."""
 
     target: Target
     ssl: ssl.SSLContext | None = None
@@ -65,14 +58,6 @@ class DialSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
 
-    def __post_init__(self) -> None:
-        for name in self.headers:
-            if name.lower() in HANDSHAKE_HEADERS:
-                raise ConfigError(
-                    f"headers: {name!r} is written by the WebSocket handshake itself and "
-                    "cannot be set; drop it (Host comes from the target URL; Origin and "
-                    "Sec-WebSocket-Protocol may be set, or use origin/subprotocols)")
-
     def new_tunnel(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> Tunnel:
         """A tunnel whose WebSocket side is a client, not yet connected."""
         websocket = ClientProtocol(
@@ -83,7 +68,7 @@ class DialSettings:
             logger=websockets_logger,
         )
         tunnel = Tunnel(loop, websocket, stream_name=stream_name)
-        tunnel.dialing = True
+        tunnel.machine.dialing = True
         return tunnel
 
     def new_fast_tunnel(self, loop: asyncio.AbstractEventLoop,
@@ -91,7 +76,7 @@ class DialSettings:
         """A tunnel whose WebSocket side is a picows client, not yet connected."""
         tunnel = PicowsTunnel(loop, None, stream_name=stream_name,
                               max_message_bytes=self.max_message_bytes)
-        tunnel.dialing = True
+        tunnel.machine.dialing = True
         return tunnel
 
     def upgrade_headers(self) -> list[tuple[str, str]]:
@@ -141,7 +126,7 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)
         raise
-    tunnel.dialing = False
+    tunnel.machine.dialing = False
     tunnel.machine.websocket_opened()
 
 
@@ -174,10 +159,7 @@ async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float
         await _connect(tunnel, settings, within,
                        lambda: WebSocketSide(tunnel, settings.buffer_bytes))
         request = websocket.connect()  # with Origin and Sec-WebSocket-Protocol
-        extra = dict(settings.headers)
-        if settings.bearer_token is not None:
-            extra["Authorization"] = f"Bearer {settings.bearer_token}"
-        for name, value in extra.items():
+        for name, value in settings.upgrade_headers():
             # websockets' Headers append on assignment, and raise KeyError on deleting a
             # header that is absent (Authorization and custom headers always are).
             if name in request.headers:
