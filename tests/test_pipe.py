@@ -33,7 +33,7 @@ class RecordingTunnel:
     def resume_websocket_reading(self) -> None:
         pass
 
-    def websocket_buffer_size(self) -> int:
+    def websocket_buffered(self) -> int:
         return 0
 
 

@@ -51,7 +51,7 @@ from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode, message_too_big_reason
 from .core.tunnel import TunnelMachine
 from .observability import log_event
-from .relay import SocketTunnel, flush_handshake
+from .relay import SocketTunnel
 
 #: picows logs protocol errors at ERROR and every connection at INFO; the tunnel's own
 #: ``tunnel_closed`` line carries the code and reason, so its logger stays quiet. A
@@ -339,16 +339,17 @@ class PicowsTunnel(SocketTunnel):
         "partial",
         "refusal_body",
         "stream_fd",
-        "websocket",
         "ws",
     )
+
+    websocket: ServerProtocol | None
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol | None, *,
                  stream_name: str, max_message_bytes: int) -> None:
         super().__init__(loop)
         #: The client end of a tunnel (``websocket`` None): see :meth:`client_protocol`.
         self.client = websocket is None
-        self.websocket: ServerProtocol | None = websocket
+        self.websocket = websocket
         self.max_message_bytes = max_message_bytes
         self.ws: WSTransport | None = None
         #: Bytes of the current fragmented message so far (-1: not in one).
@@ -370,11 +371,6 @@ class PicowsTunnel(SocketTunnel):
 
     # ------------------------------------------------------------ handshake phase
 
-    def flush_websocket(self) -> None:
-        """Write what the handshake protocol has for the client (a refusal, a page)."""
-        if self.websocket is not None:
-            flush_handshake(self.websocket, self.ws_transport, self.machine)
-
     def upgrade(self, response_headers: Iterable[tuple[str, str]], key: str,
                 early: list[bytes], eof: bool) -> None:
         """Accept: hand the connection to picows, which writes the 101 (with
@@ -395,7 +391,7 @@ class PicowsTunnel(SocketTunnel):
                    b"Sec-WebSocket-Key: " + key.encode("ascii") + b"\r\n\r\n")
         protocol.feed([request, *early])
         if eof:
-            self._finish_handshake()
+            self._close_flushed()
 
     def _client_protocol(self) -> _Protocol | None:
         transport = self.ws_transport
@@ -528,13 +524,7 @@ class PicowsTunnel(SocketTunnel):
             self.machine.websocket_closing(code, reason)
         self.failed = True
         # The closing handshake is complete: close the connection once flushed.
-        self._finish_handshake()
-
-    def _finish_handshake(self) -> None:
-        transport = self.ws_transport
-        if transport is not None and not self.machine.ws_lost:
-            transport.close()
-            self.machine.websocket_flushing()
+        self._close_flushed()
 
     def read_done(self, frames: int) -> None:
         """After each read: idle-timeout activity, the loop's turn and the memory budget."""
@@ -592,7 +582,7 @@ class PicowsTunnel(SocketTunnel):
     def fail_websocket(self, code: int, reason: str) -> None:
         self.send_close(code, reason)
         self.failed = True
-        self._finish_handshake()
+        self._close_flushed()
 
     def held_inbound(self) -> int:
         if self.websocket is not None:

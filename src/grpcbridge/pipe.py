@@ -49,7 +49,7 @@ class ProtocolTransport(asyncio.Transport):
     abort = close
 
     def get_write_buffer_size(self) -> int:
-        return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffer_size()
+        return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffered()
 
     def pause_reading(self) -> None:
         self._pipe.tunnel.pause_websocket_reading()

@@ -33,9 +33,9 @@ from websockets.frames import Opcode as WsOpcode
 from websockets.protocol import OPEN
 from websockets.protocol import Protocol as WebSocketProtocol
 
-from .core.limits import FRAMES_PER_TURN, BudgetAccount
+from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode
-from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine, TunnelState, TunnelView
+from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine, TunnelView
 
 #: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
 #: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
@@ -46,22 +46,6 @@ _BINARY = WsOpcode.BINARY
 _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 #: A last frame smaller than this is not worth charging to the memory budget.
 _RETAINED_MIN = 64 * 1024
-
-
-def flush_handshake(websocket: WebSocketProtocol, transport: asyncio.Transport | None,
-                    machine: TunnelMachine) -> None:
-    """Write what websockets' protocol has to send; its end-of-stream marker closes the
-    connection once flushed (within the machine's close deadline)."""
-    if transport is None or machine.ws_lost:
-        if machine.ws_lost:
-            websocket.data_to_send()  # the peer is gone: nothing to write to
-        return
-    for chunk in websocket.data_to_send():
-        if not chunk:  # websockets' end-of-stream marker
-            transport.close()
-            machine.websocket_flushing()
-        else:
-            transport.write(chunk)
 
 
 class StreamOwner(Protocol):
@@ -84,7 +68,7 @@ class StreamOwner(Protocol):
 
     def resume_websocket_reading(self) -> None: ...
 
-    def websocket_buffer_size(self) -> int: ...
+    def websocket_buffered(self) -> int: ...
 
     @property
     def max_message_bytes(self) -> int | None:
@@ -108,26 +92,6 @@ class StreamAdapter(TunnelView):
         self._timer: asyncio.TimerHandle | None = None
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
-
-    # ------------------------------------------------------------- the machine's view
-
-    @property
-    def account(self) -> BudgetAccount | None:
-        """Share of a server's memory budget, charged with what this tunnel holds."""
-        return self.machine.account
-
-    @account.setter
-    def account(self, account: BudgetAccount | None) -> None:
-        self.machine.account = account
-
-    @property
-    def dialing(self) -> bool:
-        """True while the stream side is being connected (``closed`` waits for it)."""
-        return self.machine.dialing
-
-    @dialing.setter
-    def dialing(self, value: bool) -> None:
-        self.machine.dialing = value
 
     # ------------------------------------------- StreamOwner: the stream side's calls
 
@@ -157,28 +121,12 @@ class StreamAdapter(TunnelView):
     def resume_websocket_reading(self) -> None:
         self.machine.stream_write_resumed()
 
-    def websocket_buffer_size(self) -> int:
-        """Bytes waiting to be sent on the WebSocket."""
-        return self.websocket_buffered()
-
     def websocket_buffered(self) -> int:
         raise NotImplementedError
-
-    def keepalive(self, ping_interval: float, idle_timeout: float) -> None:
-        """A tick of the server's keepalive sweep (see :func:`keepalive_forever`)."""
-        self.machine.tick(ping_interval, idle_timeout)
-
-    def charge_budget(self) -> None:
-        """Report what this tunnel holds to its budget account; over budget: close 1008."""
-        self.machine.charge()
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides; the WebSocket with ``code`` and ``reason``."""
         self.machine.close(code, reason)
-
-    def fail(self, code: int, reason: str, *, detail: str | None = None) -> None:
-        """Fail the WebSocket for a protocol violation (no further frames are processed)."""
-        self.machine.fail(code, reason, detail=detail)
 
     def abort(self) -> None:
         """Drop both sides now, without waiting for buffers or handshakes."""
@@ -234,20 +182,39 @@ class SocketTunnel(StreamAdapter):
     half shared by the websockets (:class:`Tunnel`) and picows
     (:class:`~grpcbridge.fastws.PicowsTunnel`) adapters."""
 
-    __slots__ = ("_ws_yielding", "ws_transport")
+    __slots__ = ("_ws_yielding", "websocket", "ws_transport")
 
     #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
     CLOSE_TIMEOUT = CLOSE_TIMEOUT
+
+    #: websockets' protocol, whose output :meth:`flush_websocket` writes (None: none).
+    websocket: WebSocketProtocol | None
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.ws_transport: asyncio.Transport | None = None
         self._ws_yielding = False
 
-    @property
-    def is_open(self) -> bool:
-        """Relaying: WebSocket open and stream side attached."""
-        return self.machine.state is TunnelState.OPEN
+    def flush_websocket(self) -> None:
+        """Write what websockets' protocol has to send; its end-of-stream marker closes the
+        connection once flushed (within the machine's close deadline)."""
+        websocket = self.websocket
+        if websocket is None:
+            return
+        if self.machine.ws_lost:
+            websocket.data_to_send()  # the peer is gone: nothing to write to
+        elif self.ws_transport is not None:
+            for chunk in websocket.data_to_send():
+                if chunk:
+                    self.ws_transport.write(chunk)
+                else:  # websockets' end-of-stream marker
+                    self._close_flushed()
+
+    def _close_flushed(self) -> None:
+        """Close the WebSocket connection once what is buffered for it is sent."""
+        if self.ws_transport is not None and not self.machine.ws_lost:
+            self.ws_transport.close()
+            self.machine.websocket_flushing()
 
     def _yield_turn(self) -> None:
         """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
@@ -265,12 +232,6 @@ class SocketTunnel(StreamAdapter):
         if (self.ws_transport is not None and not self.machine.ws_lost
                 and not self.machine.ws_paused):
             self.ws_transport.resume_reading()
-
-    def ws_pause_writing(self) -> None:
-        self.machine.websocket_write_paused()
-
-    def ws_resume_writing(self) -> None:
-        self.machine.websocket_write_resumed()
 
     # ------------------------------------------- TunnelIO: the transport's outputs
 
@@ -308,10 +269,11 @@ class Tunnel(SocketTunnel):
         "_inbound",
         "_retained",
         "info",
+        "max_message_bytes",
         "on_handshake_event",
-        "websocket",
     )
 
+    websocket: WebSocketProtocol
 
     def __init__(
         self,
@@ -324,6 +286,8 @@ class Tunnel(SocketTunnel):
         super().__init__(loop)
         self.websocket = websocket
         self.info: dict[str, Any] = info if info is not None else {}
+        #: Largest WebSocket message accepted (None: no limit).
+        self.max_message_bytes = websocket.max_message_size
         #: Called with each non-frame event (handshake Request/Response).
         self.on_handshake_event: Callable[[object], None] | None = None
         #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
@@ -333,11 +297,6 @@ class Tunnel(SocketTunnel):
         self._retained = 0
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
-
-    @property
-    def max_message_bytes(self) -> int | None:
-        """Largest WebSocket message accepted (None: no limit)."""
-        return self.websocket.max_message_size
 
     # --------------------------------------------------------- WebSocket side
 
@@ -390,9 +349,6 @@ class Tunnel(SocketTunnel):
         elif received is not None:
             self.machine.websocket_closing(received.code, received.reason)
 
-    def flush_websocket(self) -> None:
-        flush_handshake(self.websocket, self.ws_transport, self.machine)
-
     def ws_lost(self, exc: Exception | None) -> None:
         machine = self.machine
         if machine.ws_lost:
@@ -412,11 +368,6 @@ class Tunnel(SocketTunnel):
         with contextlib.suppress(BufferError):
             self._inbound.clear()
         machine.websocket_lost(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
-
-    def websocket_opened(self) -> None:
-        """The WebSocket handshake completed. Reading it stays as the machine has it (the
-        bridge keeps it paused until the backend is attached)."""
-        self.machine.websocket_opened()
 
     # ------------------------------------------- TunnelIO: the machine's outputs
 
@@ -476,10 +427,10 @@ class WebSocketSide(asyncio.Protocol):
         self.tunnel.ws_lost(exc)
 
     def pause_writing(self) -> None:
-        self.tunnel.ws_pause_writing()
+        self.tunnel.machine.websocket_write_paused()
 
     def resume_writing(self) -> None:
-        self.tunnel.ws_resume_writing()
+        self.tunnel.machine.websocket_write_resumed()
 
 
 class StreamSide(asyncio.Protocol):
@@ -531,4 +482,4 @@ async def keepalive_forever(
         if on_tick is not None:
             on_tick()
         for tunnel in tunnels():
-            tunnel.keepalive(ping_interval, idle_timeout)
+            tunnel.machine.tick(ping_interval, idle_timeout)

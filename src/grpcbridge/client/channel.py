@@ -45,7 +45,7 @@ class _TunnelConnection:
 
     @property
     def usable(self) -> bool:
-        return not self.tunnel.dialing and self.tunnel.close_code is None
+        return not self.tunnel.machine.dialing and self.tunnel.close_code is None
 
     @property
     def close_started(self) -> bool:
@@ -59,11 +59,12 @@ class _TunnelConnection:
                 + (f" ({tunnel.close_reason})" if tunnel.close_reason else ""))
 
     def close(self) -> None:
-        if not self.tunnel.dialing:  # a handshake in progress finishes first (see Connection)
+        # A handshake in progress finishes first (see Connection).
+        if not self.tunnel.machine.dialing:
             self.tunnel.close(CloseCode.NORMAL, "channel closed")
 
     def abort(self) -> None:
-        if not self.tunnel.dialing:
+        if not self.tunnel.machine.dialing:
             self.tunnel.abort()
 
 

@@ -11,6 +11,7 @@ from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, InvalidStateError
 from ..core.stream import CloseCode
 from ..core.target import host_port
+from ..core.tunnel import TunnelState
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import log_event
@@ -82,7 +83,7 @@ class Forwarder:
             self._closed.set()
             raise
         self._keepalive = loop.create_task(keepalive_forever(
-            lambda: [t for t in self._tunnels if t.is_open],
+            lambda: [t for t in self._tunnels if t.machine.state is TunnelState.OPEN],
             self.config.ping_interval, self.config.idle_timeout))
         proxy = self.config.parsed_proxy
         log_event("forwarder_started", listen=self.target,
