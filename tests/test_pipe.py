@@ -8,7 +8,7 @@ from grpcbridge.pipe import COALESCE_LIMIT, Pipe
 
 
 class RecordingTunnel:
-    """The StreamOwner side of a pipe, recording what the protocol sends."""
+    """The tunnel (StreamAdapter) side of a pipe, recording what the protocol sends."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop

@@ -19,7 +19,7 @@ import asyncio
 from typing import Any, cast
 
 from .core.wire import COALESCE_LIMIT as COALESCE_LIMIT  # defined once, for the browser too
-from .relay import StreamOwner
+from .relay import StreamAdapter
 
 
 class ProtocolTransport(asyncio.Transport):
@@ -44,7 +44,7 @@ class ProtocolTransport(asyncio.Transport):
         return self._pipe.closed
 
     def close(self) -> None:
-        self._pipe.close_from_protocol(None)
+        self._pipe.close_from_protocol()
 
     abort = close
 
@@ -61,49 +61,13 @@ class ProtocolTransport(asyncio.Transport):
         return not self._pipe.closed
 
 
-class _TunnelTransport(asyncio.Transport):
-    """The transport the tunnel writes stream bytes to (the tunnel's end of the pipe)."""
+class Pipe(asyncio.Transport):
+    """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both. The
+    pipe itself is the transport the tunnel writes stream bytes to (its end of the pipe)."""
 
-    def __init__(self, pipe: Pipe) -> None:
-        super().__init__()
-        self._pipe = pipe
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pipe.closed:
-            # bytes and bytearray go through uncopied (the tunnel never reuses them).
-            self._pipe.protocol.data_received(
-                bytes(data) if isinstance(data, memoryview) else cast(bytes, data))
-
-    def is_closing(self) -> bool:
-        return self._pipe.closed
-
-    def close(self) -> None:
-        self._pipe.close_from_tunnel()
-
-    abort = close
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass  # nothing is buffered: writes are delivered synchronously
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        if not self._pipe.closed and not self._pipe.paused:
-            self._pipe.paused = True
-            self._pipe.protocol.pause_writing()
-
-    def resume_reading(self) -> None:
-        if not self._pipe.closed and self._pipe.paused:
-            self._pipe.paused = False
-            self._pipe.protocol.resume_writing()
-
-
-class Pipe:
-    """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both."""
-
-    def __init__(self, tunnel: StreamOwner, protocol: asyncio.Protocol,
+    def __init__(self, tunnel: StreamAdapter, protocol: asyncio.Protocol,
                  extra: dict[str, Any] | None = None) -> None:
+        super().__init__()
         self.tunnel = tunnel
         self.protocol = protocol
         self.closed = False
@@ -112,13 +76,12 @@ class Pipe:
         #: Bytes written by the protocol in the current loop iteration, not yet sent.
         self.held_bytes = 0
         self.protocol_transport = ProtocolTransport(self, extra or {})
-        self._tunnel_transport = _TunnelTransport(self)
 
     def connect(self, buffer_bytes: int) -> None:
         """Call ``connection_made`` on the protocol, then attach the pipe to the tunnel (which
         delivers any stream bytes that arrived before)."""
         self.protocol.connection_made(self.protocol_transport)
-        self.tunnel.attach_stream(self._tunnel_transport, buffer_bytes)
+        self.tunnel.attach_stream(self, buffer_bytes)
 
     def hold(self, data: bytes) -> None:
         """Queue a write; everything written during one loop iteration leaves as one
@@ -144,7 +107,7 @@ class Pipe:
         if not self.closed:
             self.tunnel.stream_data(data)
 
-    def close_from_protocol(self, exc: Exception | None) -> None:
+    def close_from_protocol(self) -> None:
         """The in-process side closed: send what it wrote, end the tunnel's stream side,
         then tell the protocol."""
         if self.closed:
@@ -152,10 +115,21 @@ class Pipe:
         self.flush()
         self.closed = True
         loop = self.tunnel.loop
-        loop.call_soon(self.tunnel.stream_lost, exc)
-        loop.call_soon(self.protocol.connection_lost, exc)
+        loop.call_soon(self.tunnel.stream_lost, None)
+        loop.call_soon(self.protocol.connection_lost, None)
 
-    def close_from_tunnel(self) -> None:
+    # ------------------------------------- the tunnel's end: its stream transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closed:
+            # bytes and bytearray go through uncopied (the tunnel never reuses them).
+            self.protocol.data_received(
+                bytes(data) if isinstance(data, memoryview) else cast(bytes, data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
         """The tunnel closed its stream side (WebSocket gone or closing)."""
         if self.closed:
             return
@@ -163,3 +137,21 @@ class Pipe:
         loop = self.tunnel.loop
         loop.call_soon(self.protocol.connection_lost, None)
         loop.call_soon(self.tunnel.stream_lost, None)
+
+    abort = close
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # nothing is buffered: writes are delivered synchronously
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        if not self.closed and not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def resume_reading(self) -> None:
+        if not self.closed and self.paused:
+            self.paused = False
+            self.protocol.resume_writing()

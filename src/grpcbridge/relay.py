@@ -25,7 +25,7 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
@@ -48,39 +48,13 @@ _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 _RETAINED_MIN = 64 * 1024
 
 
-class StreamOwner(Protocol):
-    """What the stream side of a tunnel (a socket's :class:`StreamSide`, or an in-process
-    :class:`~grpcbridge.pipe.Pipe`) needs from its tunnel. Implemented by
-    :class:`StreamAdapter`, so by :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel`
-    and the ASGI app's tunnel."""
-
-    loop: asyncio.AbstractEventLoop
-
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None: ...
-
-    def stream_data(self, data: bytes) -> None: ...
-
-    def stream_eof(self) -> None: ...
-
-    def stream_lost(self, exc: Exception | None) -> None: ...
-
-    def pause_websocket_reading(self) -> None: ...
-
-    def resume_websocket_reading(self) -> None: ...
-
-    def websocket_buffered(self) -> int: ...
-
-    @property
-    def max_message_bytes(self) -> int | None:
-        """Largest WebSocket message this side accepts (None: no limit)."""
-
-
 class StreamAdapter(TunnelView):
     """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
     an asyncio stream transport (a backend connection, a local client, or a
-    :class:`~grpcbridge.pipe.Pipe`), implements :class:`StreamOwner` for it, arms the
-    machine's timer and resolves ``closed`` when the machine is done. Shared by the relay's
-    :class:`Tunnel` and the ASGI app's tunnel, which add their WebSocket halves."""
+    :class:`~grpcbridge.pipe.Pipe`), takes that side's calls (from :class:`StreamSide` or
+    the pipe), arms the machine's timer and resolves ``closed`` when the machine is done.
+    Shared by the relay's :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel` and the
+    ASGI app's tunnel, which add their WebSocket halves."""
 
     __slots__ = ("_timer", "closed", "loop", "machine", "stream_transport")
 
@@ -93,7 +67,7 @@ class StreamAdapter(TunnelView):
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
-    # ------------------------------------------- StreamOwner: the stream side's calls
+    # ------------------------------------------------------- the stream side's calls
 
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
         """Attach the byte-stream connection (from its ``connection_made``).
@@ -438,7 +412,7 @@ class StreamSide(asyncio.Protocol):
 
     __slots__ = ("_buffer_bytes", "tunnel")
 
-    def __init__(self, tunnel: StreamOwner, buffer_bytes: int) -> None:
+    def __init__(self, tunnel: StreamAdapter, buffer_bytes: int) -> None:
         self.tunnel = tunnel
         self._buffer_bytes = buffer_bytes
 
