@@ -266,9 +266,9 @@ def per_message(size: int, count: int = 20000) -> None:
         data_frame += payload[:max(size - 9, 0)]
         for label, step in (("WebSocket -> backend (ws_data)", lambda: tunnel.ws_data(frame)),
                             ("backend -> WebSocket (stream_data)",
-                             lambda: tunnel.stream_data(payload)),
+                             lambda: tunnel.machine.stream_data(payload)),
                             ("backend -> WebSocket, --max-tunnel-age set",
-                             lambda: aged.stream_data(data_frame)),
+                             lambda: aged.machine.stream_data(data_frame)),
                             ("client: graceful-GOAWAY filter, one HTTP/2 frame",
                              None if goaway_filter is None
                              else lambda: goaway_filter.feed(data_frame))):

@@ -52,10 +52,10 @@ class ProtocolTransport(asyncio.Transport):
         return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffered()
 
     def pause_reading(self) -> None:
-        self._pipe.tunnel.pause_websocket_reading()
+        self._pipe.tunnel.machine.stream_write_paused()
 
     def resume_reading(self) -> None:
-        self._pipe.tunnel.resume_websocket_reading()
+        self._pipe.tunnel.machine.stream_write_resumed()
 
     def is_reading(self) -> bool:
         return not self._pipe.closed
@@ -105,7 +105,7 @@ class Pipe(asyncio.Transport):
         self._held.clear()
         self.held_bytes = 0
         if not self.closed:
-            self.tunnel.stream_data(data)
+            self.tunnel.machine.stream_data(data)
 
     def close_from_protocol(self) -> None:
         """The in-process side closed: send what it wrote, end the tunnel's stream side,
@@ -115,7 +115,7 @@ class Pipe(asyncio.Transport):
         self.flush()
         self.closed = True
         loop = self.tunnel.loop
-        loop.call_soon(self.tunnel.stream_lost, None)
+        loop.call_soon(self.tunnel.machine.stream_gone, False)
         loop.call_soon(self.protocol.connection_lost, None)
 
     # ------------------------------------- the tunnel's end: its stream transport
@@ -136,7 +136,7 @@ class Pipe(asyncio.Transport):
         self.closed = True
         loop = self.tunnel.loop
         loop.call_soon(self.protocol.connection_lost, None)
-        loop.call_soon(self.tunnel.stream_lost, None)
+        loop.call_soon(self.tunnel.machine.stream_gone, False)
 
     abort = close
 

@@ -51,10 +51,10 @@ _RETAINED_MIN = 64 * 1024
 class StreamAdapter(TunnelView):
     """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
     an asyncio stream transport (a backend connection, a local client, or a
-    :class:`~grpcbridge.pipe.Pipe`), takes that side's calls (from :class:`StreamSide` or
-    the pipe), arms the machine's timer and resolves ``closed`` when the machine is done.
-    Shared by the relay's :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel` and the
-    ASGI app's tunnel, which add their WebSocket halves."""
+    :class:`~grpcbridge.pipe.Pipe`, which report to the machine directly), arms the
+    machine's timer and resolves ``closed`` when the machine is done. Shared by the relay's
+    :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel` and the ASGI app's tunnel,
+    which add their WebSocket halves."""
 
     __slots__ = ("_timer", "closed", "loop", "machine", "stream_transport")
 
@@ -67,8 +67,6 @@ class StreamAdapter(TunnelView):
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
-    # ------------------------------------------------------- the stream side's calls
-
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
         """Attach the byte-stream connection (from its ``connection_made``).
 
@@ -79,21 +77,6 @@ class StreamAdapter(TunnelView):
         self.stream_transport = transport
         self.machine.stream_attached_now()
         self.machine.charge()
-
-    def stream_data(self, data: bytes) -> None:
-        self.machine.stream_data(data)
-
-    def stream_eof(self) -> None:
-        self.machine.stream_eof()
-
-    def stream_lost(self, exc: Exception | None) -> None:
-        self.machine.stream_gone(exc is not None)
-
-    def pause_websocket_reading(self) -> None:
-        self.machine.stream_write_paused()
-
-    def resume_websocket_reading(self) -> None:
-        self.machine.stream_write_resumed()
 
     def websocket_buffered(self) -> int:
         raise NotImplementedError
@@ -410,10 +393,11 @@ class WebSocketSide(asyncio.Protocol):
 class StreamSide(asyncio.Protocol):
     """asyncio Protocol for the byte-stream connection of a tunnel."""
 
-    __slots__ = ("_buffer_bytes", "tunnel")
+    __slots__ = ("_buffer_bytes", "machine", "tunnel")
 
     def __init__(self, tunnel: StreamAdapter, buffer_bytes: int) -> None:
         self.tunnel = tunnel
+        self.machine = tunnel.machine
         self._buffer_bytes = buffer_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -421,20 +405,20 @@ class StreamSide(asyncio.Protocol):
         self.tunnel.attach_stream(transport, self._buffer_bytes)
 
     def data_received(self, data: bytes) -> None:
-        self.tunnel.stream_data(data)
+        self.machine.stream_data(data)
 
     def eof_received(self) -> bool | None:
-        self.tunnel.stream_eof()
+        self.machine.stream_eof()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.stream_lost(exc)
+        self.machine.stream_gone(exc is not None)
 
     def pause_writing(self) -> None:
-        self.tunnel.pause_websocket_reading()
+        self.machine.stream_write_paused()
 
     def resume_writing(self) -> None:
-        self.tunnel.resume_websocket_reading()
+        self.machine.stream_write_resumed()
 
 
 async def keepalive_forever(
