@@ -149,7 +149,7 @@ class _Listener(WSListener):
             tunnel.machine.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.tunnel.ws_lost(None)  # _Protocol.connection_lost makes sure of it too
+        self.tunnel.ws_lost(None)  # PicowsProtocol.connection_lost makes sure of it too
 
     def pause_writing(self) -> None:
         self.tunnel.machine.websocket_write_paused()
@@ -173,11 +173,12 @@ class ClientRequest:
     buffer_bytes: int
 
 
-class _Protocol(WSProtocol):  # type: ignore[misc]
+class PicowsProtocol(WSProtocol):  # type: ignore[misc]
     """picows' protocol (either end), counting the bytes of each read for the tunnel
     (partial frames, read buffer size) and giving the loop back after many frames."""
 
-    __slots__ = ("answer", "answer_end", "buffer_bytes", "listener", "read_into", "tunnel")
+    __slots__ = ("answer", "answer_end", "buffer_bytes", "listener", "read_into", "refusal_body",
+                 "tunnel")
 
     def __init__(self, tunnel: PicowsTunnel, listener: _Listener, max_frame_size: int, *,
                  response: WSUpgradeResponse | None = None,
@@ -218,6 +219,9 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             else None
         #: Where the held answer is complete (-1: its head has not all come yet).
         self.answer_end = -1
+        #: A client's upgrade answered other than 101: its body (the server's reason; at
+        #: most REFUSAL_BODY bytes), else None.
+        self.refusal_body: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tunnel.client:  # the connection is the tunnel's from the start
@@ -288,7 +292,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             # has it, with whatever came in the same read as the body), the body is kept
             # for the error; what follows (past REFUSAL_BODY) is not read.
             head = answer.find(b"\r\n\r\n") + 4
-            self.tunnel.refusal_body = bytes(answer[head:self.answer_end])
+            self.refusal_body = bytes(answer[head:self.answer_end])
             del answer[head:]
         self.feed([answer])
         return self.answer_end >= 0
@@ -337,7 +341,6 @@ class PicowsTunnel(SocketTunnel):
         "fragment",
         "max_message_bytes",
         "partial",
-        "refusal_body",
         "stream_fd",
         "ws",
     )
@@ -363,9 +366,6 @@ class PicowsTunnel(SocketTunnel):
         self.buffer_size = 0
         #: The stream side's socket, written to directly while its buffer is empty (-1: none).
         self.stream_fd = -1
-        #: A client's upgrade answered other than 101: its body (the server's reason; at
-        #: most REFUSAL_BODY bytes), else None.
-        self.refusal_body: bytes | None = None
         self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
                                      close_timeout=self.CLOSE_TIMEOUT)
 
@@ -383,7 +383,7 @@ class PicowsTunnel(SocketTunnel):
         response = WSUpgradeResponse.create_101_response(extra_headers=[
             (name, value) for name, value in response_headers
             if name.lower() not in ("upgrade", "connection", "sec-websocket-accept")])
-        protocol = _Protocol(self, _Listener(self), self.max_message_bytes, response=response)
+        protocol = PicowsProtocol(self, _Listener(self), self.max_message_bytes, response=response)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         request = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"
@@ -393,32 +393,14 @@ class PicowsTunnel(SocketTunnel):
         if eof:
             self._close_flushed()
 
-    def _client_protocol(self) -> _Protocol | None:
-        transport = self.ws_transport
-        protocol = transport.get_protocol() if transport is not None else None
-        return protocol if isinstance(protocol, _Protocol) else None
-
-    def release_answer(self) -> bool:
-        """A dialing client hands the upgrade answer it holds to picows now (the dial ran
-        out of time): True if it was a refusal whose body had not all come, which picows
-        has now failed the handshake with."""
-        protocol = self._client_protocol()
-        return protocol is not None and protocol.release_answer()
-
-    async def handshake_answered(self) -> None:
-        """A connected client's ``wait_until_handshake_complete()`` (see
-        :meth:`client_protocol`)."""
-        protocol = self._client_protocol()
-        assert protocol is not None
-        await protocol.wait_until_handshake_complete()
-
-    def client_protocol(self, request: ClientRequest) -> _Protocol:
+    def client_protocol(self, request: ClientRequest) -> PicowsProtocol:
         """The protocol for the connection a client dials: it sends ``request`` once
         connected; ``wait_until_handshake_complete()`` on it returns once the tunnel is
         open or the connection is gone (:attr:`ws` tells which), or raises what refused the
-        answer (picows' ``WSHandshakeError``, or what ``request.check`` raised)."""
+        answer (picows' ``WSHandshakeError``, or what ``request.check`` raised; a refusal's
+        body is then in ``refusal_body`` unless picows had it all)."""
         assert self.client
-        return _Protocol(self, _Listener(self), self.max_message_bytes, request=request)
+        return PicowsProtocol(self, _Listener(self), self.max_message_bytes, request=request)
 
     # ------------------------------------------------------------- frames, reads
 

@@ -29,7 +29,7 @@ from ..core.errors import HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, host_port
-from ..fastws import REFUSAL_BODY, ClientRequest, PicowsTunnel
+from ..fastws import REFUSAL_BODY, ClientRequest, PicowsProtocol, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 
 #: A client tunnel on either framing engine.
@@ -107,15 +107,19 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     """
     target = settings.target
     within = settings.handshake_timeout
+    protocol: PicowsProtocol | None = None  # a picows tunnel's, once made
     try:
         async with asyncio.timeout(within):
             if isinstance(tunnel, PicowsTunnel):
-                await _open_picows(tunnel, settings, within)
+                protocol = made = tunnel.client_protocol(_client_request(settings))
+                await _connect(tunnel, settings, within, lambda: made)
+                await _answered(made, target)
             else:
                 await _open_websockets(tunnel, settings, within)
     except TimeoutError:
-        refused = (await _late_refusal(tunnel, target)
-                   if isinstance(tunnel, PicowsTunnel) and tunnel.release_answer() else None)
+        # A refusal whose body had not all come: picows fails the handshake with it now.
+        refused = (await _late_refusal(protocol, target)
+                   if protocol is not None and protocol.release_answer() else None)
         _abandon(tunnel)
         if refused is not None:
             raise refused from None
@@ -174,7 +178,8 @@ async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float
         raise _refused(settings.target, answer.status_code, answer.body)
 
 
-async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: float) -> None:
+def _client_request(settings: DialSettings) -> ClientRequest:
+    """The upgrade request of a picows client tunnel."""
     target = settings.target
     protocols = settings.subprotocols
 
@@ -191,21 +196,18 @@ async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: flo
             raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: "
                                  + problem, status=int(answer.status))
 
-    request = ClientRequest(authority=target.authority, resource=target.resource,
-                            headers=settings.upgrade_headers(), check=check,
-                            buffer_bytes=settings.buffer_bytes)
-    protocol = tunnel.client_protocol(request)
-    await _connect(tunnel, settings, within, lambda: protocol)
-    await _answered(tunnel, target)
+    return ClientRequest(authority=target.authority, resource=target.resource,
+                         headers=settings.upgrade_headers(), check=check,
+                         buffer_bytes=settings.buffer_bytes)
 
 
-async def _late_refusal(tunnel: PicowsTunnel, target: Target) -> HandshakeError | None:
+async def _late_refusal(protocol: PicowsProtocol, target: Target) -> HandshakeError | None:
     """The error for a refusal whose body had not all come when the dial ran out of time,
-    once picows has it (:meth:`PicowsTunnel.release_answer`): it has already failed the
+    once picows has it (:meth:`PicowsProtocol.release_answer`): it has already failed the
     handshake, so nothing is waited for (None if, against that, it had not)."""
     try:
         async with asyncio.timeout(0):
-            await _answered(tunnel, target)
+            await _answered(protocol, target)
     except HandshakeError as exc:
         return exc
     except TimeoutError:
@@ -213,21 +215,21 @@ async def _late_refusal(tunnel: PicowsTunnel, target: Target) -> HandshakeError 
     return None
 
 
-async def _answered(tunnel: PicowsTunnel, target: Target) -> None:
+async def _answered(protocol: PicowsProtocol, target: Target) -> None:
     """Wait until picows has the upgrade answer; raise HandshakeError unless it opened
     the tunnel."""
     try:
-        await tunnel.handshake_answered()
+        await protocol.wait_until_handshake_complete()
     except WSInvalidStatusError as exc:
         answer = exc.response
-        body = tunnel.refusal_body
+        body = protocol.refusal_body
         raise _refused(target, int(answer.status) if answer else 0,
                        exc.raw_body if body is None else body) from None
     except WSHandshakeError as exc:
         raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
                              status=int(exc.response.status) if exc.response else None
                              ) from None
-    if tunnel.ws is None:
+    if protocol.tunnel.ws is None:
         raise HandshakeError(f"{target.url} closed the connection during the WebSocket "
                              "handshake")
 
