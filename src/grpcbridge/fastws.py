@@ -304,7 +304,12 @@ class PicowsProtocol(WSProtocol):  # type: ignore[misc]
         finally:  # picows skips on_ws_disconnected for a connection it never upgraded
             self.tunnel.ws_lost(exc)
             if self.tunnel.client:
-                _retrieve_disconnect_error(self.transport)
+                # picows keeps a protocol error it ended a client connection for, for
+                # wait_disconnected(), which nothing here awaits (the tunnel reports it as its
+                # close code): retrieve it, or asyncio logs "Future exception was never
+                # retrieved".
+                waiter = asyncio.ensure_future(self.transport.wait_disconnected())
+                waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def feed(self, chunks: Iterable[bytes | bytearray]) -> None:
         """Deliver bytes as if read from the socket."""
@@ -316,14 +321,6 @@ class PicowsProtocol(WSProtocol):  # type: ignore[misc]
                 buffer[:size] = view[:size]
                 view = view[size:]
                 self.buffer_updated(size)
-
-
-def _retrieve_disconnect_error(transport: WSTransport) -> None:
-    """A client-side picows connection that picows ended for a protocol error keeps the
-    error for ``wait_disconnected()``, which nothing here awaits (the tunnel reports it as
-    its close code): retrieve it, or asyncio logs "Future exception was never retrieved"."""
-    waiter = asyncio.ensure_future(transport.wait_disconnected())
-    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class PicowsTunnel(SocketTunnel):

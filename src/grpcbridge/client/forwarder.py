@@ -114,14 +114,13 @@ class Forwarder:
                 if task is not None:
                     task.cancel()
                 tunnel.close(CloseCode.GOING_AWAY, "forwarder shutting down")
-            pending = [tunnel.closed for tunnel in self._tunnels]
-            if pending:
-                await asyncio.wait(pending, timeout=PicowsTunnel.CLOSE_TIMEOUT + 1)
-            for tunnel in list(self._tunnels):
-                tunnel.abort()
-            pending = [tunnel.closed for tunnel in self._tunnels]
-            if pending:
-                await asyncio.wait(pending, timeout=1)
+            # Closing handshakes get their deadline; then what is left is aborted.
+            for timeout in (PicowsTunnel.CLOSE_TIMEOUT + 1, 1):
+                pending = [tunnel.closed for tunnel in self._tunnels]
+                if pending:
+                    await asyncio.wait(pending, timeout=timeout)
+                for tunnel in list(self._tunnels):
+                    tunnel.abort()
             tasks = [task for task in self._tunnels.values() if task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
