@@ -34,9 +34,6 @@ class ProtocolTransport(asyncio.Transport):
             return  # like a socket transport after close(): silently ignored
         self._pipe.hold(bytes(data))
 
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
     def can_write_eof(self) -> bool:
         return False
 

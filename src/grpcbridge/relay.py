@@ -25,7 +25,7 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import cast
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
@@ -225,24 +225,16 @@ class Tunnel(SocketTunnel):
         "__weakref__",
         "_inbound",
         "_retained",
-        "info",
         "max_message_bytes",
         "on_handshake_event",
     )
 
     websocket: WebSocketProtocol
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        websocket: WebSocketProtocol,
-        *,
-        stream_name: str,
-        info: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, websocket: WebSocketProtocol, *,
+                 stream_name: str) -> None:
         super().__init__(loop)
         self.websocket = websocket
-        self.info: dict[str, Any] = info if info is not None else {}
         #: Largest WebSocket message accepted (None: no limit).
         self.max_message_bytes = websocket.max_message_size
         #: Called with each non-frame event (handshake Request/Response).
