@@ -175,14 +175,20 @@ class ClientRequest:
 
 class PicowsProtocol(WSProtocol):  # type: ignore[misc]
     """picows' protocol (either end), counting the bytes of each read for the tunnel
-    (partial frames, read buffer size) and giving the loop back after many frames."""
+    (partial frames, read buffer size) and giving the loop back after many frames.
+
+    A client's (made with its ``request``, for the connection it dials) sends the request
+    once connected; ``wait_until_handshake_complete()`` returns once the tunnel is open or
+    the connection is gone (the tunnel's ``ws`` tells which), or raises what refused the
+    answer (picows' ``WSHandshakeError``, or what ``request.check`` raised; a refusal's body
+    is then in ``refusal_body`` unless picows had it all)."""
 
     __slots__ = ("answer", "answer_end", "buffer_bytes", "listener", "read_into", "refusal_body",
                  "tunnel")
 
-    def __init__(self, tunnel: PicowsTunnel, listener: _Listener, max_frame_size: int, *,
-                 response: WSUpgradeResponse | None = None,
+    def __init__(self, tunnel: PicowsTunnel, *, response: WSUpgradeResponse | None = None,
                  request: ClientRequest | None = None) -> None:
+        listener = _Listener(tunnel)
         factory: Callable[..., object]
         if request is None:
             assert response is not None
@@ -202,7 +208,7 @@ class PicowsProtocol(WSProtocol):  # type: ignore[misc]
             None,  # handshake timeout: the bridge, or the dialer, has its own
             False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # off: the machine pings
             False,  # auto pong: pings are answered (and rate-limited) by the tunnel
-            max_frame_size,
+            tunnel.max_message_bytes,  # largest frame
             list(request.headers) if request else None,
             READ_BUFFER,
         )
@@ -347,7 +353,7 @@ class PicowsTunnel(SocketTunnel):
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol | None, *,
                  stream_name: str, max_message_bytes: int) -> None:
         super().__init__(loop)
-        #: The client end of a tunnel (``websocket`` None): see :meth:`client_protocol`.
+        #: The client end of a tunnel (``websocket`` None): see :class:`PicowsProtocol`.
         self.client = websocket is None
         self.websocket = websocket
         self.max_message_bytes = max_message_bytes
@@ -380,7 +386,7 @@ class PicowsTunnel(SocketTunnel):
         response = WSUpgradeResponse.create_101_response(extra_headers=[
             (name, value) for name, value in response_headers
             if name.lower() not in ("upgrade", "connection", "sec-websocket-accept")])
-        protocol = PicowsProtocol(self, _Listener(self), self.max_message_bytes, response=response)
+        protocol = PicowsProtocol(self, response=response)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         request = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"
@@ -389,15 +395,6 @@ class PicowsTunnel(SocketTunnel):
         protocol.feed([request, *early])
         if eof:
             self._close_flushed()
-
-    def client_protocol(self, request: ClientRequest) -> PicowsProtocol:
-        """The protocol for the connection a client dials: it sends ``request`` once
-        connected; ``wait_until_handshake_complete()`` on it returns once the tunnel is
-        open or the connection is gone (:attr:`ws` tells which), or raises what refused the
-        answer (picows' ``WSHandshakeError``, or what ``request.check`` raised; a refusal's
-        body is then in ``refusal_body`` unless picows had it all)."""
-        assert self.client
-        return PicowsProtocol(self, _Listener(self), self.max_message_bytes, request=request)
 
     # ------------------------------------------------------------- frames, reads
 

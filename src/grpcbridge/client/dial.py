@@ -111,7 +111,7 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     try:
         async with asyncio.timeout(within):
             if isinstance(tunnel, PicowsTunnel):
-                protocol = made = tunnel.client_protocol(_client_request(settings))
+                protocol = made = PicowsProtocol(tunnel, request=_client_request(settings))
                 await _connect(tunnel, settings, within, lambda: made)
                 await _answered(made, target)
             else:
