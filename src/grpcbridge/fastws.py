@@ -310,10 +310,9 @@ class PicowsProtocol(WSProtocol):  # type: ignore[misc]
         finally:  # picows skips on_ws_disconnected for a connection it never upgraded
             self.tunnel.ws_lost(exc)
             if self.tunnel.client:
-                # picows keeps a protocol error it ended a client connection for, for
-                # wait_disconnected(), which nothing here awaits (the tunnel reports it as its
-                # close code): retrieve it, or asyncio logs "Future exception was never
-                # retrieved".
+                # picows keeps the protocol error it ended a client connection for until
+                # wait_disconnected(), which nothing awaits (the close code reports it):
+                # retrieve it, or asyncio logs "Future exception was never retrieved".
                 waiter = asyncio.ensure_future(self.transport.wait_disconnected())
                 waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
 

@@ -56,12 +56,10 @@ class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
     recv_message = _reported(grpclib.client.Stream.recv_message)
     recv_trailing_metadata = _reported(grpclib.client.Stream.recv_trailing_metadata)
 
+    @_reported
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
-        try:
-            await super().__aexit__(exc_type, exc_val, exc_tb)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
+        await super().__aexit__(exc_type, exc_val, exc_tb)
         if isinstance(exc_val, StreamTerminatedError):
             raise self._bridge_channel.call_error(exc_val) from exc_val
 
