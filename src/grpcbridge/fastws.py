@@ -36,7 +36,6 @@ from typing import cast
 
 from picows import (
     WSAutoPingStrategy,
-    WSCloseCode,
     WSFrame,
     WSListener,
     WSMsgType,
@@ -105,7 +104,6 @@ _PING = WSMsgType.PING
 _PONG = WSMsgType.PONG
 _CLOSE = WSMsgType.CLOSE
 _NO_STATUS = 1005
-_CLOSE_CODES = {int(code.value): code for code in WSCloseCode}
 
 
 class _Listener(WSListener):
@@ -552,7 +550,8 @@ class PicowsTunnel(SocketTunnel):
         ws = self.ws
         if ws is None or ws.is_close_frame_sent or self.failed:
             return
-        ws.send_close(_CLOSE_CODES.get(code, code), reason.encode())  # type: ignore[arg-type]
+        # picows' WSCloseCode is a C enum: it takes any int (its stub says otherwise).
+        ws.send_close(code, reason.encode())  # type: ignore[arg-type]
 
     def fail_websocket(self, code: int, reason: str) -> None:
         self.send_close(code, reason)

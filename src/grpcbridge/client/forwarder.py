@@ -134,10 +134,10 @@ class Forwarder:
 
     # ------------------------------------------------------------------
 
-    def _accept(self) -> StreamSide:
-        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+    def _accept(self) -> asyncio.Protocol:
         if self._state != "running":
-            return _RefusingStreamSide(tunnel, self.config.buffer_bytes)
+            return _Refusing()
+        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
         self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
         return StreamSide(tunnel, self.config.buffer_bytes)
@@ -155,9 +155,8 @@ class Forwarder:
         log_event("tunnel_opened", target=url)
 
 
-class _RefusingStreamSide(StreamSide):
+class _Refusing(asyncio.Protocol):
     """Accepted while shutting down: close at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport.abort()
+        cast(asyncio.Transport, transport).abort()  # uvloop's transports are not subclasses
