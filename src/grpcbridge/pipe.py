@@ -28,11 +28,36 @@ class ProtocolTransport(asyncio.Transport):
     def __init__(self, pipe: Pipe, extra: dict[str, Any]) -> None:
         super().__init__(extra)
         self._pipe = pipe
+        self._held: list[bytes] = []
+        #: Bytes written in the current loop iteration, not yet sent.
+        self.held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Queue a write; everything written during one loop iteration leaves as one
+        WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
+        WINDOW_UPDATE, trailers). Large bursts are sent at once. A message never grows past
+        ``COALESCE_LIMIT`` by coalescing (only a single larger write is sent as is), so a
+        peer accepting messages of that size and of one frame never refuses one."""
         if self._pipe.closed:
             return  # like a socket transport after close(): silently ignored
-        self._pipe.hold(bytes(data))
+        data = bytes(data)
+        if self._held and self.held_bytes + len(data) > COALESCE_LIMIT:
+            self.flush()
+        if not self._held:
+            self._pipe.tunnel.loop.call_soon(self.flush)
+        self._held.append(data)
+        self.held_bytes += len(data)
+        if self.held_bytes >= COALESCE_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        self._held.clear()
+        self.held_bytes = 0
+        if not self._pipe.closed:
+            self._pipe.tunnel.machine.stream_data(data)
 
     def can_write_eof(self) -> bool:
         return False
@@ -41,12 +66,21 @@ class ProtocolTransport(asyncio.Transport):
         return self._pipe.closed
 
     def close(self) -> None:
-        self._pipe.close_from_protocol()
+        """The in-process side closed: send what it wrote, end the tunnel's stream side,
+        then tell the protocol."""
+        pipe = self._pipe
+        if pipe.closed:
+            return
+        self.flush()
+        pipe.closed = True
+        loop = pipe.tunnel.loop
+        loop.call_soon(pipe.tunnel.machine.stream_gone, False)
+        loop.call_soon(pipe.protocol.connection_lost, None)
 
     abort = close
 
     def get_write_buffer_size(self) -> int:
-        return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffered()
+        return self.held_bytes + self._pipe.tunnel.websocket_buffered()
 
     def pause_reading(self) -> None:
         self._pipe.tunnel.machine.stream_write_paused()
@@ -69,9 +103,6 @@ class Pipe(asyncio.Transport):
         self.protocol = protocol
         self.closed = False
         self.paused = False
-        self._held: list[bytes] = []
-        #: Bytes written by the protocol in the current loop iteration, not yet sent.
-        self.held_bytes = 0
         self.protocol_transport = ProtocolTransport(self, extra or {})
 
     def connect(self, buffer_bytes: int) -> None:
@@ -79,41 +110,6 @@ class Pipe(asyncio.Transport):
         delivers any stream bytes that arrived before)."""
         self.protocol.connection_made(self.protocol_transport)
         self.tunnel.attach_stream(self, buffer_bytes)
-
-    def hold(self, data: bytes) -> None:
-        """Queue a write; everything written during one loop iteration leaves as one
-        WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
-        WINDOW_UPDATE, trailers). Large bursts are sent at once. A message never grows past
-        ``COALESCE_LIMIT`` by coalescing (only a single larger write is sent as is), so a
-        peer accepting messages of that size and of one frame never refuses one."""
-        if self._held and self.held_bytes + len(data) > COALESCE_LIMIT:
-            self.flush()
-        if not self._held:
-            self.tunnel.loop.call_soon(self.flush)
-        self._held.append(data)
-        self.held_bytes += len(data)
-        if self.held_bytes >= COALESCE_LIMIT:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self._held:
-            return
-        data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        self._held.clear()
-        self.held_bytes = 0
-        if not self.closed:
-            self.tunnel.machine.stream_data(data)
-
-    def close_from_protocol(self) -> None:
-        """The in-process side closed: send what it wrote, end the tunnel's stream side,
-        then tell the protocol."""
-        if self.closed:
-            return
-        self.flush()
-        self.closed = True
-        loop = self.tunnel.loop
-        loop.call_soon(self.tunnel.machine.stream_gone, False)
-        loop.call_soon(self.protocol.connection_lost, None)
 
     # ------------------------------------- the tunnel's end: its stream transport
 
