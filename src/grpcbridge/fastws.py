@@ -100,9 +100,6 @@ _PLAIN_SOCKET_TRANSPORTS = _plain_socket_transports()
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _TEXT = WSMsgType.TEXT
-_PING = WSMsgType.PING
-_PONG = WSMsgType.PONG
-_CLOSE = WSMsgType.CLOSE
 _NO_STATUS = 1005
 
 
@@ -471,12 +468,12 @@ class PicowsTunnel(SocketTunnel):
             else:
                 opcode = Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION
                 machine.frame(opcode, frame.get_payload_as_bytes())
-        elif msg_type is _PING:
+        elif msg_type is WSMsgType.PING:
             if machine.empty_frame() and self.ws is not None:
                 self.ws.send_pong(frame.get_payload_as_bytes())
-        elif msg_type is _PONG:
+        elif msg_type is WSMsgType.PONG:
             machine.empty_frame()
-        elif msg_type is _CLOSE:
+        elif msg_type is WSMsgType.CLOSE:
             self._close_received(frame)
 
     def _close_received(self, frame: WSFrame) -> None:
@@ -493,7 +490,7 @@ class PicowsTunnel(SocketTunnel):
             if payload:
                 self.send_close(code, reason)
             else:
-                ws.send(_CLOSE, b"")
+                ws.send(WSMsgType.CLOSE, b"")
             self.machine.websocket_closing(code, reason)
         self.failed = True
         # The closing handshake is complete: close the connection once flushed.
