@@ -363,8 +363,7 @@ class PicowsTunnel(SocketTunnel):
         self.buffer_size = 0
         #: The stream side's socket, written to directly while its buffer is empty (-1: none).
         self.stream_fd = -1
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
-                                     close_timeout=self.CLOSE_TIMEOUT)
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # ------------------------------------------------------------ handshake phase
 

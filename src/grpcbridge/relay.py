@@ -35,7 +35,7 @@ from websockets.protocol import Protocol as WebSocketProtocol
 
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode
-from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine, TunnelView
+from .core.tunnel import TunnelMachine, TunnelView
 
 #: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
 #: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
@@ -141,9 +141,6 @@ class SocketTunnel(StreamAdapter):
 
     __slots__ = ("_ws_yielding", "websocket", "ws_transport")
 
-    #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
-    CLOSE_TIMEOUT = CLOSE_TIMEOUT
-
     #: websockets' protocol, whose output :meth:`flush_websocket` writes (None: none).
     websocket: WebSocketProtocol | None
 
@@ -244,8 +241,7 @@ class Tunnel(SocketTunnel):
         #: Payload bytes of the last frame received: websockets' parser keeps that frame
         #: referenced until the next one arrives, so it counts as held memory.
         self._retained = 0
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
-                                     close_timeout=self.CLOSE_TIMEOUT)
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # --------------------------------------------------------- WebSocket side
 

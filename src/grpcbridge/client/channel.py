@@ -16,8 +16,8 @@ from ..core.config import ReconnectPolicy
 from ..core.proxy import FROM_ENVIRONMENT, ProxySetting, resolve_proxy
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, CloseCode
 from ..core.target import parse_target
+from ..core.tunnel import CLOSE_TIMEOUT
 from ..pipe import Pipe
-from ..relay import Tunnel
 from .dial import DialSettings, client_ssl_context, open_websocket
 
 
@@ -27,7 +27,7 @@ class _TunnelConnection:
 
     __slots__ = ("_dial", "closed", "tunnel")
 
-    close_timeout = Tunnel.CLOSE_TIMEOUT
+    close_timeout = CLOSE_TIMEOUT
 
     def __init__(self, dial: DialSettings) -> None:
         self._dial = dial

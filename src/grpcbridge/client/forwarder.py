@@ -11,7 +11,7 @@ from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, InvalidStateError
 from ..core.stream import CloseCode
 from ..core.target import host_port
-from ..core.tunnel import TunnelState
+from ..core.tunnel import CLOSE_TIMEOUT, TunnelState
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import log_event
@@ -115,7 +115,7 @@ class Forwarder:
                     task.cancel()
                 tunnel.close(CloseCode.GOING_AWAY, "forwarder shutting down")
             # Closing handshakes get their deadline; then what is left is aborted.
-            for timeout in (PicowsTunnel.CLOSE_TIMEOUT + 1, 1):
+            for timeout in (CLOSE_TIMEOUT + 1, 1):
                 pending = [tunnel.closed for tunnel in self._tunnels]
                 if pending:
                     await asyncio.wait(pending, timeout=timeout)

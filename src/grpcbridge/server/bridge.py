@@ -23,6 +23,7 @@ from ..core.errors import InvalidStateError
 from ..core.limits import TOTAL_BUDGET_EXCEEDED, MemoryBudget
 from ..core.stream import CloseCode
 from ..core.target import host_port
+from ..core.tunnel import CLOSE_TIMEOUT
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
@@ -304,7 +305,7 @@ class Bridge:
             tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
         pending = [tunnel.closed for tunnel in self._sessions]
         if pending:
-            await asyncio.wait(pending, timeout=Tunnel.CLOSE_TIMEOUT + 1)
+            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT + 1)
         for tunnel in list(self._sessions):
             tunnel.abort()
         pending = [tunnel.closed for tunnel in self._sessions]
