@@ -18,7 +18,7 @@ from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, Close
 from ..core.target import parse_target
 from ..core.tunnel import CLOSE_TIMEOUT
 from ..pipe import Pipe
-from .dial import DialSettings, client_ssl_context, open_websocket
+from .dial import DialSettings, open_websocket
 
 
 class _TunnelConnection:
@@ -130,7 +130,7 @@ class Channel(CoreChannel[_TunnelConnection]):
                          status_details_codec=status_details_codec, config=config)
         self._dial = DialSettings(
             target=parsed,
-            ssl=ssl if ssl is not None else (client_ssl_context(None) if parsed.secure
+            ssl=ssl if ssl is not None else (ssl_module.create_default_context() if parsed.secure
                                              else None),
             headers=options.headers, bearer_token=bearer_token,
             subprotocols=options.subprotocols, origin=origin,

@@ -36,11 +36,6 @@ from ..relay import Tunnel, WebSocketSide, websockets_logger
 ClientTunnel = Tunnel | PicowsTunnel
 
 
-def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
-    """TLS settings for dialing wss:// (system CAs, or only ``cacert`` when given)."""
-    return ssl.create_default_context(cafile=cacert)
-
-
 @dataclass(frozen=True, kw_only=True)
 class DialSettings:
     """How to open client tunnels to one target (already validated by the caller:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import cast
 
 from ..core.config import ForwarderConfig
@@ -17,7 +18,7 @@ from ..loops import loop_name
 from ..observability import log_event
 from ..relay import StreamSide, keepalive_forever
 from ..sockets import Listener
-from .dial import DialSettings, client_ssl_context, open_websocket
+from .dial import DialSettings, open_websocket
 
 
 class Forwarder:
@@ -37,7 +38,7 @@ class Forwarder:
         target = config.parsed_target
         self._dial_settings = DialSettings(
             target=target,
-            ssl=client_ssl_context(config.cacert) if target.secure else None,
+            ssl=ssl.create_default_context(cafile=config.cacert) if target.secure else None,
             headers=config.headers, bearer_token=config.bearer_token,
             subprotocols=config.subprotocols, origin=config.origin, proxy=config.parsed_proxy,
             handshake_timeout=config.handshake_timeout,
