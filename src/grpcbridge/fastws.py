@@ -28,6 +28,7 @@ the same at both ends, and picows refuses masked frames from a server itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -85,11 +86,8 @@ def _plain_socket_transports() -> frozenset[type]:
         return frozenset()
     from asyncio import selector_events
     kinds: set[type] = {selector_events._SelectorSocketTransport}  # type: ignore[attr-defined]
-    try:
+    with contextlib.suppress(ImportError):  # uvloop is optional
         from uvloop import loop as uvloop_loop
-    except ImportError:  # uvloop is optional
-        pass
-    else:
         kinds |= {uvloop_loop.TCPTransport,  # type: ignore[attr-defined]
                   uvloop_loop.UnixTransport}  # type: ignore[attr-defined]
     return frozenset(kinds)

@@ -59,9 +59,6 @@ class ProtocolTransport(asyncio.Transport):
         if not self._pipe.closed:
             self._pipe.tunnel.machine.stream_data(data)
 
-    def can_write_eof(self) -> bool:
-        return False
-
     def is_closing(self) -> bool:
         return self._pipe.closed
 
@@ -87,9 +84,6 @@ class ProtocolTransport(asyncio.Transport):
 
     def resume_reading(self) -> None:
         self._pipe.tunnel.machine.stream_write_resumed()
-
-    def is_reading(self) -> bool:
-        return not self._pipe.closed
 
 
 class Pipe(asyncio.Transport):
