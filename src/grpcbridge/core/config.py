@@ -251,6 +251,13 @@ class BridgeConfig:
             _strings("trusted_proxies", self.trusted_proxies), what="trusted_proxies"))
 
 
+#: Headers the WebSocket handshake writes itself: picows would send a user's copy besides its
+#: own (two Upgrade or Host headers), so a client's ``headers`` may not name them.
+HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "sec-websocket-key",
+                               "sec-websocket-version", "sec-websocket-extensions",
+                               "sec-websocket-accept"})
+
+
 def check_dial_options(
     *,
     headers: Mapping[str, str],
@@ -266,6 +273,11 @@ def check_dial_options(
         if not key or any(c in key for c in ":\r\n ") or any(c in value for c in "\r\n"):
             raise ConfigError(f"headers: invalid header {key!r}: names need no ':' or spaces, "
                               "values no line breaks")
+        if key.lower() in HANDSHAKE_HEADERS:
+            raise ConfigError(
+                f"headers: {key!r} is written by the WebSocket handshake itself and "
+                "cannot be set; drop it (Host comes from the target URL; Origin and "
+                "Sec-WebSocket-Protocol may be set, or use origin/subprotocols)")
     if bearer_token is not None and (
         not bearer_token or any(c in bearer_token for c in "\r\n ")
     ):

@@ -23,6 +23,7 @@ from ..core.errors import InvalidStateError
 from ..core.limits import TOTAL_BUDGET_EXCEEDED, MemoryBudget
 from ..core.stream import CloseCode
 from ..core.target import host_port
+from ..core.tunnel import CLOSE_TIMEOUT
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
@@ -129,7 +130,7 @@ class _ServerSide(WebSocketSide):
         assert isinstance(tunnel.websocket, ServerProtocol)
         tunnel.websocket.send_response(response)
         tunnel.flush_websocket()
-        tunnel.websocket_opened()
+        tunnel.machine.websocket_opened()
         for chunk in held:
             tunnel.ws_data(chunk)
         if self.eof:
@@ -304,7 +305,7 @@ class Bridge:
             tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
         pending = [tunnel.closed for tunnel in self._sessions]
         if pending:
-            await asyncio.wait(pending, timeout=Tunnel.CLOSE_TIMEOUT + 1)
+            await asyncio.wait(pending, timeout=CLOSE_TIMEOUT + 1)
         for tunnel in list(self._sessions):
             tunnel.abort()
         pending = [tunnel.closed for tunnel in self._sessions]
@@ -361,7 +362,7 @@ class Bridge:
         session = _Session(peer=peer)
         self._sessions[tunnel] = session
         # Until admission names the client, the handshake is charged to the peer address.
-        tunnel.account = self.budget.open(peer)
+        tunnel.machine.account = self.budget.open(peer)
         session.timer = tunnel.loop.call_later(
             self.config.handshake_timeout, self._handshake_timed_out, side)
         tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(tunnel))
@@ -388,7 +389,7 @@ class Bridge:
     def _charge_admission(self, side: _ServerSide, session: _Session) -> bool:
         """Charge the handshake's account with what its admission holds (the parsed
         request and the bytes sent after it); over budget: refuse it. False if refused."""
-        account = side.tunnel.account
+        account = side.tunnel.machine.account
         if account is None:
             return True
         reason = account.charge(session.request_bytes + side.held_bytes)
@@ -413,8 +414,8 @@ class Bridge:
         timeout stops, the request and the early bytes are dropped and uncharged."""
         session.stop_timer()
         side.handshake_done()
-        if side.tunnel.account is not None:
-            side.tunnel.account.charge(0)
+        if side.tunnel.machine.account is not None:
+            side.tunnel.machine.account.charge(0)
 
     def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
         tunnel = side.tunnel
@@ -441,7 +442,7 @@ class Bridge:
             if websocket.handshake_exc is not None:
                 self._malformed_request(tunnel, session)
                 return
-            tunnel.charge_budget()
+            tunnel.machine.charge()
             if tunnel.close_code is not None:  # headers over the client's memory budget
                 self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
                                    request_id=new_request_id(), peer=session.peer)
