@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,11 +108,11 @@ def _tracer() -> Tracer | None:
         return None
     from opentelemetry import trace
 
-    from . import __version__
-
     provider = trace.get_tracer_provider()
     cached = _tracer_cache
     if cached is None or cached[0] is not provider:
+        from . import __version__
+
         unset = isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
         tracer = None if unset else provider.get_tracer("grpcbridge", __version__)
         cached = _tracer_cache = (provider, tracer)
@@ -225,6 +226,7 @@ _current_rpc: contextvars.ContextVar[_Rpc | None] = contextvars.ContextVar(
     "grpcbridge_current_rpc", default=None)
 
 
+@functools.cache
 def _metadata_getter() -> Getter[Any]:
     """A propagator getter for grpclib's metadata (a MultiDict; binary values skipped)."""
     from opentelemetry.propagators.textmap import Getter
@@ -249,22 +251,17 @@ async def _on_request(event: Any) -> None:
     from opentelemetry import context, trace
     from opentelemetry.trace import Link, SpanKind
 
-    global _getter
-    if _getter is None:
-        _getter = _metadata_getter()
     service, _, method = event.method_name.lstrip("/").rpartition("/")
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     tunnel = peer_extra_info(event.peer, TUNNEL_EXTRA)
     trusted = isinstance(tunnel, TunnelTrace) and tunnel.trust_context
-    parent, remote = _parent(event.metadata, _getter, trusted)
-    links = []
+    parent, links = _parent(event.metadata, _metadata_getter(), trusted)
     if isinstance(tunnel, TunnelTrace):
         attributes[REQUEST_ID] = tunnel.request_id
-        span_context = tunnel.span.get_span_context() if tunnel.span is not None else None
-        if span_context is not None and span_context.is_valid:
-            links.append(Link(span_context))
+        if tunnel.span is not None and tunnel.span.get_span_context().is_valid:
+            links.insert(0, Link(tunnel.span.get_span_context()))
     span = tracer.start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
-                             attributes=attributes, links=links + remote)
+                             attributes=attributes, links=links)
     rpc = _Rpc(span)
     _current_rpc.set(rpc)  # this runs in the RPC's own task: set until the task ends
     handler = event.method_func
@@ -299,8 +296,6 @@ async def _on_trailers(event: Any) -> None:
             rpc.end(status, event.status_message)
 
 
-#: The propagator getter for grpclib metadata (made on first use).
-_getter: Getter[Any] | None = None
 #: grpclib servers whose RPCs get spans (their listeners are registered).
 _traced: weakref.WeakSet[Any] = weakref.WeakSet()
 
