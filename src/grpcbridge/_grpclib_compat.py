@@ -70,23 +70,13 @@ class UnsupportedDependencyError(GrpcBridgeError, RuntimeError):
     """An installed grpclib or h2 is a version whose internals grpcbridge does not know."""
 
 
-def _version_of(package: str) -> str:
-    module = {"grpclib": grpclib, "h2": h2}[package]
-    return str(getattr(module, "__version__", "unknown"))
-
-
-def _parse(version: str) -> tuple[int, int] | None:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match[1]), int(match[2])) if match else None
-
-
 def unsupported_versions() -> list[str]:
     """One line per installed package outside :data:`SUPPORTED` (empty: all supported)."""
     problems = []
     for package, (lowest, beyond) in SUPPORTED.items():
-        version = _version_of(package)
-        parsed = _parse(version)
-        if parsed is None or not lowest <= parsed < beyond:
+        version = str(getattr({"grpclib": grpclib, "h2": h2}[package], "__version__", "unknown"))
+        match = re.match(r"(\d+)\.(\d+)", version)
+        if match is None or not lowest <= (int(match[1]), int(match[2])) < beyond:
             problems.append(
                 f"{package} {version} is installed, but grpcbridge supports {package} "
                 f"{lowest[0]}.{lowest[1]} up to (not including) {beyond[0]}.{beyond[1]} "
