@@ -81,23 +81,19 @@ _CANCELLED = 1
 #: What grpclib sends when the client cancelled or the connection went.
 _UNKNOWN = 2
 
-_available: bool | None = None
 _tracer_cache: tuple[object, Tracer | None] | None = None
 
 
+@functools.cache
 def available() -> bool:
     """Whether ``opentelemetry-api`` is installed (imported on the first call)."""
-    global _available
-    if _available is None:
-        try:
-            import opentelemetry.context
-            import opentelemetry.propagate
-            import opentelemetry.trace  # noqa: F401
-        except ImportError:
-            _available = False
-        else:
-            _available = True
-    return _available
+    try:
+        import opentelemetry.context
+        import opentelemetry.propagate
+        import opentelemetry.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _tracer() -> Tracer | None:
