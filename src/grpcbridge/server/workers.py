@@ -226,8 +226,7 @@ class Supervisor:
             if not self._stop.is_set():
                 self._started = True
                 log_event("bridge_started", listen=self._url(), backend=str(self._backend_probe),
-                          metrics="" if metrics_address is None
-                          else host_port(metrics_address[0], metrics_address[1]),
+                          metrics="" if metrics_address is None else host_port(*metrics_address),
                           loop=loop_name(loop), workers=self.count)
             await asyncio.gather(*slots)
             log_event("bridge_stopped", workers=self.count)
