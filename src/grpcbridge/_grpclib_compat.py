@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import re
 from collections.abc import Callable, Container
 from typing import Any, TypeVar
@@ -84,22 +85,16 @@ def unsupported_versions() -> list[str]:
     return problems
 
 
-_checked = False
-
-
+@functools.cache  # a failure raises, which is not cached: only a success is kept
 def require_supported() -> None:
     """Raise :class:`UnsupportedDependencyError` unless grpclib and h2 are supported versions
     (checked once per process)."""
-    global _checked
-    if _checked:
-        return
     problems = unsupported_versions()
     if problems:
         raise UnsupportedDependencyError(
             "; ".join(problems) + ". grpcbridge runs grpclib's HTTP/2 protocol over "
             "WebSockets using grpclib/h2 internals (grpcbridge._grpclib_compat) that other "
             "versions may not have")
-    _checked = True
 
 
 # ----------------------------------------------------------------- HTTP/2 frame size
