@@ -176,18 +176,20 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
 def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: int,
                bytes_to_client: int) -> None:
     """Close the tunnel's span with how it ended."""
-    span = trace.span
-    if span is None:
-        return
-    trace.span = None
+    span, trace.span = trace.span, None
+    if span is not None:
+        _end(span, {CLOSE_CODE: code, CLOSE_REASON: reason, BYTES_TO_BACKEND: bytes_to_backend,
+                    BYTES_TO_CLIENT: bytes_to_client},
+             code not in _CLEAN_CLOSES, f"closed with {code}: {reason}")
+
+
+def _end(span: Span, attributes: dict[str, str | int], error: bool, message: str | None) -> None:
+    """Set ``attributes`` and, if ``error``, the ERROR status with ``message``; end ``span``."""
     from opentelemetry.trace import Status, StatusCode
 
-    span.set_attributes({
-        CLOSE_CODE: code, CLOSE_REASON: reason, BYTES_TO_BACKEND: bytes_to_backend,
-        BYTES_TO_CLIENT: bytes_to_client,
-    })
-    if code not in _CLEAN_CLOSES:
-        span.set_status(Status(StatusCode.ERROR, f"closed with {code}: {reason}"))
+    span.set_attributes(attributes)
+    if error:
+        span.set_status(Status(StatusCode.ERROR, message))
     span.end()
 
 
@@ -205,16 +207,9 @@ class _Rpc:
         self.cancelled = False
 
     def end(self, status: int, message: str | None = None) -> None:
-        span = self.span
-        if span is None:
-            return
-        self.span = None
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_attribute("rpc.grpc.status_code", status)
-        if status in _SERVER_ERRORS:
-            span.set_status(Status(StatusCode.ERROR, message))
-        span.end()
+        span, self.span = self.span, None
+        if span is not None:
+            _end(span, {"rpc.grpc.status_code": status}, status in _SERVER_ERRORS, message)
 
 
 #: The RPC whose handler runs in this task (grpclib runs each request in its own task).
