@@ -225,7 +225,8 @@ class Supervisor:
             await self._settled.wait()
             if not self._stop.is_set():
                 self._started = True
-                log_event("bridge_started", listen=self._url(), backend=str(self._backend_probe),
+                log_event("bridge_started", listen=self._url(),
+                          backend=str(self.config.backend_address),
                           metrics="" if metrics_address is None else host_port(*metrics_address),
                           loop=loop_name(loop), workers=self.count)
             await asyncio.gather(*slots)
