@@ -497,10 +497,6 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self._buffered = buffered = int(self._ws.bufferedAmount)
         return buffered
 
-    def writelines(self, list_of_data: Any) -> None:
-        """Send the concatenation of ``list_of_data`` in one message."""
-        self.write(b"".join(list_of_data))
-
     def can_write_eof(self) -> bool:
         """False: a WebSocket has no half-close."""
         return False
@@ -758,11 +754,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _tick(self) -> None:
         self._timer = None
-        self.machine.tick()
-        deadline = self.machine.deadline
-        if self._timer is None and deadline is not None:
-            # The loop ran the timer a hair early (clock rounding): the machine did nothing.
-            self.set_timer(deadline)
+        self.machine.tick()  # re-arms the timer, also when it ran a hair early
 
     # Nothing to do: browsers cannot send pings (the machine gets no ping interval) nor stop
     # reading a socket (inbound memory is bounded by HTTP/2 flow control); only the ``close``
