@@ -220,11 +220,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self.close_event_code: int | None = None
         #: Code this side put in its close frame (see :func:`private_close_code`).
         self.sent_close_code: int | None = None
-        self._close_called = False
         self._error_seen = False
         self._draining = False
-        self._lost = False
-        self._finalized = False
         #: Resolved when the socket opened; fails with :class:`HandshakeError` otherwise.
         self.opened: asyncio.Future[None] = self._loop.create_future()
         #: Resolved when the socket is gone and its proxies are destroyed.
@@ -253,7 +250,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         WebSocketTransport.live_proxies += len(self._proxies)
 
     def __repr__(self) -> str:
-        state = ("closed" if self._finalized else "closing" if self.close_code is not None
+        state = ("closed" if self.machine.ws_lost else "closing" if self.close_code is not None
                  else "open" if self.opened.done() else "connecting")
         return f"<WebSocketTransport {self.name} {state}>"
 
@@ -278,7 +275,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def usable(self) -> bool:
         """True while new requests can be sent: open, and not closing on either side."""
         return (self.close_code is None and self._protocol is not None
-                and not self._finalized and self._ws.readyState == _OPEN)
+                and self._ws.readyState == _OPEN)
 
     @property
     def close_started(self) -> bool:
@@ -390,7 +387,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                                                machine.pending_bytes)
 
     def _handle_close(self, event: Any) -> None:
-        if self._finalized:
+        if self.machine.ws_lost:
             return
         code = int(getattr(event, "code", CloseCode.ABNORMAL) or CloseCode.ABNORMAL)
         reason = str(getattr(event, "reason", "") or "")
@@ -400,7 +397,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _handle_error(self, event: Any) -> None:
         self._error_seen = True
-        if self._finalized or self.close_code is not None:
+        if self.close_code is not None:
             return  # the close event (or our own close) decides
         if self._ws.readyState == _CONNECTING:
             # The attempt failed: fail the RPCs waiting for it now. (Node 20's WebSocket
@@ -413,10 +410,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _error_timer_fired(self) -> None:
         self._error_timer = None
-        if not self._finalized:
-            self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed",
-                               "error")
-            self._finalize()
+        self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed",
+                           "error")
+        self._finalize()
 
     # ----------------------------------------------------------------- writing
 
@@ -482,7 +478,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         data = held[0] if len(held) == 1 else b"".join(held)
         self._held = []
         self._held_bytes = 0
-        if self._finalized or self._ws.readyState != _OPEN:
+        if self._ws.readyState != _OPEN:
             if not _control_frames_only(data):  # control frames: nobody to send them to
                 self.stats.bytes_unsent += len(data)
                 logger.debug("grpcbridge.browser: %d held bytes not sent: %s", len(data),
@@ -503,7 +499,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def get_write_buffer_size(self) -> int:
         """Held bytes plus the socket's ``bufferedAmount`` (0 once it is gone)."""
-        return 0 if self._finalized else self._held_bytes + self._read_buffered()
+        return 0 if self.machine.ws_lost else self._held_bytes + self._read_buffered()
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         """``(low_water, high_water)``."""
@@ -571,26 +567,22 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         """The peer or the network began the close (``closed_by``: ``server``, ``error``)."""
         if self.close_code is not None:
             return
-        if self._held and not self._finalized:
-            self._flush()  # accounted for as unsent if the socket can no longer send
+        self._flush()  # held writes are accounted for as unsent: the socket cannot send
         self.closed_by = closed_by
         self.machine.websocket_closing(code, reason)  # -> close_stream: RPCs drain
         self._settle_opened()
 
     def _closing_here(self) -> None:
         """This side began the close (the machine is sending or failing it)."""
-        if self._close_called:
+        if self.closed_by is not None:
             return
-        self._close_called = True
+        self.closed_by = "client"
         if self._error_timer is not None:  # the machine's close deadline applies now
             self._error_timer.cancel()
             self._error_timer = None
-        if self.closed_by is None:
-            self.closed_by = "client"
-        if self._held and not self._finalized:
-            # Writes accepted before the close go out first (drain before close); if the
-            # socket can no longer send, _flush accounts for them.
-            self._flush()
+        # Writes accepted before the close go out first (drain before close); if the
+        # socket can no longer send, _flush accounts for them.
+        self._flush()
         self._settle_opened()
 
     def _settle_opened(self) -> None:
@@ -643,27 +635,26 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _connection_lost(self) -> None:
         protocol = self._protocol
-        if protocol is None or self._lost:
+        if protocol is None or self.machine.stream_lost:
             return
-        self._lost = True
+        self.machine.stream_gone(False)  # the close code is set: this only records it
         self._draining = False
         clean = self.closed_by == "client" and self.close_code == CloseCode.NORMAL
         protocol.connection_lost(None if clean else SocketClosedError(self.describe_close()))
-        self.machine.stream_gone(False)
 
     def _finalize(self) -> None:
         """The socket is gone (or given up): detach the handlers, destroy the proxies."""
-        if self._finalized:
+        if self.machine.ws_lost:
             return
-        self._finalized = True
+        # Closing began before (every path here sets the close code, and any held writes
+        # were sent or accounted for then): the machine only records the loss.
+        self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
         for timer in (self._timer, self._error_timer):
             if timer is not None:
                 timer.cancel()
         self._timer = self._error_timer = None
         if self._watcher is not None and not self._watcher.done():
             self._watcher.cancel()
-        if self._held:  # only if closing did not already send or account for them
-            self._flush()
         ws = self._ws
         for handler in _HANDLERS:
             try:
@@ -672,9 +663,6 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                 logger.debug("grpcbridge.browser: cannot detach %s", handler, exc_info=True)
         if ws.readyState in (_CONNECTING, _OPEN):  # given up without a close event
             self._send_close(CloseCode.NORMAL, "normal closure")
-        if self.close_code is None:  # pragma: no cover - defensive
-            self.closed_by = "error"
-        self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
         self._settle_opened()
         # The handler that called us may be one of the proxies: destroy them afterwards.
         self._loop.call_soon(self._destroy_proxies)
@@ -711,7 +699,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def abort_websocket(self) -> None:
         # A script cannot drop a socket: the first call (closing before the socket opened)
         # closes it; a later one (the close deadline passed) gives it up.
-        if self._close_called or self._finalized:
+        if self.closed_by is not None:
             self._finalize()
         elif self.close_code is None or self.close_code == CloseCode.NORMAL:
             self.send_close(CloseCode.NORMAL, self.close_reason)
@@ -749,7 +737,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if deadline is not None and not self._finalized:
+        if deadline is not None and not self.machine.ws_lost:
             self._timer = self._loop.call_at(deadline, self._tick)
 
     def _tick(self) -> None:
