@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal, Never
 from urllib.parse import quote
 
@@ -141,13 +142,12 @@ class Channel(CoreChannel[WebSocketTransport]):
                 url += f"{separator}{BEARER_QUERY_PARAMETER}={quote(bearer_token, safe='')}"
         super().__init__(parsed, options, codec=codec,
                          status_details_codec=status_details_codec, config=config)
-        self._url = url  # may carry the token: never shown
-        self._offered = tuple(offered)
-        self._transport_options: dict[str, Any] = {
-            "high_water": high_water, "low_water": low_water,
-            "max_buffer_bytes": max_buffer_bytes, "max_message_bytes": max_message_bytes,
-            "drain_timeout": drain_timeout, "websocket_class": websocket_class,
-        }
+        # ``url`` may carry the token: never shown (the transport's messages show the target).
+        self._connect = partial(
+            WebSocketTransport, url, tuple(offered), name=self.target, high_water=high_water,
+            low_water=low_water, max_buffer_bytes=max_buffer_bytes,
+            max_message_bytes=max_message_bytes, drain_timeout=drain_timeout,
+            websocket_class=websocket_class)
 
     @property
     def transport(self) -> WebSocketTransport | None:
@@ -155,5 +155,4 @@ class Channel(CoreChannel[WebSocketTransport]):
         return self._current
 
     def _new_connection(self) -> WebSocketTransport:
-        return WebSocketTransport(self._url, self._offered, name=self.target,
-                                  **self._transport_options)
+        return self._connect()

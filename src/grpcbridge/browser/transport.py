@@ -85,7 +85,7 @@ ERROR_CLOSE_TIMEOUT = 1.0
 POLL_INTERVAL = 0.005
 
 # JavaScript WebSocket.readyState values.
-_CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+_CONNECTING, _OPEN, _CLOSING = 0, 1, 2  # then CLOSED = 3
 _HANDLERS = ("onopen", "onmessage", "onclose", "onerror")
 # HTTP/2 frame types that carry no request data: RST_STREAM, SETTINGS, PING, GOAWAY,
 # WINDOW_UPDATE. grpclib may still emit them for RPCs finishing after the socket closed.
@@ -189,7 +189,6 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         check_positive("drain_timeout", drain_timeout, allow_zero=True)
         super().__init__({"url": name or url})
         self._loop = asyncio.get_running_loop()
-        self.url = url
         self.name = name or url
         self.stats = TransportStats()
         self._high_water = high_water
@@ -378,7 +377,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         code = int(getattr(event, "code", CloseCode.ABNORMAL) or CloseCode.ABNORMAL)
         reason = str(getattr(event, "reason", "") or "")
         self.close_event_code = code
-        self._closed_there(code, reason, "error" if self._error_seen else "server")
+        self._closed_there(code, reason)
         self._finalize()
 
     def _handle_error(self, event: Any) -> None:
@@ -388,7 +387,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         if self.websocket.readyState == _CONNECTING:
             # The attempt failed: fail the RPCs waiting for it now. (Node 20's WebSocket
             # then fires no close event at all; browsers fire one with 1006.)
-            self._closed_there(CloseCode.ABNORMAL, "WebSocket error before opening", "error")
+            self._closed_there(CloseCode.ABNORMAL, "WebSocket error before opening")
         # A close event follows an error event and carries the code: wait for it, briefly.
         if self._error_timer is not None:
             self._error_timer.cancel()
@@ -396,8 +395,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _error_timer_fired(self) -> None:
         self._error_timer = None
-        self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed",
-                           "error")
+        self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed")
         self._finalize()
 
     # ----------------------------------------------------------------- writing
@@ -437,8 +435,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                     self._held_bytes + self._read_buffered() > self._high_water:
                 self._pause()
             return
-        ws = self.websocket
-        socket_going = self.close_code is None and ws.readyState in (_CLOSING, _CLOSED)
+        socket_going = self.close_code is None and self.websocket.readyState >= _CLOSING
         if (self.draining or socket_going) and _control_frames_only(data):
             return
         if socket_going:
@@ -549,12 +546,13 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self.close()
         self._finalize()
 
-    def _closed_there(self, code: int, reason: str, closed_by: str) -> None:
-        """The peer or the network began the close (``closed_by``: ``server``, ``error``)."""
+    def _closed_there(self, code: int, reason: str) -> None:
+        """The peer (``closed_by`` ``server``) or the network (``error``, after an ``error``
+        event) began the close."""
         if self.close_code is not None:
             return
         self._flush()  # held writes are accounted for as unsent: the socket cannot send
-        self.closed_by = closed_by
+        self.closed_by = "error" if self._error_seen else "server"
         self.machine.websocket_closing(code, reason)  # -> close_stream: RPCs drain
         self._settle_opened()
 
@@ -565,7 +563,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _send_close(self, code: int, reason: str) -> None:
         ws = self.websocket
-        if ws.readyState not in (_CONNECTING, _OPEN):
+        if ws.readyState >= _CLOSING:
             return
         text = fit_close_reason(reason)
         # Browsers let scripts send only 1000 and 3000-4999: 1003, 1009 and 1011 go out as
@@ -618,9 +616,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                 setattr(ws, handler, None)
             except Exception:  # pragma: no cover
                 logger.debug("grpcbridge.browser: cannot detach %s", handler, exc_info=True)
-        if ws.readyState in (_CONNECTING, _OPEN):  # given up without a close event
-            self._send_close(CloseCode.NORMAL, "normal closure")
-        self._settle_opened()
+        self._send_close(CloseCode.NORMAL, "normal closure")  # if given up without a close event
         # The handler that called us may be one of the proxies: destroy them afterwards.
         self._loop.call_soon(self._destroy_proxies)
 
