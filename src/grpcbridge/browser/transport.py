@@ -232,7 +232,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self._uint8array = js.Uint8Array
         self._queue_microtask = js.queueMicrotask
         constructor = websocket_class if websocket_class is not None else js.WebSocket
-        args = (url, _ffi.to_js(list(subprotocols))) if subprotocols else (url,)
+        args = (url, _ffi.ffi().to_js(list(subprotocols))) if subprotocols else (url,)
         try:
             #: The JavaScript ``WebSocket`` object.
             self.websocket: Any = constructor.new(*args)
@@ -492,8 +492,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         """Set the backpressure marks (held plus ``bufferedAmount`` bytes)."""
         high = DEFAULT_HIGH_WATER if high is None else high
         low = high // 4 if low is None else low
-        if not 0 <= low <= high <= self._max_buffer_bytes:
-            raise ValueError(f"need 0 <= low <= high <= max_buffer_bytes, got {low}, {high}")
+        check_buffer_sizes(high, low, self._max_buffer_bytes, self._max_message_bytes)
         self._high_water, self._low_water = high, low
 
     def _pause(self) -> None:
@@ -504,9 +503,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _check_resume(self, *, stop_watcher: bool = False) -> None:
         """Resume writing if held bytes plus ``bufferedAmount`` fell to ``low_water``."""
-        if not self._paused or self.close_code is not None:
-            return
-        if self._held_bytes + self._read_buffered() > self._low_water:
+        if not self._paused or self.close_code is not None or \
+                self._held_bytes + self._read_buffered() > self._low_water:
             return
         self._paused = False
         if stop_watcher and self._watcher is not None:
@@ -608,8 +606,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
             if timer is not None:
                 timer.cancel()
         self._timer = self._error_timer = None
-        if self._watcher is not None and not self._watcher.done():
-            self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()  # a no-op once it is done
         ws = self.websocket
         for handler in _HANDLERS:
             try:
