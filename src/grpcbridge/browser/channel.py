@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal, Never
+from typing import Literal, Never
 from urllib.parse import quote
 
 from grpclib.config import Configuration
@@ -104,7 +104,6 @@ class Channel(CoreChannel[WebSocketTransport]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         max_frame_size: int | None = None,
-        websocket_class: Any = None,
         config: Configuration | None = None,
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
@@ -146,8 +145,7 @@ class Channel(CoreChannel[WebSocketTransport]):
         self._connect = partial(
             WebSocketTransport, url, tuple(offered), name=self.target, high_water=high_water,
             low_water=low_water, max_buffer_bytes=max_buffer_bytes,
-            max_message_bytes=max_message_bytes, drain_timeout=drain_timeout,
-            websocket_class=websocket_class)
+            max_message_bytes=max_message_bytes, drain_timeout=drain_timeout)
 
     @property
     def transport(self) -> WebSocketTransport | None:

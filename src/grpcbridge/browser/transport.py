@@ -183,7 +183,6 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-        websocket_class: Any = None,
     ) -> None:
         check_buffer_sizes(high_water, low_water, max_buffer_bytes, max_message_bytes)
         check_positive("drain_timeout", drain_timeout, allow_zero=True)
@@ -231,11 +230,10 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         js = _ffi.js()
         self._uint8array = js.Uint8Array
         self._queue_microtask = js.queueMicrotask
-        constructor = websocket_class if websocket_class is not None else js.WebSocket
         args = (url, _ffi.ffi().to_js(list(subprotocols))) if subprotocols else (url,)
         try:
             #: The JavaScript ``WebSocket`` object.
-            self.websocket: Any = constructor.new(*args)
+            self.websocket: Any = js.WebSocket.new(*args)
         except Exception as exc:  # JS SyntaxError (bad URL), SecurityError (blocked port)
             raise HandshakeError(f"cannot open a WebSocket to {self.name}: {exc}") from None
         self.websocket.binaryType = "arraybuffer"
