@@ -33,7 +33,6 @@ import argparse
 import queue
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
@@ -78,12 +77,9 @@ class _Rpc:
             self.context.abort(grpc.StatusCode[error.code], str(error))
 
     def sleep(self, seconds: float) -> bool:
-        """Sleep in small steps; return False as soon as the RPC is no longer active."""
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self.cancelled.wait(min(remaining, _POLL)) or not self.context.is_active():
-                return False
-        return self.context.is_active()
+        """Sleep; return False as soon as the RPC is no longer active (the termination
+        callback wakes it)."""
+        return not self.cancelled.wait(seconds) and self.context.is_active()
 
 
 class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unused-ignore]
@@ -223,21 +219,16 @@ def main(argv: list[str] | None = None, *, servicer_class: type[TodoServicer] = 
     store = TodoStore(args.db, max_text_length=args.max_text_length or None)
     server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes,
                             servicer_class=servicer_class)
-    stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        server.stop(grace=2)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     shown = args.listen if port == 0 else f"{args.listen.rpartition(':')[0]}:{port}"
     print(f"listening on {shown}", flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop(grace=2).wait()
-        store.close()
+    server.wait_for_termination()  # polls, so the signal handlers run
+    store.close()
 
 
 if __name__ == "__main__":
