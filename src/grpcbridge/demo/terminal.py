@@ -7,7 +7,7 @@ plain ``grpc.aio`` client dials. Each of the four RPC kinds is called and its re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import grpc
 
@@ -17,11 +17,6 @@ from ..server.bridge import Bridge
 from . import todo_pb2, todo_pb2_grpc
 from .service import serve
 from .store import MAX_TEXT_LENGTH, TodoStore
-
-
-async def _bulk(texts: list[str]) -> AsyncIterator[todo_pb2.CreateTodoRequest]:
-    for text in texts:
-        yield todo_pb2.CreateTodoRequest(text=text)
 
 
 async def run_demo(emit: Callable[[str], None] = print) -> int:
@@ -51,18 +46,17 @@ async def run_demo(emit: Callable[[str], None] = print) -> int:
 async def _calls(stub: todo_pb2_grpc.TodoServiceStub, emit: Callable[[str], None]) -> None:
     todo = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="write the bridge"))
     emit(f"unary          CreateTodo -> id={todo.id[:8]} text={todo.text!r} done={todo.done}")
-    bulk = await stub.BulkCreateTodos(_bulk(["test it", "measure it", "ship it"]))
+    bulk = await stub.BulkCreateTodos(
+        todo_pb2.CreateTodoRequest(text=text) for text in ("test it", "measure it", "ship it"))
     emit(f"client stream  BulkCreateTodos(3 requests) -> created_count={bulk.created_count}")
     texts = [item.text async for item in stub.StreamTodos(todo_pb2.StreamTodosRequest())]
     emit(f"server stream  StreamTodos -> {len(texts)} todos: {', '.join(texts)}")
-
-    async def sync_requests() -> AsyncIterator[todo_pb2.SyncRequest]:
-        yield todo_pb2.SyncRequest(update=todo_pb2.UpdateTodoRequest(
-            id=todo.id, text=todo.text, done=True))
-        yield todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="no-such-id"))
-
+    requests = [
+        todo_pb2.SyncRequest(update=todo_pb2.UpdateTodoRequest(id=todo.id, text=todo.text,
+                                                               done=True)),
+        todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="no-such-id"))]
     events = []
-    async for response in stub.SyncTodos(sync_requests()):
+    async for response in stub.SyncTodos(requests):
         kind = response.WhichOneof("event")
         if kind == "todo":
             events.append(f"todo {response.todo.text!r} done={response.todo.done}")
