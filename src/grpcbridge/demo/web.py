@@ -34,7 +34,7 @@ import signal
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,7 +72,6 @@ NO_CACHE = "no-cache"
 #: Pyodide version when it is known (see :func:`_static_mounts`): a new version is a new URL.
 RUNTIME_CACHE = "public, max-age=31536000, immutable"
 UNVERSIONED_RUNTIME_CACHE = "public, max-age=86400"
-_SETUP_HINT = "run `npm ci` and `python scripts/build_browser_bundle.py` (or `make demo`)"
 
 
 class DemoSetupError(ConfigError):
@@ -91,21 +90,12 @@ class DemoAssets:
     pyodide_url: str | None = None
 
 
-def _candidates(relative: str) -> list[Path]:
-    """``relative`` under the current directory, then under the source checkout."""
-    found: list[Path] = []
-    for base in (Path.cwd(), _REPO_ROOT):
-        path = (base / relative).resolve()
-        if path not in found:
-            found.append(path)
-    return found
-
-
 def _check_pyodide_dir(path: Path) -> Path:
     if not (path / "pyodide.mjs").is_file() or not (path / "pyodide.asm.wasm").is_file():
         raise DemoSetupError(
-            f"{path} is not a Pyodide distribution (no pyodide.mjs / pyodide.asm.wasm): "
-            f"{_SETUP_HINT}, or pass the directory of a Pyodide release")
+            f"{path} is not a Pyodide distribution (no pyodide.mjs / pyodide.asm.wasm): run "
+            "`npm ci` and `python scripts/build_browser_bundle.py` (or `make demo`), or pass "
+            "the directory of a Pyodide release")
     return path
 
 
@@ -126,8 +116,9 @@ def _check_wheels_dir(path: Path) -> Path:
 
 
 def _search(relative: str, marker: str, missing: str, fix: str) -> Path:
-    """The first of :func:`_candidates` holding ``marker``, else :class:`DemoSetupError`."""
-    places = _candidates(relative)
+    """The first of ``relative`` under the current directory and under the source checkout
+    that holds ``marker``, else :class:`DemoSetupError`."""
+    places = list(dict.fromkeys((base / relative).resolve() for base in (Path.cwd(), _REPO_ROOT)))
     found = next((path for path in places if (path / marker).is_file()), None)
     if found is None:
         looked = ", ".join(str(path) for path in places)
@@ -213,8 +204,6 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
                        pyodide_dir: str | os.PathLike[str] | None = None,
                        pyodide_url: str | None = None,
                        wheels_dir: str | os.PathLike[str] | None = None,
-                       ready: Callable[[str], None] | None = None,
-                       drain_timeout: float = 1.0,
                        max_text_length: int | None = MAX_TEXT_LENGTH) -> None:
     """Serve the browser demo until cancelled.
 
@@ -223,9 +212,9 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
     default to ``node_modules/pyodide`` and ``build/browser`` (see :func:`find_assets`);
     ``pyodide_url``: load Pyodide from this base URL (a CDN) instead of serving it.
     ``max_text_length``: the longest todo text the service accepts (None: no limit).
-    ``ready(url)`` is called with the page URL once the server listens (default: print it).
-    On cancellation the bridge closes its tunnels (code 1001, after ``drain_timeout``
-    seconds: the page's sync stream never ends by itself) and the store is closed.
+    The page URL is printed once the server listens. On cancellation the bridge closes its
+    tunnels (code 1001, after a second: the page's sync stream never ends by itself) and
+    the store is closed.
     """
     # Imported here, so that `grpcbridge --help` (which imports add_arguments) stays quick.
     from ..backends import GrpclibBackend
@@ -253,16 +242,12 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
             (Path(config_dir) / "config.json").write_text(json.dumps(page_config) + "\n")
             config = BridgeConfig(
                 backend=GrpclibBackend([TodoService(store)]), listen=listen, path=GRPC_PATH,
-                static=mounts, drain_timeout=drain_timeout)
+                static=mounts, drain_timeout=1.0)
             async with Bridge(config) as bridge:
                 url = _page_url(bridge)
                 log_event("web_demo_started", page=url, tunnel=bridge.url,
                           storage="memory" if db is None else os.fspath(db))
-                if ready is not None:
-                    ready(url)
-                else:
-                    print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)",
-                          flush=True)
+                print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)", flush=True)
                 await bridge.serve_forever()
     finally:
         store.close()
@@ -322,12 +307,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed :func:`add_arguments` options; the exit status."""
     try:
         run(_serve_until_signalled(args))  # uvloop when installed (grpcbridge.loops)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     return 0
 
 
