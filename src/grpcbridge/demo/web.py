@@ -35,7 +35,6 @@ import sqlite3
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WEB_DIR",
-    "DemoAssets",
     "DemoSetupError",
     "add_arguments",
     "find_assets",
@@ -76,18 +74,6 @@ UNVERSIONED_RUNTIME_CACHE = "public, max-age=86400"
 
 class DemoSetupError(ConfigError):
     """A file the browser demo needs is missing; the message says how to make it."""
-
-
-@dataclass(frozen=True, slots=True)
-class DemoAssets:
-    """Where the demo's files are."""
-
-    #: The Pyodide distribution (pyodide.mjs, pyodide.asm.wasm...), or None for a CDN URL.
-    pyodide_dir: Path | None
-    #: build/browser: the wheels and their manifest.json.
-    wheels_dir: Path
-    #: Base URL of a Pyodide distribution to load instead of serving ``pyodide_dir``.
-    pyodide_url: str | None = None
 
 
 def _check_pyodide_dir(path: Path) -> Path:
@@ -128,17 +114,19 @@ def _search(relative: str, marker: str, missing: str, fix: str) -> Path:
 
 def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
                 wheels_dir: str | os.PathLike[str] | None = None,
-                pyodide_url: str | None = None) -> DemoAssets:
+                pyodide_url: str | None = None) -> tuple[Path | str, Path]:
     """Resolve the demo's directories: the given ones, else ``node_modules/pyodide`` and
-    ``build/browser`` under the current directory or the source checkout. Raises
-    :class:`DemoSetupError` saying what to run when something is missing."""
+    ``build/browser`` under the current directory or the source checkout. Returns the Pyodide
+    runtime (its directory, or the base URL to load it from) and the wheels' directory.
+    Raises :class:`DemoSetupError` saying what to run when something is missing."""
+    runtime: Path | str
     if pyodide_url is not None:
         parts = urlsplit(pyodide_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise DemoSetupError(f"pyodide_url must be an http(s) URL, got {pyodide_url!r}")
         if pyodide_dir is not None:
             raise DemoSetupError("give pyodide_dir or pyodide_url, not both")
-        runtime = None
+        runtime = pyodide_url.rstrip("/") + "/"
     elif pyodide_dir is not None:
         runtime = _check_pyodide_dir(Path(pyodide_dir).resolve())
     else:
@@ -154,8 +142,7 @@ def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
     if not (WEB_DIR / "index.html").is_file():  # pragma: no cover - broken install
         raise DemoSetupError(f"{WEB_DIR} has no index.html: grpcbridge was installed without "
                              "its demo page (package data)")
-    url = None if pyodide_url is None else pyodide_url.rstrip("/") + "/"
-    return DemoAssets(pyodide_dir=runtime, wheels_dir=wheels, pyodide_url=url)
+    return runtime, wheels
 
 
 def _pyodide_version(directory: Path) -> str | None:
@@ -171,23 +158,24 @@ def _pyodide_version(directory: Path) -> str | None:
     return text if text and all(c.isalnum() or c in ".-+" for c in text) else None
 
 
-def _static_mounts(assets: DemoAssets, config_dir: Path) -> tuple[dict[str, Mount], str]:
-    """The bridge's static mounts and the URL the page loads Pyodide from."""
+def _static_mounts(runtime: Path | str, wheels_dir: Path,
+                   config_dir: Path) -> tuple[dict[str, Mount], str]:
+    """The bridge's static mounts and the URL the page loads Pyodide from (see
+    :func:`find_assets` for ``runtime``)."""
     mounts = {
         "/": Mount("/", WEB_DIR, NO_CACHE),
         CONFIG_PREFIX: Mount(CONFIG_PREFIX, config_dir, "no-store"),
-        "/wheels/": Mount("/wheels/", assets.wheels_dir, NO_CACHE),
+        "/wheels/": Mount("/wheels/", wheels_dir, NO_CACHE),
     }
-    if assets.pyodide_url is not None:
-        return mounts, assets.pyodide_url
-    assert assets.pyodide_dir is not None
+    if isinstance(runtime, str):
+        return mounts, runtime
     # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
-    mounts["/pyodide/"] = Mount("/pyodide/", assets.pyodide_dir, UNVERSIONED_RUNTIME_CACHE)
-    version = _pyodide_version(assets.pyodide_dir)
+    mounts["/pyodide/"] = Mount("/pyodide/", runtime, UNVERSIONED_RUNTIME_CACHE)
+    version = _pyodide_version(runtime)
     if version is None:
         return mounts, "/pyodide/"
     prefix = f"/pyodide/{version}/"
-    mounts[prefix] = Mount(prefix, assets.pyodide_dir, RUNTIME_CACHE)
+    mounts[prefix] = Mount(prefix, runtime, RUNTIME_CACHE)
     return mounts, prefix
 
 
@@ -224,7 +212,7 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
     from .grpclib_service import TodoService
     from .store import TodoStore
 
-    assets = find_assets(pyodide_dir, wheels_dir, pyodide_url)
+    runtime, wheels = find_assets(pyodide_dir, wheels_dir, pyodide_url)
     try:
         store = TodoStore(":memory:" if db is None else os.fspath(db),
                           max_text_length=max_text_length)
@@ -232,7 +220,7 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
         raise DemoSetupError(f"cannot open the SQLite database {db!r}: {exc}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="grpcbridge-demo-") as config_dir:
-            mounts, runtime_url = _static_mounts(assets, Path(config_dir))
+            mounts, runtime_url = _static_mounts(runtime, wheels, Path(config_dir))
             page_config = {
                 "pyodideUrl": runtime_url,
                 "wheelsUrl": "/wheels/",
