@@ -30,6 +30,7 @@ SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import signal
 import threading
@@ -47,7 +48,7 @@ __all__ = ["TodoServicer", "main", "serve"]
 _POLL = 0.05  # seconds; granularity of cancellation checks
 
 
-class _Rpc:
+class _Rpc(contextlib.AbstractContextManager["_Rpc"]):
     """Per-RPC bookkeeping: detects whether the RPC ended by cancellation, and ends it with
     the status of a :class:`~grpcbridge.demo.store.Refusal` raised by the handler.
 
@@ -68,18 +69,10 @@ class _Rpc:
         if not self.finished:
             self.cancelled.set()
 
-    def __enter__(self) -> _Rpc:
-        return self
-
     def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         self.finished = self.context.is_active()
         if isinstance(error, Refusal):
             self.context.abort(grpc.StatusCode[error.code], str(error))
-
-    def sleep(self, seconds: float) -> bool:
-        """Sleep; return False as soon as the RPC is no longer active (the termination
-        callback wakes it)."""
-        return not self.cancelled.wait(seconds) and self.context.is_active()
 
 
 class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unused-ignore]
@@ -126,7 +119,8 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
     ) -> Iterator[todo_pb2.Todo]:
         with self._start(context, "StreamTodos") as rpc:
             for pause, todo in self.store.paced(request):
-                if (pause and not rpc.sleep(pause)) or not context.is_active():
+                # The termination callback ends the pause at once.
+                if (pause and rpc.cancelled.wait(pause)) or not context.is_active():
                     return
                 yield todo
 
