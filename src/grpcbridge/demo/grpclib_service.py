@@ -2,12 +2,8 @@
 :class:`grpcbridge.GrpclibBackend`.
 
 It behaves exactly like the grpcio servicer in :mod:`grpcbridge.demo.service` (see its module
-docstring): the status and message of the store's refusals (``INVALID_ARGUMENT`` for a text
-it refuses: empty, whitespace-only or too long, with the message of
-:func:`grpcbridge.demo.store.text_error`; ``NOT_FOUND`` for unknown ids); the response
-headers sent as soon as an RPC starts; ``StreamTodos`` repeats with ``interval_ms`` pauses
-and stops as soon as it is cancelled; ``BulkCreateTodos``; and ``SyncTodos`` fed by the
-store's change feed.
+docstring); the rules both share (the refusals and their status, ``StreamTodos``' pacing, the
+``SyncTodos`` actions and change feed) live once in :mod:`grpcbridge.demo.store`.
 
 ::
 
@@ -148,8 +144,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
                     await stream.send_message(change)
             finally:
                 self.store.unsubscribe(changes)
-                if not reader.done():
-                    reader.cancel()
+                reader.cancel()  # a no-op once it is done
                 await asyncio.wait([reader])  # never raises what ended the reader
                 if not reader.cancelled():
                     reader.exception()  # retrieved: not logged as "never retrieved"
