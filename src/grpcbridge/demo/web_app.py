@@ -61,8 +61,7 @@ def user_reason(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """A short, human-readable reason for a failed RPC or a lost connection."""
     if isinstance(exc, GRPCError):
-        text = exc.message or exc.status.name
-        return f"{exc.status.name}: {text}" if exc.message else text
+        return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
