@@ -188,7 +188,7 @@ def _page_url(bridge: Bridge) -> str:
 
 
 async def run_web_demo(*, listen: str = "127.0.0.1:8080",
-                       db: str | os.PathLike[str] | None = "todo.sqlite3",
+                       db: str | os.PathLike[str] = "todo.sqlite3",
                        pyodide_dir: str | os.PathLike[str] | None = None,
                        pyodide_url: str | None = None,
                        wheels_dir: str | os.PathLike[str] | None = None,
@@ -196,7 +196,7 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
     """Serve the browser demo until cancelled.
 
     ``listen``: ``host:port`` (port 0 picks a free one). ``db``: the SQLite file of the todos
-    (created if needed), or None to keep them in memory. ``pyodide_dir`` / ``wheels_dir``:
+    (created if needed), or ``":memory:"`` to keep them in memory. ``pyodide_dir`` / ``wheels_dir``:
     default to ``node_modules/pyodide`` and ``build/browser`` (see :func:`find_assets`);
     ``pyodide_url``: load Pyodide from this base URL (a CDN) instead of serving it.
     ``max_text_length``: the longest todo text the service accepts (None: no limit).
@@ -214,8 +214,7 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
 
     runtime, wheels = find_assets(pyodide_dir, wheels_dir, pyodide_url)
     try:
-        store = TodoStore(":memory:" if db is None else os.fspath(db),
-                          max_text_length=max_text_length)
+        store = TodoStore(os.fspath(db), max_text_length=max_text_length)
     except sqlite3.Error as exc:
         raise DemoSetupError(f"cannot open the SQLite database {db!r}: {exc}") from None
     try:
@@ -234,7 +233,7 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
             async with Bridge(config) as bridge:
                 url = _page_url(bridge)
                 log_event("web_demo_started", page=url, tunnel=bridge.url,
-                          storage="memory" if db is None else os.fspath(db))
+                          storage="memory" if db == ":memory:" else os.fspath(db))
                 print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)", flush=True)
                 await bridge.serve_forever()
     finally:
@@ -280,7 +279,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     for signum in signals:
         loop.add_signal_handler(signum, task.cancel)
     try:
-        await run_web_demo(listen=args.listen, db=None if args.db == ":memory:" else args.db,
+        await run_web_demo(listen=args.listen, db=args.db,
                            pyodide_dir=args.pyodide_dir, pyodide_url=args.pyodide_url,
                            wheels_dir=args.wheels_dir,
                            max_text_length=args.max_text_length or None)
