@@ -53,13 +53,12 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
     def __init__(self, store: TodoStore) -> None:
         self.store = store
 
-    # -- helpers --------------------------------------------------------------------------
-
     @contextlib.asynccontextmanager
     async def _rpc(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[None]:
         """Around the RPC named ``method``: send the response headers at once (a client may
         wait for them before the first message: the demo page subscribes with SyncTodos and
-        waits for its headers before it loads the list)."""
+        waits for its headers before it loads the list); a store refusal ends it with its
+        status."""
         await stream.send_initial_metadata()
         with _refusals_as_status():
             yield
@@ -70,8 +69,6 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
         if request is None:
             raise GRPCError(Status.INVALID_ARGUMENT, "request message missing")
         return request
-
-    # -- RPCs -----------------------------------------------------------------------------
 
     async def CreateTodo(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "CreateTodo"):
