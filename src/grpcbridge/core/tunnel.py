@@ -109,7 +109,9 @@ class TunnelIO(Protocol):
         last frame if it keeps one referenced."""
 
     def set_timer(self, deadline: float | None) -> None:
-        """Call :meth:`TunnelMachine.tick` at ``deadline`` (None: no timer needed)."""
+        """Call :meth:`TunnelMachine.tick` at ``deadline`` (None: no timer needed). A
+        timer's tick that leaves the deadline unchanged does not call this again: the
+        adapter then arms its timer for :attr:`TunnelMachine.deadline` itself."""
 
     def tunnel_closed(self) -> None:
         """Both sides are gone: the tunnel reached :attr:`TunnelState.CLOSED`."""
@@ -575,8 +577,10 @@ class TunnelMachine:
                 now, self._io.stream_buffered(), self._stream_buffer_at)
             if self._stream_deadline is None and not self.stream_lost:
                 self._io.abort_stream()
-        if self.deadline is not None or before is not None:
-            # Re-arm even when unchanged: a timer may fire a little before its deadline.
+        if self.deadline != before:
+            # Only on a change: the keepalive sweep ticks every aged tunnel each second. A
+            # timer that fired a little early (the machine did nothing) is re-armed by the
+            # adapter.
             self._io.set_timer(self.deadline)
         if self.ws_open and self.close_code is None:
             quiet = now - self.last_inbound
