@@ -64,9 +64,10 @@ _END_HEADERS = 0x4
 _DEFAULT_MAX_FRAME_SIZE = 16384
 
 
-def jittered(seconds: float, random_unit: float) -> float:
-    """``seconds`` spread by +/- :data:`AGE_JITTER` (``random_unit`` in [0, 1))."""
-    return seconds * (1 + AGE_JITTER * (2 * random_unit - 1))
+def jittered(seconds: float, random_unit: float, jitter: float = AGE_JITTER) -> float:
+    """``seconds`` spread by +/- ``jitter`` (a fraction; ``random_unit`` in [0, 1) picks the
+    point in the band): a tunnel's maximum age, a reconnection's backoff."""
+    return seconds * (1 + jitter * (2 * random_unit - 1))
 
 
 class FrameCursor:

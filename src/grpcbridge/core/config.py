@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks
+from .age import jittered
 from .errors import ConfigError
 from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET, check_bytes
 from .proxy import FROM_ENVIRONMENT, ProxySetting, ProxyURL, resolve_proxy
@@ -315,7 +316,7 @@ class ReconnectPolicy:
             base = min(self.initial_delay * self.multiplier ** exponent, self.max_delay)
         except OverflowError:
             base = self.max_delay
-        return max(0.0, base * (1 + self.jitter * (2 * random_unit - 1)))
+        return max(0.0, jittered(base, random_unit, self.jitter))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -42,7 +42,7 @@ from typing import Protocol
 
 from .age import TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
-from .stream import CloseCode, InboundMessages, Opcode, StreamViolation, fit_close_reason
+from .stream import CloseCode, Opcode, fit_close_reason
 
 #: Seconds a closing side gets to flush (and the peer to answer a close frame).
 CLOSE_TIMEOUT = 2.0
@@ -158,12 +158,12 @@ class TunnelMachine:
         "__weakref__",
         "_early",
         "_frame_rate",
+        "_in_text",
         "_io",
         "_last_ping",
         "_pending",
         "_pending_bytes",
         "_progress_mark",
-        "_rules",
         "_stream_buffer_at",
         "_stream_deadline",
         "_ws_buffer_at",
@@ -211,7 +211,8 @@ class TunnelMachine:
         self.dialing = False
         #: The bridge's request id for this tunnel (its log lines carry it); "" elsewhere.
         self.request_id = ""
-        self._rules = InboundMessages()
+        #: A text message began: its continuations are refused too.
+        self._in_text = False
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._early: list[bytes] = []
@@ -326,11 +327,13 @@ class TunnelMachine:
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it
-        breaks the wire rules: the tunnel is then failing (1003 for text)."""
-        try:
-            payload = self._rules.accept(opcode, payload)
-        except StreamViolation as violation:
-            self.fail(violation.code, violation.reason)
+        breaks the wire rules (a text message, or a continuation of one): the tunnel is
+        then failing with 1003. Fragmented messages are taken frame by frame, so a large
+        message is never buffered whole."""
+        if opcode is Opcode.TEXT or self._in_text:
+            self._in_text = True
+            self.fail(CloseCode.UNSUPPORTED_DATA,
+                      "text message received; grpcbridge carries HTTP/2 in binary messages only")
             return False
         if payload:
             self.data(payload)
