@@ -561,9 +561,9 @@ class TestAbuseLimiter:
 
     def test_negative_limits_are_config_errors(self) -> None:
         with pytest.raises(ConfigError, match="max_upgrades_per_minute"):
-            AbuseLimiter(max_upgrades_per_minute=-1)
+            BridgeConfig(backend="127.0.0.1:50051", max_upgrades_per_minute=-1)
         with pytest.raises(ConfigError, match="max_connections_per_client"):
-            AbuseLimiter(max_connections_per_client=-1)
+            BridgeConfig(backend="127.0.0.1:50051", max_connections_per_client=-1)
 
 
 # -------------------------------------------------------------------------- stream

@@ -434,7 +434,7 @@ class AbuseLimiter:
 
     Per-client state exists only while a client has active tunnels or upgrades inside the
     window; it is pruned as it expires, so memory does not grow with distinct clients.
-    Limits of 0 are disabled.
+    Limits of 0 are disabled (:class:`~grpcbridge.core.config.BridgeConfig` validates them).
     """
 
     WINDOW = 60.0
@@ -446,13 +446,6 @@ class AbuseLimiter:
         max_connections_per_client: int = 0,
         max_upgrades_per_minute: int = 0,
     ) -> None:
-        for name, value in (
-            ("max_connections", max_connections),
-            ("max_connections_per_client", max_connections_per_client),
-            ("max_upgrades_per_minute", max_upgrades_per_minute),
-        ):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0 (0 disables the limit), got {value}")
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
         self.max_upgrades_per_minute = max_upgrades_per_minute

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks
 from .age import jittered
 from .errors import ConfigError
-from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET, check_bytes
+from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .proxy import FROM_ENVIRONMENT, ProxySetting, ProxyURL, resolve_proxy
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .target import SocketAddress, Target, parse_address, parse_target
@@ -34,6 +34,16 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
     if value < 0 or (value == 0 and not allow_zero):
         hint = " (0 disables it)" if allow_zero else ""
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
+
+
+def check_bytes(name: str, value: object, minimum: int = 0) -> None:
+    """:class:`ConfigError` naming ``name`` unless ``value`` is an integer number of bytes
+    >= ``minimum`` (with no minimum, 0 disables the limit)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
+    if value < minimum:
+        hint = "" if minimum else " (0 disables it)"
+        raise ConfigError(f"{name} must be >= {minimum}{hint}, got {value}")
 
 
 def _check_keepalive(ping_interval: float, idle_timeout: float) -> None:

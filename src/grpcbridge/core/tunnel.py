@@ -162,7 +162,6 @@ class TunnelMachine:
         "_io",
         "_last_ping",
         "_pending",
-        "_pending_bytes",
         "_progress_mark",
         "_stream_buffer_at",
         "_stream_deadline",
@@ -179,6 +178,7 @@ class TunnelMachine:
         "dialing",
         "last_inbound",
         "opened_at",
+        "pending_bytes",
         "pending_limit",
         "request_id",
         "state",
@@ -214,7 +214,8 @@ class TunnelMachine:
         #: A text message began: its continuations are refused too.
         self._in_text = False
         self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        #: WebSocket bytes waiting for the stream side to be attached.
+        self.pending_bytes = 0
         self._early: list[bytes] = []
         self._frame_rate = FrameRate(now)
         self._progress_mark = 0
@@ -241,21 +242,13 @@ class TunnelMachine:
     # ----------------------------------------------------------------- queries
 
     @property
-    def pending_bytes(self) -> int:
-        """WebSocket bytes waiting for the stream side to be attached."""
-        return self._pending_bytes
-
-    @property
     def deadline(self) -> float | None:
         """The next time :meth:`tick` must run for a close deadline (keepalive ticks are
         the adapter's periodic sweep)."""
-        ws, stream = self._ws_deadline, self._stream_deadline
         age = self.age
-        if age is not None and age.next_at is not None and self.close_code is None:
-            ws = age.next_at if ws is None else min(ws, age.next_at)
-        if ws is None:
-            return stream
-        return ws if stream is None else min(ws, stream)
+        times = (self._ws_deadline, self._stream_deadline,
+                 None if age is None or self.close_code is not None else age.next_at)
+        return min((time for time in times if time is not None), default=None)
 
     # ------------------------------------------------------------ maximum age
 
@@ -269,14 +262,6 @@ class TunnelMachine:
         followed from the first one)."""
         self.age = TunnelAge(self.clock, max_age, grace, on_goaway)
         self._io.set_timer(self.deadline)
-
-    def _age_due(self, age: TunnelAge, now: float) -> None:
-        if age.due(now):
-            self.close(CloseCode.GOING_AWAY, age.close_reason)
-        elif self.ws_open and self.close_code is None and not age.goaway_sent:
-            goaway = age.outbound(b"")  # empty unless at a frame boundary now
-            if goaway:
-                self._send(goaway)
 
     # ------------------------------------------------------- WebSocket inputs
 
@@ -306,9 +291,9 @@ class TunnelMachine:
             return
         else:
             self._pending.append(payload)
-            self._pending_bytes += len(payload)
+            self.pending_bytes += len(payload)
             limit = self.pending_limit
-            if limit is not None and self._pending_bytes > limit:
+            if limit is not None and self.pending_bytes > limit:
                 self.fail(CloseCode.MESSAGE_TOO_BIG,
                           f"more than {limit} bytes arrived before the connection was set up")
         self.bytes_from_websocket += len(payload)
@@ -384,12 +369,12 @@ class TunnelMachine:
 
     def websocket_write_paused(self) -> None:
         """The WebSocket's write buffer is full: stop reading the stream side."""
-        if self.stream_attached and not self.stream_closing:
+        if self.relaying_websocket:
             self._io.pause_stream()
         self.charge()
 
     def websocket_write_resumed(self) -> None:
-        if self.stream_attached and not self.stream_closing and self.ws_open:
+        if self.relaying_websocket and self.ws_open:
             self._io.resume_stream()
         self.charge()
 
@@ -403,7 +388,7 @@ class TunnelMachine:
         self.stream_attached = True
         self.dialing = False
         pending, self._pending = self._pending, []
-        self._pending_bytes = 0
+        self.pending_bytes = 0
         if self.ws_lost or self.close_code is not None:
             self._close_stream()
             return
@@ -442,7 +427,7 @@ class TunnelMachine:
         if error:
             self.close(CloseCode.INTERNAL_ERROR, f"{self.stream_name} connection lost")
         else:
-            self.close(CloseCode.NORMAL, f"{self.stream_name} closed the connection")
+            self.stream_eof()
         if self.ws_open and not self.ws_lost:
             # Nothing more will come from the stream side and nothing the peer sends can be
             # delivered: once our close frame (and what precedes it) is out, end the
@@ -464,7 +449,7 @@ class TunnelMachine:
         self.dialing = False
         if not self.stream_attached:
             self._pending.clear()
-            self._pending_bytes = 0
+            self.pending_bytes = 0
             self._maybe_closed()
 
     # ------------------------------------------------------------ pause/resume
@@ -496,7 +481,7 @@ class TunnelMachine:
         if self.state is TunnelState.CLOSED:
             return
         if self.close_code is None:
-            self.close_code, self.close_reason = code, logged
+            self._set_close(code, logged)
             if not self.ws_lost:
                 if not self.ws_open:
                     self._io.abort_websocket()
@@ -568,7 +553,12 @@ class TunnelMachine:
         age = self.age
         if age is not None and age.next_at is not None and now >= age.next_at \
                 and self.close_code is None:
-            self._age_due(age, now)
+            if age.due(now):
+                self.close(CloseCode.GOING_AWAY, age.close_reason)
+            elif self.ws_open and not age.goaway_sent:
+                goaway = age.outbound(b"")  # empty unless at a frame boundary now
+                if goaway:
+                    self._send(goaway)
         if self._ws_deadline is not None and now >= self._ws_deadline:
             self._ws_deadline, self._ws_buffer_at = self._next_deadline(
                 now, 0 if self.ws_lost else self._io.websocket_buffered(), self._ws_buffer_at)
@@ -615,8 +605,8 @@ class TunnelMachine:
         if account is None:
             return
         io = self._io
-        held = io.held_inbound() + self._pending_bytes
-        if self.stream_attached and not self.stream_closing:
+        held = io.held_inbound() + self.pending_bytes
+        if self.relaying_websocket:
             held += io.stream_buffered()
         if not self.ws_lost:
             held += io.websocket_buffered()
