@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from .errors import ConfigError
+from .target import ip_or_none
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -112,11 +113,8 @@ def parse_networks(values: Iterable[str], *, what: str) -> tuple[IPNetwork, ...]
 
 def is_trusted_proxy(address: str, networks: Sequence[IPNetwork]) -> bool:
     """Whether ``address`` (a socket peer) lies in one of ``networks`` (trusted proxies)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
+    ip = ip_or_none(address)
+    return ip is not None and any(ip in network for network in networks)
 
 
 def client_identity(
@@ -131,9 +129,7 @@ def client_identity(
         return peer
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        if ip_or_none(hop) is None:
             return peer  # a malformed chain cannot be trusted
         if not is_trusted_proxy(hop, trusted_proxies):
             return hop
@@ -219,20 +215,6 @@ class _HostPattern:
     port: int | None
     any_port: bool  # False: the port must equal ``port`` (None: no explicit port)
 
-    @classmethod
-    def parse(cls, text: str, *, any_port: bool) -> _HostPattern | None:
-        """``host[:port]`` or ``*.host[:port]`` (lower case); None if malformed. With
-        ``any_port``, an entry without a port matches every port."""
-        wildcard = text.startswith("*.")
-        body = text[2:] if wildcard else text
-        if "*" in body or not body.isascii():
-            return None
-        parsed = _split_host_port(body)
-        if parsed is None or (wildcard and parsed[0].startswith("[")):
-            return None
-        host, port = parsed
-        return cls(host, wildcard, port, any_port and port is None)
-
     def matches(self, host: str, port: int | None) -> bool:
         if not self.any_port and port != self.port:
             return False
@@ -243,12 +225,16 @@ class _HostPattern:
 
 def _host_pattern(what: str, value: str, text: str, *, any_port: bool, example: str,
                   expected: str) -> _HostPattern:
-    """``text`` (the entry ``value`` of ``what``, or its part after ``scheme://``) as a
-    pattern; else a :class:`ConfigError` for a misplaced ``*`` (``example`` shows where it
-    goes) or for not being ``expected``."""
-    pattern = _HostPattern.parse(text, any_port=any_port)
-    if pattern is not None:
-        return pattern
+    """``text`` (the entry ``value`` of ``what``, or its part after ``scheme://``):
+    ``host[:port]`` or ``*.host[:port]``, lower case; with ``any_port`` an entry without a
+    port matches every port. Else a :class:`ConfigError` for a misplaced ``*`` (``example``
+    shows where it goes) or for not being ``expected``."""
+    wildcard = text.startswith("*.")
+    body = text[2:] if wildcard else text
+    parsed = _split_host_port(body) if "*" not in body and body.isascii() else None
+    if parsed is not None and not (wildcard and parsed[0].startswith("[")):
+        host, port = parsed
+        return _HostPattern(host, wildcard, port, any_port and port is None)
     if "*" in text:
         raise ConfigError(
             f"{what}: {value!r} uses '*' where it is not supported; the only wildcard is a "
@@ -257,11 +243,17 @@ def _host_pattern(what: str, value: str, text: str, *, any_port: bool, example: 
     raise ConfigError(f"{what}: {value!r} is not {expected}")
 
 
+def string_list(name: str, values: Iterable[str]) -> tuple[str, ...]:
+    """``values`` as a tuple; one string (for a list of one) is refused."""
+    if isinstance(values, str):
+        raise ConfigError(f"{name} must be a list of strings, not one string "
+                          f"(write [{values!r}])")
+    return tuple(values)
+
+
 def _entries(allowed: Iterable[str], what: str) -> list[str]:
-    if isinstance(allowed, str):
-        raise ConfigError(f"{what} must be a list of strings, not one string")
     values = []
-    for entry in allowed:
+    for entry in string_list(what, allowed):
         if not isinstance(entry, str) or not entry.strip():
             raise ConfigError(f"{what} entries must be non-empty strings, got {entry!r}")
         values.append(entry.strip().lower())
@@ -283,11 +275,11 @@ class OriginPolicy:
     apex, same port rules) and ``*`` (anything). Case-insensitive.
     """
 
-    __slots__ = ("_any", "_hosts", "_origins")
+    __slots__ = ("_any", "_patterns")
 
     def __init__(self, allowed: Iterable[str] = ()) -> None:
-        self._origins: list[tuple[str, _HostPattern]] = []
-        self._hosts: list[_HostPattern] = []
+        #: (scheme, pattern): a full origin's scheme, or None for a bare host (any scheme).
+        self._patterns: list[tuple[str | None, _HostPattern]] = []
         self._any = False
         for value in _entries(allowed, "allowed_origins"):
             if value == "*":
@@ -302,10 +294,7 @@ class OriginPolicy:
                 example="*.example.com or https://*.example.com",
                 expected=_AN_ORIGIN if is_origin else "a host like app.example.com or "
                 "app.example.com:3000")
-            if is_origin:
-                self._origins.append((scheme, pattern))
-            else:
-                self._hosts.append(pattern)
+            self._patterns.append((scheme if is_origin else None, pattern))
 
     def allows(self, origin: str | None, host: str | None) -> bool:
         """Whether a request with this ``Origin`` and ``Host`` header may proceed."""
@@ -315,10 +304,8 @@ class OriginPolicy:
         if parsed is None:
             return False
         scheme, name, port = parsed
-        if any(scheme == allowed and pattern.matches(name, port)
-               for allowed, pattern in self._origins):
-            return True
-        if any(pattern.matches(name, port) for pattern in self._hosts):
+        if any(allowed in (None, scheme) and pattern.matches(name, port)
+               for allowed, pattern in self._patterns):
             return True
         return host is not None and _untrusted_host_port(host) == (name, port)
 
