@@ -44,15 +44,8 @@ MAX_AGE_REASON = "tunnel reached its maximum age"
 MAX_AGE_NO_GOAWAY_REASON = "tunnel reached its maximum age (no GOAWAY sent: stuck mid-frame)"
 
 
-def _goaway() -> bytes:
-    frame = GoAwayFrame(0)
-    frame.last_stream_id = LAST_STREAM_ID
-    frame.error_code = 0  # NO_ERROR
-    return bytes(frame.serialize())
-
-
-#: The graceful GOAWAY the bridge sends (17 bytes).
-GOAWAY = _goaway()
+#: The graceful GOAWAY the bridge sends (17 bytes; error code 0 is NO_ERROR).
+GOAWAY = bytes(GoAwayFrame(0, last_stream_id=LAST_STREAM_ID, error_code=0).serialize())
 
 _HEADER = 9
 _HEADERS = 0x1

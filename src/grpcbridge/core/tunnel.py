@@ -505,8 +505,7 @@ class TunnelMachine:
         if self.stream_attached and not self.stream_lost:
             self.stream_closing = True
             self._io.abort_stream()
-        if self.state is not TunnelState.CLOSED:
-            self.state = TunnelState.CLOSING
+        self._begin_closing()
 
     def _set_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
@@ -524,7 +523,7 @@ class TunnelMachine:
         self.stream_closing = True
         self._stream_buffer_at = self._io.stream_buffered()
         self._io.close_stream()
-        if self._stream_buffer_at and not self.stream_lost:
+        if self._stream_buffer_at:
             self._stream_deadline = self.clock() + self.close_timeout
             self._io.set_timer(self.deadline)
 
@@ -559,16 +558,17 @@ class TunnelMachine:
                 goaway = age.outbound(b"")  # empty unless at a frame boundary now
                 if goaway:
                     self._send(goaway)
+        # A side's deadline exists only while it lives (losing it clears the deadline).
         if self._ws_deadline is not None and now >= self._ws_deadline:
             self._ws_deadline, self._ws_buffer_at = self._next_deadline(
-                now, 0 if self.ws_lost else self._io.websocket_buffered(), self._ws_buffer_at)
-            if self._ws_deadline is None and not self.ws_lost:
+                now, self._io.websocket_buffered(), self._ws_buffer_at)
+            if self._ws_deadline is None:
                 self._set_close(CloseCode.ABNORMAL, "close timed out")
                 self._io.abort_websocket()
         if self._stream_deadline is not None and now >= self._stream_deadline:
             self._stream_deadline, self._stream_buffer_at = self._next_deadline(
                 now, self._io.stream_buffered(), self._stream_buffer_at)
-            if self._stream_deadline is None and not self.stream_lost:
+            if self._stream_deadline is None:
                 self._io.abort_stream()
         if self.deadline != before:
             # Only on a change: the keepalive sweep ticks every aged tunnel each second. A
