@@ -164,8 +164,12 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*\Z")
 
 
 def _split_host_port(value: str) -> tuple[str, int | None] | None:
-    """Lower-case ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> ``(host, port)`` with
-    the host normalised (no trailing dot; IPv6 compressed, in brackets); None if malformed."""
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> ``(host, port)`` with the host
+    normalised (lower case, no trailing dot; IPv6 compressed, in brackets); None if malformed.
+    ASCII only: str.lower() maps some non-ASCII letters to ASCII ones (KELVIN SIGN -> k)."""
+    if not value.isascii():
+        return None
+    value = value.lower()
     if value.startswith("["):
         end = value.find("]")
         if end < 0:
@@ -187,13 +191,6 @@ def _split_host_port(value: str) -> tuple[str, int | None] | None:
     if rest[0] != ":" or not _PORT.match(rest[1:]) or int(rest[1:]) > 65535:
         return None
     return host, int(rest[1:])
-
-
-def _untrusted_host_port(value: str) -> tuple[str, int | None] | None:
-    """A ``Host`` header (or an origin's authority) from a client, parsed; None if malformed."""
-    text = value.strip()
-    # ASCII only: str.lower() maps some non-ASCII letters to ASCII ones (KELVIN SIGN -> k).
-    return _split_host_port(text.lower()) if text.isascii() else None
 
 
 def _parse_origin(value: str) -> tuple[str, str, int | None] | None:
@@ -231,7 +228,7 @@ def _host_pattern(what: str, value: str, text: str, *, any_port: bool, example: 
     shows where it goes) or for not being ``expected``."""
     wildcard = text.startswith("*.")
     body = text[2:] if wildcard else text
-    parsed = _split_host_port(body) if "*" not in body and body.isascii() else None
+    parsed = None if "*" in body else _split_host_port(body)
     if parsed is not None and not (wildcard and parsed[0].startswith("[")):
         host, port = parsed
         return _HostPattern(host, wildcard, port, any_port and port is None)
@@ -307,7 +304,7 @@ class OriginPolicy:
         if any(allowed in (None, scheme) and pattern.matches(name, port)
                for allowed, pattern in self._patterns):
             return True
-        return host is not None and _untrusted_host_port(host) == (name, port)
+        return host is not None and _split_host_port(host.strip()) == (name, port)
 
 
 class HostPolicy:
@@ -348,7 +345,7 @@ class HostPolicy:
             return False
         if self._any:
             return True
-        parsed = _untrusted_host_port(host)
+        parsed = _split_host_port(host.strip())
         return parsed is not None and any(pattern.matches(*parsed) for pattern in self._patterns)
 
 
