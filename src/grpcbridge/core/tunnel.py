@@ -245,10 +245,13 @@ class TunnelMachine:
     def deadline(self) -> float | None:
         """The next time :meth:`tick` must run for a close deadline (keepalive ticks are
         the adapter's periodic sweep)."""
+        ws, stream = self._ws_deadline, self._stream_deadline
         age = self.age
-        times = (self._ws_deadline, self._stream_deadline,
-                 None if age is None or self.close_code is not None else age.next_at)
-        return min((time for time in times if time is not None), default=None)
+        if age is not None and age.next_at is not None and self.close_code is None:
+            ws = age.next_at if ws is None else min(ws, age.next_at)
+        if ws is None:
+            return stream
+        return ws if stream is None else min(ws, stream)
 
     # ------------------------------------------------------------ maximum age
 
