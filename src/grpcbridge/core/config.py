@@ -191,10 +191,11 @@ class BridgeConfig:
         for name in ("backend_connect_timeout", "handshake_timeout"):
             check_positive(name, getattr(self, name))
         _check_keepalive(self.ping_interval, self.idle_timeout)
-        check_positive("drain_timeout", self.drain_timeout, allow_zero=True)
+        for name in ("drain_timeout", "max_tunnel_age_grace", "max_connections",
+                     "max_connections_per_client", "max_upgrades_per_minute"):
+            check_positive(name, getattr(self, name), allow_zero=True)
         if self.max_tunnel_age is not None:
             check_positive("max_tunnel_age", self.max_tunnel_age, allow_zero=True)
-        check_positive("max_tunnel_age_grace", self.max_tunnel_age_grace, allow_zero=True)
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
         needed = self.max_message_bytes + self.buffer_bytes
         per_client, total = self.client_memory_budget, self.memory_budget
@@ -207,8 +208,6 @@ class BridgeConfig:
         if per_client and total and per_client > total:
             raise ConfigError(f"client_memory_budget ({per_client}) must not exceed "
                               f"memory_budget ({total})")
-        for name in ("max_connections", "max_connections_per_client", "max_upgrades_per_minute"):
-            check_positive(name, getattr(self, name), allow_zero=True)
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("certfile and keyfile go together: give both for wss, or neither")
         _check_file("certfile", self.certfile)
