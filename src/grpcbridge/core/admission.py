@@ -371,10 +371,6 @@ class BearerTokenAuth:
     def __repr__(self) -> str:
         return "BearerTokenAuth(token=<redacted>)"
 
-    def _matches(self, candidate: str) -> bool:
-        # surrogatepass: a hostile lone surrogate must not turn into an exception (a 500).
-        return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), self._token)
-
     def __call__(self, request: HandshakeRequest) -> Rejection | None:
         candidates: list[str] = []
         authorization = request.header("authorization")
@@ -391,8 +387,10 @@ class BearerTokenAuth:
         if not candidates:
             return Rejection(401, "missing bearer token", label="auth",
                              headers=(("WWW-Authenticate", self.CHALLENGE),))
-        # Check every candidate so timing does not reveal which one matched.
-        matched = [self._matches(candidate) for candidate in candidates]
+        # Check every candidate so timing does not reveal which one matched; surrogatepass:
+        # a hostile lone surrogate must not turn into an exception (a 500).
+        matched = [hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), self._token)
+                   for candidate in candidates]
         if any(matched):
             return None
         return Rejection(403, "invalid bearer token", label="auth",

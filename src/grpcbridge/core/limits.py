@@ -89,9 +89,7 @@ class MemoryBudget:
         self._clients: dict[str, _Holder] = {}
 
     def open(self, client: str) -> BudgetAccount:
-        holder = self._clients.get(client)
-        if holder is None:
-            holder = self._clients[client] = _Holder()
+        holder = self._clients.setdefault(client, _Holder())
         holder.accounts += 1
         return BudgetAccount(self, client, holder)
 

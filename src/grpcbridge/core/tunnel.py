@@ -541,8 +541,7 @@ class TunnelMachine:
             return
         if self.stream_lost or not self.stream_attached:
             self.state = TunnelState.CLOSED
-            self._pending.clear()
-            self._early.clear()
+            self._pending.clear()  # never attached: nobody will take these
             self._io.tunnel_closed()
 
     # ------------------------------------------------------------------- time
