@@ -118,8 +118,8 @@ class TunnelIO(Protocol):
 
 
 class TunnelView:
-    """What an adapter shows of its machine (``self.machine``): why and when it closed, and
-    the bytes it carried. A mixin for :class:`TunnelMachine` adapters."""
+    """What an adapter shows of its machine (``self.machine``): why it closed. A mixin for
+    :class:`TunnelMachine` adapters."""
 
     __slots__ = ()
 
@@ -133,18 +133,6 @@ class TunnelView:
     @property
     def close_reason(self) -> str:
         return self.machine.close_reason
-
-    @property
-    def bytes_from_websocket(self) -> int:
-        return self.machine.bytes_from_websocket
-
-    @property
-    def bytes_to_websocket(self) -> int:
-        return self.machine.bytes_to_websocket
-
-    @property
-    def opened_at(self) -> float:
-        return self.machine.opened_at
 
 
 class TunnelMachine:
