@@ -446,19 +446,14 @@ class AbuseLimiter:
         while upgrades and upgrades[0] <= horizon:
             upgrades.popleft()
 
-    def _sweep(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + self.WINDOW / 4
-        for client in list(self._clients):
-            state = self._clients[client]
-            self._expire(state, now)
-            if not state.active and not state.upgrades:
-                del self._clients[client]
-
     def admit(self, client: str, now: float) -> Rejection | None:
         """Decide on an upgrade; on success the caller must :meth:`release` it later."""
-        self._sweep(now)
+        if now >= self._next_sweep:  # drop the state of clients whose window is empty
+            self._next_sweep = now + self.WINDOW / 4
+            for other, state in list(self._clients.items()):
+                self._expire(state, now)
+                if not state.active and not state.upgrades:
+                    del self._clients[other]
         if self.max_connections and self.active >= self.max_connections:
             return Rejection(503, "bridge at its connection limit", retry_after=1, label="capacity")
         state = self._clients.get(client)
