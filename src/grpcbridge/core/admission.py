@@ -450,9 +450,9 @@ class AbuseLimiter:
         """Decide on an upgrade; on success the caller must :meth:`release` it later."""
         if now >= self._next_sweep:  # drop the state of clients whose window is empty
             self._next_sweep = now + self.WINDOW / 4
-            for other, state in list(self._clients.items()):
-                self._expire(state, now)
-                if not state.active and not state.upgrades:
+            for other, held in list(self._clients.items()):
+                self._expire(held, now)
+                if not held.active and not held.upgrades:
                     del self._clients[other]
         if self.max_connections and self.active >= self.max_connections:
             return Rejection(503, "bridge at its connection limit", retry_after=1, label="capacity")
