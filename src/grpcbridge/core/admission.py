@@ -248,13 +248,14 @@ def string_list(name: str, values: Iterable[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _entries(allowed: Iterable[str], what: str) -> list[str]:
+def _entries(allowed: Iterable[str], what: str) -> tuple[bool, list[str]]:
+    """Whether ``*`` (anything) is among the entries, and the others, lower case."""
     values = []
     for entry in string_list(what, allowed):
         if not isinstance(entry, str) or not entry.strip():
             raise ConfigError(f"{what} entries must be non-empty strings, got {entry!r}")
         values.append(entry.strip().lower())
-    return values
+    return "*" in values, [value for value in values if value != "*"]
 
 
 _AN_ORIGIN = "an http(s) origin like https://app.example.com (scheme, host and optional port only)"
@@ -277,11 +278,8 @@ class OriginPolicy:
     def __init__(self, allowed: Iterable[str] = ()) -> None:
         #: (scheme, pattern): a full origin's scheme, or None for a bare host (any scheme).
         self._patterns: list[tuple[str | None, _HostPattern]] = []
-        self._any = False
-        for value in _entries(allowed, "allowed_origins"):
-            if value == "*":
-                self._any = True
-                continue
+        self._any, entries = _entries(allowed, "allowed_origins")
+        for value in entries:
             is_origin = "://" in value
             scheme, _, rest = value.rstrip("/").partition("://")
             if is_origin and scheme not in ("http", "https"):
@@ -320,16 +318,11 @@ class HostPolicy:
     __slots__ = ("_any", "_patterns")
 
     def __init__(self, allowed: Iterable[str] = ()) -> None:
-        self._patterns: list[_HostPattern] = []
-        self._any = False
-        for value in _entries(allowed, "allowed_hosts"):
-            if value == "*":
-                self._any = True
-                continue
-            self._patterns.append(_host_pattern(
-                "allowed_hosts", value, value, any_port=True, example="*.example.com",
-                expected="a host name like bridge.example.com, bridge.example.com:8080 or "
-                "[::1]:8080"))
+        self._any, entries = _entries(allowed, "allowed_hosts")
+        self._patterns = [_host_pattern(
+            "allowed_hosts", value, value, any_port=True, example="*.example.com",
+            expected="a host name like bridge.example.com, bridge.example.com:8080 or [::1]:8080")
+            for value in entries]
 
     @property
     def enabled(self) -> bool:
