@@ -380,7 +380,7 @@ class TunnelMachine:
         self.dialing = False
         pending, self._pending = self._pending, []
         self.pending_bytes = 0
-        if self.ws_lost or self.close_code is not None:
+        if self.close_code is not None:  # closing (a lost WebSocket has a code too)
             self._close_stream()
             return
         if not self.ws_open:
@@ -397,7 +397,7 @@ class TunnelMachine:
         """Bytes from the stream side, for the WebSocket."""
         if self.ws_open and self.close_code is None:
             self._send(data)
-        elif not self.ws_open and not self.ws_lost and self.close_code is None:
+        elif not self.ws_open and self.close_code is None:  # (a lost WebSocket has a code)
             # Event loops may deliver data despite a pause (uvloop does): keep it, in
             # order, until the handshake completes. Never drop.
             self._early.append(data)
