@@ -124,11 +124,7 @@ class StreamAdapter(TunnelView):
 
     def _timer_fired(self) -> None:
         self._timer = None
-        self.machine.tick()
-        deadline = self.machine.deadline
-        if self._timer is None and deadline is not None:
-            # The loop ran the timer a hair early (clock rounding): the machine did nothing.
-            self.set_timer(deadline)
+        self.machine.timer_fired()
 
     def tunnel_closed(self) -> None:
         if self._timer is not None:

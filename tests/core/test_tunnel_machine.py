@@ -458,12 +458,15 @@ def test_a_tick_sets_the_timer_only_when_the_deadline_changes() -> None:
     tunnel.websocket_lost(CloseCode.ABNORMAL, "gone")
     assert io.timer == CLOSE_TIMEOUT
     io.now = CLOSE_TIMEOUT - 0.001  # event loops may run a timer a little early
-    io.timer = None  # the adapter's timer fired
+    io.timer = -1.0  # a marker: armed, and not due
     tunnel.tick()
-    # Nothing was due: the machine leaves the timer alone (the adapter re-arms it for
-    # tunnel.deadline), so the keepalive sweep costs an aged tunnel no timer each second.
-    assert io.timer is None and tunnel.deadline == CLOSE_TIMEOUT
-    assert "abort_stream" not in io.names()
-    io.timer, io.now = tunnel.deadline, CLOSE_TIMEOUT  # re-armed, and fired on time
-    tunnel.tick()
+    # Nothing was due: a tick (the keepalive sweep's, every second for an aged tunnel) leaves
+    # the armed timer alone instead of replacing it.
+    assert io.timer == -1.0 and tunnel.deadline == CLOSE_TIMEOUT
+    io.timer = None  # the adapter's timer fired early
+    tunnel.timer_fired()
+    # timer_fired asks for the same deadline again, as nothing was due.
+    assert io.timer == CLOSE_TIMEOUT and "abort_stream" not in io.names()
+    io.timer, io.now = None, CLOSE_TIMEOUT  # fired on time
+    tunnel.timer_fired()
     assert io.timer is None and io.names()[-1] == "abort_stream"  # the deadline is gone

@@ -709,7 +709,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _tick(self) -> None:
         self._timer = None
-        self.machine.tick()  # re-arms the timer, also when it ran a hair early
+        self.machine.timer_fired()
 
     # Nothing to do: browsers cannot send pings (the machine gets no ping interval) nor stop
     # reading a socket (inbound memory is bounded by HTTP/2 flow control); only the ``close``

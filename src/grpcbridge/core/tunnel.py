@@ -562,8 +562,7 @@ class TunnelMachine:
                 self._io.abort_stream()
         if self.deadline != before:
             # Only on a change: the keepalive sweep ticks every aged tunnel each second. A
-            # timer that fired a little early (the machine did nothing) is re-armed by the
-            # adapter.
+            # timer that fired a little early is set again by timer_fired.
             self._io.set_timer(self.deadline)
         if self.ws_open and self.close_code is None:
             quiet = now - self.last_inbound
@@ -577,6 +576,14 @@ class TunnelMachine:
                 self._last_ping = now
                 self._io.send_ping()
         self.charge()
+
+    def timer_fired(self) -> None:
+        """The timer the machine asked for ran: :meth:`tick`, and ask for it again when the
+        deadline stayed (the loop ran it a hair early, so the tick did nothing)."""
+        deadline = self.deadline
+        self.tick()
+        if deadline is not None and self.deadline == deadline:
+            self._io.set_timer(deadline)
 
     def _next_deadline(self, now: float, left: int, buffer_at: int) -> tuple[float | None, int]:
         """A side's close deadline passed with ``left`` bytes still buffered (``buffer_at``
