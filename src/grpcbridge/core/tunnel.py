@@ -109,9 +109,8 @@ class TunnelIO(Protocol):
         last frame if it keeps one referenced."""
 
     def set_timer(self, deadline: float | None) -> None:
-        """Call :meth:`TunnelMachine.tick` at ``deadline`` (None: no timer needed). A
-        timer's tick that leaves the deadline unchanged does not call this again: the
-        adapter then arms its timer for :attr:`TunnelMachine.deadline` itself."""
+        """Call :meth:`TunnelMachine.timer_fired` at ``deadline`` (None: no timer needed).
+        Called only when the deadline changes: an armed timer stays armed."""
 
     def tunnel_closed(self) -> None:
         """Both sides are gone: the tunnel reached :attr:`TunnelState.CLOSED`."""
