@@ -46,8 +46,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 from weakref import WeakKeyDictionary
@@ -88,17 +89,6 @@ GENERIC_REASONS = frozenset({"Connection lost", "Connection closed", ""})
 # ------------------------------------------------------------------------- options
 
 
-def reject_unknown_options(owner: str, options: Mapping[str, object]) -> None:
-    """Raise ``TypeError`` for keyword arguments ``owner`` does not take, pointing renamed
-    ones to their new name (channels collect these in ``**renamed``)."""
-    for name in options:
-        new = RENAMED_OPTIONS.get(name)
-        if new is not None:
-            raise TypeError(f"{owner}() has no option {name!r} any more: it is called "
-                            f"{new!r} now (one name for both grpcbridge channels)")
-        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ChannelOptions:
     """The checked options the core and the runtime hooks read (:func:`check_options` also
@@ -115,6 +105,8 @@ class ChannelOptions:
 
 
 def check_options(
+    owner: str,
+    renamed: Iterable[str],
     *,
     handshake_timeout: float | None,
     reconnect: ReconnectPolicy | None,
@@ -125,7 +117,15 @@ def check_options(
     headers: Mapping[str, str] | None = None,
     buffer_bytes: int,
 ) -> ChannelOptions:
-    """Check the shared options; :class:`~grpcbridge.ConfigError` names the bad one."""
+    """Check the shared options of channel ``owner``; :class:`~grpcbridge.ConfigError` names
+    the bad one. ``renamed`` are the keyword arguments ``owner`` does not take (channels
+    collect them in ``**renamed``): ``TypeError``, pointing renamed ones to their new name."""
+    for name in renamed:
+        new = RENAMED_OPTIONS.get(name)
+        if new is not None:
+            raise TypeError(f"{owner}() has no option {name!r} any more: it is called "
+                            f"{new!r} now (one name for both grpcbridge channels)")
+        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
     policy = reconnect if reconnect is not None else ReconnectPolicy()
     if not isinstance(policy, ReconnectPolicy):
         raise ConfigError("reconnect must be a grpcbridge.ReconnectPolicy")
@@ -195,20 +195,6 @@ def lost_detail(detail: str, description: str | None) -> str:
     return detail  # already specific (e.g. a send refused with the close code)
 
 
-class _StreamErrors:
-    """Maps the errors of one stream (see :func:`grpcbridge.client.streams.tunnel_stream`)."""
-
-    __slots__ = ("_channel", "_stream")
-
-    def __init__(self, channel: CoreChannel[Any],
-                 stream: grpclib.client.Stream) -> None:  # type: ignore[type-arg]
-        self._channel = channel
-        self._stream = stream
-
-    def call_error(self, exc: BaseException) -> GRPCError:
-        return self._channel._call_error(exc, self._stream)
-
-
 class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
     """A grpclib channel whose connections come from :meth:`_new_connection` (see the
     module docstring for what every grpcbridge channel shares). Must be created inside a
@@ -220,6 +206,7 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
     def __init__(self, target: Target, options: ChannelOptions, *,
                  codec: CodecBase | None, status_details_codec: StatusDetailsCodecBase | None,
                  config: Configuration | None) -> None:
+        asyncio.get_running_loop()  # grpclib binds the loop now: fail clearly outside one
         super().__init__(host=target.host, port=target.port, authority=target.authority,
                          max_frame_size=options.max_frame_size, codec=codec,
                          status_details_codec=status_details_codec, config=config)
@@ -312,7 +299,7 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         if self._bridge_closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
         stream = super().request(*args, **kwargs)
-        return tunnel_stream(stream, _StreamErrors(self, stream))
+        return tunnel_stream(stream, partial(self._call_error, stream=stream))
 
     def _call_error(self, exc: BaseException,
                     stream: grpclib.client.Stream) -> GRPCError:  # type: ignore[type-arg]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpclib.client
 from grpclib.exceptions import GRPCError, StreamTerminatedError
@@ -19,13 +19,9 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from .._grpclib_compat import retype_stream
 
 T = TypeVar("T")
-
-
-class ErrorSource(Protocol):
-    """What a :class:`_TunnelStream` asks when grpclib ended it (connection lost or channel
-    closed): the ``GRPCError`` to raise instead of grpclib's ``StreamTerminatedError``."""
-
-    def call_error(self, exc: BaseException) -> GRPCError: ...
+#: What a :class:`_TunnelStream` calls when grpclib ended it (connection lost or channel
+#: closed): the ``GRPCError`` to raise instead of grpclib's ``StreamTerminatedError``.
+ErrorSource = Callable[[BaseException], GRPCError]
 
 
 def _reported(method: Callable[..., Coroutine[Any, Any, T]]
@@ -38,7 +34,7 @@ def _reported(method: Callable[..., Coroutine[Any, Any, T]]
         try:
             return await method(self, *args, **kwargs)
         except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
+            raise self._bridge_call_error(exc) from exc
 
     return reporting
 
@@ -47,7 +43,7 @@ class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
     """A grpclib client stream that reports a lost tunnel as a ``GRPCError`` (grpclib itself
     raises ``StreamTerminatedError``, which gRPC code does not expect)."""
 
-    _bridge_channel: ErrorSource
+    _bridge_call_error: ErrorSource
 
     send_request = _reported(grpclib.client.Stream.send_request)
     send_message = _reported(grpclib.client.Stream.send_message)
@@ -61,13 +57,13 @@ class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
                         exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
         await super().__aexit__(exc_type, exc_val, exc_tb)
         if isinstance(exc_val, StreamTerminatedError):
-            raise self._bridge_channel.call_error(exc_val) from exc_val
+            raise self._bridge_call_error(exc_val) from exc_val
 
 
 def tunnel_stream(stream: grpclib.client.Stream,  # type: ignore[type-arg]
-                  source: ErrorSource) -> _TunnelStream:
+                  call_error: ErrorSource) -> _TunnelStream:
     """Turn the stream grpclib's ``Channel.request`` made into a :class:`_TunnelStream` whose
-    ended streams ``source`` reports (shared by the CPython and browser channels)."""
+    ended streams ``call_error`` reports (shared by the CPython and browser channels)."""
     retyped = retype_stream(stream, _TunnelStream)
-    retyped._bridge_channel = source
+    retyped._bridge_call_error = call_error
     return retyped
