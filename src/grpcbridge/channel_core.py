@@ -224,14 +224,10 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         #: Connections the server sent a GOAWAY, until their last stream is done.
         self._retiring: dict[ConnectionT, asyncio.Task[None]] = {}
 
-    # --------------------------------------------------------------- runtime hook
-
     def _new_connection(self) -> ConnectionT:
         """Start a new connection to :attr:`target` (not yet open). May raise
         :class:`HandshakeError` at once (the runtime refuses the URL)."""
         raise NotImplementedError
-
-    # -------------------------------------------------------------------- public
 
     def __repr__(self) -> str:
         return f"{self._public_name}({self.target!r})"
