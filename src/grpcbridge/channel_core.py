@@ -330,8 +330,7 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
                 await asyncio.wait([connection.closed], timeout=connection.close_timeout + 1)
                 if not connection.closed.done():
                     connection.abort()
-        if retiring:
-            await asyncio.gather(*retiring.values(), return_exceptions=True)
+        await asyncio.gather(*retiring.values(), return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self
