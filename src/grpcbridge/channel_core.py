@@ -37,18 +37,17 @@ What differs is how a connection is made: the **runtime hook**. Each channel imp
 websockets in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
 
 This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`),
-``grpcbridge.core``, ``grpcbridge.framesize`` and ``grpcbridge.client.streams``: the browser
-(Pyodide) imports it too.
+``grpcbridge.core`` and ``grpcbridge.framesize``: the browser (Pyodide) imports it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
 from weakref import WeakKeyDictionary
@@ -57,17 +56,17 @@ import grpclib.client
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from ._grpclib_compat import (
     FrameSizeProtocol,
     GrpclibChannel,
     protocol_connection,
+    retype_stream,
     stream_connection,
     streams_released,
 )
-from .client.streams import tunnel_stream
 from .core.config import ReconnectPolicy, check_dial_options, check_positive
 from .core.errors import ConfigError, HandshakeError, TunnelClosed
 from .core.reconnect import Backoff
@@ -195,6 +194,48 @@ def lost_detail(detail: str, description: str | None) -> str:
     return detail  # already specific (e.g. a send refused with the close code)
 
 
+T = TypeVar("T")
+
+
+def _reported(method: Callable[..., Coroutine[Any, Any, T]]
+              ) -> Callable[..., Coroutine[Any, Any, T]]:
+    """``method`` of grpclib's stream, raising the channel's ``GRPCError`` instead of
+    ``StreamTerminatedError``."""
+
+    @functools.wraps(method)
+    async def reporting(self: _TunnelStream, *args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except StreamTerminatedError as exc:
+            raise self._bridge_call_error(exc) from exc
+
+    return reporting
+
+
+class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
+    """A grpclib client stream that reports a lost connection as a ``GRPCError`` (grpclib
+    itself raises ``StreamTerminatedError``, which gRPC code does not expect)."""
+
+    #: Set by :meth:`CoreChannel.request`: the ``GRPCError`` to raise for the
+    #: ``StreamTerminatedError`` grpclib ended the stream with (connection lost or channel
+    #: closed; :meth:`CoreChannel._call_error` decides which status).
+    _bridge_call_error: Callable[[BaseException], GRPCError]
+
+    send_request = _reported(grpclib.client.Stream.send_request)
+    send_message = _reported(grpclib.client.Stream.send_message)
+    end = _reported(grpclib.client.Stream.end)
+    recv_initial_metadata = _reported(grpclib.client.Stream.recv_initial_metadata)
+    recv_message = _reported(grpclib.client.Stream.recv_message)
+    recv_trailing_metadata = _reported(grpclib.client.Stream.recv_trailing_metadata)
+
+    @_reported
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
+        await super().__aexit__(exc_type, exc_val, exc_tb)
+        if isinstance(exc_val, StreamTerminatedError):
+            raise self._bridge_call_error(exc_val) from exc_val
+
+
 class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
     """A grpclib channel whose connections come from :meth:`_new_connection` (see the
     module docstring for what every grpcbridge channel shares). Must be created inside a
@@ -294,8 +335,9 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
     def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]
         if self._bridge_closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
-        stream = super().request(*args, **kwargs)
-        return tunnel_stream(stream, partial(self._call_error, stream=stream))
+        stream = retype_stream(super().request(*args, **kwargs), _TunnelStream)
+        stream._bridge_call_error = functools.partial(self._call_error, stream=stream)
+        return stream
 
     def _call_error(self, exc: BaseException,
                     stream: grpclib.client.Stream) -> GRPCError:  # type: ignore[type-arg]
