@@ -22,7 +22,7 @@ from python_socks.async_.asyncio import Proxy
 from websockets.client import ClientProtocol
 from websockets.http11 import Response
 from websockets.protocol import OPEN
-from websockets.typing import Origin, Subprotocol
+from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from ..core.errors import HandshakeError
@@ -57,7 +57,6 @@ class DialSettings:
         """A tunnel whose WebSocket side is a client, not yet connected."""
         websocket = ClientProtocol(
             parse_uri(self.target.url),
-            origin=Origin(self.origin) if self.origin else None,
             subprotocols=[Subprotocol(s) for s in self.subprotocols] or None,
             max_size=self.max_message_bytes,
             logger=websockets_logger,
@@ -157,7 +156,7 @@ async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float
     try:
         await _connect(tunnel, settings, within,
                        lambda: WebSocketSide(tunnel, settings.buffer_bytes))
-        request = websocket.connect()  # with Origin and Sec-WebSocket-Protocol
+        request = websocket.connect()  # with Sec-WebSocket-Protocol
         for name, value in settings.upgrade_headers():
             # websockets' Headers append on assignment, and raise KeyError on deleting a
             # header that is absent (Authorization and custom headers always are).
