@@ -28,15 +28,13 @@ from ..backends import Backend
 from ..core.admission import Rejection
 from ..core.config import BridgeConfig
 from ..core.errors import ConfigError, InvalidStateError
-from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode, Opcode, message_too_big_reason
 from ..core.tunnel import CLOSE_TIMEOUT, PROBE_INTERVAL, TunnelMachine
-from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event
-from ..relay import StreamAdapter, keepalive_forever
+from ..observability import REQUEST_ID_HEADER, BridgeMetrics
+from ..relay import StreamAdapter
 from ..tracing import available as tracing_available
-from .bridge import make_backend
-from .gate import Gate
-from .session import TunnelSession
+from .gate import header_map
+from .session import TunnelServer, TunnelSession, drain
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -95,12 +93,6 @@ REFUSED: Mapping[str, str] = {
 }
 
 
-def _default(field: dataclasses.Field[Any]) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
 def check_asgi_config(config: BridgeConfig) -> None:
     """Raise :class:`ConfigError` naming every :data:`REFUSED` field of ``config`` that
     differs from its default, and where that setting lives under ASGI."""
@@ -109,8 +101,9 @@ def check_asgi_config(config: BridgeConfig) -> None:
         hint = REFUSED.get(field.name)
         if hint is None:
             continue
-        value, default = getattr(config, field.name), _default(field)
-        if value != default:
+        value = getattr(config, field.name)
+        if value != (field.default if field.default_factory is dataclasses.MISSING
+                     else field.default_factory()):
             problems.append(f"{field.name}={value!r}: {hint}")
     if problems:
         raise ConfigError(
@@ -257,7 +250,7 @@ class _AsgiTunnel(StreamAdapter):
             else:
                 machine.empty_frame()
 
-class BridgeApp:
+class BridgeApp(TunnelServer):
     """ASGI application serving gRPC tunnels at ``config.path``.
 
     Of its :class:`BridgeConfig` it applies (:data:`APPLIED`) the backend and
@@ -278,20 +271,12 @@ class BridgeApp:
     """
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
-        if not isinstance(config, BridgeConfig):
-            raise TypeError("BridgeApp() takes a BridgeConfig")
+        super().__init__(config, metrics)
         check_asgi_config(config)
-        self.config = config
-        self.metrics = metrics if metrics is not None else BridgeMetrics()
-        self.gate = Gate(config, self.metrics)
-        self.budget = MemoryBudget(per_client=config.client_memory_budget,
-                                   total=config.memory_budget)
-        self.backend = make_backend(config)
         self._started: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
         self._tunnels: set[asyncio.Task[None]] = set()
-        self._relaying: dict[_AsgiTunnel, TunnelSession] = {}
         self._reporter: asyncio.Task[None] | None = None
 
     async def _ensure_started(self) -> None:
@@ -315,31 +300,14 @@ class BridgeApp:
             return
         self._closing = True
         try:
-            await self._drain(self.config.drain_timeout if drain_timeout is None
-                              else drain_timeout)
+            await drain(self.config.drain_timeout if drain_timeout is None else drain_timeout,
+                        self._relaying.keys, lambda: set(self._tunnels))
         finally:
             if self._started is not None:
                 with contextlib.suppress(Exception):
                     await self._started
                 await self.backend.close()
             self._closed.set()
-
-    async def _drain(self, seconds: float) -> None:
-        if self._tunnels and seconds > 0:
-            log_event("bridge_draining", tunnels=len(self._tunnels), timeout=seconds)
-            await asyncio.wait(set(self._tunnels), timeout=seconds)
-        for tunnel in list(self._relaying):
-            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
-        if self._tunnels:  # each waits up to _CLOSE_WAIT for the client's close reply
-            await asyncio.wait(set(self._tunnels), timeout=_CLOSE_WAIT + 1)
-        for tunnel in list(self._relaying):
-            tunnel.abort()
-        if self._tunnels:
-            await asyncio.wait(set(self._tunnels), timeout=1)
-
-    def _report_bytes(self) -> None:
-        for session in self._relaying.values():
-            session.report_bytes()
 
     @property
     def active_tunnels(self) -> int:
@@ -377,11 +345,8 @@ class BridgeApp:
 
     @staticmethod
     def _headers(scope: Scope) -> dict[str, list[str]]:
-        headers: dict[str, list[str]] = {}
-        for name, value in scope.get("headers", ()):
-            headers.setdefault(name.decode("latin-1").lower(), []).append(
-                value.decode("latin-1"))
-        return headers
+        return header_map((name.decode("latin-1"), value.decode("latin-1"))
+                          for name, value in scope.get("headers", ()))
 
     @staticmethod
     def _peer(scope: Scope) -> str:
@@ -391,16 +356,13 @@ class BridgeApp:
     async def _http(self, scope: Scope, send: Send) -> None:
         headers = self._headers(scope)
         peer = self._peer(scope)
-        request_id = self._request_id(headers, peer)
+        request_id, _ = self.gate.request_id(headers, peer=peer)
         decision = await self.gate.check(
             request_id=request_id, path=scope["path"],
             query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
             peer=peer, websocket=False, now=asyncio.get_running_loop().time())
         assert isinstance(decision, Rejection)
         await self._send_http_rejection(send, decision, request_id, prefix="http.response")
-
-    def _request_id(self, headers: Mapping[str, list[str]], peer: str) -> str:
-        return self.gate.request_id(headers.get(REQUEST_ID_HEADER.lower(), ()), peer=peer)
 
     @staticmethod
     async def _send_http_rejection(send: Send, rejection: Rejection, request_id: str, *,
@@ -435,13 +397,13 @@ class BridgeApp:
         headers = self._headers(scope)
         peer = self._peer(scope)
         path = scope["path"]
-        request_id = self._request_id(headers, peer)
+        request_id, client_request_id = self.gate.request_id(headers, peer=peer)
         if self._closing:
             await self._reject(scope, send, self._shutting_down(peer, path, request_id),
                                request_id)
             return
         decision = await self.gate.check(
-            request_id=request_id, path=path,
+            request_id=request_id, client_request_id=client_request_id, path=path,
             query=scope.get("query_string", b"").decode("latin-1"),
             headers=headers, peer=peer, websocket=True, now=loop.time())
         if isinstance(decision, Rejection):
@@ -460,11 +422,9 @@ class BridgeApp:
         except BaseException:
             self.gate.release(decision, loop.time())
             raise
-        origin = headers.get("origin", [""])[0]
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
                              self.config.max_message_bytes)
-        session = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
-                                peer=peer, path=path, origin=origin, headers=headers)
+        session = self._open_session(tunnel, decision, peer=peer, path=path, headers=headers)
         try:
             await self._relay(tunnel, session, receive)
         finally:
@@ -476,13 +436,11 @@ class BridgeApp:
         sender = loop.create_task(tunnel.sender())
         receiver = loop.create_task(tunnel.receiver(receive))
         tunnel.tasks = (sender, receiver)
-        self._relaying[tunnel] = session
         if self._reporter is None:
             # While tunnels are open, as the standalone bridge does: every second report
             # relayed bytes and tick every machine (probes, the memory charge's refresh).
             # Pings and the idle timeout are the ASGI server's (0, 0: off here).
-            self._reporter = loop.create_task(keepalive_forever(
-                lambda: list(self._relaying), 0, 0, self._report_bytes))
+            self._reporter = self._keepalive(0, 0)
         try:
             await session.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
             # Ends when the client disconnects, or when we sent our close frame.

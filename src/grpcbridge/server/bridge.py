@@ -16,22 +16,21 @@ from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from ..backends import Backend, SocketBackend
+from ..backends import Backend
 from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
-from ..core.config import BackendLike, BridgeConfig
+from ..core.config import BridgeConfig
 from ..core.errors import InvalidStateError
-from ..core.limits import TOTAL_BUDGET_EXCEEDED, MemoryBudget
-from ..core.stream import CloseCode
+from ..core.limits import TOTAL_BUDGET_EXCEEDED
 from ..core.target import host_port
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
-from ..relay import Tunnel, WebSocketSide, keepalive_forever, websockets_logger
+from ..relay import Tunnel, WebSocketSide, websockets_logger
 from ..sockets import Listener
 from ..tracing import available as tracing_available
-from .gate import Admitted, Gate, single_host
-from .http import HttpServer, RequestHead, answer_malformed, probe_handler
-from .session import TunnelSession
+from .gate import Gate, header_map, single_host
+from .http import HttpServer, RequestHead, answer_malformed, probe_handler, send_response
+from .session import TunnelServer, drain
 from .static import StaticSite
 
 #: Bytes a client may send after its upgrade request and before the answer (a pipelined
@@ -53,14 +52,13 @@ class _Session:
     """Bookkeeping of one accepted TCP connection on the bridge's listener."""
 
     peer: str
-    #: Chosen once the request is read (its X-Request-Id, or a new one).
+    #: Chosen once the request is read (its X-Request-Id, or a new one), and the
+    #: client's X-Request-Id when that is not it (see :meth:`Gate.request_id`).
     request_id: str = ""
-    admitted: Admitted | None = None
+    client_request_id: str | None = None
     #: Bytes the parsed request costs (its raw head plus :data:`PARSED_HEADER_BYTES` a
     #: line), charged with the early bytes to the handshake's account until the answer.
     request_bytes: int = 0
-    #: Set once the 101 is sent: the tunnel's path from then on.
-    tunnel: TunnelSession | None = None
     timer: asyncio.TimerHandle | None = None
     #: Answers the request (admission, upgrade, backend dial); None once done.
     task: asyncio.Task[None] | None = None
@@ -136,21 +134,7 @@ class _ServerSide(WebSocketSide):
             super().eof_received()
 
 
-def _upgrade_requested(request: Request) -> bool:
-    values = request.headers.get_all("Upgrade")
-    return any("websocket" in value.lower() for value in values)
-
-
-def make_backend(config: BridgeConfig) -> BackendLike:
-    """The backend object for ``config.backend`` (a string means a :class:`SocketBackend`)."""
-    if config.backend_address is not None:
-        return SocketBackend(config.backend_address,
-                             connect_timeout=config.backend_connect_timeout)
-    assert not isinstance(config.backend, str)
-    return config.backend
-
-
-class Bridge:
+class Bridge(TunnelServer):
     """Accepts WebSocket connections and hands each tunnel to the configured backend.
 
     Use it as an async context manager, or call :meth:`start` and :meth:`close`::
@@ -160,14 +144,7 @@ class Bridge:
     """
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
-        if not isinstance(config, BridgeConfig):
-            raise TypeError("Bridge() takes a BridgeConfig")
-        self.config = config
-        self.metrics = metrics if metrics is not None else BridgeMetrics()
-        self.gate = Gate(config, self.metrics)
-        self.budget = MemoryBudget(per_client=config.client_memory_budget,
-                                   total=config.memory_budget)
-        self.backend = make_backend(config)
+        super().__init__(config, metrics)
         self._sessions: dict[AnyTunnel, _Session] = {}
         self._listener = Listener(config.listen_address)
         self._metrics_server: HttpServer | None = None
@@ -208,7 +185,7 @@ class Bridge:
     @property
     def active_tunnels(self) -> int:
         """Tunnels currently accepted and not yet closed."""
-        return sum(1 for session in self._sessions.values() if session.tunnel is not None)
+        return len(self._relaying)
 
     @property
     def connections(self) -> int:
@@ -250,12 +227,11 @@ class Bridge:
             self._state = "closed"
             self._closed.set()
             raise
-        self._sweeper = loop.create_task(keepalive_forever(
-            self._accepted_tunnels, config.ping_interval, config.idle_timeout,
-            self._report_all_bytes))
+        self._sweeper = self._keepalive(config.ping_interval, config.idle_timeout)
         self._state = "running"
         log_event("bridge_started", listen=self.url if self.address else str(listen),
-                  backend=str(self.backend), metrics=_format_address(self.metrics_address),
+                  backend=str(self.backend),
+                  metrics=host_port(*self.metrics_address) if self.metrics_address else "",
                   loop=loop_name(loop))
 
     async def serve_forever(self) -> None:
@@ -292,24 +268,12 @@ class Bridge:
         self._listener.stop_accepting()
         # Connections still in their handshake are not tunnels yet: drop them.
         for tunnel, session in list(self._sessions.items()):
-            if session.tunnel is None:
+            if tunnel not in self._relaying:
                 if session.task is not None:
                     session.task.cancel()
                 tunnel.abort()
-        pending = [tunnel.closed for tunnel in self._sessions]
-        if pending and seconds > 0:
-            log_event("bridge_draining", tunnels=len(pending), timeout=seconds)
-            await asyncio.wait(pending, timeout=seconds)
-        for tunnel in list(self._sessions):
-            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
-        pending = [tunnel.closed for tunnel in self._sessions]
-        if pending:
-            await asyncio.wait(pending, timeout=Tunnel.CLOSE_TIMEOUT + 1)
-        for tunnel in list(self._sessions):
-            tunnel.abort()
-        pending = [tunnel.closed for tunnel in self._sessions]
-        if pending:
-            await asyncio.wait(pending, timeout=1)
+        await drain(seconds, self._sessions.keys,
+                    lambda: [tunnel.closed for tunnel in self._sessions])
         tasks = [s.task for s in self._sessions.values() if s.task is not None]
         for task in tasks:
             task.cancel()
@@ -372,7 +336,7 @@ class Bridge:
         auth hook) has the hook cancelled and is answered 503."""
         tunnel = side.tunnel
         session = self._sessions.get(tunnel)
-        if session is None or session.tunnel is not None:
+        if session is None or tunnel in self._relaying:
             return
         session.timer = None
         if session.task is None:
@@ -405,8 +369,7 @@ class Bridge:
         if task is not None:
             task.cancel()
         self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer)
-        self._send_rejection(side.tunnel, rejection, session.request_id)
-        self._answered(side, session)
+        self._send_rejection(side, session, rejection)
 
     def _answered(self, side: _ServerSide, session: _Session) -> None:
         """The request was refused (or answered from the static site): the handshake
@@ -447,8 +410,9 @@ class Bridge:
                                    request_id=new_request_id(), peer=session.peer)
                 tunnel.abort()
             return
-        session.request_id = self.gate.request_id(request.headers.get_all(REQUEST_ID_HEADER),
-                                                  peer=session.peer)
+        headers = header_map(request.headers.raw_items())
+        session.request_id, session.client_request_id = self.gate.request_id(
+            headers, peer=session.peer)
         if rest:
             side.held.append(rest)
             side.held_bytes = len(rest)
@@ -458,7 +422,7 @@ class Bridge:
         tunnel.machine.pause_websocket()  # until the backend is attached (or the dial fails)
         if not self._charge_admission(side, session):
             return
-        session.task = tunnel.loop.create_task(self._open(side, session, request))
+        session.task = tunnel.loop.create_task(self._open(side, session, request, headers))
         session.task.add_done_callback(session.opened)
 
     def _malformed_request(self, tunnel: AnyTunnel, session: _Session) -> None:
@@ -475,15 +439,19 @@ class Bridge:
         transport.close()
         session.stop_timer()
 
-    def _send_rejection(self, tunnel: AnyTunnel, rejection: Rejection, request_id: str) -> None:
+    def _send_rejection(self, side: _ServerSide, session: _Session,
+                        rejection: Rejection) -> None:
+        """Answer the request with ``rejection`` (already counted and logged)."""
+        tunnel = side.tunnel
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.reject(rejection.status, rejection.reason + "\n")
         for name, value in rejection.response_headers():
             response.headers[name] = value
-        response.headers[REQUEST_ID_HEADER] = request_id
+        response.headers[REQUEST_ID_HEADER] = session.request_id
         websocket.send_response(response)
         tunnel.flush_websocket()
+        self._answered(side, session)
 
     def _send_static(self, tunnel: AnyTunnel, path: str, request: Request) -> bool:
         """Answer a plain GET from the static site; False if it has no such file."""
@@ -492,34 +460,25 @@ class Bridge:
         found = self.static.respond(path, request.headers.get("If-None-Match"))
         if found is None:
             return False
-        websocket = tunnel.websocket
-        assert isinstance(websocket, ServerProtocol)
-        response = websocket.reject(found.status, "")
-        response.body = found.body
-        del response.headers["Content-Type"]
-        del response.headers["Content-Length"]
-        for name, value in found.headers:
-            response.headers[name] = value
-        response.headers["Content-Length"] = str(len(found.body))
-        websocket.send_response(response)
+        assert isinstance(tunnel.websocket, ServerProtocol)
+        send_response(tunnel.websocket, found.status, found.headers, found.body)
         tunnel.flush_websocket()
         return True
 
-    async def _open(self, side: _ServerSide, session: _Session, request: Request) -> None:
+    async def _open(self, side: _ServerSide, session: _Session, request: Request,
+                    headers: dict[str, list[str]]) -> None:
         tunnel = side.tunnel
         loop = tunnel.loop
         path, _, query = request.path.partition("?")
-        headers: dict[str, list[str]] = {}
-        for name, value in request.headers.raw_items():
-            headers.setdefault(name.lower(), []).append(value)
-        if (not _upgrade_requested(request)
-                and self.config.host_policy.allows(single_host(headers))
+        upgrade = any("websocket" in value.lower() for value in headers.get("upgrade", ()))
+        if (not upgrade and self.config.host_policy.allows(single_host(headers))
                 and self._send_static(tunnel, path, request)):
             self._answered(side, session)
             return
-        decision = await self.gate.check(request_id=session.request_id, path=path,
-                                         query=query, headers=headers, peer=session.peer,
-                                         websocket=_upgrade_requested(request), now=loop.time())
+        decision = await self.gate.check(request_id=session.request_id,
+                                         client_request_id=session.client_request_id,
+                                         path=path, query=query, headers=headers,
+                                         peer=session.peer, websocket=upgrade, now=loop.time())
         transport = tunnel.ws_transport
         if (self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost
                 or tunnel.close_code is not None or transport is None or transport.is_closing()):
@@ -528,10 +487,8 @@ class Bridge:
                 self.gate.release(decision, loop.time())
             return
         if isinstance(decision, Rejection):
-            self._send_rejection(tunnel, decision, session.request_id)
-            self._answered(side, session)
+            self._send_rejection(side, session, decision)
             return
-        session.admitted = decision
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         response = websocket.accept(request)
@@ -541,17 +498,15 @@ class Bridge:
                                   label="handshake")
             self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer,
                                client=decision.client, path=path)
-            self._send_rejection(tunnel, rejection, session.request_id)
-            self._answered(side, session)
+            self.gate.release(decision, loop.time())
+            self._send_rejection(side, session, rejection)
             return
         response.headers[REQUEST_ID_HEADER] = session.request_id
         session.stop_timer()
         # From here on the tunnel is charged to the client the gate identified (the
         # handshake's account, and the request's charge with it, is closed).
-        session.tunnel = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
-                                       peer=session.peer, path=path,
-                                       origin=request.headers.get("Origin", ""),
-                                       headers=headers)
+        accepted = self._open_session(tunnel, decision, peer=session.peer, path=path,
+                                      headers=headers)
         # Open on the WebSocket side; reading stays paused until the backend is attached.
         try:
             side.handshake_done((request, response))
@@ -560,43 +515,28 @@ class Bridge:
                       peer=session.peer, error=repr(exc))
             tunnel.abort()
             raise
-        await session.tunnel.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
+        await accepted.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
 
     def _tunnel_finished(self, tunnel: AnyTunnel) -> None:
         session = self._sessions.pop(tunnel, None)
         if session is None:
             return
         session.stop_timer()
-        if session.tunnel is not None:
-            session.tunnel.finish()
+        if (accepted := self._relaying.pop(tunnel, None)) is not None:
+            accepted.finish()
             return
         if session.task is not None:  # the client left during admission: stop the auth hook
             session.task.cancel()
         # The budget account (a handshake's, charged to its peer address) was closed by the
         # machine: ``closed`` resolves only after websocket_lost.
-        if session.admitted is not None:  # admitted, then refused by the WebSocket checks
-            self.gate.release(session.admitted, tunnel.loop.time())
-
-    def _accepted_tunnels(self) -> list[AnyTunnel]:
-        return [tunnel for tunnel, session in self._sessions.items()
-                if session.tunnel is not None]
-
-    def _report_all_bytes(self) -> None:
-        for session in self._sessions.values():
-            if session.tunnel is not None:
-                session.tunnel.report_bytes()
 
     # -------------------------------------------------------------- probes
-
-    async def backend_reachable(self) -> bool:
-        """Whether a tunnel opened now would reach the backend."""
-        return await self.backend.reachable()
 
     async def _not_ready(self) -> str | None:
         """Why ``/readyz`` answers 503, or None when it answers 200."""
         if self._state != "running":
             return "draining" if self._state == "closing" else f"bridge {self._state}"
-        return None if await self.backend_reachable() else "backend unreachable"
+        return None if await self.backend.reachable() else "backend unreachable"
 
 
 def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | None:
@@ -604,8 +544,4 @@ def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | Non
     return None if chosen is None else Subprotocol(chosen)
 
 
-def _format_address(address: Sequence[object] | None) -> str:
-    return "" if address is None else host_port(str(address[0]), cast(int, address[1]))
-
-
-__all__ = ["Backend", "Bridge", "make_backend"]
+__all__ = ["Backend", "Bridge"]

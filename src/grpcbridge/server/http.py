@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.exceptions import RequestLineTooLong
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 from ..relay import websockets_logger
@@ -93,6 +93,22 @@ def answer_malformed(parser: ServerProtocol) -> tuple[int, list[bytes], str]:
     return status, chunks, f"malformed HTTP request: {detail[:120]}"
 
 
+def send_response(parser: ServerProtocol, status: int, headers: Iterable[tuple[str, str]],
+                  body: bytes) -> None:
+    """Answer the request ``parser`` read: ``status``, ``headers``, ``body`` (and its
+    ``Content-Length``)."""
+    response = parser.reject(status, "")
+    response.body = body
+    # reject() already set both for its empty body, and websockets' Headers append on
+    # assignment: replace them, or clients read "Content-Length: 0" (an empty /metrics).
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
+    for name, value in headers:
+        response.headers[name] = value
+    response.headers["Content-Length"] = str(len(body))
+    parser.send_response(response)
+
+
 class _HttpProtocol(asyncio.Protocol):
     def __init__(self, handler: Handler, tasks: set[asyncio.Task[None]],
                  connections: set[asyncio.Transport]) -> None:
@@ -136,15 +152,7 @@ class _HttpProtocol(asyncio.Protocol):
             status, content_type, body = await self._handler(path)
         except Exception:  # pragma: no cover - reported as 500
             status, content_type, body = 500, _TEXT, b"internal error\n"
-        response: Response = self._parser.reject(status, "")
-        response.body = body
-        # reject() already set both for its empty body, and websockets' Headers append on
-        # assignment: replace them, or clients read "Content-Length: 0" (an empty /metrics).
-        del response.headers["Content-Type"]
-        del response.headers["Content-Length"]
-        response.headers["Content-Type"] = content_type
-        response.headers["Content-Length"] = str(len(body))
-        self._parser.send_response(response)
+        send_response(self._parser, status, [("Content-Type", content_type)], body)
         self._flush()
 
     def _flush(self) -> None:

@@ -9,14 +9,20 @@ Every log line carries the upgrade's request id (``Admitted.request_id``).
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from ..backends import SocketBackend
+from ..core.admission import loggable_path
 from ..core.age import jittered
+from ..core.config import BackendLike, BridgeConfig
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
-from ..core.tunnel import TunnelMachine
+from ..core.tunnel import CLOSE_TIMEOUT, TunnelMachine
+from ..observability import DIAL_ERROR, DIAL_REFUSED, DIAL_TIMEOUT, BridgeMetrics, log_event
+from ..relay import StreamAdapter, keepalive_forever
 from ..tracing import TunnelTrace, current_tunnel, end_tunnel, start_tunnel
 from .gate import Admitted, Gate
 
@@ -30,7 +36,7 @@ class TunnelSession:
                  "gate", "machine", "trace")
 
     def __init__(self, gate: Gate, budget: MemoryBudget, admitted: Admitted,
-                 machine: TunnelMachine, *, peer: str, path: str, origin: str,
+                 machine: TunnelMachine, *, peer: str, path: str,
                  headers: Mapping[str, Sequence[str]]) -> None:
         self.gate = gate
         self.admitted = admitted
@@ -42,7 +48,14 @@ class TunnelSession:
         self._reported_to_backend = 0
         self._reported_to_client = 0
         self._finished = False
-        gate.opened(admitted, peer=peer, path=path, origin=origin)
+        gate.metrics.upgrades_accepted.inc()
+        gate.metrics.tunnels_active.inc()
+        extra = ({} if admitted.client_request_id is None
+                 else {"client_request_id": admitted.client_request_id})
+        log_event("upgrade_accepted", request_id=admitted.request_id, peer=peer,
+                  client=admitted.client, path=loggable_path(path),
+                  origin=headers.get("origin", [""])[0],
+                  subprotocol=admitted.subprotocol or "", **extra)
         self.trace: TunnelTrace = start_tunnel(
             request_id=admitted.request_id, client=admitted.client, peer=peer, path=path,
             subprotocol=admitted.subprotocol, backend=str(gate.config.backend),
@@ -52,26 +65,42 @@ class TunnelSession:
         if max_age:
             age = jittered(max_age, random.random())
             machine.retire_after(age, gate.config.max_tunnel_age_grace,
-                                 lambda: gate.retiring(admitted, age))
+                                 lambda: self._retiring(age))
+
+    def _retiring(self, age: float) -> None:
+        """The tunnel reached its maximum age: its client was sent a GOAWAY."""
+        self.gate.metrics.tunnels_retired.inc()
+        log_event("tunnel_retiring", request_id=self.admitted.request_id,
+                  client=self.admitted.client, age=round(age, 3),
+                  grace=self.gate.config.max_tunnel_age_grace)
 
     async def connect_backend(self, backend: Any, stream_owner: Any, buffer_bytes: int) -> None:
         """Attach the backend's stream side to ``stream_owner`` (the adapter). A backend
         that cannot be reached closes the tunnel with 1011 and a ``backend_dial_failed``
         line."""
         machine = self.machine
+        metrics = self.gate.metrics
+        backend_name = str(self.gate.config.backend)
         machine.dialing = True
         started = machine.clock()
         tunnel = current_tunnel.set(self.trace)  # for in-process backends' RPC spans
         try:
             await backend.connect(stream_owner, buffer_bytes)
         except (OSError, TimeoutError) as exc:
-            self.gate.backend_failed(self.admitted, exc)
+            reason = (DIAL_TIMEOUT if isinstance(exc, TimeoutError)
+                      else DIAL_REFUSED if isinstance(exc, ConnectionRefusedError)
+                      else DIAL_ERROR)
+            metrics.backend_dial_failures.labels(reason).inc()
+            log_event("backend_dial_failed", request_id=self.admitted.request_id,
+                      backend=backend_name, reason=reason, error=str(exc) or type(exc).__name__)
             machine.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
             return
         finally:
             current_tunnel.reset(tunnel)
             machine.stream_never_attached()  # a no-op once the stream side is attached
-        self.gate.backend_connected(self.admitted, machine.clock() - started)
+        metrics.backend_dial_seconds.observe(machine.clock() - started)
+        log_event("tunnel_opened", request_id=self.admitted.request_id,
+                  client=self.admitted.client, backend=backend_name)
 
     def report_bytes(self) -> None:
         """Add the bytes relayed since the last report to the metrics."""
@@ -97,10 +126,75 @@ class TunnelSession:
         self.gate.release(self.admitted, now)
         self.report_bytes()
         code = int(machine.close_code or CloseCode.ABNORMAL)
-        self.gate.closed(self.admitted, code=code,
-                         reason=machine.close_reason, duration=now - machine.opened_at,
-                         bytes_to_backend=machine.bytes_from_websocket,
-                         bytes_to_client=machine.bytes_to_websocket)
+        duration = now - machine.opened_at
+        metrics = self.gate.metrics
+        metrics.tunnels_active.dec()
+        metrics.tunnels_closed.labels(str(code)).inc()
+        metrics.tunnel_duration.observe(duration)
+        log_event("tunnel_closed", request_id=self.admitted.request_id,
+                  client=self.admitted.client, code=code, reason=machine.close_reason,
+                  duration=round(duration, 3), bytes_to_backend=machine.bytes_from_websocket,
+                  bytes_to_client=machine.bytes_to_websocket)
         end_tunnel(self.trace, code=code, reason=machine.close_reason,
                    bytes_to_backend=machine.bytes_from_websocket,
                    bytes_to_client=machine.bytes_to_websocket)
+
+
+async def drain(seconds: float, tunnels: Callable[[], Collection[StreamAdapter]],
+                pending: Callable[[], Collection[asyncio.Future[None]]]) -> None:
+    """A server's shutdown, the same for :class:`~grpcbridge.Bridge` and
+    :class:`~grpcbridge.BridgeApp`: let what ``pending()`` waits for finish for up to
+    ``seconds``, then close every one of ``tunnels()`` with 1001 (each gets the close
+    timeout for its client's reply), then abort what is left."""
+    if (waiting := pending()) and seconds > 0:
+        log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
+        await asyncio.wait(waiting, timeout=seconds)
+    for tunnel in list(tunnels()):
+        tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
+    if waiting := pending():
+        await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
+    for tunnel in list(tunnels()):
+        tunnel.abort()
+    if waiting := pending():
+        await asyncio.wait(waiting, timeout=1)
+
+
+class TunnelServer:
+    """What :class:`~grpcbridge.Bridge` and :class:`~grpcbridge.BridgeApp` share: the
+    config, metrics, gate, memory budget and backend, and the sessions of accepted tunnels
+    (reported and ticked by :meth:`_keepalive`)."""
+
+    def __init__(self, config: BridgeConfig, metrics: BridgeMetrics | None) -> None:
+        if not isinstance(config, BridgeConfig):
+            raise TypeError(f"{type(self).__name__}() takes a BridgeConfig")
+        self.config = config
+        self.metrics = metrics if metrics is not None else BridgeMetrics()
+        self.gate = Gate(config, self.metrics)
+        self.budget = MemoryBudget(per_client=config.client_memory_budget,
+                                   total=config.memory_budget)
+        self.backend: BackendLike
+        if config.backend_address is not None:  # a string means a SocketBackend
+            self.backend = SocketBackend(config.backend_address,
+                                         connect_timeout=config.backend_connect_timeout)
+        else:
+            assert not isinstance(config.backend, str)
+            self.backend = config.backend
+        self._relaying: dict[StreamAdapter, TunnelSession] = {}
+
+    def _open_session(self, tunnel: StreamAdapter, admitted: Admitted, *, peer: str,
+                      path: str, headers: Mapping[str, Sequence[str]]) -> TunnelSession:
+        """The upgrade was accepted: ``tunnel`` is relaying from now on."""
+        session = TunnelSession(self.gate, self.budget, admitted, tunnel.machine, peer=peer,
+                                path=path, headers=headers)
+        self._relaying[tunnel] = session
+        return session
+
+    def _keepalive(self, ping_interval: float, idle_timeout: float) -> asyncio.Task[None]:
+        """Every second (or as often as the pings need): report the bytes every accepted
+        tunnel relayed and tick its machine (see :func:`keepalive_forever`)."""
+        return asyncio.get_running_loop().create_task(keepalive_forever(
+            lambda: list(self._relaying), ping_interval, idle_timeout, self._report_bytes))
+
+    def _report_bytes(self) -> None:
+        for session in self._relaying.values():
+            session.report_bytes()
