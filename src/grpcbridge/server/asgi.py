@@ -41,9 +41,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-#: Seconds to wait for the client's disconnect once our close frame is out.
-_CLOSE_WAIT = CLOSE_TIMEOUT
-
 #: :class:`BridgeConfig` fields :class:`BridgeApp` applies, and how.
 APPLIED: Mapping[str, str] = {
     "backend": "where tunnels go, as in Bridge",
@@ -143,7 +140,7 @@ class _AsgiTunnel(StreamAdapter):
         #: The sender and receiver tasks, while the relay runs.
         self.tasks: tuple[asyncio.Task[None], ...] = ()
         self.machine = TunnelMachine(self, clock=loop.time, stream_name="backend",
-                                     close_timeout=_CLOSE_WAIT)
+                                     close_timeout=CLOSE_TIMEOUT)
         self.machine.websocket_opened()  # accepted before the tunnel exists
         self.machine.pause_websocket()  # until the backend is attached (or the dial fails)
 
@@ -253,21 +250,11 @@ class _AsgiTunnel(StreamAdapter):
 class BridgeApp(TunnelServer):
     """ASGI application serving gRPC tunnels at ``config.path``.
 
-    Of its :class:`BridgeConfig` it applies (:data:`APPLIED`) the backend and
-    ``backend_connect_timeout``, ``path``, every admission setting (origins, hosts,
-    subprotocols, ``authenticate``, connection and upgrade limits, ``trusted_proxies``),
-    ``max_message_bytes``, ``buffer_bytes``, the memory budgets (what each tunnel queues
-    towards the client and the backend; the ASGI server's own buffers are not seen) and
-    ``drain_timeout`` (:meth:`close` and the lifespan shutdown).
-
-    The rest is the ASGI server's job, and a config that sets any of it (:data:`REFUSED`)
-    raises :class:`~grpcbridge.ConfigError` naming the field and where it lives: ``listen``
-    (uvicorn ``--host``/``--port``), ``certfile``/``keyfile`` (``--ssl-certfile``/
-    ``--ssl-keyfile``), ``ping_interval``/``idle_timeout`` (``--ws-ping-interval``/
-    ``--ws-ping-timeout``), ``compression`` (``--ws-per-message-deflate``),
-    ``handshake_timeout`` (the server or a reverse proxy), ``metrics_listen``/
-    ``allow_remote_metrics`` (mount ``prometheus_client.make_asgi_app(registry=
-    bridge.metrics.registry)``) and ``static`` (Starlette ``StaticFiles``).
+    Of its :class:`BridgeConfig` it applies the fields of :data:`APPLIED` (each with how;
+    the memory budgets count what each tunnel queues towards the client and the backend,
+    not the ASGI server's own buffers). The rest is the ASGI server's job: a config that
+    sets any field of :data:`REFUSED` raises :class:`~grpcbridge.ConfigError` naming the
+    field and where it lives (uvicorn options, a reverse proxy, your app's mounts).
     """
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
@@ -343,20 +330,15 @@ class BridgeApp(TunnelServer):
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    @staticmethod
-    def _headers(scope: Scope) -> dict[str, list[str]]:
-        return header_map((name.decode("latin-1"), value.decode("latin-1"))
-                          for name, value in scope.get("headers", ()))
-
-    @staticmethod
-    def _peer(scope: Scope) -> str:
-        client = scope.get("client")
-        return str(client[0]) if client else "unknown"
+    def _request(self, scope: Scope) -> tuple[dict[str, list[str]], str, str, str | None]:
+        """The request's headers (for :meth:`Gate.check`), peer and request ids."""
+        headers = header_map((name.decode("latin-1"), value.decode("latin-1"))
+                             for name, value in scope.get("headers", ()))
+        peer = str(scope["client"][0]) if scope.get("client") else "unknown"
+        return headers, peer, *self.gate.request_id(headers, peer=peer)
 
     async def _http(self, scope: Scope, send: Send) -> None:
-        headers = self._headers(scope)
-        peer = self._peer(scope)
-        request_id, _ = self.gate.request_id(headers, peer=peer)
+        headers, peer, request_id, _ = self._request(scope)
         decision = await self.gate.check(
             request_id=request_id, path=scope["path"],
             query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
@@ -394,10 +376,8 @@ class BridgeApp(TunnelServer):
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        headers = self._headers(scope)
-        peer = self._peer(scope)
+        headers, peer, request_id, client_request_id = self._request(scope)
         path = scope["path"]
-        request_id, client_request_id = self.gate.request_id(headers, peer=peer)
         if self._closing:
             await self._reject(scope, send, self._shutting_down(peer, path, request_id),
                                request_id)
@@ -424,7 +404,7 @@ class BridgeApp(TunnelServer):
             raise
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
                              self.config.max_message_bytes)
-        session = self._open_session(tunnel, decision, peer=peer, path=path, headers=headers)
+        session = TunnelSession(self, tunnel, decision, peer=peer, path=path, headers=headers)
         try:
             await self._relay(tunnel, session, receive)
         finally:
@@ -436,13 +416,14 @@ class BridgeApp(TunnelServer):
         sender = loop.create_task(tunnel.sender())
         receiver = loop.create_task(tunnel.receiver(receive))
         tunnel.tasks = (sender, receiver)
+        self._relaying[tunnel] = session
         if self._reporter is None:
             # While tunnels are open, as the standalone bridge does: every second report
             # relayed bytes and tick every machine (probes, the memory charge's refresh).
             # Pings and the idle timeout are the ASGI server's (0, 0: off here).
             self._reporter = self._keepalive(0, 0)
         try:
-            await session.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
+            await session.connect_backend()
             # Ends when the client disconnects, or when we sent our close frame.
             await asyncio.wait([sender, receiver], return_when=asyncio.FIRST_COMPLETED)
             if receiver.done():
@@ -450,7 +431,7 @@ class BridgeApp(TunnelServer):
             else:
                 # Our close frame is out: wait (briefly) for the client's disconnect.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(receiver), _CLOSE_WAIT)
+                    await asyncio.wait_for(asyncio.shield(receiver), CLOSE_TIMEOUT)
         finally:
             del self._relaying[tunnel]
             if not self._relaying and self._reporter is not None:

@@ -7,8 +7,6 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import cast
 
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
@@ -28,9 +26,9 @@ from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_req
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 from ..sockets import Listener
 from ..tracing import available as tracing_available
-from .gate import Gate, header_map, single_host
+from .gate import header_map, single_host
 from .http import HttpServer, RequestHead, answer_malformed, probe_handler, send_response
-from .session import TunnelServer, drain
+from .session import TunnelServer, TunnelSession, drain
 from .static import StaticSite
 
 #: Bytes a client may send after its upgrade request and before the answer (a pipelined
@@ -47,34 +45,6 @@ PARSED_HEADER_BYTES = 512
 AnyTunnel = PicowsTunnel | Tunnel
 
 
-@dataclass(slots=True)
-class _Session:
-    """Bookkeeping of one accepted TCP connection on the bridge's listener."""
-
-    peer: str
-    #: Chosen once the request is read (its X-Request-Id, or a new one), and the
-    #: client's X-Request-Id when that is not it (see :meth:`Gate.request_id`).
-    request_id: str = ""
-    client_request_id: str | None = None
-    #: Bytes the parsed request costs (its raw head plus :data:`PARSED_HEADER_BYTES` a
-    #: line), charged with the early bytes to the handshake's account until the answer.
-    request_bytes: int = 0
-    timer: asyncio.TimerHandle | None = None
-    #: Answers the request (admission, upgrade, backend dial); None once done.
-    task: asyncio.Task[None] | None = None
-
-    def stop_timer(self) -> None:
-        """Cancel the handshake deadline, if armed."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def opened(self, task: asyncio.Task[None]) -> None:
-        """The request is answered: drop the task (and the request it holds)."""
-        if self.task is task:
-            self.task = None
-
-
 class _ServerSide(WebSocketSide):
     """The bridge's protocol for one connection. Until the bridge has answered the HTTP
     request, bytes go to :meth:`Bridge._handshake_data`, which hands websockets the request
@@ -82,7 +52,8 @@ class _ServerSide(WebSocketSide):
     the 101) stays unparsed in ``held`` until the answer, then reaches the tunnel (101) or
     is dropped (any other status)."""
 
-    __slots__ = ("bridge", "eof", "handshaking", "head", "held", "held_bytes")
+    __slots__ = ("bridge", "client_request_id", "eof", "handshaking", "head", "held",
+                 "held_bytes", "peer", "request_bytes", "request_id", "task", "timer")
 
     tunnel: AnyTunnel  # type: ignore[assignment]
 
@@ -94,6 +65,28 @@ class _ServerSide(WebSocketSide):
         self.eof = False
         self.held: list[bytes] = []
         self.held_bytes = 0
+        self.peer = ""
+        #: Chosen once the request is read (its X-Request-Id, or a new one), and the
+        #: client's X-Request-Id when that is not it (see :meth:`Gate.request_id`).
+        self.request_id = ""
+        self.client_request_id: str | None = None
+        #: Bytes the parsed request costs (its raw head plus :data:`PARSED_HEADER_BYTES` a
+        #: line), charged with the early bytes to the handshake's account until the answer.
+        self.request_bytes = 0
+        self.timer: asyncio.TimerHandle | None = None
+        #: Answers the request (admission, upgrade, backend dial); None once done.
+        self.task: asyncio.Task[None] | None = None
+
+    def stop_timer(self) -> None:
+        """Cancel the handshake deadline, if armed."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def opened(self, task: asyncio.Task[None]) -> None:
+        """The request is answered: drop the task (and the request it holds)."""
+        if self.task is task:
+            self.task = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -145,7 +138,8 @@ class Bridge(TunnelServer):
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
         super().__init__(config, metrics)
-        self._sessions: dict[AnyTunnel, _Session] = {}
+        #: Every connection's protocol, by its tunnel (accepted or in its handshake).
+        self._connections: dict[AnyTunnel, _ServerSide] = {}
         self._listener = Listener(config.listen_address)
         self._metrics_server: HttpServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -190,7 +184,7 @@ class Bridge(TunnelServer):
     @property
     def connections(self) -> int:
         """Every connection the bridge holds state for (including handshakes)."""
-        return len(self._sessions)
+        return len(self._connections)
 
     async def start(self, *, sock: socket.socket | None = None) -> None:
         """Bind the listeners. Raises :class:`OSError` if an address is taken.
@@ -267,14 +261,14 @@ class Bridge(TunnelServer):
     async def _drain(self, seconds: float) -> None:
         self._listener.stop_accepting()
         # Connections still in their handshake are not tunnels yet: drop them.
-        for tunnel, session in list(self._sessions.items()):
+        for tunnel, side in list(self._connections.items()):
             if tunnel not in self._relaying:
-                if session.task is not None:
-                    session.task.cancel()
+                if side.task is not None:
+                    side.task.cancel()
                 tunnel.abort()
-        await drain(seconds, self._sessions.keys,
-                    lambda: [tunnel.closed for tunnel in self._sessions])
-        tasks = [s.task for s in self._sessions.values() if s.task is not None]
+        await drain(seconds, self._connections.keys,
+                    lambda: [tunnel.closed for tunnel in self._connections])
+        tasks = [side.task for side in self._connections.values() if side.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -298,12 +292,12 @@ class Bridge(TunnelServer):
     def _protocol_factory(self) -> _ServerSide:
         config = self.config
         loop = asyncio.get_running_loop()
-        gate = self.gate
         websocket = ServerProtocol(
             max_size=config.max_message_bytes,
             extensions=[ServerPerMessageDeflateFactory()] if config.compression else None,
             # The gate chose the subprotocol already; this only reports it to websockets.
-            select_subprotocol=lambda protocol, offered: _chosen_subprotocol(gate, offered),
+            select_subprotocol=lambda _, offered: cast(
+                "Subprotocol | None", select_subprotocol(offered, config.subprotocols)),
             logger=websockets_logger,
         )
         tunnel: AnyTunnel
@@ -321,78 +315,75 @@ class Bridge(TunnelServer):
             tunnel.ws_transport.abort()
             return
         peername = tunnel.ws_transport.get_extra_info("peername")
-        peer = peername[0] if isinstance(peername, tuple) else "unix"
-        session = _Session(peer=peer)
-        self._sessions[tunnel] = session
+        side.peer = peername[0] if isinstance(peername, tuple) else "unix"
+        self._connections[tunnel] = side
         # Until admission names the client, the handshake is charged to the peer address.
-        tunnel.account = self.budget.open(peer)
-        session.timer = tunnel.loop.call_later(
+        tunnel.account = self.budget.open(side.peer)
+        side.timer = tunnel.loop.call_later(
             self.config.handshake_timeout, self._handshake_timed_out, side)
-        tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(tunnel))
+        tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(side))
 
     def _handshake_timed_out(self, side: _ServerSide) -> None:
         """The handshake timeout passed before the request was answered: a client still
         sending its head is dropped (408 in the log); a request still in admission (a slow
         auth hook) has the hook cancelled and is answered 503."""
         tunnel = side.tunnel
-        session = self._sessions.get(tunnel)
-        if session is None or tunnel in self._relaying:
+        if tunnel not in self._connections or tunnel in self._relaying:
             return
-        session.timer = None
-        if session.task is None:
+        side.timer = None
+        if side.task is None:
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
-                               request_id=session.request_id or new_request_id(),
-                               peer=session.peer)
+                               request_id=side.request_id or new_request_id(),
+                               peer=side.peer)
             tunnel.abort()
             return
-        self._refuse(side, session, Rejection(
+        self._refuse(side, Rejection(
             503, f"admission did not finish within the handshake timeout "
             f"({self.config.handshake_timeout:g} s)", label="timeout"))
 
-    def _charge_admission(self, side: _ServerSide, session: _Session) -> bool:
+    def _charge_admission(self, side: _ServerSide) -> bool:
         """Charge the handshake's account with what its admission holds (the parsed
         request and the bytes sent after it); over budget: refuse it. False if refused."""
         account = side.tunnel.account
         if account is None:
             return True
-        reason = account.charge(session.request_bytes + side.held_bytes)
+        reason = account.charge(side.request_bytes + side.held_bytes)
         if reason is None:
             return True
         status = 503 if reason.startswith(TOTAL_BUDGET_EXCEEDED) else 429
-        self._refuse(side, session, Rejection(status, reason, label="memory"))
+        self._refuse(side, Rejection(status, reason, label="memory"))
         return False
 
-    def _refuse(self, side: _ServerSide, session: _Session, rejection: Rejection) -> None:
+    def _refuse(self, side: _ServerSide, rejection: Rejection) -> None:
         """Answer a request whose admission the bridge ends itself (timeout, memory),
         cancelling the gate's check if it is still running (its slot is released)."""
-        task, session.task = session.task, None
+        task, side.task = side.task, None
         if task is not None:
             task.cancel()
-        self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer)
-        self._send_rejection(side, session, rejection)
+        self.gate.rejected(rejection, request_id=side.request_id, peer=side.peer)
+        self._send_rejection(side, rejection)
 
-    def _answered(self, side: _ServerSide, session: _Session) -> None:
+    def _answered(self, side: _ServerSide) -> None:
         """The request was refused (or answered from the static site): the handshake
         timeout stops, the request and the early bytes are dropped and uncharged."""
-        session.stop_timer()
+        side.stop_timer()
         side.handshake_done()
         if side.tunnel.account is not None:
             side.tunnel.account.charge(0)
 
     def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
         tunnel = side.tunnel
-        session = self._sessions.get(tunnel)
-        if session is None or tunnel.ws_transport is None:
+        if tunnel not in self._connections or tunnel.ws_transport is None:
             return
         if side.head.complete:
             side.held.append(data)
             side.held_bytes += len(data)
             if side.held_bytes > MAX_EARLY_BYTES:
-                log_event("upgrade_aborted", request_id=session.request_id, peer=session.peer,
+                log_event("upgrade_aborted", request_id=side.request_id, peer=side.peer,
                           reason=f"over {MAX_EARLY_BYTES} bytes sent before the answer")
                 tunnel.abort()
             else:
-                self._charge_admission(side, session)
+                self._charge_admission(side)
             return
         head, rest = side.head.split(data)
         websocket = tunnel.websocket
@@ -402,45 +393,44 @@ class Bridge(TunnelServer):
                         if isinstance(event, Request)), None)
         if request is None:
             if websocket.handshake_exc is not None:
-                self._malformed_request(tunnel, session)
+                self._malformed_request(side)
                 return
             tunnel.charge_budget()
             if tunnel.close_code is not None:  # headers over the client's memory budget
                 self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
-                                   request_id=new_request_id(), peer=session.peer)
+                                   request_id=new_request_id(), peer=side.peer)
                 tunnel.abort()
             return
         headers = header_map(request.headers.raw_items())
-        session.request_id, session.client_request_id = self.gate.request_id(
-            headers, peer=session.peer)
+        side.request_id, side.client_request_id = self.gate.request_id(headers, peer=side.peer)
         if rest:
             side.held.append(rest)
             side.held_bytes = len(rest)
         # The handshake timeout keeps running until the answer: it bounds the admission too.
         lines = sum(1 for _ in request.headers.raw_items())
-        session.request_bytes = side.head.size + PARSED_HEADER_BYTES * lines
+        side.request_bytes = side.head.size + PARSED_HEADER_BYTES * lines
         tunnel.machine.pause_websocket()  # until the backend is attached (or the dial fails)
-        if not self._charge_admission(side, session):
+        if not self._charge_admission(side):
             return
-        session.task = tunnel.loop.create_task(self._open(side, session, request, headers))
-        session.task.add_done_callback(session.opened)
+        side.task = tunnel.loop.create_task(self._open(side, request, headers))
+        side.task.add_done_callback(side.opened)
 
-    def _malformed_request(self, tunnel: AnyTunnel, session: _Session) -> None:
+    def _malformed_request(self, side: _ServerSide) -> None:
         """websockets could not parse the request: answer 400 (or the 414/431 websockets
         wrote itself), log it, close."""
+        tunnel = side.tunnel
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
         status, chunks, reason = answer_malformed(websocket)
         self.gate.rejected(Rejection(status, reason, label="malformed"),
-                           request_id=new_request_id(), peer=session.peer)
+                           request_id=new_request_id(), peer=side.peer)
         transport = tunnel.ws_transport
         assert transport is not None
         transport.writelines(chunks)
         transport.close()
-        session.stop_timer()
+        side.stop_timer()
 
-    def _send_rejection(self, side: _ServerSide, session: _Session,
-                        rejection: Rejection) -> None:
+    def _send_rejection(self, side: _ServerSide, rejection: Rejection) -> None:
         """Answer the request with ``rejection`` (already counted and logged)."""
         tunnel = side.tunnel
         websocket = tunnel.websocket
@@ -448,10 +438,10 @@ class Bridge(TunnelServer):
         response = websocket.reject(rejection.status, rejection.reason + "\n")
         for name, value in rejection.response_headers():
             response.headers[name] = value
-        response.headers[REQUEST_ID_HEADER] = session.request_id
+        response.headers[REQUEST_ID_HEADER] = side.request_id
         websocket.send_response(response)
         tunnel.flush_websocket()
-        self._answered(side, session)
+        self._answered(side)
 
     def _send_static(self, tunnel: AnyTunnel, path: str, request: Request) -> bool:
         """Answer a plain GET from the static site; False if it has no such file."""
@@ -465,7 +455,7 @@ class Bridge(TunnelServer):
         tunnel.flush_websocket()
         return True
 
-    async def _open(self, side: _ServerSide, session: _Session, request: Request,
+    async def _open(self, side: _ServerSide, request: Request,
                     headers: dict[str, list[str]]) -> None:
         tunnel = side.tunnel
         loop = tunnel.loop
@@ -473,21 +463,21 @@ class Bridge(TunnelServer):
         upgrade = any("websocket" in value.lower() for value in headers.get("upgrade", ()))
         if (not upgrade and self.config.host_policy.allows(single_host(headers))
                 and self._send_static(tunnel, path, request)):
-            self._answered(side, session)
+            self._answered(side)
             return
-        decision = await self.gate.check(request_id=session.request_id,
-                                         client_request_id=session.client_request_id,
+        decision = await self.gate.check(request_id=side.request_id,
+                                         client_request_id=side.client_request_id,
                                          path=path, query=query, headers=headers,
-                                         peer=session.peer, websocket=upgrade, now=loop.time())
+                                         peer=side.peer, websocket=upgrade, now=loop.time())
         transport = tunnel.ws_transport
-        if (self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost
+        if (tunnel not in self._connections or tunnel.machine.ws_lost
                 or tunnel.close_code is not None or transport is None or transport.is_closing()):
             # the client left during the check
             if not isinstance(decision, Rejection):
                 self.gate.release(decision, loop.time())
             return
         if isinstance(decision, Rejection):
-            self._send_rejection(side, session, decision)
+            self._send_rejection(side, decision)
             return
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)
@@ -496,37 +486,38 @@ class Bridge(TunnelServer):
             body = (response.body or b"").decode(errors="replace").strip().replace("\n", " ")
             rejection = Rejection(response.status_code, body or "invalid WebSocket handshake",
                                   label="handshake")
-            self.gate.rejected(rejection, request_id=session.request_id, peer=session.peer,
+            self.gate.rejected(rejection, request_id=side.request_id, peer=side.peer,
                                client=decision.client, path=path)
             self.gate.release(decision, loop.time())
-            self._send_rejection(side, session, rejection)
+            self._send_rejection(side, rejection)
             return
-        response.headers[REQUEST_ID_HEADER] = session.request_id
-        session.stop_timer()
+        response.headers[REQUEST_ID_HEADER] = side.request_id
+        side.stop_timer()
         # From here on the tunnel is charged to the client the gate identified (the
         # handshake's account, and the request's charge with it, is closed).
-        accepted = self._open_session(tunnel, decision, peer=session.peer, path=path,
-                                      headers=headers)
+        accepted = TunnelSession(self, tunnel, decision, peer=side.peer, path=path,
+                                 headers=headers)
+        self._relaying[tunnel] = accepted
         # Open on the WebSocket side; reading stays paused until the backend is attached.
         try:
             side.handshake_done((request, response))
         except Exception as exc:  # a bug here must not leave the connection hanging
-            log_event("upgrade_failed", logging.ERROR, request_id=session.request_id,
-                      peer=session.peer, error=repr(exc))
+            log_event("upgrade_failed", logging.ERROR, request_id=side.request_id,
+                      peer=side.peer, error=repr(exc))
             tunnel.abort()
             raise
-        await accepted.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
+        await accepted.connect_backend()
 
-    def _tunnel_finished(self, tunnel: AnyTunnel) -> None:
-        session = self._sessions.pop(tunnel, None)
-        if session is None:
+    def _tunnel_finished(self, side: _ServerSide) -> None:
+        tunnel = side.tunnel
+        if self._connections.pop(tunnel, None) is None:
             return
-        session.stop_timer()
+        side.stop_timer()
         if (accepted := self._relaying.pop(tunnel, None)) is not None:
             accepted.finish()
             return
-        if session.task is not None:  # the client left during admission: stop the auth hook
-            session.task.cancel()
+        if side.task is not None:  # the client left during admission: stop the auth hook
+            side.task.cancel()
         # The budget account (a handshake's, charged to its peer address) was closed by the
         # machine: ``closed`` resolves only after websocket_lost.
 
@@ -537,11 +528,6 @@ class Bridge(TunnelServer):
         if self._state != "running":
             return "draining" if self._state == "closing" else f"bridge {self._state}"
         return None if await self.backend.reachable() else "backend unreachable"
-
-
-def _chosen_subprotocol(gate: Gate, offered: Sequence[str]) -> Subprotocol | None:
-    chosen = select_subprotocol(offered, gate.config.subprotocols)
-    return None if chosen is None else Subprotocol(chosen)
 
 
 __all__ = ["Backend", "Bridge"]

@@ -170,15 +170,14 @@ class Gate:
             decision = hook(request)
             if inspect.isawaitable(decision):
                 decision = await decision
+            if decision is None or isinstance(decision, Rejection):
+                return decision
+            logger.error("authentication hook returned %r, not None or a Rejection", decision,
+                         extra={"fields": {"request_id": request_id}})
         except Exception:
             logger.exception("authentication hook failed",
                              extra={"fields": {"request_id": request_id}})
-            return Rejection(500, "authentication failed", label="auth_error")
-        if decision is not None and not isinstance(decision, Rejection):
-            logger.error("authentication hook returned %r, not None or a Rejection", decision,
-                         extra={"fields": {"request_id": request_id}})
-            return Rejection(500, "authentication failed", label="auth_error")
-        return decision
+        return Rejection(500, "authentication failed", label="auth_error")
 
     def rejected(self, rejection: Rejection, *, request_id: str, peer: str, client: str = "",
                  path: str = "", origin: str = "", host: str = "") -> None:

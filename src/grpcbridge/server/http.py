@@ -110,11 +110,8 @@ def send_response(parser: ServerProtocol, status: int, headers: Iterable[tuple[s
 
 
 class _HttpProtocol(asyncio.Protocol):
-    def __init__(self, handler: Handler, tasks: set[asyncio.Task[None]],
-                 connections: set[asyncio.Transport]) -> None:
-        self._handler = handler
-        self._tasks = tasks
-        self._connections = connections
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
         self._parser = ServerProtocol(logger=websockets_logger)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -123,7 +120,7 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self._transport = transport
-        self._connections.add(transport)
+        self._server.connections.add(transport)
         self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
 
     def data_received(self, data: bytes) -> None:
@@ -136,8 +133,8 @@ class _HttpProtocol(asyncio.Protocol):
             if isinstance(event, Request):
                 self._transport.pause_reading()
                 task = asyncio.get_running_loop().create_task(self._respond(event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._server.tasks.add(task)
+                task.add_done_callback(self._server.tasks.discard)
                 return
         if self._parser.handshake_exc is not None:
             _status, chunks, _reason = answer_malformed(self._parser)
@@ -149,7 +146,7 @@ class _HttpProtocol(asyncio.Protocol):
     async def _respond(self, request: Request) -> None:
         path = request.path.partition("?")[0]
         try:
-            status, content_type, body = await self._handler(path)
+            status, content_type, body = await self._server.handler(path)
         except Exception:  # pragma: no cover - reported as 500
             status, content_type, body = 500, _TEXT, b"internal error\n"
         send_response(self._parser, status, [("Content-Type", content_type)], body)
@@ -166,7 +163,7 @@ class _HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
-            self._connections.discard(self._transport)
+            self._server.connections.discard(self._transport)
         if self._timer is not None:
             self._timer.cancel()
 
@@ -175,15 +172,14 @@ class HttpServer:
     """Serves ``handler`` on ``host:port`` until :meth:`close`."""
 
     def __init__(self, handler: Handler) -> None:
-        self._handler = handler
+        self.handler = handler
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._connections: set[asyncio.Transport] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.connections: set[asyncio.Transport] = set()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _HttpProtocol(self._handler, self._tasks, self._connections), host, port)
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _HttpProtocol(self), host, port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -191,10 +187,10 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for transport in list(self._connections):
+        for transport in list(self.connections):
             transport.abort()
-        for task in list(self._tasks):
+        for task in list(self.tasks):
             task.cancel()
-        for task in list(self._tasks):
+        for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task

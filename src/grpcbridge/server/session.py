@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any
 
 from ..backends import SocketBackend
 from ..core.admission import loggable_path
@@ -20,7 +19,7 @@ from ..core.age import jittered
 from ..core.config import BackendLike, BridgeConfig
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
-from ..core.tunnel import CLOSE_TIMEOUT, TunnelMachine
+from ..core.tunnel import CLOSE_TIMEOUT
 from ..observability import DIAL_ERROR, DIAL_REFUSED, DIAL_TIMEOUT, BridgeMetrics, log_event
 from ..relay import StreamAdapter, keepalive_forever
 from ..tracing import TunnelTrace, current_tunnel, end_tunnel, start_tunnel
@@ -28,28 +27,27 @@ from .gate import Admitted, Gate
 
 
 class TunnelSession:
-    """Bookkeeping of one admitted tunnel whose rules run in ``machine``. Create it once the
-    upgrade is accepted; :meth:`finish` it exactly once when the tunnel has ended (later
-    calls are no-ops)."""
+    """Bookkeeping of one admitted tunnel of ``server`` (``tunnel``: the adapter whose machine
+    runs its rules). Create it once the upgrade is accepted; :meth:`finish` it once the
+    tunnel has ended."""
 
-    __slots__ = ("_finished", "_reported_to_backend", "_reported_to_client", "admitted",
-                 "gate", "machine", "trace")
+    __slots__ = ("_reported_to_backend", "_reported_to_client", "admitted",
+                 "machine", "server", "trace", "tunnel")
 
-    def __init__(self, gate: Gate, budget: MemoryBudget, admitted: Admitted,
-                 machine: TunnelMachine, *, peer: str, path: str,
-                 headers: Mapping[str, Sequence[str]]) -> None:
-        self.gate = gate
+    def __init__(self, server: TunnelServer, tunnel: StreamAdapter, admitted: Admitted, *,
+                 peer: str, path: str, headers: Mapping[str, Sequence[str]]) -> None:
+        self.server = server
+        self.tunnel = tunnel
         self.admitted = admitted
-        self.machine = machine
+        self.machine = machine = tunnel.machine
         machine.request_id = admitted.request_id
         if machine.account is not None:  # a handshake charged to the peer address so far
             machine.account.close()
-        machine.account = budget.open(admitted.client)
+        machine.account = server.budget.open(admitted.client)
         self._reported_to_backend = 0
         self._reported_to_client = 0
-        self._finished = False
-        gate.metrics.upgrades_accepted.inc()
-        gate.metrics.tunnels_active.inc()
+        server.metrics.upgrades_accepted.inc()
+        server.metrics.tunnels_active.inc()
         extra = ({} if admitted.client_request_id is None
                  else {"client_request_id": admitted.client_request_id})
         log_event("upgrade_accepted", request_id=admitted.request_id, peer=peer,
@@ -58,34 +56,34 @@ class TunnelSession:
                   subprotocol=admitted.subprotocol or "", **extra)
         self.trace: TunnelTrace = start_tunnel(
             request_id=admitted.request_id, client=admitted.client, peer=peer, path=path,
-            subprotocol=admitted.subprotocol, backend=str(gate.config.backend),
+            subprotocol=admitted.subprotocol, backend=str(server.config.backend),
             headers=headers, trust_context=admitted.trust_trace_context,
-            trust_rpc_context=gate.config.trust_trace_context)
-        max_age = gate.config.max_tunnel_age
+            trust_rpc_context=server.config.trust_trace_context)
+        max_age = server.config.max_tunnel_age
         if max_age:
             age = jittered(max_age, random.random())
-            machine.retire_after(age, gate.config.max_tunnel_age_grace,
+            machine.retire_after(age, server.config.max_tunnel_age_grace,
                                  lambda: self._retiring(age))
 
     def _retiring(self, age: float) -> None:
         """The tunnel reached its maximum age: its client was sent a GOAWAY."""
-        self.gate.metrics.tunnels_retired.inc()
+        self.server.metrics.tunnels_retired.inc()
         log_event("tunnel_retiring", request_id=self.admitted.request_id,
                   client=self.admitted.client, age=round(age, 3),
-                  grace=self.gate.config.max_tunnel_age_grace)
+                  grace=self.server.config.max_tunnel_age_grace)
 
-    async def connect_backend(self, backend: Any, stream_owner: Any, buffer_bytes: int) -> None:
-        """Attach the backend's stream side to ``stream_owner`` (the adapter). A backend
+    async def connect_backend(self) -> None:
+        """Attach the backend's stream side to the tunnel's adapter. A backend
         that cannot be reached closes the tunnel with 1011 and a ``backend_dial_failed``
         line."""
         machine = self.machine
-        metrics = self.gate.metrics
-        backend_name = str(self.gate.config.backend)
+        metrics = self.server.metrics
+        backend_name = str(self.server.config.backend)
         machine.dialing = True
         started = machine.clock()
         tunnel = current_tunnel.set(self.trace)  # for in-process backends' RPC spans
         try:
-            await backend.connect(stream_owner, buffer_bytes)
+            await self.server.backend.connect(self.tunnel, self.server.config.buffer_bytes)
         except (OSError, TimeoutError) as exc:
             reason = (DIAL_TIMEOUT if isinstance(exc, TimeoutError)
                       else DIAL_REFUSED if isinstance(exc, ConnectionRefusedError)
@@ -109,25 +107,22 @@ class TunnelSession:
         to_client = machine.bytes_to_websocket - self._reported_to_client
         self._reported_to_backend = machine.bytes_from_websocket
         self._reported_to_client = machine.bytes_to_websocket
-        self.gate.metrics.add_bytes(to_backend, to_client)
+        self.server.metrics.add_bytes(to_backend, to_client)
 
     def finish(self) -> None:
         """The tunnel ended: release its slot, report it. (Its budget account is the
         machine's to close, in ``websocket_lost``, which every adapter calls before the
         tunnel ends; closing it here too, idempotently, keeps an adapter cut short by a
         cancellation from pinning the client's budget.)"""
-        if self._finished:
-            return
-        self._finished = True
         machine = self.machine
         if machine.account is not None:
             machine.account.close()
         now = machine.clock()
-        self.gate.release(self.admitted, now)
+        self.server.gate.release(self.admitted, now)
         self.report_bytes()
         code = int(machine.close_code or CloseCode.ABNORMAL)
         duration = now - machine.opened_at
-        metrics = self.gate.metrics
+        metrics = self.server.metrics
         metrics.tunnels_active.dec()
         metrics.tunnels_closed.labels(str(code)).inc()
         metrics.tunnel_duration.observe(duration)
@@ -179,15 +174,8 @@ class TunnelServer:
         else:
             assert not isinstance(config.backend, str)
             self.backend = config.backend
+        #: The accepted tunnels' sessions.
         self._relaying: dict[StreamAdapter, TunnelSession] = {}
-
-    def _open_session(self, tunnel: StreamAdapter, admitted: Admitted, *, peer: str,
-                      path: str, headers: Mapping[str, Sequence[str]]) -> TunnelSession:
-        """The upgrade was accepted: ``tunnel`` is relaying from now on."""
-        session = TunnelSession(self.gate, self.budget, admitted, tunnel.machine, peer=peer,
-                                path=path, headers=headers)
-        self._relaying[tunnel] = session
-        return session
 
     def _keepalive(self, ping_interval: float, idle_timeout: float) -> asyncio.Task[None]:
         """Every second (or as often as the pings need): report the bytes every accepted
