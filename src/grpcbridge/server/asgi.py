@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -93,15 +92,9 @@ REFUSED: Mapping[str, str] = {
 def check_asgi_config(config: BridgeConfig) -> None:
     """Raise :class:`ConfigError` naming every :data:`REFUSED` field of ``config`` that
     differs from its default, and where that setting lives under ASGI."""
-    problems = []
-    for field in dataclasses.fields(BridgeConfig):
-        hint = REFUSED.get(field.name)
-        if hint is None:
-            continue
-        value = getattr(config, field.name)
-        if value != (field.default if field.default_factory is dataclasses.MISSING
-                     else field.default_factory()):
-            problems.append(f"{field.name}={value!r}: {hint}")
+    defaults = BridgeConfig(backend=config.backend, allow_remote_backend=True)
+    problems = [f"{name}={getattr(config, name)!r}: {hint}" for name, hint in REFUSED.items()
+                if getattr(config, name) != getattr(defaults, name)]
     if problems:
         raise ConfigError(
             "BridgeApp cannot apply " + "; ".join(problems)

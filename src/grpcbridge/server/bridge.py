@@ -15,7 +15,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from ..backends import Backend
-from ..core.admission import AbuseLimiter, Rejection, select_subprotocol
+from ..core.admission import Rejection, select_subprotocol
 from ..core.config import BridgeConfig
 from ..core.errors import InvalidStateError
 from ..core.limits import TOTAL_BUDGET_EXCEEDED
@@ -27,7 +27,7 @@ from ..relay import Tunnel, WebSocketSide, websockets_logger
 from ..sockets import Listener
 from ..tracing import available as tracing_available
 from .gate import header_map, single_host
-from .http import HttpServer, RequestHead, answer_malformed, probe_handler, send_response
+from .http import HttpServer, RequestHead, answer_malformed, send_response
 from .session import TunnelServer, TunnelSession, drain
 from .static import StaticSite
 
@@ -83,10 +83,9 @@ class _ServerSide(WebSocketSide):
             self.timer.cancel()
             self.timer = None
 
-    def opened(self, task: asyncio.Task[None]) -> None:
+    def opened(self, _task: asyncio.Task[None]) -> None:
         """The request is answered: drop the task (and the request it holds)."""
-        if self.task is task:
-            self.task = None
+        self.task = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -148,15 +147,12 @@ class Bridge(TunnelServer):
         self._closed = asyncio.Event()
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
+        #: The abuse limiter (for inspection).
+        self.limiter = self.gate.limiter
         #: Bound ``(host, port)`` of the WebSocket listener (TCP only), after start.
         self.address: tuple[str, int] | None = None
         #: Bound ``(host, port)`` of the metrics listener, after start.
         self.metrics_address: tuple[str, int] | None = None
-
-    @property
-    def limiter(self) -> AbuseLimiter:
-        """The abuse limiter (for inspection)."""
-        return self.gate.limiter
 
     # ----------------------------------------------------------- lifecycle
 
@@ -210,12 +206,8 @@ class Bridge(TunnelServer):
             await self._listener.start(self._protocol_factory, ssl=self._ssl, sock=sock)
             self.address = self._listener.bound
             if config.metrics_address is not None:
-                self._metrics_server = HttpServer(
-                    probe_handler(self.metrics.registry, self._not_ready))
-                metrics = config.metrics_address
-                assert metrics.host is not None and metrics.port is not None
-                self.metrics_address = await self._metrics_server.start(
-                    metrics.host, metrics.port)
+                self._metrics_server = HttpServer(self.metrics.registry, self._not_ready)
+                self.metrics_address = await self._metrics_server.start(config.metrics_address)
         except BaseException:
             await self._shutdown_listeners()
             self._state = "closed"
@@ -407,8 +399,7 @@ class Bridge(TunnelServer):
             side.held.append(rest)
             side.held_bytes = len(rest)
         # The handshake timeout keeps running until the answer: it bounds the admission too.
-        lines = sum(1 for _ in request.headers.raw_items())
-        side.request_bytes = side.head.size + PARSED_HEADER_BYTES * lines
+        side.request_bytes = side.head.size + PARSED_HEADER_BYTES * sum(map(len, headers.values()))
         tunnel.machine.pause_websocket()  # until the backend is attached (or the dial fails)
         if not self._charge_admission(side):
             return

@@ -13,33 +13,11 @@ from websockets.exceptions import RequestLineTooLong
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from ..core.target import SocketAddress
 from ..relay import websockets_logger
-
-#: A handler gets the request path (without query) and returns status, content type, body.
-Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
 _END_OF_HEAD = b"\r\n\r\n"
 _TEXT = "text/plain; charset=utf-8"
-
-
-def probe_handler(registry: CollectorRegistry,
-                  not_ready: Callable[[], Awaitable[str | None]]) -> Handler:
-    """The handler of a metrics listener: ``/metrics`` from ``registry``, ``/healthz``, and
-    ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives."""
-
-    async def handle(path: str) -> tuple[int, str, bytes]:
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-        if path == "/healthz":
-            return 200, _TEXT, b"ok\n"
-        if path == "/readyz":
-            reason = await not_ready()
-            if reason is None:
-                return 200, _TEXT, b"ready\n"
-            return 503, _TEXT, f"{reason}\n".encode()
-        return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
-
-    return handle
 
 
 class RequestHead:
@@ -146,7 +124,7 @@ class _HttpProtocol(asyncio.Protocol):
     async def _respond(self, request: Request) -> None:
         path = request.path.partition("?")[0]
         try:
-            status, content_type, body = await self._server.handler(path)
+            status, content_type, body = await self._server.answer(path)
         except Exception:  # pragma: no cover - reported as 500
             status, content_type, body = 500, _TEXT, b"internal error\n"
         send_response(self._parser, status, [("Content-Type", content_type)], body)
@@ -169,17 +147,35 @@ class _HttpProtocol(asyncio.Protocol):
 
 
 class HttpServer:
-    """Serves ``handler`` on ``host:port`` until :meth:`close`."""
+    """A metrics listener, until :meth:`close`: ``/metrics`` from ``registry``,
+    ``/healthz``, and ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives."""
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
+    def __init__(self, registry: CollectorRegistry,
+                 not_ready: Callable[[], Awaitable[str | None]]) -> None:
+        self._registry = registry
+        self._not_ready = not_ready
         self._server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
         self.connections: set[asyncio.Transport] = set()
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
+    async def answer(self, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for a request of ``path`` (without query)."""
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/healthz":
+            return 200, _TEXT, b"ok\n"
+        if path == "/readyz":
+            reason = await self._not_ready()
+            if reason is None:
+                return 200, _TEXT, b"ready\n"
+            return 503, _TEXT, f"{reason}\n".encode()
+        return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
+
+    async def start(self, address: SocketAddress) -> tuple[str, int]:
+        """Listen on ``address`` (host and port); returns the bound host and port."""
+        assert address.host is not None and address.port is not None
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: _HttpProtocol(self), host, port)
+            lambda: _HttpProtocol(self), address.host, address.port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
