@@ -183,38 +183,34 @@ class _AsgiTunnel(StreamAdapter):
     async def sender(self) -> None:
         """Drain the outbox into the WebSocket; then send the close frame. A send that fails
         (the client is gone) ends the tunnel."""
-        try:
-            await self._send_loop()
-        except OSError as exc:  # uvicorn: ClientDisconnected
-            self.machine.websocket_lost(CloseCode.ABNORMAL,
-                                        str(exc) or "client connection lost")
-
-    async def _send_loop(self) -> None:
         send = self._send
         machine = self.machine
-        while True:
-            if machine.ws_paused and self._close is None:
-                # Reading from the client waits for the backend, so a client that left
-                # goes unnoticed (ASGI reports it to receive() only): the machine probes it.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL)
-                if not self._wakeup.is_set():
-                    machine.tick()
-                    continue
-            else:
-                await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._outbox:
-                chunk = self._outbox.popleft()
-                await send({"type": "websocket.send", "bytes": chunk})
-                self._outbox_bytes -= len(chunk)
-                if self._outbox_full and self._outbox_bytes <= self._buffer_bytes // 4:
-                    self._outbox_full = False
-                    machine.websocket_write_resumed()
-            if self._close is not None:
-                code, reason = self._close
-                await send({"type": "websocket.close", "code": code, "reason": reason})
-                return
+        try:
+            while True:
+                if machine.ws_paused and self._close is None:
+                    # Reading from the client waits for the backend, so a client that left
+                    # goes unnoticed (ASGI reports it to receive() only): the machine probes it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL)
+                    if not self._wakeup.is_set():
+                        machine.tick()
+                        continue
+                else:
+                    await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outbox:
+                    chunk = self._outbox.popleft()
+                    await send({"type": "websocket.send", "bytes": chunk})
+                    self._outbox_bytes -= len(chunk)
+                    if self._outbox_full and self._outbox_bytes <= self._buffer_bytes // 4:
+                        self._outbox_full = False
+                        machine.websocket_write_resumed()
+                if self._close is not None:
+                    code, reason = self._close
+                    await send({"type": "websocket.close", "code": code, "reason": reason})
+                    return
+        except OSError as exc:  # uvicorn: ClientDisconnected
+            machine.websocket_lost(CloseCode.ABNORMAL, str(exc) or "client connection lost")
 
     async def receiver(self, receive: Receive) -> None:
         """Feed client messages to the machine until the client disconnects."""
@@ -383,7 +379,7 @@ class BridgeApp(TunnelServer):
             await self._reject(scope, send, decision, request_id)
             return
         if self._closing:  # close() began while the auth hook ran
-            self.gate.release(decision, loop.time())
+            self.gate.limiter.release(decision.client, loop.time())
             await self._reject(scope, send, self._shutting_down(peer, path, request_id),
                                request_id)
             return
@@ -393,7 +389,7 @@ class BridgeApp(TunnelServer):
                         "headers": [(REQUEST_ID_HEADER.lower().encode(),
                                      request_id.encode())]})
         except BaseException:
-            self.gate.release(decision, loop.time())
+            self.gate.limiter.release(decision.client, loop.time())
             raise
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
                              self.config.max_message_bytes)

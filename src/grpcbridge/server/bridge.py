@@ -169,8 +169,7 @@ class Bridge(TunnelServer):
                 + ("await bridge.start() (or use 'async with Bridge(...)') first"
                    if self._state in ("new", "starting")
                    else "it never listened; create a new Bridge"))
-        scheme = "wss" if self._ssl else "ws"
-        return f"{scheme}://{host_port(*self.address)}{self.config.path}"
+        return f"{'wss' if self._ssl else 'ws'}://{host_port(*self.address)}{self.config.path}"
 
     @property
     def active_tunnels(self) -> int:
@@ -198,7 +197,6 @@ class Bridge(TunnelServer):
         if config.certfile is not None:
             self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self._ssl.load_cert_chain(config.certfile, config.keyfile)
-        listen = config.listen_address
         tracing_available()  # import opentelemetry (when installed) now, not in a tunnel
         try:
             await self.backend.start()
@@ -215,7 +213,7 @@ class Bridge(TunnelServer):
             raise
         self._sweeper = self._keepalive(config.ping_interval, config.idle_timeout)
         self._state = "running"
-        log_event("bridge_started", listen=self.url if self.address else str(listen),
+        log_event("bridge_started", listen=self.url if self.address else str(config.listen_address),
                   backend=str(self.backend),
                   metrics=host_port(*self.metrics_address) if self.metrics_address else "",
                   loop=loop_name(loop))
@@ -365,7 +363,7 @@ class Bridge(TunnelServer):
 
     def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
         tunnel = side.tunnel
-        if tunnel not in self._connections or tunnel.ws_transport is None:
+        if tunnel not in self._connections or (transport := tunnel.ws_transport) is None:
             return
         if side.head.complete:
             side.held.append(data)
@@ -379,13 +377,19 @@ class Bridge(TunnelServer):
             return
         head, rest = side.head.split(data)
         websocket = tunnel.websocket
-        assert websocket is not None  # set until the handshake is answered
+        assert isinstance(websocket, ServerProtocol)  # set until the handshake is answered
         websocket.receive_data(head)
         request = next((event for event in websocket.events_received()
                         if isinstance(event, Request)), None)
         if request is None:
             if websocket.handshake_exc is not None:
-                self._malformed_request(side)
+                # Unparsable: answer 400 (or the 414/431 websockets wrote itself), close.
+                status, chunks, reason = answer_malformed(websocket)
+                self.gate.rejected(Rejection(status, reason, label="malformed"),
+                                   request_id=new_request_id(), peer=side.peer)
+                transport.writelines(chunks)
+                transport.close()
+                side.stop_timer()
                 return
             tunnel.charge_budget()
             if tunnel.close_code is not None:  # headers over the client's memory budget
@@ -405,21 +409,6 @@ class Bridge(TunnelServer):
             return
         side.task = tunnel.loop.create_task(self._open(side, request, headers))
         side.task.add_done_callback(side.opened)
-
-    def _malformed_request(self, side: _ServerSide) -> None:
-        """websockets could not parse the request: answer 400 (or the 414/431 websockets
-        wrote itself), log it, close."""
-        tunnel = side.tunnel
-        websocket = tunnel.websocket
-        assert isinstance(websocket, ServerProtocol)
-        status, chunks, reason = answer_malformed(websocket)
-        self.gate.rejected(Rejection(status, reason, label="malformed"),
-                           request_id=new_request_id(), peer=side.peer)
-        transport = tunnel.ws_transport
-        assert transport is not None
-        transport.writelines(chunks)
-        transport.close()
-        side.stop_timer()
 
     def _send_rejection(self, side: _ServerSide, rejection: Rejection) -> None:
         """Answer the request with ``rejection`` (already counted and logged)."""
@@ -465,7 +454,7 @@ class Bridge(TunnelServer):
                 or tunnel.close_code is not None or transport is None or transport.is_closing()):
             # the client left during the check
             if not isinstance(decision, Rejection):
-                self.gate.release(decision, loop.time())
+                self.gate.limiter.release(decision.client, loop.time())
             return
         if isinstance(decision, Rejection):
             self._send_rejection(side, decision)
@@ -479,7 +468,7 @@ class Bridge(TunnelServer):
                                   label="handshake")
             self.gate.rejected(rejection, request_id=side.request_id, peer=side.peer,
                                client=decision.client, path=path)
-            self.gate.release(decision, loop.time())
+            self.gate.limiter.release(decision.client, loop.time())
             self._send_rejection(side, rejection)
             return
         response.headers[REQUEST_ID_HEADER] = side.request_id

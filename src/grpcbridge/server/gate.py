@@ -34,7 +34,8 @@ from ..observability import (
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """An upgrade that passed every guard; :meth:`Gate.release` it when the tunnel ends.
+    """An upgrade that passed every guard; release its ``Gate.limiter`` slot when the
+    tunnel ends.
     ``request_id`` goes into every log line (and the span) of the tunnel;
     ``client_request_id`` is the well-formed ``X-Request-Id`` a client that is not a trusted
     proxy sent (not used as the request id, logged once). ``trust_trace_context``: whether
@@ -82,10 +83,6 @@ class Gate:
             max_upgrades_per_minute=config.max_upgrades_per_minute,
         )
 
-    def trusts(self, peer: str) -> bool:
-        """Whether the socket peer is one of ``trusted_proxies``."""
-        return is_trusted_proxy(peer, self.config.trusted_networks)
-
     def request_id(self, headers: Mapping[str, Sequence[str]], *,
                    peer: str) -> tuple[str, str | None]:
         """The request id of a request with ``headers``: its ``X-Request-Id`` when it is
@@ -93,7 +90,7 @@ class Gate:
         tunnel's id), else a new one (a malformed header is logged); and the well-formed
         ``X-Request-Id`` it did not use (for :attr:`Admitted.client_request_id`)."""
         sent, problem = client_request_id(headers.get(REQUEST_ID_HEADER.lower(), ()))
-        if sent is not None and self.trusts(peer):
+        if sent is not None and is_trusted_proxy(peer, self.config.trusted_networks):
             return sent, None
         request_id = new_request_id()
         if problem is not None:
@@ -153,7 +150,8 @@ class Gate:
                 else:
                     return Admitted(client, select_subprotocol(offered, config.subprotocols),
                                     request_id, client_request_id,
-                                    config.trust_trace_context or self.trusts(peer))
+                                    config.trust_trace_context
+                                    or is_trusted_proxy(peer, config.trusted_networks))
         self.rejected(rejection, request_id=request_id, peer=peer, client=client, path=path,
                       origin=origin or "", host=", ".join(hosts))
         return rejection
@@ -186,6 +184,3 @@ class Gate:
         log_event("upgrade_rejected", request_id=request_id, status=rejection.status,
                   reason=rejection.reason, peer=peer, client=client or peer,
                   path=loggable_path(path), origin=origin, host=loggable_path(host))
-
-    def release(self, admitted: Admitted, now: float) -> None:
-        self.limiter.release(admitted.client, now)

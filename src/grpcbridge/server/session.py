@@ -31,8 +31,7 @@ class TunnelSession:
     runs its rules). Create it once the upgrade is accepted; :meth:`finish` it once the
     tunnel has ended."""
 
-    __slots__ = ("_reported_to_backend", "_reported_to_client", "admitted",
-                 "machine", "server", "trace", "tunnel")
+    __slots__ = ("_reported", "admitted", "machine", "server", "trace", "tunnel")
 
     def __init__(self, server: TunnelServer, tunnel: StreamAdapter, admitted: Admitted, *,
                  peer: str, path: str, headers: Mapping[str, Sequence[str]]) -> None:
@@ -44,8 +43,8 @@ class TunnelSession:
         if machine.account is not None:  # a handshake charged to the peer address so far
             machine.account.close()
         machine.account = server.budget.open(admitted.client)
-        self._reported_to_backend = 0
-        self._reported_to_client = 0
+        #: Bytes relayed (to the backend, to the client) as last reported to the metrics.
+        self._reported = (0, 0)
         server.metrics.upgrades_accepted.inc()
         server.metrics.tunnels_active.inc()
         extra = ({} if admitted.client_request_id is None
@@ -102,12 +101,10 @@ class TunnelSession:
 
     def report_bytes(self) -> None:
         """Add the bytes relayed since the last report to the metrics."""
-        machine = self.machine
-        to_backend = machine.bytes_from_websocket - self._reported_to_backend
-        to_client = machine.bytes_to_websocket - self._reported_to_client
-        self._reported_to_backend = machine.bytes_from_websocket
-        self._reported_to_client = machine.bytes_to_websocket
-        self.server.metrics.add_bytes(to_backend, to_client)
+        relayed = self.machine.bytes_from_websocket, self.machine.bytes_to_websocket
+        self.server.metrics.add_bytes(relayed[0] - self._reported[0],
+                                      relayed[1] - self._reported[1])
+        self._reported = relayed
 
     def finish(self) -> None:
         """The tunnel ended: release its slot, report it. (Its budget account is the
@@ -118,7 +115,7 @@ class TunnelSession:
         if machine.account is not None:
             machine.account.close()
         now = machine.clock()
-        self.server.gate.release(self.admitted, now)
+        self.server.gate.limiter.release(self.admitted.client, now)
         self.report_bytes()
         code = int(machine.close_code or CloseCode.ABNORMAL)
         duration = now - machine.opened_at
@@ -126,13 +123,12 @@ class TunnelSession:
         metrics.tunnels_active.dec()
         metrics.tunnels_closed.labels(str(code)).inc()
         metrics.tunnel_duration.observe(duration)
+        relayed = {"bytes_to_backend": machine.bytes_from_websocket,
+                   "bytes_to_client": machine.bytes_to_websocket}
         log_event("tunnel_closed", request_id=self.admitted.request_id,
                   client=self.admitted.client, code=code, reason=machine.close_reason,
-                  duration=round(duration, 3), bytes_to_backend=machine.bytes_from_websocket,
-                  bytes_to_client=machine.bytes_to_websocket)
-        end_tunnel(self.trace, code=code, reason=machine.close_reason,
-                   bytes_to_backend=machine.bytes_from_websocket,
-                   bytes_to_client=machine.bytes_to_websocket)
+                  duration=round(duration, 3), **relayed)
+        end_tunnel(self.trace, code=code, reason=machine.close_reason, **relayed)
 
 
 async def drain(seconds: float, tunnels: Callable[[], Collection[StreamAdapter]],
