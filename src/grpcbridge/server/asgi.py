@@ -355,10 +355,11 @@ class BridgeApp(TunnelServer):
         else:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
 
-    def _shutting_down(self, peer: str, path: str, request_id: str) -> Rejection:
+    async def _shutting_down(self, scope: Scope, send: Send, peer: str, path: str,
+                             request_id: str) -> None:
         rejection = Rejection(503, "the bridge is shutting down", label="shutdown")
         self.gate.rejected(rejection, request_id=request_id, peer=peer, path=path)
-        return rejection
+        await self._reject(scope, send, rejection, request_id)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -368,8 +369,7 @@ class BridgeApp(TunnelServer):
         headers, peer, request_id, client_request_id = self._request(scope)
         path = scope["path"]
         if self._closing:
-            await self._reject(scope, send, self._shutting_down(peer, path, request_id),
-                               request_id)
+            await self._shutting_down(scope, send, peer, path, request_id)
             return
         decision = await self.gate.check(
             request_id=request_id, client_request_id=client_request_id, path=path,
@@ -380,8 +380,7 @@ class BridgeApp(TunnelServer):
             return
         if self._closing:  # close() began while the auth hook ran
             self.gate.limiter.release(decision.client, loop.time())
-            await self._reject(scope, send, self._shutting_down(peer, path, request_id),
-                               request_id)
+            await self._shutting_down(scope, send, peer, path, request_id)
             return
         try:
             await self._ensure_started()

@@ -423,26 +423,21 @@ class Bridge(TunnelServer):
         tunnel.flush_websocket()
         self._answered(side)
 
-    def _send_static(self, tunnel: AnyTunnel, path: str, request: Request) -> bool:
-        """Answer a plain GET from the static site; False if it has no such file."""
-        if self.static is None or path == self.config.path:
-            return False
-        found = self.static.respond(path, request.headers.get("If-None-Match"))
-        if found is None:
-            return False
-        assert isinstance(tunnel.websocket, ServerProtocol)
-        send_response(tunnel.websocket, found.status, found.headers, found.body)
-        tunnel.flush_websocket()
-        return True
-
     async def _open(self, side: _ServerSide, request: Request,
                     headers: dict[str, list[str]]) -> None:
         tunnel = side.tunnel
         loop = tunnel.loop
+        websocket = tunnel.websocket
+        assert isinstance(websocket, ServerProtocol)
         path, _, query = request.path.partition("?")
         upgrade = any("websocket" in value.lower() for value in headers.get("upgrade", ()))
-        if (not upgrade and self.config.host_policy.allows(single_host(headers))
-                and self._send_static(tunnel, path, request)):
+        if (self.static is not None and not upgrade and path != self.config.path
+                and self.config.host_policy.allows(single_host(headers))
+                and (found := self.static.respond(
+                    path, request.headers.get("If-None-Match"))) is not None):
+            # A plain GET the static site answers.
+            send_response(websocket, found.status, found.headers, found.body)
+            tunnel.flush_websocket()
             self._answered(side)
             return
         decision = await self.gate.check(request_id=side.request_id,
@@ -459,8 +454,6 @@ class Bridge(TunnelServer):
         if isinstance(decision, Rejection):
             self._send_rejection(side, decision)
             return
-        websocket = tunnel.websocket
-        assert isinstance(websocket, ServerProtocol)
         response = websocket.accept(request)
         if response.status_code != 101:
             body = (response.body or b"").decode(errors="replace").strip().replace("\n", " ")
