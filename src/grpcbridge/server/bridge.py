@@ -375,12 +375,9 @@ class Bridge(TunnelServer):
             else:
                 self._charge_admission(side)
             return
-        head, rest = side.head.split(data)
         websocket = tunnel.websocket
         assert isinstance(websocket, ServerProtocol)  # set until the handshake is answered
-        websocket.receive_data(head)
-        request = next((event for event in websocket.events_received()
-                        if isinstance(event, Request)), None)
+        request, rest = side.head.feed(websocket, data)
         if request is None:
             if websocket.handshake_exc is not None:
                 # Unparsable: answer 400 (or the 414/431 websockets wrote itself), close.

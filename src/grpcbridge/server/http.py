@@ -26,8 +26,8 @@ class RequestHead:
     websockets' server protocol parses frames right after the request; bytes that follow
     the request in the same read (a pipelined request, frames sent before the 101) would be
     parsed before the request is answered, and a parse error there would end the
-    connection without an answer. Feeding websockets only what :meth:`split` returns as the
-    head keeps the rest aside until the answer is sent.
+    connection without an answer. :meth:`feed` gives websockets the head only and keeps the
+    rest aside until the answer is sent.
     """
 
     __slots__ = ("_tail", "complete", "size")
@@ -38,21 +38,22 @@ class RequestHead:
         #: Bytes of the head seen so far (all of it once :attr:`complete`).
         self.size = 0
 
-    def split(self, data: bytes) -> tuple[bytes, bytes]:
-        """``(head_part, rest)``: feed ``head_part`` to the parser; ``rest`` follows the
-        head (non-empty only once :attr:`complete`)."""
-        if self.complete:
-            return b"", data
+    def feed(self, parser: ServerProtocol, data: bytes) -> tuple[Request | None, bytes]:
+        """Give ``parser`` the part of ``data`` up to the end of the head (call it until
+        :attr:`complete`): returns the request once parsed, and the bytes that follow the
+        head."""
         window = self._tail + data
         end = window.find(_END_OF_HEAD)
         if end < 0:
             self._tail = window[-3:]
-            self.size += len(data)
-            return data, b""
-        self.complete = True
-        cut = end + len(_END_OF_HEAD) - len(self._tail)
+            cut = len(data)
+        else:
+            self.complete = True
+            cut = end + len(_END_OF_HEAD) - len(self._tail)
         self.size += cut
-        return data[:cut], data[cut:]
+        parser.receive_data(data[:cut])
+        request = next((e for e in parser.events_received() if isinstance(e, Request)), None)
+        return request, data[cut:]
 
 
 def answer_malformed(parser: ServerProtocol) -> tuple[int, list[bytes], str]:
@@ -103,17 +104,15 @@ class _HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None
-        head, _rest = self._head.split(data)
-        if not head:
+        if self._head.complete:
             return  # after the request: a pipelined one is not answered
-        self._parser.receive_data(head)
-        for event in self._parser.events_received():
-            if isinstance(event, Request):
-                self._transport.pause_reading()
-                task = asyncio.get_running_loop().create_task(self._respond(event))
-                self._server.tasks.add(task)
-                task.add_done_callback(self._server.tasks.discard)
-                return
+        request, _rest = self._head.feed(self._parser, data)
+        if request is not None:
+            self._transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._respond(request))
+            self._server.tasks.add(task)
+            task.add_done_callback(self._server.tasks.discard)
+            return
         if self._parser.handshake_exc is not None:
             _status, chunks, _reason = answer_malformed(self._parser)
             self._transport.writelines(chunks)
