@@ -138,7 +138,7 @@ class Bridge(TunnelServer):
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
         super().__init__(config, metrics)
         #: Every connection's protocol, by its tunnel (accepted or in its handshake).
-        self._connections: dict[AnyTunnel, _ServerSide] = {}
+        self._sessions: dict[AnyTunnel, _ServerSide] = {}
         self._listener = Listener(config.listen_address)
         self._metrics_server: HttpServer | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -179,7 +179,7 @@ class Bridge(TunnelServer):
     @property
     def connections(self) -> int:
         """Every connection the bridge holds state for (including handshakes)."""
-        return len(self._connections)
+        return len(self._sessions)
 
     async def start(self, *, sock: socket.socket | None = None) -> None:
         """Bind the listeners. Raises :class:`OSError` if an address is taken.
@@ -251,14 +251,14 @@ class Bridge(TunnelServer):
     async def _drain(self, seconds: float) -> None:
         self._listener.stop_accepting()
         # Connections still in their handshake are not tunnels yet: drop them.
-        for tunnel, side in list(self._connections.items()):
+        for tunnel, side in list(self._sessions.items()):
             if tunnel not in self._relaying:
                 if side.task is not None:
                     side.task.cancel()
                 tunnel.abort()
-        await drain(seconds, self._connections.keys,
-                    lambda: [tunnel.closed for tunnel in self._connections])
-        tasks = [side.task for side in self._connections.values() if side.task is not None]
+        await drain(seconds, self._sessions.keys,
+                    lambda: [tunnel.closed for tunnel in self._sessions])
+        tasks = [side.task for side in self._sessions.values() if side.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -306,7 +306,7 @@ class Bridge(TunnelServer):
             return
         peername = tunnel.ws_transport.get_extra_info("peername")
         side.peer = peername[0] if isinstance(peername, tuple) else "unix"
-        self._connections[tunnel] = side
+        self._sessions[tunnel] = side
         # Until admission names the client, the handshake is charged to the peer address.
         tunnel.account = self.budget.open(side.peer)
         side.timer = tunnel.loop.call_later(
@@ -318,7 +318,7 @@ class Bridge(TunnelServer):
         sending its head is dropped (408 in the log); a request still in admission (a slow
         auth hook) has the hook cancelled and is answered 503."""
         tunnel = side.tunnel
-        if tunnel not in self._connections or tunnel in self._relaying:
+        if tunnel not in self._sessions or tunnel in self._relaying:
             return
         side.timer = None
         if side.task is None:
@@ -363,7 +363,7 @@ class Bridge(TunnelServer):
 
     def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
         tunnel = side.tunnel
-        if tunnel not in self._connections or (transport := tunnel.ws_transport) is None:
+        if tunnel not in self._sessions or (transport := tunnel.ws_transport) is None:
             return
         if side.head.complete:
             side.held.append(data)
@@ -442,7 +442,7 @@ class Bridge(TunnelServer):
                                          path=path, query=query, headers=headers,
                                          peer=side.peer, websocket=upgrade, now=loop.time())
         transport = tunnel.ws_transport
-        if (tunnel not in self._connections or tunnel.machine.ws_lost
+        if (tunnel not in self._sessions or tunnel.machine.ws_lost
                 or tunnel.close_code is not None or transport is None or transport.is_closing()):
             # the client left during the check
             if not isinstance(decision, Rejection):
@@ -480,7 +480,7 @@ class Bridge(TunnelServer):
 
     def _tunnel_finished(self, side: _ServerSide) -> None:
         tunnel = side.tunnel
-        if self._connections.pop(tunnel, None) is None:
+        if self._sessions.pop(tunnel, None) is None:
             return
         side.stop_timer()
         if (accepted := self._relaying.pop(tunnel, None)) is not None:
