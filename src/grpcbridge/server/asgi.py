@@ -33,7 +33,7 @@ from ..observability import REQUEST_ID_HEADER, BridgeMetrics
 from ..relay import StreamAdapter
 from ..tracing import available as tracing_available
 from .gate import header_map
-from .session import TunnelServer, TunnelSession, drain
+from .session import TunnelServer, TunnelSession
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -276,8 +276,9 @@ class BridgeApp(TunnelServer):
             return
         self._closing = True
         try:
-            await drain(self.config.drain_timeout if drain_timeout is None else drain_timeout,
-                        self._relaying.keys, lambda: set(self._tunnels))
+            await self._close_tunnels(
+                self.config.drain_timeout if drain_timeout is None else drain_timeout,
+                lambda: set(self._tunnels))
         finally:
             if self._started is not None:
                 with contextlib.suppress(Exception):

@@ -28,7 +28,7 @@ from ..sockets import Listener
 from ..tracing import available as tracing_available
 from .gate import header_map, single_host
 from .http import HttpServer, RequestHead, answer_malformed, send_response
-from .session import TunnelServer, TunnelSession, drain
+from .session import TunnelServer, TunnelSession
 from .static import StaticSite
 
 #: Bytes a client may send after its upgrade request and before the answer (a pipelined
@@ -256,8 +256,7 @@ class Bridge(TunnelServer):
                 if side.task is not None:
                     side.task.cancel()
                 tunnel.abort()
-        await drain(seconds, self._sessions.keys,
-                    lambda: [tunnel.closed for tunnel in self._sessions])
+        await self._close_tunnels(seconds, lambda: [tunnel.closed for tunnel in self._sessions])
         tasks = [side.task for side in self._sessions.values() if side.task is not None]
         for task in tasks:
             task.cancel()

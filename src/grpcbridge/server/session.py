@@ -131,25 +131,6 @@ class TunnelSession:
         end_tunnel(self.trace, code=code, reason=machine.close_reason, **relayed)
 
 
-async def drain(seconds: float, tunnels: Callable[[], Collection[StreamAdapter]],
-                pending: Callable[[], Collection[asyncio.Future[None]]]) -> None:
-    """A server's shutdown, the same for :class:`~grpcbridge.Bridge` and
-    :class:`~grpcbridge.BridgeApp`: let what ``pending()`` waits for finish for up to
-    ``seconds``, then close every one of ``tunnels()`` with 1001 (each gets the close
-    timeout for its client's reply), then abort what is left."""
-    if (waiting := pending()) and seconds > 0:
-        log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
-        await asyncio.wait(waiting, timeout=seconds)
-    for tunnel in list(tunnels()):
-        tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
-    if waiting := pending():
-        await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
-    for tunnel in list(tunnels()):
-        tunnel.abort()
-    if waiting := pending():
-        await asyncio.wait(waiting, timeout=1)
-
-
 class TunnelServer:
     """What :class:`~grpcbridge.Bridge` and :class:`~grpcbridge.BridgeApp` share: the
     config, metrics, gate, memory budget and backend, and the sessions of accepted tunnels
@@ -172,6 +153,23 @@ class TunnelServer:
             self.backend = config.backend
         #: The accepted tunnels' sessions.
         self._relaying: dict[StreamAdapter, TunnelSession] = {}
+
+    async def _close_tunnels(self, seconds: float,
+                             pending: Callable[[], Collection[asyncio.Future[None]]]) -> None:
+        """Shutdown, the same for both servers: let what ``pending()`` waits for finish for
+        up to ``seconds``, then close every accepted tunnel with 1001 (each gets the close
+        timeout for its client's reply), then abort what is left."""
+        if (waiting := pending()) and seconds > 0:
+            log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
+            await asyncio.wait(waiting, timeout=seconds)
+        for tunnel in list(self._relaying):
+            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
+        if waiting := pending():
+            await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
+        for tunnel in list(self._relaying):
+            tunnel.abort()
+        if waiting := pending():
+            await asyncio.wait(waiting, timeout=1)
 
     def _keepalive(self, ping_interval: float, idle_timeout: float) -> asyncio.Task[None]:
         """Every second (or as often as the pings need): report the bytes every accepted
