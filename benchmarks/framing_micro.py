@@ -233,6 +233,7 @@ def per_message(size: int, count: int = 20000) -> None:
     the relay's and websockets' Python cost per message, without any syscall."""
     import asyncio
 
+    from grpcbridge.core.limits import MemoryBudget
     from grpcbridge.relay import Tunnel
 
     loop = asyncio.new_event_loop()
@@ -240,13 +241,10 @@ def per_message(size: int, count: int = 20000) -> None:
     def bridge_tunnel(server: Any) -> Tunnel:
         """A relaying tunnel as on a bridge: charged to a client's budget, both sides open."""
         tunnel = Tunnel(loop, server, stream_name="backend")
-        if hasattr(tunnel, "account"):
-            from grpcbridge.core.limits import MemoryBudget
-
-            tunnel.account = MemoryBudget().open("client")
+        tunnel.machine.account = MemoryBudget().open("client")
         tunnel.ws_transport = _NullTransport()  # type: ignore[assignment]
         tunnel.attach_stream(_NullTransport(), 256 * 1024)  # type: ignore[arg-type]
-        tunnel.websocket_opened()  # as the bridge does once the 101 is sent
+        tunnel.machine.websocket_opened()  # as the bridge does once the 101 is sent
         return tunnel
 
     try:
@@ -268,9 +266,9 @@ def per_message(size: int, count: int = 20000) -> None:
         data_frame += payload[:max(size - 9, 0)]
         for label, step in (("WebSocket -> backend (ws_data)", lambda: tunnel.ws_data(frame)),
                             ("backend -> WebSocket (stream_data)",
-                             lambda: tunnel.stream_data(payload)),
+                             lambda: tunnel.machine.stream_data(payload)),
                             ("backend -> WebSocket, --max-tunnel-age set",
-                             lambda: aged.stream_data(data_frame)),
+                             lambda: aged.machine.stream_data(data_frame)),
                             ("client: graceful-GOAWAY filter, one HTTP/2 frame",
                              None if goaway_filter is None
                              else lambda: goaway_filter.feed(data_frame))):

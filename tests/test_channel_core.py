@@ -63,9 +63,9 @@ FAST = grpcbridge.ReconnectPolicy(initial_delay=0.2, max_delay=0.2, jitter=0,
 
 
 @pytest.fixture
-def unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+def unchecked() -> None:
     """Forget that this process already checked the versions."""
-    monkeypatch.setattr(compat, "_checked", False)
+    compat.require_supported.cache_clear()
 
 
 @pytest.mark.parametrize(("package", "version"), [

@@ -8,12 +8,13 @@ from grpcbridge.pipe import COALESCE_LIMIT, Pipe
 
 
 class RecordingTunnel:
-    """The StreamOwner side of a pipe, recording what the protocol sends."""
+    """The tunnel (StreamAdapter) side of a pipe, recording what the protocol sends."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.machine = self  # the machine's calls are recorded here too
         self.sent: list[bytes] = []
-        self.lost: list[Exception | None] = []
+        self.lost: list[bool] = []
 
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
         self.transport = transport
@@ -21,19 +22,16 @@ class RecordingTunnel:
     def stream_data(self, data: bytes) -> None:
         self.sent.append(data)
 
-    def stream_eof(self) -> None:
+    def stream_gone(self, abnormal: bool) -> None:
+        self.lost.append(abnormal)
+
+    def stream_write_paused(self) -> None:
         pass
 
-    def stream_lost(self, exc: Exception | None) -> None:
-        self.lost.append(exc)
-
-    def pause_websocket_reading(self) -> None:
+    def stream_write_resumed(self) -> None:
         pass
 
-    def resume_websocket_reading(self) -> None:
-        pass
-
-    def websocket_buffer_size(self) -> int:
+    def websocket_buffered(self) -> int:
         return 0
 
 
@@ -74,7 +72,7 @@ async def test_writes_of_one_loop_iteration_leave_as_one_message() -> None:
     protocol.transport.close()  # held bytes are sent before the close
     assert tunnel.sent[-1] == b"tail"
     assert await protocol.lost is None
-    assert tunnel.lost == [None]
+    assert tunnel.lost == [False]
     protocol.transport.write(b"after close")  # ignored, like a closed socket transport
     await asyncio.sleep(0)
     assert b"after close" not in b"".join(tunnel.sent)

@@ -36,7 +36,7 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpclib.const import Status
@@ -44,14 +44,11 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Stream
 
 from grpcbridge.demo import service, todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.grpclib_service import TodoService
-from grpcbridge.demo.service import TodoServicer
-from grpcbridge.demo.store import InvalidTextError, TodoStore, sync_response
+from grpcbridge.demo.grpclib_service import TodoService, _refusals_as_status
+from grpcbridge.demo.service import TodoServicer, _Rpc
+from grpcbridge.demo.store import Refusal, TodoStore
 
 from support import timing
-
-if TYPE_CHECKING:
-    from grpcbridge.demo.service import _Rpc
 
 __all__ = ["AioOracleServicer", "OracleService", "OracleServicer", "process", "serve"]
 
@@ -113,7 +110,7 @@ class OracleServicer(_Counter, TodoServicer):
         TodoServicer.__init__(self, store)
 
     def _start(self, context: grpc.ServicerContext, method: str) -> _Rpc:
-        rpc = self._watch(context)
+        rpc = _Rpc(context)
 
         def on_terminated() -> None:
             if not rpc.finished:
@@ -127,17 +124,10 @@ class OracleServicer(_Counter, TodoServicer):
             context.send_initial_metadata(echo)
         return rpc
 
-    def _check_text(self, context: grpc.ServicerContext, text: str) -> None:
-        """The store's text rule first, then the oracle's ``fail:`` texts."""
-        try:
-            self.store.check_text(text)
-        except InvalidTextError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
     def CreateTodo(self, request: todo_pb2.CreateTodoRequest,
                    context: grpc.ServicerContext) -> todo_pb2.Todo:
         with self._start(context, "CreateTodo"):
-            self._check_text(context, request.text)
+            self.store.check_text(request.text)  # the store's text rule first, then "fail:"
             fail = failure(request.text)
             if fail is not None:
                 name, message = fail
@@ -179,7 +169,8 @@ class OracleService(_Counter, TodoService):
         try:
             await stream.send_initial_metadata(metadata=echo)
             try:
-                yield
+                with _refusals_as_status():
+                    yield
             except GRPCError as error:
                 await stream.send_trailing_metadata(
                     status=error.status, status_message=error.message,
@@ -191,18 +182,11 @@ class OracleService(_Counter, TodoService):
             self._count_cancelled()
             raise
 
-    def _check_text(self, text: str) -> None:
-        """The store's text rule first, then the oracle's ``fail:`` texts."""
-        try:
-            self.store.check_text(text)
-        except InvalidTextError as exc:
-            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
-
     async def CreateTodo(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "CreateTodo"):
             request = await self._request(stream)
             text: str = request.text
-            self._check_text(text)
+            self.store.check_text(text)  # the store's text rule first, then "fail:"
             fail = failure(text)
             if fail is not None:
                 name, message = fail
@@ -234,16 +218,12 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
         except (asyncio.CancelledError, GeneratorExit):
             self._count_cancelled()
             raise
-
-    async def _check_text(self, context: grpc.aio.ServicerContext, text: str) -> None:
-        try:
-            self.store.check_text(text)
-        except InvalidTextError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Refusal as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
 
     async def CreateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "CreateTodo"):
-            await self._check_text(context, request.text)
+            self.store.check_text(request.text)  # the store's text rule first, then "fail:"
             fail = failure(request.text)
             if fail is not None:
                 name, message = fail
@@ -259,36 +239,24 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
 
     async def UpdateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "UpdateTodo"):
-            try:
-                return self.store.update(request.id, request.text, request.done)
-            except KeyError:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"todo {request.id!r} not found")
+            return self.store.update(request.id, request.text, request.done)
 
     async def DeleteTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "DeleteTodo"):
-            try:
-                self.store.delete(request.id)
-            except KeyError:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"todo {request.id!r} not found")
+            self.store.delete(request.id)
             return todo_pb2.DeleteTodoResponse()
 
     async def StreamTodos(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "StreamTodos"):
-            interval = max(request.interval_ms, 0) / 1000
-            first = True
-            for _ in range(max(request.repeat, 1)):
-                for todo in self.store.list():
-                    if not first and interval:
-                        await asyncio.sleep(interval)
-                    first = False
-                    yield todo
+            for pause, todo in self.store.paced(request):
+                await asyncio.sleep(pause)
+                yield todo
 
     async def BulkCreateTodos(self, request_iterator: Any,
                               context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "BulkCreateTodos"):
             count = 0
             async for request in request_iterator:
-                await self._check_text(context, request.text)
                 self.store.create(request.text)
                 count += 1
             return todo_pb2.BulkCreateTodosResponse(created_count=count)
@@ -301,7 +269,7 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
                 async for request in request_iterator:
                     error = self.store.apply_sync(request)
                     if error is not None:
-                        items.put(("error", error))
+                        items.put(todo_pb2.SyncResponse(error=error))
 
             reader = asyncio.get_running_loop().create_task(read())
             try:
@@ -312,7 +280,7 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
                             break
                         await asyncio.sleep(0.01)  # the feed is a thread-safe queue: polled
                         continue
-                    yield sync_response(items.get_nowait())
+                    yield items.get_nowait()
             finally:
                 self.store.unsubscribe(items)
                 reader.cancel()

@@ -42,38 +42,21 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_EXPORTS = {
-    # Serve gRPC over WebSocket.
-    "Bridge": ".server.bridge",
-    "BridgeConfig": ".core.config",
-    "BridgeApp": ".server.asgi",
-    "GrpclibBackend": ".backends",
-    "GrpcioBackend": ".backends",
-    "SocketBackend": ".backends",
-    "attach_grpcio": ".server.attach",
-    "ThreadedBridge": ".server.attach",
-    # Dial with grpclib.
-    "Channel": ".client.channel",
-    "ReconnectPolicy": ".core.config",
-    # Dial with grpcio (or any gRPC tool).
-    "aio_channel": ".client.grpcio",
-    "sync_channel": ".client.grpcio",
-    "Forwarder": ".client.forwarder",
-    "ForwarderConfig": ".core.config",
-    # Admission.
-    "BearerTokenAuth": ".core.admission",
-    "HandshakeRequest": ".core.admission",
-    "Rejection": ".core.admission",
-    "OriginPolicy": ".core.admission",
-    "HostPolicy": ".core.admission",
-    # Errors.
-    "GrpcBridgeError": ".core.errors",
-    "ConfigError": ".core.errors",
-    "TargetError": ".core.errors",
-    "HandshakeError": ".core.errors",
-    "TunnelClosed": ".core.errors",
-    "InvalidStateError": ".core.errors",
-}
+#: The public names by defining module (imported on first use).
+_EXPORTS = {name: module for module, names in {
+    ".server.bridge": ["Bridge"],
+    ".server.asgi": ["BridgeApp"],
+    ".server.attach": ["attach_grpcio", "ThreadedBridge"],
+    ".backends": ["GrpclibBackend", "GrpcioBackend", "SocketBackend"],
+    ".client.channel": ["Channel"],
+    ".client.grpcio": ["aio_channel", "sync_channel"],
+    ".client.forwarder": ["Forwarder"],
+    ".core.config": ["BridgeConfig", "ForwarderConfig", "ReconnectPolicy"],
+    ".core.admission": ["BearerTokenAuth", "HandshakeRequest", "Rejection", "OriginPolicy",
+                        "HostPolicy"],
+    ".core.errors": ["GrpcBridgeError", "ConfigError", "TargetError", "HandshakeError",
+                     "TunnelClosed", "InvalidStateError"],
+}.items() for name in names}
 
 #: Formerly exported here; still importable, but documented in their own modules only.
 _MOVED = {

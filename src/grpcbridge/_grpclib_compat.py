@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import re
 from collections.abc import Callable, Container
 from typing import Any, TypeVar
@@ -70,23 +71,13 @@ class UnsupportedDependencyError(GrpcBridgeError, RuntimeError):
     """An installed grpclib or h2 is a version whose internals grpcbridge does not know."""
 
 
-def _version_of(package: str) -> str:
-    module = {"grpclib": grpclib, "h2": h2}[package]
-    return str(getattr(module, "__version__", "unknown"))
-
-
-def _parse(version: str) -> tuple[int, int] | None:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    return (int(match[1]), int(match[2])) if match else None
-
-
 def unsupported_versions() -> list[str]:
     """One line per installed package outside :data:`SUPPORTED` (empty: all supported)."""
     problems = []
     for package, (lowest, beyond) in SUPPORTED.items():
-        version = _version_of(package)
-        parsed = _parse(version)
-        if parsed is None or not lowest <= parsed < beyond:
+        version = str(getattr({"grpclib": grpclib, "h2": h2}[package], "__version__", "unknown"))
+        match = re.match(r"(\d+)\.(\d+)", version)
+        if match is None or not lowest <= (int(match[1]), int(match[2])) < beyond:
             problems.append(
                 f"{package} {version} is installed, but grpcbridge supports {package} "
                 f"{lowest[0]}.{lowest[1]} up to (not including) {beyond[0]}.{beyond[1]} "
@@ -94,22 +85,16 @@ def unsupported_versions() -> list[str]:
     return problems
 
 
-_checked = False
-
-
+@functools.cache  # a failure raises, which is not cached: only a success is kept
 def require_supported() -> None:
     """Raise :class:`UnsupportedDependencyError` unless grpclib and h2 are supported versions
     (checked once per process)."""
-    global _checked
-    if _checked:
-        return
     problems = unsupported_versions()
     if problems:
         raise UnsupportedDependencyError(
             "; ".join(problems) + ". grpcbridge runs grpclib's HTTP/2 protocol over "
             "WebSockets using grpclib/h2 internals (grpcbridge._grpclib_compat) that other "
             "versions may not have")
-    _checked = True
 
 
 # ----------------------------------------------------------------- HTTP/2 frame size

@@ -19,12 +19,12 @@ import asyncio
 import contextlib
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Collection
 from typing import Any
 
 from ._grpclib_compat import advertise_max_frame_size, server_handlers, server_protocol
+from .core.config import check_positive
 from .core.errors import ConfigError
 from .core.target import SocketAddress, parse_address
 from .framesize import fit_frame_size, max_frame_size_for
@@ -58,8 +58,7 @@ class SocketBackend(Backend):
     def __init__(self, address: str | SocketAddress, *, connect_timeout: float = 10.0) -> None:
         self.address = (address if isinstance(address, SocketAddress)
                         else parse_address(address, what="backend"))
-        if connect_timeout <= 0:
-            raise ConfigError(f"connect_timeout must be > 0, got {connect_timeout}")
+        check_positive("connect_timeout", connect_timeout)
         self.connect_timeout = connect_timeout
 
     def __str__(self) -> str:
@@ -158,8 +157,7 @@ class GrpcioBackend(SocketBackend):
     """
 
     def __init__(self, server: Any, *, connect_timeout: float = 10.0) -> None:
-        directory = tempfile.mkdtemp(prefix="grpcbridge-")
-        os.chmod(directory, stat.S_IRWXU)
+        directory = tempfile.mkdtemp(prefix="grpcbridge-")  # 0700
         path = os.path.join(directory, "grpc.sock")
         try:
             if server.add_insecure_port(f"unix:{path}") == 0:  # grpcio may refuse this way

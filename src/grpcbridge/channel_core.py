@@ -224,14 +224,16 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
                          max_frame_size=options.max_frame_size, codec=codec,
                          status_details_codec=status_details_codec, config=config)
         self._options = options
-        self._bridge_target = target
+        #: The WebSocket URL (never with a token).
+        self.target = target.url
         self._backoff = Backoff(options.reconnect, target.url)
         self._bridge_closed = False
         #: The current (or last) connection, possibly still opening.
         self._current: ConnectionT | None = None
         #: grpclib's connection -> ours, to name the connection a failed RPC ran on.
         self._by_protocol: WeakKeyDictionary[object, ConnectionT] = WeakKeyDictionary()
-        self._connections_opened = 0
+        #: Connections opened so far (reconnects included).
+        self.connections_opened = 0
         #: Connections the server sent a GOAWAY, until their last stream is done.
         self._retiring: dict[ConnectionT, asyncio.Task[None]] = {}
 
@@ -246,16 +248,6 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
 
     def __repr__(self) -> str:
         return f"{self._public_name}({self.target!r})"
-
-    @property
-    def target(self) -> str:
-        """The WebSocket URL (never with a token)."""
-        return self._bridge_target.url
-
-    @property
-    def connections_opened(self) -> int:
-        """Connections opened so far (reconnects included)."""
-        return self._connections_opened
 
     # ---------------------------------------------------------------- connecting
 
@@ -309,9 +301,9 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
             self._backoff.failed(loop.time(), str(exc), random.random())
             raise GRPCError(LOST_STATUS, str(exc)) from exc
         self._backoff.succeeded()
-        self._connections_opened += 1
+        self.connections_opened += 1
         self._by_protocol[protocol_connection(protocol)] = connection
-        protocol.tunnel_number = self._connections_opened
+        protocol.tunnel_number = self.connections_opened
         if protocol.goaway_received:
             self.connection_retiring(protocol)  # the GOAWAY came with the first bytes
         return protocol

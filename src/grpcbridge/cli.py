@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth
@@ -86,17 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-remote-backend", action="store_true",
                        help="allow a backend that is not loopback or a unix socket")
     serve.add_argument("--backend-timeout", type=float, default=10.0,
+                       dest="backend_connect_timeout", metavar="BACKEND_TIMEOUT",
                        help="seconds to connect to the backend (default: 10)")
     serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                       dest="allowed_origins",
                        help="browser origin to accept besides same-host (repeatable): "
                             "https://app.example.com, app.example.com[:port] (any scheme), "
                             "*.example.com or https://*.example.com (subdomains, not the "
                             "apex), * = any")
     serve.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+                       dest="allowed_hosts",
                        help="Host header to accept, refusing others with 403 against DNS "
                             "rebinding (repeatable): bridge.example.com (any port), "
                             "bridge.example.com:8080, *.example.com, * = any; default: any")
-    serve.add_argument("--subprotocol", action="append", default=None, metavar="NAME",
+    serve.add_argument("--subprotocol", action="append", dest="subprotocols", metavar="NAME",
                        help="subprotocol to echo when offered (repeatable; default: grpcbridge)")
     serve.add_argument("--workers", type=parse_workers, default=1, metavar="N|auto",
                        help="processes serving the one --listen address (auto: one per core); "
@@ -121,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="upgrades per client per sliding minute, 429 beyond (0: unlimited; "
                             "per worker)")
     serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+                       dest="trusted_proxies",
                        help="proxy whose X-Forwarded-For, X-Request-Id and upgrade-request "
                             "trace context (traceparent) are believed (repeatable)")
     serve.add_argument("--trust-trace-context", action="store_true",
@@ -160,10 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="extra upgrade request header (repeatable; not one the "
                          "handshake writes: Host, Upgrade, Connection, Sec-WebSocket-Key, "
                          "-Version, -Extensions, -Accept)")
-    forward.add_argument("--subprotocol", action="append", default=[], metavar="NAME",
+    forward.add_argument("--subprotocol", action="append", default=[], dest="subprotocols",
+                         metavar="NAME",
                          help="subprotocol to offer (repeatable)")
     forward.add_argument("--origin", help="Origin header to send")
-    forward.add_argument("--tls", action="store_true",
+    forward.add_argument("--tls", action="store_const", const=True,
                          help="demand wss:// (a ws:// target is then an error)")
     forward.add_argument("--cacert", help="PEM CA bundle to verify a wss:// bridge")
     forward.add_argument("--handshake-timeout", type=float, default=10.0,
@@ -197,28 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ConfigT = TypeVar("ConfigT", BridgeConfig, ForwarderConfig)
+
+
+def _config(cls: type[ConfigT], args: argparse.Namespace, **derived: Any) -> ConfigT:
+    """``cls`` from the options whose dest is one of its fields (an option not given, None,
+    keeps the field's default) and the ``derived`` fields."""
+    names = {field.name for field in dataclasses.fields(cls) if field.init}
+    given = {name: value for name, value in vars(args).items()
+             if name in names and value is not None}
+    return cls(**{**given, **derived})
+
+
 def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
     token = _token(args)
-    return BridgeConfig(
-        backend=args.backend, listen=args.listen, path=args.path,
-        allow_remote_backend=args.allow_remote_backend,
-        backend_connect_timeout=args.backend_timeout,
-        allowed_origins=args.allow_origin, allowed_hosts=args.allowed_host,
-        subprotocols=args.subprotocol if args.subprotocol is not None else ("grpcbridge",),
-        authenticate=BearerTokenAuth(token) if token else None,
-        max_message_bytes=args.max_message_bytes, buffer_bytes=args.buffer_bytes,
-        client_memory_budget=args.client_memory_budget, memory_budget=args.memory_budget,
-        max_connections=args.max_connections,
-        max_connections_per_client=args.max_connections_per_client,
-        max_upgrades_per_minute=args.max_upgrades_per_minute,
-        trusted_proxies=args.trusted_proxy,
-        trust_trace_context=args.trust_trace_context, ping_interval=args.ping_interval,
-        idle_timeout=args.idle_timeout, drain_timeout=args.drain_timeout,
-        max_tunnel_age=args.max_tunnel_age, max_tunnel_age_grace=args.max_tunnel_age_grace,
-        certfile=args.certfile, keyfile=args.keyfile, compression=args.compression,
-        metrics_listen=_metrics_address(args.metrics_listen),
-        allow_remote_metrics=args.allow_remote_metrics,
-    )
+    return _config(BridgeConfig, args, authenticate=BearerTokenAuth(token) if token else None,
+                   metrics_listen=_metrics_address(args.metrics_listen))
 
 
 def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
@@ -232,15 +232,8 @@ def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
         logging.getLogger("grpcbridge").warning(
             "the proxy credentials given in --proxy can be read by local users in the process "
             "list; put the proxy URL in $https_proxy or $http_proxy instead")
-    return ForwarderConfig(
-        target=args.target, listen=args.listen, tls=True if args.tls else None,
-        cacert=args.cacert, headers=headers, bearer_token=_token(args),
-        subprotocols=args.subprotocol, origin=args.origin,
-        proxy=None if args.no_proxy else True if args.proxy is None else args.proxy,
-        handshake_timeout=args.handshake_timeout, max_message_bytes=args.max_message_bytes,
-        buffer_bytes=args.buffer_bytes, ping_interval=args.ping_interval,
-        idle_timeout=args.idle_timeout,
-    )
+    return _config(ForwarderConfig, args, headers=headers, bearer_token=_token(args),
+                   **({"proxy": None} if args.no_proxy else {}))
 
 
 async def _run_until_signalled(server: Bridge | Forwarder,

@@ -28,6 +28,7 @@ the same at both ends, and picows refuses masked frames from a server itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +37,6 @@ from typing import cast
 
 from picows import (
     WSAutoPingStrategy,
-    WSCloseCode,
     WSFrame,
     WSListener,
     WSMsgType,
@@ -51,7 +51,7 @@ from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode, message_too_big_reason
 from .core.tunnel import TunnelMachine
 from .observability import log_event
-from .relay import SocketTunnel, flush_handshake
+from .relay import SocketTunnel
 
 #: picows logs protocol errors at ERROR and every connection at INFO; the tunnel's own
 #: ``tunnel_closed`` line carries the code and reason, so its logger stays quiet. A
@@ -86,11 +86,8 @@ def _plain_socket_transports() -> frozenset[type]:
         return frozenset()
     from asyncio import selector_events
     kinds: set[type] = {selector_events._SelectorSocketTransport}  # type: ignore[attr-defined]
-    try:
+    with contextlib.suppress(ImportError):  # uvloop is optional
         from uvloop import loop as uvloop_loop
-    except ImportError:  # uvloop is optional
-        pass
-    else:
         kinds |= {uvloop_loop.TCPTransport,  # type: ignore[attr-defined]
                   uvloop_loop.UnixTransport}  # type: ignore[attr-defined]
     return frozenset(kinds)
@@ -101,11 +98,7 @@ _PLAIN_SOCKET_TRANSPORTS = _plain_socket_transports()
 _BINARY = WSMsgType.BINARY
 _CONTINUATION = WSMsgType.CONTINUATION
 _TEXT = WSMsgType.TEXT
-_PING = WSMsgType.PING
-_PONG = WSMsgType.PONG
-_CLOSE = WSMsgType.CLOSE
 _NO_STATUS = 1005
-_CLOSE_CODES = {int(code.value): code for code in WSCloseCode}
 
 
 class _Listener(WSListener):
@@ -149,7 +142,7 @@ class _Listener(WSListener):
             tunnel.machine.fail(CloseCode.INTERNAL_ERROR, "internal error")
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.tunnel.ws_lost(None)  # _Protocol.connection_lost makes sure of it too
+        self.tunnel.ws_lost(None)  # PicowsProtocol.connection_lost makes sure of it too
 
     def pause_writing(self) -> None:
         self.tunnel.machine.websocket_write_paused()
@@ -173,15 +166,22 @@ class ClientRequest:
     buffer_bytes: int
 
 
-class _Protocol(WSProtocol):  # type: ignore[misc]
+class PicowsProtocol(WSProtocol):  # type: ignore[misc]
     """picows' protocol (either end), counting the bytes of each read for the tunnel
-    (partial frames, read buffer size) and giving the loop back after many frames."""
+    (partial frames, read buffer size) and giving the loop back after many frames.
 
-    __slots__ = ("answer", "answer_end", "buffer_bytes", "listener", "read_into", "tunnel")
+    A client's (made with its ``request``, for the connection it dials) sends the request
+    once connected; ``wait_until_handshake_complete()`` returns once the tunnel is open or
+    the connection is gone (the tunnel's ``ws`` tells which), or raises what refused the
+    answer (picows' ``WSHandshakeError``, or what ``request.check`` raised; a refusal's body
+    is then in ``refusal_body`` unless picows had it all)."""
 
-    def __init__(self, tunnel: PicowsTunnel, listener: _Listener, max_frame_size: int, *,
-                 response: WSUpgradeResponse | None = None,
+    __slots__ = ("answer", "answer_end", "buffer_bytes", "listener", "read_into", "refusal_body",
+                 "tunnel")
+
+    def __init__(self, tunnel: PicowsTunnel, *, response: WSUpgradeResponse | None = None,
                  request: ClientRequest | None = None) -> None:
+        listener = _Listener(tunnel)
         factory: Callable[..., object]
         if request is None:
             assert response is not None
@@ -201,7 +201,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             None,  # handshake timeout: the bridge, or the dialer, has its own
             False, 20.0, 20.0, WSAutoPingStrategy.PING_WHEN_IDLE,  # off: the machine pings
             False,  # auto pong: pings are answered (and rate-limited) by the tunnel
-            max_frame_size,
+            tunnel.max_message_bytes,  # largest frame
             list(request.headers) if request else None,
             READ_BUFFER,
         )
@@ -218,6 +218,9 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             else None
         #: Where the held answer is complete (-1: its head has not all come yet).
         self.answer_end = -1
+        #: A client's upgrade answered other than 101: its body (the server's reason; at
+        #: most REFUSAL_BODY bytes), else None.
+        self.refusal_body: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tunnel.client:  # the connection is the tunnel's from the start
@@ -288,7 +291,7 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
             # has it, with whatever came in the same read as the body), the body is kept
             # for the error; what follows (past REFUSAL_BODY) is not read.
             head = answer.find(b"\r\n\r\n") + 4
-            self.tunnel.refusal_body = bytes(answer[head:self.answer_end])
+            self.refusal_body = bytes(answer[head:self.answer_end])
             del answer[head:]
         self.feed([answer])
         return self.answer_end >= 0
@@ -300,7 +303,11 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
         finally:  # picows skips on_ws_disconnected for a connection it never upgraded
             self.tunnel.ws_lost(exc)
             if self.tunnel.client:
-                _retrieve_disconnect_error(self.transport)
+                # picows keeps the protocol error it ended a client connection for until
+                # wait_disconnected(), which nothing awaits (the close code reports it):
+                # retrieve it, or asyncio logs "Future exception was never retrieved".
+                waiter = asyncio.ensure_future(self.transport.wait_disconnected())
+                waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def feed(self, chunks: Iterable[bytes | bytearray]) -> None:
         """Deliver bytes as if read from the socket."""
@@ -312,14 +319,6 @@ class _Protocol(WSProtocol):  # type: ignore[misc]
                 buffer[:size] = view[:size]
                 view = view[size:]
                 self.buffer_updated(size)
-
-
-def _retrieve_disconnect_error(transport: WSTransport) -> None:
-    """A client-side picows connection that picows ended for a protocol error keeps the
-    error for ``wait_disconnected()``, which nothing here awaits (the tunnel reports it as
-    its close code): retrieve it, or asyncio logs "Future exception was never retrieved"."""
-    waiter = asyncio.ensure_future(transport.wait_disconnected())
-    waiter.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 class PicowsTunnel(SocketTunnel):
@@ -337,18 +336,18 @@ class PicowsTunnel(SocketTunnel):
         "fragment",
         "max_message_bytes",
         "partial",
-        "refusal_body",
         "stream_fd",
-        "websocket",
         "ws",
     )
+
+    websocket: ServerProtocol | None
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol | None, *,
                  stream_name: str, max_message_bytes: int) -> None:
         super().__init__(loop)
-        #: The client end of a tunnel (``websocket`` None): see :meth:`client_protocol`.
+        #: The client end of a tunnel (``websocket`` None): see :class:`PicowsProtocol`.
         self.client = websocket is None
-        self.websocket: ServerProtocol | None = websocket
+        self.websocket = websocket
         self.max_message_bytes = max_message_bytes
         self.ws: WSTransport | None = None
         #: Bytes of the current fragmented message so far (-1: not in one).
@@ -362,18 +361,9 @@ class PicowsTunnel(SocketTunnel):
         self.buffer_size = 0
         #: The stream side's socket, written to directly while its buffer is empty (-1: none).
         self.stream_fd = -1
-        #: A client's upgrade answered other than 101: its body (the server's reason; at
-        #: most REFUSAL_BODY bytes), else None.
-        self.refusal_body: bytes | None = None
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
-                                     close_timeout=self.CLOSE_TIMEOUT)
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # ------------------------------------------------------------ handshake phase
-
-    def flush_websocket(self) -> None:
-        """Write what the handshake protocol has for the client (a refusal, a page)."""
-        if self.websocket is not None:
-            flush_handshake(self.websocket, self.ws_transport, self.machine)
 
     def upgrade(self, response_headers: Iterable[tuple[str, str]], key: str,
                 early: list[bytes], eof: bool) -> None:
@@ -387,7 +377,7 @@ class PicowsTunnel(SocketTunnel):
         response = WSUpgradeResponse.create_101_response(extra_headers=[
             (name, value) for name, value in response_headers
             if name.lower() not in ("upgrade", "connection", "sec-websocket-accept")])
-        protocol = _Protocol(self, _Listener(self), self.max_message_bytes, response=response)
+        protocol = PicowsProtocol(self, response=response)
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
         request = (b"GET / HTTP/1.1\r\nUpgrade: websocket\r\n"
@@ -395,34 +385,7 @@ class PicowsTunnel(SocketTunnel):
                    b"Sec-WebSocket-Key: " + key.encode("ascii") + b"\r\n\r\n")
         protocol.feed([request, *early])
         if eof:
-            self._finish_handshake()
-
-    def _client_protocol(self) -> _Protocol | None:
-        transport = self.ws_transport
-        protocol = transport.get_protocol() if transport is not None else None
-        return protocol if isinstance(protocol, _Protocol) else None
-
-    def release_answer(self) -> bool:
-        """A dialing client hands the upgrade answer it holds to picows now (the dial ran
-        out of time): True if it was a refusal whose body had not all come, which picows
-        has now failed the handshake with."""
-        protocol = self._client_protocol()
-        return protocol is not None and protocol.release_answer()
-
-    async def handshake_answered(self) -> None:
-        """A connected client's ``wait_until_handshake_complete()`` (see
-        :meth:`client_protocol`)."""
-        protocol = self._client_protocol()
-        assert protocol is not None
-        await protocol.wait_until_handshake_complete()
-
-    def client_protocol(self, request: ClientRequest) -> _Protocol:
-        """The protocol for the connection a client dials: it sends ``request`` once
-        connected; ``wait_until_handshake_complete()`` on it returns once the tunnel is
-        open or the connection is gone (:attr:`ws` tells which), or raises what refused the
-        answer (picows' ``WSHandshakeError``, or what ``request.check`` raised)."""
-        assert self.client
-        return _Protocol(self, _Listener(self), self.max_message_bytes, request=request)
+            self._close_flushed()
 
     # ------------------------------------------------------------- frames, reads
 
@@ -502,12 +465,12 @@ class PicowsTunnel(SocketTunnel):
             else:
                 opcode = Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION
                 machine.frame(opcode, frame.get_payload_as_bytes())
-        elif msg_type is _PING:
+        elif msg_type is WSMsgType.PING:
             if machine.empty_frame() and self.ws is not None:
                 self.ws.send_pong(frame.get_payload_as_bytes())
-        elif msg_type is _PONG:
+        elif msg_type is WSMsgType.PONG:
             machine.empty_frame()
-        elif msg_type is _CLOSE:
+        elif msg_type is WSMsgType.CLOSE:
             self._close_received(frame)
 
     def _close_received(self, frame: WSFrame) -> None:
@@ -524,17 +487,11 @@ class PicowsTunnel(SocketTunnel):
             if payload:
                 self.send_close(code, reason)
             else:
-                ws.send(_CLOSE, b"")
+                ws.send(WSMsgType.CLOSE, b"")
             self.machine.websocket_closing(code, reason)
         self.failed = True
         # The closing handshake is complete: close the connection once flushed.
-        self._finish_handshake()
-
-    def _finish_handshake(self) -> None:
-        transport = self.ws_transport
-        if transport is not None and not self.machine.ws_lost:
-            transport.close()
-            self.machine.websocket_flushing()
+        self._close_flushed()
 
     def read_done(self, frames: int) -> None:
         """After each read: idle-timeout activity, the loop's turn and the memory budget."""
@@ -587,12 +544,13 @@ class PicowsTunnel(SocketTunnel):
         ws = self.ws
         if ws is None or ws.is_close_frame_sent or self.failed:
             return
-        ws.send_close(_CLOSE_CODES.get(code, code), reason.encode())  # type: ignore[arg-type]
+        # picows' WSCloseCode is a C enum: it takes any int (its stub says otherwise).
+        ws.send_close(code, reason.encode())  # type: ignore[arg-type]
 
     def fail_websocket(self, code: int, reason: str) -> None:
         self.send_close(code, reason)
         self.failed = True
-        self._finish_handshake()
+        self._close_flushed()
 
     def held_inbound(self) -> int:
         if self.websocket is not None:

@@ -19,7 +19,7 @@ import asyncio
 from typing import Any, cast
 
 from .core.wire import COALESCE_LIMIT as COALESCE_LIMIT  # defined once, for the browser too
-from .relay import StreamOwner
+from .relay import StreamAdapter
 
 
 class ProtocolTransport(asyncio.Transport):
@@ -28,108 +28,23 @@ class ProtocolTransport(asyncio.Transport):
     def __init__(self, pipe: Pipe, extra: dict[str, Any]) -> None:
         super().__init__(extra)
         self._pipe = pipe
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pipe.closed:
-            return  # like a socket transport after close(): silently ignored
-        self._pipe.hold(bytes(data))
-
-    def writelines(self, list_of_data: Any) -> None:
-        self.write(b"".join(list_of_data))
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def is_closing(self) -> bool:
-        return self._pipe.closed
-
-    def close(self) -> None:
-        self._pipe.close_from_protocol(None)
-
-    abort = close
-
-    def get_write_buffer_size(self) -> int:
-        return self._pipe.held_bytes + self._pipe.tunnel.websocket_buffer_size()
-
-    def pause_reading(self) -> None:
-        self._pipe.tunnel.pause_websocket_reading()
-
-    def resume_reading(self) -> None:
-        self._pipe.tunnel.resume_websocket_reading()
-
-    def is_reading(self) -> bool:
-        return not self._pipe.closed
-
-
-class _TunnelTransport(asyncio.Transport):
-    """The transport the tunnel writes stream bytes to (the tunnel's end of the pipe)."""
-
-    def __init__(self, pipe: Pipe) -> None:
-        super().__init__()
-        self._pipe = pipe
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pipe.closed:
-            # bytes and bytearray go through uncopied (the tunnel never reuses them).
-            self._pipe.protocol.data_received(
-                bytes(data) if isinstance(data, memoryview) else cast(bytes, data))
-
-    def is_closing(self) -> bool:
-        return self._pipe.closed
-
-    def close(self) -> None:
-        self._pipe.close_from_tunnel()
-
-    abort = close
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass  # nothing is buffered: writes are delivered synchronously
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        if not self._pipe.closed and not self._pipe.paused:
-            self._pipe.paused = True
-            self._pipe.protocol.pause_writing()
-
-    def resume_reading(self) -> None:
-        if not self._pipe.closed and self._pipe.paused:
-            self._pipe.paused = False
-            self._pipe.protocol.resume_writing()
-
-
-class Pipe:
-    """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both."""
-
-    def __init__(self, tunnel: StreamOwner, protocol: asyncio.Protocol,
-                 extra: dict[str, Any] | None = None) -> None:
-        self.tunnel = tunnel
-        self.protocol = protocol
-        self.closed = False
-        self.paused = False
         self._held: list[bytes] = []
-        #: Bytes written by the protocol in the current loop iteration, not yet sent.
+        #: Bytes written in the current loop iteration, not yet sent.
         self.held_bytes = 0
-        self.protocol_transport = ProtocolTransport(self, extra or {})
-        self._tunnel_transport = _TunnelTransport(self)
 
-    def connect(self, buffer_bytes: int) -> None:
-        """Call ``connection_made`` on the protocol, then attach the pipe to the tunnel (which
-        delivers any stream bytes that arrived before)."""
-        self.protocol.connection_made(self.protocol_transport)
-        self.tunnel.attach_stream(self._tunnel_transport, buffer_bytes)
-
-    def hold(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Queue a write; everything written during one loop iteration leaves as one
         WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
         WINDOW_UPDATE, trailers). Large bursts are sent at once. A message never grows past
         ``COALESCE_LIMIT`` by coalescing (only a single larger write is sent as is), so a
         peer accepting messages of that size and of one frame never refuses one."""
+        if self._pipe.closed:
+            return  # like a socket transport after close(): silently ignored
+        data = bytes(data)
         if self._held and self.held_bytes + len(data) > COALESCE_LIMIT:
             self.flush()
         if not self._held:
-            self.tunnel.loop.call_soon(self.flush)
+            self._pipe.tunnel.loop.call_soon(self.flush)
         self._held.append(data)
         self.held_bytes += len(data)
         if self.held_bytes >= COALESCE_LIMIT:
@@ -141,25 +56,89 @@ class Pipe:
         data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
         self._held.clear()
         self.held_bytes = 0
-        if not self.closed:
-            self.tunnel.stream_data(data)
+        if not self._pipe.closed:
+            self._pipe.tunnel.machine.stream_data(data)
 
-    def close_from_protocol(self, exc: Exception | None) -> None:
+    def is_closing(self) -> bool:
+        return self._pipe.closed
+
+    def close(self) -> None:
         """The in-process side closed: send what it wrote, end the tunnel's stream side,
         then tell the protocol."""
-        if self.closed:
+        pipe = self._pipe
+        if pipe.closed:
             return
         self.flush()
-        self.closed = True
-        loop = self.tunnel.loop
-        loop.call_soon(self.tunnel.stream_lost, exc)
-        loop.call_soon(self.protocol.connection_lost, exc)
+        pipe.closed = True
+        loop = pipe.tunnel.loop
+        loop.call_soon(pipe.tunnel.machine.stream_gone, False)
+        loop.call_soon(pipe.protocol.connection_lost, None)
 
-    def close_from_tunnel(self) -> None:
+    abort = close
+
+    def get_write_buffer_size(self) -> int:
+        return self.held_bytes + self._pipe.tunnel.websocket_buffered()
+
+    def pause_reading(self) -> None:
+        self._pipe.tunnel.machine.stream_write_paused()
+
+    def resume_reading(self) -> None:
+        self._pipe.tunnel.machine.stream_write_resumed()
+
+
+class Pipe(asyncio.Transport):
+    """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both. The
+    pipe itself is the transport the tunnel writes stream bytes to (its end of the pipe)."""
+
+    def __init__(self, tunnel: StreamAdapter, protocol: asyncio.Protocol,
+                 extra: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.tunnel = tunnel
+        self.protocol = protocol
+        self.closed = False
+        self.paused = False
+        self.protocol_transport = ProtocolTransport(self, extra or {})
+
+    def connect(self, buffer_bytes: int) -> None:
+        """Call ``connection_made`` on the protocol, then attach the pipe to the tunnel (which
+        delivers any stream bytes that arrived before)."""
+        self.protocol.connection_made(self.protocol_transport)
+        self.tunnel.attach_stream(self, buffer_bytes)
+
+    # ------------------------------------- the tunnel's end: its stream transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.closed:
+            # bytes and bytearray go through uncopied (the tunnel never reuses them).
+            self.protocol.data_received(
+                bytes(data) if isinstance(data, memoryview) else cast(bytes, data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
         """The tunnel closed its stream side (WebSocket gone or closing)."""
         if self.closed:
             return
         self.closed = True
         loop = self.tunnel.loop
         loop.call_soon(self.protocol.connection_lost, None)
-        loop.call_soon(self.tunnel.stream_lost, None)
+        loop.call_soon(self.tunnel.machine.stream_gone, False)
+
+    abort = close
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass  # nothing is buffered: writes are delivered synchronously
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        if not self.closed and not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def resume_reading(self) -> None:
+        if not self.closed and self.paused:
+            self.paused = False
+            self.protocol.resume_writing()

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import cast
 
 from websockets.exceptions import InvalidState
 from websockets.frames import Frame
@@ -33,9 +33,9 @@ from websockets.frames import Opcode as WsOpcode
 from websockets.protocol import OPEN
 from websockets.protocol import Protocol as WebSocketProtocol
 
-from .core.limits import FRAMES_PER_TURN, BudgetAccount
+from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode
-from .core.tunnel import CLOSE_TIMEOUT, TunnelMachine, TunnelState, TunnelView
+from .core.tunnel import TunnelMachine, TunnelView
 
 #: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
 #: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
@@ -48,55 +48,13 @@ _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 _RETAINED_MIN = 64 * 1024
 
 
-def flush_handshake(websocket: WebSocketProtocol, transport: asyncio.Transport | None,
-                    machine: TunnelMachine) -> None:
-    """Write what websockets' protocol has to send; its end-of-stream marker closes the
-    connection once flushed (within the machine's close deadline)."""
-    if transport is None or machine.ws_lost:
-        if machine.ws_lost:
-            websocket.data_to_send()  # the peer is gone: nothing to write to
-        return
-    for chunk in websocket.data_to_send():
-        if not chunk:  # websockets' end-of-stream marker
-            transport.close()
-            machine.websocket_flushing()
-        else:
-            transport.write(chunk)
-
-
-class StreamOwner(Protocol):
-    """What the stream side of a tunnel (a socket's :class:`StreamSide`, or an in-process
-    :class:`~grpcbridge.pipe.Pipe`) needs from its tunnel. Implemented by
-    :class:`StreamAdapter`, so by :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel`
-    and the ASGI app's tunnel."""
-
-    loop: asyncio.AbstractEventLoop
-
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None: ...
-
-    def stream_data(self, data: bytes) -> None: ...
-
-    def stream_eof(self) -> None: ...
-
-    def stream_lost(self, exc: Exception | None) -> None: ...
-
-    def pause_websocket_reading(self) -> None: ...
-
-    def resume_websocket_reading(self) -> None: ...
-
-    def websocket_buffer_size(self) -> int: ...
-
-    @property
-    def max_message_bytes(self) -> int | None:
-        """Largest WebSocket message this side accepts (None: no limit)."""
-
-
 class StreamAdapter(TunnelView):
     """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
     an asyncio stream transport (a backend connection, a local client, or a
-    :class:`~grpcbridge.pipe.Pipe`), implements :class:`StreamOwner` for it, arms the
+    :class:`~grpcbridge.pipe.Pipe`, which report to the machine directly), arms the
     machine's timer and resolves ``closed`` when the machine is done. Shared by the relay's
-    :class:`Tunnel` and the ASGI app's tunnel, which add their WebSocket halves."""
+    :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel` and the ASGI app's tunnel,
+    which add their WebSocket halves."""
 
     __slots__ = ("_timer", "closed", "loop", "machine", "stream_transport")
 
@@ -109,28 +67,6 @@ class StreamAdapter(TunnelView):
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
-    # ------------------------------------------------------------- the machine's view
-
-    @property
-    def account(self) -> BudgetAccount | None:
-        """Share of a server's memory budget, charged with what this tunnel holds."""
-        return self.machine.account
-
-    @account.setter
-    def account(self, account: BudgetAccount | None) -> None:
-        self.machine.account = account
-
-    @property
-    def dialing(self) -> bool:
-        """True while the stream side is being connected (``closed`` waits for it)."""
-        return self.machine.dialing
-
-    @dialing.setter
-    def dialing(self, value: bool) -> None:
-        self.machine.dialing = value
-
-    # ------------------------------------------- StreamOwner: the stream side's calls
-
     def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
         """Attach the byte-stream connection (from its ``connection_made``).
 
@@ -142,43 +78,12 @@ class StreamAdapter(TunnelView):
         self.machine.stream_attached_now()
         self.machine.charge()
 
-    def stream_data(self, data: bytes) -> None:
-        self.machine.stream_data(data)
-
-    def stream_eof(self) -> None:
-        self.machine.stream_eof()
-
-    def stream_lost(self, exc: Exception | None) -> None:
-        self.machine.stream_gone(exc is not None)
-
-    def pause_websocket_reading(self) -> None:
-        self.machine.stream_write_paused()
-
-    def resume_websocket_reading(self) -> None:
-        self.machine.stream_write_resumed()
-
-    def websocket_buffer_size(self) -> int:
-        """Bytes waiting to be sent on the WebSocket."""
-        return self.websocket_buffered()
-
     def websocket_buffered(self) -> int:
         raise NotImplementedError
-
-    def keepalive(self, ping_interval: float, idle_timeout: float) -> None:
-        """A tick of the server's keepalive sweep (see :func:`keepalive_forever`)."""
-        self.machine.tick(ping_interval, idle_timeout)
-
-    def charge_budget(self) -> None:
-        """Report what this tunnel holds to its budget account; over budget: close 1008."""
-        self.machine.charge()
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides; the WebSocket with ``code`` and ``reason``."""
         self.machine.close(code, reason)
-
-    def fail(self, code: int, reason: str, *, detail: str | None = None) -> None:
-        """Fail the WebSocket for a protocol violation (no further frames are processed)."""
-        self.machine.fail(code, reason, detail=detail)
 
     def abort(self) -> None:
         """Drop both sides now, without waiting for buffers or handshakes."""
@@ -219,7 +124,7 @@ class StreamAdapter(TunnelView):
 
     def _timer_fired(self) -> None:
         self._timer = None
-        self.machine.tick()
+        self.machine.timer_fired()
 
     def tunnel_closed(self) -> None:
         if self._timer is not None:
@@ -234,20 +139,36 @@ class SocketTunnel(StreamAdapter):
     half shared by the websockets (:class:`Tunnel`) and picows
     (:class:`~grpcbridge.fastws.PicowsTunnel`) adapters."""
 
-    __slots__ = ("_ws_yielding", "ws_transport")
+    __slots__ = ("_ws_yielding", "websocket", "ws_transport")
 
-    #: Seconds to wait for the peer's closing handshake (or a flush) before dropping it.
-    CLOSE_TIMEOUT = CLOSE_TIMEOUT
+    #: websockets' protocol, whose output :meth:`flush_websocket` writes (None: none).
+    websocket: WebSocketProtocol | None
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop)
         self.ws_transport: asyncio.Transport | None = None
         self._ws_yielding = False
 
-    @property
-    def is_open(self) -> bool:
-        """Relaying: WebSocket open and stream side attached."""
-        return self.machine.state is TunnelState.OPEN
+    def flush_websocket(self) -> None:
+        """Write what websockets' protocol has to send; its end-of-stream marker closes the
+        connection once flushed (within the machine's close deadline)."""
+        websocket = self.websocket
+        if websocket is None:
+            return
+        if self.machine.ws_lost:
+            websocket.data_to_send()  # the peer is gone: nothing to write to
+        elif self.ws_transport is not None:
+            for chunk in websocket.data_to_send():
+                if chunk:
+                    self.ws_transport.write(chunk)
+                else:  # websockets' end-of-stream marker
+                    self._close_flushed()
+
+    def _close_flushed(self) -> None:
+        """Close the WebSocket connection once what is buffered for it is sent."""
+        if self.ws_transport is not None and not self.machine.ws_lost:
+            self.ws_transport.close()
+            self.machine.websocket_flushing()
 
     def _yield_turn(self) -> None:
         """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
@@ -265,12 +186,6 @@ class SocketTunnel(StreamAdapter):
         if (self.ws_transport is not None and not self.machine.ws_lost
                 and not self.machine.ws_paused):
             self.ws_transport.resume_reading()
-
-    def ws_pause_writing(self) -> None:
-        self.machine.websocket_write_paused()
-
-    def ws_resume_writing(self) -> None:
-        self.machine.websocket_write_resumed()
 
     # ------------------------------------------- TunnelIO: the transport's outputs
 
@@ -307,23 +222,18 @@ class Tunnel(SocketTunnel):
         "__weakref__",
         "_inbound",
         "_retained",
-        "info",
+        "max_message_bytes",
         "on_handshake_event",
-        "websocket",
     )
 
+    websocket: WebSocketProtocol
 
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        websocket: WebSocketProtocol,
-        *,
-        stream_name: str,
-        info: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, websocket: WebSocketProtocol, *,
+                 stream_name: str) -> None:
         super().__init__(loop)
         self.websocket = websocket
-        self.info: dict[str, Any] = info if info is not None else {}
+        #: Largest WebSocket message accepted (None: no limit).
+        self.max_message_bytes = websocket.max_message_size
         #: Called with each non-frame event (handshake Request/Response).
         self.on_handshake_event: Callable[[object], None] | None = None
         #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
@@ -331,13 +241,7 @@ class Tunnel(SocketTunnel):
         #: Payload bytes of the last frame received: websockets' parser keeps that frame
         #: referenced until the next one arrives, so it counts as held memory.
         self._retained = 0
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name,
-                                     close_timeout=self.CLOSE_TIMEOUT)
-
-    @property
-    def max_message_bytes(self) -> int | None:
-        """Largest WebSocket message accepted (None: no limit)."""
-        return self.websocket.max_message_size
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # --------------------------------------------------------- WebSocket side
 
@@ -390,9 +294,6 @@ class Tunnel(SocketTunnel):
         elif received is not None:
             self.machine.websocket_closing(received.code, received.reason)
 
-    def flush_websocket(self) -> None:
-        flush_handshake(self.websocket, self.ws_transport, self.machine)
-
     def ws_lost(self, exc: Exception | None) -> None:
         machine = self.machine
         if machine.ws_lost:
@@ -412,11 +313,6 @@ class Tunnel(SocketTunnel):
         with contextlib.suppress(BufferError):
             self._inbound.clear()
         machine.websocket_lost(CloseCode.ABNORMAL, str(exc) if exc else "connection lost")
-
-    def websocket_opened(self) -> None:
-        """The WebSocket handshake completed. Reading it stays as the machine has it (the
-        bridge keeps it paused until the backend is attached)."""
-        self.machine.websocket_opened()
 
     # ------------------------------------------- TunnelIO: the machine's outputs
 
@@ -476,19 +372,20 @@ class WebSocketSide(asyncio.Protocol):
         self.tunnel.ws_lost(exc)
 
     def pause_writing(self) -> None:
-        self.tunnel.ws_pause_writing()
+        self.tunnel.machine.websocket_write_paused()
 
     def resume_writing(self) -> None:
-        self.tunnel.ws_resume_writing()
+        self.tunnel.machine.websocket_write_resumed()
 
 
 class StreamSide(asyncio.Protocol):
     """asyncio Protocol for the byte-stream connection of a tunnel."""
 
-    __slots__ = ("_buffer_bytes", "tunnel")
+    __slots__ = ("_buffer_bytes", "machine", "tunnel")
 
-    def __init__(self, tunnel: StreamOwner, buffer_bytes: int) -> None:
+    def __init__(self, tunnel: StreamAdapter, buffer_bytes: int) -> None:
         self.tunnel = tunnel
+        self.machine = tunnel.machine
         self._buffer_bytes = buffer_bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -496,20 +393,20 @@ class StreamSide(asyncio.Protocol):
         self.tunnel.attach_stream(transport, self._buffer_bytes)
 
     def data_received(self, data: bytes) -> None:
-        self.tunnel.stream_data(data)
+        self.machine.stream_data(data)
 
     def eof_received(self) -> bool | None:
-        self.tunnel.stream_eof()
+        self.machine.stream_eof()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.tunnel.stream_lost(exc)
+        self.machine.stream_gone(exc is not None)
 
     def pause_writing(self) -> None:
-        self.tunnel.pause_websocket_reading()
+        self.machine.stream_write_paused()
 
     def resume_writing(self) -> None:
-        self.tunnel.resume_websocket_reading()
+        self.machine.stream_write_resumed()
 
 
 async def keepalive_forever(
@@ -531,4 +428,4 @@ async def keepalive_forever(
         if on_tick is not None:
             on_tick()
         for tunnel in tunnels():
-            tunnel.keepalive(ping_interval, idle_timeout)
+            tunnel.machine.tick(ping_interval, idle_timeout)

@@ -62,7 +62,8 @@ class Listener:
     def __init__(self, address: SocketAddress) -> None:
         self.address = address
         self._server: asyncio.Server | None = None
-        self._unix_path: str | None = None
+        #: The socket file of a unix listener, while it exists.
+        self.unix_path: str | None = None
         #: Bound ``(host, port)`` of a TCP listener, after :meth:`start`.
         self.bound: tuple[str, int] | None = None
 
@@ -79,7 +80,7 @@ class Listener:
             remove_stale_socket(address.path)
             self._server = await loop.create_unix_server(factory, address.path, ssl=ssl,
                                                          backlog=1024)
-            self._unix_path = address.path
+            self.unix_path = address.path
         else:
             assert address.port is not None
             self._server = await loop.create_server(factory, address.host, address.port,
@@ -88,11 +89,6 @@ class Listener:
         if listening.family != socket.AF_UNIX:
             host, port = listening.getsockname()[:2]
             self.bound = (host, port)
-
-    @property
-    def unix_path(self) -> str | None:
-        """The socket file of a unix listener, while it exists."""
-        return self._unix_path
 
     def stop_accepting(self) -> None:
         """Stop accepting new connections (established ones are not touched)."""
@@ -105,7 +101,7 @@ class Listener:
             server.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), self.CLOSE_WAIT)
-        path, self._unix_path = self._unix_path, None
+        path, self.unix_path = self.unix_path, None
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -80,23 +81,19 @@ _CANCELLED = 1
 #: What grpclib sends when the client cancelled or the connection went.
 _UNKNOWN = 2
 
-_available: bool | None = None
 _tracer_cache: tuple[object, Tracer | None] | None = None
 
 
+@functools.cache
 def available() -> bool:
     """Whether ``opentelemetry-api`` is installed (imported on the first call)."""
-    global _available
-    if _available is None:
-        try:
-            import opentelemetry.context
-            import opentelemetry.propagate
-            import opentelemetry.trace  # noqa: F401
-        except ImportError:
-            _available = False
-        else:
-            _available = True
-    return _available
+    try:
+        import opentelemetry.context
+        import opentelemetry.propagate
+        import opentelemetry.trace  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _tracer() -> Tracer | None:
@@ -107,11 +104,11 @@ def _tracer() -> Tracer | None:
         return None
     from opentelemetry import trace
 
-    from . import __version__
-
     provider = trace.get_tracer_provider()
     cached = _tracer_cache
     if cached is None or cached[0] is not provider:
+        from . import __version__
+
         unset = isinstance(provider, (trace.ProxyTracerProvider, trace.NoOpTracerProvider))
         tracer = None if unset else provider.get_tracer("grpcbridge", __version__)
         cached = _tracer_cache = (provider, tracer)
@@ -179,18 +176,20 @@ def start_tunnel(*, request_id: str, client: str, peer: str, path: str,
 def end_tunnel(trace: TunnelTrace, *, code: int, reason: str, bytes_to_backend: int,
                bytes_to_client: int) -> None:
     """Close the tunnel's span with how it ended."""
-    span = trace.span
-    if span is None:
-        return
-    trace.span = None
+    span, trace.span = trace.span, None
+    if span is not None:
+        _end(span, {CLOSE_CODE: code, CLOSE_REASON: reason, BYTES_TO_BACKEND: bytes_to_backend,
+                    BYTES_TO_CLIENT: bytes_to_client},
+             code not in _CLEAN_CLOSES, f"closed with {code}: {reason}")
+
+
+def _end(span: Span, attributes: dict[str, str | int], error: bool, message: str | None) -> None:
+    """Set ``attributes`` and, if ``error``, the ERROR status with ``message``; end ``span``."""
     from opentelemetry.trace import Status, StatusCode
 
-    span.set_attributes({
-        CLOSE_CODE: code, CLOSE_REASON: reason, BYTES_TO_BACKEND: bytes_to_backend,
-        BYTES_TO_CLIENT: bytes_to_client,
-    })
-    if code not in _CLEAN_CLOSES:
-        span.set_status(Status(StatusCode.ERROR, f"closed with {code}: {reason}"))
+    span.set_attributes(attributes)
+    if error:
+        span.set_status(Status(StatusCode.ERROR, message))
     span.end()
 
 
@@ -208,16 +207,9 @@ class _Rpc:
         self.cancelled = False
 
     def end(self, status: int, message: str | None = None) -> None:
-        span = self.span
-        if span is None:
-            return
-        self.span = None
-        from opentelemetry.trace import Status, StatusCode
-
-        span.set_attribute("rpc.grpc.status_code", status)
-        if status in _SERVER_ERRORS:
-            span.set_status(Status(StatusCode.ERROR, message))
-        span.end()
+        span, self.span = self.span, None
+        if span is not None:
+            _end(span, {"rpc.grpc.status_code": status}, status in _SERVER_ERRORS, message)
 
 
 #: The RPC whose handler runs in this task (grpclib runs each request in its own task).
@@ -225,6 +217,7 @@ _current_rpc: contextvars.ContextVar[_Rpc | None] = contextvars.ContextVar(
     "grpcbridge_current_rpc", default=None)
 
 
+@functools.cache
 def _metadata_getter() -> Getter[Any]:
     """A propagator getter for grpclib's metadata (a MultiDict; binary values skipped)."""
     from opentelemetry.propagators.textmap import Getter
@@ -249,22 +242,17 @@ async def _on_request(event: Any) -> None:
     from opentelemetry import context, trace
     from opentelemetry.trace import Link, SpanKind
 
-    global _getter
-    if _getter is None:
-        _getter = _metadata_getter()
     service, _, method = event.method_name.lstrip("/").rpartition("/")
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
     tunnel = peer_extra_info(event.peer, TUNNEL_EXTRA)
     trusted = isinstance(tunnel, TunnelTrace) and tunnel.trust_context
-    parent, remote = _parent(event.metadata, _getter, trusted)
-    links = []
+    parent, links = _parent(event.metadata, _metadata_getter(), trusted)
     if isinstance(tunnel, TunnelTrace):
         attributes[REQUEST_ID] = tunnel.request_id
-        span_context = tunnel.span.get_span_context() if tunnel.span is not None else None
-        if span_context is not None and span_context.is_valid:
-            links.append(Link(span_context))
+        if tunnel.span is not None and tunnel.span.get_span_context().is_valid:
+            links.insert(0, Link(tunnel.span.get_span_context()))
     span = tracer.start_span(f"{service}/{method}", context=parent, kind=SpanKind.SERVER,
-                             attributes=attributes, links=links + remote)
+                             attributes=attributes, links=links)
     rpc = _Rpc(span)
     _current_rpc.set(rpc)  # this runs in the RPC's own task: set until the task ends
     handler = event.method_func
@@ -299,8 +287,6 @@ async def _on_trailers(event: Any) -> None:
             rpc.end(status, event.status_message)
 
 
-#: The propagator getter for grpclib metadata (made on first use).
-_getter: Getter[Any] | None = None
 #: grpclib servers whose RPCs get spans (their listeners are registered).
 _traced: weakref.WeakSet[Any] = weakref.WeakSet()
 

@@ -168,8 +168,7 @@ def fake_js(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeJS]:
     js = FakeJS()
     FakeWebSocket.instances = []
     monkeypatch.setattr(_ffi, "js", lambda: js)
-    monkeypatch.setattr(_ffi, "create_proxy", FakeProxy)
-    monkeypatch.setattr(_ffi, "to_js", list)
+    monkeypatch.setattr(_ffi, "ffi", lambda: SimpleNamespace(create_proxy=FakeProxy, to_js=list))
     monkeypatch.setattr(_ffi, "navigator_online", lambda: None)
     proxies = FakeProxy.live
     yield js

@@ -49,7 +49,6 @@ from support import (
     timing,
     tls_files,
     wait_until,
-    warm_up_grpc_and_uvloop,
 )
 
 USER, PASSWORD = "grpc", "pr0xy-s3cret"
@@ -143,9 +142,8 @@ def socks_proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyServe
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _grpc_warmed_up() -> None:
-    warm_up_grpc_and_uvloop()
-    # ...and a grpcio client's.
+def _grpc_warmed_up(_grpc_warmed_up: None) -> None:
+    """conftest's, and a grpcio client's (its process-wide threads and descriptors too)."""
     with grpc.insecure_channel(f"127.0.0.1:{free_port()}") as channel, \
             contextlib.suppress(grpc.RpcError):
         todo_pb2_grpc.TodoServiceStub(channel).ListTodos(LIST, timeout=0.5)

@@ -26,7 +26,6 @@ from grpcbridge.core.admission import (
     parse_networks,
 )
 from grpcbridge.core.errors import ConfigError, TargetError
-from grpcbridge.core.stream import CloseCode, InboundMessages, Opcode, StreamViolation
 from grpcbridge.core.target import SocketAddress, Target, parse_address, parse_target
 
 # No example database: runs leave no files behind and every run explores afresh.
@@ -320,35 +319,6 @@ def test_parse_target_raises_only_target_error(raw: str, tls: bool | None) -> No
 
 
 # --------------------------------------------------------------- InboundMessages
-
-FRAME = st.tuples(st.sampled_from(list(Opcode)), st.binary(max_size=16))
-
-
-@FAST
-@given(st.lists(FRAME, max_size=12))
-def test_inbound_messages_follow_the_documented_rules(frames: list[tuple[Opcode, bytes]]
-                                                      ) -> None:
-    def outcomes() -> list[bytes | int]:
-        rules = InboundMessages()
-        results: list[bytes | int] = []
-        for opcode, payload in frames:
-            try:
-                results.append(rules.accept(opcode, payload))
-            except StreamViolation as violation:
-                assert violation.code is CloseCode.UNSUPPORTED_DATA
-                results.append(int(violation.code))
-        return results
-
-    first = outcomes()
-    assert outcomes() == first  # a fresh instance decides the same way
-    text_seen = False
-    for (opcode, payload), result in zip(frames, first, strict=True):
-        if opcode is Opcode.BINARY or (opcode is Opcode.CONTINUATION and not text_seen):
-            assert result == payload
-        else:
-            assert result == 1003
-            text_seen = True
-
 
 # ------------------------------------------------------------------ loggable_path
 

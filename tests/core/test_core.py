@@ -26,9 +26,6 @@ from grpcbridge.core.config import BridgeConfig, ForwarderConfig
 from grpcbridge.core.errors import ConfigError, TargetError
 from grpcbridge.core.stream import (
     CloseCode,
-    InboundMessages,
-    Opcode,
-    StreamViolation,
     fit_close_reason,
     message_too_big_reason,
 )
@@ -564,47 +561,15 @@ class TestAbuseLimiter:
 
     def test_negative_limits_are_config_errors(self) -> None:
         with pytest.raises(ConfigError, match="max_upgrades_per_minute"):
-            AbuseLimiter(max_upgrades_per_minute=-1)
+            BridgeConfig(backend="127.0.0.1:50051", max_upgrades_per_minute=-1)
         with pytest.raises(ConfigError, match="max_connections_per_client"):
-            AbuseLimiter(max_connections_per_client=-1)
+            BridgeConfig(backend="127.0.0.1:50051", max_connections_per_client=-1)
 
 
 # -------------------------------------------------------------------------- stream
 
 
-class TestInboundMessages:
-    def test_binary_passes_unchanged(self) -> None:
-        rules = InboundMessages()
-        assert rules.accept(Opcode.BINARY, b"PRI * HTTP/2.0") == b"PRI * HTTP/2.0"
-        assert rules.accept(Opcode.BINARY, b"") == b""
-        assert rules.accept(Opcode.CONTINUATION, b"more") == b"more"
-
-    def test_text_is_violation_1003(self) -> None:
-        rules = InboundMessages()
-        with pytest.raises(StreamViolation) as exc:
-            rules.accept(Opcode.TEXT, b"hello")
-        assert exc.value.code is CloseCode.UNSUPPORTED_DATA
-        assert int(exc.value.code) == 1003
-        assert "1003" in str(exc.value)
-        assert "text" in exc.value.reason
-
-    def test_empty_text_is_also_a_violation(self) -> None:
-        with pytest.raises(StreamViolation):
-            InboundMessages().accept(Opcode.TEXT, b"")
-
-    def test_continuation_of_text_violates(self) -> None:
-        rules = InboundMessages()
-        with pytest.raises(StreamViolation):
-            rules.accept(Opcode.TEXT, b"part one")
-        with pytest.raises(StreamViolation) as exc:
-            rules.accept(Opcode.CONTINUATION, b"part two")
-        assert exc.value.code == 1003
-
-    def test_binary_continuation_after_binary(self) -> None:
-        rules = InboundMessages()
-        rules.accept(Opcode.BINARY, b"a")
-        assert rules.accept(Opcode.CONTINUATION, b"b") == b"b"
-
+class TestStreamRules:
     def test_close_codes(self) -> None:
         assert [int(c) for c in CloseCode] == [1000, 1001, 1002, 1003, 1006, 1008, 1009, 1011]
 

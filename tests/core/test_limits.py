@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grpcbridge.core.config import BridgeConfig
 from grpcbridge.core.errors import ConfigError
 from grpcbridge.core.limits import FrameRate, MemoryBudget
 
@@ -70,11 +71,11 @@ def test_budget_zero_disables() -> None:
     account.close()
 
 
-def test_budget_rejects_bad_limits() -> None:
-    with pytest.raises(ConfigError, match="client memory budget"):
-        MemoryBudget(per_client=-1)
-    with pytest.raises(ConfigError, match="memory budget"):
-        MemoryBudget(total=True)  # type: ignore[arg-type]
+def test_bad_budget_limits_are_refused_by_the_config() -> None:
+    with pytest.raises(ConfigError, match="client_memory_budget"):
+        BridgeConfig(backend="127.0.0.1:50051", client_memory_budget=-1)
+    with pytest.raises(ConfigError, match="memory_budget"):
+        BridgeConfig(backend="127.0.0.1:50051", memory_budget=True)
 
 
 _actions = st.lists(

@@ -159,6 +159,36 @@ def test_text_frame_fails_1003_once_and_stops_everything() -> None:
     assert io.to_stream == []
 
 
+def test_continuations_of_binary_messages_pass_and_of_text_ones_fail() -> None:
+    tunnel, io = opened()
+    assert tunnel.frame(Opcode.CONTINUATION, b"more") and io.to_stream == [b"more"]
+    assert tunnel.frame(Opcode.CONTINUATION, b"")  # no payload: an empty frame
+    assert not tunnel.frame(Opcode.TEXT, b"")  # an empty text message is a violation too
+    reason = tunnel.close_reason
+    assert "text" in reason and ("fail_websocket", 1003, reason) in io.calls
+    assert not tunnel.frame(Opcode.CONTINUATION, b"part two")  # a continuation of the text
+    assert io.to_stream == [b"more"]
+
+
+FRAMES = st.lists(st.tuples(st.sampled_from(list(Opcode)), st.binary(max_size=16)),
+                  max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(FRAMES)
+def test_frames_follow_the_documented_rules(frames: list[tuple[Opcode, bytes]]) -> None:
+    tunnel, io = opened()
+    text_seen = False
+    for opcode, payload in frames:
+        text_seen = text_seen or opcode is Opcode.TEXT
+        assert tunnel.frame(opcode, payload) is not text_seen
+        if not text_seen:
+            assert tunnel.close_code is None
+    assert tunnel.close_code == (CloseCode.UNSUPPORTED_DATA if text_seen else None)
+    first_text = next((i for i, (op, _) in enumerate(frames) if op is Opcode.TEXT), len(frames))
+    assert b"".join(io.to_stream) == b"".join(payload for _, payload in frames[:first_text])
+
+
 def test_empty_and_control_frames_are_rate_limited() -> None:
     tunnel, io = opened()
     allowed = 0
@@ -422,12 +452,21 @@ def test_random_interleavings_keep_the_invariants(open_first: bool,
     assert io.closed <= 1
 
 
-def test_a_timer_that_fires_early_is_armed_again() -> None:
+def test_a_tick_sets_the_timer_only_when_the_deadline_changes() -> None:
     tunnel, io = opened()
     io.stream_buffer = 10
     tunnel.websocket_lost(CloseCode.ABNORMAL, "gone")
     assert io.timer == CLOSE_TIMEOUT
     io.now = CLOSE_TIMEOUT - 0.001  # event loops may run a timer a little early
-    io.timer = None
+    io.timer = -1.0  # a marker: armed, and not due
     tunnel.tick()
+    # Nothing was due: a tick (the keepalive sweep's, every second for an aged tunnel) leaves
+    # the armed timer alone instead of replacing it.
+    assert io.timer == -1.0 and tunnel.deadline == CLOSE_TIMEOUT
+    io.timer = None  # the adapter's timer fired early
+    tunnel.timer_fired()
+    # timer_fired asks for the same deadline again, as nothing was due.
     assert io.timer == CLOSE_TIMEOUT and "abort_stream" not in io.names()
+    io.timer, io.now = None, CLOSE_TIMEOUT  # fired on time
+    tunnel.timer_fired()
+    assert io.timer is None and io.names()[-1] == "abort_stream"  # the deadline is gone

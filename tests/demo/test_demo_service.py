@@ -86,8 +86,8 @@ def test_store_crud_and_change_feed() -> None:
         with pytest.raises(KeyError):
             store.update("nope", "x", False)
         events = [q.get_nowait() for _ in range(4)]
-        assert [e[0] for e in events] == ["todo", "todo", "todo", "deleted"]
-        assert events[3] == ("deleted", b.id)
+        assert [e.WhichOneof("event") for e in events] == ["todo", "todo", "todo", "deleted_id"]
+        assert events[3] == todo_pb2.SyncResponse(deleted_id=b.id)
         store.unsubscribe(q)
         store.create("c")
         assert q.empty()
@@ -368,7 +368,7 @@ def test_store_refuses_invalid_text_on_every_write() -> None:
         ):
             assert store.apply_sync(request) == error
         assert [t.text for t in store.list()] == ["ok"]
-        assert feed.get_nowait() == ("todo", todo)  # the refused writes published nothing
+        assert feed.get_nowait().todo == todo  # the refused writes published nothing
         assert feed.empty()
     finally:
         store.close()

@@ -31,11 +31,6 @@ def create_proxy(function: Any) -> Any:
     return ffi().create_proxy(function)
 
 
-def to_js(value: Any) -> Any:
-    """Convert a Python list (of strings) to a JavaScript Array."""
-    return ffi().to_js(value)
-
-
 def page_location() -> tuple[str, str] | None:
     """``(location.protocol, location.host)`` of the page or worker, or ``None`` where
     there is no location (Node)."""

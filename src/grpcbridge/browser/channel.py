@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Literal, Never
+from functools import partial
+from typing import Literal, Never
 from urllib.parse import quote
 
 from grpclib.config import Configuration
@@ -103,7 +104,6 @@ class Channel(CoreChannel[WebSocketTransport]):
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         max_frame_size: int | None = None,
-        websocket_class: Any = None,
         config: Configuration | None = None,
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
@@ -141,13 +141,11 @@ class Channel(CoreChannel[WebSocketTransport]):
                 url += f"{separator}{BEARER_QUERY_PARAMETER}={quote(bearer_token, safe='')}"
         super().__init__(parsed, options, codec=codec,
                          status_details_codec=status_details_codec, config=config)
-        self._url = url  # may carry the token: never shown
-        self._offered = tuple(offered)
-        self._transport_options: dict[str, Any] = {
-            "high_water": high_water, "low_water": low_water,
-            "max_buffer_bytes": max_buffer_bytes, "max_message_bytes": max_message_bytes,
-            "drain_timeout": drain_timeout, "websocket_class": websocket_class,
-        }
+        # ``url`` may carry the token: never shown (the transport's messages show the target).
+        self._connect = partial(
+            WebSocketTransport, url, tuple(offered), name=self.target, high_water=high_water,
+            low_water=low_water, max_buffer_bytes=max_buffer_bytes,
+            max_message_bytes=max_message_bytes, drain_timeout=drain_timeout)
 
     @property
     def transport(self) -> WebSocketTransport | None:
@@ -155,5 +153,4 @@ class Channel(CoreChannel[WebSocketTransport]):
         return self._current
 
     def _new_connection(self) -> WebSocketTransport:
-        return WebSocketTransport(self._url, self._offered, name=self.target,
-                                  **self._transport_options)
+        return self._connect()

@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from grpclib.exceptions import StreamTerminatedError
 
 from .._grpclib_compat import open_streams, release_finished_streams
+from ..core.config import check_positive
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
 from ..core.stream import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -80,9 +81,11 @@ DEFAULT_DRAIN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 5.0
 #: Seconds to wait for ``close`` after an ``error`` event before giving up on it.
 ERROR_CLOSE_TIMEOUT = 1.0
+#: Seconds between ``bufferedAmount`` checks while writing is paused.
+POLL_INTERVAL = 0.005
 
 # JavaScript WebSocket.readyState values.
-_CONNECTING, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
+_CONNECTING, _OPEN, _CLOSING = 0, 1, 2  # then CLOSED = 3
 _HANDLERS = ("onopen", "onmessage", "onclose", "onerror")
 # HTTP/2 frame types that carry no request data: RST_STREAM, SETTINGS, PING, GOAWAY,
 # WINDOW_UPDATE. grpclib may still emit them for RPCs finishing after the socket closed.
@@ -180,15 +183,11 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
-        poll_interval: float = 0.005,
-        websocket_class: Any = None,
     ) -> None:
         check_buffer_sizes(high_water, low_water, max_buffer_bytes, max_message_bytes)
-        if drain_timeout < 0 or poll_interval <= 0:
-            raise ConfigError("drain_timeout must be >= 0 and poll_interval > 0")
+        check_positive("drain_timeout", drain_timeout, allow_zero=True)
         super().__init__({"url": name or url})
         self._loop = asyncio.get_running_loop()
-        self.url = url
         self.name = name or url
         self.stats = TransportStats()
         self._high_water = high_water
@@ -196,12 +195,12 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self._max_buffer_bytes = max_buffer_bytes
         self._max_message_bytes = max_message_bytes
         self._drain_timeout = drain_timeout
-        self._poll_interval = poll_interval
         #: The tunnel's rules; it calls back the ``TunnelIO`` methods of this transport.
         self.machine = TunnelMachine(self, clock=self._loop.time, stream_name="client",
                                      close_timeout=self.close_timeout)
         self.machine.pending_limit = max_buffer_bytes
-        self._protocol: asyncio.Protocol | None = None
+        #: The attached protocol, if any.
+        self.protocol: asyncio.Protocol | None = None
         #: Writes held until the end of the current JavaScript task (see ``write``).
         self._held: list[bytes] = []
         self._held_bytes = 0
@@ -220,11 +219,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self.close_event_code: int | None = None
         #: Code this side put in its close frame (see :func:`private_close_code`).
         self.sent_close_code: int | None = None
-        self._close_called = False
         self._error_seen = False
-        self._draining = False
-        self._lost = False
-        self._finalized = False
+        #: True while RPCs whose responses arrived before the peer closed are finishing.
+        self.draining = False
         #: Resolved when the socket opened; fails with :class:`HandshakeError` otherwise.
         self.opened: asyncio.Future[None] = self._loop.create_future()
         #: Resolved when the socket is gone and its proxies are destroyed.
@@ -233,52 +230,40 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         js = _ffi.js()
         self._uint8array = js.Uint8Array
         self._queue_microtask = js.queueMicrotask
-        constructor = websocket_class if websocket_class is not None else js.WebSocket
+        args = (url, _ffi.ffi().to_js(list(subprotocols))) if subprotocols else (url,)
         try:
-            if subprotocols:
-                self._ws = constructor.new(url, _ffi.to_js(list(subprotocols)))
-            else:
-                self._ws = constructor.new(url)
+            #: The JavaScript ``WebSocket`` object.
+            self.websocket: Any = js.WebSocket.new(*args)
         except Exception as exc:  # JS SyntaxError (bad URL), SecurityError (blocked port)
             raise HandshakeError(f"cannot open a WebSocket to {self.name}: {exc}") from None
-        self._ws.binaryType = "arraybuffer"
+        self.websocket.binaryType = "arraybuffer"
         # Install every handler now, before the socket can open or deliver anything.
         self._proxies: dict[str, Any] = {  # onopen -> _handle_open, looked up per event
             handler: _ffi.create_proxy(partial(self._guard, "_handle_" + handler[2:]))
             for handler in _HANDLERS}
         for handler, proxy in self._proxies.items():
-            setattr(self._ws, handler, proxy)
+            setattr(self.websocket, handler, proxy)
         # One long-lived proxy runs every flush microtask (no proxy per flush).
         self._proxies["flush"] = self._flush_proxy = _ffi.create_proxy(self._flush_task_end)
         WebSocketTransport.live_proxies += len(self._proxies)
 
     def __repr__(self) -> str:
-        state = ("closed" if self._finalized else "closing" if self.close_code is not None
+        state = ("closed" if self.machine.ws_lost else "closing" if self.close_code is not None
                  else "open" if self.opened.done() else "connecting")
         return f"<WebSocketTransport {self.name} {state}>"
 
     # ------------------------------------------------------------------ state
 
     @property
-    def websocket(self) -> Any:
-        """The JavaScript ``WebSocket`` object."""
-        return self._ws
-
-    @property
-    def protocol(self) -> asyncio.Protocol | None:
-        """The attached protocol, if any."""
-        return self._protocol
-
-    @property
     def subprotocol(self) -> str:
         """The subprotocol the server selected (``""`` for none)."""
-        return str(self._ws.protocol or "")
+        return str(self.websocket.protocol or "")
 
     @property
     def usable(self) -> bool:
         """True while new requests can be sent: open, and not closing on either side."""
-        return (self.close_code is None and self._protocol is not None
-                and not self._finalized and self._ws.readyState == _OPEN)
+        return (self.close_code is None and self.protocol is not None
+                and self.websocket.readyState == _OPEN)
 
     @property
     def close_started(self) -> bool:
@@ -288,11 +273,6 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def loss_description(self) -> str | None:
         """:meth:`describe_close` once closing began, else ``None`` (for the channel core)."""
         return None if self.close_code is None else self.describe_close()
-
-    @property
-    def draining(self) -> bool:
-        """True while RPCs whose responses arrived before the peer closed are finishing."""
-        return self._draining
 
     def describe_close(self) -> str:
         """One line for errors: URL, close code and reason, and ``navigator.onLine``."""
@@ -326,11 +306,11 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def attach(self, protocol: asyncio.Protocol) -> None:
         """Call ``protocol.connection_made(self)``, then deliver the bytes that arrived
         before, in order. Raises :class:`SocketClosedError` if the socket is not open."""
-        if self._protocol is not None:
+        if self.protocol is not None:
             raise RuntimeError("a protocol is already attached")
         if self.close_code is not None or not self.opened.done():
             raise SocketClosedError(f"cannot attach: {self.describe_close()}")
-        self._protocol = protocol
+        self.protocol = protocol
         protocol.connection_made(self)
         self.machine.stream_attached_now()
         if self._paused:  # connection_made's writes filled the socket already
@@ -358,7 +338,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def _handle_message(self, event: Any) -> None:
         data = event.data
         machine = self.machine
-        if machine.close_code is not None and not self._draining:
+        if machine.close_code is not None and not self.draining:
             # This side closed the connection (close() or a violation): nobody reads any more.
             self.stats.bytes_ignored_after_close += len(data) if isinstance(data, str) else int(
                 getattr(data, "byteLength", 0) or 0)
@@ -385,27 +365,27 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
             # check, and one that timers throttled in background tabs cannot delay.
             self._check_resume(stop_watcher=True)
         machine.data(payload)  # to the protocol, or held in order until one is attached
-        if self._protocol is None:
+        if self.protocol is None:
             self.stats.max_pending_bytes = max(self.stats.max_pending_bytes,
                                                machine.pending_bytes)
 
     def _handle_close(self, event: Any) -> None:
-        if self._finalized:
+        if self.machine.ws_lost:
             return
         code = int(getattr(event, "code", CloseCode.ABNORMAL) or CloseCode.ABNORMAL)
         reason = str(getattr(event, "reason", "") or "")
         self.close_event_code = code
-        self._closed_there(code, reason, "error" if self._error_seen else "server")
+        self._closed_there(code, reason)
         self._finalize()
 
     def _handle_error(self, event: Any) -> None:
         self._error_seen = True
-        if self._finalized or self.close_code is not None:
+        if self.close_code is not None:
             return  # the close event (or our own close) decides
-        if self._ws.readyState == _CONNECTING:
+        if self.websocket.readyState == _CONNECTING:
             # The attempt failed: fail the RPCs waiting for it now. (Node 20's WebSocket
             # then fires no close event at all; browsers fire one with 1006.)
-            self._closed_there(CloseCode.ABNORMAL, "WebSocket error before opening", "error")
+            self._closed_there(CloseCode.ABNORMAL, "WebSocket error before opening")
         # A close event follows an error event and carries the code: wait for it, briefly.
         if self._error_timer is not None:
             self._error_timer.cancel()
@@ -413,10 +393,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _error_timer_fired(self) -> None:
         self._error_timer = None
-        if not self._finalized:
-            self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed",
-                               "error")
-            self._finalize()
+        self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed")
+        self._finalize()
 
     # ----------------------------------------------------------------- writing
 
@@ -428,8 +406,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         size = len(data)
         if not size:
             return
-        if self.close_code is None and self._protocol is not None and \
-                self._ws.readyState == _OPEN:
+        if self.close_code is None and self.protocol is not None and \
+                self.websocket.readyState == _OPEN:
             held = self._held_bytes + size
             if held + self._buffered > self._max_buffer_bytes and \
                     held + self._read_buffered() > self._max_buffer_bytes:
@@ -455,9 +433,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                     self._held_bytes + self._read_buffered() > self._high_water:
                 self._pause()
             return
-        ws = self._ws
-        socket_going = self.close_code is None and ws.readyState in (_CLOSING, _CLOSED)
-        if (self._draining or socket_going) and _control_frames_only(data):
+        socket_going = self.close_code is None and self.websocket.readyState >= _CLOSING
+        if (self.draining or socket_going) and _control_frames_only(data):
             return
         if socket_going:
             raise SocketClosedError(f"write of {size} bytes refused: WebSocket {self.name} is "
@@ -482,7 +459,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         data = held[0] if len(held) == 1 else b"".join(held)
         self._held = []
         self._held_bytes = 0
-        if self._finalized or self._ws.readyState != _OPEN:
+        if self.websocket.readyState != _OPEN:
             if not _control_frames_only(data):  # control frames: nobody to send them to
                 self.stats.bytes_unsent += len(data)
                 logger.debug("grpcbridge.browser: %d held bytes not sent: %s", len(data),
@@ -494,12 +471,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
             self.send_message(data)
 
     def _read_buffered(self) -> int:
-        self._buffered = buffered = int(self._ws.bufferedAmount)
+        self._buffered = buffered = int(self.websocket.bufferedAmount)
         return buffered
-
-    def writelines(self, list_of_data: Any) -> None:
-        """Send the concatenation of ``list_of_data`` in one message."""
-        self.write(b"".join(list_of_data))
 
     def can_write_eof(self) -> bool:
         """False: a WebSocket has no half-close."""
@@ -507,7 +480,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def get_write_buffer_size(self) -> int:
         """Held bytes plus the socket's ``bufferedAmount`` (0 once it is gone)."""
-        return 0 if self._finalized else self._held_bytes + self._read_buffered()
+        return 0 if self.machine.ws_lost else self._held_bytes + self._read_buffered()
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         """``(low_water, high_water)``."""
@@ -517,8 +490,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         """Set the backpressure marks (held plus ``bufferedAmount`` bytes)."""
         high = DEFAULT_HIGH_WATER if high is None else high
         low = high // 4 if low is None else low
-        if not 0 <= low <= high <= self._max_buffer_bytes:
-            raise ValueError(f"need 0 <= low <= high <= max_buffer_bytes, got {low}, {high}")
+        check_buffer_sizes(high, low, self._max_buffer_bytes, self._max_message_bytes)
         self._high_water, self._low_water = high, low
 
     def _pause(self) -> None:
@@ -529,9 +501,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _check_resume(self, *, stop_watcher: bool = False) -> None:
         """Resume writing if held bytes plus ``bufferedAmount`` fell to ``low_water``."""
-        if not self._paused or self.close_code is not None:
-            return
-        if self._held_bytes + self._read_buffered() > self._low_water:
+        if not self._paused or self.close_code is not None or \
+                self._held_bytes + self._read_buffered() > self._low_water:
             return
         self._paused = False
         if stop_watcher and self._watcher is not None:
@@ -542,17 +513,17 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     async def _wait_below_low_water(self) -> None:
         # Browsers fire no event when bufferedAmount falls: poll. Background tabs throttle
         # these timers (to 1 s or more), so every inbound message checks too (see
-        # _handle_message). Polling faster than the 5 ms default (Pyodide runs delays up
+        # _handle_message). Polling faster than every 5 ms (Pyodide runs delays up
         # to 2 ms as immediate callbacks) spins the CPU the network needs, and measured slower.
         while self._paused and self.close_code is None:
-            await asyncio.sleep(self._poll_interval)
+            await asyncio.sleep(POLL_INTERVAL)
             self._check_resume()
 
     # ------------------------------------------------------------ reading side
 
     def is_reading(self) -> bool:
         """True until the socket began closing (or while finishing RPCs drain)."""
-        return self.close_code is None or self._draining
+        return self.close_code is None or self.draining
 
     # ----------------------------------------------------------------- closing
 
@@ -560,7 +531,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         """True once the socket began closing, except while RPCs drain (see below)."""
         # While RPCs whose responses arrived in full are finishing, grpclib must still read
         # their trailers (it skips them on a closing transport), so this says False then.
-        return self.close_code is not None and not self._draining
+        return self.close_code is not None and not self.draining
 
     def close(self) -> None:
         """Close with code 1000; RPCs still waiting end at once. Idempotent."""
@@ -571,30 +542,14 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self.close()
         self._finalize()
 
-    def _closed_there(self, code: int, reason: str, closed_by: str) -> None:
-        """The peer or the network began the close (``closed_by``: ``server``, ``error``)."""
+    def _closed_there(self, code: int, reason: str) -> None:
+        """The peer (``closed_by`` ``server``) or the network (``error``, after an ``error``
+        event) began the close."""
         if self.close_code is not None:
             return
-        if self._held and not self._finalized:
-            self._flush()  # accounted for as unsent if the socket can no longer send
-        self.closed_by = closed_by
+        self._flush()  # held writes are accounted for as unsent: the socket cannot send
+        self.closed_by = "error" if self._error_seen else "server"
         self.machine.websocket_closing(code, reason)  # -> close_stream: RPCs drain
-        self._settle_opened()
-
-    def _closing_here(self) -> None:
-        """This side began the close (the machine is sending or failing it)."""
-        if self._close_called:
-            return
-        self._close_called = True
-        if self._error_timer is not None:  # the machine's close deadline applies now
-            self._error_timer.cancel()
-            self._error_timer = None
-        if self.closed_by is None:
-            self.closed_by = "client"
-        if self._held and not self._finalized:
-            # Writes accepted before the close go out first (drain before close); if the
-            # socket can no longer send, _flush accounts for them.
-            self._flush()
         self._settle_opened()
 
     def _settle_opened(self) -> None:
@@ -603,8 +558,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
             self.opened.exception()  # retrieved: wait_open re-raises it when awaited
 
     def _send_close(self, code: int, reason: str) -> None:
-        ws = self._ws
-        if ws.readyState not in (_CONNECTING, _OPEN):
+        ws = self.websocket
+        if ws.readyState >= _CLOSING:
             return
         text = fit_close_reason(reason)
         # Browsers let scripts send only 1000 and 3000-4999: 1003, 1009 and 1011 go out as
@@ -618,21 +573,6 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
             return
         logger.debug("grpcbridge.browser: WebSocket.close refused every code")
 
-    def _release_finished_rpcs(self, protocol: Any) -> None:
-        """The peer closed. RPCs whose response ended (END_STREAM arrived) may still be
-        reading it: let them finish for up to ``drain_timeout`` seconds; end the others now
-        with the close code and reason. Then ``connection_lost``."""
-        try:
-            finishing = release_finished_streams(protocol, self.describe_close())
-        except AttributeError:  # pragma: no cover - a grpclib without these internals
-            logger.debug("grpcbridge.browser: unknown grpclib internals", exc_info=True)
-            finishing = []
-        if finishing and self._drain_timeout > 0:
-            self._draining = True
-            self._drainer = self._loop.create_task(self._drain(protocol, finishing))
-        else:
-            self._loop.call_soon(self._connection_lost)
-
     async def _drain(self, protocol: Any, stream_ids: list[int]) -> None:
         deadline = self._loop.time() + self._drain_timeout
         streams = open_streams(protocol)
@@ -642,44 +582,37 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                     break
                 await asyncio.sleep(0.01)
         finally:
-            self._draining = False
             self._connection_lost()
 
     def _connection_lost(self) -> None:
-        protocol = self._protocol
-        if protocol is None or self._lost:
+        self.draining = False
+        protocol = self.protocol
+        if protocol is None or self.machine.stream_lost:
             return
-        self._lost = True
-        self._draining = False
+        self.machine.stream_gone(False)  # the close code is set: this only records it
         clean = self.closed_by == "client" and self.close_code == CloseCode.NORMAL
         protocol.connection_lost(None if clean else SocketClosedError(self.describe_close()))
-        self.machine.stream_gone(False)
 
     def _finalize(self) -> None:
         """The socket is gone (or given up): detach the handlers, destroy the proxies."""
-        if self._finalized:
+        if self.machine.ws_lost:
             return
-        self._finalized = True
+        # Closing began before (every path here sets the close code, and any held writes
+        # were sent or accounted for then): the machine only records the loss.
+        self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
         for timer in (self._timer, self._error_timer):
             if timer is not None:
                 timer.cancel()
         self._timer = self._error_timer = None
-        if self._watcher is not None and not self._watcher.done():
-            self._watcher.cancel()
-        if self._held:  # only if closing did not already send or account for them
-            self._flush()
-        ws = self._ws
+        if self._watcher is not None:
+            self._watcher.cancel()  # a no-op once it is done
+        ws = self.websocket
         for handler in _HANDLERS:
             try:
                 setattr(ws, handler, None)
             except Exception:  # pragma: no cover
                 logger.debug("grpcbridge.browser: cannot detach %s", handler, exc_info=True)
-        if ws.readyState in (_CONNECTING, _OPEN):  # given up without a close event
-            self._send_close(CloseCode.NORMAL, "normal closure")
-        if self.close_code is None:  # pragma: no cover - defensive
-            self.closed_by = "error"
-        self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
-        self._settle_opened()
+        self._send_close(CloseCode.NORMAL, "normal closure")  # if given up without a close event
         # The handler that called us may be one of the proxies: destroy them afterwards.
         self._loop.call_soon(self._destroy_proxies)
 
@@ -699,13 +632,21 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def send_message(self, data: bytes) -> None:
         buffer = self._uint8array.new(len(data))
         buffer.assign(data)
-        self._ws.send(buffer)
+        self.websocket.send(buffer)
         self.stats.messages_sent += 1
         self.stats.max_buffered_amount = max(self.stats.max_buffered_amount,
                                              self._read_buffered())
 
     def send_close(self, code: int, reason: str) -> None:
-        self._closing_here()
+        if self.closed_by is None:  # this side begins the close
+            self.closed_by = "client"
+            if self._error_timer is not None:  # the machine's close deadline applies now
+                self._error_timer.cancel()
+                self._error_timer = None
+            # Writes accepted before the close go out first (drain before close); if the
+            # socket can no longer send, _flush accounts for them.
+            self._flush()
+            self._settle_opened()
         self._send_close(code, reason)
 
     def fail_websocket(self, code: int, reason: str) -> None:
@@ -715,7 +656,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def abort_websocket(self) -> None:
         # A script cannot drop a socket: the first call (closing before the socket opened)
         # closes it; a later one (the close deadline passed) gives it up.
-        if self._close_called or self._finalized:
+        if self.closed_by is not None:
             self._finalize()
         elif self.close_code is None or self.close_code == CloseCode.NORMAL:
             self.send_close(CloseCode.NORMAL, self.close_reason)
@@ -725,44 +666,50 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     websocket_buffered = get_write_buffer_size
 
     def write_stream(self, data: bytes) -> None:
-        assert self._protocol is not None
-        self._protocol.data_received(data)
+        assert self.protocol is not None
+        self.protocol.data_received(data)
 
     def close_stream(self) -> None:
-        protocol = self._protocol
+        protocol = self.protocol
         if protocol is None:
             return
-        if self.closed_by == "client":
-            # This side gave up the connection: every RPC on it ends now.
-            self._loop.call_soon(self._connection_lost)
-        else:
-            self._release_finished_rpcs(protocol)
+        if self.closed_by != "client":
+            # The peer closed. RPCs whose response ended (END_STREAM arrived) may still be
+            # reading it: let them finish for up to ``drain_timeout`` seconds; end the
+            # others now with the close code and reason. Then ``connection_lost``.
+            try:
+                finishing = release_finished_streams(protocol, self.describe_close())
+            except AttributeError:  # not a grpclib protocol
+                logger.debug("grpcbridge.browser: unknown grpclib internals", exc_info=True)
+                finishing = []
+            if finishing and self._drain_timeout > 0:
+                self.draining = True
+                self._drainer = self._loop.create_task(self._drain(protocol, finishing))
+                return
+        # Otherwise (and when this side gave up the connection) every RPC on it ends now.
+        self._loop.call_soon(self._connection_lost)
 
     def abort_stream(self) -> None:
         self._connection_lost()
 
     def pause_stream(self) -> None:
-        assert self._protocol is not None
-        self._protocol.pause_writing()
+        assert self.protocol is not None
+        self.protocol.pause_writing()
 
     def resume_stream(self) -> None:
-        assert self._protocol is not None
-        self._protocol.resume_writing()
+        assert self.protocol is not None
+        self.protocol.resume_writing()
 
     def set_timer(self, deadline: float | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if deadline is not None and not self._finalized:
+        if deadline is not None and not self.machine.ws_lost:
             self._timer = self._loop.call_at(deadline, self._tick)
 
     def _tick(self) -> None:
         self._timer = None
-        self.machine.tick()
-        deadline = self.machine.deadline
-        if self._timer is None and deadline is not None:
-            # The loop ran the timer a hair early (clock rounding): the machine did nothing.
-            self.set_timer(deadline)
+        self.machine.timer_fired()
 
     # Nothing to do: browsers cannot send pings (the machine gets no ping interval) nor stop
     # reading a socket (inbound memory is bounded by HTTP/2 flow control); only the ``close``

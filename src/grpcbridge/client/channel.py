@@ -16,9 +16,9 @@ from ..core.config import ReconnectPolicy
 from ..core.proxy import FROM_ENVIRONMENT, ProxySetting, resolve_proxy
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, CloseCode
 from ..core.target import parse_target
+from ..core.tunnel import CLOSE_TIMEOUT
 from ..pipe import Pipe
-from ..relay import Tunnel
-from .dial import DialSettings, client_ssl_context, open_websocket
+from .dial import DialSettings, open_websocket
 
 
 class _TunnelConnection:
@@ -27,7 +27,7 @@ class _TunnelConnection:
 
     __slots__ = ("_dial", "closed", "tunnel")
 
-    close_timeout = Tunnel.CLOSE_TIMEOUT
+    close_timeout = CLOSE_TIMEOUT
 
     def __init__(self, dial: DialSettings) -> None:
         self._dial = dial
@@ -45,7 +45,7 @@ class _TunnelConnection:
 
     @property
     def usable(self) -> bool:
-        return not self.tunnel.dialing and self.tunnel.close_code is None
+        return not self.tunnel.machine.dialing and self.tunnel.close_code is None
 
     @property
     def close_started(self) -> bool:
@@ -59,11 +59,12 @@ class _TunnelConnection:
                 + (f" ({tunnel.close_reason})" if tunnel.close_reason else ""))
 
     def close(self) -> None:
-        if not self.tunnel.dialing:  # a handshake in progress finishes first (see Connection)
+        # A handshake in progress finishes first (see Connection).
+        if not self.tunnel.machine.dialing:
             self.tunnel.close(CloseCode.NORMAL, "channel closed")
 
     def abort(self) -> None:
-        if not self.tunnel.dialing:
+        if not self.tunnel.machine.dialing:
             self.tunnel.abort()
 
 
@@ -129,7 +130,7 @@ class Channel(CoreChannel[_TunnelConnection]):
                          status_details_codec=status_details_codec, config=config)
         self._dial = DialSettings(
             target=parsed,
-            ssl=ssl if ssl is not None else (client_ssl_context(None) if parsed.secure
+            ssl=ssl if ssl is not None else (ssl_module.create_default_context() if parsed.secure
                                              else None),
             headers=options.headers, bearer_token=bearer_token,
             subprotocols=options.subprotocols, origin=origin,

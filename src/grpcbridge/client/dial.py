@@ -25,33 +25,21 @@ from websockets.protocol import OPEN
 from websockets.typing import Origin, Subprotocol
 from websockets.uri import parse_uri
 
-from ..core.errors import ConfigError, HandshakeError
+from ..core.errors import HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, host_port
-from ..fastws import REFUSAL_BODY, ClientRequest, PicowsTunnel
+from ..fastws import REFUSAL_BODY, ClientRequest, PicowsProtocol, PicowsTunnel
 from ..relay import Tunnel, WebSocketSide, websockets_logger
 
 #: A client tunnel on either framing engine.
 ClientTunnel = Tunnel | PicowsTunnel
 
 
-def client_ssl_context(cacert: str | None) -> ssl.SSLContext:
-    """TLS settings for dialing wss:// (system CAs, or only ``cacert`` when given)."""
-    return ssl.create_default_context(cafile=cacert)
-
-
-#: Headers the WebSocket handshake writes itself: picows would send a user's copy besides its
-#: own (two Upgrade or Host headers), so ``headers`` may not name them.
-HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "sec-websocket-key",
-                               "sec-websocket-version", "sec-websocket-extensions",
-                               "sec-websocket-accept"})
-
-
 @dataclass(frozen=True, kw_only=True)
 class DialSettings:
-    """How to open client tunnels to one target (already validated by the caller, but for
-    the handshake's own headers: see :data:`HANDSHAKE_HEADERS`)."""
+    """How to open client tunnels to one target (already validated by the caller:
+    :func:`~grpcbridge.core.config.check_dial_options`)."""
 
     target: Target
     ssl: ssl.SSLContext | None = None
@@ -65,14 +53,6 @@ class DialSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
 
-    def __post_init__(self) -> None:
-        for name in self.headers:
-            if name.lower() in HANDSHAKE_HEADERS:
-                raise ConfigError(
-                    f"headers: {name!r} is written by the WebSocket handshake itself and "
-                    "cannot be set; drop it (Host comes from the target URL; Origin and "
-                    "Sec-WebSocket-Protocol may be set, or use origin/subprotocols)")
-
     def new_tunnel(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> Tunnel:
         """A tunnel whose WebSocket side is a client, not yet connected."""
         websocket = ClientProtocol(
@@ -83,7 +63,7 @@ class DialSettings:
             logger=websockets_logger,
         )
         tunnel = Tunnel(loop, websocket, stream_name=stream_name)
-        tunnel.dialing = True
+        tunnel.machine.dialing = True
         return tunnel
 
     def new_fast_tunnel(self, loop: asyncio.AbstractEventLoop,
@@ -91,7 +71,7 @@ class DialSettings:
         """A tunnel whose WebSocket side is a picows client, not yet connected."""
         tunnel = PicowsTunnel(loop, None, stream_name=stream_name,
                               max_message_bytes=self.max_message_bytes)
-        tunnel.dialing = True
+        tunnel.machine.dialing = True
         return tunnel
 
     def upgrade_headers(self) -> list[tuple[str, str]]:
@@ -122,15 +102,19 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     """
     target = settings.target
     within = settings.handshake_timeout
+    protocol: PicowsProtocol | None = None  # a picows tunnel's, once made
     try:
         async with asyncio.timeout(within):
             if isinstance(tunnel, PicowsTunnel):
-                await _open_picows(tunnel, settings, within)
+                protocol = made = PicowsProtocol(tunnel, request=_client_request(settings))
+                await _connect(tunnel, settings, within, lambda: made)
+                await _answered(made, target)
             else:
                 await _open_websockets(tunnel, settings, within)
     except TimeoutError:
-        refused = (await _late_refusal(tunnel, target)
-                   if isinstance(tunnel, PicowsTunnel) and tunnel.release_answer() else None)
+        # A refusal whose body had not all come: picows fails the handshake with it now.
+        refused = (await _late_refusal(protocol, target)
+                   if protocol is not None and protocol.release_answer() else None)
         _abandon(tunnel)
         if refused is not None:
             raise refused from None
@@ -141,7 +125,7 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)
         raise
-    tunnel.dialing = False
+    tunnel.machine.dialing = False
     tunnel.machine.websocket_opened()
 
 
@@ -174,10 +158,7 @@ async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float
         await _connect(tunnel, settings, within,
                        lambda: WebSocketSide(tunnel, settings.buffer_bytes))
         request = websocket.connect()  # with Origin and Sec-WebSocket-Protocol
-        extra = dict(settings.headers)
-        if settings.bearer_token is not None:
-            extra["Authorization"] = f"Bearer {settings.bearer_token}"
-        for name, value in extra.items():
+        for name, value in settings.upgrade_headers():
             # websockets' Headers append on assignment, and raise KeyError on deleting a
             # header that is absent (Authorization and custom headers always are).
             if name in request.headers:
@@ -192,7 +173,8 @@ async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float
         raise _refused(settings.target, answer.status_code, answer.body)
 
 
-async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: float) -> None:
+def _client_request(settings: DialSettings) -> ClientRequest:
+    """The upgrade request of a picows client tunnel."""
     target = settings.target
     protocols = settings.subprotocols
 
@@ -209,21 +191,18 @@ async def _open_picows(tunnel: PicowsTunnel, settings: DialSettings, within: flo
             raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: "
                                  + problem, status=int(answer.status))
 
-    request = ClientRequest(authority=target.authority, resource=target.resource,
-                            headers=settings.upgrade_headers(), check=check,
-                            buffer_bytes=settings.buffer_bytes)
-    protocol = tunnel.client_protocol(request)
-    await _connect(tunnel, settings, within, lambda: protocol)
-    await _answered(tunnel, target)
+    return ClientRequest(authority=target.authority, resource=target.resource,
+                         headers=settings.upgrade_headers(), check=check,
+                         buffer_bytes=settings.buffer_bytes)
 
 
-async def _late_refusal(tunnel: PicowsTunnel, target: Target) -> HandshakeError | None:
+async def _late_refusal(protocol: PicowsProtocol, target: Target) -> HandshakeError | None:
     """The error for a refusal whose body had not all come when the dial ran out of time,
-    once picows has it (:meth:`PicowsTunnel.release_answer`): it has already failed the
+    once picows has it (:meth:`PicowsProtocol.release_answer`): it has already failed the
     handshake, so nothing is waited for (None if, against that, it had not)."""
     try:
         async with asyncio.timeout(0):
-            await _answered(tunnel, target)
+            await _answered(protocol, target)
     except HandshakeError as exc:
         return exc
     except TimeoutError:
@@ -231,21 +210,21 @@ async def _late_refusal(tunnel: PicowsTunnel, target: Target) -> HandshakeError 
     return None
 
 
-async def _answered(tunnel: PicowsTunnel, target: Target) -> None:
+async def _answered(protocol: PicowsProtocol, target: Target) -> None:
     """Wait until picows has the upgrade answer; raise HandshakeError unless it opened
     the tunnel."""
     try:
-        await tunnel.handshake_answered()
+        await protocol.wait_until_handshake_complete()
     except WSInvalidStatusError as exc:
         answer = exc.response
-        body = tunnel.refusal_body
+        body = protocol.refusal_body
         raise _refused(target, int(answer.status) if answer else 0,
                        exc.raw_body if body is None else body) from None
     except WSHandshakeError as exc:
         raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
                              status=int(exc.response.status) if exc.response else None
                              ) from None
-    if tunnel.ws is None:
+    if protocol.tunnel.ws is None:
         raise HandshakeError(f"{target.url} closed the connection during the WebSocket "
                              "handshake")
 

@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from typing import cast
 
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError, InvalidStateError
 from ..core.stream import CloseCode
 from ..core.target import host_port
+from ..core.tunnel import CLOSE_TIMEOUT, TunnelState
 from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import log_event
 from ..relay import StreamSide, keepalive_forever
 from ..sockets import Listener
-from .dial import DialSettings, client_ssl_context, open_websocket
+from .dial import DialSettings, open_websocket
 
 
 class Forwarder:
@@ -36,7 +38,7 @@ class Forwarder:
         target = config.parsed_target
         self._dial_settings = DialSettings(
             target=target,
-            ssl=client_ssl_context(config.cacert) if target.secure else None,
+            ssl=ssl.create_default_context(cafile=config.cacert) if target.secure else None,
             headers=config.headers, bearer_token=config.bearer_token,
             subprotocols=config.subprotocols, origin=config.origin, proxy=config.parsed_proxy,
             handshake_timeout=config.handshake_timeout,
@@ -82,7 +84,7 @@ class Forwarder:
             self._closed.set()
             raise
         self._keepalive = loop.create_task(keepalive_forever(
-            lambda: [t for t in self._tunnels if t.is_open],
+            lambda: [t for t in self._tunnels if t.machine.state is TunnelState.OPEN],
             self.config.ping_interval, self.config.idle_timeout))
         proxy = self.config.parsed_proxy
         log_event("forwarder_started", listen=self.target,
@@ -113,14 +115,13 @@ class Forwarder:
                 if task is not None:
                     task.cancel()
                 tunnel.close(CloseCode.GOING_AWAY, "forwarder shutting down")
-            pending = [tunnel.closed for tunnel in self._tunnels]
-            if pending:
-                await asyncio.wait(pending, timeout=PicowsTunnel.CLOSE_TIMEOUT + 1)
-            for tunnel in list(self._tunnels):
-                tunnel.abort()
-            pending = [tunnel.closed for tunnel in self._tunnels]
-            if pending:
-                await asyncio.wait(pending, timeout=1)
+            # Closing handshakes get their deadline; then what is left is aborted.
+            for timeout in (CLOSE_TIMEOUT + 1, 1):
+                pending = [tunnel.closed for tunnel in self._tunnels]
+                if pending:
+                    await asyncio.wait(pending, timeout=timeout)
+                for tunnel in list(self._tunnels):
+                    tunnel.abort()
             tasks = [task for task in self._tunnels.values() if task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
@@ -134,10 +135,10 @@ class Forwarder:
 
     # ------------------------------------------------------------------
 
-    def _accept(self) -> StreamSide:
-        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+    def _accept(self) -> asyncio.Protocol:
         if self._state != "running":
-            return _RefusingStreamSide(tunnel, self.config.buffer_bytes)
+            return _Refusing()
+        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
         self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
         return StreamSide(tunnel, self.config.buffer_bytes)
@@ -155,9 +156,8 @@ class Forwarder:
         log_event("tunnel_opened", target=url)
 
 
-class _RefusingStreamSide(StreamSide):
+class _Refusing(asyncio.Protocol):
     """Accepted while shutting down: close at once."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport.abort()
+        cast(asyncio.Transport, transport).abort()  # uvloop's transports are not subclasses

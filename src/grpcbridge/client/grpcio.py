@@ -31,18 +31,19 @@ from ..loops import loop_factory
 from .forwarder import Forwarder
 
 
-def _private_socket() -> tuple[str, str]:
+async def _start_forwarder(target: str, options: dict[str, Any]) -> tuple[Forwarder, str]:
+    """A started forwarder listening on a unix socket (made 0600) in a fresh directory
+    (mkdtemp's: 0700); the forwarder and the directory, removed if the start fails."""
     directory = tempfile.mkdtemp(prefix="grpcbridge-")
-    os.chmod(directory, stat.S_IRWXU)
-    return directory, os.path.join(directory, "tunnel.sock")
-
-
-async def _start_forwarder(target: str, path: str, options: dict[str, Any]) -> Forwarder:
-    """A started forwarder listening on the unix socket ``path``, made 0600."""
-    forwarder = Forwarder(ForwarderConfig(target=target, listen=f"unix:{path}", **options))
-    await forwarder.start()
+    path = os.path.join(directory, "tunnel.sock")
+    try:
+        forwarder = Forwarder(ForwarderConfig(target=target, listen=f"unix:{path}", **options))
+        await forwarder.start()
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
     os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
-    return forwarder
+    return forwarder, directory
 
 
 class _StubFactories:
@@ -108,13 +109,8 @@ async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
     that uses it). ``options`` are grpcio channel options; ``tunnel`` takes
     :class:`~grpcbridge.ForwarderConfig` fields (``bearer_token``, ``headers``, ``cacert``,
     ``subprotocols``, ``proxy``, ``handshake_timeout``...)."""
-    directory, path = _private_socket()
-    try:
-        forwarder = await _start_forwarder(target, path, tunnel)
-    except BaseException:
-        shutil.rmtree(directory, ignore_errors=True)
-        raise
-    channel = grpc.aio.insecure_channel(f"unix:{path}", options=list(options))
+    forwarder, directory = await _start_forwarder(target, tunnel)
+    channel = grpc.aio.insecure_channel(forwarder.config.listen, options=list(options))
     return AioChannel(channel, forwarder, directory)
 
 
@@ -126,20 +122,19 @@ class SyncChannel(_StubFactories, grpc.Channel):
 
     def __init__(self, target: str, options: Sequence[tuple[str, Any]],
                  tunnel: dict[str, Any]) -> None:
-        self._directory, path = _private_socket()
         self._loop = loop_factory("auto")()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpcbridge-channel",
                                         daemon=True)
         self._closed = False
         self._thread.start()
         try:
-            self._forwarder = asyncio.run_coroutine_threadsafe(
-                _start_forwarder(target, path, tunnel), self._loop).result(30)
+            self._forwarder, self._directory = asyncio.run_coroutine_threadsafe(
+                _start_forwarder(target, tunnel), self._loop).result(30)
         except BaseException:
             self._stop_loop()
-            shutil.rmtree(self._directory, ignore_errors=True)
             raise
-        self._channel = grpc.insecure_channel(f"unix:{path}", options=list(options))
+        self._channel = grpc.insecure_channel(self._forwarder.config.listen,
+                                              options=list(options))
 
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -8,13 +8,17 @@ status an ended stream gets is the channel core's decision
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import grpclib.client
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from .._grpclib_compat import retype_stream
+
+T = TypeVar("T")
 
 
 class ErrorSource(Protocol):
@@ -24,54 +28,38 @@ class ErrorSource(Protocol):
     def call_error(self, exc: BaseException) -> GRPCError: ...
 
 
+def _reported(method: Callable[..., Coroutine[Any, Any, T]]
+              ) -> Callable[..., Coroutine[Any, Any, T]]:
+    """``method`` of grpclib's stream, raising the channel's ``GRPCError`` instead of
+    ``StreamTerminatedError``."""
+
+    @functools.wraps(method)
+    async def reporting(self: _TunnelStream, *args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except StreamTerminatedError as exc:
+            raise self._bridge_channel.call_error(exc) from exc
+
+    return reporting
+
+
 class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
     """A grpclib client stream that reports a lost tunnel as a ``GRPCError`` (grpclib itself
     raises ``StreamTerminatedError``, which gRPC code does not expect)."""
 
     _bridge_channel: ErrorSource
 
-    async def send_request(self, *, end: bool = False) -> None:
-        try:
-            await super().send_request(end=end)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
+    send_request = _reported(grpclib.client.Stream.send_request)
+    send_message = _reported(grpclib.client.Stream.send_message)
+    end = _reported(grpclib.client.Stream.end)
+    recv_initial_metadata = _reported(grpclib.client.Stream.recv_initial_metadata)
+    recv_message = _reported(grpclib.client.Stream.recv_message)
+    recv_trailing_metadata = _reported(grpclib.client.Stream.recv_trailing_metadata)
 
-    async def send_message(self, message: Any, *, end: bool = False) -> None:
-        try:
-            await super().send_message(message, end=end)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
-
-    async def end(self) -> None:
-        try:
-            await super().end()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
-
-    async def recv_initial_metadata(self) -> None:
-        try:
-            await super().recv_initial_metadata()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
-
-    async def recv_message(self) -> Any:
-        try:
-            return await super().recv_message()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
-
-    async def recv_trailing_metadata(self) -> None:
-        try:
-            await super().recv_trailing_metadata()
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
-
+    @_reported
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
-        try:
-            await super().__aexit__(exc_type, exc_val, exc_tb)
-        except StreamTerminatedError as exc:
-            raise self._bridge_channel.call_error(exc) from exc
+        await super().__aexit__(exc_type, exc_val, exc_tb)
         if isinstance(exc_val, StreamTerminatedError):
             raise self._bridge_channel.call_error(exc_val) from exc_val
 

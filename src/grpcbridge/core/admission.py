@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs
 
 from .errors import ConfigError
+from .target import ip_or_none
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -112,11 +113,8 @@ def parse_networks(values: Iterable[str], *, what: str) -> tuple[IPNetwork, ...]
 
 def is_trusted_proxy(address: str, networks: Sequence[IPNetwork]) -> bool:
     """Whether ``address`` (a socket peer) lies in one of ``networks`` (trusted proxies)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in network for network in networks)
+    ip = ip_or_none(address)
+    return ip is not None and any(ip in network for network in networks)
 
 
 def client_identity(
@@ -131,9 +129,7 @@ def client_identity(
         return peer
     hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
     for hop in reversed(hops):
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        if ip_or_none(hop) is None:
             return peer  # a malformed chain cannot be trusted
         if not is_trusted_proxy(hop, trusted_proxies):
             return hop
@@ -168,8 +164,12 @@ _SCHEME = re.compile(r"[a-z][a-z0-9+.-]*\Z")
 
 
 def _split_host_port(value: str) -> tuple[str, int | None] | None:
-    """Lower-case ``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> ``(host, port)`` with
-    the host normalised (no trailing dot; IPv6 compressed, in brackets); None if malformed."""
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` -> ``(host, port)`` with the host
+    normalised (lower case, no trailing dot; IPv6 compressed, in brackets); None if malformed.
+    ASCII only: str.lower() maps some non-ASCII letters to ASCII ones (KELVIN SIGN -> k)."""
+    if not value.isascii():
+        return None
+    value = value.lower()
     if value.startswith("["):
         end = value.find("]")
         if end < 0:
@@ -193,13 +193,6 @@ def _split_host_port(value: str) -> tuple[str, int | None] | None:
     return host, int(rest[1:])
 
 
-def _untrusted_host_port(value: str) -> tuple[str, int | None] | None:
-    """A ``Host`` header (or an origin's authority) from a client, parsed; None if malformed."""
-    text = value.strip()
-    # ASCII only: str.lower() maps some non-ASCII letters to ASCII ones (KELVIN SIGN -> k).
-    return _split_host_port(text.lower()) if text.isascii() else None
-
-
 def _parse_origin(value: str) -> tuple[str, str, int | None] | None:
     """An ``Origin`` header -> ``(scheme, host, port)``; None for ``null`` and garbage."""
     text = value.strip()
@@ -219,20 +212,6 @@ class _HostPattern:
     port: int | None
     any_port: bool  # False: the port must equal ``port`` (None: no explicit port)
 
-    @classmethod
-    def parse(cls, text: str, *, any_port: bool) -> _HostPattern | None:
-        """``host[:port]`` or ``*.host[:port]`` (lower case); None if malformed. With
-        ``any_port``, an entry without a port matches every port."""
-        wildcard = text.startswith("*.")
-        body = text[2:] if wildcard else text
-        if "*" in body or not body.isascii():
-            return None
-        parsed = _split_host_port(body)
-        if parsed is None or (wildcard and parsed[0].startswith("[")):
-            return None
-        host, port = parsed
-        return cls(host, wildcard, port, any_port and port is None)
-
     def matches(self, host: str, port: int | None) -> bool:
         if not self.any_port and port != self.port:
             return False
@@ -243,12 +222,16 @@ class _HostPattern:
 
 def _host_pattern(what: str, value: str, text: str, *, any_port: bool, example: str,
                   expected: str) -> _HostPattern:
-    """``text`` (the entry ``value`` of ``what``, or its part after ``scheme://``) as a
-    pattern; else a :class:`ConfigError` for a misplaced ``*`` (``example`` shows where it
-    goes) or for not being ``expected``."""
-    pattern = _HostPattern.parse(text, any_port=any_port)
-    if pattern is not None:
-        return pattern
+    """``text`` (the entry ``value`` of ``what``, or its part after ``scheme://``):
+    ``host[:port]`` or ``*.host[:port]``, lower case; with ``any_port`` an entry without a
+    port matches every port. Else a :class:`ConfigError` for a misplaced ``*`` (``example``
+    shows where it goes) or for not being ``expected``."""
+    wildcard = text.startswith("*.")
+    body = text[2:] if wildcard else text
+    parsed = None if "*" in body else _split_host_port(body)
+    if parsed is not None and not (wildcard and parsed[0].startswith("[")):
+        host, port = parsed
+        return _HostPattern(host, wildcard, port, any_port and port is None)
     if "*" in text:
         raise ConfigError(
             f"{what}: {value!r} uses '*' where it is not supported; the only wildcard is a "
@@ -257,15 +240,22 @@ def _host_pattern(what: str, value: str, text: str, *, any_port: bool, example: 
     raise ConfigError(f"{what}: {value!r} is not {expected}")
 
 
-def _entries(allowed: Iterable[str], what: str) -> list[str]:
-    if isinstance(allowed, str):
-        raise ConfigError(f"{what} must be a list of strings, not one string")
+def string_list(name: str, values: Iterable[str]) -> tuple[str, ...]:
+    """``values`` as a tuple; one string (for a list of one) is refused."""
+    if isinstance(values, str):
+        raise ConfigError(f"{name} must be a list of strings, not one string "
+                          f"(write [{values!r}])")
+    return tuple(values)
+
+
+def _entries(allowed: Iterable[str], what: str) -> tuple[bool, list[str]]:
+    """Whether ``*`` (anything) is among the entries, and the others, lower case."""
     values = []
-    for entry in allowed:
+    for entry in string_list(what, allowed):
         if not isinstance(entry, str) or not entry.strip():
             raise ConfigError(f"{what} entries must be non-empty strings, got {entry!r}")
         values.append(entry.strip().lower())
-    return values
+    return "*" in values, [value for value in values if value != "*"]
 
 
 _AN_ORIGIN = "an http(s) origin like https://app.example.com (scheme, host and optional port only)"
@@ -283,16 +273,13 @@ class OriginPolicy:
     apex, same port rules) and ``*`` (anything). Case-insensitive.
     """
 
-    __slots__ = ("_any", "_hosts", "_origins")
+    __slots__ = ("_any", "_patterns")
 
     def __init__(self, allowed: Iterable[str] = ()) -> None:
-        self._origins: list[tuple[str, _HostPattern]] = []
-        self._hosts: list[_HostPattern] = []
-        self._any = False
-        for value in _entries(allowed, "allowed_origins"):
-            if value == "*":
-                self._any = True
-                continue
+        #: (scheme, pattern): a full origin's scheme, or None for a bare host (any scheme).
+        self._patterns: list[tuple[str | None, _HostPattern]] = []
+        self._any, entries = _entries(allowed, "allowed_origins")
+        for value in entries:
             is_origin = "://" in value
             scheme, _, rest = value.rstrip("/").partition("://")
             if is_origin and scheme not in ("http", "https"):
@@ -302,10 +289,7 @@ class OriginPolicy:
                 example="*.example.com or https://*.example.com",
                 expected=_AN_ORIGIN if is_origin else "a host like app.example.com or "
                 "app.example.com:3000")
-            if is_origin:
-                self._origins.append((scheme, pattern))
-            else:
-                self._hosts.append(pattern)
+            self._patterns.append((scheme if is_origin else None, pattern))
 
     def allows(self, origin: str | None, host: str | None) -> bool:
         """Whether a request with this ``Origin`` and ``Host`` header may proceed."""
@@ -315,12 +299,10 @@ class OriginPolicy:
         if parsed is None:
             return False
         scheme, name, port = parsed
-        if any(scheme == allowed and pattern.matches(name, port)
-               for allowed, pattern in self._origins):
+        if any(allowed in (None, scheme) and pattern.matches(name, port)
+               for allowed, pattern in self._patterns):
             return True
-        if any(pattern.matches(name, port) for pattern in self._hosts):
-            return True
-        return host is not None and _untrusted_host_port(host) == (name, port)
+        return host is not None and _split_host_port(host.strip()) == (name, port)
 
 
 class HostPolicy:
@@ -336,16 +318,11 @@ class HostPolicy:
     __slots__ = ("_any", "_patterns")
 
     def __init__(self, allowed: Iterable[str] = ()) -> None:
-        self._patterns: list[_HostPattern] = []
-        self._any = False
-        for value in _entries(allowed, "allowed_hosts"):
-            if value == "*":
-                self._any = True
-                continue
-            self._patterns.append(_host_pattern(
-                "allowed_hosts", value, value, any_port=True, example="*.example.com",
-                expected="a host name like bridge.example.com, bridge.example.com:8080 or "
-                "[::1]:8080"))
+        self._any, entries = _entries(allowed, "allowed_hosts")
+        self._patterns = [_host_pattern(
+            "allowed_hosts", value, value, any_port=True, example="*.example.com",
+            expected="a host name like bridge.example.com, bridge.example.com:8080 or [::1]:8080")
+            for value in entries]
 
     @property
     def enabled(self) -> bool:
@@ -361,7 +338,7 @@ class HostPolicy:
             return False
         if self._any:
             return True
-        parsed = _untrusted_host_port(host)
+        parsed = _split_host_port(host.strip())
         return parsed is not None and any(pattern.matches(*parsed) for pattern in self._patterns)
 
 
@@ -387,10 +364,6 @@ class BearerTokenAuth:
     def __repr__(self) -> str:
         return "BearerTokenAuth(token=<redacted>)"
 
-    def _matches(self, candidate: str) -> bool:
-        # surrogatepass: a hostile lone surrogate must not turn into an exception (a 500).
-        return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), self._token)
-
     def __call__(self, request: HandshakeRequest) -> Rejection | None:
         candidates: list[str] = []
         authorization = request.header("authorization")
@@ -407,8 +380,10 @@ class BearerTokenAuth:
         if not candidates:
             return Rejection(401, "missing bearer token", label="auth",
                              headers=(("WWW-Authenticate", self.CHALLENGE),))
-        # Check every candidate so timing does not reveal which one matched.
-        matched = [self._matches(candidate) for candidate in candidates]
+        # Check every candidate so timing does not reveal which one matched; surrogatepass:
+        # a hostile lone surrogate must not turn into an exception (a 500).
+        matched = [hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), self._token)
+                   for candidate in candidates]
         if any(matched):
             return None
         return Rejection(403, "invalid bearer token", label="auth",
@@ -434,7 +409,7 @@ class AbuseLimiter:
 
     Per-client state exists only while a client has active tunnels or upgrades inside the
     window; it is pruned as it expires, so memory does not grow with distinct clients.
-    Limits of 0 are disabled.
+    Limits of 0 are disabled (:class:`~grpcbridge.core.config.BridgeConfig` validates them).
     """
 
     WINDOW = 60.0
@@ -446,13 +421,6 @@ class AbuseLimiter:
         max_connections_per_client: int = 0,
         max_upgrades_per_minute: int = 0,
     ) -> None:
-        for name, value in (
-            ("max_connections", max_connections),
-            ("max_connections_per_client", max_connections_per_client),
-            ("max_upgrades_per_minute", max_upgrades_per_minute),
-        ):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0 (0 disables the limit), got {value}")
         self.max_connections = max_connections
         self.max_connections_per_client = max_connections_per_client
         self.max_upgrades_per_minute = max_upgrades_per_minute
@@ -471,19 +439,14 @@ class AbuseLimiter:
         while upgrades and upgrades[0] <= horizon:
             upgrades.popleft()
 
-    def _sweep(self, now: float) -> None:
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + self.WINDOW / 4
-        for client in list(self._clients):
-            state = self._clients[client]
-            self._expire(state, now)
-            if not state.active and not state.upgrades:
-                del self._clients[client]
-
     def admit(self, client: str, now: float) -> Rejection | None:
         """Decide on an upgrade; on success the caller must :meth:`release` it later."""
-        self._sweep(now)
+        if now >= self._next_sweep:  # drop the state of clients whose window is empty
+            self._next_sweep = now + self.WINDOW / 4
+            for other, held in list(self._clients.items()):
+                self._expire(held, now)
+                if not held.active and not held.upgrades:
+                    del self._clients[other]
         if self.max_connections and self.active >= self.max_connections:
             return Rejection(503, "bridge at its connection limit", retry_after=1, label="capacity")
         state = self._clients.get(client)

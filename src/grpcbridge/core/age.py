@@ -44,15 +44,8 @@ MAX_AGE_REASON = "tunnel reached its maximum age"
 MAX_AGE_NO_GOAWAY_REASON = "tunnel reached its maximum age (no GOAWAY sent: stuck mid-frame)"
 
 
-def _goaway() -> bytes:
-    frame = GoAwayFrame(0)
-    frame.last_stream_id = LAST_STREAM_ID
-    frame.error_code = 0  # NO_ERROR
-    return bytes(frame.serialize())
-
-
-#: The graceful GOAWAY the bridge sends (17 bytes).
-GOAWAY = _goaway()
+#: The graceful GOAWAY the bridge sends (17 bytes; error code 0 is NO_ERROR).
+GOAWAY = bytes(GoAwayFrame(0, last_stream_id=LAST_STREAM_ID, error_code=0).serialize())
 
 _HEADER = 9
 _HEADERS = 0x1
@@ -64,9 +57,10 @@ _END_HEADERS = 0x4
 _DEFAULT_MAX_FRAME_SIZE = 16384
 
 
-def jittered(seconds: float, random_unit: float) -> float:
-    """``seconds`` spread by +/- :data:`AGE_JITTER` (``random_unit`` in [0, 1))."""
-    return seconds * (1 + AGE_JITTER * (2 * random_unit - 1))
+def jittered(seconds: float, random_unit: float, jitter: float = AGE_JITTER) -> float:
+    """``seconds`` spread by +/- ``jitter`` (a fraction; ``random_unit`` in [0, 1) picks the
+    point in the band): a tunnel's maximum age, a reconnection's backoff."""
+    return seconds * (1 + jitter * (2 * random_unit - 1))
 
 
 class FrameCursor:

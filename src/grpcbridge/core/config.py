@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks
+from .admission import AuthHook, HostPolicy, IPNetwork, OriginPolicy, parse_networks, string_list
+from .age import jittered
 from .errors import ConfigError
-from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET, check_bytes
+from .limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .proxy import FROM_ENVIRONMENT, ProxySetting, ProxyURL, resolve_proxy
 from .stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .target import SocketAddress, Target, parse_address, parse_target
@@ -35,6 +36,16 @@ def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None
         raise ConfigError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{hint}, got {value}")
 
 
+def check_bytes(name: str, value: object, minimum: int = 0) -> None:
+    """:class:`ConfigError` naming ``name`` unless ``value`` is an integer number of bytes
+    >= ``minimum`` (with no minimum, 0 disables the limit)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
+    if value < minimum:
+        hint = "" if minimum else " (0 disables it)"
+        raise ConfigError(f"{name} must be >= {minimum}{hint}, got {value}")
+
+
 def _check_keepalive(ping_interval: float, idle_timeout: float) -> None:
     for name, value in (("ping_interval", ping_interval), ("idle_timeout", idle_timeout)):
         check_positive(name, value, allow_zero=True)
@@ -48,28 +59,8 @@ def _check_sizes(max_message_bytes: int, buffer_bytes: int) -> None:
     check_bytes("buffer_bytes", buffer_bytes, 4096)
 
 
-def _check_budgets(per_client: int, total: int, needed: int) -> None:
-    for name, value in (("client_memory_budget", per_client), ("memory_budget", total)):
-        check_bytes(name, value)
-        if value and value < needed:
-            raise ConfigError(
-                f"{name} ({value}) must hold at least one largest message plus a buffer "
-                f"(max_message_bytes + buffer_bytes = {needed}), or 0 to disable it")
-    if per_client and total and per_client > total:
-        raise ConfigError(f"client_memory_budget ({per_client}) must not exceed "
-                          f"memory_budget ({total})")
-
-
-def _strings(name: str, values: Sequence[str]) -> tuple[str, ...]:
-    """``values`` as a tuple; one string (for a list of one) is refused."""
-    if isinstance(values, str):
-        raise ConfigError(f"{name} must be a list of strings, not one string "
-                          f"(write [{values!r}])")
-    return tuple(values)
-
-
 def _check_subprotocols(name: str, values: Sequence[str]) -> tuple[str, ...]:
-    checked = _strings(name, values)
+    checked = string_list(name, values)
     for value in checked:
         if not value or not set(value) <= TOKEN_CHARS:
             raise ConfigError(f"{name}: {value!r} is not a valid subprotocol token")
@@ -200,15 +191,23 @@ class BridgeConfig:
         for name in ("backend_connect_timeout", "handshake_timeout"):
             check_positive(name, getattr(self, name))
         _check_keepalive(self.ping_interval, self.idle_timeout)
-        check_positive("drain_timeout", self.drain_timeout, allow_zero=True)
+        for name in ("drain_timeout", "max_tunnel_age_grace", "max_connections",
+                     "max_connections_per_client", "max_upgrades_per_minute"):
+            check_positive(name, getattr(self, name), allow_zero=True)
         if self.max_tunnel_age is not None:
             check_positive("max_tunnel_age", self.max_tunnel_age, allow_zero=True)
-        check_positive("max_tunnel_age_grace", self.max_tunnel_age_grace, allow_zero=True)
         _check_sizes(self.max_message_bytes, self.buffer_bytes)
-        _check_budgets(self.client_memory_budget, self.memory_budget,
-                       self.max_message_bytes + self.buffer_bytes)
-        for name in ("max_connections", "max_connections_per_client", "max_upgrades_per_minute"):
-            check_positive(name, getattr(self, name), allow_zero=True)
+        needed = self.max_message_bytes + self.buffer_bytes
+        per_client, total = self.client_memory_budget, self.memory_budget
+        for name, value in (("client_memory_budget", per_client), ("memory_budget", total)):
+            check_bytes(name, value)
+            if value and value < needed:
+                raise ConfigError(
+                    f"{name} ({value}) must hold at least one largest message plus a buffer "
+                    f"(max_message_bytes + buffer_bytes = {needed}), or 0 to disable it")
+        if per_client and total and per_client > total:
+            raise ConfigError(f"client_memory_budget ({per_client}) must not exceed "
+                              f"memory_budget ({total})")
         if (self.certfile is None) != (self.keyfile is None):
             raise ConfigError("certfile and keyfile go together: give both for wss, or neither")
         _check_file("certfile", self.certfile)
@@ -238,7 +237,7 @@ class BridgeConfig:
         object.__setattr__(self, "subprotocols",
                            _check_subprotocols("subprotocols", self.subprotocols))
         for name in ("allowed_origins", "allowed_hosts"):
-            object.__setattr__(self, name, _strings(name, getattr(self, name)))
+            object.__setattr__(self, name, string_list(name, getattr(self, name)))
         object.__setattr__(self, "backend_address", backend)
         object.__setattr__(self, "listen_address", listen)
         object.__setattr__(self, "metrics_address", metrics)
@@ -248,7 +247,14 @@ class BridgeConfig:
             raise ConfigError(f"trust_trace_context must be True or False, not "
                               f"{self.trust_trace_context!r}")
         object.__setattr__(self, "trusted_networks", parse_networks(
-            _strings("trusted_proxies", self.trusted_proxies), what="trusted_proxies"))
+            string_list("trusted_proxies", self.trusted_proxies), what="trusted_proxies"))
+
+
+#: Headers the WebSocket handshake writes itself: picows would send a user's copy besides its
+#: own (two Upgrade or Host headers), so a client's ``headers`` may not name them.
+HANDSHAKE_HEADERS = frozenset({"host", "upgrade", "connection", "sec-websocket-key",
+                               "sec-websocket-version", "sec-websocket-extensions",
+                               "sec-websocket-accept"})
 
 
 def check_dial_options(
@@ -266,6 +272,11 @@ def check_dial_options(
         if not key or any(c in key for c in ":\r\n ") or any(c in value for c in "\r\n"):
             raise ConfigError(f"headers: invalid header {key!r}: names need no ':' or spaces, "
                               "values no line breaks")
+        if key.lower() in HANDSHAKE_HEADERS:
+            raise ConfigError(
+                f"headers: {key!r} is written by the WebSocket handshake itself and "
+                "cannot be set; drop it (Host comes from the target URL; Origin and "
+                "Sec-WebSocket-Protocol may be set, or use origin/subprotocols)")
     if bearer_token is not None and (
         not bearer_token or any(c in bearer_token for c in "\r\n ")
     ):
@@ -315,7 +326,7 @@ class ReconnectPolicy:
             base = min(self.initial_delay * self.multiplier ** exponent, self.max_delay)
         except OverflowError:
             base = self.max_delay
-        return max(0.0, base * (1 + self.jitter * (2 * random_unit - 1)))
+        return max(0.0, jittered(base, random_unit, self.jitter))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -40,16 +40,6 @@ DEFAULT_MEMORY_BUDGET = 2048 * MiB
 TOTAL_BUDGET_EXCEEDED = "bridge memory budget exceeded"
 
 
-def check_bytes(name: str, value: object, minimum: int = 0) -> None:
-    """:class:`ConfigError` naming ``name`` unless ``value`` is an integer number of bytes
-    >= ``minimum`` (with no minimum, 0 disables the limit)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer number of bytes, got {value!r}")
-    if value < minimum:
-        hint = "" if minimum else " (0 disables it)"
-        raise ConfigError(f"{name} must be >= {minimum}{hint}, got {value}")
-
-
 class FrameRate:
     """Token bucket: ``allow(now)`` is False once the peer has sent more than ``burst``
     frames beyond ``rate`` per second."""
@@ -80,7 +70,8 @@ class _Holder:
 
 
 class MemoryBudget:
-    """Bytes held for clients, per client and in total (limits of 0 are disabled).
+    """Bytes held for clients, per client and in total (limits of 0 are disabled; both are
+    validated by :class:`~grpcbridge.core.config.BridgeConfig`).
 
     Each tunnel opens a :class:`BudgetAccount` for its client and reports what it holds
     with :meth:`BudgetAccount.charge`; a charge that takes the client or the bridge over its
@@ -92,17 +83,13 @@ class MemoryBudget:
 
     def __init__(self, *, per_client: int = DEFAULT_CLIENT_MEMORY_BUDGET,
                  total: int = DEFAULT_MEMORY_BUDGET) -> None:
-        check_bytes("client memory budget", per_client)
-        check_bytes("memory budget", total)
         self.per_client = per_client
         self.total = total
         self.held = 0
         self._clients: dict[str, _Holder] = {}
 
     def open(self, client: str) -> BudgetAccount:
-        holder = self._clients.get(client)
-        if holder is None:
-            holder = self._clients[client] = _Holder()
+        holder = self._clients.setdefault(client, _Holder())
         holder.accounts += 1
         return BudgetAccount(self, client, holder)
 

@@ -25,7 +25,7 @@ from typing import Final, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from .errors import ConfigError
-from .target import Target, host_port
+from .target import Target, host_port, ip_or_none
 
 #: The default ``proxy`` setting: take the proxy from the environment.
 FROM_ENVIRONMENT: Final = True
@@ -163,34 +163,21 @@ def resolve_proxy(target: Target, setting: ProxySetting,
     return parse_proxy(value, source=f"${name}")
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
-def _split_port(entry: str) -> tuple[str, int | None]:
-    """``host``/``[v6]``/``v6``/``net/len`` with an optional ``:port``."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ""
-    elif entry.count(":") == 1:
-        host, _, port_text = entry.partition(":")
-    else:  # a name, or a bare IPv6 address (no port)
-        host, port_text = entry, ""
-    return host, int(port_text) if port_text.isdigit() else None
-
-
 def bypasses(no_proxy: str, host: str, port: int) -> bool:
     """Whether ``no_proxy`` (the variable's value) says to reach ``host:port`` directly."""
     host = host.strip("[]").rstrip(".").lower()
-    address = _ip(host)
+    address = ip_or_none(host)
     for raw in no_proxy.replace(",", " ").split():
         if raw == "*":
             return True
-        pattern, only_port = _split_port(raw.lower())
-        if only_port is not None and only_port != port:
+        # host, [v6], v6 or net/len, with an optional :port
+        pattern, port_text = raw.lower(), ""
+        if pattern.startswith("["):
+            pattern, _, rest = pattern[1:].partition("]")
+            port_text = rest[1:] if rest.startswith(":") else ""
+        elif pattern.count(":") == 1:
+            pattern, _, port_text = pattern.partition(":")
+        if port_text.isdigit() and int(port_text) != port:
             continue
         if "/" in pattern:
             try:
@@ -200,8 +187,9 @@ def bypasses(no_proxy: str, host: str, port: int) -> bool:
             if address is not None and address in network:
                 return True
             continue
-        if _ip(pattern) is not None:
-            if address is not None and address == _ip(pattern):
+        ip = ip_or_none(pattern)
+        if ip is not None:
+            if ip == address:
                 return True
             continue
         domain = pattern.removeprefix("*").lstrip(".").rstrip(".")

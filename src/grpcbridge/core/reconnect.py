@@ -22,10 +22,6 @@ class Backoff:
         self._retry_at = 0.0
         self._last_error = ""
 
-    @property
-    def failures(self) -> int:
-        return self._failures
-
     def refusal(self, now: float) -> str | None:
         """Why an attempt may not start yet, or ``None`` if it may."""
         wait = self._retry_at - now

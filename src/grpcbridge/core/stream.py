@@ -2,14 +2,13 @@
 
 See ``wire-protocol``: binary messages only, message boundaries carry no meaning, empty
 messages are skipped, a text message is a protocol violation (close 1003), a message above
-the size limit closes with 1009. These rules are applied by every adapter through
-:class:`InboundMessages`.
+the size limit closes with 1009. Every adapter applies these rules through
+:class:`~grpcbridge.core.tunnel.TunnelMachine`.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 
 class CloseCode(enum.IntEnum):
@@ -35,47 +34,11 @@ DEFAULT_BUFFER_BYTES = 256 * 1024
 
 
 class Opcode(enum.Enum):
-    """The kinds of WebSocket data frames that carry payload."""
+    """The kinds of WebSocket data frames :meth:`~grpcbridge.core.tunnel.TunnelMachine.frame`
+    takes (binary payloads go to its ``data``)."""
 
-    BINARY = "binary"
     TEXT = "text"
     CONTINUATION = "continuation"
-
-
-@dataclass(frozen=True, slots=True)
-class StreamViolation(Exception):
-    """The peer broke the wire protocol; the tunnel must close with ``code``."""
-
-    code: CloseCode
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.reason} (close code {int(self.code)})"
-
-
-class InboundMessages:
-    """Turns received WebSocket data frames into stream bytes, enforcing the wire rules.
-
-    ``accept(opcode, payload)`` returns the bytes to append to the HTTP/2 stream (possibly
-    empty, which callers skip) or raises :class:`StreamViolation`. Fragmented messages are
-    accepted frame by frame, so a large message is never buffered whole by this layer.
-    """
-
-    __slots__ = ("_in_text",)
-
-    def __init__(self) -> None:
-        self._in_text = False
-
-    def accept(self, opcode: Opcode, payload: bytes) -> bytes:
-        if opcode is Opcode.BINARY:
-            return payload
-        if opcode is Opcode.CONTINUATION and not self._in_text:
-            return payload
-        self._in_text = True
-        raise StreamViolation(
-            CloseCode.UNSUPPORTED_DATA,
-            "text message received; grpcbridge carries HTTP/2 in binary messages only",
-        )
 
 
 def fit_close_reason(text: str) -> str:

@@ -15,6 +15,14 @@ from .errors import TargetError
 _DEFAULT_PORTS = {"ws": 80, "wss": 443}
 
 
+def ip_or_none(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an IP address, or None if it is not one."""
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
 def host_port(host: str, port: int | None = None) -> str:
     """``host:port`` as URLs and ``Host`` headers write it: an IPv6 literal in brackets
     (``[::1]:80``); just the (bracketed) host when ``port`` is None."""
@@ -133,12 +141,8 @@ class SocketAddress:
         if self.path is not None:
             return True
         assert self.host is not None
-        if self.host.lower() == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        ip = ip_or_none(self.host)
+        return self.host.lower() == "localhost" or (ip is not None and ip.is_loopback)
 
     def __str__(self) -> str:
         if self.path is not None:

@@ -42,7 +42,7 @@ from typing import Protocol
 
 from .age import TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
-from .stream import CloseCode, InboundMessages, Opcode, StreamViolation, fit_close_reason
+from .stream import CloseCode, Opcode, fit_close_reason
 
 #: Seconds a closing side gets to flush (and the peer to answer a close frame).
 CLOSE_TIMEOUT = 2.0
@@ -109,15 +109,16 @@ class TunnelIO(Protocol):
         last frame if it keeps one referenced."""
 
     def set_timer(self, deadline: float | None) -> None:
-        """Call :meth:`TunnelMachine.tick` at ``deadline`` (None: no timer needed)."""
+        """Call :meth:`TunnelMachine.timer_fired` at ``deadline`` (None: no timer needed).
+        Called only when the deadline changes: an armed timer stays armed."""
 
     def tunnel_closed(self) -> None:
         """Both sides are gone: the tunnel reached :attr:`TunnelState.CLOSED`."""
 
 
 class TunnelView:
-    """What an adapter shows of its machine (``self.machine``): why and when it closed, and
-    the bytes it carried. A mixin for :class:`TunnelMachine` adapters."""
+    """What an adapter shows of its machine (``self.machine``): why it closed. A mixin for
+    :class:`TunnelMachine` adapters."""
 
     __slots__ = ()
 
@@ -132,18 +133,6 @@ class TunnelView:
     def close_reason(self) -> str:
         return self.machine.close_reason
 
-    @property
-    def bytes_from_websocket(self) -> int:
-        return self.machine.bytes_from_websocket
-
-    @property
-    def bytes_to_websocket(self) -> int:
-        return self.machine.bytes_to_websocket
-
-    @property
-    def opened_at(self) -> float:
-        return self.machine.opened_at
-
 
 class TunnelMachine:
     """State and rules of one tunnel (see the module docstring).
@@ -156,12 +145,11 @@ class TunnelMachine:
         "__weakref__",
         "_early",
         "_frame_rate",
+        "_in_text",
         "_io",
         "_last_ping",
         "_pending",
-        "_pending_bytes",
         "_progress_mark",
-        "_rules",
         "_stream_buffer_at",
         "_stream_deadline",
         "_ws_buffer_at",
@@ -177,6 +165,7 @@ class TunnelMachine:
         "dialing",
         "last_inbound",
         "opened_at",
+        "pending_bytes",
         "pending_limit",
         "request_id",
         "state",
@@ -209,9 +198,11 @@ class TunnelMachine:
         self.dialing = False
         #: The bridge's request id for this tunnel (its log lines carry it); "" elsewhere.
         self.request_id = ""
-        self._rules = InboundMessages()
+        #: A text message began: its continuations are refused too.
+        self._in_text = False
         self._pending: list[bytes] = []
-        self._pending_bytes = 0
+        #: WebSocket bytes waiting for the stream side to be attached.
+        self.pending_bytes = 0
         self._early: list[bytes] = []
         self._frame_rate = FrameRate(now)
         self._progress_mark = 0
@@ -238,11 +229,6 @@ class TunnelMachine:
     # ----------------------------------------------------------------- queries
 
     @property
-    def pending_bytes(self) -> int:
-        """WebSocket bytes waiting for the stream side to be attached."""
-        return self._pending_bytes
-
-    @property
     def deadline(self) -> float | None:
         """The next time :meth:`tick` must run for a close deadline (keepalive ticks are
         the adapter's periodic sweep)."""
@@ -266,14 +252,6 @@ class TunnelMachine:
         followed from the first one)."""
         self.age = TunnelAge(self.clock, max_age, grace, on_goaway)
         self._io.set_timer(self.deadline)
-
-    def _age_due(self, age: TunnelAge, now: float) -> None:
-        if age.due(now):
-            self.close(CloseCode.GOING_AWAY, age.close_reason)
-        elif self.ws_open and self.close_code is None and not age.goaway_sent:
-            goaway = age.outbound(b"")  # empty unless at a frame boundary now
-            if goaway:
-                self._send(goaway)
 
     # ------------------------------------------------------- WebSocket inputs
 
@@ -303,9 +281,9 @@ class TunnelMachine:
             return
         else:
             self._pending.append(payload)
-            self._pending_bytes += len(payload)
+            self.pending_bytes += len(payload)
             limit = self.pending_limit
-            if limit is not None and self._pending_bytes > limit:
+            if limit is not None and self.pending_bytes > limit:
                 self.fail(CloseCode.MESSAGE_TOO_BIG,
                           f"more than {limit} bytes arrived before the connection was set up")
         self.bytes_from_websocket += len(payload)
@@ -324,11 +302,13 @@ class TunnelMachine:
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it
-        breaks the wire rules: the tunnel is then failing (1003 for text)."""
-        try:
-            payload = self._rules.accept(opcode, payload)
-        except StreamViolation as violation:
-            self.fail(violation.code, violation.reason)
+        breaks the wire rules (a text message, or a continuation of one): the tunnel is
+        then failing with 1003. Fragmented messages are taken frame by frame, so a large
+        message is never buffered whole."""
+        if opcode is Opcode.TEXT or self._in_text:
+            self._in_text = True
+            self.fail(CloseCode.UNSUPPORTED_DATA,
+                      "text message received; grpcbridge carries HTTP/2 in binary messages only")
             return False
         if payload:
             self.data(payload)
@@ -379,12 +359,12 @@ class TunnelMachine:
 
     def websocket_write_paused(self) -> None:
         """The WebSocket's write buffer is full: stop reading the stream side."""
-        if self.stream_attached and not self.stream_closing:
+        if self.relaying_websocket:
             self._io.pause_stream()
         self.charge()
 
     def websocket_write_resumed(self) -> None:
-        if self.stream_attached and not self.stream_closing and self.ws_open:
+        if self.relaying_websocket and self.ws_open:
             self._io.resume_stream()
         self.charge()
 
@@ -398,8 +378,8 @@ class TunnelMachine:
         self.stream_attached = True
         self.dialing = False
         pending, self._pending = self._pending, []
-        self._pending_bytes = 0
-        if self.ws_lost or self.close_code is not None:
+        self.pending_bytes = 0
+        if self.close_code is not None:  # closing (a lost WebSocket has a code too)
             self._close_stream()
             return
         if not self.ws_open:
@@ -416,7 +396,7 @@ class TunnelMachine:
         """Bytes from the stream side, for the WebSocket."""
         if self.ws_open and self.close_code is None:
             self._send(data)
-        elif not self.ws_open and not self.ws_lost and self.close_code is None:
+        elif not self.ws_open and self.close_code is None:  # (a lost WebSocket has a code)
             # Event loops may deliver data despite a pause (uvloop does): keep it, in
             # order, until the handshake completes. Never drop.
             self._early.append(data)
@@ -437,7 +417,7 @@ class TunnelMachine:
         if error:
             self.close(CloseCode.INTERNAL_ERROR, f"{self.stream_name} connection lost")
         else:
-            self.close(CloseCode.NORMAL, f"{self.stream_name} closed the connection")
+            self.stream_eof()
         if self.ws_open and not self.ws_lost:
             # Nothing more will come from the stream side and nothing the peer sends can be
             # delivered: once our close frame (and what precedes it) is out, end the
@@ -459,7 +439,7 @@ class TunnelMachine:
         self.dialing = False
         if not self.stream_attached:
             self._pending.clear()
-            self._pending_bytes = 0
+            self.pending_bytes = 0
             self._maybe_closed()
 
     # ------------------------------------------------------------ pause/resume
@@ -491,7 +471,7 @@ class TunnelMachine:
         if self.state is TunnelState.CLOSED:
             return
         if self.close_code is None:
-            self.close_code, self.close_reason = code, logged
+            self._set_close(code, logged)
             if not self.ws_lost:
                 if not self.ws_open:
                     self._io.abort_websocket()
@@ -515,8 +495,7 @@ class TunnelMachine:
         if self.stream_attached and not self.stream_lost:
             self.stream_closing = True
             self._io.abort_stream()
-        if self.state is not TunnelState.CLOSED:
-            self.state = TunnelState.CLOSING
+        self._begin_closing()
 
     def _set_close(self, code: int, reason: str) -> None:
         if self.close_code is None:
@@ -534,7 +513,7 @@ class TunnelMachine:
         self.stream_closing = True
         self._stream_buffer_at = self._io.stream_buffered()
         self._io.close_stream()
-        if self._stream_buffer_at and not self.stream_lost:
+        if self._stream_buffer_at:
             self._stream_deadline = self.clock() + self.close_timeout
             self._io.set_timer(self.deadline)
 
@@ -549,8 +528,7 @@ class TunnelMachine:
             return
         if self.stream_lost or not self.stream_attached:
             self.state = TunnelState.CLOSED
-            self._pending.clear()
-            self._early.clear()
+            self._pending.clear()  # never attached: nobody will take these
             self._io.tunnel_closed()
 
     # ------------------------------------------------------------------- time
@@ -563,20 +541,27 @@ class TunnelMachine:
         age = self.age
         if age is not None and age.next_at is not None and now >= age.next_at \
                 and self.close_code is None:
-            self._age_due(age, now)
+            if age.due(now):
+                self.close(CloseCode.GOING_AWAY, age.close_reason)
+            elif self.ws_open and not age.goaway_sent:
+                goaway = age.outbound(b"")  # empty unless at a frame boundary now
+                if goaway:
+                    self._send(goaway)
+        # A side's deadline exists only while it lives (losing it clears the deadline).
         if self._ws_deadline is not None and now >= self._ws_deadline:
             self._ws_deadline, self._ws_buffer_at = self._next_deadline(
-                now, 0 if self.ws_lost else self._io.websocket_buffered(), self._ws_buffer_at)
-            if self._ws_deadline is None and not self.ws_lost:
+                now, self._io.websocket_buffered(), self._ws_buffer_at)
+            if self._ws_deadline is None:
                 self._set_close(CloseCode.ABNORMAL, "close timed out")
                 self._io.abort_websocket()
         if self._stream_deadline is not None and now >= self._stream_deadline:
             self._stream_deadline, self._stream_buffer_at = self._next_deadline(
                 now, self._io.stream_buffered(), self._stream_buffer_at)
-            if self._stream_deadline is None and not self.stream_lost:
+            if self._stream_deadline is None:
                 self._io.abort_stream()
-        if self.deadline is not None or before is not None:
-            # Re-arm even when unchanged: a timer may fire a little before its deadline.
+        if self.deadline != before:
+            # Only on a change: the keepalive sweep ticks every aged tunnel each second. A
+            # timer that fired a little early is set again by timer_fired.
             self._io.set_timer(self.deadline)
         if self.ws_open and self.close_code is None:
             quiet = now - self.last_inbound
@@ -590,6 +575,14 @@ class TunnelMachine:
                 self._last_ping = now
                 self._io.send_ping()
         self.charge()
+
+    def timer_fired(self) -> None:
+        """The timer the machine asked for ran: :meth:`tick`, and ask for it again when the
+        deadline stayed (the loop ran it a hair early, so the tick did nothing)."""
+        deadline = self.deadline
+        self.tick()
+        if deadline is not None and self.deadline == deadline:
+            self._io.set_timer(deadline)
 
     def _next_deadline(self, now: float, left: int, buffer_at: int) -> tuple[float | None, int]:
         """A side's close deadline passed with ``left`` bytes still buffered (``buffer_at``
@@ -608,8 +601,8 @@ class TunnelMachine:
         if account is None:
             return
         io = self._io
-        held = io.held_inbound() + self._pending_bytes
-        if self.stream_attached and not self.stream_closing:
+        held = io.held_inbound() + self.pending_bytes
+        if self.relaying_websocket:
             held += io.stream_buffered()
         if not self.ws_lost:
             held += io.websocket_buffered()

@@ -2,11 +2,8 @@
 :class:`grpcbridge.GrpclibBackend`.
 
 It behaves exactly like the grpcio servicer in :mod:`grpcbridge.demo.service` (see its module
-docstring): ``INVALID_ARGUMENT`` for a text the store refuses (empty, whitespace-only or too
-long, with the message of :func:`grpcbridge.demo.store.text_error`); ``NOT_FOUND`` for unknown
-ids; the response headers sent as soon as an RPC starts; ``StreamTodos`` repeats with
-``interval_ms`` pauses and stops as soon as it is cancelled; ``BulkCreateTodos``; and
-``SyncTodos`` fed by the store's change feed.
+docstring); the rules both share (the refusals and their status, ``StreamTodos``' pacing, the
+``SyncTodos`` actions and change feed) live once in :mod:`grpcbridge.demo.store`.
 
 ::
 
@@ -24,15 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
-from collections.abc import AsyncIterator
-from typing import Any, NoReturn, cast
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 
 from grpcbridge.demo import todo_grpc, todo_pb2
-from grpcbridge.demo.store import InvalidTextError, SyncItem, TodoStore, sync_response
+from grpcbridge.demo.store import Refusal, TodoStore
 
 __all__ = ["TodoService"]
 
@@ -41,32 +38,30 @@ __all__ = ["TodoService"]
 _POLL = 0.02
 
 
+@contextlib.contextmanager
+def _refusals_as_status() -> Iterator[None]:
+    """A :class:`~grpcbridge.demo.store.Refusal` ends the RPC with its status and message."""
+    try:
+        yield
+    except Refusal as exc:
+        raise GRPCError(Status[exc.code], str(exc)) from None
+
+
 class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignore]
     """The Todo service backed by a :class:`TodoStore`; see the module docstring."""
 
     def __init__(self, store: TodoStore) -> None:
         self.store = store
 
-    # -- helpers --------------------------------------------------------------------------
-
     @contextlib.asynccontextmanager
     async def _rpc(self, stream: Stream[Any, Any], method: str) -> AsyncIterator[None]:
         """Around the RPC named ``method``: send the response headers at once (a client may
         wait for them before the first message: the demo page subscribes with SyncTodos and
-        waits for its headers before it loads the list)."""
+        waits for its headers before it loads the list); a store refusal ends it with its
+        status."""
         await stream.send_initial_metadata()
-        yield
-
-    def _create(self, text: str) -> todo_pb2.Todo:
-        """Create a todo; ``INVALID_ARGUMENT`` if the store refuses ``text``."""
-        try:
-            return self.store.create(text)
-        except InvalidTextError as exc:
-            raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
-
-    @staticmethod
-    def _not_found(todo_id: str) -> NoReturn:
-        raise GRPCError(Status.NOT_FOUND, f"todo {todo_id!r} not found")
+        with _refusals_as_status():
+            yield
 
     @staticmethod
     async def _request(stream: Stream[Any, Any]) -> Any:
@@ -75,13 +70,10 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
             raise GRPCError(Status.INVALID_ARGUMENT, "request message missing")
         return request
 
-    # -- RPCs -----------------------------------------------------------------------------
-
     async def CreateTodo(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "CreateTodo"):
             request = await self._request(stream)
-            text: str = request.text
-            await stream.send_message(self._create(text))
+            await stream.send_message(self.store.create(request.text))
 
     async def ListTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "ListTodos"):
@@ -91,47 +83,33 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
     async def UpdateTodo(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "UpdateTodo"):
             request = await self._request(stream)
-            try:
-                todo = self.store.update(request.id, request.text, request.done)
-            except KeyError:
-                self._not_found(request.id)
-            except InvalidTextError as exc:  # checked after the id: NOT_FOUND comes first
-                raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
-            await stream.send_message(todo)
+            await stream.send_message(self.store.update(request.id, request.text, request.done))
 
     async def DeleteTodo(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "DeleteTodo"):
             request = await self._request(stream)
-            try:
-                self.store.delete(request.id)
-            except KeyError:
-                self._not_found(request.id)
+            self.store.delete(request.id)
             await stream.send_message(todo_pb2.DeleteTodoResponse())
 
     async def StreamTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "StreamTodos"):
             request = await self._request(stream)
-            interval = max(int(request.interval_ms), 0) / 1000
-            first = True
-            for _ in range(max(int(request.repeat), 1)):
-                for todo in self.store.list():
-                    if not first and interval:
-                        await asyncio.sleep(interval)  # cancellation interrupts it at once
-                    first = False
-                    await stream.send_message(todo)
+            for pause, todo in self.store.paced(request):
+                if pause:
+                    await asyncio.sleep(pause)  # cancellation interrupts it at once
+                await stream.send_message(todo)
 
     async def BulkCreateTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "BulkCreateTodos"):
             count = 0
             async for request in stream:
-                self._create(request.text)
+                self.store.create(request.text)
                 count += 1
             await stream.send_message(todo_pb2.BulkCreateTodosResponse(created_count=count))
 
     async def SyncTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "SyncTodos"):
             changes = self.store.subscribe()
-            items = cast("queue.SimpleQueue[SyncItem]", changes)
             wakeup = asyncio.Event()
 
             async def read_requests() -> None:
@@ -139,7 +117,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
                     async for request in stream:
                         error = self.store.apply_sync(request)
                         if error is not None:
-                            items.put(("error", error))
+                            changes.put(todo_pb2.SyncResponse(error=error))
                         wakeup.set()
                 finally:
                     wakeup.set()
@@ -148,7 +126,7 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
             try:
                 while True:
                     try:
-                        item = items.get_nowait()
+                        change = changes.get_nowait()
                     except queue.Empty:
                         # Every change caused by this client's requests is queued before the
                         # reader finishes, so "done and empty" means fully flushed.
@@ -160,11 +138,10 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
                                 await wakeup.wait()
                         wakeup.clear()
                         continue
-                    await stream.send_message(sync_response(item))
+                    await stream.send_message(change)
             finally:
                 self.store.unsubscribe(changes)
-                if not reader.done():
-                    reader.cancel()
+                reader.cancel()  # a no-op once it is done
                 await asyncio.wait([reader])  # never raises what ended the reader
                 if not reader.cancelled():
                     reader.exception()  # retrieved: not logged as "never retrieved"

@@ -1,10 +1,12 @@
 """grpcio (sync, thread-pool) implementation of ``todo.v1.TodoService``.
 
-* **Errors** -- ``CreateTodo``, ``UpdateTodo`` and ``BulkCreateTodos`` with a text the
-  store refuses (:func:`grpcbridge.demo.store.text_error`: empty or whitespace-only, or longer
-  than the store's ``max_text_length``) fail with ``INVALID_ARGUMENT`` and the rule's message,
-  "text must not be empty" for a store without a limit.  ``UpdateTodo``/``DeleteTodo`` of an
-  unknown id fail with ``NOT_FOUND`` "todo <id> not found" (whatever the text).
+* **Errors** -- the store's refusals (:class:`grpcbridge.demo.store.Refusal`) end the RPC
+  with their status and message: ``CreateTodo``, ``UpdateTodo`` and ``BulkCreateTodos`` with
+  a text the store refuses (:func:`grpcbridge.demo.store.text_error`: empty or
+  whitespace-only, or longer than the store's ``max_text_length``) fail with
+  ``INVALID_ARGUMENT`` and the rule's message, "text must not be empty" for a store without a
+  limit.  ``UpdateTodo``/``DeleteTodo`` of an unknown id fail with ``NOT_FOUND`` "todo <id>
+  not found" (whatever the text).
 * **Headers at once** -- every RPC sends its (empty) initial metadata when it starts, so a
   client may wait for them before the first message (the demo page does, on ``SyncTodos``).
 * **StreamTodos** -- sends the current list, then ``repeat - 1`` more times (``repeat <= 0``
@@ -28,27 +30,27 @@ SIGTERM/SIGINT.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import signal
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import FrameType
-from typing import NoReturn, cast
 
 import grpc
 
 from grpcbridge.demo import todo_pb2, todo_pb2_grpc
-from grpcbridge.demo.store import InvalidTextError, SyncItem, TodoStore, sync_response
+from grpcbridge.demo.store import Refusal, TodoStore
 
 __all__ = ["TodoServicer", "main", "serve"]
 
 _POLL = 0.05  # seconds; granularity of cancellation checks
 
 
-class _Rpc:
-    """Per-RPC bookkeeping: detects whether the RPC ended by cancellation.
+class _Rpc(contextlib.AbstractContextManager["_Rpc"]):
+    """Per-RPC bookkeeping: detects whether the RPC ended by cancellation, and ends it with
+    the status of a :class:`~grpcbridge.demo.store.Refusal` raised by the handler.
 
     Used as a context manager around the handler body.  On exit the RPC counts as
     *finished* if it is still active (the handler returned or aborted on its own); the
@@ -60,20 +62,17 @@ class _Rpc:
         self.context = context
         self.cancelled = threading.Event()
         self.finished = False
+        if not context.add_callback(self._on_terminated):
+            self._on_terminated()  # already terminated before the handler ran
 
-    def __enter__(self) -> _Rpc:
-        return self
+    def _on_terminated(self) -> None:
+        if not self.finished:
+            self.cancelled.set()
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, kind: object, error: BaseException | None, tb: object) -> None:
         self.finished = self.context.is_active()
-
-    def sleep(self, seconds: float) -> bool:
-        """Sleep in small steps; return False as soon as the RPC is no longer active."""
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            if self.cancelled.wait(min(remaining, _POLL)) or not self.context.is_active():
-                return False
-        return self.context.is_active()
+        if isinstance(error, Refusal):
+            self.context.abort(grpc.StatusCode[error.code], str(error))
 
 
 class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unused-ignore]
@@ -82,48 +81,19 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
     def __init__(self, store: TodoStore) -> None:
         self.store = store
 
-    # -- helpers ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _watch(context: grpc.ServicerContext) -> _Rpc:
-        """Bookkeeping for the RPC of ``context``: its ``cancelled`` event is set when the
-        RPC ends before the handler finished."""
-        rpc = _Rpc(context)
-
-        def on_terminated() -> None:
-            if not rpc.finished:
-                rpc.cancelled.set()
-
-        if not context.add_callback(on_terminated):
-            on_terminated()  # already terminated before the handler ran
-        return rpc
-
     def _start(self, context: grpc.ServicerContext, method: str) -> _Rpc:
-        """Begin the RPC named ``method``: watch it (:meth:`_watch`) and send the response
+        """Begin the RPC named ``method``: watch it (:class:`_Rpc`) and send the response
         headers at once (a client may wait for them before the first message)."""
-        rpc = self._watch(context)
+        rpc = _Rpc(context)
         if context.is_active():
             context.send_initial_metadata(())
         return rpc
-
-    def _create(self, context: grpc.ServicerContext, text: str) -> todo_pb2.Todo:
-        """Create a todo; abort with ``INVALID_ARGUMENT`` if the store refuses ``text``."""
-        try:
-            return self.store.create(text)
-        except InvalidTextError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-
-    @staticmethod
-    def _not_found(context: grpc.ServicerContext, todo_id: str) -> NoReturn:
-        context.abort(grpc.StatusCode.NOT_FOUND, f"todo {todo_id!r} not found")
-
-    # -- RPCs ------------------------------------------------------------------------------
 
     def CreateTodo(
         self, request: todo_pb2.CreateTodoRequest, context: grpc.ServicerContext
     ) -> todo_pb2.Todo:
         with self._start(context, "CreateTodo"):
-            return self._create(context, request.text)
+            return self.store.create(request.text)
 
     def ListTodos(
         self, request: todo_pb2.ListTodosRequest, context: grpc.ServicerContext
@@ -135,37 +105,24 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         self, request: todo_pb2.UpdateTodoRequest, context: grpc.ServicerContext
     ) -> todo_pb2.Todo:
         with self._start(context, "UpdateTodo"):
-            try:
-                return self.store.update(request.id, request.text, request.done)
-            except KeyError:
-                self._not_found(context, request.id)
-            except InvalidTextError as exc:  # checked after the id: NOT_FOUND comes first
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return self.store.update(request.id, request.text, request.done)
 
     def DeleteTodo(
         self, request: todo_pb2.DeleteTodoRequest, context: grpc.ServicerContext
     ) -> todo_pb2.DeleteTodoResponse:
         with self._start(context, "DeleteTodo"):
-            try:
-                self.store.delete(request.id)
-            except KeyError:
-                self._not_found(context, request.id)
+            self.store.delete(request.id)
             return todo_pb2.DeleteTodoResponse()
 
     def StreamTodos(
         self, request: todo_pb2.StreamTodosRequest, context: grpc.ServicerContext
     ) -> Iterator[todo_pb2.Todo]:
         with self._start(context, "StreamTodos") as rpc:
-            interval = max(request.interval_ms, 0) / 1000
-            first = True
-            for _ in range(max(request.repeat, 1)):
-                for todo in self.store.list():
-                    if not first and interval and not rpc.sleep(interval):
-                        return
-                    first = False
-                    if not context.is_active():
-                        return
-                    yield todo
+            for pause, todo in self.store.paced(request):
+                # The termination callback ends the pause at once.
+                if (pause and rpc.cancelled.wait(pause)) or not context.is_active():
+                    return
+                yield todo
 
     def BulkCreateTodos(
         self, request_iterator: Iterator[todo_pb2.CreateTodoRequest], context: grpc.ServicerContext
@@ -173,7 +130,7 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         with self._start(context, "BulkCreateTodos"):
             count = 0
             for request in request_iterator:
-                self._create(context, request.text)
+                self.store.create(request.text)
                 count += 1
             return todo_pb2.BulkCreateTodosResponse(created_count=count)
 
@@ -183,7 +140,6 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         with self._start(context, "SyncTodos") as rpc:
             changes = self.store.subscribe()
             context.add_callback(lambda: self.store.unsubscribe(changes))
-            items = cast("queue.SimpleQueue[SyncItem]", changes)
             reader_done = threading.Event()
 
             def read_requests() -> None:
@@ -191,7 +147,7 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
                     for request in request_iterator:
                         error = self.store.apply_sync(request)
                         if error is not None:
-                            items.put(("error", error))
+                            changes.put(todo_pb2.SyncResponse(error=error))
                 except grpc.RpcError:
                     pass  # cancelled / deadline: the response loop notices via `rpc`
                 finally:
@@ -202,14 +158,14 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
             try:
                 while not rpc.cancelled.is_set() and context.is_active():
                     try:
-                        item = items.get(timeout=_POLL)
+                        change = changes.get(timeout=_POLL)
                     except queue.Empty:
                         # Every change caused by this client's requests is queued before
                         # reader_done is set, so "done and empty" means fully flushed.
-                        if reader_done.is_set() and items.empty():
+                        if reader_done.is_set() and changes.empty():
                             break
                         continue
-                    yield sync_response(item)
+                    yield change
             finally:
                 self.store.unsubscribe(changes)
 
@@ -257,21 +213,16 @@ def main(argv: list[str] | None = None, *, servicer_class: type[TodoServicer] = 
     store = TodoStore(args.db, max_text_length=args.max_text_length or None)
     server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes,
                             servicer_class=servicer_class)
-    stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
+        server.stop(grace=2)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     shown = args.listen if port == 0 else f"{args.listen.rpartition(':')[0]}:{port}"
     print(f"listening on {shown}", flush=True)
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        server.stop(grace=2).wait()
-        store.close()
+    server.wait_for_termination()  # polls, so the signal handlers run
+    store.close()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Thread-safe, sqlite3-backed storage for the Todo example service.
 
 Besides plain CRUD the store offers a change feed: :meth:`TodoStore.subscribe` returns a
-queue that receives ``("todo", Todo)`` after every create/update and ``("deleted", id)``
-after every delete, in the order the changes were committed.
+queue that receives ``SyncResponse(todo=...)`` after every create/update and
+``SyncResponse(deleted_id=...)`` after every delete, in the order the changes were committed.
 
-Todo text is checked here, once for every write path (both services' ``CreateTodo``,
-``UpdateTodo``, ``BulkCreateTodos`` and the ``SyncTodos`` actions): :func:`text_error` is the
-rule, :class:`InvalidTextError` the refusal the services turn into ``INVALID_ARGUMENT``.
+The rules both services share live here, once: the refusals (:class:`Refusal`, which names
+the gRPC status and message), ``StreamTodos``' pacing (:meth:`TodoStore.paced`) and the
+``SyncTodos`` actions (:meth:`TodoStore.apply_sync`). Todo text is checked here for every
+write path (``CreateTodo``, ``UpdateTodo``, ``BulkCreateTodos`` and the ``SyncTodos``
+actions): :func:`text_error` is the rule, :class:`InvalidTextError` the refusal.
 Empty or whitespace-only text is always refused; text longer than the store's
 ``max_text_length`` (the demos use :data:`MAX_TEXT_LENGTH`, 500) too. A store made without
 a limit takes texts of any size: the tests use the service for 16 MiB messages.
@@ -18,28 +20,12 @@ import queue
 import sqlite3
 import threading
 import uuid
-from typing import Literal, TypeAlias
+from collections.abc import Iterator
 
 from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2
 
-__all__ = ["MAX_TEXT_LENGTH", "ChangeEvent", "InvalidTextError", "SyncItem", "TodoStore",
-           "sync_response", "text_error"]
-
-ChangeEvent: TypeAlias = tuple[Literal["todo"], todo_pb2.Todo] | tuple[Literal["deleted"], str]
-"""A change-feed entry: an upserted todo or the id of a deleted one."""
-SyncItem: TypeAlias = ChangeEvent | tuple[Literal["error"], str]
-"""What a ``SyncTodos`` stream sends: a change, or an error for the requesting client only
-(errors share the change feed's queue so they keep their order relative to it)."""
-
-
-def sync_response(item: SyncItem) -> todo_pb2.SyncResponse:
-    """The ``SyncResponse`` that carries ``item``."""
-    if item[0] == "todo":
-        return todo_pb2.SyncResponse(todo=item[1])
-    if item[0] == "deleted":
-        return todo_pb2.SyncResponse(deleted_id=item[1])
-    return todo_pb2.SyncResponse(error=item[1])
-
+__all__ = ["MAX_TEXT_LENGTH", "InvalidTextError", "Refusal", "TodoStore", "UnknownTodoError",
+           "text_error"]
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS todos ("
@@ -62,8 +48,25 @@ def text_error(text: str, max_length: int | None = None) -> str | None:
     return None
 
 
-class InvalidTextError(ValueError):
+class Refusal(Exception):
+    """A request the Todo service refuses: ``code`` names the gRPC status, ``str(error)`` is
+    the message (both services send the same)."""
+
+    code = "INVALID_ARGUMENT"
+    __str__ = Exception.__str__  # the message as is (KeyError's would quote it)
+
+
+class InvalidTextError(Refusal, ValueError):
     """A todo text that :func:`text_error` refuses; ``str(error)`` is the reason."""
+
+
+class UnknownTodoError(Refusal, KeyError):
+    """No todo has this id: ``NOT_FOUND`` "todo '<id>' not found"."""
+
+    code = "NOT_FOUND"
+
+    def __init__(self, todo_id: str) -> None:
+        super().__init__(f"todo {todo_id!r} not found")
 
 
 class TodoStore:
@@ -78,7 +81,7 @@ class TodoStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute(_SCHEMA)
-        self._subscribers: list[queue.SimpleQueue[ChangeEvent]] = []
+        self._subscribers: list[queue.SimpleQueue[todo_pb2.SyncResponse]] = []
 
     def check_text(self, text: str) -> None:
         """Raise :class:`InvalidTextError` if ``text`` is not a valid todo text here."""
@@ -97,8 +100,7 @@ class TodoStore:
                 "VALUES (?, ?, 0, (SELECT COALESCE(MAX(position), 0) + 1 FROM todos))",
                 (todo_id, text),
             )
-            self._publish(("todo", todo_pb2.Todo(id=todo_id, text=text, done=False)))
-        return todo_pb2.Todo(id=todo_id, text=text, done=False)
+            return self._publish_todo(todo_pb2.Todo(id=todo_id, text=text, done=False))
 
     def list(self) -> list[todo_pb2.Todo]:
         """Return all todos in creation order."""
@@ -107,35 +109,45 @@ class TodoStore:
         return [todo_pb2.Todo(id=i, text=t, done=bool(d)) for i, t, d in rows]
 
     def update(self, todo_id: str, text: str, done: bool) -> todo_pb2.Todo:
-        """Replace text and done flag of ``todo_id``; raise :class:`KeyError` for an unknown
-        id, else :class:`InvalidTextError` for a refused text (the id is checked first)."""
+        """Replace text and done flag of ``todo_id``; raise :class:`UnknownTodoError` for an
+        unknown id, else :class:`InvalidTextError` for a refused text (the id is checked
+        first)."""
         with self._lock:
             known = self._db.execute("SELECT 1 FROM todos WHERE id = ?", (todo_id,)).fetchone()
             if known is None:
-                raise KeyError(todo_id)
+                raise UnknownTodoError(todo_id)
             self.check_text(text)
             self._db.execute(
                 "UPDATE todos SET text = ?, done = ? WHERE id = ?", (text, int(done), todo_id)
             )
-            self._publish(("todo", todo_pb2.Todo(id=todo_id, text=text, done=done)))
-        return todo_pb2.Todo(id=todo_id, text=text, done=done)
+            return self._publish_todo(todo_pb2.Todo(id=todo_id, text=text, done=done))
 
     def delete(self, todo_id: str) -> None:
-        """Delete ``todo_id``; raise :class:`KeyError` if unknown."""
+        """Delete ``todo_id``; raise :class:`UnknownTodoError` if unknown."""
         with self._lock:
             cur = self._db.execute("DELETE FROM todos WHERE id = ?", (todo_id,))
             if cur.rowcount == 0:
-                raise KeyError(todo_id)
-            self._publish(("deleted", todo_id))
+                raise UnknownTodoError(todo_id)
+            self._publish(todo_pb2.SyncResponse(deleted_id=todo_id))
 
-    def subscribe(self) -> queue.SimpleQueue[ChangeEvent]:
+    def paced(self, request: todo_pb2.StreamTodosRequest) -> Iterator[tuple[float, todo_pb2.Todo]]:
+        """What ``StreamTodos`` sends: each todo with the seconds to wait before it. The
+        current list ``repeat`` times (``repeat <= 0``: once), ``interval_ms`` between
+        consecutive todos."""
+        pause = 0.0
+        for _ in range(max(request.repeat, 1)):
+            for todo in self.list():
+                yield pause, todo
+                pause = max(request.interval_ms, 0) / 1000
+
+    def subscribe(self) -> queue.SimpleQueue[todo_pb2.SyncResponse]:
         """Return a new queue that receives every subsequent change."""
-        q: queue.SimpleQueue[ChangeEvent] = queue.SimpleQueue()
+        q: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
         with self._lock:
             self._subscribers.append(q)
         return q
 
-    def unsubscribe(self, q: queue.SimpleQueue[ChangeEvent]) -> None:
+    def unsubscribe(self, q: queue.SimpleQueue[todo_pb2.SyncResponse]) -> None:
         """Stop feeding ``q``; unknown queues are ignored (idempotent)."""
         with self._lock:
             if q in self._subscribers:
@@ -155,10 +167,8 @@ class TodoStore:
                 self.delete(request.delete.id)
             else:
                 return "SyncRequest without action"
-        except InvalidTextError as exc:
+        except Refusal as exc:
             return str(exc)
-        except KeyError as exc:
-            return f"todo {exc.args[0]!r} not found"
         return None
 
     def close(self) -> None:
@@ -166,7 +176,11 @@ class TodoStore:
         with self._lock:
             self._db.close()
 
-    def _publish(self, event: ChangeEvent) -> None:
+    def _publish_todo(self, todo: todo_pb2.Todo) -> todo_pb2.Todo:
+        self._publish(todo_pb2.SyncResponse(todo=todo))
+        return todo
+
+    def _publish(self, change: todo_pb2.SyncResponse) -> None:
         # Called with the lock held, so all subscribers see changes in commit order.
         for q in self._subscribers:
-            q.put(event)
+            q.put(change)

@@ -7,8 +7,6 @@ plain ``grpc.aio`` client dials. Each of the four RPC kinds is called and its re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-
 import grpc
 
 from ..client.forwarder import Forwarder
@@ -19,53 +17,47 @@ from .service import serve
 from .store import MAX_TEXT_LENGTH, TodoStore
 
 
-async def _bulk(texts: list[str]) -> AsyncIterator[todo_pb2.CreateTodoRequest]:
-    for text in texts:
-        yield todo_pb2.CreateTodoRequest(text=text)
-
-
-async def run_demo(emit: Callable[[str], None] = print) -> int:
-    """Run the demo; ``emit`` receives each output line. Returns 0 (the exit status)."""
+async def run_demo() -> int:
+    """Run the demo, printing what each call returned. Returns 0 (the exit status)."""
     store = TodoStore(max_text_length=MAX_TEXT_LENGTH)
     server, _servicer, port = serve("127.0.0.1:0", store)
     try:
         bridge_config = BridgeConfig(backend=f"127.0.0.1:{port}", listen="127.0.0.1:0")
         async with Bridge(bridge_config) as bridge:
-            emit(f"gRPC server   127.0.0.1:{port}")
-            emit(f"bridge        {bridge.url}  ->  127.0.0.1:{port}")
+            print(f"gRPC server   127.0.0.1:{port}")
+            print(f"bridge        {bridge.url}  ->  127.0.0.1:{port}")
             async with Forwarder(ForwarderConfig(target=bridge.url,
                                                  listen="127.0.0.1:0")) as forwarder:
                 local = forwarder.target
-                emit(f"forwarder     {local}  ->  {bridge.url}")
-                emit("")
+                print(f"forwarder     {local}  ->  {bridge.url}")
+                print()
                 async with grpc.aio.insecure_channel(local) as channel:
-                    await _calls(todo_pb2_grpc.TodoServiceStub(channel), emit)
-                emit("")
-                emit(f"tunnels open at the bridge: {bridge.active_tunnels} (the channel's)")
+                    await _calls(todo_pb2_grpc.TodoServiceStub(channel))
+                print()
+                print(f"tunnels open at the bridge: {bridge.active_tunnels} (the channel's)")
     finally:
         server.stop(grace=1).wait()
         store.close()
     return 0
 
 
-async def _calls(stub: todo_pb2_grpc.TodoServiceStub, emit: Callable[[str], None]) -> None:
+async def _calls(stub: todo_pb2_grpc.TodoServiceStub) -> None:
     todo = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="write the bridge"))
-    emit(f"unary          CreateTodo -> id={todo.id[:8]} text={todo.text!r} done={todo.done}")
-    bulk = await stub.BulkCreateTodos(_bulk(["test it", "measure it", "ship it"]))
-    emit(f"client stream  BulkCreateTodos(3 requests) -> created_count={bulk.created_count}")
+    print(f"unary          CreateTodo -> id={todo.id[:8]} text={todo.text!r} done={todo.done}")
+    bulk = await stub.BulkCreateTodos(
+        todo_pb2.CreateTodoRequest(text=text) for text in ("test it", "measure it", "ship it"))
+    print(f"client stream  BulkCreateTodos(3 requests) -> created_count={bulk.created_count}")
     texts = [item.text async for item in stub.StreamTodos(todo_pb2.StreamTodosRequest())]
-    emit(f"server stream  StreamTodos -> {len(texts)} todos: {', '.join(texts)}")
-
-    async def sync_requests() -> AsyncIterator[todo_pb2.SyncRequest]:
-        yield todo_pb2.SyncRequest(update=todo_pb2.UpdateTodoRequest(
-            id=todo.id, text=todo.text, done=True))
-        yield todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="no-such-id"))
-
+    print(f"server stream  StreamTodos -> {len(texts)} todos: {', '.join(texts)}")
+    requests = [
+        todo_pb2.SyncRequest(update=todo_pb2.UpdateTodoRequest(id=todo.id, text=todo.text,
+                                                               done=True)),
+        todo_pb2.SyncRequest(delete=todo_pb2.DeleteTodoRequest(id="no-such-id"))]
     events = []
-    async for response in stub.SyncTodos(sync_requests()):
+    async for response in stub.SyncTodos(requests):
         kind = response.WhichOneof("event")
         if kind == "todo":
             events.append(f"todo {response.todo.text!r} done={response.todo.done}")
         else:
             events.append(f"{kind} {getattr(response, kind)!r}")
-    emit(f"bidi stream    SyncTodos(update, delete) -> {'; '.join(events)}")
+    print(f"bidi stream    SyncTodos(update, delete) -> {'; '.join(events)}")

@@ -34,8 +34,7 @@ import signal
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -51,7 +50,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "WEB_DIR",
-    "DemoAssets",
     "DemoSetupError",
     "add_arguments",
     "find_assets",
@@ -72,40 +70,18 @@ NO_CACHE = "no-cache"
 #: Pyodide version when it is known (see :func:`_static_mounts`): a new version is a new URL.
 RUNTIME_CACHE = "public, max-age=31536000, immutable"
 UNVERSIONED_RUNTIME_CACHE = "public, max-age=86400"
-_SETUP_HINT = "run `npm ci` and `python scripts/build_browser_bundle.py` (or `make demo`)"
 
 
 class DemoSetupError(ConfigError):
     """A file the browser demo needs is missing; the message says how to make it."""
 
 
-@dataclass(frozen=True, slots=True)
-class DemoAssets:
-    """Where the demo's files are."""
-
-    #: The Pyodide distribution (pyodide.mjs, pyodide.asm.wasm...), or None for a CDN URL.
-    pyodide_dir: Path | None
-    #: build/browser: the wheels and their manifest.json.
-    wheels_dir: Path
-    #: Base URL of a Pyodide distribution to load instead of serving ``pyodide_dir``.
-    pyodide_url: str | None = None
-
-
-def _candidates(relative: str) -> list[Path]:
-    """``relative`` under the current directory, then under the source checkout."""
-    found: list[Path] = []
-    for base in (Path.cwd(), _REPO_ROOT):
-        path = (base / relative).resolve()
-        if path not in found:
-            found.append(path)
-    return found
-
-
 def _check_pyodide_dir(path: Path) -> Path:
     if not (path / "pyodide.mjs").is_file() or not (path / "pyodide.asm.wasm").is_file():
         raise DemoSetupError(
-            f"{path} is not a Pyodide distribution (no pyodide.mjs / pyodide.asm.wasm): "
-            f"{_SETUP_HINT}, or pass the directory of a Pyodide release")
+            f"{path} is not a Pyodide distribution (no pyodide.mjs / pyodide.asm.wasm): run "
+            "`npm ci` and `python scripts/build_browser_bundle.py` (or `make demo`), or pass "
+            "the directory of a Pyodide release")
     return path
 
 
@@ -126,8 +102,9 @@ def _check_wheels_dir(path: Path) -> Path:
 
 
 def _search(relative: str, marker: str, missing: str, fix: str) -> Path:
-    """The first of :func:`_candidates` holding ``marker``, else :class:`DemoSetupError`."""
-    places = _candidates(relative)
+    """The first of ``relative`` under the current directory and under the source checkout
+    that holds ``marker``, else :class:`DemoSetupError`."""
+    places = list(dict.fromkeys((base / relative).resolve() for base in (Path.cwd(), _REPO_ROOT)))
     found = next((path for path in places if (path / marker).is_file()), None)
     if found is None:
         looked = ", ".join(str(path) for path in places)
@@ -137,17 +114,19 @@ def _search(relative: str, marker: str, missing: str, fix: str) -> Path:
 
 def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
                 wheels_dir: str | os.PathLike[str] | None = None,
-                pyodide_url: str | None = None) -> DemoAssets:
+                pyodide_url: str | None = None) -> tuple[Path | str, Path]:
     """Resolve the demo's directories: the given ones, else ``node_modules/pyodide`` and
-    ``build/browser`` under the current directory or the source checkout. Raises
-    :class:`DemoSetupError` saying what to run when something is missing."""
+    ``build/browser`` under the current directory or the source checkout. Returns the Pyodide
+    runtime (its directory, or the base URL to load it from) and the wheels' directory.
+    Raises :class:`DemoSetupError` saying what to run when something is missing."""
+    runtime: Path | str
     if pyodide_url is not None:
         parts = urlsplit(pyodide_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise DemoSetupError(f"pyodide_url must be an http(s) URL, got {pyodide_url!r}")
         if pyodide_dir is not None:
             raise DemoSetupError("give pyodide_dir or pyodide_url, not both")
-        runtime = None
+        runtime = pyodide_url.rstrip("/") + "/"
     elif pyodide_dir is not None:
         runtime = _check_pyodide_dir(Path(pyodide_dir).resolve())
     else:
@@ -163,8 +142,7 @@ def find_assets(pyodide_dir: str | os.PathLike[str] | None = None,
     if not (WEB_DIR / "index.html").is_file():  # pragma: no cover - broken install
         raise DemoSetupError(f"{WEB_DIR} has no index.html: grpcbridge was installed without "
                              "its demo page (package data)")
-    url = None if pyodide_url is None else pyodide_url.rstrip("/") + "/"
-    return DemoAssets(pyodide_dir=runtime, wheels_dir=wheels, pyodide_url=url)
+    return runtime, wheels
 
 
 def _pyodide_version(directory: Path) -> str | None:
@@ -180,23 +158,24 @@ def _pyodide_version(directory: Path) -> str | None:
     return text if text and all(c.isalnum() or c in ".-+" for c in text) else None
 
 
-def _static_mounts(assets: DemoAssets, config_dir: Path) -> tuple[dict[str, Mount], str]:
-    """The bridge's static mounts and the URL the page loads Pyodide from."""
+def _static_mounts(runtime: Path | str, wheels_dir: Path,
+                   config_dir: Path) -> tuple[dict[str, Mount], str]:
+    """The bridge's static mounts and the URL the page loads Pyodide from (see
+    :func:`find_assets` for ``runtime``)."""
     mounts = {
         "/": Mount("/", WEB_DIR, NO_CACHE),
         CONFIG_PREFIX: Mount(CONFIG_PREFIX, config_dir, "no-store"),
-        "/wheels/": Mount("/wheels/", assets.wheels_dir, NO_CACHE),
+        "/wheels/": Mount("/wheels/", wheels_dir, NO_CACHE),
     }
-    if assets.pyodide_url is not None:
-        return mounts, assets.pyodide_url
-    assert assets.pyodide_dir is not None
+    if isinstance(runtime, str):
+        return mounts, runtime
     # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
-    mounts["/pyodide/"] = Mount("/pyodide/", assets.pyodide_dir, UNVERSIONED_RUNTIME_CACHE)
-    version = _pyodide_version(assets.pyodide_dir)
+    mounts["/pyodide/"] = Mount("/pyodide/", runtime, UNVERSIONED_RUNTIME_CACHE)
+    version = _pyodide_version(runtime)
     if version is None:
         return mounts, "/pyodide/"
     prefix = f"/pyodide/{version}/"
-    mounts[prefix] = Mount(prefix, assets.pyodide_dir, RUNTIME_CACHE)
+    mounts[prefix] = Mount(prefix, runtime, RUNTIME_CACHE)
     return mounts, prefix
 
 
@@ -209,23 +188,21 @@ def _page_url(bridge: Bridge) -> str:
 
 
 async def run_web_demo(*, listen: str = "127.0.0.1:8080",
-                       db: str | os.PathLike[str] | None = "todo.sqlite3",
+                       db: str | os.PathLike[str] = "todo.sqlite3",
                        pyodide_dir: str | os.PathLike[str] | None = None,
                        pyodide_url: str | None = None,
                        wheels_dir: str | os.PathLike[str] | None = None,
-                       ready: Callable[[str], None] | None = None,
-                       drain_timeout: float = 1.0,
                        max_text_length: int | None = MAX_TEXT_LENGTH) -> None:
     """Serve the browser demo until cancelled.
 
     ``listen``: ``host:port`` (port 0 picks a free one). ``db``: the SQLite file of the todos
-    (created if needed), or None to keep them in memory. ``pyodide_dir`` / ``wheels_dir``:
+    (created if needed), or ``":memory:"`` to keep them in memory. ``pyodide_dir`` / ``wheels_dir``:
     default to ``node_modules/pyodide`` and ``build/browser`` (see :func:`find_assets`);
     ``pyodide_url``: load Pyodide from this base URL (a CDN) instead of serving it.
     ``max_text_length``: the longest todo text the service accepts (None: no limit).
-    ``ready(url)`` is called with the page URL once the server listens (default: print it).
-    On cancellation the bridge closes its tunnels (code 1001, after ``drain_timeout``
-    seconds: the page's sync stream never ends by itself) and the store is closed.
+    The page URL is printed once the server listens. On cancellation the bridge closes its
+    tunnels (code 1001, after a second: the page's sync stream never ends by itself) and
+    the store is closed.
     """
     # Imported here, so that `grpcbridge --help` (which imports add_arguments) stays quick.
     from ..backends import GrpclibBackend
@@ -235,15 +212,14 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
     from .grpclib_service import TodoService
     from .store import TodoStore
 
-    assets = find_assets(pyodide_dir, wheels_dir, pyodide_url)
+    runtime, wheels = find_assets(pyodide_dir, wheels_dir, pyodide_url)
     try:
-        store = TodoStore(":memory:" if db is None else os.fspath(db),
-                          max_text_length=max_text_length)
+        store = TodoStore(os.fspath(db), max_text_length=max_text_length)
     except sqlite3.Error as exc:
         raise DemoSetupError(f"cannot open the SQLite database {db!r}: {exc}") from None
     try:
         with tempfile.TemporaryDirectory(prefix="grpcbridge-demo-") as config_dir:
-            mounts, runtime_url = _static_mounts(assets, Path(config_dir))
+            mounts, runtime_url = _static_mounts(runtime, wheels, Path(config_dir))
             page_config = {
                 "pyodideUrl": runtime_url,
                 "wheelsUrl": "/wheels/",
@@ -253,16 +229,12 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
             (Path(config_dir) / "config.json").write_text(json.dumps(page_config) + "\n")
             config = BridgeConfig(
                 backend=GrpclibBackend([TodoService(store)]), listen=listen, path=GRPC_PATH,
-                static=mounts, drain_timeout=drain_timeout)
+                static=mounts, drain_timeout=1.0)
             async with Bridge(config) as bridge:
                 url = _page_url(bridge)
                 log_event("web_demo_started", page=url, tunnel=bridge.url,
-                          storage="memory" if db is None else os.fspath(db))
-                if ready is not None:
-                    ready(url)
-                else:
-                    print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)",
-                          flush=True)
+                          storage="memory" if db == ":memory:" else os.fspath(db))
+                print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)", flush=True)
                 await bridge.serve_forever()
     finally:
         store.close()
@@ -307,7 +279,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
     for signum in signals:
         loop.add_signal_handler(signum, task.cancel)
     try:
-        await run_web_demo(listen=args.listen, db=None if args.db == ":memory:" else args.db,
+        await run_web_demo(listen=args.listen, db=args.db,
                            pyodide_dir=args.pyodide_dir, pyodide_url=args.pyodide_url,
                            wheels_dir=args.wheels_dir,
                            max_text_length=args.max_text_length or None)
@@ -322,12 +294,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the demo with parsed :func:`add_arguments` options; the exit status."""
     try:
         run(_serve_until_signalled(args))  # uvloop when installed (grpcbridge.loops)
-    except ConfigError as exc:
+    except (ConfigError, OSError) as exc:
         print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"grpcbridge demo: error: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     return 0
 
 

@@ -25,6 +25,7 @@ browser tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import Awaitable, Callable, Coroutine
@@ -60,8 +61,7 @@ def user_reason(exc: BaseException) -> str:
 def describe_error(exc: BaseException) -> str:
     """A short, human-readable reason for a failed RPC or a lost connection."""
     if isinstance(exc, GRPCError):
-        text = exc.message or exc.status.name
-        return f"{exc.status.name}: {text}" if exc.message else text
+        return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
     if isinstance(exc, TimeoutError):
         return "timed out"
     return str(exc) or type(exc).__name__
@@ -71,9 +71,8 @@ class TodoApp:
     """The app: state (the todos, in server order), the DOM, the sync loop and the actions."""
 
     def __init__(self, grpc_path: str = "/grpc") -> None:
-        js = _ffi.js()
-        self._js = js
-        self._document = js.document
+        self._js = _ffi.js()
+        self._document = self._js.document
         # Backoff between attempts is this app's (see _sync_forever), so the channel itself
         # retries at once whenever asked.
         self.channel = Channel(grpc_path, reconnect=ReconnectPolicy(
@@ -86,8 +85,8 @@ class TodoApp:
         self._proxies: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
-        self._sync_task: asyncio.Task[None] | None = None
         self._connected_once = False
+        self._status = ""
         self._failures = 0
         self._feed_entry: Any = None
         self._counts_pending = False
@@ -108,7 +107,7 @@ class TodoApp:
         self._listen(self._js.window, "online", lambda _event: self._wake.set())
         self._element("app").hidden = False
         self._render_counts()
-        self._sync_task = asyncio.get_running_loop().create_task(self._sync_forever())
+        self._spawn(self._sync_forever())
 
     def _listen(self, target: Any, kind: str, handler: Callable[[Any], None]) -> None:
         proxy = _ffi.create_proxy(handler)
@@ -116,6 +115,7 @@ class TodoApp:
         target.addEventListener(kind, proxy)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task that is kept referenced until it is done."""
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -150,26 +150,20 @@ class TodoApp:
         state = "reconnecting" if self._connected_once else "connecting"
         while (left := deadline - loop.time()) > 0:
             self._set_status(state, f"{reason} · next try in {left:.1f} s")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
-            except TimeoutError:
-                continue
-            return  # the browser came back online: try now
+                return  # the browser came back online: try now
 
     async def _sync_once(self) -> None:
         """One connection's life: subscribe, load the list, apply changes until it drops."""
         async with self.stub.SyncTodos.open() as sync:
-            snapshot: list[todo_pb2.Todo] = []
             async with asyncio.timeout(RPC_TIMEOUT):  # a tunnel that opened but never answers
                 await sync.send_request()
                 # The server sends its headers, then subscribes this stream to the change
                 # feed: anything committed after the snapshot below arrives on `sync`.
                 await sync.recv_initial_metadata()
                 started = self._now()
-                async with self.stub.StreamTodos.open() as listing:
-                    await listing.send_message(todo_pb2.StreamTodosRequest(), end=True)
-                    async for todo in listing:
-                        snapshot.append(todo)
+                snapshot = await self.stub.StreamTodos(todo_pb2.StreamTodosRequest())
             self._replace_all(snapshot)
             self._log("StreamTodos", "server stream", f"loaded {len(snapshot)} todos",
                       self._now() - started)
@@ -245,9 +239,8 @@ class TodoApp:
         await self._action("DeleteTodo", "unary", call, "delete the todo")
 
     def _on_bulk(self, _event: Any) -> None:
-        box = self._element("bulk-text")
-        lines = [line.strip() for line in str(box.value).splitlines()]
-        texts = [line for line in lines if line]
+        lines = str(self._element("bulk-text").value).splitlines()
+        texts = [text for text in map(str.strip, lines) if text]
         if not texts:
             self._element("bulk-result").textContent = "Nothing to add: type one todo per line."
             return
@@ -261,12 +254,9 @@ class TodoApp:
 
         async def call() -> str:
             started = self._now()
-            async with self.stub.BulkCreateTodos.open(timeout=RPC_TIMEOUT) as stream:
-                for text in texts:
-                    await stream.send_message(todo_pb2.CreateTodoRequest(text=text))
-                await stream.end()
-                reply = await stream.recv_message()
-            count = reply.created_count if reply is not None else 0
+            reply = await self.stub.BulkCreateTodos(
+                [todo_pb2.CreateTodoRequest(text=text) for text in texts], timeout=RPC_TIMEOUT)
+            count = reply.created_count
             result.textContent = (f"Added {count} todos in {self._now() - started:.0f} ms "
                                   "(one BulkCreateTodos stream)")
             self._element("bulk-text").value = ""
@@ -289,12 +279,12 @@ class TodoApp:
             summary = await call()
         except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
             self._log(method, kind, describe_error(exc), self._now() - started, failed=True)
-            hint = "" if self._status_state() == "connected" else \
+            hint = "" if self._status == "connected" else \
                 " The page reconnects by itself; try again in a moment."
             self._show_error(f"Could not {what}: {user_reason(exc)}.{hint}")
             return False
         self._log(method, kind, summary, self._now() - started)
-        self._hide_error()
+        self._element("app-error").hidden = True
         return True
 
     # ------------------------------------------------------------ list events
@@ -377,11 +367,10 @@ class TodoApp:
         self._items = {}
         self._list.replaceChildren()
         for todo in todos:
-            self._upsert(todo, render_counts=False)
-        self._render_counts()
+            self._upsert(todo)
+        self._render_counts()  # also for an empty list
 
-    def _upsert(self, todo: todo_pb2.Todo, *, flash: bool = False,
-                render_counts: bool = True) -> None:
+    def _upsert(self, todo: todo_pb2.Todo, *, flash: bool = False) -> None:
         self.todos[todo.id] = todo
         item = self._items.get(todo.id)
         if item is None:
@@ -396,8 +385,7 @@ class TodoApp:
                 item.classList.remove("flash")
                 _ = item.offsetWidth  # a layout in between restarts the animation
                 item.classList.add("flash")
-        if render_counts:
-            self._render_counts()
+        self._render_counts()
 
     def _remove(self, todo_id: str) -> None:
         self.todos.pop(todo_id, None)
@@ -457,27 +445,17 @@ class TodoApp:
         self._element("empty").hidden = total > 0
 
     def _set_status(self, state: str, detail: str) -> None:
+        self._status = state
         status = self._element("status")
         status.setAttribute("data-state", state)
         status.textContent = state
         self._element("status-detail").textContent = detail
         self._element("app").setAttribute("data-connection", state)
 
-    def _status_state(self) -> str:
-        return str(self._element("status").getAttribute("data-state") or "")
-
     def _show_error(self, message: str) -> None:
         box = self._element("app-error")
         box.textContent = message
         box.hidden = False
-
-    def _hide_error(self) -> None:
-        self._element("app-error").hidden = True
-
-    def _log(self, method: str, kind: str, what: str, elapsed_ms: float | None,
-             failed: bool = False) -> None:
-        self._feed_entry = None
-        self._add_log_entry(method, kind, what, elapsed_ms, failed)
 
     def _feed_log(self, what: str) -> None:
         """Changes from the feed: consecutive ones share one entry with a count."""
@@ -487,10 +465,12 @@ class TodoApp:
                 f"{self._feed_count} changes pushed by the server"
             return
         self._feed_count = 1
-        self._feed_entry = self._add_log_entry("SyncTodos", "bidi stream", what, None, False)
+        self._feed_entry = self._log("SyncTodos", "bidi stream", what, None)
 
-    def _add_log_entry(self, method: str, kind: str, what: str, elapsed_ms: float | None,
-                       failed: bool) -> Any:
+    def _log(self, method: str, kind: str, what: str, elapsed_ms: float | None,
+             failed: bool = False) -> Any:
+        """Add an entry to the list of calls (it ends a run of feed changes); return it."""
+        self._feed_entry = None
         entry = self._element_of("li", "failed" if failed else "", "rpc-entry")
         for css, text in (("method", method), ("kind", kind), ("what", what),
                           ("ms", "" if elapsed_ms is None else f"{elapsed_ms:.1f} ms")):

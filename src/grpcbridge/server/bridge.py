@@ -119,7 +119,7 @@ class _ServerSide(WebSocketSide):
         assert isinstance(tunnel.websocket, ServerProtocol)
         tunnel.websocket.send_response(response)
         tunnel.flush_websocket()
-        tunnel.websocket_opened()
+        tunnel.machine.websocket_opened()
         for chunk in held:
             tunnel.ws_data(chunk)
         if self.eof:
@@ -307,7 +307,7 @@ class Bridge(TunnelServer):
         side.peer = peername[0] if isinstance(peername, tuple) else "unix"
         self._sessions[tunnel] = side
         # Until admission names the client, the handshake is charged to the peer address.
-        tunnel.account = self.budget.open(side.peer)
+        tunnel.machine.account = self.budget.open(side.peer)
         side.timer = tunnel.loop.call_later(
             self.config.handshake_timeout, self._handshake_timed_out, side)
         tunnel.closed.add_done_callback(lambda _f: self._tunnel_finished(side))
@@ -333,7 +333,7 @@ class Bridge(TunnelServer):
     def _charge_admission(self, side: _ServerSide) -> bool:
         """Charge the handshake's account with what its admission holds (the parsed
         request and the bytes sent after it); over budget: refuse it. False if refused."""
-        account = side.tunnel.account
+        account = side.tunnel.machine.account
         if account is None:
             return True
         reason = account.charge(side.request_bytes + side.held_bytes)
@@ -357,8 +357,8 @@ class Bridge(TunnelServer):
         timeout stops, the request and the early bytes are dropped and uncharged."""
         side.stop_timer()
         side.handshake_done()
-        if side.tunnel.account is not None:
-            side.tunnel.account.charge(0)
+        if side.tunnel.machine.account is not None:
+            side.tunnel.machine.account.charge(0)
 
     def _handshake_data(self, side: _ServerSide, data: bytes) -> None:
         tunnel = side.tunnel
@@ -387,7 +387,7 @@ class Bridge(TunnelServer):
                 transport.close()
                 side.stop_timer()
                 return
-            tunnel.charge_budget()
+            tunnel.machine.charge()
             if tunnel.close_code is not None:  # headers over the client's memory budget
                 self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
                                    request_id=new_request_id(), peer=side.peer)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -78,8 +78,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # someone else's
+        pass
     return True
 
 
@@ -100,26 +100,19 @@ def parse_workers(value: str) -> int:
 def bind_listener(address: SocketAddress) -> socket.socket:
     """A listening socket on ``address`` for the workers to share (the first address a host
     name resolves to). Raises :class:`OSError` if it is taken."""
+    where: Any
     if address.path is not None:
         remove_stale_socket(address.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        where: object = address.path
+        family, where = socket.AF_UNIX, address.path
     else:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
-        family, kind, proto, _, where = infos[0]
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    try:
-        sock.bind(where)  # type: ignore[arg-type]
-        sock.listen(1024)
-    except OSError as exc:
-        sock.close()
+        family, _, _, _, where = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    try:  # SO_REUSEADDR, and IPV6_V6ONLY for IPv6 (as asyncio's servers)
+        return socket.create_server(where, family=family, backlog=1024)
+    except OSError as exc:  # the message asyncio's create_server gives (a single process)
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise OSError(exc.errno, f"error while attempting to bind on address {where!r}: "
-                                 f"{(exc.strerror or str(exc)).lower()}") from None
-    return sock
+                                 f"{reason.lower()}") from None
 
 
 @dataclass
@@ -174,23 +167,6 @@ class _Worker:
     ready: bool = False
 
 
-@dataclass
-class _Crashes:
-    """Exits nobody asked for, within the last ``window`` seconds."""
-
-    limit: int
-    window: float
-    times: list[float] = field(default_factory=list)
-
-    def add(self) -> float | None:
-        """Record one; the backoff before the restart, or None to give up."""
-        now = time.monotonic()
-        self.times = [t for t in self.times if now - t < self.window] + [now]
-        if len(self.times) >= self.limit:
-            return None
-        return min(0.2 * 2.0 ** (len(self.times) - 1), 5.0)
-
-
 class Supervisor:
     """Runs ``workers`` bridge processes for ``config`` (``argv``: the ``serve`` command line,
     which each worker runs again) until SIGTERM/SIGINT; :meth:`run` returns the exit code."""
@@ -209,9 +185,12 @@ class Supervisor:
         self.argv = list(argv)
         self.count = workers
         self._workers: dict[int, _Worker] = {}
-        self._crashes = _Crashes(self.CRASH_LIMIT, self.CRASH_WINDOW)
+        #: When workers exited on their own, within the last CRASH_WINDOW seconds.
+        self._crashes: list[float] = []
         self._stop = asyncio.Event()
-        self._all_ready = asyncio.Event()
+        #: Set once every worker is ready, or on a stop, whichever comes first.
+        self._settled = asyncio.Event()
+        self._ready = 0  # workers serving
         self._started = False
         self._exit_code = 0
         self._signals = 0
@@ -241,16 +220,12 @@ class Supervisor:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._signalled, signal.Signals(signum).name)
             slots = [loop.create_task(self._slot(index)) for index in range(self.count)]
-            waits: list[asyncio.Task[Any]] = [loop.create_task(self._stop.wait()),
-                     loop.create_task(self._all_ready.wait())]
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in waits:
-                task.cancel()
+            await self._settled.wait()
             if not self._stop.is_set():
                 self._started = True
-                log_event("bridge_started", listen=self._url(), backend=self._backend(),
-                          metrics="" if metrics_address is None
-                          else host_port(metrics_address[0], metrics_address[1]),
+                log_event("bridge_started", listen=self._url(),
+                          backend=str(self.config.backend_address),
+                          metrics="" if metrics_address is None else host_port(*metrics_address),
                           loop=loop_name(loop), workers=self.count)
             await asyncio.gather(*slots)
             log_event("bridge_stopped", workers=self.count)
@@ -258,8 +233,7 @@ class Supervisor:
         finally:
             for task in slots:
                 task.cancel()
-            for worker in self._workers.values():  # only after a failure in the supervisor
-                worker.process.kill()
+            self._kill_all()  # workers are left only after a failure in the supervisor
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             if self._kill_timer is not None:
@@ -285,11 +259,13 @@ class Supervisor:
                 self._fail(code if code > 0 else 1, "worker_failed_to_start", worker=index,
                            pid=worker.process.pid, code=code)
                 return
-            backoff = self._crashes.add()
-            if backoff is None:
+            now = time.monotonic()
+            self._crashes = [t for t in self._crashes if now - t < self.CRASH_WINDOW] + [now]
+            if len(self._crashes) >= self.CRASH_LIMIT:
                 self._fail(1, "workers_gave_up", worker=index, exits=self.CRASH_LIMIT,
                            window=self.CRASH_WINDOW)
                 return
+            backoff = min(0.2 * 2.0 ** (len(self._crashes) - 1), 5.0)
             self._restarts.inc()
             log_event("worker_restarting", logging.WARNING, worker=index, backoff=backoff)
             with contextlib.suppress(TimeoutError):
@@ -337,10 +313,10 @@ class Supervisor:
         return code
 
     def _ready_changed(self) -> None:
-        ready = sum(1 for worker in self._workers.values() if worker.ready)
-        self._running.set(ready)
-        if ready == self.count:
-            self._all_ready.set()
+        self._ready = sum(1 for worker in self._workers.values() if worker.ready)
+        self._running.set(self._ready)
+        if self._ready == self.count:
+            self._settled.set()
 
     # ------------------------------------------------------------ stopping
 
@@ -365,6 +341,7 @@ class Supervisor:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._settled.set()
         for worker in list(self._workers.values()):
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signal.SIGTERM)
@@ -386,15 +363,11 @@ class Supervisor:
     async def _not_ready(self) -> str | None:
         if self._stop.is_set():
             return "shutting down"
-        ready = sum(1 for worker in self._workers.values() if worker.ready)
-        if ready < self.count:
-            return f"{ready} of {self.count} workers ready"
+        if self._ready < self.count:
+            return f"{self._ready} of {self.count} workers ready"
         if not await self._backend_probe.reachable():
             return "backend unreachable"
         return None
-
-    def _backend(self) -> str:
-        return str(self.config.backend_address)
 
     def _url(self) -> str:
         address = self.config.listen_address
