@@ -22,7 +22,7 @@ from .dial import DialSettings, open_websocket
 
 
 class _TunnelConnection:
-    """The CPython runtime's connection: a tunnel whose WebSocket side is a websockets client
+    """The CPython runtime's connection: a tunnel whose WebSocket side is a picows client
     and whose stream side is grpclib's protocol, joined by an in-process pipe."""
 
     __slots__ = ("_dial", "closed", "tunnel")
