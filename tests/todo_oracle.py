@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import re
 import select
 import subprocess
@@ -263,7 +264,8 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
 
     async def SyncTodos(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "SyncTodos"):
-            items: Any = self.store.subscribe()
+            items: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
+            self.store.subscribe(items.put)
 
             async def read() -> None:
                 async for request in request_iterator:
@@ -282,7 +284,7 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
                         continue
                     yield items.get_nowait()
             finally:
-                self.store.unsubscribe(items)
+                self.store.unsubscribe(items.put)
                 reader.cancel()
                 await asyncio.wait([reader])
 

@@ -138,8 +138,9 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         self, request_iterator: Iterator[todo_pb2.SyncRequest], context: grpc.ServicerContext
     ) -> Iterator[todo_pb2.SyncResponse]:
         with self._start(context, "SyncTodos") as rpc:
-            changes = self.store.subscribe()
-            context.add_callback(lambda: self.store.unsubscribe(changes))
+            changes: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
+            self.store.subscribe(changes.put)
+            context.add_callback(lambda: self.store.unsubscribe(changes.put))
             reader_done = threading.Event()
 
             def read_requests() -> None:
@@ -167,7 +168,7 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
                         continue
                     yield change
             finally:
-                self.store.unsubscribe(changes)
+                self.store.unsubscribe(changes.put)
 
 
 def serve(
