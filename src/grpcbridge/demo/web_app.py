@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from grpclib.const import Status
@@ -124,15 +124,11 @@ class TodoApp:
 
     async def _sync_forever(self) -> None:
         while True:
-            if self._connected_once:
-                self._set_status("reconnecting", "opening a new tunnel")
-            else:
-                self._set_status("connecting", f"gRPC over WebSocket to {self.channel.target}")
+            self._set_status(None, "opening a new tunnel" if self._connected_once else
+                             f"gRPC over WebSocket to {self.channel.target}")
             try:
                 await self._sync_once()
                 reason = "the server ended the sync stream"
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # every failure is retried; the reason is shown
                 reason = describe_error(exc)
             self._failures += 1
@@ -146,10 +142,8 @@ class TodoApp:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + delay
         self._wake.clear()
-        # Before the first connection this is still "connecting" (with the reason).
-        state = "reconnecting" if self._connected_once else "connecting"
         while (left := deadline - loop.time()) > 0:
-            self._set_status(state, f"{reason} · next try in {left:.1f} s")
+            self._set_status(None, f"{reason} · next try in {left:.1f} s")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
                 return  # the browser came back online: try now
@@ -203,40 +197,31 @@ class TodoApp:
         self._spawn(self._create(text))
 
     async def _create(self, text: str) -> None:
-        async def call() -> str:
-            todo = await self.stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text),
-                                              timeout=RPC_TIMEOUT)
+        todo = await self._call("CreateTodo", todo_pb2.CreateTodoRequest(text=text),
+                                "add the todo", lambda todo: f"added {_quote(todo.text)}")
+        if todo is not None:
             self._upsert(todo)
-            return f"added {_quote(todo.text)}"
-
-        if not await self._action("CreateTodo", "unary", call, "add the todo"):
-            field = self._element("new-text")
-            if not str(field.value):
-                field.value = text  # give the text back so nothing typed is lost
-            field.focus()
+            return
+        field = self._element("new-text")
+        if not str(field.value):
+            field.value = text  # give the text back so nothing typed is lost
+        field.focus()
 
     async def _update(self, todo_id: str, text: str, done: bool) -> None:
-        async def call() -> str:
-            todo = await self.stub.UpdateTodo(
-                todo_pb2.UpdateTodoRequest(id=todo_id, text=text, done=done),
-                timeout=RPC_TIMEOUT)
+        todo = await self._call(
+            "UpdateTodo", todo_pb2.UpdateTodoRequest(id=todo_id, text=text, done=done),
+            "save the change",
+            lambda todo: f"{'done' if todo.done else 'not done'}: {_quote(todo.text)}")
+        if todo is not None:
             self._upsert(todo)
-            return f"{'done' if todo.done else 'not done'}: {_quote(todo.text)}"
-
-        if not await self._action("UpdateTodo", "unary", call, "save the change"):
-            current = self.todos.get(todo_id)
-            if current is not None:
-                self._fill(self._items[todo_id], current)  # show what the server has
+        elif todo_id in self.todos:
+            self._fill(self._items[todo_id], self.todos[todo_id])  # show what the server has
 
     async def _delete(self, todo_id: str) -> None:
-        async def call() -> str:
-            text = self.todos[todo_id].text if todo_id in self.todos else todo_id
-            await self.stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=todo_id),
-                                       timeout=RPC_TIMEOUT)
+        text = self.todos[todo_id].text if todo_id in self.todos else todo_id
+        if await self._call("DeleteTodo", todo_pb2.DeleteTodoRequest(id=todo_id),
+                            "delete the todo", lambda _: f"deleted {_quote(text)}") is not None:
             self._remove(todo_id)
-            return f"deleted {_quote(text)}"
-
-        await self._action("DeleteTodo", "unary", call, "delete the todo")
 
     def _on_bulk(self, _event: Any) -> None:
         lines = str(self._element("bulk-text").value).splitlines()
@@ -251,41 +236,39 @@ class TodoApp:
         result = self._element("bulk-result")
         button.disabled = True
         result.textContent = f"sending {len(texts)} todos…"
-
-        async def call() -> str:
-            started = self._now()
-            reply = await self.stub.BulkCreateTodos(
-                [todo_pb2.CreateTodoRequest(text=text) for text in texts], timeout=RPC_TIMEOUT)
-            count = reply.created_count
-            result.textContent = (f"Added {count} todos in {self._now() - started:.0f} ms "
-                                  "(one BulkCreateTodos stream)")
-            self._element("bulk-text").value = ""
-            return f"{count} requests in one stream"
-
-        try:
-            if not await self._action("BulkCreateTodos", "client stream", call,
-                                      "add the todos"):
-                # The server stops at the first refused todo; those before it are added.
-                result.textContent = ("Stopped (see above): the todos sent before the error "
-                                      "may have been added.")
-        finally:
-            button.disabled = False
-
-    async def _action(self, method: str, kind: str, call: Callable[[], Awaitable[str]],
-                      what: str) -> bool:
-        """Run one RPC for the user; log it; show a failure. True if it succeeded."""
         started = self._now()
         try:
-            summary = await call()
+            reply = await self._call(
+                "BulkCreateTodos", [todo_pb2.CreateTodoRequest(text=text) for text in texts],
+                "add the todos", lambda reply: f"{reply.created_count} requests in one stream")
+        finally:
+            button.disabled = False
+        if reply is None:
+            # The server stops at the first refused todo; those before it are added.
+            result.textContent = ("Stopped (see above): the todos sent before the error "
+                                  "may have been added.")
+            return
+        result.textContent = (f"Added {reply.created_count} todos in "
+                              f"{self._now() - started:.0f} ms (one BulkCreateTodos stream)")
+        self._element("bulk-text").value = ""
+
+    async def _call(self, method: str, request: Any, what: str,
+                    summary: Callable[[Any], str]) -> Any:
+        """Run one RPC for the user (a list of requests: a client stream); log it with
+        ``summary(reply)``; show a failure. Returns the reply, or None if it failed."""
+        kind = "client stream" if isinstance(request, list) else "unary"
+        started = self._now()
+        try:
+            reply = await getattr(self.stub, method)(request, timeout=RPC_TIMEOUT)
         except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
             self._log(method, kind, describe_error(exc), self._now() - started, failed=True)
             hint = "" if self._status == "connected" else \
                 " The page reconnects by itself; try again in a moment."
             self._show_error(f"Could not {what}: {user_reason(exc)}.{hint}")
-            return False
-        self._log(method, kind, summary, self._now() - started)
+            return None
+        self._log(method, kind, summary(reply), self._now() - started)
         self._element("app-error").hidden = True
-        return True
+        return reply
 
     # ------------------------------------------------------------ list events
 
@@ -317,47 +300,38 @@ class TodoApp:
                 self._commit_edit(todo_id, str(target.value))
 
     def _begin_edit(self, todo_id: str) -> None:
-        if self._editing is not None and self._editing != todo_id:
-            self._end_edit(self._editing)
-        item = self._items.get(todo_id)
-        if item is None or self._editing == todo_id:
+        if self._editing == todo_id:
             return
+        if self._editing is not None:
+            self._end_edit(self._editing)
         self._editing = todo_id
+        item = self._items[todo_id]
         text = item.querySelector(".text")
         field = self._element_of("input", "edit-input", "todo-edit-input", type="text",
-                                 value=self.todos[todo_id].text)
-        field.setAttribute("aria-label", "Edit todo")
+                                 value=self.todos[todo_id].text, ariaLabel="Edit todo")
         text.hidden = True
         item.insertBefore(field, text)
         field.focus()
         field.select()
 
     def _end_edit(self, todo_id: str) -> None:
-        if self._editing == todo_id:
-            self._editing = None
-        item = self._items.get(todo_id)
-        if item is None:
-            return
-        field = item.querySelector(".edit-input")
-        if field is not None:
-            field.remove()
+        """Close the edit field of ``todo_id`` (the todo being edited, still listed)."""
+        self._editing = None
+        item = self._items[todo_id]
+        item.querySelector(".edit-input").remove()
         item.querySelector(".text").hidden = False
-        todo = self.todos.get(todo_id)
-        if todo is not None:
-            self._fill(item, todo)
+        self._fill(item, self.todos[todo_id])
 
     def _commit_edit(self, todo_id: str, value: str) -> None:
         if self._editing != todo_id:
             return  # already committed (Enter, then the input lost focus)
-        text = value.strip()
-        todo = self.todos.get(todo_id)
         self._end_edit(todo_id)
-        if todo is None or text == todo.text:
-            return  # an emptied text is sent: the server's refusal is shown
-        item = self._items.get(todo_id)
-        if item is not None:
-            item.querySelector(".text").textContent = text  # shown now, confirmed by the RPC
-        self._spawn(self._update(todo_id, text, todo.done))
+        text = value.strip()
+        todo = self.todos[todo_id]
+        if text != todo.text:  # an emptied text is sent too: the server's refusal is shown
+            # Shown now, confirmed by the RPC.
+            self._items[todo_id].querySelector(".text").textContent = text
+            self._spawn(self._update(todo_id, text, todo.done))
 
     # ----------------------------------------------------------------- rendering
 
@@ -411,8 +385,8 @@ class TodoApp:
     def _make_item(self, todo: todo_pb2.Todo) -> Any:
         item = self._element_of("li", "todo", "todo-item")
         item.setAttribute("data-id", todo.id)
-        toggle = self._element_of("input", "toggle", "todo-toggle", type="checkbox")
-        toggle.setAttribute("aria-label", "Done")
+        toggle = self._element_of("input", "toggle", "todo-toggle", type="checkbox",
+                                  ariaLabel="Done")
         text = self._element_of("span", "text", "todo-text", title="Double-click to edit")
         actions = self._element_of("span", "actions")
         actions.append(
@@ -444,7 +418,10 @@ class TodoApp:
         self._element("todo-count").textContent = f"{total} {noun} · {done} done"
         self._element("empty").hidden = total > 0
 
-    def _set_status(self, state: str, detail: str) -> None:
+    def _set_status(self, state: str | None, detail: str) -> None:
+        """Show the connection ``state``; None: "connecting" until the first connection (also
+        between failed attempts), "reconnecting" after."""
+        state = state or ("reconnecting" if self._connected_once else "connecting")
         self._status = state
         status = self._element("status")
         status.setAttribute("data-state", state)
