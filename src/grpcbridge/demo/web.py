@@ -251,7 +251,7 @@ def _text_limit(value: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``python -m grpcbridge.demo.web`` (and of ``grpcbridge demo --web``)."""
+    """The options of ``python -m grpcbridge.demo.web`` (and of ``grpcbridge demo``)."""
     parser.add_argument("--listen", default="127.0.0.1:8080",
                         help="host:port to serve the page and the tunnel on (default: "
                              "127.0.0.1:8080; port 0 picks a free one)")
@@ -269,6 +269,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="N",
                         help="refuse todos longer than N characters (default: "
                              f"{MAX_TEXT_LENGTH}; 0: no limit, e.g. for benchmarks)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info for `grpcbridge demo`, warning with --terminal "
+                             "and for `python -m grpcbridge.demo.web`")
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
@@ -309,10 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve the browser Todo demo: Python in the page (Pyodide) calling gRPC "
                     "over WebSocket.")
     add_arguments(parser)
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
-    configure_logging(level=getattr(logging, args.log_level.upper()))
+    configure_logging(level=getattr(logging, (args.log_level or "warning").upper()))
     with contextlib.suppress(KeyboardInterrupt):
         return run_from_args(args)
     return 0
