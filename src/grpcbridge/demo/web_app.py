@@ -123,6 +123,7 @@ class TodoApp:
     # ----------------------------------------------------------------- sync loop
 
     async def _sync_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             self._set_status(None, "opening a new tunnel" if self._connected_once else
                              f"gRPC over WebSocket to {self.channel.target}")
@@ -135,18 +136,13 @@ class TodoApp:
             if not self.first_attempt.done():
                 self.first_attempt.set_result((False, reason))
             delay = min(FIRST_RETRY * 2 ** (self._failures - 1), MAX_RETRY)
-            delay *= 0.8 + 0.4 * random.random()
-            await self._wait_to_retry(reason, delay)
-
-    async def _wait_to_retry(self, reason: str, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + delay
-        self._wake.clear()
-        while (left := deadline - loop.time()) > 0:
-            self._set_status(None, f"{reason} · next try in {left:.1f} s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
-                return  # the browser came back online: try now
+            deadline = loop.time() + delay * (0.8 + 0.4 * random.random())
+            self._wake.clear()
+            while (left := deadline - loop.time()) > 0:
+                self._set_status(None, f"{reason} · next try in {left:.1f} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
+                    break  # the browser came back online: try now
 
     async def _sync_once(self) -> None:
         """One connection's life: subscribe, load the list, apply changes until it drops."""
@@ -174,7 +170,7 @@ class TodoApp:
         if kind == "todo":
             todo = event.todo
             known = self.todos.get(todo.id)
-            echo = known is not None and known.text == todo.text and known.done == todo.done
+            echo = known == todo  # already shown (our own change, say): no flash, no entry
             self._upsert(todo, flash=not echo)
             if not echo:
                 self._feed_log("another client changed a todo" if known else
@@ -275,29 +271,23 @@ class TodoApp:
     def _on_list_event(self, event: Any) -> None:
         target = event.target
         item = target.closest("li.todo")
-        if item is None:
-            return
-        todo_id = str(item.dataset.id)
-        todo = self.todos.get(todo_id)
+        todo = None if item is None else self.todos.get(str(item.dataset.id))
         if todo is None:
             return
         role = str(target.dataset.testid or "")
         kind = str(event.type)
+        key = str(event.key) if kind == "keydown" else ""
         if kind == "change" and role == "todo-toggle":
-            self._spawn(self._update(todo_id, todo.text, bool(target.checked)))
+            self._spawn(self._update(todo.id, todo.text, bool(target.checked)))
         elif kind == "click" and role == "todo-delete":
-            self._spawn(self._delete(todo_id))
-        elif (kind == "click" and role == "todo-edit") or (
-                kind == "dblclick" and role == "todo-text"):
-            self._begin_edit(todo_id)
-        elif role == "todo-edit-input":
-            if kind == "keydown" and event.key == "Enter":
-                event.preventDefault()
-                self._commit_edit(todo_id, str(target.value))
-            elif kind == "keydown" and event.key == "Escape":
-                self._end_edit(todo_id)
-            elif kind == "focusout":
-                self._commit_edit(todo_id, str(target.value))
+            self._spawn(self._delete(todo.id))
+        elif (kind, role) in (("click", "todo-edit"), ("dblclick", "todo-text")):
+            self._begin_edit(todo.id)
+        elif role == "todo-edit-input" and key == "Escape":
+            self._end_edit(todo.id)
+        elif role == "todo-edit-input" and (key == "Enter" or kind == "focusout"):
+            event.preventDefault()
+            self._commit_edit(todo.id, str(target.value))
 
     def _begin_edit(self, todo_id: str) -> None:
         if self._editing == todo_id:
@@ -348,10 +338,9 @@ class TodoApp:
         self.todos[todo.id] = todo
         item = self._items.get(todo.id)
         if item is None:
-            item = self._make_item(todo)
+            item = self._items[todo.id] = self._make_item(todo)
             if flash:
                 item.className = "todo flash"
-            self._items[todo.id] = item
             self._list.appendChild(item)
         else:
             self._fill(item, todo)
