@@ -39,7 +39,7 @@ from grpcbridge.core.config import ReconnectPolicy
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-__all__ = ["TodoApp", "describe_error", "main", "user_reason"]
+__all__ = ["TodoApp", "describe_error", "main"]
 
 #: Seconds an action RPC (add, edit, delete...) may take before it is reported as failed.
 RPC_TIMEOUT = 15.0
@@ -48,14 +48,6 @@ FIRST_RETRY = 0.25
 MAX_RETRY = 3.0
 #: Entries kept in the "gRPC calls from this page" list.
 LOG_ENTRIES = 8
-
-
-def user_reason(exc: BaseException) -> str:
-    """What to tell the user: the server's own words for a refused input (its
-    ``INVALID_ARGUMENT`` message says what is allowed), else :func:`describe_error`."""
-    if isinstance(exc, GRPCError) and exc.status is Status.INVALID_ARGUMENT and exc.message:
-        return exc.message
-    return describe_error(exc)
 
 
 def describe_error(exc: BaseException) -> str:
@@ -86,7 +78,6 @@ class TodoApp:
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._connected_once = False
-        self._status = ""
         self._failures = 0
         self._feed_entry: Any = None
         self._counts_pending = False
@@ -258,9 +249,12 @@ class TodoApp:
             reply = await getattr(self.stub, method)(request, timeout=RPC_TIMEOUT)
         except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
             self._log(method, kind, describe_error(exc), self._now() - started, failed=True)
-            hint = "" if self._status == "connected" else \
+            # A refused input: the server's INVALID_ARGUMENT message says what is allowed.
+            reason = (exc.message if isinstance(exc, GRPCError) and exc.message
+                      and exc.status is Status.INVALID_ARGUMENT else describe_error(exc))
+            hint = "" if self._element("app").dataset.connection == "connected" else \
                 " The page reconnects by itself; try again in a moment."
-            self._show_error(f"Could not {what}: {user_reason(exc)}.{hint}")
+            self._show_error(f"Could not {what}: {reason}.{hint}")
             return None
         self._log(method, kind, summary(reply), self._now() - started)
         self._element("app-error").hidden = True
@@ -411,7 +405,6 @@ class TodoApp:
         """Show the connection ``state``; None: "connecting" until the first connection (also
         between failed attempts), "reconnecting" after."""
         state = state or ("reconnecting" if self._connected_once else "connecting")
-        self._status = state
         status = self._element("status")
         status.setAttribute("data-state", state)
         status.textContent = state
