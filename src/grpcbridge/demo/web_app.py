@@ -74,7 +74,6 @@ class TodoApp:
         self.todos: dict[str, todo_pb2.Todo] = {}
         self._items: dict[str, Any] = {}  # id -> <li>
         self._editing: str | None = None
-        self._proxies: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._connected_once = False
@@ -101,9 +100,8 @@ class TodoApp:
         self._spawn(self._sync_forever())
 
     def _listen(self, target: Any, kind: str, handler: Callable[[Any], None]) -> None:
-        proxy = _ffi.create_proxy(handler)
-        self._proxies.append(proxy)  # lives as long as the page
-        target.addEventListener(kind, proxy)
+        # The listener keeps the proxy alive as long as the page (it is never destroyed).
+        target.addEventListener(kind, _ffi.create_proxy(handler))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that is kept referenced until it is done."""
