@@ -162,8 +162,7 @@ class TodoStore:
             if action == "create":
                 self.create(request.create.text)
             elif action == "update":
-                update = request.update
-                self.update(update.id, update.text, update.done)
+                self.update(request.update.id, request.update.text, request.update.done)
             elif action == "delete":
                 self.delete(request.delete.id)
             else:

@@ -36,7 +36,6 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..core.errors import ConfigError
@@ -44,9 +43,6 @@ from ..core.target import host_port
 from ..loops import run
 from ..server.static import Mount
 from . import MAX_TEXT_LENGTH
-
-if TYPE_CHECKING:
-    from ..server.bridge import Bridge
 
 __all__ = [
     "WEB_DIR",
@@ -179,14 +175,6 @@ def _static_mounts(runtime: Path | str, wheels_dir: Path,
     return mounts, prefix
 
 
-def _page_url(bridge: Bridge) -> str:
-    assert bridge.address is not None
-    host, port = bridge.address
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host_port(host, port)}/"
-
-
 async def run_web_demo(*, listen: str = "127.0.0.1:8080",
                        db: str | os.PathLike[str] = "todo.sqlite3",
                        pyodide_dir: str | os.PathLike[str] | None = None,
@@ -231,7 +219,11 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
                 backend=GrpclibBackend([TodoService(store)]), listen=listen, path=GRPC_PATH,
                 static=mounts, drain_timeout=1.0)
             async with Bridge(config) as bridge:
-                url = _page_url(bridge)
+                assert bridge.address is not None
+                host, port = bridge.address
+                if host in ("0.0.0.0", "::"):
+                    host = "127.0.0.1"  # a wildcard address: open the page on this machine
+                url = f"http://{host_port(host, port)}/"
                 log_event("web_demo_started", page=url, tunnel=bridge.url,
                           storage="memory" if db == ":memory:" else os.fspath(db))
                 print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)", flush=True)
