@@ -83,7 +83,7 @@ class TodoStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute(_SCHEMA)
-        self._subscribers: list[Deliver] = []
+        self._subscribers: set[Deliver] = set()
 
     def check_text(self, text: str) -> None:
         """Raise :class:`InvalidTextError` if ``text`` is not a valid todo text here."""
@@ -146,13 +146,12 @@ class TodoStore:
         """Call ``deliver`` with every subsequent change, from the thread that made it and
         with the lock held (so in commit order): it must not block nor use the store."""
         with self._lock:
-            self._subscribers.append(deliver)
+            self._subscribers.add(deliver)
 
     def unsubscribe(self, deliver: Deliver) -> None:
         """Stop calling ``deliver``; unknown ones are ignored (idempotent)."""
         with self._lock:
-            if deliver in self._subscribers:
-                self._subscribers.remove(deliver)
+            self._subscribers.discard(deliver)
 
     def apply_sync(self, request: todo_pb2.SyncRequest) -> str | None:
         """Perform one ``SyncTodos`` action (both services share this rule); return an

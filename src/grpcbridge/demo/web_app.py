@@ -64,7 +64,6 @@ class TodoApp:
 
     def __init__(self, grpc_path: str = "/grpc") -> None:
         self._js = _ffi.js()
-        self._document = self._js.document
         # Backoff between attempts is this app's (see _sync_forever), so the channel itself
         # retries at once whenever asked.
         self.channel = Channel(grpc_path, reconnect=ReconnectPolicy(
@@ -83,7 +82,7 @@ class TodoApp:
         self._feed_count = 0
         self.first_attempt: asyncio.Future[tuple[bool, str]] = (
             asyncio.get_running_loop().create_future())
-        self._element = self._document.getElementById
+        self._element = self._js.document.getElementById
         self._list = self._element("todo-list")
 
     # ------------------------------------------------------------------ lifecycle
@@ -354,7 +353,7 @@ class TodoApp:
     def _element_of(self, tag: str, css: str, testid: str = "", **properties: str) -> Any:
         """A new ``<tag class=css data-testid=testid>`` (each only when given) with
         ``properties`` set."""
-        element = self._document.createElement(tag)
+        element = self._js.document.createElement(tag)
         if css:
             element.className = css
         if testid:
