@@ -32,6 +32,7 @@ from grpcbridge.demo.store import Refusal, TodoStore
 
 __all__ = ["TodoService"]
 
+
 @contextlib.contextmanager
 def _refusals_as_status() -> Iterator[None]:
     """A :class:`~grpcbridge.demo.store.Refusal` ends the RPC with its status and message."""
