@@ -158,21 +158,17 @@ def _static_mounts(runtime: Path | str, wheels_dir: Path,
                    config_dir: Path) -> tuple[dict[str, Mount], str]:
     """The bridge's static mounts and the URL the page loads Pyodide from (see
     :func:`find_assets` for ``runtime``)."""
-    mounts = {
-        "/": Mount("/", WEB_DIR, NO_CACHE),
-        CONFIG_PREFIX: Mount(CONFIG_PREFIX, config_dir, "no-store"),
-        "/wheels/": Mount("/wheels/", wheels_dir, NO_CACHE),
-    }
-    if isinstance(runtime, str):
-        return mounts, runtime
-    # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
-    mounts["/pyodide/"] = Mount("/pyodide/", runtime, UNVERSIONED_RUNTIME_CACHE)
-    version = _pyodide_version(runtime)
-    if version is None:
-        return mounts, "/pyodide/"
-    prefix = f"/pyodide/{version}/"
-    mounts[prefix] = Mount(prefix, runtime, RUNTIME_CACHE)
-    return mounts, prefix
+    mounts = [Mount("/", WEB_DIR, NO_CACHE), Mount(CONFIG_PREFIX, config_dir, "no-store"),
+              Mount("/wheels/", wheels_dir, NO_CACHE)]
+    url = runtime if isinstance(runtime, str) else "/pyodide/"
+    if isinstance(runtime, Path):
+        # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
+        mounts.append(Mount(url, runtime, UNVERSIONED_RUNTIME_CACHE))
+        version = _pyodide_version(runtime)
+        if version is not None:
+            url = f"/pyodide/{version}/"
+            mounts.append(Mount(url, runtime, RUNTIME_CACHE))
+    return {mount.prefix: mount for mount in mounts}, url
 
 
 async def run_web_demo(*, listen: str = "127.0.0.1:8080",
