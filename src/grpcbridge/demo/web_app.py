@@ -286,12 +286,11 @@ class TodoApp:
         if self._editing is not None:
             self._end_edit(self._editing)
         self._editing = todo_id
-        item = self._items[todo_id]
-        text = item.querySelector(".text")
+        text = self._items[todo_id].querySelector(".text")
         field = self._element_of("input", "edit-input", "todo-edit-input", type="text",
                                  value=self.todos[todo_id].text, ariaLabel="Edit todo")
         text.hidden = True
-        item.insertBefore(field, text)
+        text.before(field)
         field.focus()
         field.select()
 
@@ -330,24 +329,22 @@ class TodoApp:
         item = self._items.get(todo.id)
         if item is None:
             item = self._items[todo.id] = self._make_item(todo)
-            if flash:
-                item.className = "todo flash"
             self._list.appendChild(item)
         else:
             self._fill(item, todo)
-            if flash:
+            if flash:  # a layout between removing and adding the class restarts the animation
                 item.classList.remove("flash")
-                _ = item.offsetWidth  # a layout in between restarts the animation
-                item.classList.add("flash")
+                _ = item.offsetWidth
+        if flash:
+            item.classList.add("flash")
         self._render_counts()
 
     def _remove(self, todo_id: str) -> None:
-        self.todos.pop(todo_id, None)
+        if self.todos.pop(todo_id, None) is None:
+            return  # already gone (our delete and the feed's news of it)
         if self._editing == todo_id:
             self._editing = None
-        item = self._items.pop(todo_id, None)
-        if item is not None:
-            item.remove()
+        self._items.pop(todo_id).remove()
         self._render_counts()
 
     def _element_of(self, tag: str, css: str, testid: str = "", **properties: str) -> Any:
