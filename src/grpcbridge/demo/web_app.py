@@ -156,13 +156,10 @@ class TodoApp:
     def _apply_event(self, event: todo_pb2.SyncResponse) -> None:
         kind = event.WhichOneof("event")
         if kind == "todo":
-            todo = event.todo
-            known = self.todos.get(todo.id)
-            echo = known == todo  # already shown (our own change, say): no flash, no entry
-            self._upsert(todo, flash=not echo)
-            if not echo:
-                self._feed_log("another client changed a todo" if known else
-                               "a todo was added")
+            known = self.todos.get(event.todo.id)
+            if known != event.todo:  # else it is shown already (our own change, say)
+                self._upsert(event.todo, flash=True)
+                self._feed_log("another client changed a todo" if known else "a todo was added")
         elif kind == "deleted_id":
             if event.deleted_id in self.todos:
                 self._remove(event.deleted_id)
