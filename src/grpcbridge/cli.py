@@ -196,10 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the terminal demo (no browser) and exit")
     from .demo.web import add_arguments as add_web_demo_arguments
 
-    add_web_demo_arguments(demo)
-    demo.add_argument("--log-level", default=None,
-                      choices=["debug", "info", "warning", "error"],
-                      help="default: info for the browser demo, warning with --terminal")
+    add_web_demo_arguments(demo)  # with --log-level (default: info, warning with --terminal)
     return parser
 
 
