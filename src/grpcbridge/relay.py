@@ -35,7 +35,7 @@ from websockets.protocol import Protocol as WebSocketProtocol
 
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode
-from .core.tunnel import TunnelMachine, TunnelView
+from .core.tunnel import TunnelIO, TunnelMachine
 
 #: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
 #: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
@@ -48,7 +48,7 @@ _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 _RETAINED_MIN = 64 * 1024
 
 
-class StreamAdapter(TunnelView):
+class StreamAdapter(TunnelIO):
     """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
     an asyncio stream transport (a backend connection, a local client, or a
     :class:`~grpcbridge.pipe.Pipe`, which report to the machine directly), arms the
@@ -56,14 +56,11 @@ class StreamAdapter(TunnelView):
     :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel` and the ASGI app's tunnel,
     which add their WebSocket halves."""
 
-    __slots__ = ("_timer", "closed", "loop", "machine", "stream_transport")
-
-    machine: TunnelMachine
+    __slots__ = ("closed", "loop", "machine", "stream_transport")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.stream_transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
@@ -77,9 +74,6 @@ class StreamAdapter(TunnelView):
         self.stream_transport = transport
         self.machine.stream_attached_now()
         self.machine.charge()
-
-    def websocket_buffered(self) -> int:
-        raise NotImplementedError
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides; the WebSocket with ``code`` and ``reason``."""
@@ -115,21 +109,8 @@ class StreamAdapter(TunnelView):
         transport = self.stream_transport
         return 0 if transport is None else transport.get_write_buffer_size()
 
-    def set_timer(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self.machine.timer_fired()
-
     def tunnel_closed(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.set_timer(None)  # an age's timer may still be armed
         if not self.closed.done():
             self.closed.set_result(None)
 

@@ -45,18 +45,18 @@ class _TunnelConnection:
 
     @property
     def usable(self) -> bool:
-        return not self.tunnel.machine.dialing and self.tunnel.close_code is None
+        return not self.tunnel.machine.dialing and self.tunnel.machine.close_code is None
 
     @property
     def close_started(self) -> bool:
-        return self.tunnel.close_code is not None
+        return self.tunnel.machine.close_code is not None
 
     def loss_description(self) -> str | None:
-        tunnel = self.tunnel
-        if tunnel.close_code is None:
+        machine = self.tunnel.machine
+        if machine.close_code is None:
             return None
-        return (f"tunnel to {self._dial.target.url} closed with code {tunnel.close_code}"
-                + (f" ({tunnel.close_reason})" if tunnel.close_reason else ""))
+        return (f"tunnel to {self._dial.target.url} closed with code {machine.close_code}"
+                + (f" ({machine.close_reason})" if machine.close_reason else ""))
 
     def close(self) -> None:
         # A handshake in progress finishes first (see Connection).

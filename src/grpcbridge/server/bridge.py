@@ -443,8 +443,8 @@ class Bridge:
                 self._malformed_request(tunnel, session)
                 return
             tunnel.machine.charge()
-            if tunnel.close_code is not None:  # headers over the client's memory budget
-                self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
+            if tunnel.machine.close_code is not None:  # headers over the client's budget
+                self.gate.rejected(Rejection(431, tunnel.machine.close_reason, label="memory"),
                                    request_id=new_request_id(), peer=session.peer)
                 tunnel.abort()
             return
@@ -523,7 +523,8 @@ class Bridge:
                                          websocket=_upgrade_requested(request), now=loop.time())
         transport = tunnel.ws_transport
         if (self._sessions.get(tunnel) is not session or tunnel.machine.ws_lost
-                or tunnel.close_code is not None or transport is None or transport.is_closing()):
+                or tunnel.machine.close_code is not None
+                or transport is None or transport.is_closing()):
             # the client left during the check
             if not isinstance(decision, Rejection):
                 self.gate.release(decision, loop.time())
