@@ -474,17 +474,9 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         self._buffered = buffered = int(self.websocket.bufferedAmount)
         return buffered
 
-    def can_write_eof(self) -> bool:
-        """False: a WebSocket has no half-close."""
-        return False
-
     def get_write_buffer_size(self) -> int:
         """Held bytes plus the socket's ``bufferedAmount`` (0 once it is gone)."""
         return 0 if self.machine.ws_lost else self._held_bytes + self._read_buffered()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        """``(low_water, high_water)``."""
-        return self._low_water, self._high_water
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """Set the backpressure marks (held plus ``bufferedAmount`` bytes)."""
@@ -518,12 +510,6 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         while self._paused and self.machine.close_code is None:
             await asyncio.sleep(POLL_INTERVAL)
             self._check_resume()
-
-    # ------------------------------------------------------------ reading side
-
-    def is_reading(self) -> bool:
-        """True until the socket began closing (or while finishing RPCs drain)."""
-        return self.machine.close_code is None or self.draining
 
     # ----------------------------------------------------------------- closing
 
@@ -698,6 +684,3 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
     def resume_stream(self) -> None:
         assert self.protocol is not None
         self.protocol.resume_writing()
-
-    # A script cannot stop reading a socket (HTTP/2 flow control bounds what comes in).
-    pause_reading = resume_reading = TunnelIO.pause_websocket
