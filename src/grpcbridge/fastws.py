@@ -389,13 +389,13 @@ class PicowsTunnel(SocketTunnel):
 
     # ------------------------------------------------------------- frames, reads
 
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+    def attach_stream(self, transport: asyncio.Transport) -> None:
         # Only a plain socket's transport (an allowlist): bytes written past a TLS transport
         # would skip its encryption, and only on POSIX is a socket's fileno() a descriptor.
         sock = (transport.get_extra_info("socket")
                 if type(transport) in _PLAIN_SOCKET_TRANSPORTS else None)
         self.stream_fd = sock.fileno() if sock is not None else -1
-        super().attach_stream(transport, buffer_bytes)
+        super().attach_stream(transport)
 
     def payload(self, frame: WSFrame) -> None:
         """A binary message's payload, for the stream side. While nothing waits in the

@@ -64,13 +64,12 @@ class StreamAdapter(TunnelIO):
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+    def attach_stream(self, transport: asyncio.Transport) -> None:
         """Attach the byte-stream connection (from its ``connection_made``).
 
         Bytes that arrived from the WebSocket before are written to it first. If the
         WebSocket is not open yet, reading from the stream waits for it.
         """
-        transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
         self.stream_transport = transport
         self.machine.stream_attached_now()
         self.machine.charge()
@@ -371,7 +370,8 @@ class StreamSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.tunnel.attach_stream(transport, self._buffer_bytes)
+        transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
+        self.tunnel.attach_stream(transport)
 
     def data_received(self, data: bytes) -> None:
         self.machine.stream_data(data)
