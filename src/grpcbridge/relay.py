@@ -74,14 +74,6 @@ class StreamAdapter(TunnelIO):
         self.machine.stream_attached_now()
         self.machine.charge()
 
-    def close(self, code: int, reason: str) -> None:
-        """Close both sides; the WebSocket with ``code`` and ``reason``."""
-        self.machine.close(code, reason)
-
-    def abort(self) -> None:
-        """Drop both sides now, without waiting for buffers or handshakes."""
-        self.machine.abort()
-
     # --------------------------------------- TunnelIO: the stream half of the outputs
 
     def write_stream(self, data: bytes) -> None:

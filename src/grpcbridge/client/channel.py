@@ -61,11 +61,11 @@ class _TunnelConnection:
     def close(self) -> None:
         # A handshake in progress finishes first (see Connection).
         if not self.tunnel.machine.dialing:
-            self.tunnel.close(CloseCode.NORMAL, "channel closed")
+            self.tunnel.machine.close(CloseCode.NORMAL, "channel closed")
 
     def abort(self) -> None:
         if not self.tunnel.machine.dialing:
-            self.tunnel.abort()
+            self.tunnel.machine.abort()
 
 
 class Channel(CoreChannel[_TunnelConnection]):

@@ -289,4 +289,4 @@ def _abandon(tunnel: ClientTunnel) -> None:
     if tunnel.ws_transport is None:
         tunnel.ws_lost(None)  # never connected: let the tunnel finish
     else:
-        tunnel.abort()
+        tunnel.machine.abort()

@@ -329,11 +329,11 @@ class BridgeApp:
             log_event("bridge_draining", tunnels=len(self._tunnels), timeout=seconds)
             await asyncio.wait(set(self._tunnels), timeout=seconds)
         for tunnel in list(self._relaying):
-            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
+            tunnel.machine.close(CloseCode.GOING_AWAY, "server shutting down")
         if self._tunnels:  # each waits up to _CLOSE_WAIT for the client's close reply
             await asyncio.wait(set(self._tunnels), timeout=_CLOSE_WAIT + 1)
         for tunnel in list(self._relaying):
-            tunnel.abort()
+            tunnel.machine.abort()
         if self._tunnels:
             await asyncio.wait(set(self._tunnels), timeout=1)
 

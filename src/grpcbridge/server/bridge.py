@@ -296,18 +296,18 @@ class Bridge:
             if session.tunnel is None:
                 if session.task is not None:
                     session.task.cancel()
-                tunnel.abort()
+                tunnel.machine.abort()
         pending = [tunnel.closed for tunnel in self._sessions]
         if pending and seconds > 0:
             log_event("bridge_draining", tunnels=len(pending), timeout=seconds)
             await asyncio.wait(pending, timeout=seconds)
         for tunnel in list(self._sessions):
-            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
+            tunnel.machine.close(CloseCode.GOING_AWAY, "server shutting down")
         pending = [tunnel.closed for tunnel in self._sessions]
         if pending:
             await asyncio.wait(pending, timeout=CLOSE_TIMEOUT + 1)
         for tunnel in list(self._sessions):
-            tunnel.abort()
+            tunnel.machine.abort()
         pending = [tunnel.closed for tunnel in self._sessions]
         if pending:
             await asyncio.wait(pending, timeout=1)
@@ -380,7 +380,7 @@ class Bridge:
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
                                request_id=session.request_id or new_request_id(),
                                peer=session.peer)
-            tunnel.abort()
+            tunnel.machine.abort()
             return
         self._refuse(side, session, Rejection(
             503, f"admission did not finish within the handshake timeout "
@@ -428,7 +428,7 @@ class Bridge:
             if side.held_bytes > MAX_EARLY_BYTES:
                 log_event("upgrade_aborted", request_id=session.request_id, peer=session.peer,
                           reason=f"over {MAX_EARLY_BYTES} bytes sent before the answer")
-                tunnel.abort()
+                tunnel.machine.abort()
             else:
                 self._charge_admission(side, session)
             return
@@ -446,7 +446,7 @@ class Bridge:
             if tunnel.machine.close_code is not None:  # headers over the client's budget
                 self.gate.rejected(Rejection(431, tunnel.machine.close_reason, label="memory"),
                                    request_id=new_request_id(), peer=session.peer)
-                tunnel.abort()
+                tunnel.machine.abort()
             return
         session.request_id = self.gate.request_id(request.headers.get_all(REQUEST_ID_HEADER),
                                                   peer=session.peer)
@@ -560,7 +560,7 @@ class Bridge:
         except Exception as exc:  # a bug here must not leave the connection hanging
             log_event("upgrade_failed", logging.ERROR, request_id=session.request_id,
                       peer=session.peer, error=repr(exc))
-            tunnel.abort()
+            tunnel.machine.abort()
             raise
         await session.tunnel.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
 
