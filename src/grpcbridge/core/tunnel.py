@@ -36,10 +36,9 @@ Rules kept here, once:
 
 from __future__ import annotations
 
-import abc
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .age import TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
@@ -67,16 +66,16 @@ class TunnelState(enum.Enum):
     CLOSED = "closed"
 
 
-class TunnelIO(abc.ABC):
+class TunnelIO(Protocol):
     """What an adapter does on behalf of a :class:`TunnelMachine` (adapters subclass it).
 
-    Every adapter carries out the abstract outputs. The others default to nothing, for the
-    adapters that cannot or need not act on them: a browser cannot send pings, stop reading
-    a socket or end one early (the machine gets no ping interval there, and HTTP/2 flow
-    control bounds what it reads); a framing layer that hands over only whole messages (the
-    browser's, an ASGI server's) holds nothing; a stream side that takes bytes at once
-    buffers nothing. :meth:`set_timer` arms the timer on the adapter's asyncio ``loop``
-    (the machine keeps its handle).
+    Every adapter carries out the outputs with empty bodies (mypy takes them as abstract).
+    The others default to nothing, for the adapters that cannot or need not act on them: a
+    browser cannot send pings, stop reading a socket or end one early (the machine gets no
+    ping interval there, and HTTP/2 flow control bounds what it reads); a framing layer
+    that hands over only whole messages (the browser's, an ASGI server's) holds nothing; a
+    stream side that takes bytes at once buffers nothing. :meth:`set_timer` arms the timer
+    on the adapter's asyncio ``loop`` (the machine keeps its handle).
     """
 
     __slots__ = ()
@@ -84,52 +83,43 @@ class TunnelIO(abc.ABC):
     machine: TunnelMachine
     loop: asyncio.AbstractEventLoop
 
-    @abc.abstractmethod
     def send_message(self, data: bytes) -> None:
         """Send ``data`` as one binary WebSocket message."""
 
-    def send_ping(self) -> None:  # noqa: B027
-        pass
+    def send_ping(self) -> None:
+        return None
 
-    @abc.abstractmethod
     def send_close(self, code: int, reason: str) -> None:
         """Start the WebSocket closing handshake."""
 
-    @abc.abstractmethod
     def fail_websocket(self, code: int, reason: str) -> None:
         """Close for a protocol violation: close frame, then no further frames processed."""
 
-    @abc.abstractmethod
     def abort_websocket(self) -> None: ...
 
-    def finish_websocket(self) -> None:  # noqa: B027
+    def finish_websocket(self) -> None:
         """Close the WebSocket connection once what is buffered for it is sent, without
         waiting for the peer's close frame."""
+        return None
 
-    def pause_websocket(self) -> None:  # noqa: B027
-        pass
+    def pause_websocket(self) -> None:
+        return None
 
-    def resume_websocket(self) -> None:  # noqa: B027
-        pass
+    def resume_websocket(self) -> None:
+        return None
 
-    @abc.abstractmethod
     def websocket_buffered(self) -> int:
         """Bytes waiting to be sent on the WebSocket."""
 
-    @abc.abstractmethod
     def write_stream(self, data: bytes) -> None: ...
 
-    @abc.abstractmethod
     def close_stream(self) -> None:
         """Close the stream side after flushing what it has buffered."""
 
-    @abc.abstractmethod
     def abort_stream(self) -> None: ...
 
-    @abc.abstractmethod
     def pause_stream(self) -> None: ...
 
-    @abc.abstractmethod
     def resume_stream(self) -> None: ...
 
     def stream_buffered(self) -> int:
@@ -150,8 +140,9 @@ class TunnelIO(abc.ABC):
         machine.timer = (None if deadline is None
                          else self.loop.call_at(deadline, machine.timer_fired))
 
-    def tunnel_closed(self) -> None:  # noqa: B027
+    def tunnel_closed(self) -> None:
         """Both sides are gone: the tunnel reached :attr:`TunnelState.CLOSED`."""
+        return None
 
 
 class TunnelMachine:
