@@ -402,9 +402,9 @@ class PicowsTunnel(SocketTunnel):
         stream's write buffer it is written to the socket straight from picows' read buffer
         (no copy unless the socket takes only part of it); otherwise it is copied out."""
         machine = self.machine
-        transport = self.stream_transport
-        if (self.stream_fd < 0 or transport is None or not machine.relaying_websocket
-                or transport.is_closing() or transport.get_write_buffer_size()):
+        if (self.stream_fd < 0 or not machine.relaying_websocket  # (attached: fd >= 0)
+                or self.stream_transport.is_closing()
+                or self.stream_transport.get_write_buffer_size()):
             machine.data(frame.get_payload_as_bytes())
             return
         view = frame.get_payload_as_memoryview()

@@ -58,9 +58,12 @@ class StreamAdapter(TunnelIO):
 
     __slots__ = ("closed", "loop", "machine", "stream_transport")
 
+    #: The byte-stream connection, set by :meth:`attach_stream`: the machine asks for the
+    #: stream outputs below only once it is attached.
+    stream_transport: asyncio.Transport
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.stream_transport: asyncio.Transport | None = None
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
@@ -77,28 +80,22 @@ class StreamAdapter(TunnelIO):
     # --------------------------------------- TunnelIO: the stream half of the outputs
 
     def write_stream(self, data: bytes) -> None:
-        assert self.stream_transport is not None
         self.stream_transport.write(data)
 
     def close_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.close()
+        self.stream_transport.close()
 
     def abort_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.abort()
+        self.stream_transport.abort()
 
     def pause_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.pause_reading()
+        self.stream_transport.pause_reading()
 
     def resume_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.resume_reading()
+        self.stream_transport.resume_reading()
 
     def stream_buffered(self) -> int:
-        transport = self.stream_transport
-        return 0 if transport is None else transport.get_write_buffer_size()
+        return self.stream_transport.get_write_buffer_size()
 
     def tunnel_closed(self) -> None:
         self.set_timer(None)  # an age's timer may still be armed
