@@ -328,7 +328,6 @@ class PicowsTunnel(SocketTunnel):
     is the connection throughout."""
 
     __slots__ = (
-        "__weakref__",
         "buffer_size",
         "client",
         "closed_before",

@@ -135,9 +135,8 @@ class SocketTunnel(StreamAdapter):
 
     def _close_flushed(self) -> None:
         """Close the WebSocket connection once what is buffered for it is sent."""
-        if self.ws_transport is not None and not self.machine.ws_lost:
-            self.ws_transport.close()
-            self.machine.websocket_flushing()
+        self.finish_websocket()
+        self.machine.websocket_flushing()
 
     def _yield_turn(self) -> None:
         """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
@@ -188,7 +187,6 @@ class Tunnel(SocketTunnel):
     stream transport. ``closed`` resolves once both connections are gone."""
 
     __slots__ = (
-        "__weakref__",
         "_inbound",
         "_retained",
         "max_message_bytes",

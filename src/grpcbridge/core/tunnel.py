@@ -153,7 +153,6 @@ class TunnelMachine:
     """
 
     __slots__ = (
-        "__weakref__",
         "_early",
         "_frame_rate",
         "_in_text",
