@@ -456,14 +456,10 @@ class PicowsTunnel(SocketTunnel):
                              message_too_big_reason(self.max_message_bytes))
                 return
             self.fragment = -1 if frame.fin else size
-            if msg_type is _BINARY:
-                if frame.payload_size:
-                    machine.data(frame.get_payload_as_bytes())
-                else:
-                    machine.empty_frame()
-            else:
-                opcode = Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION
-                machine.frame(opcode, frame.get_payload_as_bytes())
+            # A binary frame's payload goes where a continuation's does (data, or an empty
+            # frame); a text frame fails the tunnel.
+            machine.frame(Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION,
+                          frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.PING:
             if machine.empty_frame() and self.ws is not None:
                 self.ws.send_pong(frame.get_payload_as_bytes())

@@ -389,8 +389,7 @@ async def keepalive_forever(
 
     One task per server instead of one timer per tunnel keeps idle tunnels cheap.
     """
-    periods = [p for p in (ping_interval, idle_timeout) if p]
-    interval = min([1.0, *(p / 4 for p in periods)])
+    interval = min([1.0, *(p / 4 for p in (ping_interval, idle_timeout) if p)])
     while True:
         await asyncio.sleep(interval)
         if on_tick is not None:
