@@ -49,7 +49,6 @@ from websockets.server import ServerProtocol
 
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode, message_too_big_reason
-from .core.tunnel import TunnelMachine
 from .observability import log_event
 from .relay import SocketTunnel
 
@@ -343,7 +342,7 @@ class PicowsTunnel(SocketTunnel):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol | None, *,
                  stream_name: str, max_message_bytes: int) -> None:
-        super().__init__(loop)
+        super().__init__(loop, stream_name)
         #: The client end of a tunnel (``websocket`` None): see :class:`PicowsProtocol`.
         self.client = websocket is None
         self.websocket = websocket
@@ -360,7 +359,6 @@ class PicowsTunnel(SocketTunnel):
         self.buffer_size = 0
         #: The stream side's socket, written to directly while its buffer is empty (-1: none).
         self.stream_fd = -1
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # ------------------------------------------------------------ handshake phase
 

@@ -113,10 +113,11 @@ class SocketTunnel(StreamAdapter):
     #: websockets' protocol, whose output :meth:`flush_websocket` writes (None: none).
     websocket: WebSocketProtocol | None
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> None:
         super().__init__(loop)
         self.ws_transport: asyncio.Transport | None = None
         self._ws_yielding = False
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     def flush_websocket(self) -> None:
         """Write what websockets' protocol has to send; its end-of-stream marker closes the
@@ -197,7 +198,7 @@ class Tunnel(SocketTunnel):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: WebSocketProtocol, *,
                  stream_name: str) -> None:
-        super().__init__(loop)
+        super().__init__(loop, stream_name)
         self.websocket = websocket
         #: Largest WebSocket message accepted (None: no limit).
         self.max_message_bytes = websocket.max_message_size
@@ -208,7 +209,6 @@ class Tunnel(SocketTunnel):
         #: Payload bytes of the last frame received: websockets' parser keeps that frame
         #: referenced until the next one arrives, so it counts as held memory.
         self._retained = 0
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # --------------------------------------------------------- WebSocket side
 
