@@ -68,11 +68,8 @@ class StreamAdapter(TunnelIO):
         self.closed: asyncio.Future[None] = loop.create_future()
 
     def attach_stream(self, transport: asyncio.Transport) -> None:
-        """Attach the byte-stream connection (from its ``connection_made``).
-
-        Bytes that arrived from the WebSocket before are written to it first. If the
-        WebSocket is not open yet, reading from the stream waits for it.
-        """
+        """Attach the byte-stream connection (from its ``connection_made``); what follows is
+        :meth:`~grpcbridge.core.tunnel.TunnelMachine.stream_attached_now`'s."""
         self.stream_transport = transport
         self.machine.stream_attached_now()
         self.machine.charge()

@@ -431,7 +431,10 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
                 self._flush()
             if not self._paused and self._held_bytes + self._buffered > self._high_water and \
                     self._held_bytes + self._read_buffered() > self._high_water:
-                self._pause()
+                self._paused = True
+                self.stats.pauses += 1
+                self.machine.websocket_write_paused()  # -> protocol.pause_writing()
+                self._watcher = self.loop.create_task(self._wait_below_low_water())
             return
         socket_going = self.machine.close_code is None and self.websocket.readyState >= _CLOSING
         if (self.draining or socket_going) and _control_frames_only(data):
@@ -484,12 +487,6 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         low = high // 4 if low is None else low
         check_buffer_sizes(high, low, self._max_buffer_bytes, self._max_message_bytes)
         self._high_water, self._low_water = high, low
-
-    def _pause(self) -> None:
-        self._paused = True
-        self.stats.pauses += 1
-        self.machine.websocket_write_paused()  # -> protocol.pause_writing()
-        self._watcher = self.loop.create_task(self._wait_below_low_water())
 
     def _check_resume(self, *, stop_watcher: bool = False) -> None:
         """Resume writing if held bytes plus ``bufferedAmount`` fell to ``low_water``."""
@@ -674,8 +671,7 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         # Otherwise (and when this side gave up the connection) every RPC on it ends now.
         self.loop.call_soon(self._connection_lost)
 
-    def abort_stream(self) -> None:
-        self._connection_lost()
+    abort_stream = _connection_lost
 
     def pause_stream(self) -> None:
         assert self.protocol is not None
