@@ -224,8 +224,7 @@ class PicowsProtocol(WSProtocol):  # type: ignore[misc]
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tunnel.client:  # the connection is the tunnel's from the start
             transport = cast(asyncio.Transport, transport)
-            transport.set_write_buffer_limits(high=self.buffer_bytes,
-                                              low=self.buffer_bytes // 4)
+            transport.set_write_buffer_limits(high=self.buffer_bytes)  # low (asyncio's): a quarter
             self.tunnel.ws_transport = transport
         super().connection_made(transport)  # a client writes its upgrade request here
 
@@ -409,7 +408,7 @@ class PicowsTunnel(SocketTunnel):
             written = os.write(self.stream_fd, view)
         except OSError:  # full (EAGAIN), or failed: the transport's own write reports it
             written = 0
-        machine.data_written(written)
+        machine.bytes_from_websocket += written  # data() counts the rest
         if written < len(view):
             machine.data(bytes(view[written:]))
 

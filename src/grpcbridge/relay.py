@@ -320,7 +320,7 @@ class WebSocketSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
+        transport.set_write_buffer_limits(high=self._buffer_bytes)  # low (asyncio's): a quarter
         self.tunnel.ws_transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -354,7 +354,7 @@ class StreamSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
+        transport.set_write_buffer_limits(high=self._buffer_bytes)  # low (asyncio's): a quarter
         self.tunnel.attach_stream(transport)
 
     def data_received(self, data: bytes) -> None:

@@ -305,14 +305,9 @@ class TunnelMachine:
     @property
     def relaying_websocket(self) -> bool:
         """WebSocket payloads go to the stream side as they come (:meth:`data` writes them
-        at once): an adapter may then write them itself, saying so with
-        :meth:`data_written`."""
+        at once): an adapter may then write them itself, without a copy for
+        :meth:`TunnelIO.write_stream`, and count them in ``bytes_from_websocket``."""
         return self.stream_attached and not self.stream_closing
-
-    def data_written(self, size: int) -> None:
-        """The adapter wrote ``size`` payload bytes to the stream side itself (while
-        :attr:`relaying_websocket`), without a copy for :meth:`TunnelIO.write_stream`."""
-        self.bytes_from_websocket += size
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it
