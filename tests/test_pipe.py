@@ -25,12 +25,6 @@ class RecordingTunnel:
     def stream_gone(self, abnormal: bool) -> None:
         self.lost.append(abnormal)
 
-    def stream_write_paused(self) -> None:
-        pass
-
-    def stream_write_resumed(self) -> None:
-        pass
-
     def websocket_buffered(self) -> int:
         return 0
 

@@ -73,12 +73,6 @@ class ProtocolTransport(asyncio.Transport):
     def get_write_buffer_size(self) -> int:
         return self.held_bytes + self._pipe.tunnel.websocket_buffered()
 
-    def pause_reading(self) -> None:
-        self._pipe.tunnel.machine.stream_write_paused()
-
-    def resume_reading(self) -> None:
-        self._pipe.tunnel.machine.stream_write_resumed()
-
 
 class Pipe(asyncio.Transport):
     """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both. The
