@@ -463,27 +463,24 @@ class PicowsTunnel(SocketTunnel):
         elif msg_type is WSMsgType.PONG:
             machine.empty_frame()
         elif msg_type is WSMsgType.CLOSE:
-            self._close_received(frame)
-
-    def _close_received(self, frame: WSFrame) -> None:
-        ws = self.ws
-        assert ws is not None
-        payload = frame.get_payload_as_bytes()  # picows checked the code and the UTF-8
-        code = int.from_bytes(payload[:2], "big") if payload else _NO_STATUS
-        reason = payload[2:].decode()
-        if payload and not (1000 <= code <= 1003 or 1007 <= code <= 1014
-                            or 3000 <= code <= 4999):  # picows lets 0, 1006, >= 5000 by
-            self.machine.fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
-            return
-        if not ws.is_close_frame_sent:  # the peer began: answer with its code (RFC 6455)
-            if payload:
-                self.send_close(code, reason)
-            else:
-                ws.send(WSMsgType.CLOSE, b"")
-            self.machine.websocket_closing(code, reason)
-        self.failed = True
-        # The closing handshake is complete: close the connection once flushed.
-        self._close_flushed()
+            ws = self.ws
+            assert ws is not None
+            payload = frame.get_payload_as_bytes()  # picows checked the code and the UTF-8
+            code = int.from_bytes(payload[:2], "big") if payload else _NO_STATUS
+            reason = payload[2:].decode()
+            if payload and not (1000 <= code <= 1003 or 1007 <= code <= 1014
+                                or 3000 <= code <= 4999):  # picows lets 0, 1006, >= 5000 by
+                machine.fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+                return
+            if not ws.is_close_frame_sent:  # the peer began: answer with its code (RFC 6455)
+                if payload:
+                    self.send_close(code, reason)
+                else:
+                    ws.send(WSMsgType.CLOSE, b"")
+                machine.websocket_closing(code, reason)
+            self.failed = True
+            # The closing handshake is complete: close the connection once flushed.
+            self._close_flushed()
 
     def read_done(self, frames: int) -> None:
         """After each read: idle-timeout activity, the loop's turn and the memory budget."""

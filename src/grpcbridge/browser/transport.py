@@ -129,12 +129,9 @@ def _control_frames_only(data: bytes | bytearray | memoryview) -> bool:
     view = memoryview(data)
     offset = 0
     while offset < len(view):
-        if len(view) - offset < 9:
-            return False
-        length = int.from_bytes(view[offset:offset + 3], "big")
-        if view[offset + 3] not in _CONTROL_FRAME_TYPES:
-            return False
-        offset += 9 + length
+        if len(view) - offset < 9 or view[offset + 3] not in _CONTROL_FRAME_TYPES:
+            return False  # a partial frame header, or a frame that carries request data
+        offset += 9 + int.from_bytes(view[offset:offset + 3], "big")
     return offset == len(view)
 
 
