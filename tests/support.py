@@ -86,6 +86,8 @@ async def eventually(predicate: Callable[[], object | Awaitable[object]],
 
 
 MiB = 1024 * 1024
+#: Settings of a bridge behind a proxy on this machine: it believes 127.0.0.1's headers.
+BEHIND_PROXY: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"]}
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 32 * MiB),
     ("grpc.max_send_message_length", 32 * MiB),

@@ -171,7 +171,8 @@ async def test_shared_options_are_checked_alike(options: dict[str, Any], message
 
 
 def test_handshake_timeout_defaults_to_the_policys_connect_timeout() -> None:
-    options = check_options(handshake_timeout=None, reconnect=FAST, max_message_bytes=1 << 20,
+    options = check_options("FakeChannel", (), handshake_timeout=None, reconnect=FAST,
+                            max_message_bytes=1 << 20,
                             max_frame_size=None, bearer_token="secret", subprotocols=(),
                             buffer_bytes=4096)
     assert options.handshake_timeout == FAST.min_connect_timeout
@@ -301,6 +302,7 @@ class FakeChannel(CoreChannel[FakeConnection]):
 
     def __init__(self, runtime: FakeRuntime, **options: Any) -> None:
         checked: ChannelOptions = check_options(
+            "FakeChannel", (),
             handshake_timeout=options.get("handshake_timeout"), reconnect=FAST,
             max_message_bytes=1 << 20, max_frame_size=None, bearer_token=None,
             subprotocols=(), buffer_bytes=4096)

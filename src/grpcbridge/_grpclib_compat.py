@@ -6,8 +6,8 @@ grpclib does not offer publicly; they are all here, so a new grpclib or h2 relea
 checked against one module (and ``tests/test_channel_core.py``), not the whole code base:
 
 * :class:`GrpclibChannel` - grpclib's ``Channel`` with its private connection hooks
-  (``_create_connection``, ``_connected``, ``_protocol_factory``, ``_authority``,
-  ``_scheme``) routed to public-named methods the grpcbridge channels implement;
+  (``_create_connection``, ``_connected``, ``_authority``, ``_scheme``) routed to
+  public-named methods the grpcbridge channels implement;
 * :func:`advertise_max_frame_size` and :class:`FrameSizeProtocol` - h2's connection behind
   grpclib's (``Connection._connection``) and its inbound frame limit; the protocol also
   keeps graceful GOAWAYs from h2, which would fail the streams still open (see
@@ -225,9 +225,6 @@ class GrpclibChannel(grpclib.client.Channel):
         return True
 
     # grpclib's private hooks.
-
-    def _protocol_factory(self) -> H2Protocol:
-        return self.new_protocol()
 
     async def _create_connection(self) -> H2Protocol:
         return await self.open_protocol()

@@ -37,16 +37,16 @@ What differs is how a connection is made: the **runtime hook**. Each channel imp
 websockets in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
 
 This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`),
-``grpcbridge.core``, ``grpcbridge.framesize`` and ``grpcbridge.client.streams``: the browser
-(Pyodide) imports it too.
+``grpcbridge.core`` and ``grpcbridge.framesize``: the browser (Pyodide) imports it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar
@@ -56,17 +56,17 @@ import grpclib.client
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.protocol import H2Protocol
 
 from ._grpclib_compat import (
     FrameSizeProtocol,
     GrpclibChannel,
     protocol_connection,
+    retype_stream,
     stream_connection,
     streams_released,
 )
-from .client.streams import tunnel_stream
 from .core.config import ReconnectPolicy, check_dial_options, check_positive
 from .core.errors import ConfigError, HandshakeError, TunnelClosed
 from .core.reconnect import Backoff
@@ -88,17 +88,6 @@ GENERIC_REASONS = frozenset({"Connection lost", "Connection closed", ""})
 # ------------------------------------------------------------------------- options
 
 
-def reject_unknown_options(owner: str, options: Mapping[str, object]) -> None:
-    """Raise ``TypeError`` for keyword arguments ``owner`` does not take, pointing renamed
-    ones to their new name (channels collect these in ``**renamed``)."""
-    for name in options:
-        new = RENAMED_OPTIONS.get(name)
-        if new is not None:
-            raise TypeError(f"{owner}() has no option {name!r} any more: it is called "
-                            f"{new!r} now (one name for both grpcbridge channels)")
-        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ChannelOptions:
     """The checked options the core and the runtime hooks read (:func:`check_options` also
@@ -115,6 +104,8 @@ class ChannelOptions:
 
 
 def check_options(
+    owner: str,
+    renamed: Iterable[str],
     *,
     handshake_timeout: float | None,
     reconnect: ReconnectPolicy | None,
@@ -125,7 +116,15 @@ def check_options(
     headers: Mapping[str, str] | None = None,
     buffer_bytes: int,
 ) -> ChannelOptions:
-    """Check the shared options; :class:`~grpcbridge.ConfigError` names the bad one."""
+    """Check the shared options of channel ``owner``; :class:`~grpcbridge.ConfigError` names
+    the bad one. ``renamed`` are the keyword arguments ``owner`` does not take (channels
+    collect them in ``**renamed``): ``TypeError``, pointing renamed ones to their new name."""
+    for name in renamed:
+        new = RENAMED_OPTIONS.get(name)
+        if new is not None:
+            raise TypeError(f"{owner}() has no option {name!r} any more: it is called "
+                            f"{new!r} now (one name for both grpcbridge channels)")
+        raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
     policy = reconnect if reconnect is not None else ReconnectPolicy()
     if not isinstance(policy, ReconnectPolicy):
         raise ConfigError("reconnect must be a grpcbridge.ReconnectPolicy")
@@ -195,18 +194,46 @@ def lost_detail(detail: str, description: str | None) -> str:
     return detail  # already specific (e.g. a send refused with the close code)
 
 
-class _StreamErrors:
-    """Maps the errors of one stream (see :func:`grpcbridge.client.streams.tunnel_stream`)."""
+T = TypeVar("T")
 
-    __slots__ = ("_channel", "_stream")
 
-    def __init__(self, channel: CoreChannel[Any],
-                 stream: grpclib.client.Stream) -> None:  # type: ignore[type-arg]
-        self._channel = channel
-        self._stream = stream
+def _reported(method: Callable[..., Coroutine[Any, Any, T]]
+              ) -> Callable[..., Coroutine[Any, Any, T]]:
+    """``method`` of grpclib's stream, raising the channel's ``GRPCError`` instead of
+    ``StreamTerminatedError``."""
 
-    def call_error(self, exc: BaseException) -> GRPCError:
-        return self._channel._call_error(exc, self._stream)
+    @functools.wraps(method)
+    async def reporting(self: _TunnelStream, *args: Any, **kwargs: Any) -> T:
+        try:
+            return await method(self, *args, **kwargs)
+        except StreamTerminatedError as exc:
+            raise self._bridge_call_error(exc) from exc
+
+    return reporting
+
+
+class _TunnelStream(grpclib.client.Stream):  # type: ignore[type-arg]
+    """A grpclib client stream that reports a lost connection as a ``GRPCError`` (grpclib
+    itself raises ``StreamTerminatedError``, which gRPC code does not expect)."""
+
+    #: Set by :meth:`CoreChannel.request`: the ``GRPCError`` to raise for the
+    #: ``StreamTerminatedError`` grpclib ended the stream with (connection lost or channel
+    #: closed; :meth:`CoreChannel._call_error` decides which status).
+    _bridge_call_error: Callable[[BaseException], GRPCError]
+
+    send_request = _reported(grpclib.client.Stream.send_request)
+    send_message = _reported(grpclib.client.Stream.send_message)
+    end = _reported(grpclib.client.Stream.end)
+    recv_initial_metadata = _reported(grpclib.client.Stream.recv_initial_metadata)
+    recv_message = _reported(grpclib.client.Stream.recv_message)
+    recv_trailing_metadata = _reported(grpclib.client.Stream.recv_trailing_metadata)
+
+    @_reported
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc_val: BaseException | None, exc_tb: TracebackType | None) -> None:
+        await super().__aexit__(exc_type, exc_val, exc_tb)
+        if isinstance(exc_val, StreamTerminatedError):
+            raise self._bridge_call_error(exc_val) from exc_val
 
 
 class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
@@ -220,6 +247,7 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
     def __init__(self, target: Target, options: ChannelOptions, *,
                  codec: CodecBase | None, status_details_codec: StatusDetailsCodecBase | None,
                  config: Configuration | None) -> None:
+        asyncio.get_running_loop()  # grpclib binds the loop now: fail clearly outside one
         super().__init__(host=target.host, port=target.port, authority=target.authority,
                          max_frame_size=options.max_frame_size, codec=codec,
                          status_details_codec=status_details_codec, config=config)
@@ -237,14 +265,10 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         #: Connections the server sent a GOAWAY, until their last stream is done.
         self._retiring: dict[ConnectionT, asyncio.Task[None]] = {}
 
-    # --------------------------------------------------------------- runtime hook
-
     def _new_connection(self) -> ConnectionT:
         """Start a new connection to :attr:`target` (not yet open). May raise
         :class:`HandshakeError` at once (the runtime refuses the URL)."""
         raise NotImplementedError
-
-    # -------------------------------------------------------------------- public
 
     def __repr__(self) -> str:
         return f"{self._public_name}({self.target!r})"
@@ -311,8 +335,9 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
     def request(self, *args: Any, **kwargs: Any) -> grpclib.client.Stream:  # type: ignore[type-arg]
         if self._bridge_closed:
             raise TunnelClosed(f"{self!r} is closed; create a new Channel")
-        stream = super().request(*args, **kwargs)
-        return tunnel_stream(stream, _StreamErrors(self, stream))
+        stream = retype_stream(super().request(*args, **kwargs), _TunnelStream)
+        stream._bridge_call_error = functools.partial(self._call_error, stream=stream)
+        return stream
 
     def _call_error(self, exc: BaseException,
                     stream: grpclib.client.Stream) -> GRPCError:  # type: ignore[type-arg]
@@ -347,8 +372,7 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
                 await asyncio.wait([connection.closed], timeout=connection.close_timeout + 1)
                 if not connection.closed.done():
                     connection.abort()
-        if retiring:
-            await asyncio.gather(*retiring.values(), return_exceptions=True)
+        await asyncio.gather(*retiring.values(), return_exceptions=True)
 
     async def __aenter__(self) -> Self:
         return self

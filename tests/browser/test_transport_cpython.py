@@ -22,6 +22,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import hyperframe.frame
 import pytest
 from grpclib.server import Server
 
@@ -692,6 +693,8 @@ async def test_browser_channel_moves_new_rpcs_off_a_retired_tunnel(
         return ws
 
     monkeypatch.setattr(FakeWebSocket, "new", staticmethod(network))
+    # The channel swaps hyperframe's payload formatter: restored afterwards for later tests.
+    monkeypatch.setattr(hyperframe.frame, "_raw_data_repr", hyperframe.frame._raw_data_repr)
     try:
         async with BrowserChannel("ws://bridge.test/grpc") as channel:
             stub = TodoServiceStub(channel)

@@ -21,13 +21,11 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from grpcbridge import Bridge, BridgeApp, BridgeConfig, Rejection
 from grpcbridge.observability import MAX_REQUEST_ID
 
-from support import RawBackend, asgi_upgrade, cli, eventually, free_port, timing
+from support import BEHIND_PROXY, RawBackend, asgi_upgrade, cli, eventually, free_port, timing
 
 #: Events about the bridge as a whole, not about one request.
 BRIDGE_EVENTS = {"bridge_started", "bridge_stopped", "bridge_draining"}
 GENERATED = re.compile(r"[0-9a-f]{32}")
-#: Settings of a bridge behind a proxy on this machine.
-BEHIND_PROXY: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"]}
 
 
 def lines(records: list[logging.LogRecord]) -> list[tuple[str, dict[str, Any]]]:

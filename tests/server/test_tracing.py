@@ -39,14 +39,12 @@ from grpcbridge.demo import todo_grpc, todo_pb2
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.store import TodoStore
 
-from support import RawBackend, eventually, free_port, timing
+from support import BEHIND_PROXY, RawBackend, eventually, free_port, timing
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
 TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 CALL_TIMEOUT = timing(20.0)
-#: Bridges behind a proxy on this machine: they believe 127.0.0.1's headers.
-BEHIND_PROXY: dict[str, Any] = {"trusted_proxies": ["127.0.0.1/32"]}
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ gRPC services through a grpcbridge bridge (or a Go grpc-tunnel bridge) with ever
 
 What it shares with :class:`grpcbridge.Channel` (options, reconnect backoff, statuses, closing)
 is in :mod:`grpcbridge.channel_core`. This package imports only grpclib, ``grpcbridge.core``,
-``grpcbridge.channel_core``, ``grpcbridge._grpclib_compat``, ``grpcbridge.framesize`` and
-``grpcbridge.client.streams`` (no websockets, no prometheus-client; a test checks it); Pyodide's
-``js`` and ``pyodide.ffi`` modules are imported when a connection is made, so the package also
-imports (but cannot connect) under CPython. Ship it to the browser with
+``grpcbridge.channel_core``, ``grpcbridge._grpclib_compat`` and ``grpcbridge.framesize`` (no
+websockets, no prometheus-client; a test checks it); Pyodide's ``js`` and ``pyodide.ffi``
+modules are imported when a connection is made, so the package also imports (but cannot
+connect) under CPython. Ship it to the browser with
 ``scripts/build_browser_bundle.py``, which builds the wheels Pyodide needs (grpcbridge,
 grpclib, h2, hpack, hyperframe, multidict, protobuf).
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from functools import partial
 from typing import Literal, Never
@@ -12,7 +11,7 @@ from grpclib.config import Configuration
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 
 from .._grpclib_compat import cheapen_frame_repr
-from ..channel_core import CoreChannel, check_options, reject_unknown_options
+from ..channel_core import CoreChannel, check_options
 from ..core.admission import BEARER_QUERY_PARAMETER, BEARER_SUBPROTOCOL_PREFIX
 from ..core.config import ReconnectPolicy
 from ..core.errors import ConfigError, TargetError
@@ -109,13 +108,11 @@ class Channel(CoreChannel[WebSocketTransport]):
         status_details_codec: StatusDetailsCodecBase | None = None,
         **renamed: Never,
     ) -> None:
-        reject_unknown_options("grpcbridge.browser.Channel", renamed)
-        asyncio.get_running_loop()  # grpclib binds the loop now: fail clearly outside one
         options = check_options(
-            handshake_timeout=handshake_timeout, reconnect=reconnect,
-            max_message_bytes=max_message_bytes, max_frame_size=max_frame_size,
-            bearer_token=bearer_token, subprotocols=subprotocols,
-            buffer_bytes=max(high_water, 4096))
+            "grpcbridge.browser.Channel", renamed, handshake_timeout=handshake_timeout,
+            reconnect=reconnect, max_message_bytes=max_message_bytes,
+            max_frame_size=max_frame_size, bearer_token=bearer_token,
+            subprotocols=subprotocols, buffer_bytes=max(high_water, 4096))
         if token_in not in ("subprotocol", "query"):
             raise ConfigError(f"token_in must be 'subprotocol' or 'query', got {token_in!r}")
         # Fail now on bad sizes, not at the first RPC.

@@ -11,7 +11,7 @@ from typing import Never
 from grpclib.config import Configuration
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 
-from ..channel_core import CoreChannel, check_options, reject_unknown_options
+from ..channel_core import CoreChannel, check_options
 from ..core.config import ReconnectPolicy
 from ..core.proxy import FROM_ENVIRONMENT, ProxySetting, resolve_proxy
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES, CloseCode
@@ -22,7 +22,7 @@ from .dial import DialSettings, open_websocket
 
 
 class _TunnelConnection:
-    """The CPython runtime's connection: a tunnel whose WebSocket side is a websockets client
+    """The CPython runtime's connection: a tunnel whose WebSocket side is a picows client
     and whose stream side is grpclib's protocol, joined by an in-process pipe."""
 
     __slots__ = ("_dial", "closed", "tunnel")
@@ -118,14 +118,12 @@ class Channel(CoreChannel[_TunnelConnection]):
         status_details_codec: StatusDetailsCodecBase | None = None,
         **renamed: Never,
     ) -> None:
-        reject_unknown_options("grpcbridge.Channel", renamed)
-        asyncio.get_running_loop()  # grpclib binds the loop now: fail clearly outside one
         parsed = parse_target(target, tls=True if ssl is not None else None)
         options = check_options(
-            handshake_timeout=handshake_timeout, reconnect=reconnect,
-            max_message_bytes=max_message_bytes, max_frame_size=max_frame_size,
-            bearer_token=bearer_token, subprotocols=subprotocols, headers=headers,
-            buffer_bytes=buffer_bytes)
+            "grpcbridge.Channel", renamed, handshake_timeout=handshake_timeout,
+            reconnect=reconnect, max_message_bytes=max_message_bytes,
+            max_frame_size=max_frame_size, bearer_token=bearer_token,
+            subprotocols=subprotocols, headers=headers, buffer_bytes=buffer_bytes)
         super().__init__(parsed, options, codec=codec,
                          status_details_codec=status_details_codec, config=config)
         self._dial = DialSettings(

@@ -138,7 +138,7 @@ class Forwarder:
     def _accept(self) -> asyncio.Protocol:
         if self._state != "running":
             return _Refusing()
-        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        tunnel = self._dial_settings.new_tunnel(asyncio.get_running_loop(), "client")
         self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
         return StreamSide(tunnel, self.config.buffer_bytes)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import dataclasses
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
@@ -28,23 +27,18 @@ from ..backends import Backend
 from ..core.admission import Rejection
 from ..core.config import BridgeConfig
 from ..core.errors import ConfigError, InvalidStateError
-from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode, Opcode, message_too_big_reason
 from ..core.tunnel import CLOSE_TIMEOUT, PROBE_INTERVAL, TunnelMachine
-from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event
-from ..relay import StreamAdapter, keepalive_forever
+from ..observability import REQUEST_ID_HEADER, BridgeMetrics
+from ..relay import StreamAdapter
 from ..tracing import available as tracing_available
-from .bridge import make_backend
-from .gate import Gate
-from .session import TunnelSession
+from .gate import header_map
+from .session import TunnelServer, TunnelSession
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-
-#: Seconds to wait for the client's disconnect once our close frame is out.
-_CLOSE_WAIT = CLOSE_TIMEOUT
 
 #: :class:`BridgeConfig` fields :class:`BridgeApp` applies, and how.
 APPLIED: Mapping[str, str] = {
@@ -95,23 +89,12 @@ REFUSED: Mapping[str, str] = {
 }
 
 
-def _default(field: dataclasses.Field[Any]) -> Any:
-    if field.default_factory is not dataclasses.MISSING:
-        return field.default_factory()
-    return field.default
-
-
 def check_asgi_config(config: BridgeConfig) -> None:
     """Raise :class:`ConfigError` naming every :data:`REFUSED` field of ``config`` that
     differs from its default, and where that setting lives under ASGI."""
-    problems = []
-    for field in dataclasses.fields(BridgeConfig):
-        hint = REFUSED.get(field.name)
-        if hint is None:
-            continue
-        value, default = getattr(config, field.name), _default(field)
-        if value != default:
-            problems.append(f"{field.name}={value!r}: {hint}")
+    defaults = BridgeConfig(backend=config.backend, allow_remote_backend=True)
+    problems = [f"{name}={getattr(config, name)!r}: {hint}" for name, hint in REFUSED.items()
+                if getattr(config, name) != getattr(defaults, name)]
     if problems:
         raise ConfigError(
             "BridgeApp cannot apply " + "; ".join(problems)
@@ -150,7 +133,7 @@ class _AsgiTunnel(StreamAdapter):
         #: The sender and receiver tasks, while the relay runs.
         self.tasks: tuple[asyncio.Task[None], ...] = ()
         self.machine = TunnelMachine(self, clock=loop.time, stream_name="backend",
-                                     close_timeout=_CLOSE_WAIT)
+                                     close_timeout=CLOSE_TIMEOUT)
         self.machine.websocket_opened()  # accepted before the tunnel exists
         self.machine.pause_websocket()  # until the backend is attached (or the dial fails)
 
@@ -200,38 +183,34 @@ class _AsgiTunnel(StreamAdapter):
     async def sender(self) -> None:
         """Drain the outbox into the WebSocket; then send the close frame. A send that fails
         (the client is gone) ends the tunnel."""
-        try:
-            await self._send_loop()
-        except OSError as exc:  # uvicorn: ClientDisconnected
-            self.machine.websocket_lost(CloseCode.ABNORMAL,
-                                        str(exc) or "client connection lost")
-
-    async def _send_loop(self) -> None:
         send = self._send
         machine = self.machine
-        while True:
-            if machine.ws_paused and self._close is None:
-                # Reading from the client waits for the backend, so a client that left
-                # goes unnoticed (ASGI reports it to receive() only): the machine probes it.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL)
-                if not self._wakeup.is_set():
-                    machine.tick()
-                    continue
-            else:
-                await self._wakeup.wait()
-            self._wakeup.clear()
-            while self._outbox:
-                chunk = self._outbox.popleft()
-                await send({"type": "websocket.send", "bytes": chunk})
-                self._outbox_bytes -= len(chunk)
-                if self._outbox_full and self._outbox_bytes <= self._buffer_bytes // 4:
-                    self._outbox_full = False
-                    machine.websocket_write_resumed()
-            if self._close is not None:
-                code, reason = self._close
-                await send({"type": "websocket.close", "code": code, "reason": reason})
-                return
+        try:
+            while True:
+                if machine.ws_paused and self._close is None:
+                    # Reading from the client waits for the backend, so a client that left
+                    # goes unnoticed (ASGI reports it to receive() only): the machine probes it.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), PROBE_INTERVAL)
+                    if not self._wakeup.is_set():
+                        machine.tick()
+                        continue
+                else:
+                    await self._wakeup.wait()
+                self._wakeup.clear()
+                while self._outbox:
+                    chunk = self._outbox.popleft()
+                    await send({"type": "websocket.send", "bytes": chunk})
+                    self._outbox_bytes -= len(chunk)
+                    if self._outbox_full and self._outbox_bytes <= self._buffer_bytes // 4:
+                        self._outbox_full = False
+                        machine.websocket_write_resumed()
+                if self._close is not None:
+                    code, reason = self._close
+                    await send({"type": "websocket.close", "code": code, "reason": reason})
+                    return
+        except OSError as exc:  # uvicorn: ClientDisconnected
+            machine.websocket_lost(CloseCode.ABNORMAL, str(exc) or "client connection lost")
 
     async def receiver(self, receive: Receive) -> None:
         """Feed client messages to the machine until the client disconnects."""
@@ -257,41 +236,23 @@ class _AsgiTunnel(StreamAdapter):
             else:
                 machine.empty_frame()
 
-class BridgeApp:
+class BridgeApp(TunnelServer):
     """ASGI application serving gRPC tunnels at ``config.path``.
 
-    Of its :class:`BridgeConfig` it applies (:data:`APPLIED`) the backend and
-    ``backend_connect_timeout``, ``path``, every admission setting (origins, hosts,
-    subprotocols, ``authenticate``, connection and upgrade limits, ``trusted_proxies``),
-    ``max_message_bytes``, ``buffer_bytes``, the memory budgets (what each tunnel queues
-    towards the client and the backend; the ASGI server's own buffers are not seen) and
-    ``drain_timeout`` (:meth:`close` and the lifespan shutdown).
-
-    The rest is the ASGI server's job, and a config that sets any of it (:data:`REFUSED`)
-    raises :class:`~grpcbridge.ConfigError` naming the field and where it lives: ``listen``
-    (uvicorn ``--host``/``--port``), ``certfile``/``keyfile`` (``--ssl-certfile``/
-    ``--ssl-keyfile``), ``ping_interval``/``idle_timeout`` (``--ws-ping-interval``/
-    ``--ws-ping-timeout``), ``compression`` (``--ws-per-message-deflate``),
-    ``handshake_timeout`` (the server or a reverse proxy), ``metrics_listen``/
-    ``allow_remote_metrics`` (mount ``prometheus_client.make_asgi_app(registry=
-    bridge.metrics.registry)``) and ``static`` (Starlette ``StaticFiles``).
+    Of its :class:`BridgeConfig` it applies the fields of :data:`APPLIED` (each with how;
+    the memory budgets count what each tunnel queues towards the client and the backend,
+    not the ASGI server's own buffers). The rest is the ASGI server's job: a config that
+    sets any field of :data:`REFUSED` raises :class:`~grpcbridge.ConfigError` naming the
+    field and where it lives (uvicorn options, a reverse proxy, your app's mounts).
     """
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
-        if not isinstance(config, BridgeConfig):
-            raise TypeError("BridgeApp() takes a BridgeConfig")
+        super().__init__(config, metrics)
         check_asgi_config(config)
-        self.config = config
-        self.metrics = metrics if metrics is not None else BridgeMetrics()
-        self.gate = Gate(config, self.metrics)
-        self.budget = MemoryBudget(per_client=config.client_memory_budget,
-                                   total=config.memory_budget)
-        self.backend = make_backend(config)
         self._started: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
         self._tunnels: set[asyncio.Task[None]] = set()
-        self._relaying: dict[_AsgiTunnel, TunnelSession] = {}
         self._reporter: asyncio.Task[None] | None = None
 
     async def _ensure_started(self) -> None:
@@ -315,31 +276,15 @@ class BridgeApp:
             return
         self._closing = True
         try:
-            await self._drain(self.config.drain_timeout if drain_timeout is None
-                              else drain_timeout)
+            await self._close_tunnels(
+                self.config.drain_timeout if drain_timeout is None else drain_timeout,
+                lambda: set(self._tunnels))
         finally:
             if self._started is not None:
                 with contextlib.suppress(Exception):
                     await self._started
                 await self.backend.close()
             self._closed.set()
-
-    async def _drain(self, seconds: float) -> None:
-        if self._tunnels and seconds > 0:
-            log_event("bridge_draining", tunnels=len(self._tunnels), timeout=seconds)
-            await asyncio.wait(set(self._tunnels), timeout=seconds)
-        for tunnel in list(self._relaying):
-            tunnel.machine.close(CloseCode.GOING_AWAY, "server shutting down")
-        if self._tunnels:  # each waits up to _CLOSE_WAIT for the client's close reply
-            await asyncio.wait(set(self._tunnels), timeout=_CLOSE_WAIT + 1)
-        for tunnel in list(self._relaying):
-            tunnel.machine.abort()
-        if self._tunnels:
-            await asyncio.wait(set(self._tunnels), timeout=1)
-
-    def _report_bytes(self) -> None:
-        for session in self._relaying.values():
-            session.report_bytes()
 
     @property
     def active_tunnels(self) -> int:
@@ -375,32 +320,21 @@ class BridgeApp:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    @staticmethod
-    def _headers(scope: Scope) -> dict[str, list[str]]:
-        headers: dict[str, list[str]] = {}
-        for name, value in scope.get("headers", ()):
-            headers.setdefault(name.decode("latin-1").lower(), []).append(
-                value.decode("latin-1"))
-        return headers
-
-    @staticmethod
-    def _peer(scope: Scope) -> str:
-        client = scope.get("client")
-        return str(client[0]) if client else "unknown"
+    def _request(self, scope: Scope) -> tuple[dict[str, list[str]], str, str, str | None]:
+        """The request's headers (for :meth:`Gate.check`), peer and request ids."""
+        headers = header_map((name.decode("latin-1"), value.decode("latin-1"))
+                             for name, value in scope.get("headers", ()))
+        peer = str(scope["client"][0]) if scope.get("client") else "unknown"
+        return headers, peer, *self.gate.request_id(headers, peer=peer)
 
     async def _http(self, scope: Scope, send: Send) -> None:
-        headers = self._headers(scope)
-        peer = self._peer(scope)
-        request_id = self._request_id(headers, peer)
+        headers, peer, request_id, _ = self._request(scope)
         decision = await self.gate.check(
             request_id=request_id, path=scope["path"],
             query=scope.get("query_string", b"").decode("latin-1"), headers=headers,
             peer=peer, websocket=False, now=asyncio.get_running_loop().time())
         assert isinstance(decision, Rejection)
         await self._send_http_rejection(send, decision, request_id, prefix="http.response")
-
-    def _request_id(self, headers: Mapping[str, list[str]], peer: str) -> str:
-        return self.gate.request_id(headers.get(REQUEST_ID_HEADER.lower(), ()), peer=peer)
 
     @staticmethod
     async def _send_http_rejection(send: Send, rejection: Rejection, request_id: str, *,
@@ -422,35 +356,32 @@ class BridgeApp:
         else:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
 
-    def _shutting_down(self, peer: str, path: str, request_id: str) -> Rejection:
+    async def _shutting_down(self, scope: Scope, send: Send, peer: str, path: str,
+                             request_id: str) -> None:
         rejection = Rejection(503, "the bridge is shutting down", label="shutdown")
         self.gate.rejected(rejection, request_id=request_id, peer=peer, path=path)
-        return rejection
+        await self._reject(scope, send, rejection, request_id)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         message = await receive()
         if message["type"] != "websocket.connect":
             return
-        headers = self._headers(scope)
-        peer = self._peer(scope)
+        headers, peer, request_id, client_request_id = self._request(scope)
         path = scope["path"]
-        request_id = self._request_id(headers, peer)
         if self._closing:
-            await self._reject(scope, send, self._shutting_down(peer, path, request_id),
-                               request_id)
+            await self._shutting_down(scope, send, peer, path, request_id)
             return
         decision = await self.gate.check(
-            request_id=request_id, path=path,
+            request_id=request_id, client_request_id=client_request_id, path=path,
             query=scope.get("query_string", b"").decode("latin-1"),
             headers=headers, peer=peer, websocket=True, now=loop.time())
         if isinstance(decision, Rejection):
             await self._reject(scope, send, decision, request_id)
             return
         if self._closing:  # close() began while the auth hook ran
-            self.gate.release(decision, loop.time())
-            await self._reject(scope, send, self._shutting_down(peer, path, request_id),
-                               request_id)
+            self.gate.limiter.release(decision.client, loop.time())
+            await self._shutting_down(scope, send, peer, path, request_id)
             return
         try:
             await self._ensure_started()
@@ -458,13 +389,11 @@ class BridgeApp:
                         "headers": [(REQUEST_ID_HEADER.lower().encode(),
                                      request_id.encode())]})
         except BaseException:
-            self.gate.release(decision, loop.time())
+            self.gate.limiter.release(decision.client, loop.time())
             raise
-        origin = headers.get("origin", [""])[0]
         tunnel = _AsgiTunnel(loop, send, self.config.buffer_bytes,
                              self.config.max_message_bytes)
-        session = TunnelSession(self.gate, self.budget, decision, tunnel.machine,
-                                peer=peer, path=path, origin=origin, headers=headers)
+        session = TunnelSession(self, tunnel, decision, peer=peer, path=path, headers=headers)
         try:
             await self._relay(tunnel, session, receive)
         finally:
@@ -481,10 +410,9 @@ class BridgeApp:
             # While tunnels are open, as the standalone bridge does: every second report
             # relayed bytes and tick every machine (probes, the memory charge's refresh).
             # Pings and the idle timeout are the ASGI server's (0, 0: off here).
-            self._reporter = loop.create_task(keepalive_forever(
-                lambda: list(self._relaying), 0, 0, self._report_bytes))
+            self._reporter = self._keepalive(0, 0)
         try:
-            await session.connect_backend(self.backend, tunnel, self.config.buffer_bytes)
+            await session.connect_backend()
             # Ends when the client disconnects, or when we sent our close frame.
             await asyncio.wait([sender, receiver], return_when=asyncio.FIRST_COMPLETED)
             if receiver.done():
@@ -492,7 +420,7 @@ class BridgeApp:
             else:
                 # Our close frame is out: wait (briefly) for the client's disconnect.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(receiver), _CLOSE_WAIT)
+                    await asyncio.wait_for(asyncio.shield(receiver), CLOSE_TIMEOUT)
         finally:
             del self._relaying[tunnel]
             if not self._relaying and self._reporter is not None:

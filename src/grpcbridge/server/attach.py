@@ -93,8 +93,7 @@ class ThreadedBridge:
         return self
 
     def _run(self) -> None:
-        loop = self._loop_factory()
-        self._loop = loop
+        loop = self._loop = self._loop_factory()
         try:
             loop.run_until_complete(self._main())
         finally:
@@ -105,20 +104,19 @@ class ThreadedBridge:
         bridge = Bridge(self.config)
         try:
             await bridge.start()
+            self._bridge = bridge
         except BaseException as exc:
             self._error = exc
-            self._ready.set()
             return
-        self._bridge = bridge
-        self._ready.set()
+        finally:
+            self._ready.set()
         await bridge.serve_forever()
 
     def stop(self, drain_timeout: float | None = None, timeout: float = 30.0) -> None:
         """Drain and close the bridge, then join the thread. Idempotent."""
-        if self._stopped or self._thread is None:
-            self._stopped = True
+        stopped, self._stopped = self._stopped, True
+        if stopped or self._thread is None:
             return
-        self._stopped = True
         if self._loop is not None and self._bridge is not None and self._loop.is_running():
             future = asyncio.run_coroutine_threadsafe(self._bridge.close(drain_timeout),
                                                       self._loop)

@@ -1,15 +1,15 @@
 """The admission sequence and tunnel accounting shared by every server adapter.
 
 Both the asyncio :class:`~grpcbridge.Bridge` and the ASGI app call :meth:`Gate.check` with
-what they know of an upgrade request and report tunnels through :meth:`Gate.opened` and
-:meth:`Gate.closed`, so guards, metrics and log events are identical whichever way
-WebSockets arrive.
+what they know of an upgrade request (and report tunnels through
+:class:`~grpcbridge.server.session.TunnelSession`), so guards, metrics and log events are
+identical whichever way WebSockets arrive.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..core.admission import (
@@ -23,9 +23,6 @@ from ..core.admission import (
 )
 from ..core.config import BridgeConfig
 from ..observability import (
-    DIAL_ERROR,
-    DIAL_REFUSED,
-    DIAL_TIMEOUT,
     REQUEST_ID_HEADER,
     BridgeMetrics,
     client_request_id,
@@ -37,7 +34,8 @@ from ..observability import (
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """An upgrade that passed every guard; :meth:`Gate.release` it when the tunnel ends.
+    """An upgrade that passed every guard; release its ``Gate.limiter`` slot when the
+    tunnel ends.
     ``request_id`` goes into every log line (and the span) of the tunnel;
     ``client_request_id`` is the well-formed ``X-Request-Id`` a client that is not a trusted
     proxy sent (not used as the request id, logged once). ``trust_trace_context``: whether
@@ -50,6 +48,14 @@ class Admitted:
     request_id: str
     client_request_id: str | None = None
     trust_trace_context: bool = False
+
+
+def header_map(items: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """A request's headers as :meth:`Gate.check` takes them: lower-case name -> values."""
+    headers: dict[str, list[str]] = {}
+    for name, value in items:
+        headers.setdefault(name.lower(), []).append(value)
+    return headers
 
 
 def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
@@ -77,26 +83,25 @@ class Gate:
             max_upgrades_per_minute=config.max_upgrades_per_minute,
         )
 
-    def trusts(self, peer: str) -> bool:
-        """Whether the socket peer is one of ``trusted_proxies``."""
-        return is_trusted_proxy(peer, self.config.trusted_networks)
-
-    def request_id(self, values: Sequence[str], *, peer: str) -> str:
-        """The request id of a request whose ``X-Request-Id`` headers are ``values``: the
-        header's when it is well formed and the peer is a trusted proxy (a direct client
-        could reuse another tunnel's id), else a new one (a malformed header is logged)."""
-        request_id, problem = client_request_id(values)
+    def request_id(self, headers: Mapping[str, Sequence[str]], *,
+                   peer: str) -> tuple[str, str | None]:
+        """The request id of a request with ``headers``: its ``X-Request-Id`` when it is
+        well formed and the peer is a trusted proxy (a direct client could reuse another
+        tunnel's id), else a new one (a malformed header is logged); and the well-formed
+        ``X-Request-Id`` it did not use (for :attr:`Admitted.client_request_id`)."""
+        sent, problem = client_request_id(headers.get(REQUEST_ID_HEADER.lower(), ()))
+        if sent is not None and is_trusted_proxy(peer, self.config.trusted_networks):
+            return sent, None
+        request_id = new_request_id()
         if problem is not None:
-            log_event("request_id_replaced", request_id=(request_id := new_request_id()),
-                      peer=peer, reason=problem)
-        elif request_id is None or not self.trusts(peer):
-            request_id = new_request_id()
-        return request_id
+            log_event("request_id_replaced", request_id=request_id, peer=peer, reason=problem)
+        return request_id, sent
 
     async def check(
         self,
         *,
         request_id: str,
+        client_request_id: str | None = None,
         path: str,
         query: str,
         headers: Mapping[str, Sequence[str]],
@@ -105,8 +110,8 @@ class Gate:
         now: float,
     ) -> Admitted | Rejection:
         """Run the guards in order. ``headers`` maps lower-case names to values;
-        ``request_id`` is :meth:`request_id`'s. A :class:`Rejection` has already been
-        counted and logged."""
+        ``request_id`` and ``client_request_id`` are :meth:`request_id`'s. A
+        :class:`Rejection` has already been counted and logged."""
         config = self.config
         client = peer
         origin = _first(headers, "origin")
@@ -143,10 +148,10 @@ class Gate:
                 if rejection is not None:
                     self.limiter.release(client, now)
                 else:
-                    sent, _ = client_request_id(headers.get(REQUEST_ID_HEADER.lower(), ()))
                     return Admitted(client, select_subprotocol(offered, config.subprotocols),
-                                    request_id, sent if sent != request_id else None,
-                                    config.trust_trace_context or self.trusts(peer))
+                                    request_id, client_request_id,
+                                    config.trust_trace_context
+                                    or is_trusted_proxy(peer, config.trusted_networks))
         self.rejected(rejection, request_id=request_id, peer=peer, client=client, path=path,
                       origin=origin or "", host=", ".join(hosts))
         return rejection
@@ -163,15 +168,14 @@ class Gate:
             decision = hook(request)
             if inspect.isawaitable(decision):
                 decision = await decision
+            if decision is None or isinstance(decision, Rejection):
+                return decision
+            logger.error("authentication hook returned %r, not None or a Rejection", decision,
+                         extra={"fields": {"request_id": request_id}})
         except Exception:
             logger.exception("authentication hook failed",
                              extra={"fields": {"request_id": request_id}})
-            return Rejection(500, "authentication failed", label="auth_error")
-        if decision is not None and not isinstance(decision, Rejection):
-            logger.error("authentication hook returned %r, not None or a Rejection", decision,
-                         extra={"fields": {"request_id": request_id}})
-            return Rejection(500, "authentication failed", label="auth_error")
-        return decision
+        return Rejection(500, "authentication failed", label="auth_error")
 
     def rejected(self, rejection: Rejection, *, request_id: str, peer: str, client: str = "",
                  path: str = "", origin: str = "", host: str = "") -> None:
@@ -180,47 +184,3 @@ class Gate:
         log_event("upgrade_rejected", request_id=request_id, status=rejection.status,
                   reason=rejection.reason, peer=peer, client=client or peer,
                   path=loggable_path(path), origin=origin, host=loggable_path(host))
-
-    def release(self, admitted: Admitted, now: float) -> None:
-        self.limiter.release(admitted.client, now)
-
-    # ------------------------------------------------------------ accounting
-
-    def opened(self, admitted: Admitted, *, peer: str, path: str, origin: str) -> None:
-        self.metrics.upgrades_accepted.inc()
-        self.metrics.tunnels_active.inc()
-        extra = ({} if admitted.client_request_id is None
-                 else {"client_request_id": admitted.client_request_id})
-        log_event("upgrade_accepted", request_id=admitted.request_id, peer=peer,
-                  client=admitted.client, path=loggable_path(path),
-                  origin=origin, subprotocol=admitted.subprotocol or "", **extra)
-
-    def backend_failed(self, admitted: Admitted, exc: BaseException) -> None:
-        reason = (DIAL_TIMEOUT if isinstance(exc, TimeoutError)
-                  else DIAL_REFUSED if isinstance(exc, ConnectionRefusedError) else DIAL_ERROR)
-        self.metrics.backend_dial_failures.labels(reason).inc()
-        log_event("backend_dial_failed", request_id=admitted.request_id,
-                  backend=str(self.config.backend), reason=reason,
-                  error=str(exc) or type(exc).__name__)
-
-    def backend_connected(self, admitted: Admitted, seconds: float) -> None:
-        self.metrics.backend_dial_seconds.observe(seconds)
-        log_event("tunnel_opened", request_id=admitted.request_id, client=admitted.client,
-                  backend=str(self.config.backend))
-
-    def retiring(self, admitted: Admitted, age: float) -> None:
-        """A tunnel reached its maximum age: its client was sent a GOAWAY."""
-        self.metrics.tunnels_retired.inc()
-        log_event("tunnel_retiring", request_id=admitted.request_id, client=admitted.client,
-                  age=round(age, 3),
-                  grace=self.config.max_tunnel_age_grace)
-
-    def closed(self, admitted: Admitted, *, code: int, reason: str, duration: float,
-               bytes_to_backend: int, bytes_to_client: int) -> None:
-        """Count a finished tunnel (its bytes are reported separately, as they flow)."""
-        self.metrics.tunnels_active.dec()
-        self.metrics.tunnels_closed.labels(str(code)).inc()
-        self.metrics.tunnel_duration.observe(duration)
-        log_event("tunnel_closed", request_id=admitted.request_id, client=admitted.client,
-                  code=code, reason=reason, duration=round(duration, 3),
-                  bytes_to_backend=bytes_to_backend, bytes_to_client=bytes_to_client)

@@ -5,41 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.exceptions import RequestLineTooLong
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
+from ..core.target import SocketAddress
 from ..relay import websockets_logger
-
-#: A handler gets the request path (without query) and returns status, content type, body.
-Handler = Callable[[str], Awaitable[tuple[int, str, bytes]]]
 
 _END_OF_HEAD = b"\r\n\r\n"
 _TEXT = "text/plain; charset=utf-8"
-
-
-def probe_handler(registry: CollectorRegistry,
-                  not_ready: Callable[[], Awaitable[str | None]]) -> Handler:
-    """The handler of a metrics listener: ``/metrics`` from ``registry``, ``/healthz``, and
-    ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives."""
-
-    async def handle(path: str) -> tuple[int, str, bytes]:
-        if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, generate_latest(registry)
-        if path == "/healthz":
-            return 200, _TEXT, b"ok\n"
-        if path == "/readyz":
-            reason = await not_ready()
-            if reason is None:
-                return 200, _TEXT, b"ready\n"
-            return 503, _TEXT, f"{reason}\n".encode()
-        return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
-
-    return handle
 
 
 class RequestHead:
@@ -48,8 +26,8 @@ class RequestHead:
     websockets' server protocol parses frames right after the request; bytes that follow
     the request in the same read (a pipelined request, frames sent before the 101) would be
     parsed before the request is answered, and a parse error there would end the
-    connection without an answer. Feeding websockets only what :meth:`split` returns as the
-    head keeps the rest aside until the answer is sent.
+    connection without an answer. :meth:`feed` gives websockets the head only and keeps the
+    rest aside until the answer is sent.
     """
 
     __slots__ = ("_tail", "complete", "size")
@@ -60,21 +38,22 @@ class RequestHead:
         #: Bytes of the head seen so far (all of it once :attr:`complete`).
         self.size = 0
 
-    def split(self, data: bytes) -> tuple[bytes, bytes]:
-        """``(head_part, rest)``: feed ``head_part`` to the parser; ``rest`` follows the
-        head (non-empty only once :attr:`complete`)."""
-        if self.complete:
-            return b"", data
+    def feed(self, parser: ServerProtocol, data: bytes) -> tuple[Request | None, bytes]:
+        """Give ``parser`` the part of ``data`` up to the end of the head (call it until
+        :attr:`complete`): returns the request once parsed, and the bytes that follow the
+        head."""
         window = self._tail + data
         end = window.find(_END_OF_HEAD)
         if end < 0:
             self._tail = window[-3:]
-            self.size += len(data)
-            return data, b""
-        self.complete = True
-        cut = end + len(_END_OF_HEAD) - len(self._tail)
+            cut = len(data)
+        else:
+            self.complete = True
+            cut = end + len(_END_OF_HEAD) - len(self._tail)
         self.size += cut
-        return data[:cut], data[cut:]
+        parser.receive_data(data[:cut])
+        request = next((e for e in parser.events_received() if isinstance(e, Request)), None)
+        return request, data[cut:]
 
 
 def answer_malformed(parser: ServerProtocol) -> tuple[int, list[bytes], str]:
@@ -93,12 +72,25 @@ def answer_malformed(parser: ServerProtocol) -> tuple[int, list[bytes], str]:
     return status, chunks, f"malformed HTTP request: {detail[:120]}"
 
 
+def send_response(parser: ServerProtocol, status: int, headers: Iterable[tuple[str, str]],
+                  body: bytes) -> None:
+    """Answer the request ``parser`` read: ``status``, ``headers``, ``body`` (and its
+    ``Content-Length``)."""
+    response = parser.reject(status, "")
+    response.body = body
+    # reject() already set both for its empty body, and websockets' Headers append on
+    # assignment: replace them, or clients read "Content-Length: 0" (an empty /metrics).
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
+    for name, value in headers:
+        response.headers[name] = value
+    response.headers["Content-Length"] = str(len(body))
+    parser.send_response(response)
+
+
 class _HttpProtocol(asyncio.Protocol):
-    def __init__(self, handler: Handler, tasks: set[asyncio.Task[None]],
-                 connections: set[asyncio.Transport]) -> None:
-        self._handler = handler
-        self._tasks = tasks
-        self._connections = connections
+    def __init__(self, server: HttpServer) -> None:
+        self._server = server
         self._parser = ServerProtocol(logger=websockets_logger)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -107,22 +99,20 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         self._transport = transport
-        self._connections.add(transport)
+        self._server.connections.add(transport)
         self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
 
     def data_received(self, data: bytes) -> None:
         assert self._transport is not None
-        head, _rest = self._head.split(data)
-        if not head:
+        if self._head.complete:
             return  # after the request: a pipelined one is not answered
-        self._parser.receive_data(head)
-        for event in self._parser.events_received():
-            if isinstance(event, Request):
-                self._transport.pause_reading()
-                task = asyncio.get_running_loop().create_task(self._respond(event))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-                return
+        request, _rest = self._head.feed(self._parser, data)
+        if request is not None:
+            self._transport.pause_reading()
+            task = asyncio.get_running_loop().create_task(self._respond(request))
+            self._server.tasks.add(task)
+            task.add_done_callback(self._server.tasks.discard)
+            return
         if self._parser.handshake_exc is not None:
             _status, chunks, _reason = answer_malformed(self._parser)
             self._transport.writelines(chunks)
@@ -133,18 +123,10 @@ class _HttpProtocol(asyncio.Protocol):
     async def _respond(self, request: Request) -> None:
         path = request.path.partition("?")[0]
         try:
-            status, content_type, body = await self._handler(path)
+            status, content_type, body = await self._server.answer(path)
         except Exception:  # pragma: no cover - reported as 500
             status, content_type, body = 500, _TEXT, b"internal error\n"
-        response: Response = self._parser.reject(status, "")
-        response.body = body
-        # reject() already set both for its empty body, and websockets' Headers append on
-        # assignment: replace them, or clients read "Content-Length: 0" (an empty /metrics).
-        del response.headers["Content-Type"]
-        del response.headers["Content-Length"]
-        response.headers["Content-Type"] = content_type
-        response.headers["Content-Length"] = str(len(body))
-        self._parser.send_response(response)
+        send_response(self._parser, status, [("Content-Type", content_type)], body)
         self._flush()
 
     def _flush(self) -> None:
@@ -158,24 +140,41 @@ class _HttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._transport is not None:
-            self._connections.discard(self._transport)
+            self._server.connections.discard(self._transport)
         if self._timer is not None:
             self._timer.cancel()
 
 
 class HttpServer:
-    """Serves ``handler`` on ``host:port`` until :meth:`close`."""
+    """A metrics listener, until :meth:`close`: ``/metrics`` from ``registry``,
+    ``/healthz``, and ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives."""
 
-    def __init__(self, handler: Handler) -> None:
-        self._handler = handler
+    def __init__(self, registry: CollectorRegistry,
+                 not_ready: Callable[[], Awaitable[str | None]]) -> None:
+        self._registry = registry
+        self._not_ready = not_ready
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._connections: set[asyncio.Transport] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.connections: set[asyncio.Transport] = set()
 
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _HttpProtocol(self._handler, self._tasks, self._connections), host, port)
+    async def answer(self, path: str) -> tuple[int, str, bytes]:
+        """Status, content type and body for a request of ``path`` (without query)."""
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+        if path == "/healthz":
+            return 200, _TEXT, b"ok\n"
+        if path == "/readyz":
+            reason = await self._not_ready()
+            if reason is None:
+                return 200, _TEXT, b"ready\n"
+            return 503, _TEXT, f"{reason}\n".encode()
+        return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
+
+    async def start(self, address: SocketAddress) -> tuple[str, int]:
+        """Listen on ``address`` (host and port); returns the bound host and port."""
+        assert address.host is not None and address.port is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            lambda: _HttpProtocol(self), address.host, address.port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -183,10 +182,10 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for transport in list(self._connections):
+        for transport in list(self.connections):
             transport.abort()
-        for task in list(self._tasks):
+        for task in list(self.tasks):
             task.cancel()
-        for task in list(self._tasks):
+        for task in list(self.tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task

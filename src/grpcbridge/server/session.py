@@ -9,98 +9,174 @@ Every log line carries the upgrade's request id (``Admitted.request_id``).
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
 
+from ..backends import SocketBackend
+from ..core.admission import loggable_path
 from ..core.age import jittered
+from ..core.config import BackendLike, BridgeConfig
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
-from ..core.tunnel import TunnelMachine
+from ..core.tunnel import CLOSE_TIMEOUT
+from ..observability import DIAL_ERROR, DIAL_REFUSED, DIAL_TIMEOUT, BridgeMetrics, log_event
+from ..relay import StreamAdapter, keepalive_forever
 from ..tracing import TunnelTrace, current_tunnel, end_tunnel, start_tunnel
 from .gate import Admitted, Gate
 
 
 class TunnelSession:
-    """Bookkeeping of one admitted tunnel whose rules run in ``machine``. Create it once the
-    upgrade is accepted; :meth:`finish` it exactly once when the tunnel has ended (later
-    calls are no-ops)."""
+    """Bookkeeping of one admitted tunnel of ``server`` (``tunnel``: the adapter whose machine
+    runs its rules). Create it once the upgrade is accepted; :meth:`finish` it once the
+    tunnel has ended."""
 
-    __slots__ = ("_finished", "_reported_to_backend", "_reported_to_client", "admitted",
-                 "gate", "machine", "trace")
+    __slots__ = ("_reported", "admitted", "machine", "server", "trace", "tunnel")
 
-    def __init__(self, gate: Gate, budget: MemoryBudget, admitted: Admitted,
-                 machine: TunnelMachine, *, peer: str, path: str, origin: str,
-                 headers: Mapping[str, Sequence[str]]) -> None:
-        self.gate = gate
+    def __init__(self, server: TunnelServer, tunnel: StreamAdapter, admitted: Admitted, *,
+                 peer: str, path: str, headers: Mapping[str, Sequence[str]]) -> None:
+        self.server = server
+        self.tunnel = tunnel
         self.admitted = admitted
-        self.machine = machine
+        self.machine = machine = tunnel.machine
         machine.request_id = admitted.request_id
         if machine.account is not None:  # a handshake charged to the peer address so far
             machine.account.close()
-        machine.account = budget.open(admitted.client)
-        self._reported_to_backend = 0
-        self._reported_to_client = 0
-        self._finished = False
-        gate.opened(admitted, peer=peer, path=path, origin=origin)
+        machine.account = server.budget.open(admitted.client)
+        #: Bytes relayed (to the backend, to the client) as last reported to the metrics.
+        self._reported = (0, 0)
+        server.metrics.upgrades_accepted.inc()
+        server.metrics.tunnels_active.inc()
+        extra = ({} if admitted.client_request_id is None
+                 else {"client_request_id": admitted.client_request_id})
+        log_event("upgrade_accepted", request_id=admitted.request_id, peer=peer,
+                  client=admitted.client, path=loggable_path(path),
+                  origin=headers.get("origin", [""])[0],
+                  subprotocol=admitted.subprotocol or "", **extra)
         self.trace: TunnelTrace = start_tunnel(
             request_id=admitted.request_id, client=admitted.client, peer=peer, path=path,
-            subprotocol=admitted.subprotocol, backend=str(gate.config.backend),
+            subprotocol=admitted.subprotocol, backend=str(server.config.backend),
             headers=headers, trust_context=admitted.trust_trace_context,
-            trust_rpc_context=gate.config.trust_trace_context)
-        max_age = gate.config.max_tunnel_age
+            trust_rpc_context=server.config.trust_trace_context)
+        max_age = server.config.max_tunnel_age
         if max_age:
             age = jittered(max_age, random.random())
-            machine.retire_after(age, gate.config.max_tunnel_age_grace,
-                                 lambda: gate.retiring(admitted, age))
+            machine.retire_after(age, server.config.max_tunnel_age_grace,
+                                 lambda: self._retiring(age))
 
-    async def connect_backend(self, backend: Any, stream_owner: Any, buffer_bytes: int) -> None:
-        """Attach the backend's stream side to ``stream_owner`` (the adapter). A backend
+    def _retiring(self, age: float) -> None:
+        """The tunnel reached its maximum age: its client was sent a GOAWAY."""
+        self.server.metrics.tunnels_retired.inc()
+        log_event("tunnel_retiring", request_id=self.admitted.request_id,
+                  client=self.admitted.client, age=round(age, 3),
+                  grace=self.server.config.max_tunnel_age_grace)
+
+    async def connect_backend(self) -> None:
+        """Attach the backend's stream side to the tunnel's adapter. A backend
         that cannot be reached closes the tunnel with 1011 and a ``backend_dial_failed``
         line."""
         machine = self.machine
+        metrics = self.server.metrics
+        backend_name = str(self.server.config.backend)
         machine.dialing = True
         started = machine.clock()
         tunnel = current_tunnel.set(self.trace)  # for in-process backends' RPC spans
         try:
-            await backend.connect(stream_owner, buffer_bytes)
+            await self.server.backend.connect(self.tunnel, self.server.config.buffer_bytes)
         except (OSError, TimeoutError) as exc:
-            self.gate.backend_failed(self.admitted, exc)
+            reason = (DIAL_TIMEOUT if isinstance(exc, TimeoutError)
+                      else DIAL_REFUSED if isinstance(exc, ConnectionRefusedError)
+                      else DIAL_ERROR)
+            metrics.backend_dial_failures.labels(reason).inc()
+            log_event("backend_dial_failed", request_id=self.admitted.request_id,
+                      backend=backend_name, reason=reason, error=str(exc) or type(exc).__name__)
             machine.close(CloseCode.INTERNAL_ERROR, "backend unavailable")
             return
         finally:
             current_tunnel.reset(tunnel)
             machine.stream_never_attached()  # a no-op once the stream side is attached
-        self.gate.backend_connected(self.admitted, machine.clock() - started)
+        metrics.backend_dial_seconds.observe(machine.clock() - started)
+        log_event("tunnel_opened", request_id=self.admitted.request_id,
+                  client=self.admitted.client, backend=backend_name)
 
     def report_bytes(self) -> None:
         """Add the bytes relayed since the last report to the metrics."""
-        machine = self.machine
-        to_backend = machine.bytes_from_websocket - self._reported_to_backend
-        to_client = machine.bytes_to_websocket - self._reported_to_client
-        self._reported_to_backend = machine.bytes_from_websocket
-        self._reported_to_client = machine.bytes_to_websocket
-        self.gate.metrics.add_bytes(to_backend, to_client)
+        relayed = self.machine.bytes_from_websocket, self.machine.bytes_to_websocket
+        self.server.metrics.add_bytes(relayed[0] - self._reported[0],
+                                      relayed[1] - self._reported[1])
+        self._reported = relayed
 
     def finish(self) -> None:
         """The tunnel ended: release its slot, report it. (Its budget account is the
         machine's to close, in ``websocket_lost``, which every adapter calls before the
         tunnel ends; closing it here too, idempotently, keeps an adapter cut short by a
         cancellation from pinning the client's budget.)"""
-        if self._finished:
-            return
-        self._finished = True
         machine = self.machine
         if machine.account is not None:
             machine.account.close()
         now = machine.clock()
-        self.gate.release(self.admitted, now)
+        self.server.gate.limiter.release(self.admitted.client, now)
         self.report_bytes()
         code = int(machine.close_code or CloseCode.ABNORMAL)
-        self.gate.closed(self.admitted, code=code,
-                         reason=machine.close_reason, duration=now - machine.opened_at,
-                         bytes_to_backend=machine.bytes_from_websocket,
-                         bytes_to_client=machine.bytes_to_websocket)
-        end_tunnel(self.trace, code=code, reason=machine.close_reason,
-                   bytes_to_backend=machine.bytes_from_websocket,
-                   bytes_to_client=machine.bytes_to_websocket)
+        duration = now - machine.opened_at
+        metrics = self.server.metrics
+        metrics.tunnels_active.dec()
+        metrics.tunnels_closed.labels(str(code)).inc()
+        metrics.tunnel_duration.observe(duration)
+        relayed = {"bytes_to_backend": machine.bytes_from_websocket,
+                   "bytes_to_client": machine.bytes_to_websocket}
+        log_event("tunnel_closed", request_id=self.admitted.request_id,
+                  client=self.admitted.client, code=code, reason=machine.close_reason,
+                  duration=round(duration, 3), **relayed)
+        end_tunnel(self.trace, code=code, reason=machine.close_reason, **relayed)
+
+
+class TunnelServer:
+    """What :class:`~grpcbridge.Bridge` and :class:`~grpcbridge.BridgeApp` share: the
+    config, metrics, gate, memory budget and backend, and the sessions of accepted tunnels
+    (reported and ticked by :meth:`_keepalive`)."""
+
+    def __init__(self, config: BridgeConfig, metrics: BridgeMetrics | None) -> None:
+        if not isinstance(config, BridgeConfig):
+            raise TypeError(f"{type(self).__name__}() takes a BridgeConfig")
+        self.config = config
+        self.metrics = metrics if metrics is not None else BridgeMetrics()
+        self.gate = Gate(config, self.metrics)
+        self.budget = MemoryBudget(per_client=config.client_memory_budget,
+                                   total=config.memory_budget)
+        self.backend: BackendLike
+        if config.backend_address is not None:  # a string means a SocketBackend
+            self.backend = SocketBackend(config.backend_address,
+                                         connect_timeout=config.backend_connect_timeout)
+        else:
+            assert not isinstance(config.backend, str)
+            self.backend = config.backend
+        #: The accepted tunnels' sessions.
+        self._relaying: dict[StreamAdapter, TunnelSession] = {}
+
+    async def _close_tunnels(self, seconds: float,
+                             pending: Callable[[], Collection[asyncio.Future[None]]]) -> None:
+        """Shutdown, the same for both servers: let what ``pending()`` waits for finish for
+        up to ``seconds``, then close every accepted tunnel with 1001 (each gets the close
+        timeout for its client's reply), then abort what is left."""
+        if (waiting := pending()) and seconds > 0:
+            log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
+            await asyncio.wait(waiting, timeout=seconds)
+        for tunnel in list(self._relaying):
+            tunnel.machine.close(CloseCode.GOING_AWAY, "server shutting down")
+        if waiting := pending():
+            await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
+        for tunnel in list(self._relaying):
+            tunnel.machine.abort()
+        if waiting := pending():
+            await asyncio.wait(waiting, timeout=1)
+
+    def _keepalive(self, ping_interval: float, idle_timeout: float) -> asyncio.Task[None]:
+        """Every second (or as often as the pings need): report the bytes every accepted
+        tunnel relayed and tick its machine (see :func:`keepalive_forever`)."""
+        return asyncio.get_running_loop().create_task(keepalive_forever(
+            lambda: list(self._relaying), ping_interval, idle_timeout, self._report_bytes))
+
+    def _report_bytes(self) -> None:
+        for session in self._relaying.values():
+            session.report_bytes()

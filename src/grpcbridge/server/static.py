@@ -63,27 +63,20 @@ class StaticSite:
         # Longest prefix first, so /pyodide/ wins over /.
         self._mounts.sort(key=lambda m: len(m.prefix), reverse=True)
 
-    def resolve(self, url_path: str) -> tuple[Path, Mount] | None:
-        """The file for ``url_path``, or None (outside every mount, missing, or escaping)."""
-        for mount in self._mounts:
-            if not url_path.startswith(mount.prefix):
-                continue
-            relative = url_path[len(mount.prefix):] or "index.html"
-            if relative.endswith("/"):
-                relative += "index.html"
-            if "\0" in relative or "\\" in relative:
-                return None
-            candidate = (mount.directory / relative).resolve()
-            if not candidate.is_relative_to(mount.directory) or not candidate.is_file():
-                return None
-            return candidate, mount
-        return None
-
     def respond(self, url_path: str, if_none_match: str | None) -> StaticResponse | None:
-        found = self.resolve(url_path)
-        if found is None:
+        """The answer for ``url_path``, or None (outside every mount, missing, or
+        escaping)."""
+        mount = next((m for m in self._mounts if url_path.startswith(m.prefix)), None)
+        if mount is None:
             return None
-        path, mount = found
+        relative = url_path[len(mount.prefix):] or "index.html"
+        if relative.endswith("/"):
+            relative += "index.html"
+        if "\0" in relative or "\\" in relative:
+            return None
+        path = (mount.directory / relative).resolve()
+        if not path.is_relative_to(mount.directory) or not path.is_file():
+            return None
         stat = path.stat()
         etag = '"' + hashlib.sha1(
             f"{stat.st_mtime_ns}-{stat.st_size}".encode()).hexdigest()[:16] + '"'

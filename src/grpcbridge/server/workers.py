@@ -48,7 +48,7 @@ from ..loops import loop_name
 from ..observability import log_event
 from ..sockets import remove_stale_socket
 from .bridge import Bridge
-from .http import HttpServer, probe_handler
+from .http import HttpServer
 
 #: Environment variable naming a worker's inherited descriptors: ``LISTEN_FD,CONTROL_FD,INDEX``.
 WORKER_ENV = "GRPCBRIDGE_WORKER"
@@ -215,10 +215,8 @@ class Supervisor:
         try:
             metrics_address = None
             if self.config.metrics_address is not None:
-                metrics_server = HttpServer(probe_handler(self.registry, self._not_ready))
-                host, port = self.config.metrics_address.host, self.config.metrics_address.port
-                assert host is not None and port is not None
-                metrics_address = await metrics_server.start(host, port)
+                metrics_server = HttpServer(self.registry, self._not_ready)
+                metrics_address = await metrics_server.start(self.config.metrics_address)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._signalled, signal.Signals(signum).name)
             slots = [loop.create_task(self._slot(index)) for index in range(self.count)]
