@@ -2,10 +2,10 @@
 
 Used by the bridge (WebSocket from a client, stream to the backend) and the forwarder
 (stream from a local gRPC client, WebSocket to a bridge). Both sides are callback-level
-asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`;
-the bridge's TCP listeners and the forwarder use picows instead, :mod:`grpcbridge.fastws`, on
-the same :class:`SocketTunnel` transport half), so there is no coroutine, queue or task per
-message.
+asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`,
+for a bridge with compression or on a Unix socket; its other listeners and every client use
+picows instead, :mod:`grpcbridge.fastws`, on the same :class:`SocketTunnel` transport half),
+so there is no coroutine, queue or task per message.
 
 Memory stays bounded in both directions: every transport's write buffer has a high-water
 mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
@@ -188,7 +188,6 @@ class Tunnel(SocketTunnel):
         "_inbound",
         "_retained",
         "max_message_bytes",
-        "on_handshake_event",
     )
 
     websocket: WebSocketProtocol
@@ -199,8 +198,6 @@ class Tunnel(SocketTunnel):
         self.websocket = websocket
         #: Largest WebSocket message accepted (None: no limit).
         self.max_message_bytes = websocket.max_message_size
-        #: Called with each non-frame event (handshake Request/Response).
-        self.on_handshake_event: Callable[[object], None] | None = None
         #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
         self._inbound: bytearray = websocket.reader.buffer
         #: Payload bytes of the last frame received: websockets' parser keeps that frame
@@ -230,8 +227,6 @@ class Tunnel(SocketTunnel):
                         break
                 elif not machine.empty_frame():  # ping/pong/close: websockets answers them
                     break
-            elif self.on_handshake_event is not None:
-                self.on_handshake_event(event)
         self.flush_websocket()
         if websocket.close_expected() and machine.close_code is None:
             self._note_websocket_close()
