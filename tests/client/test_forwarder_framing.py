@@ -333,7 +333,7 @@ async def _dial(bridge: RawBridge, **options: Any) -> HandshakeError | None:
     except HandshakeError as exc:
         return exc
     finally:
-        tunnel.abort()  # no stream side: the tunnel ends with its connection
+        tunnel.machine.abort()  # no stream side: the tunnel ends with its connection
         async with asyncio.timeout(timing(5)):
             await tunnel.closed
     return None
@@ -511,7 +511,7 @@ def test_only_a_plain_socket_stream_side_is_written_directly(
                 assert bytes(received) == payload
                 assert tunnel.machine.bytes_from_websocket == len(payload)
             finally:
-                tunnel.abort()
+                tunnel.machine.abort()
                 async with asyncio.timeout(timing(5)):
                     await tunnel.closed
         local.close()

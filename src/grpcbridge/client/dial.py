@@ -230,4 +230,4 @@ def _abandon(tunnel: PicowsTunnel) -> None:
     if tunnel.ws_transport is None:
         tunnel.ws_lost(None)  # never connected: let the tunnel finish
     else:
-        tunnel.abort()
+        tunnel.machine.abort()

@@ -114,14 +114,14 @@ class Forwarder:
             for tunnel, task in list(self._tunnels.items()):
                 if task is not None:
                     task.cancel()
-                tunnel.close(CloseCode.GOING_AWAY, "forwarder shutting down")
+                tunnel.machine.close(CloseCode.GOING_AWAY, "forwarder shutting down")
             # Closing handshakes get their deadline; then what is left is aborted.
             for timeout in (CLOSE_TIMEOUT + 1, 1):
                 pending = [tunnel.closed for tunnel in self._tunnels]
                 if pending:
                     await asyncio.wait(pending, timeout=timeout)
                 for tunnel in list(self._tunnels):
-                    tunnel.abort()
+                    tunnel.machine.abort()
             tasks = [task for task in self._tunnels.values() if task is not None]
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:

@@ -163,11 +163,11 @@ class TunnelServer:
             log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
             await asyncio.wait(waiting, timeout=seconds)
         for tunnel in list(self._relaying):
-            tunnel.close(CloseCode.GOING_AWAY, "server shutting down")
+            tunnel.machine.close(CloseCode.GOING_AWAY, "server shutting down")
         if waiting := pending():
             await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
         for tunnel in list(self._relaying):
-            tunnel.abort()
+            tunnel.machine.abort()
         if waiting := pending():
             await asyncio.wait(waiting, timeout=1)
 
