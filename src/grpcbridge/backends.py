@@ -7,9 +7,9 @@
 * :class:`GrpcioBackend` - relay to an existing grpcio server (sync or aio) through a private
   unix socket the backend adds to it; see :func:`grpcbridge.attach_grpcio`.
 
-A backend's :meth:`~Backend.connect` attaches the stream side of a tunnel (anything with the
-relay's ``attach_stream`` / ``stream_*`` methods: the asyncio bridge's and the ASGI app's
-tunnels alike) or raises ``OSError``/``TimeoutError``.
+A backend's :meth:`~Backend.connect` attaches the stream side of a tunnel (a
+:class:`~grpcbridge.relay.StreamAdapter`: the asyncio bridge's and the ASGI app's tunnels
+alike) or raises ``OSError``/``TimeoutError``.
 """
 
 from __future__ import annotations

@@ -658,7 +658,7 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
             # others now with the close code and reason. Then ``connection_lost``.
             try:
                 finishing = release_finished_streams(protocol, self.describe_close())
-            except AttributeError:  # not a grpclib protocol
+            except AttributeError:  # not a grpclib protocol, or one without these internals
                 logger.debug("grpcbridge.browser: unknown grpclib internals", exc_info=True)
                 finishing = []
             if finishing and self._drain_timeout > 0:

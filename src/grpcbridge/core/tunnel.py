@@ -8,8 +8,9 @@ was lost, a write buffer filled or drained, the clock advanced - and carry out i
 through a
 :class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
 resume reading a side, close or abort a side. It reads time from a clock the adapter gives
-(the event loop's, or a fake one in tests) and says when it next needs :meth:`tick`
-(:attr:`TunnelMachine.deadline`).
+(the event loop's, or a fake one in tests) and says when it next needs
+:meth:`~TunnelMachine.timer_fired` (:attr:`TunnelMachine.deadline`, armed through
+:meth:`TunnelIO.set_timer`).
 
 Rules kept here, once:
 
@@ -38,14 +39,11 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from .age import TunnelAge
 from .limits import PROGRESS_BYTES, BudgetAccount, FrameRate
 from .stream import CloseCode, Opcode, fit_close_reason
-
-if TYPE_CHECKING:
-    import asyncio
 
 #: Seconds a closing side gets to flush (and the peer to answer a close frame).
 CLOSE_TIMEOUT = 2.0
@@ -66,6 +64,16 @@ class TunnelState(enum.Enum):
     CLOSED = "closed"
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """What :meth:`TunnelIO.set_timer` needs of an event loop (asyncio's has it)."""
+
+    def call_at(self, when: float, callback: Callable[[], object], /) -> Cancellable: ...
+
+
 class TunnelIO(Protocol):
     """What an adapter does on behalf of a :class:`TunnelMachine` (adapters subclass it).
 
@@ -75,13 +83,13 @@ class TunnelIO(Protocol):
     ping interval there, and HTTP/2 flow control bounds what it reads); a framing layer
     that hands over only whole messages (the browser's, an ASGI server's) holds nothing; a
     stream side that takes bytes at once buffers nothing. :meth:`set_timer` arms the timer
-    on the adapter's asyncio ``loop`` (the machine keeps its handle).
+    on the adapter's ``loop`` (any :class:`Scheduler`; the machine keeps its handle).
     """
 
     __slots__ = ()
 
     machine: TunnelMachine
-    loop: asyncio.AbstractEventLoop
+    loop: Scheduler
 
     def send_message(self, data: bytes) -> None:
         """Send ``data`` as one binary WebSocket message."""
@@ -238,7 +246,7 @@ class TunnelMachine:
         #: The tunnel's maximum age (None: it has none; see :meth:`retire_after`).
         self.age: TunnelAge | None = None
         #: The timer :meth:`TunnelIO.set_timer` armed (None: none).
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Cancellable | None = None
 
     # ----------------------------------------------------------------- queries
 
