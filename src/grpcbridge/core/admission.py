@@ -144,17 +144,13 @@ _PATH_CUT = re.compile(r";|\?|%3b|%3f", re.IGNORECASE)
 
 def loggable_path(path: str, limit: int = LOGGABLE_PATH_LIMIT) -> str:
     """``path`` made safe for logs and rejection reasons: cut before any ``;`` parameters
-    or ``?`` query (where clients put tokens), non-printable characters escaped, and at
-    most ``limit`` characters (longer ones end with ``...``)."""
+    or ``?`` query (where clients put tokens), non-printable characters escaped as by
+    :func:`repr`, and at most ``limit`` characters (longer ones end with ``...``)."""
     match = _PATH_CUT.search(path)
     if match is not None:
         path = path[: match.start()]
-    text = "".join(
-        ch if ch.isprintable() else
-        f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
-        f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
-        for ch in path[: limit + 1]  # enough for the check below, whatever the input length
-    )
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1]
+                   for ch in path[: limit + 1])  # enough for the check below, whatever its length
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
