@@ -179,17 +179,13 @@ def bypasses(no_proxy: str, host: str, port: int) -> bool:
             pattern, _, port_text = pattern.partition(":")
         if port_text.isdigit() and int(port_text) != port:
             continue
-        if "/" in pattern:
-            try:
-                network = ipaddress.ip_network(pattern, strict=False)
-            except ValueError:
+        try:  # an IP address is a network of one
+            network = ipaddress.ip_network(pattern, strict=False)
+        except ValueError:
+            if "/" in pattern:
                 continue
+        else:
             if address is not None and address in network:
-                return True
-            continue
-        ip = ip_or_none(pattern)
-        if ip is not None:
-            if ip == address:
                 return True
             continue
         domain = pattern.removeprefix("*").lstrip(".").rstrip(".")
