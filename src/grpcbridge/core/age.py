@@ -148,8 +148,8 @@ class TunnelAge:
     :attr:`next_at` has passed; ``on_goaway`` runs once, when the tunnel starts retiring
     with a GOAWAY sent (the bridge's, or one the backend had sent)."""
 
-    __slots__ = ("_clock", "_cursor", "backend_goaway", "close_at", "goaway_sent", "grace",
-                 "next_at", "on_goaway", "retire_at")
+    __slots__ = ("_clock", "_cursor", "close_at", "goaway_sent", "grace", "next_at",
+                 "on_goaway", "retire_at")
 
     def __init__(self, clock: Callable[[], float], max_age: float, grace: float,
                  on_goaway: Callable[[], None] | None = None) -> None:
@@ -162,16 +162,10 @@ class TunnelAge:
         self.close_at: float | None = None
         #: The next time the machine must call :meth:`due` (None: nothing left to do).
         self.next_at: float | None = self.retire_at
-        #: The client has a GOAWAY: the bridge's, or the backend's (:attr:`backend_goaway`).
+        #: The client has a GOAWAY: the bridge's, or one the backend had sent (then the
+        #: bridge inserts none).
         self.goaway_sent = False
-        #: The backend had sent a GOAWAY of its own: the bridge inserts none.
-        self.backend_goaway = False
         self.on_goaway = on_goaway
-
-    @property
-    def retiring(self) -> bool:
-        """The age was reached: a GOAWAY is sent or waits for a frame boundary."""
-        return self.close_at is not None
 
     @property
     def close_reason(self) -> str:
@@ -191,14 +185,13 @@ class TunnelAge:
         cut = cursor.advance(data, find=True)
         if cut < 0:
             if cursor.goaway_seen:  # the backend's GOAWAY went out: it stands for ours
-                self._sent(backend=True)
+                self._sent()
             return data
-        self._sent(backend=False)
+        self._sent()
         return data[:cut] + GOAWAY + data[cut:] if data else GOAWAY
 
-    def _sent(self, *, backend: bool) -> None:
+    def _sent(self) -> None:
         self.goaway_sent = True
-        self.backend_goaway = backend
         close_at = self._clock() + self.grace
         if self.close_at is None or close_at < self.close_at:
             self.close_at = self.next_at = close_at
@@ -214,7 +207,7 @@ class TunnelAge:
                 return False
             self.close_at = self.next_at = now + 2 * self.grace  # the latest close
             if self._cursor.goaway_seen:
-                self._sent(backend=True)
+                self._sent()
             return False
         if now < self.close_at:
             return False
