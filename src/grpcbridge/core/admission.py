@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 
 from .errors import ConfigError
 from .target import ip_or_none
+from .wire import TOKEN_CHARS
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,7 +57,6 @@ class HandshakeRequest:
 #: Response headers the bridge writes itself; a :class:`Rejection` may not carry them.
 _RESERVED_HEADERS = frozenset({"content-length", "content-type", "transfer-encoding",
                                "connection", "upgrade", "retry-after"})
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
 
 
@@ -76,7 +76,7 @@ class Rejection:
 
     def __post_init__(self) -> None:
         for name, value in self.headers:
-            if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
+            if not name or not set(name) <= TOKEN_CHARS or not _HEADER_VALUE.match(value):
                 raise ValueError(f"Rejection header {name!r}: {value!r} is not a valid HTTP "
                                  "header (token name; latin-1 value without line breaks)")
             if name.lower() in _RESERVED_HEADERS:
@@ -189,18 +189,6 @@ def _split_host_port(value: str) -> tuple[str, int | None] | None:
     return host, int(rest[1:])
 
 
-def _parse_origin(value: str) -> tuple[str, str, int | None] | None:
-    """An ``Origin`` header -> ``(scheme, host, port)``; None for ``null`` and garbage."""
-    text = value.strip()
-    if not text.isascii():
-        return None
-    scheme, sep, rest = text.lower().rstrip("/").partition("://")
-    if not sep or not _SCHEME.match(scheme):
-        return None
-    authority = _split_host_port(rest)
-    return None if authority is None else (scheme, *authority)
-
-
 @dataclass(frozen=True, slots=True)
 class _HostPattern:
     host: str  # normalised host; for a wildcard, the suffix after "*."
@@ -291,10 +279,12 @@ class OriginPolicy:
         """Whether a request with this ``Origin`` and ``Host`` header may proceed."""
         if origin is None or self._any:
             return True
-        parsed = _parse_origin(origin)
-        if parsed is None:
+        text = origin.strip()  # "null" and garbage are refused
+        scheme, sep, rest = text.lower().rstrip("/").partition("://")
+        parsed = _split_host_port(rest)
+        if not text.isascii() or not sep or not _SCHEME.match(scheme) or parsed is None:
             return False
-        scheme, name, port = parsed
+        name, port = parsed
         if any(allowed in (None, scheme) and pattern.matches(name, port)
                for allowed, pattern in self._patterns):
             return True
