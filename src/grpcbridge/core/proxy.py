@@ -64,14 +64,10 @@ class ProxyURL:
         """``host:port`` of the proxy."""
         return host_port(self.host, self.port)
 
-    @property
-    def masked(self) -> str:
+    def __str__(self) -> str:
         """The URL with the password replaced by ``***``: safe to log."""
         user = f"{quote(self.username, safe='')}:***@" if self.username is not None else ""
         return f"{self.scheme}://{user}{self.address}"
-
-    def __str__(self) -> str:
-        return self.masked
 
 
 def mask_userinfo(raw: str) -> str:
