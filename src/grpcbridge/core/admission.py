@@ -351,12 +351,8 @@ class BearerTokenAuth:
         return "BearerTokenAuth(token=<redacted>)"
 
     def __call__(self, request: HandshakeRequest) -> Rejection | None:
-        candidates: list[str] = []
-        authorization = request.header("authorization")
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() == "bearer":
-                candidates.append(credentials.strip())
+        scheme, _, credentials = (request.header("authorization") or "").partition(" ")
+        candidates = [credentials.strip()] if scheme.lower() == "bearer" else []
         candidates.extend(
             entry[len(BEARER_SUBPROTOCOL_PREFIX) :]
             for entry in request.subprotocols
@@ -435,11 +431,8 @@ class AbuseLimiter:
                     del self._clients[other]
         if self.max_connections and self.active >= self.max_connections:
             return Rejection(503, "bridge at its connection limit", retry_after=1, label="capacity")
-        state = self._clients.get(client)
-        if state is None:
-            state = self._clients[client] = _ClientState()
-        else:
-            self._expire(state, now)
+        state = self._clients.setdefault(client, _ClientState())
+        self._expire(state, now)
         if self.max_connections_per_client and state.active >= self.max_connections_per_client:
             return Rejection(429, "too many tunnels from this client", retry_after=1,
                              label="client_connections")
