@@ -89,7 +89,7 @@ class Forwarder:
         proxy = self.config.parsed_proxy
         log_event("forwarder_started", listen=self.target,
                   target=self.config.parsed_target.url, loop=loop_name(loop),
-                  **({"proxy": proxy.masked, "proxy_from": proxy.source} if proxy else {}))
+                  **({"proxy": str(proxy), "proxy_from": proxy.source} if proxy else {}))
 
     async def serve_forever(self) -> None:
         if self._state == "new":
