@@ -262,11 +262,6 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         return (self.machine.close_code is None and self.protocol is not None
                 and self.websocket.readyState == _OPEN)
 
-    @property
-    def close_started(self) -> bool:
-        """True once closing began (ours, the peer's or the network's)."""
-        return self.machine.close_code is not None
-
     def loss_description(self) -> str | None:
         """:meth:`describe_close` once closing began, else ``None`` (for the channel core)."""
         return None if self.machine.close_code is None else self.describe_close()

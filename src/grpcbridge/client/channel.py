@@ -47,10 +47,6 @@ class _TunnelConnection:
     def usable(self) -> bool:
         return not self.tunnel.machine.dialing and self.tunnel.machine.close_code is None
 
-    @property
-    def close_started(self) -> bool:
-        return self.tunnel.machine.close_code is not None
-
     def loss_description(self) -> str | None:
         machine = self.tunnel.machine
         if machine.close_code is None:
