@@ -34,7 +34,7 @@ decided here, once:
 
 What differs is how a connection is made: the **runtime hook**. Each channel implements
 :meth:`CoreChannel._new_connection`, returning a :class:`Connection` (a tunnel through
-websockets in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
+picows in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
 
 This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`),
 ``grpcbridge.core`` and ``grpcbridge.framesize``: the browser (Pyodide) imports it too.
