@@ -205,11 +205,11 @@ class _MemoryTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._connection.lose_writes and self is self._connection._ends[0]:
             return  # the client's bytes never reach the server
-        if not self._connection.close_started and self.peer is not None:
+        if self._connection.code is None and self.peer is not None:
             asyncio.get_running_loop().call_soon(self.peer.protocol.data_received, bytes(data))
 
     def is_closing(self) -> bool:
-        return self._connection.close_started
+        return self._connection.code is not None
 
     def close(self) -> None:
         self._connection.drop(1000, "")
@@ -253,10 +253,6 @@ class FakeConnection:
     @property
     def usable(self) -> bool:
         return self.code is None and bool(self._ends)
-
-    @property
-    def close_started(self) -> bool:
-        return self.code is not None
 
     def loss_description(self) -> str | None:
         return None if self.code is None else f"fake closed with code {self.code}"

@@ -158,8 +158,10 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
     Create it inside Pyodide's running event loop, await :meth:`wait_open`, then
     :meth:`attach` a protocol (grpclib's ``H2Protocol``). ``url`` is the full WebSocket URL;
     ``name`` is what messages show instead (it must not carry a token).
-    The tunnel's rules are its :attr:`machine`'s: the JavaScript socket is the WebSocket
-    side, the protocol the stream side.
+    The tunnel's rules are its :attr:`machine`'s (``machine.close_code`` and
+    ``close_reason`` once closing began): the JavaScript socket is the WebSocket side, the
+    protocol the stream side. It implements what grpclib's protocol calls; a browser cannot
+    stop reading a socket, so ``pause_reading``/``resume_reading`` are not offered.
     """
 
     #: Pyodide proxies currently alive, over all transports (a leak check for tests).

@@ -127,10 +127,12 @@ class SyncChannel(_StubFactories, grpc.Channel):
                                         daemon=True)
         self._closed = False
         self._thread.start()
-        start = asyncio.run_coroutine_threadsafe(_start_forwarder(target, tunnel), self._loop)
+        # The timeout runs on the loop, so a start that times out has removed its directory.
+        start = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(_start_forwarder(target, tunnel), 30), self._loop)
         try:
-            self._forwarder, self._directory = start.result(30)
-        except BaseException:  # timed out or interrupted: the start removes its directory
+            self._forwarder, self._directory = start.result()
+        except BaseException:  # failed, or interrupted: a cancelled start cleans up too
             start.cancel()
             self._stop_loop()
             raise
@@ -138,10 +140,13 @@ class SyncChannel(_StubFactories, grpc.Channel):
                                               options=list(options))
 
     def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        async def settle() -> None:  # on the loop's thread: let cancelled tasks clean up
+            if others := asyncio.all_tasks() - {asyncio.current_task()}:
+                await asyncio.wait(others, timeout=5)
+            asyncio.get_running_loop().stop()
+
+        asyncio.run_coroutine_threadsafe(settle(), self._loop)
         self._thread.join(30)
-        if pending := asyncio.all_tasks(self._loop):  # let cancelled ones clean up
-            self._loop.run_until_complete(asyncio.wait(pending, timeout=5))
         self._loop.close()
 
     def close(self) -> None:

@@ -318,7 +318,8 @@ class TunnelMachine:
         return self.stream_attached and not self.stream_closing
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
-        """A text or continuation frame (binary ones go to :meth:`data`). False when it
+        """A data frame other than a whole binary message's (those may go straight to
+        :meth:`data`): text, or a continuation. False when it
         breaks the wire rules (a text message, or a continuation of one): the tunnel is
         then failing with 1003. Fragmented messages are taken frame by frame, so a large
         message is never buffered whole."""

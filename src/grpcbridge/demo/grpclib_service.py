@@ -109,7 +109,9 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
 
             def deliver(change: todo_pb2.SyncResponse | None) -> None:
                 # The store calls it from the writer's thread; the loop runs these in order.
-                loop.call_soon_threadsafe(changes.put_nowait, change)
+                # A loop closed under a stream still subscribed must not fail the writer.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(changes.put_nowait, change)
 
             async def read_requests() -> None:
                 try:
