@@ -64,7 +64,7 @@ class ListeningServer:
 
     A subclass opens what it serves in :meth:`_begin` (calling :meth:`_listen`), closes its
     connections in :meth:`_drain` (once the listener stopped accepting) and frees the rest
-    in :meth:`_release` (after a failed start too)."""
+    in :meth:`_release` (after a failed start too), after its keepalive task ``_ticker``."""
 
     #: Seconds closing waits for the listening socket to close.
     CLOSE_WAIT = 5.0
@@ -76,6 +76,8 @@ class ListeningServer:
         self._server: asyncio.Server | None = None
         self._state = "new"
         self._closed = asyncio.Event()
+        #: The keepalive task (see :func:`~grpcbridge.relay.keepalive_forever`), once started.
+        self._ticker: asyncio.Task[None] | None = None
         #: The socket file of a unix listener, while it exists.
         self.unix_path: str | None = None
         #: Bound ``(host, port)`` of a TCP listener, after start.
@@ -137,6 +139,10 @@ class ListeningServer:
             await self._shut()
 
     async def _shut(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -159,7 +165,7 @@ class ListeningServer:
         raise NotImplementedError
 
     async def _release(self) -> None:
-        raise NotImplementedError
+        pass
 
     async def _listen(self, factory: Callable[[], asyncio.BaseProtocol], *,
                       ssl: SSLContext | None = None, sock: socket.socket | None = None) -> None:

@@ -4,7 +4,6 @@ own WebSocket tunnel to a bridge, so grpcio and any gRPC tool can use a tunnel u
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from typing import cast
 
@@ -47,7 +46,6 @@ class Forwarder(ListeningServer):
             handshake_timeout=config.handshake_timeout,
             max_message_bytes=config.max_message_bytes, buffer_bytes=config.buffer_bytes)
         self._tunnels: dict[PicowsTunnel, asyncio.Task[None] | None] = {}
-        self._keepalive: asyncio.Task[None] | None = None
 
     @property
     def target(self) -> str:
@@ -65,7 +63,7 @@ class Forwarder(ListeningServer):
     async def _begin(self) -> None:
         loop = asyncio.get_running_loop()
         await self._listen(self._accept)
-        self._keepalive = loop.create_task(keepalive_forever(
+        self._ticker = loop.create_task(keepalive_forever(
             lambda: [t for t in self._tunnels if t.machine.state is TunnelState.OPEN],
             self.config.ping_interval, self.config.idle_timeout))
         proxy = self.config.parsed_proxy
@@ -80,12 +78,6 @@ class Forwarder(ListeningServer):
         await close_tunnels(self._tunnels, "forwarder shutting down",
                             lambda: [tunnel.closed for tunnel in self._tunnels])
         await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _release(self) -> None:
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
 
     # ------------------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import socket
@@ -144,7 +143,6 @@ class Bridge(TunnelServer, ListeningServer):
         #: Every connection's protocol, by its tunnel (accepted or in its handshake).
         self._sessions: dict[AnyTunnel, _ServerSide] = {}
         self._metrics_server: HttpServer | None = None
-        self._sweeper: asyncio.Task[None] | None = None
         self._ssl: ssl.SSLContext | None = None
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
@@ -195,7 +193,7 @@ class Bridge(TunnelServer, ListeningServer):
         if config.metrics_address is not None:
             self._metrics_server = HttpServer(self.metrics.registry, self._not_ready)
             self.metrics_address = await self._metrics_server.start(config.metrics_address)
-        self._sweeper = self._keepalive(config.ping_interval, config.idle_timeout)
+        self._ticker = self._keepalive(config.ping_interval, config.idle_timeout)
         log_event("bridge_started", listen=self.url if self.address else str(config.listen_address),
                   backend=str(self.backend),
                   metrics=host_port(*self.metrics_address) if self.metrics_address else "",
@@ -222,11 +220,6 @@ class Bridge(TunnelServer, ListeningServer):
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _release(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
         if self._metrics_server is not None:
             await self._metrics_server.close()
             self._metrics_server = None
