@@ -385,7 +385,7 @@ class Bridge(TunnelServer, ListeningServer):
                 and (found := self.static.respond(
                     path, request.headers.get("If-None-Match"))) is not None):
             # A plain GET the static site answers.
-            send_response(websocket, found.status, found.headers, found.body)
+            send_response(websocket, *found)
             tunnel.flush_websocket()
             self._answered(side)
             return
