@@ -233,7 +233,7 @@ class Supervisor:
         finally:
             for task in slots:
                 task.cancel()
-            self._kill_all()  # workers are left only after a failure in the supervisor
+            self._signal_all(signal.SIGKILL)  # left only after a failure in the supervisor
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             if self._kill_timer is not None:
@@ -328,7 +328,7 @@ class Supervisor:
         else:
             log_event("supervisor_killing", logging.WARNING, signal=signame,
                       workers=len(self._workers))
-            self._kill_all()
+            self._signal_all(signal.SIGKILL)
 
     def _fail(self, exit_code: int, event: str, **fields: object) -> None:
         log_event(event, logging.ERROR, **fields)
@@ -342,21 +342,19 @@ class Supervisor:
             return
         self._stop.set()
         self._settled.set()
-        for worker in list(self._workers.values()):
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
         # No worker starts after a stop: drop this copy of the listening socket, so that it
         # closes (and new connections are refused, not queued unanswered) as soon as every
         # draining worker has closed its own.
         if self._sock is not None:
             self._sock.close()
         self._kill_timer = asyncio.get_running_loop().call_later(
-            self.config.drain_timeout + self.STOP_GRACE, self._kill_all)
+            self.config.drain_timeout + self.STOP_GRACE, self._signal_all, signal.SIGKILL)
 
-    def _kill_all(self) -> None:
+    def _signal_all(self, signum: int) -> None:
         for worker in list(self._workers.values()):
             with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
+                worker.process.send_signal(signum)
 
     # ---------------------------------------------------------------- views
 
