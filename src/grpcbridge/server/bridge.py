@@ -45,6 +45,14 @@ PARSED_HEADER_BYTES = 512
 AnyTunnel = PicowsTunnel | Tunnel
 
 
+def endpoint(config: BridgeConfig, bound: tuple[str, int] | None) -> str:
+    """Where clients connect: the ``ws://`` (``wss://`` with TLS) URL of a TCP listener
+    bound to ``bound``, else the configured unix socket."""
+    if bound is None:
+        return str(config.listen_address)
+    return f"{'wss' if config.certfile else 'ws'}://{host_port(*bound)}{config.path}"
+
+
 class _ServerSide(WebSocketSide):
     """The bridge's protocol for one connection. Until the bridge has answered the HTTP
     request, bytes go to :meth:`Bridge._handshake_data`, which hands websockets the request
@@ -143,7 +151,6 @@ class Bridge(TunnelServer, ListeningServer):
         #: Every connection's protocol, by its tunnel (accepted or in its handshake).
         self._sessions: dict[AnyTunnel, _ServerSide] = {}
         self._metrics_server: HttpServer | None = None
-        self._ssl: ssl.SSLContext | None = None
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
         #: The abuse limiter (for inspection).
@@ -162,7 +169,7 @@ class Bridge(TunnelServer, ListeningServer):
                     f"Bridge.url: the bridge listens on {self.config.listen}, a unix socket, "
                     "which has no ws:// URL; clients dial the socket path")
             raise self._not_listening("url")
-        return f"{'wss' if self._ssl else 'ws'}://{host_port(*self.address)}{self.config.path}"
+        return endpoint(self.config, self.address)
 
     @property
     def active_tunnels(self) -> int:
@@ -183,18 +190,19 @@ class Bridge(TunnelServer, ListeningServer):
 
     async def _begin(self, sock: socket.socket | None = None) -> None:
         config = self.config
+        context = None
         if config.certfile is not None:
-            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ssl.load_cert_chain(config.certfile, config.keyfile)
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(config.certfile, config.keyfile)
         tracing_available()  # import opentelemetry (when installed) now, not in a tunnel
         await self.backend.start()
         self._backend_started = True
-        await self._listen(self._protocol_factory, ssl=self._ssl, sock=sock)
+        await self._listen(self._protocol_factory, ssl=context, sock=sock)
         if config.metrics_address is not None:
             self._metrics_server = HttpServer(self.metrics.registry, self._not_ready)
             self.metrics_address = await self._metrics_server.start(config.metrics_address)
         self._ticker = self._keepalive(config.ping_interval, config.idle_timeout)
-        log_event("bridge_started", listen=self.url if self.address else str(config.listen_address),
+        log_event("bridge_started", listen=endpoint(config, self.address),
                   backend=str(self.backend),
                   metrics=host_port(*self.metrics_address) if self.metrics_address else "",
                   loop=loop_name(asyncio.get_running_loop()))

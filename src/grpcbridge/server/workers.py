@@ -47,7 +47,7 @@ from ..core.target import SocketAddress, host_port
 from ..loops import loop_name
 from ..observability import log_event
 from ..sockets import remove_stale_socket
-from .bridge import Bridge
+from .bridge import Bridge, endpoint
 from .http import HttpServer
 
 #: Environment variable naming a worker's inherited descriptors: ``LISTEN_FD,CONTROL_FD,INDEX``.
@@ -223,7 +223,9 @@ class Supervisor:
             await self._settled.wait()
             if not self._stop.is_set():
                 self._started = True
-                log_event("bridge_started", listen=self._url(),
+                bound = (None if self.config.listen_address.path is not None
+                         else self._sock.getsockname()[:2])
+                log_event("bridge_started", listen=endpoint(self.config, bound),
                           backend=str(self.config.backend_address),
                           metrics="" if metrics_address is None else host_port(*metrics_address),
                           loop=loop_name(loop), workers=self.count)
@@ -356,7 +358,7 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signum)
 
-    # ---------------------------------------------------------------- views
+    # ---------------------------------------------------------------- probe
 
     async def _not_ready(self) -> str | None:
         if self._stop.is_set():
@@ -366,12 +368,3 @@ class Supervisor:
         if not await self._backend_probe.reachable():
             return "backend unreachable"
         return None
-
-    def _url(self) -> str:
-        address = self.config.listen_address
-        if address.path is not None:
-            return str(address)
-        assert self._sock is not None
-        host, port = self._sock.getsockname()[:2]
-        scheme = "wss" if self.config.certfile else "ws"
-        return f"{scheme}://{host_port(host, port)}{self.config.path}"
