@@ -122,6 +122,8 @@ class WorkerLink:
     index: int
     listen: socket.socket
     control: socket.socket
+    #: Waits for the supervisor's end, once started.
+    watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_environment(cls) -> WorkerLink | None:
@@ -138,25 +140,19 @@ class WorkerLink:
         await bridge.start(sock=self.listen)
         self.control.setblocking(False)
         self.control.send(_READY)
-        asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
+        self.watcher = asyncio.get_running_loop().create_task(self._watch_supervisor())
 
-    def _control_readable(self) -> None:
-        try:
-            data = self.control.recv(64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(self.control.fileno())
-            log_event("supervisor_gone", logging.WARNING)
-            os.kill(os.getpid(), signal.SIGTERM)
+    async def _watch_supervisor(self) -> None:
+        with contextlib.suppress(OSError):  # it sends nothing: what ends the wait is its end
+            while await asyncio.get_running_loop().sock_recv(self.control, 64):
+                pass
+        log_event("supervisor_gone", logging.WARNING)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def close(self) -> None:
-        if self.control.fileno() >= 0:
-            with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_reader(self.control.fileno())
-            self.control.close()
+        if self.watcher is not None:
+            self.watcher.cancel()
+        self.control.close()
 
 
 @dataclass(eq=False)
