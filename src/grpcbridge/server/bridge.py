@@ -227,12 +227,10 @@ class Bridge(TunnelServer, ListeningServer):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _release(self) -> None:
+    async def _release(self) -> None:  # once: after close() or a start that failed
         if self._metrics_server is not None:
             await self._metrics_server.close()
-            self._metrics_server = None
         if self._backend_started:
-            self._backend_started = False
             await self.backend.close()
         if self._state == "closing":  # not after a start that failed
             log_event("bridge_stopped")
