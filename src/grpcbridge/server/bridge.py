@@ -211,17 +211,17 @@ class Bridge(TunnelServer, ListeningServer):
         """Stop accepting, let open tunnels finish for up to ``drain_timeout`` seconds
         (default: the config's), then close the rest with 1001. Idempotent and safe to call
         from several tasks at once: every caller returns once the bridge is closed."""
-        await self._close(functools.partial(
-            self._drain, self.config.drain_timeout if drain_timeout is None else drain_timeout))
+        await self._close(functools.partial(self._drain, drain_timeout))
 
-    async def _drain(self, seconds: float = 0) -> None:
+    async def _drain(self, drain_timeout: float | None = None) -> None:
         # Connections still in their handshake are not tunnels yet: drop them.
         for tunnel, side in list(self._sessions.items()):
             if tunnel not in self._relaying:
                 if side.task is not None:
                     side.task.cancel()
                 tunnel.abort()
-        await self._close_tunnels(seconds, lambda: [tunnel.closed for tunnel in self._sessions])
+        await self._close_tunnels(drain_timeout,
+                                  lambda: [tunnel.closed for tunnel in self._sessions])
         tasks = [side.task for side in self._sessions.values() if side.task is not None]
         for task in tasks:
             task.cancel()

@@ -154,10 +154,12 @@ class TunnelServer:
         #: The accepted tunnels' sessions.
         self._relaying: dict[StreamAdapter, TunnelSession] = {}
 
-    async def _close_tunnels(self, seconds: float,
+    async def _close_tunnels(self, drain_timeout: float | None,
                              pending: Callable[[], Collection[asyncio.Future[None]]]) -> None:
         """Shutdown, the same for both servers: let what ``pending()`` waits for finish for
-        up to ``seconds``, then :func:`~grpcbridge.sockets.close_tunnels` (1001)."""
+        up to ``drain_timeout`` seconds (None: the config's), then
+        :func:`~grpcbridge.sockets.close_tunnels` (1001)."""
+        seconds = self.config.drain_timeout if drain_timeout is None else drain_timeout
         if (waiting := pending()) and seconds > 0:
             log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
             await asyncio.wait(waiting, timeout=seconds)
