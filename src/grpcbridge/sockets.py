@@ -11,7 +11,7 @@ import socket
 import stat
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from ssl import SSLContext
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Self, cast
 
 from .core.errors import InvalidStateError
 from .core.stream import CloseCode
@@ -167,10 +167,16 @@ class ListeningServer:
     async def _release(self) -> None:
         pass
 
-    async def _listen(self, factory: Callable[[], asyncio.BaseProtocol], *,
+    async def _listen(self, serve: Callable[[], asyncio.BaseProtocol], *,
                       ssl: SSLContext | None = None, sock: socket.socket | None = None) -> None:
+        """Listen; ``serve()`` makes the protocol of a connection accepted while running
+        (one accepted while starting, or after closing began, is dropped at once)."""
         loop = asyncio.get_running_loop()
         address = self._listen_at
+
+        def factory() -> asyncio.BaseProtocol:
+            return serve() if self._state == "running" else _Refusing()
+
         if sock is not None:  # TCP or unix (whose file stays: create_server never removes it)
             self._server = await loop.create_server(factory, sock=sock, ssl=ssl, backlog=1024)
         elif address.path is not None:
@@ -186,6 +192,11 @@ class ListeningServer:
         if listening.family != socket.AF_UNIX:
             host, port = listening.getsockname()[:2]
             self.address = (host, port)
+
+
+class _Refusing(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        cast(asyncio.Transport, transport).abort()  # uvloop's transports are not subclasses
 
 
 async def close_tunnels(tunnels: Iterable[StreamAdapter], reason: str,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import cast
 
 from ..core.config import ForwarderConfig
 from ..core.errors import HandshakeError
@@ -82,8 +81,6 @@ class Forwarder(ListeningServer):
     # ------------------------------------------------------------------
 
     def _accept(self) -> asyncio.Protocol:
-        if self._state != "running":
-            return _Refusing()
         tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
         self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
@@ -101,9 +98,3 @@ class Forwarder(ListeningServer):
                 self._tunnels[tunnel] = None
         log_event("tunnel_opened", target=url)
 
-
-class _Refusing(asyncio.Protocol):
-    """Accepted while shutting down: close at once."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        cast(asyncio.Transport, transport).abort()  # uvloop's transports are not subclasses
