@@ -243,7 +243,7 @@ def per_message(size: int, count: int = 20000) -> None:
         tunnel = Tunnel(loop, server, stream_name="backend")
         tunnel.machine.account = MemoryBudget().open("client")
         tunnel.ws_transport = _NullTransport()  # type: ignore[assignment]
-        tunnel.attach_stream(_NullTransport(), 256 * 1024)  # type: ignore[arg-type]
+        tunnel.attach_stream(_NullTransport())  # type: ignore[arg-type]
         tunnel.machine.websocket_opened()  # as the bridge does once the 101 is sent
         return tunnel
 

@@ -178,3 +178,45 @@ def test_trust_trace_context_must_be_a_bool() -> None:
 
     with pytest.raises(ConfigError, match="trust_trace_context must be True or False"):
         BridgeConfig(backend="127.0.0.1:50051", trust_trace_context="yes")  # type: ignore[arg-type]
+
+
+def test_every_option_reaches_its_config_field() -> None:
+    from grpcbridge.cli import _bridge_config, _forwarder_config, build_parser
+
+    parse = build_parser().parse_args
+    serve = _bridge_config(parse([
+        "serve", "--backend", "127.0.0.1:50051", "--listen", "127.0.0.1:9000", "--path", "/t",
+        "--backend-timeout", "3", "--allow-origin", "https://a.example", "--allowed-host",
+        "b.example", "--subprotocol", "p1", "--client-memory-budget", "40000000",
+        "--memory-budget", "90000000", "--max-connections", "7",
+        "--max-connections-per-client", "3", "--max-upgrades-per-minute", "9",
+        "--trusted-proxy", "10.0.0.0/8", "--max-tunnel-age", "60", "--max-tunnel-age-grace",
+        "5", "--drain-timeout", "4", "--compression", "--metrics-listen", "9464",
+        "--max-message-bytes", "2048", "--buffer-bytes", "8192", "--ping-interval", "6",
+        "--idle-timeout", "13"]))
+    assert (serve.listen, serve.path, serve.backend_connect_timeout) == ("127.0.0.1:9000",
+                                                                        "/t", 3.0)
+    assert (serve.allowed_origins, serve.allowed_hosts, serve.subprotocols) \
+        == (("https://a.example",), ("b.example",), ("p1",))
+    assert (serve.client_memory_budget, serve.memory_budget, serve.max_connections,
+            serve.max_connections_per_client, serve.max_upgrades_per_minute) \
+        == (40_000_000, 90_000_000, 7, 3, 9)
+    assert [str(net) for net in serve.trusted_proxies] == ["10.0.0.0/8"]
+    assert (serve.max_tunnel_age, serve.max_tunnel_age_grace, serve.drain_timeout) == (60, 5, 4)
+    assert (serve.compression, serve.metrics_listen) == (True, "127.0.0.1:9464")
+    assert (serve.max_message_bytes, serve.buffer_bytes, serve.ping_interval,
+            serve.idle_timeout) == (2048, 8192, 6, 13)
+    default = _bridge_config(parse(["serve", "--backend", "127.0.0.1:50051"]))
+    assert default.subprotocols == ("grpcbridge",) and default.authenticate is None
+
+    forward = _forwarder_config(parse([
+        "forward", "--target", "wss://bridge.example/grpc", "--listen", "127.0.0.1:9001",
+        "--header", "X-A: 1", "--subprotocol", "p2", "--origin", "https://o.example", "--tls",
+        "--handshake-timeout", "7", "--no-proxy", "--max-message-bytes", "4096",
+        "--buffer-bytes", "16384", "--ping-interval", "8", "--idle-timeout", "17"]))
+    assert (forward.target, forward.listen, dict(forward.headers)) == (
+        "wss://bridge.example/grpc", "127.0.0.1:9001", {"X-A": "1"})
+    assert (forward.subprotocols, forward.origin, forward.tls, forward.proxy) == (
+        ("p2",), "https://o.example", True, None)
+    assert (forward.handshake_timeout, forward.max_message_bytes, forward.buffer_bytes,
+            forward.ping_interval, forward.idle_timeout) == (7, 4096, 16384, 8, 17)

@@ -16,7 +16,7 @@ class RecordingTunnel:
         self.sent: list[bytes] = []
         self.lost: list[bool] = []
 
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+    def attach_stream(self, transport: asyncio.Transport) -> None:
         self.transport = transport
 
     def stream_data(self, data: bytes) -> None:
@@ -24,12 +24,6 @@ class RecordingTunnel:
 
     def stream_gone(self, abnormal: bool) -> None:
         self.lost.append(abnormal)
-
-    def stream_write_paused(self) -> None:
-        pass
-
-    def stream_write_resumed(self) -> None:
-        pass
 
     def websocket_buffered(self) -> int:
         return 0
@@ -49,7 +43,7 @@ async def test_writes_of_one_loop_iteration_leave_as_one_message() -> None:
     tunnel = RecordingTunnel(asyncio.get_running_loop())
     protocol = Writer()
     pipe = Pipe(tunnel, protocol)  # type: ignore[arg-type]
-    pipe.connect(65536)
+    pipe.connect()
     for frame in (b"HEADERS", b"DATA", b"TRAILERS"):
         protocol.transport.write(frame)
     assert tunnel.sent == []

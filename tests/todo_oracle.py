@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import queue
 import re
 import select
 import subprocess
@@ -67,16 +68,16 @@ def trailers(method: str, echo: Metadata) -> Metadata:
     return ((TRAILER_KEY, method), *echo)
 
 
-def failure(text: str) -> tuple[str, str] | None:
-    """``(code name, message)`` if ``text`` asks for an error, else None."""
+def failure(text: str, codes: Any) -> tuple[Any, str] | None:
+    """``(code, message)`` if ``text`` asks for an error, else None; ``codes`` is the status
+    enum (``grpc.StatusCode`` or grpclib's ``Status``)."""
     if not text.startswith(FAIL_PREFIX):
         return None
     name, _, message = text[len(FAIL_PREFIX):].partition(":")
-    return name, message
-
-
-def unknown_code(name: str) -> str:
-    return f"unknown status code {name!r}"
+    code = codes.__members__.get(name)
+    if code is None or code is codes.OK:
+        return codes.INVALID_ARGUMENT, f"unknown status code {name!r}"
+    return code, message
 
 
 class _Counter:
@@ -128,13 +129,9 @@ class OracleServicer(_Counter, TodoServicer):
                    context: grpc.ServicerContext) -> todo_pb2.Todo:
         with self._start(context, "CreateTodo"):
             self.store.check_text(request.text)  # the store's text rule first, then "fail:"
-            fail = failure(request.text)
+            fail = failure(request.text, grpc.StatusCode)
             if fail is not None:
-                name, message = fail
-                code = grpc.StatusCode.__members__.get(name)
-                if code is None or code is grpc.StatusCode.OK:
-                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, unknown_code(name))
-                context.abort(code, message)
+                context.abort(*fail)
             return self.store.create(request.text)
 
 
@@ -187,13 +184,9 @@ class OracleService(_Counter, TodoService):
             request = await self._request(stream)
             text: str = request.text
             self.store.check_text(text)  # the store's text rule first, then "fail:"
-            fail = failure(text)
+            fail = failure(text, Status)
             if fail is not None:
-                name, message = fail
-                code = Status.__members__.get(name)
-                if code is None or code is Status.OK:
-                    raise GRPCError(Status.INVALID_ARGUMENT, unknown_code(name))
-                raise GRPCError(code, message)
+                raise GRPCError(*fail)
             await stream.send_message(self.store.create(text))
 
 
@@ -224,13 +217,9 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
     async def CreateTodo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "CreateTodo"):
             self.store.check_text(request.text)  # the store's text rule first, then "fail:"
-            fail = failure(request.text)
+            fail = failure(request.text, grpc.StatusCode)
             if fail is not None:
-                name, message = fail
-                code = grpc.StatusCode.__members__.get(name)
-                if code is None or code is grpc.StatusCode.OK:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, unknown_code(name))
-                await context.abort(code, message)
+                await context.abort(*fail)
             return self.store.create(request.text)
 
     async def ListTodos(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -263,7 +252,8 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
 
     async def SyncTodos(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         async with self._rpc(context, "SyncTodos"):
-            items: Any = self.store.subscribe()
+            items: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
+            self.store.subscribe(items.put)
 
             async def read() -> None:
                 async for request in request_iterator:
@@ -282,7 +272,7 @@ class AioOracleServicer(_Counter, todo_pb2_grpc.TodoServiceServicer):  # type: i
                         continue
                     yield items.get_nowait()
             finally:
-                self.store.unsubscribe(items)
+                self.store.unsubscribe(items.put)
                 reader.cancel()
                 await asyncio.wait([reader])
 

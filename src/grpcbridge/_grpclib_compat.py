@@ -29,8 +29,8 @@ Supported: grpclib 0.4.x and h2 4.x (:data:`SUPPORTED`). :func:`require_supporte
 when a channel or an in-process grpclib server is created) fails with a clear message on
 other versions instead of an ``AttributeError`` deep inside an RPC.
 
-This module imports only grpclib, h2, hyperframe (pure Python), ``grpcbridge.core.errors``
-and ``grpcbridge.framesize``: the browser channel (Pyodide) uses it too.
+This module imports only grpclib, h2, hyperframe (pure Python) and ``grpcbridge.core``: the
+browser channel (Pyodide) uses it too.
 """
 
 from __future__ import annotations
@@ -51,9 +51,8 @@ from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
 from h2.settings import SettingCodes
 
-from .core.age import LAST_STREAM_ID, GoawayFilter
+from .core.age import H2_MIN_FRAME_SIZE, LAST_STREAM_ID, GoawayFilter
 from .core.errors import GrpcBridgeError
-from .framesize import H2_MIN_FRAME_SIZE
 
 #: Versions whose internals this module was written and tested against:
 #: package -> (lowest supported, first unsupported), compared on (major, minor).

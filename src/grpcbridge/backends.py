@@ -7,9 +7,9 @@
 * :class:`GrpcioBackend` - relay to an existing grpcio server (sync or aio) through a private
   unix socket the backend adds to it; see :func:`grpcbridge.attach_grpcio`.
 
-A backend's :meth:`~Backend.connect` attaches the stream side of a tunnel (anything with the
-relay's ``attach_stream`` / ``stream_*`` methods: the asyncio bridge's and the ASGI app's
-tunnels alike) or raises ``OSError``/``TimeoutError``.
+A backend's :meth:`~Backend.connect` attaches the stream side of a tunnel (a
+:class:`~grpcbridge.relay.StreamAdapter`: the asyncio bridge's and the ASGI app's tunnels
+alike) or raises ``OSError``/``TimeoutError``.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class GrpclibBackend(Backend):
         trace_rpcs(self._server)  # RPC spans, once a tracer provider is set
         protocol = server_protocol(self._server)
         extra = {"peername": ("grpcbridge", 0), TUNNEL_EXTRA: current_tunnel.get()}
-        Pipe(tunnel, protocol, extra).connect(buffer_bytes)
+        Pipe(tunnel, protocol, extra).connect()
         # Clients' frames arrive in this tunnel's WebSocket messages: keep them within its limit.
         advertise_max_frame_size(protocol, fit_frame_size(self._max_frame_size,
                                                           tunnel.max_message_bytes))

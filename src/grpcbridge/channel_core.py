@@ -34,7 +34,7 @@ decided here, once:
 
 What differs is how a connection is made: the **runtime hook**. Each channel implements
 :meth:`CoreChannel._new_connection`, returning a :class:`Connection` (a tunnel through
-websockets in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
+picows in CPython, a :class:`~grpcbridge.browser.WebSocketTransport` in the browser).
 
 This module imports only grpclib (its internals through :mod:`grpcbridge._grpclib_compat`),
 ``grpcbridge.core`` and ``grpcbridge.framesize``: the browser (Pyodide) imports it too.
@@ -164,12 +164,9 @@ class Connection(Protocol):
     def usable(self) -> bool:
         """Open, and not closing on either side: new RPCs may use it."""
 
-    @property
-    def close_started(self) -> bool:
-        """Closing began (from either side): :attr:`closed` resolves soon."""
-
     def loss_description(self) -> str | None:
-        """One line naming the close code and reason, once closing began (else ``None``)."""
+        """One line naming the close code and reason, once closing began (from either side:
+        :attr:`closed` resolves soon), else ``None``."""
 
     def close(self) -> None:
         """Close with code 1000 (idempotent). A connection still opening may go on opening:
@@ -368,7 +365,7 @@ class CoreChannel(GrpclibChannel, Generic[ConnectionT]):
         retiring = dict(self._retiring)
         self.close()
         for connection in (self._current, *retiring):
-            if connection is not None and connection.close_started:
+            if connection is not None and connection.loss_description() is not None:
                 await asyncio.wait([connection.closed], timeout=connection.close_timeout + 1)
                 if not connection.closed.done():
                     connection.abort()

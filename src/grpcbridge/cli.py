@@ -22,7 +22,7 @@ from .core.errors import ConfigError
 from .core.limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
 from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .loops import LOOP_NAMES, run, tune_allocator
-from .observability import configure_logging
+from .observability import configure_logging, logger
 from .server.bridge import Bridge
 from .server.workers import Supervisor, WorkerLink, parse_workers
 
@@ -196,10 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run the terminal demo (no browser) and exit")
     from .demo.web import add_arguments as add_web_demo_arguments
 
-    add_web_demo_arguments(demo)
-    demo.add_argument("--log-level", default=None,
-                      choices=["debug", "info", "warning", "error"],
-                      help="default: info for the browser demo, warning with --terminal")
+    add_web_demo_arguments(demo)  # with --log-level (default: info, warning with --terminal)
     return parser
 
 
@@ -229,7 +226,7 @@ def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:
             raise ConfigError(f"--header {item!r} must look like Name:value")
         headers[name.strip()] = value.strip()
     if args.proxy is not None and "@" in args.proxy:
-        logging.getLogger("grpcbridge").warning(
+        logger.warning(
             "the proxy credentials given in --proxy can be read by local users in the process "
             "list; put the proxy URL in $https_proxy or $http_proxy instead")
     return _config(ForwarderConfig, args, headers=headers, bearer_token=_token(args),
@@ -248,7 +245,7 @@ async def _run_until_signalled(server: Bridge | Forwarder,
 
     def stop(signame: str) -> None:
         if not stopping:
-            logging.getLogger("grpcbridge").info("received %s, shutting down", signame)
+            logger.info("received %s, shutting down", signame)
             stopping.append(loop.create_task(server.close()))
 
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -49,7 +49,6 @@ from websockets.server import ServerProtocol
 
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode, message_too_big_reason
-from .core.tunnel import TunnelMachine
 from .observability import log_event
 from .relay import SocketTunnel
 
@@ -225,8 +224,7 @@ class PicowsProtocol(WSProtocol):  # type: ignore[misc]
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.tunnel.client:  # the connection is the tunnel's from the start
             transport = cast(asyncio.Transport, transport)
-            transport.set_write_buffer_limits(high=self.buffer_bytes,
-                                              low=self.buffer_bytes // 4)
+            transport.set_write_buffer_limits(high=self.buffer_bytes)  # low (asyncio's): a quarter
             self.tunnel.ws_transport = transport
         super().connection_made(transport)  # a client writes its upgrade request here
 
@@ -328,7 +326,6 @@ class PicowsTunnel(SocketTunnel):
     is the connection throughout."""
 
     __slots__ = (
-        "__weakref__",
         "buffer_size",
         "client",
         "closed_before",
@@ -344,7 +341,7 @@ class PicowsTunnel(SocketTunnel):
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: ServerProtocol | None, *,
                  stream_name: str, max_message_bytes: int) -> None:
-        super().__init__(loop)
+        super().__init__(loop, stream_name)
         #: The client end of a tunnel (``websocket`` None): see :class:`PicowsProtocol`.
         self.client = websocket is None
         self.websocket = websocket
@@ -361,7 +358,6 @@ class PicowsTunnel(SocketTunnel):
         self.buffer_size = 0
         #: The stream side's socket, written to directly while its buffer is empty (-1: none).
         self.stream_fd = -1
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # ------------------------------------------------------------ handshake phase
 
@@ -389,22 +385,22 @@ class PicowsTunnel(SocketTunnel):
 
     # ------------------------------------------------------------- frames, reads
 
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+    def attach_stream(self, transport: asyncio.Transport) -> None:
         # Only a plain socket's transport (an allowlist): bytes written past a TLS transport
         # would skip its encryption, and only on POSIX is a socket's fileno() a descriptor.
         sock = (transport.get_extra_info("socket")
                 if type(transport) in _PLAIN_SOCKET_TRANSPORTS else None)
         self.stream_fd = sock.fileno() if sock is not None else -1
-        super().attach_stream(transport, buffer_bytes)
+        super().attach_stream(transport)
 
     def payload(self, frame: WSFrame) -> None:
         """A binary message's payload, for the stream side. While nothing waits in the
         stream's write buffer it is written to the socket straight from picows' read buffer
         (no copy unless the socket takes only part of it); otherwise it is copied out."""
         machine = self.machine
-        transport = self.stream_transport
-        if (self.stream_fd < 0 or transport is None or not machine.relaying_websocket
-                or transport.is_closing() or transport.get_write_buffer_size()):
+        if (self.stream_fd < 0 or not machine.relaying_websocket  # (attached: fd >= 0)
+                or self.stream_transport.is_closing()
+                or self.stream_transport.get_write_buffer_size()):
             machine.data(frame.get_payload_as_bytes())
             return
         view = frame.get_payload_as_memoryview()
@@ -412,7 +408,7 @@ class PicowsTunnel(SocketTunnel):
             written = os.write(self.stream_fd, view)
         except OSError:  # full (EAGAIN), or failed: the transport's own write reports it
             written = 0
-        machine.data_written(written)
+        machine.bytes_from_websocket += written  # data() counts the rest
         if written < len(view):
             machine.data(bytes(view[written:]))
 
@@ -457,41 +453,34 @@ class PicowsTunnel(SocketTunnel):
                              message_too_big_reason(self.max_message_bytes))
                 return
             self.fragment = -1 if frame.fin else size
-            if msg_type is _BINARY:
-                if frame.payload_size:
-                    machine.data(frame.get_payload_as_bytes())
-                else:
-                    machine.empty_frame()
-            else:
-                opcode = Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION
-                machine.frame(opcode, frame.get_payload_as_bytes())
+            # A binary frame's payload goes where a continuation's does (data, or an empty
+            # frame); a text frame fails the tunnel.
+            machine.frame(Opcode.TEXT if msg_type is _TEXT else Opcode.CONTINUATION,
+                          frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.PING:
             if machine.empty_frame() and self.ws is not None:
                 self.ws.send_pong(frame.get_payload_as_bytes())
         elif msg_type is WSMsgType.PONG:
             machine.empty_frame()
         elif msg_type is WSMsgType.CLOSE:
-            self._close_received(frame)
-
-    def _close_received(self, frame: WSFrame) -> None:
-        ws = self.ws
-        assert ws is not None
-        payload = frame.get_payload_as_bytes()  # picows checked the code and the UTF-8
-        code = int.from_bytes(payload[:2], "big") if payload else _NO_STATUS
-        reason = payload[2:].decode()
-        if payload and not (1000 <= code <= 1003 or 1007 <= code <= 1014
-                            or 3000 <= code <= 4999):  # picows lets 0, 1006, >= 5000 by
-            self.machine.fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
-            return
-        if not ws.is_close_frame_sent:  # the peer began: answer with its code (RFC 6455)
-            if payload:
-                self.send_close(code, reason)
-            else:
-                ws.send(WSMsgType.CLOSE, b"")
-            self.machine.websocket_closing(code, reason)
-        self.failed = True
-        # The closing handshake is complete: close the connection once flushed.
-        self._close_flushed()
+            ws = self.ws
+            assert ws is not None
+            payload = frame.get_payload_as_bytes()  # picows checked the code and the UTF-8
+            code = int.from_bytes(payload[:2], "big") if payload else _NO_STATUS
+            reason = payload[2:].decode()
+            if payload and not (1000 <= code <= 1003 or 1007 <= code <= 1014
+                                or 3000 <= code <= 4999):  # picows lets 0, 1006, >= 5000 by
+                machine.fail(CloseCode.PROTOCOL_ERROR, f"invalid close code {code}")
+                return
+            if not ws.is_close_frame_sent:  # the peer began: answer with its code (RFC 6455)
+                if payload:
+                    self.send_close(code, reason)
+                else:
+                    ws.send(WSMsgType.CLOSE, b"")
+                machine.websocket_closing(code, reason)
+            self.failed = True
+            # The closing handshake is complete: close the connection once flushed.
+            self._close_flushed()
 
     def read_done(self, frames: int) -> None:
         """After each read: idle-timeout activity, the loop's turn and the memory budget."""

@@ -14,14 +14,13 @@ reaches into grpclib internals, like everything in that module).
 
 from __future__ import annotations
 
+from .core.age import FRAME_HEADER_BYTES, H2_MIN_FRAME_SIZE
 from .core.errors import ConfigError
 
-#: HTTP/2's initial (and smallest) SETTINGS_MAX_FRAME_SIZE and its largest (RFC 9113, 6.5.2).
-H2_MIN_FRAME_SIZE, H2_MAX_FRAME_SIZE = 16_384, 16_777_215
+#: HTTP/2's largest SETTINGS_MAX_FRAME_SIZE (RFC 9113, 6.5.2).
+H2_MAX_FRAME_SIZE = 16_777_215
 #: What grpcbridge's protocols advertise unless told otherwise.
 DEFAULT_MAX_FRAME_SIZE = 1024 * 1024
-#: An HTTP/2 frame header.
-FRAME_HEADER_BYTES = 9
 
 
 def fit_frame_size(size: int, max_message_bytes: int | None) -> int:

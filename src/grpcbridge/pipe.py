@@ -63,27 +63,15 @@ class ProtocolTransport(asyncio.Transport):
         return self._pipe.closed
 
     def close(self) -> None:
-        """The in-process side closed: send what it wrote, end the tunnel's stream side,
-        then tell the protocol."""
-        pipe = self._pipe
-        if pipe.closed:
-            return
-        self.flush()
-        pipe.closed = True
-        loop = pipe.tunnel.loop
-        loop.call_soon(pipe.tunnel.machine.stream_gone, False)
-        loop.call_soon(pipe.protocol.connection_lost, None)
+        """The in-process side closed: send what it wrote, then close the pipe."""
+        if not self._pipe.closed:
+            self.flush()
+            self._pipe.close()
 
     abort = close
 
     def get_write_buffer_size(self) -> int:
         return self.held_bytes + self._pipe.tunnel.websocket_buffered()
-
-    def pause_reading(self) -> None:
-        self._pipe.tunnel.machine.stream_write_paused()
-
-    def resume_reading(self) -> None:
-        self._pipe.tunnel.machine.stream_write_resumed()
 
 
 class Pipe(asyncio.Transport):
@@ -99,11 +87,11 @@ class Pipe(asyncio.Transport):
         self.paused = False
         self.protocol_transport = ProtocolTransport(self, extra or {})
 
-    def connect(self, buffer_bytes: int) -> None:
+    def connect(self) -> None:
         """Call ``connection_made`` on the protocol, then attach the pipe to the tunnel (which
         delivers any stream bytes that arrived before)."""
         self.protocol.connection_made(self.protocol_transport)
-        self.tunnel.attach_stream(self, buffer_bytes)
+        self.tunnel.attach_stream(self)
 
     # ------------------------------------- the tunnel's end: its stream transport
 
@@ -117,7 +105,8 @@ class Pipe(asyncio.Transport):
         return self.closed
 
     def close(self) -> None:
-        """The tunnel closed its stream side (WebSocket gone or closing)."""
+        """Either end closed (the tunnel's: WebSocket gone or closing): tell the protocol
+        and the tunnel's machine, soon."""
         if self.closed:
             return
         self.closed = True
@@ -126,9 +115,6 @@ class Pipe(asyncio.Transport):
         loop.call_soon(self.tunnel.machine.stream_gone, False)
 
     abort = close
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass  # nothing is buffered: writes are delivered synchronously
 
     def get_write_buffer_size(self) -> int:
         return 0

@@ -2,10 +2,10 @@
 
 Used by the bridge (WebSocket from a client, stream to the backend) and the forwarder
 (stream from a local gRPC client, WebSocket to a bridge). Both sides are callback-level
-asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`;
-the bridge's TCP listeners and the forwarder use picows instead, :mod:`grpcbridge.fastws`, on
-the same :class:`SocketTunnel` transport half), so there is no coroutine, queue or task per
-message.
+asyncio Protocols; the WebSocket side drives websockets' sans-I/O protocol (:class:`Tunnel`,
+for a bridge with compression or on a Unix socket; its other listeners and every client use
+picows instead, :mod:`grpcbridge.fastws`, on the same :class:`SocketTunnel` transport half),
+so there is no coroutine, queue or task per message.
 
 Memory stays bounded in both directions: every transport's write buffer has a high-water
 mark of ``buffer_bytes``; when one fills, reading from the side that feeds it pauses until
@@ -35,7 +35,7 @@ from websockets.protocol import Protocol as WebSocketProtocol
 
 from .core.limits import FRAMES_PER_TURN
 from .core.stream import CloseCode, Opcode
-from .core.tunnel import TunnelMachine, TunnelView
+from .core.tunnel import TunnelIO, TunnelMachine
 
 #: Logger handed to websockets' protocol objects. Its DEBUG output includes request headers
 #: (bearer tokens among them), so it is pinned at WARNING whatever the root level is.
@@ -48,7 +48,7 @@ _OPCODES = {WsOpcode.TEXT: Opcode.TEXT, WsOpcode.CONT: Opcode.CONTINUATION}
 _RETAINED_MIN = 64 * 1024
 
 
-class StreamAdapter(TunnelView):
+class StreamAdapter(TunnelIO):
     """The stream half of a :class:`~grpcbridge.core.tunnel.TunnelMachine` adapter: drives
     an asyncio stream transport (a backend connection, a local client, or a
     :class:`~grpcbridge.pipe.Pipe`, which report to the machine directly), arms the
@@ -56,80 +56,46 @@ class StreamAdapter(TunnelView):
     :class:`Tunnel`, :class:`~grpcbridge.fastws.PicowsTunnel` and the ASGI app's tunnel,
     which add their WebSocket halves."""
 
-    __slots__ = ("_timer", "closed", "loop", "machine", "stream_transport")
+    __slots__ = ("closed", "loop", "machine", "stream_transport")
 
-    machine: TunnelMachine
+    #: The byte-stream connection, set by :meth:`attach_stream`: the machine asks for the
+    #: stream outputs below only once it is attached.
+    stream_transport: asyncio.Transport
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.stream_transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
         #: Resolves once both sides are gone.
         self.closed: asyncio.Future[None] = loop.create_future()
 
-    def attach_stream(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
-        """Attach the byte-stream connection (from its ``connection_made``).
-
-        Bytes that arrived from the WebSocket before are written to it first. If the
-        WebSocket is not open yet, reading from the stream waits for it.
-        """
-        transport.set_write_buffer_limits(high=buffer_bytes, low=buffer_bytes // 4)
+    def attach_stream(self, transport: asyncio.Transport) -> None:
+        """Attach the byte-stream connection (from its ``connection_made``); what follows is
+        :meth:`~grpcbridge.core.tunnel.TunnelMachine.stream_attached_now`'s."""
         self.stream_transport = transport
         self.machine.stream_attached_now()
         self.machine.charge()
 
-    def websocket_buffered(self) -> int:
-        raise NotImplementedError
-
-    def close(self, code: int, reason: str) -> None:
-        """Close both sides; the WebSocket with ``code`` and ``reason``."""
-        self.machine.close(code, reason)
-
-    def abort(self) -> None:
-        """Drop both sides now, without waiting for buffers or handshakes."""
-        self.machine.abort()
-
     # --------------------------------------- TunnelIO: the stream half of the outputs
 
     def write_stream(self, data: bytes) -> None:
-        assert self.stream_transport is not None
         self.stream_transport.write(data)
 
     def close_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.close()
+        self.stream_transport.close()
 
     def abort_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.abort()
+        self.stream_transport.abort()
 
     def pause_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.pause_reading()
+        self.stream_transport.pause_reading()
 
     def resume_stream(self) -> None:
-        if self.stream_transport is not None:
-            self.stream_transport.resume_reading()
+        self.stream_transport.resume_reading()
 
     def stream_buffered(self) -> int:
-        transport = self.stream_transport
-        return 0 if transport is None else transport.get_write_buffer_size()
-
-    def set_timer(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._timer_fired)
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        self.machine.timer_fired()
+        return self.stream_transport.get_write_buffer_size()
 
     def tunnel_closed(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.set_timer(None)  # an age's timer may still be armed
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -144,10 +110,11 @@ class SocketTunnel(StreamAdapter):
     #: websockets' protocol, whose output :meth:`flush_websocket` writes (None: none).
     websocket: WebSocketProtocol | None
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> None:
         super().__init__(loop)
         self.ws_transport: asyncio.Transport | None = None
         self._ws_yielding = False
+        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     def flush_websocket(self) -> None:
         """Write what websockets' protocol has to send; its end-of-stream marker closes the
@@ -166,9 +133,8 @@ class SocketTunnel(StreamAdapter):
 
     def _close_flushed(self) -> None:
         """Close the WebSocket connection once what is buffered for it is sent."""
-        if self.ws_transport is not None and not self.machine.ws_lost:
-            self.ws_transport.close()
-            self.machine.websocket_flushing()
+        self.finish_websocket()
+        self.machine.websocket_flushing()
 
     def _yield_turn(self) -> None:
         """Stop reading the WebSocket until the loop's next iteration, so a peer that sends
@@ -219,29 +185,24 @@ class Tunnel(SocketTunnel):
     stream transport. ``closed`` resolves once both connections are gone."""
 
     __slots__ = (
-        "__weakref__",
         "_inbound",
         "_retained",
         "max_message_bytes",
-        "on_handshake_event",
     )
 
     websocket: WebSocketProtocol
 
     def __init__(self, loop: asyncio.AbstractEventLoop, websocket: WebSocketProtocol, *,
                  stream_name: str) -> None:
-        super().__init__(loop)
+        super().__init__(loop, stream_name)
         self.websocket = websocket
         #: Largest WebSocket message accepted (None: no limit).
         self.max_message_bytes = websocket.max_message_size
-        #: Called with each non-frame event (handshake Request/Response).
-        self.on_handshake_event: Callable[[object], None] | None = None
         #: Bytes of a WebSocket frame received but not complete yet (websockets' reader).
         self._inbound: bytearray = websocket.reader.buffer
         #: Payload bytes of the last frame received: websockets' parser keeps that frame
         #: referenced until the next one arrives, so it counts as held memory.
         self._retained = 0
-        self.machine = TunnelMachine(self, clock=loop.time, stream_name=stream_name)
 
     # --------------------------------------------------------- WebSocket side
 
@@ -266,8 +227,6 @@ class Tunnel(SocketTunnel):
                         break
                 elif not machine.empty_frame():  # ping/pong/close: websockets answers them
                     break
-            elif self.on_handshake_event is not None:
-                self.on_handshake_event(event)
         self.flush_websocket()
         if websocket.close_expected() and machine.close_code is None:
             self._note_websocket_close()
@@ -356,7 +315,7 @@ class WebSocketSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        transport.set_write_buffer_limits(high=self._buffer_bytes, low=self._buffer_bytes // 4)
+        transport.set_write_buffer_limits(high=self._buffer_bytes)  # low (asyncio's): a quarter
         self.tunnel.ws_transport = transport
 
     def data_received(self, data: bytes) -> None:
@@ -390,7 +349,8 @@ class StreamSide(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self.tunnel.attach_stream(transport, self._buffer_bytes)
+        transport.set_write_buffer_limits(high=self._buffer_bytes)  # low (asyncio's): a quarter
+        self.tunnel.attach_stream(transport)
 
     def data_received(self, data: bytes) -> None:
         self.machine.stream_data(data)
@@ -421,8 +381,7 @@ async def keepalive_forever(
 
     One task per server instead of one timer per tunnel keeps idle tunnels cheap.
     """
-    periods = [p for p in (ping_interval, idle_timeout) if p]
-    interval = min([1.0, *(p / 4 for p in periods)])
+    interval = min([1.0, *(p / 4 for p in (ping_interval, idle_timeout) if p)])
     while True:
         await asyncio.sleep(interval)
         if on_tick is not None:

@@ -205,10 +205,10 @@ async def close_tunnels(tunnels: Iterable[StreamAdapter], reason: str,
     and ``reason``, let what ``pending()`` waits for finish within the close timeout (for
     the client's reply) and a second, abort what is left, and wait one more second."""
     for tunnel in list(tunnels):
-        tunnel.close(CloseCode.GOING_AWAY, reason)
+        tunnel.machine.close(CloseCode.GOING_AWAY, reason)
     if waiting := pending():
         await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
     for tunnel in list(tunnels):
-        tunnel.abort()
+        tunnel.machine.abort()
     if waiting := pending():
         await asyncio.wait(waiting, timeout=1)

@@ -518,7 +518,7 @@ async def scenario_outbound_cap() -> Result:
             error = str(exc)
             break
     check(error is not None and "send buffer over 1048576 bytes" in error, f"error {error!r}")
-    check(transport.close_code == 1011, f"close code {transport.close_code}")
+    check(transport.machine.close_code == 1011, f"close code {transport.machine.close_code}")
     await asyncio.wait_for(transport.closed, timing(10))
     await asyncio.sleep(0)
     check(len(recorder.lost) == 1 and recorder.lost[0] is not None, f"lost {recorder.lost}")
@@ -560,9 +560,9 @@ async def scenario_inbound_cap() -> Result:
                                    max_buffer_bytes=1 * MiB, max_message_bytes=64 * KiB)
     await transport.wait_open(timing(5))
     await asyncio.wait_for(transport.closed, timing(10))
-    check(transport.close_code == 1009, f"close code {transport.close_code}")
-    check("more than 1048576 bytes arrived before" in transport.close_reason,
-          f"reason {transport.close_reason!r}")
+    check(transport.machine.close_code == 1009, f"close code {transport.machine.close_code}")
+    check("more than 1048576 bytes arrived before" in transport.machine.close_reason,
+          f"reason {transport.machine.close_reason!r}")
     try:
         transport.attach(Recorder())
         raise AssertionError("attach after fail-closed did not raise")
@@ -572,9 +572,9 @@ async def scenario_inbound_cap() -> Result:
                              ["grpcbridge"], max_message_bytes=64 * KiB)
     await big.wait_open(timing(5))
     await asyncio.wait_for(big.closed, timing(10))
-    check(big.close_code == 1009 and "larger than" in big.close_reason,
-          f"too-big message: {big.close_code} {big.close_reason!r}")
-    return {"reason": transport.close_reason}
+    check(big.machine.close_code == 1009 and "larger than" in big.machine.close_reason,
+          f"too-big message: {big.machine.close_code} {big.machine.close_reason!r}")
+    return {"reason": transport.machine.close_reason}
 
 
 async def scenario_text_message() -> Result:
@@ -591,7 +591,7 @@ async def scenario_text_message() -> Result:
             message = exc.message
         transport = ch.transport
         assert transport is not None
-        check(transport.close_code == 1003, f"close code {transport.close_code}")
+        check(transport.machine.close_code == 1003, f"close code {transport.machine.close_code}")
     return {"message": message}
 
 
@@ -644,8 +644,8 @@ async def scenario_reconnect() -> Result:
         first = ch.transport
         assert first is not None
         await asyncio.wait_for(first.closed, timing(10))
-        check(first.close_code == 1001 and "idle" in first.close_reason,
-              f"idle close {first.close_code} {first.close_reason!r}")
+        check(first.machine.close_code == 1001 and "idle" in first.machine.close_reason,
+              f"idle close {first.machine.close_code} {first.machine.close_reason!r}")
         todo = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text="after idle"))
         check(todo.text == "after idle", "RPC after reconnect")
         check(ch.connections_opened == 2, f"connections {ch.connections_opened}")
@@ -660,7 +660,7 @@ def _force_close_after_last_frame(transport: WebSocketTransport, code: int = 100
     def hooked(event: Any) -> None:
         original(event)
         protocol: Any = transport.protocol
-        if transport.close_code is None and protocol is not None and any(
+        if transport.machine.close_code is None and protocol is not None and any(
                 getattr(getattr(s, "buffer", None), "_eof", False)
                 for s in protocol.processor.streams.values()):
             transport._handle_close(SimpleNamespace(code=code, reason="forced after last frame"))
@@ -692,7 +692,7 @@ async def scenario_complete_before_close_forced() -> Result:
                 except GRPCError as exc:
                     check(exc.status is Status.NOT_FOUND and exc.message == "gone",
                           f"error RPC: {exc.status} {exc.message!r}")
-            check(transport.close_code == 1001, f"{kind}: the close was not forced")
+            check(transport.machine.close_code == 1001, f"{kind}: the close was not forced")
             outcomes.append(kind)
     # A server stream whose trailers arrive right before the close.
     async with channel(CONFIG["bridge"]) as ch:
@@ -707,7 +707,7 @@ async def scenario_complete_before_close_forced() -> Result:
         check(len(received) == 2 * len(listing.todos), f"stream got {len(received)}")
         check(stream.trailing_metadata.get("x-trailer-rpc") == "StreamTodos",
               "stream trailers not read")
-        check(transport.close_code == 1001, "the close was not forced")
+        check(transport.machine.close_code == 1001, "the close was not forced")
         outcomes.append(("server-stream", len(received)))
     check(len(FORCED_DRAINING) == 4 and all(FORCED_DRAINING),
           f"the forced closes did not hit finishing RPCs: {FORCED_DRAINING}")
@@ -727,7 +727,8 @@ async def scenario_complete_before_close_relay() -> Result:
             transport = ch.transport
             assert transport is not None
             await asyncio.wait_for(transport.closed, timing(10))
-            check(transport.close_code == 1000, f"close code {transport.close_code}")
+            code = transport.machine.close_code
+            check(code == 1000, f"close code {code}")
 
         for i in range(4):
             todo = await stub.CreateTodo(todo_pb2.CreateTodoRequest(text=f"relay {i}"))
@@ -783,13 +784,14 @@ async def scenario_close_races() -> Result:
         # An error event only waits (briefly) for the close event, which has the code.
         first = next(step for step in order if step != "error")
         expected = {"close_event": 1001, "close": 1000}[first]
-        check(transport.close_code == expected, f"{order}: code {transport.close_code}")
+        code = transport.machine.close_code
+        check(code == expected, f"{order}: code {code}")
         check(len(recorder.lost) == 1, f"{order}: connection_lost {len(recorder.lost)} times")
         check(all(is_null(getattr(ws, name)) for name in ("onopen", "onmessage", "onclose",
                                                           "onerror")),
               f"{order}: handlers not detached")
         transport.close()  # still idempotent afterwards
-        results.append([*order, transport.close_code])
+        results.append([*order, transport.machine.close_code])
     # An error event with no close event after it (not per spec, but seen in Node 20).
     transport = WebSocketTransport(CONFIG["raw"] + f"/sink?id={rid('error-only')}",
                                    ["grpcbridge"])
@@ -797,12 +799,13 @@ async def scenario_close_races() -> Result:
     recorder = Recorder()
     transport.attach(recorder)
     transport.websocket.onerror(js.Object.new())
-    check(transport.close_code is None, "closed at the error event, before waiting for close")
+    check(transport.machine.close_code is None,
+          "closed at the error event, before waiting for close")
     await asyncio.wait_for(transport.closed, timing(5))
     await asyncio.sleep(0.02)
-    check(transport.close_code == 1006 and len(recorder.lost) == 1,
-          f"error only: {transport.close_code} {recorder.lost}")
-    results.append(["error-only", transport.close_code])
+    check(transport.machine.close_code == 1006 and len(recorder.lost) == 1,
+          f"error only: {transport.machine.close_code} {recorder.lost}")
+    results.append(["error-only", transport.machine.close_code])
     # Natural races: the server closes at ~150 ms, the client closes around then too.
     for i in range(8):
         transport = WebSocketTransport(CONFIG["raw"] + "/close-soon?ms=150", ["grpcbridge"])

@@ -349,10 +349,10 @@ def test_backpressure_pauses_and_resumes_the_protocol(fake_js: FakeJS) -> None:
             transport.write(b"x" * 2000)
         assert ws.close_calls == [(4011, "send buffer over 10000 bytes (writer ignored "
                                          "backpressure)")]
-        assert transport.sent_close_code == 4011 and transport.close_code == 1011
+        assert transport.sent_close_code == 4011 and transport.machine.close_code == 1011
         ws.fire_close(1006)
         await gone(transport, ws)
-        assert transport.close_code == 1011 and transport.closed_by == "client"
+        assert transport.machine.close_code == 1011 and transport.closed_by == "client"
 
     run(scenario)
 
@@ -380,7 +380,7 @@ def test_close_from_every_path_is_idempotent(fake_js: FakeJS, order: tuple[str, 
         await gone(transport, ws)
         await settle()
         first = next(step for step in order if step != "error")
-        assert transport.close_code == {"close_event": 1001, "close": 1000}[first]
+        assert transport.machine.close_code == {"close_event": 1001, "close": 1000}[first]
         assert transport.machine.state is TunnelState.CLOSED
         assert len(recorder.lost) == 1
         if first == "close_event":
@@ -404,7 +404,7 @@ def test_close_deadline_gives_up_a_silent_socket(fake_js: FakeJS) -> None:
         assert not transport.closed.done(), "deadline not extended while draining"
         await advance(transport.close_timeout)  # no progress: given up
         assert transport.closed.done()
-        assert transport.close_code == 1000 and len(recorder.lost) == 1
+        assert transport.machine.close_code == 1000 and len(recorder.lost) == 1
         ws.fire_close(1000)  # too late: ignored (handlers detached)
 
     run(scenario)
@@ -414,14 +414,14 @@ def test_error_without_close_event(fake_js: FakeJS) -> None:
     async def scenario() -> None:
         transport, ws, recorder = await opened()
         ws.fire_error()
-        assert transport.close_code is None, "the close event carries the code: wait for it"
+        assert transport.machine.close_code is None, "the close event carries the code: wait for it"
         await advance(0.9)
-        assert transport.close_code is None
+        assert transport.machine.close_code is None
         await advance(0.2)
         await gone(transport, ws)
         await settle()
-        assert transport.close_code == 1006 and transport.closed_by == "error"
-        assert "no close event followed" in transport.close_reason
+        assert transport.machine.close_code == 1006 and transport.closed_by == "error"
+        assert "no close event followed" in transport.machine.close_reason
         assert len(recorder.lost) == 1 and isinstance(recorder.lost[0], SocketClosedError)
         assert ws.close_calls == [(1000, "normal closure")]  # given up: closed by us
 
@@ -470,7 +470,7 @@ def test_peer_close_right_after_data_delivers_it_first(fake_js: FakeJS) -> None:
         await gone(transport, ws)
         await settle()
         assert transport.closed_by == "server" and len(recorder.lost) == 1
-        assert transport.close_code == 1001 and ws.close_calls == []
+        assert transport.machine.close_code == 1001 and ws.close_calls == []
         assert transport.is_closing()
 
     run(scenario)
@@ -510,14 +510,14 @@ def test_bad_message_fails_with_a_private_code(fake_js: FakeJS, message: bytes |
     async def scenario() -> None:
         transport, ws, recorder = await opened(max_message_bytes=1000)
         ws.fire_message(message)
-        assert transport.close_code == code and transport.sent_close_code == sent
+        assert transport.machine.close_code == code and transport.sent_close_code == sent
         assert reason in ws.close_calls[0][1]
         ws.fire_message(b"ignored")
         assert transport.stats.bytes_ignored_after_close == 7 and not recorder.data
         ws.fire_close(1005)
         await gone(transport, ws)
         await settle()
-        assert transport.close_code == code and len(recorder.lost) == 1
+        assert transport.machine.close_code == code and len(recorder.lost) == 1
         assert f"code {code}" in str(recorder.lost[0])
 
     run(scenario)
@@ -531,8 +531,8 @@ def test_too_many_bytes_before_attach(fake_js: FakeJS) -> None:
         ws.fire_open()
         ws.fire_message(b"x" * 600)
         ws.fire_message(b"x" * 600)
-        assert transport.close_code == 1009 and transport.sent_close_code == 4009
-        assert "more than 1000 bytes arrived before" in transport.close_reason
+        assert transport.machine.close_code == 1009 and transport.sent_close_code == 4009
+        assert "more than 1000 bytes arrived before" in transport.machine.close_reason
         with pytest.raises(SocketClosedError, match="1009"):
             transport.attach(Recorder())
         ws.fire_close(1006)
@@ -546,7 +546,7 @@ def test_empty_message_flood_fails_with_1008(fake_js: FakeJS) -> None:
         transport, ws, _ = await opened()
         for _ in range(600):
             ws.fire_message(b"")
-        assert transport.close_code == 1008 and transport.sent_close_code == 4008
+        assert transport.machine.close_code == 1008 and transport.sent_close_code == 4008
         ws.fire_close(1006)
         await gone(transport, ws)
 

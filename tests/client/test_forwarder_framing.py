@@ -327,13 +327,13 @@ def _settings(url: str, **options: Any) -> DialSettings:
 async def _dial(bridge: RawBridge, **options: Any) -> HandshakeError | None:
     """Open a forwarder tunnel to ``bridge``: the HandshakeError, or None (then closed)."""
     settings = _settings(bridge.url, **options)
-    tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+    tunnel = settings.new_tunnel(asyncio.get_running_loop(), "client")
     try:
         await open_websocket(tunnel, settings)
     except HandshakeError as exc:
         return exc
     finally:
-        tunnel.abort()  # no stream side: the tunnel ends with its connection
+        tunnel.machine.abort()  # no stream side: the tunnel ends with its connection
         async with asyncio.timeout(timing(5)):
             await tunnel.closed
     return None
@@ -444,7 +444,7 @@ async def _dial_raw(handler: Handler, within: float = 5.0,
         port = server.sockets[0].getsockname()[1]
         settings = DialSettings(target=parse_target(f"ws://127.0.0.1:{port}/grpc"),
                                 handshake_timeout=timing(within))
-        tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        tunnel = settings.new_tunnel(asyncio.get_running_loop(), "client")
         if tunnels is not None:
             tunnels.append(tunnel)
         with pytest.raises(HandshakeError) as caught:
@@ -496,7 +496,7 @@ def test_only_a_plain_socket_stream_side_is_written_directly(
         local = await asyncio.start_server(sink, "127.0.0.1", 0, ssl=server_tls)
         async with RawBridge() as bridge:
             settings = _settings(bridge.url)
-            tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+            tunnel = settings.new_tunnel(asyncio.get_running_loop(), "client")
             await open_websocket(tunnel, settings)
             try:
                 peer = await bridge.peers.get()
@@ -511,7 +511,7 @@ def test_only_a_plain_socket_stream_side_is_written_directly(
                 assert bytes(received) == payload
                 assert tunnel.machine.bytes_from_websocket == len(payload)
             finally:
-                tunnel.abort()
+                tunnel.machine.abort()
                 async with asyncio.timeout(timing(5)):
                     await tunnel.closed
         local.close()
@@ -616,7 +616,7 @@ def test_a_dial_cancelled_midway_leaves_nothing(loop: str, answer: bytes) -> Non
 
         server = await asyncio.start_server(stalling, "127.0.0.1", 0)
         settings = _settings(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/grpc")
-        tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        tunnel = settings.new_tunnel(asyncio.get_running_loop(), "client")
         dial = asyncio.create_task(open_websocket(tunnel, settings))
         try:
             async with asyncio.timeout(timing(5)):

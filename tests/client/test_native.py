@@ -322,7 +322,7 @@ async def test_channel_close_after_server_aborted(store: TodoStore, leak_check: 
         channel = Channel(bridge.url)
         assert (await TodoServiceStub(channel).ListTodos(LIST)).todos
         for tunnel in list(bridge._sessions):  # no public handle on single tunnels
-            tunnel.abort()
+            tunnel.machine.abort()
         await eventually(lambda: bridge.connections == 0)
         started = time.monotonic()
         await asyncio.gather(channel.wait_closed(), channel.wait_closed())
@@ -589,9 +589,9 @@ async def test_dropped_tunnel_fails_rpc_and_next_rpc_reconnects(
             assert await stream.recv_message() is not None
             (tunnel,) = bridge._sessions  # no public handle on single tunnels
             if drop == "close":
-                tunnel.close(CloseCode.INTERNAL_ERROR, "dropped by the test")
+                tunnel.machine.close(CloseCode.INTERNAL_ERROR, "dropped by the test")
             else:
-                tunnel.abort()
+                tunnel.machine.abort()
             with pytest.raises(GRPCError) as failed:
                 while True:
                     assert await stream.recv_message() is not None

@@ -239,7 +239,7 @@ async def test_forwarder_dial_through_a_refusing_proxy_fails_cleanly(
     url = refusing_proxy.url() if proxy == "refusing" else f"http://127.0.0.1:{free_port()}"
     settings = DialSettings(target=target, proxy=resolve_proxy(target, url, {}),
                             handshake_timeout=timing(5))
-    tunnel = settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+    tunnel = settings.new_tunnel(asyncio.get_running_loop(), "client")
     with pytest.raises(HandshakeError) as caught:
         await open_websocket(tunnel, settings)
     async with asyncio.timeout(timing(5)):

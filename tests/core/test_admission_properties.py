@@ -318,8 +318,6 @@ def test_parse_target_raises_only_target_error(raw: str, tls: bool | None) -> No
     assert parse_target(raw, tls=tls) == target
 
 
-# --------------------------------------------------------------- InboundMessages
-
 # ------------------------------------------------------------------ loggable_path
 
 

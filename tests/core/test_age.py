@@ -143,7 +143,7 @@ def test_goaway_lands_at_the_first_allowed_boundary_whatever_the_chunking(
     for index, chunk in enumerate(chunks):
         if index == due_before:
             clock[0] = 5.0
-            assert not age.due(5.0) and age.retiring  # the age is reached: not yet closing
+            assert not age.due(5.0) and age.close_at is not None  # reached: not yet closing
             due_at = fed
             out.append(age.outbound(b""))  # what the machine sends at once, if anything
         out.append(age.outbound(chunk))
@@ -156,13 +156,13 @@ def test_goaway_lands_at_the_first_allowed_boundary_whatever_the_chunking(
     if any(start < (later[0] if later else len(stream) + 1) for start in goaway_starts):
         # The backend's GOAWAY went out before the first boundary the bridge's could take:
         # a second one would raise the last-stream-id (RFC 9113 section 6.8). None.
-        assert sent == stream and age.goaway_sent and age.backend_goaway
+        assert sent == stream and age.goaway_sent
         return
     if not later:  # the age came after the last boundary: nothing to insert it at yet
         assert sent == stream and not age.goaway_sent
         return
     cut = later[0]
-    assert age.goaway_sent and not age.backend_goaway
+    assert age.goaway_sent
     assert sent == stream[:cut] + GOAWAY + stream[cut:]
 
 
@@ -190,9 +190,9 @@ def test_due_then_grace_then_close_times() -> None:
     clock = _clock(10.0)
     age = TunnelAge(lambda: clock[0], 5.0, 2.0)
     age.outbound(_SETTINGS)
-    assert age.next_at == 15.0 and not age.due(14.9) and not age.retiring
+    assert age.next_at == 15.0 and not age.due(14.9) and age.close_at is None
     clock[0] = 15.0
-    assert not age.due(15.0) and age.retiring and age.next_at == 19.0  # at most 2 x grace
+    assert not age.due(15.0) and age.close_at == age.next_at == 19.0  # at most 2 x grace
     assert age.outbound(b"") == GOAWAY and age.next_at == 17.0  # the grace starts now
     assert not age.due(16.9)
     assert age.due(17.0) and age.next_at is None and age.close_reason == MAX_AGE_REASON
@@ -245,7 +245,7 @@ def test_backend_goaway_before_the_age_means_none_inserted_and_the_close_after_g
     data = bytes(DataFrame(3, data=b"x").serialize())
     tunnel.stream_data(data)
     assert io.messages == [_SETTINGS + backend_goaway, data]  # nothing inserted
-    assert retired == [5.0] and tunnel.age is not None and tunnel.age.backend_goaway
+    assert retired == [5.0] and tunnel.age is not None and tunnel.age.goaway_sent
     assert io.timer == 7.0 and tunnel.close_code is None
     io.now = 7.0
     tunnel.tick()
@@ -281,7 +281,7 @@ def test_backend_goaway_while_waiting_for_a_boundary_means_none_inserted() -> No
     tunnel2.stream_data(backend_goaway[:4])
     tunnel2.stream_data(backend_goaway[4:] + continuation)  # (a protocol error, passed on)
     assert b"".join(io2.messages) == _SETTINGS + headers + backend_goaway + continuation
-    assert tunnel2.age is not None and tunnel2.age.backend_goaway
+    assert tunnel2.age is not None and tunnel2.age.goaway_sent
     assert io2.timer == 11.0
 
 

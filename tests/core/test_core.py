@@ -928,7 +928,7 @@ class TestLoggablePath:
         assert loggable_path("/plain/path") == "/plain/path"
 
     def test_non_printables_are_escaped_and_length_is_bounded(self) -> None:
-        assert loggable_path("/a\nb\x1b[31m\u2028") == "/a\\x0ab\\x1b[31m\\u2028"
+        assert loggable_path("/a\nb\x1b[31m\u2028") == "/a\\nb\\x1b[31m\\u2028"
         long = loggable_path("/" + "x" * 10_000)
         assert len(long) == LOGGABLE_PATH_LIMIT and long.endswith("...")
         assert len(loggable_path("\x00" * 1000)) <= LOGGABLE_PATH_LIMIT

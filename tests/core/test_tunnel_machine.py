@@ -127,7 +127,7 @@ def test_relaying_websocket_and_bytes_an_adapter_writes_itself() -> None:
     assert tunnel.relaying_websocket and io.to_stream == [b"held"]
     tunnel.websocket_opened()
     io.now += 1.0
-    tunnel.data_written(5)  # the adapter wrote 5 payload bytes to the stream itself
+    tunnel.bytes_from_websocket += 5  # the adapter wrote 5 payload bytes to the stream itself
     tunnel.data(b"abc")  # and the rest through the stream's transport
     assert io.to_stream == [b"held", b"abc"]
     assert tunnel.bytes_from_websocket == 4 + 5 + 3

@@ -61,7 +61,7 @@ from ..core.stream import (
     fit_close_reason,
     message_too_big_reason,
 )
-from ..core.tunnel import TunnelMachine, TunnelView
+from ..core.tunnel import TunnelIO, TunnelMachine
 from ..core.wire import COALESCE_LIMIT
 from . import _ffi
 
@@ -129,12 +129,9 @@ def _control_frames_only(data: bytes | bytearray | memoryview) -> bool:
     view = memoryview(data)
     offset = 0
     while offset < len(view):
-        if len(view) - offset < 9:
-            return False
-        length = int.from_bytes(view[offset:offset + 3], "big")
-        if view[offset + 3] not in _CONTROL_FRAME_TYPES:
-            return False
-        offset += 9 + length
+        if len(view) - offset < 9 or view[offset + 3] not in _CONTROL_FRAME_TYPES:
+            return False  # a partial frame header, or a frame that carries request data
+        offset += 9 + int.from_bytes(view[offset:offset + 3], "big")
     return offset == len(view)
 
 
@@ -155,7 +152,7 @@ def private_close_code(code: int) -> int:
     return 4000 + code - 1000 if 1001 <= code <= 1015 else code
 
 
-class WebSocketTransport(asyncio.Transport, TunnelView):
+class WebSocketTransport(asyncio.Transport, TunnelIO):
     """An asyncio transport over a JavaScript ``WebSocket`` (browser, worker or Node).
 
     Create it inside Pyodide's running event loop, await :meth:`wait_open`, then
@@ -187,7 +184,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         check_buffer_sizes(high_water, low_water, max_buffer_bytes, max_message_bytes)
         check_positive("drain_timeout", drain_timeout, allow_zero=True)
         super().__init__({"url": name or url})
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self.name = name or url
         self.stats = TransportStats()
         self._high_water = high_water
@@ -196,7 +193,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self._max_message_bytes = max_message_bytes
         self._drain_timeout = drain_timeout
         #: The tunnel's rules; it calls back the ``TunnelIO`` methods of this transport.
-        self.machine = TunnelMachine(self, clock=self._loop.time, stream_name="client",
+        self.machine = TunnelMachine(self, clock=self.loop.time, stream_name="client",
                                      close_timeout=self.close_timeout)
         self.machine.pending_limit = max_buffer_bytes
         #: The attached protocol, if any.
@@ -210,8 +207,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self._paused = False
         self._watcher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
-        #: The machine's close deadline, and the wait for ``close`` after an ``error`` event.
-        self._timer: asyncio.TimerHandle | None = None
+        #: The wait for ``close`` after an ``error`` event.
         self._error_timer: asyncio.TimerHandle | None = None
         #: Who began the close: ``"client"`` (this side), ``"server"`` or ``"error"``.
         self.closed_by: str | None = None
@@ -223,9 +219,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         #: True while RPCs whose responses arrived before the peer closed are finishing.
         self.draining = False
         #: Resolved when the socket opened; fails with :class:`HandshakeError` otherwise.
-        self.opened: asyncio.Future[None] = self._loop.create_future()
+        self.opened: asyncio.Future[None] = self.loop.create_future()
         #: Resolved when the socket is gone and its proxies are destroyed.
-        self.closed: asyncio.Future[None] = self._loop.create_future()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
 
         js = _ffi.js()
         self._uint8array = js.Uint8Array
@@ -248,7 +244,8 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         WebSocketTransport.live_proxies += len(self._proxies)
 
     def __repr__(self) -> str:
-        state = ("closed" if self.machine.ws_lost else "closing" if self.close_code is not None
+        machine = self.machine
+        state = ("closed" if machine.ws_lost else "closing" if machine.close_code is not None
                  else "open" if self.opened.done() else "connecting")
         return f"<WebSocketTransport {self.name} {state}>"
 
@@ -262,26 +259,21 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     @property
     def usable(self) -> bool:
         """True while new requests can be sent: open, and not closing on either side."""
-        return (self.close_code is None and self.protocol is not None
+        return (self.machine.close_code is None and self.protocol is not None
                 and self.websocket.readyState == _OPEN)
-
-    @property
-    def close_started(self) -> bool:
-        """True once closing began (ours, the peer's or the network's)."""
-        return self.close_code is not None
 
     def loss_description(self) -> str | None:
         """:meth:`describe_close` once closing began, else ``None`` (for the channel core)."""
-        return None if self.close_code is None else self.describe_close()
+        return None if self.machine.close_code is None else self.describe_close()
 
     def describe_close(self) -> str:
         """One line for errors: URL, close code and reason, and ``navigator.onLine``."""
-        if self.close_code is None:
+        if self.machine.close_code is None:
             text = f"WebSocket {self.name} is {'open' if self.opened.done() else 'connecting'}"
         else:
-            text = f"WebSocket {self.name} closed with code {self.close_code}"
-            if self.close_reason:
-                text += f" ({self.close_reason})"
+            text = f"WebSocket {self.name} closed with code {self.machine.close_code}"
+            if self.machine.close_reason:
+                text += f" ({self.machine.close_reason})"
             if self.closed_by == "client":
                 text += " by the client"
             if self._error_seen:
@@ -308,7 +300,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         before, in order. Raises :class:`SocketClosedError` if the socket is not open."""
         if self.protocol is not None:
             raise RuntimeError("a protocol is already attached")
-        if self.close_code is not None or not self.opened.done():
+        if self.machine.close_code is not None or not self.opened.done():
             raise SocketClosedError(f"cannot attach: {self.describe_close()}")
         self.protocol = protocol
         protocol.connection_made(self)
@@ -331,7 +323,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                 logger.exception("grpcbridge.browser: error while failing the connection")
 
     def _handle_open(self, event: Any) -> None:
-        if self.close_code is None and not self.opened.done():
+        if self.machine.close_code is None and not self.opened.done():
             self.machine.websocket_opened()
             self.opened.set_result(None)
 
@@ -380,7 +372,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
 
     def _handle_error(self, event: Any) -> None:
         self._error_seen = True
-        if self.close_code is not None:
+        if self.machine.close_code is not None:
             return  # the close event (or our own close) decides
         if self.websocket.readyState == _CONNECTING:
             # The attempt failed: fail the RPCs waiting for it now. (Node 20's WebSocket
@@ -389,7 +381,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         # A close event follows an error event and carries the code: wait for it, briefly.
         if self._error_timer is not None:
             self._error_timer.cancel()
-        self._error_timer = self._loop.call_later(ERROR_CLOSE_TIMEOUT, self._error_timer_fired)
+        self._error_timer = self.loop.call_later(ERROR_CLOSE_TIMEOUT, self._error_timer_fired)
 
     def _error_timer_fired(self) -> None:
         self._error_timer = None
@@ -406,7 +398,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         size = len(data)
         if not size:
             return
-        if self.close_code is None and self.protocol is not None and \
+        if self.machine.close_code is None and self.protocol is not None and \
                 self.websocket.readyState == _OPEN:
             held = self._held_bytes + size
             if held + self._buffered > self._max_buffer_bytes and \
@@ -431,9 +423,12 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                 self._flush()
             if not self._paused and self._held_bytes + self._buffered > self._high_water and \
                     self._held_bytes + self._read_buffered() > self._high_water:
-                self._pause()
+                self._paused = True
+                self.stats.pauses += 1
+                self.machine.websocket_write_paused()  # -> protocol.pause_writing()
+                self._watcher = self.loop.create_task(self._wait_below_low_water())
             return
-        socket_going = self.close_code is None and self.websocket.readyState >= _CLOSING
+        socket_going = self.machine.close_code is None and self.websocket.readyState >= _CLOSING
         if (self.draining or socket_going) and _control_frames_only(data):
             return
         if socket_going:
@@ -464,7 +459,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                 self.stats.bytes_unsent += len(data)
                 logger.debug("grpcbridge.browser: %d held bytes not sent: %s", len(data),
                              self.describe_close())
-        elif self.close_code is None:
+        elif self.machine.close_code is None:
             self.machine.stream_data(data)
         else:  # drain before close: writes accepted before this side closed go out first
             self.machine.bytes_to_websocket += len(data)  # the machine sends nothing now
@@ -474,17 +469,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         self._buffered = buffered = int(self.websocket.bufferedAmount)
         return buffered
 
-    def can_write_eof(self) -> bool:
-        """False: a WebSocket has no half-close."""
-        return False
-
     def get_write_buffer_size(self) -> int:
         """Held bytes plus the socket's ``bufferedAmount`` (0 once it is gone)."""
         return 0 if self.machine.ws_lost else self._held_bytes + self._read_buffered()
-
-    def get_write_buffer_limits(self) -> tuple[int, int]:
-        """``(low_water, high_water)``."""
-        return self._low_water, self._high_water
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         """Set the backpressure marks (held plus ``bufferedAmount`` bytes)."""
@@ -493,15 +480,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         check_buffer_sizes(high, low, self._max_buffer_bytes, self._max_message_bytes)
         self._high_water, self._low_water = high, low
 
-    def _pause(self) -> None:
-        self._paused = True
-        self.stats.pauses += 1
-        self.machine.websocket_write_paused()  # -> protocol.pause_writing()
-        self._watcher = self._loop.create_task(self._wait_below_low_water())
-
     def _check_resume(self, *, stop_watcher: bool = False) -> None:
         """Resume writing if held bytes plus ``bufferedAmount`` fell to ``low_water``."""
-        if not self._paused or self.close_code is not None or \
+        if not self._paused or self.machine.close_code is not None or \
                 self._held_bytes + self._read_buffered() > self._low_water:
             return
         self._paused = False
@@ -515,15 +496,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         # these timers (to 1 s or more), so every inbound message checks too (see
         # _handle_message). Polling faster than every 5 ms (Pyodide runs delays up
         # to 2 ms as immediate callbacks) spins the CPU the network needs, and measured slower.
-        while self._paused and self.close_code is None:
+        while self._paused and self.machine.close_code is None:
             await asyncio.sleep(POLL_INTERVAL)
             self._check_resume()
-
-    # ------------------------------------------------------------ reading side
-
-    def is_reading(self) -> bool:
-        """True until the socket began closing (or while finishing RPCs drain)."""
-        return self.close_code is None or self.draining
 
     # ----------------------------------------------------------------- closing
 
@@ -531,7 +506,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         """True once the socket began closing, except while RPCs drain (see below)."""
         # While RPCs whose responses arrived in full are finishing, grpclib must still read
         # their trailers (it skips them on a closing transport), so this says False then.
-        return self.close_code is not None and not self.draining
+        return self.machine.close_code is not None and not self.draining
 
     def close(self) -> None:
         """Close with code 1000; RPCs still waiting end at once. Idempotent."""
@@ -545,7 +520,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def _closed_there(self, code: int, reason: str) -> None:
         """The peer (``closed_by`` ``server``) or the network (``error``, after an ``error``
         event) began the close."""
-        if self.close_code is not None:
+        if self.machine.close_code is not None:
             return
         self._flush()  # held writes are accounted for as unsent: the socket cannot send
         self.closed_by = "error" if self._error_seen else "server"
@@ -574,10 +549,10 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         logger.debug("grpcbridge.browser: WebSocket.close refused every code")
 
     async def _drain(self, protocol: Any, stream_ids: list[int]) -> None:
-        deadline = self._loop.time() + self._drain_timeout
+        deadline = self.loop.time() + self._drain_timeout
         streams = open_streams(protocol)
         try:
-            while self._loop.time() < deadline:
+            while self.loop.time() < deadline:
                 if not any(stream_id in streams for stream_id in stream_ids):
                     break
                 await asyncio.sleep(0.01)
@@ -590,7 +565,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         if protocol is None or self.machine.stream_lost:
             return
         self.machine.stream_gone(False)  # the close code is set: this only records it
-        clean = self.closed_by == "client" and self.close_code == CloseCode.NORMAL
+        clean = self.closed_by == "client" and self.machine.close_code == CloseCode.NORMAL
         protocol.connection_lost(None if clean else SocketClosedError(self.describe_close()))
 
     def _finalize(self) -> None:
@@ -600,10 +575,9 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         # Closing began before (every path here sets the close code, and any held writes
         # were sent or accounted for then): the machine only records the loss.
         self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
-        for timer in (self._timer, self._error_timer):
-            if timer is not None:
-                timer.cancel()
-        self._timer = self._error_timer = None
+        if self._error_timer is not None:
+            self._error_timer.cancel()
+            self._error_timer = None
         if self._watcher is not None:
             self._watcher.cancel()  # a no-op once it is done
         ws = self.websocket
@@ -614,7 +588,7 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
                 logger.debug("grpcbridge.browser: cannot detach %s", handler, exc_info=True)
         self._send_close(CloseCode.NORMAL, "normal closure")  # if given up without a close event
         # The handler that called us may be one of the proxies: destroy them afterwards.
-        self._loop.call_soon(self._destroy_proxies)
+        self.loop.call_soon(self._destroy_proxies)
 
     def _destroy_proxies(self) -> None:
         proxies, self._proxies = self._proxies, {}
@@ -658,10 +632,10 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
         # closes it; a later one (the close deadline passed) gives it up.
         if self.closed_by is not None:
             self._finalize()
-        elif self.close_code is None or self.close_code == CloseCode.NORMAL:
-            self.send_close(CloseCode.NORMAL, self.close_reason)
+        elif self.machine.close_code is None or self.machine.close_code == CloseCode.NORMAL:
+            self.send_close(CloseCode.NORMAL, self.machine.close_reason)
         else:
-            self.fail_websocket(self.close_code, self.close_reason)
+            self.fail_websocket(self.machine.close_code, self.machine.close_reason)
 
     websocket_buffered = get_write_buffer_size
 
@@ -679,18 +653,17 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
             # others now with the close code and reason. Then ``connection_lost``.
             try:
                 finishing = release_finished_streams(protocol, self.describe_close())
-            except AttributeError:  # not a grpclib protocol
+            except AttributeError:  # not a grpclib protocol, or one without these internals
                 logger.debug("grpcbridge.browser: unknown grpclib internals", exc_info=True)
                 finishing = []
             if finishing and self._drain_timeout > 0:
                 self.draining = True
-                self._drainer = self._loop.create_task(self._drain(protocol, finishing))
+                self._drainer = self.loop.create_task(self._drain(protocol, finishing))
                 return
         # Otherwise (and when this side gave up the connection) every RPC on it ends now.
-        self._loop.call_soon(self._connection_lost)
+        self.loop.call_soon(self._connection_lost)
 
-    def abort_stream(self) -> None:
-        self._connection_lost()
+    abort_stream = _connection_lost
 
     def pause_stream(self) -> None:
         assert self.protocol is not None
@@ -699,31 +672,3 @@ class WebSocketTransport(asyncio.Transport, TunnelView):
     def resume_stream(self) -> None:
         assert self.protocol is not None
         self.protocol.resume_writing()
-
-    def set_timer(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None and not self.machine.ws_lost:
-            self._timer = self._loop.call_at(deadline, self._tick)
-
-    def _tick(self) -> None:
-        self._timer = None
-        self.machine.timer_fired()
-
-    # Nothing to do: browsers cannot send pings (the machine gets no ping interval) nor stop
-    # reading a socket (inbound memory is bounded by HTTP/2 flow control); only the ``close``
-    # event or the close deadline ends a socket, and :attr:`closed` resolves once the
-    # proxies are destroyed.
-    def _nothing(self) -> None:
-        pass
-
-    send_ping = finish_websocket = pause_websocket = resume_websocket = _nothing
-    pause_reading = resume_reading = tunnel_closed = _nothing
-
-    def _none_held(self) -> int:
-        """0: bytes for the protocol are delivered at once, and the browser hands over whole
-        messages."""
-        return 0
-
-    stream_buffered = held_inbound = _none_held

@@ -22,7 +22,7 @@ from .dial import DialSettings, open_websocket
 
 
 class _TunnelConnection:
-    """The CPython runtime's connection: a tunnel whose WebSocket side is a websockets client
+    """The CPython runtime's connection: a tunnel whose WebSocket side is a picows client
     and whose stream side is grpclib's protocol, joined by an in-process pipe."""
 
     __slots__ = ("_dial", "closed", "tunnel")
@@ -41,31 +41,27 @@ class _TunnelConnection:
     def attach(self, protocol: asyncio.Protocol) -> None:
         tunnel = self.tunnel
         peername = tunnel.ws_transport.get_extra_info("peername") if tunnel.ws_transport else None
-        Pipe(tunnel, protocol, {"peername": peername}).connect(self._dial.buffer_bytes)
+        Pipe(tunnel, protocol, {"peername": peername}).connect()
 
     @property
     def usable(self) -> bool:
-        return not self.tunnel.machine.dialing and self.tunnel.close_code is None
-
-    @property
-    def close_started(self) -> bool:
-        return self.tunnel.close_code is not None
+        return not self.tunnel.machine.dialing and self.tunnel.machine.close_code is None
 
     def loss_description(self) -> str | None:
-        tunnel = self.tunnel
-        if tunnel.close_code is None:
+        machine = self.tunnel.machine
+        if machine.close_code is None:
             return None
-        return (f"tunnel to {self._dial.target.url} closed with code {tunnel.close_code}"
-                + (f" ({tunnel.close_reason})" if tunnel.close_reason else ""))
+        return (f"tunnel to {self._dial.target.url} closed with code {machine.close_code}"
+                + (f" ({machine.close_reason})" if machine.close_reason else ""))
 
     def close(self) -> None:
         # A handshake in progress finishes first (see Connection).
         if not self.tunnel.machine.dialing:
-            self.tunnel.close(CloseCode.NORMAL, "channel closed")
+            self.tunnel.machine.close(CloseCode.NORMAL, "channel closed")
 
     def abort(self) -> None:
         if not self.tunnel.machine.dialing:
-            self.tunnel.abort()
+            self.tunnel.machine.abort()
 
 
 class Channel(CoreChannel[_TunnelConnection]):

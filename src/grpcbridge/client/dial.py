@@ -1,11 +1,9 @@
 """Opening the WebSocket side of a client tunnel (shared by the forwarder and channels).
 
-Two framing engines, one dialer: the forwarder's tunnels (so also the grpcio channels')
-run on picows (:meth:`DialSettings.new_fast_tunnel`,
-:class:`~grpcbridge.fastws.PicowsTunnel`), :class:`~grpcbridge.Channel`'s on websockets
-(:meth:`DialSettings.new_tunnel`). Either way the connection is
-made here (TCP, or a python-socks proxy socket, then TLS end to end) and the upgrade carries
-the same headers; failures raise the same :class:`HandshakeError` messages.
+Every client tunnel (the forwarder's, so also the grpcio channels', and
+:class:`~grpcbridge.Channel`'s) runs on picows (:class:`~grpcbridge.fastws.PicowsTunnel`).
+The connection is made here (TCP, or a python-socks proxy socket, then TLS end to end),
+the upgrade carries the settings' headers, and failures raise :class:`HandshakeError`.
 """
 
 from __future__ import annotations
@@ -13,27 +11,18 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from picows import WSHandshakeError, WSInvalidStatusError, WSUpgradeResponse
 from python_socks import ProxyConnectionError, ProxyError, ProxyTimeoutError, ProxyType
 from python_socks.async_.asyncio import Proxy
-from websockets.client import ClientProtocol
-from websockets.http11 import Response
-from websockets.protocol import OPEN
-from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
 
 from ..core.errors import HandshakeError
 from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, host_port
 from ..fastws import REFUSAL_BODY, ClientRequest, PicowsProtocol, PicowsTunnel
-from ..relay import Tunnel, WebSocketSide, websockets_logger
-
-#: A client tunnel on either framing engine.
-ClientTunnel = Tunnel | PicowsTunnel
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,20 +42,7 @@ class DialSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     buffer_bytes: int = DEFAULT_BUFFER_BYTES
 
-    def new_tunnel(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> Tunnel:
-        """A tunnel whose WebSocket side is a client, not yet connected."""
-        websocket = ClientProtocol(
-            parse_uri(self.target.url),
-            subprotocols=[Subprotocol(s) for s in self.subprotocols] or None,
-            max_size=self.max_message_bytes,
-            logger=websockets_logger,
-        )
-        tunnel = Tunnel(loop, websocket, stream_name=stream_name)
-        tunnel.machine.dialing = True
-        return tunnel
-
-    def new_fast_tunnel(self, loop: asyncio.AbstractEventLoop,
-                        stream_name: str) -> PicowsTunnel:
+    def new_tunnel(self, loop: asyncio.AbstractEventLoop, stream_name: str) -> PicowsTunnel:
         """A tunnel whose WebSocket side is a picows client, not yet connected."""
         tunnel = PicowsTunnel(loop, None, stream_name=stream_name,
                               max_message_bytes=self.max_message_bytes)
@@ -89,7 +65,7 @@ class DialSettings:
         return list(chosen.values())
 
 
-async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
+async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
     """Connect ``tunnel``'s WebSocket side and complete the opening handshake within
     ``settings.handshake_timeout`` seconds.
 
@@ -101,19 +77,14 @@ async def open_websocket(tunnel: ClientTunnel, settings: DialSettings) -> None:
     """
     target = settings.target
     within = settings.handshake_timeout
-    protocol: PicowsProtocol | None = None  # a picows tunnel's, once made
+    protocol = PicowsProtocol(tunnel, request=_client_request(settings))
     try:
         async with asyncio.timeout(within):
-            if isinstance(tunnel, PicowsTunnel):
-                protocol = made = PicowsProtocol(tunnel, request=_client_request(settings))
-                await _connect(tunnel, settings, within, lambda: made)
-                await _answered(made, target)
-            else:
-                await _open_websockets(tunnel, settings, within)
+            await _connect(tunnel, settings, within, protocol)
+            await _answered(protocol, target)
     except TimeoutError:
         # A refusal whose body had not all come: picows fails the handshake with it now.
-        refused = (await _late_refusal(protocol, target)
-                   if protocol is not None and protocol.release_answer() else None)
+        refused = await _late_refusal(protocol, target) if protocol.release_answer() else None
         _abandon(tunnel)
         if refused is not None:
             raise refused from None
@@ -141,35 +112,6 @@ def _refused(target: Target, status: int, body: bytes | bytearray | None) -> Han
         text = text[:REASON_CHARS - 3] + "..."
     return HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
                           + (f": {text}" if text else ""), status=status)
-
-
-async def _open_websockets(tunnel: Tunnel, settings: DialSettings, within: float) -> None:
-    websocket = tunnel.websocket
-    assert isinstance(websocket, ClientProtocol)
-    response: asyncio.Future[Response] = tunnel.loop.create_future()
-
-    def on_event(event: object) -> None:
-        if isinstance(event, Response) and not response.done():
-            response.set_result(event)
-
-    tunnel.on_handshake_event = on_event
-    try:
-        await _connect(tunnel, settings, within,
-                       lambda: WebSocketSide(tunnel, settings.buffer_bytes))
-        request = websocket.connect()  # with Sec-WebSocket-Protocol
-        for name, value in settings.upgrade_headers():
-            # websockets' Headers append on assignment, and raise KeyError on deleting a
-            # header that is absent (Authorization and custom headers always are).
-            if name in request.headers:
-                del request.headers[name]
-            request.headers[name] = value
-        websocket.send_request(request)
-        tunnel.flush_websocket()
-        answer = await response
-    finally:
-        tunnel.on_handshake_event = None
-    if websocket.handshake_exc is not None or websocket.state is not OPEN:
-        raise _refused(settings.target, answer.status_code, answer.body)
 
 
 def _client_request(settings: DialSettings) -> ClientRequest:
@@ -228,9 +170,9 @@ async def _answered(protocol: PicowsProtocol, target: Target) -> None:
                              "handshake")
 
 
-async def _connect(tunnel: ClientTunnel, settings: DialSettings, within: float,
-                   side: Callable[[], asyncio.BaseProtocol]) -> None:
-    """Connect ``tunnel``'s WebSocket side (TCP, proxy, TLS) with ``side`` as protocol."""
+async def _connect(tunnel: PicowsTunnel, settings: DialSettings, within: float,
+                   protocol: PicowsProtocol) -> None:
+    """Connect ``tunnel``'s WebSocket side (TCP, proxy, TLS) with ``protocol``."""
     target = settings.target
     sock = None
     if settings.proxy is not None:
@@ -239,10 +181,10 @@ async def _connect(tunnel: ClientTunnel, settings: DialSettings, within: float,
     tls, hostname = settings.ssl, target.host if settings.ssl else None
     try:
         if sock is None:
-            await tunnel.loop.create_connection(side, target.host, target.port, ssl=tls,
-                                                server_hostname=hostname)
+            await tunnel.loop.create_connection(lambda: protocol, target.host, target.port,
+                                                ssl=tls, server_hostname=hostname)
         else:
-            await tunnel.loop.create_connection(side, sock=sock, ssl=tls,
+            await tunnel.loop.create_connection(lambda: protocol, sock=sock, ssl=tls,
                                                 server_hostname=hostname)
     except OSError as exc:
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
@@ -281,11 +223,11 @@ async def _proxy_socket(proxy: ProxyURL, host: str, port: int, within: float) ->
         raise HandshakeError(message, proxy_status=status) from None
 
 
-def _abandon(tunnel: ClientTunnel) -> None:
+def _abandon(tunnel: PicowsTunnel) -> None:
     # No longer dialing; a tunnel without a stream side ends once its connection is gone,
     # which may be already (picows drops the connection as soon as it refuses the answer).
     tunnel.machine.stream_never_attached()
     if tunnel.ws_transport is None:
         tunnel.ws_lost(None)  # never connected: let the tunnel finish
     else:
-        tunnel.abort()
+        tunnel.machine.abort()

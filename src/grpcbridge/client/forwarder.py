@@ -68,7 +68,7 @@ class Forwarder(ListeningServer):
         proxy = self.config.parsed_proxy
         log_event("forwarder_started", listen=self.target,
                   target=self.config.parsed_target.url, loop=loop_name(loop),
-                  **({"proxy": proxy.masked, "proxy_from": proxy.source} if proxy else {}))
+                  **({"proxy": str(proxy), "proxy_from": proxy.source} if proxy else {}))
 
     async def _drain(self) -> None:
         tasks = [task for task in self._tunnels.values() if task is not None]
@@ -81,7 +81,7 @@ class Forwarder(ListeningServer):
     # ------------------------------------------------------------------
 
     def _accept(self) -> asyncio.Protocol:
-        tunnel = self._dial_settings.new_fast_tunnel(asyncio.get_running_loop(), "client")
+        tunnel = self._dial_settings.new_tunnel(asyncio.get_running_loop(), "client")
         self._tunnels[tunnel] = tunnel.loop.create_task(self._dial(tunnel))
         tunnel.closed.add_done_callback(lambda _f: self._tunnels.pop(tunnel, None))
         return StreamSide(tunnel, self.config.buffer_bytes)

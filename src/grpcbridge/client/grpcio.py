@@ -127,10 +127,11 @@ class SyncChannel(_StubFactories, grpc.Channel):
                                         daemon=True)
         self._closed = False
         self._thread.start()
+        start = asyncio.run_coroutine_threadsafe(_start_forwarder(target, tunnel), self._loop)
         try:
-            self._forwarder, self._directory = asyncio.run_coroutine_threadsafe(
-                _start_forwarder(target, tunnel), self._loop).result(30)
-        except BaseException:
+            self._forwarder, self._directory = start.result(30)
+        except BaseException:  # timed out or interrupted: the start removes its directory
+            start.cancel()
             self._stop_loop()
             raise
         self._channel = grpc.insecure_channel(self._forwarder.config.listen,
@@ -139,6 +140,8 @@ class SyncChannel(_StubFactories, grpc.Channel):
     def _stop_loop(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(30)
+        if pending := asyncio.all_tasks(self._loop):  # let cancelled ones clean up
+            self._loop.run_until_complete(asyncio.wait(pending, timeout=5))
         self._loop.close()
 
     def close(self) -> None:

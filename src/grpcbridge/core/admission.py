@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 
 from .errors import ConfigError
 from .target import ip_or_none
+from .wire import TOKEN_CHARS
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,7 +57,6 @@ class HandshakeRequest:
 #: Response headers the bridge writes itself; a :class:`Rejection` may not carry them.
 _RESERVED_HEADERS = frozenset({"content-length", "content-type", "transfer-encoding",
                                "connection", "upgrade", "retry-after"})
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 _HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")
 
 
@@ -76,7 +76,7 @@ class Rejection:
 
     def __post_init__(self) -> None:
         for name, value in self.headers:
-            if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
+            if not name or not set(name) <= TOKEN_CHARS or not _HEADER_VALUE.match(value):
                 raise ValueError(f"Rejection header {name!r}: {value!r} is not a valid HTTP "
                                  "header (token name; latin-1 value without line breaks)")
             if name.lower() in _RESERVED_HEADERS:
@@ -144,17 +144,13 @@ _PATH_CUT = re.compile(r";|\?|%3b|%3f", re.IGNORECASE)
 
 def loggable_path(path: str, limit: int = LOGGABLE_PATH_LIMIT) -> str:
     """``path`` made safe for logs and rejection reasons: cut before any ``;`` parameters
-    or ``?`` query (where clients put tokens), non-printable characters escaped, and at
-    most ``limit`` characters (longer ones end with ``...``)."""
+    or ``?`` query (where clients put tokens), non-printable characters escaped as by
+    :func:`repr`, and at most ``limit`` characters (longer ones end with ``...``)."""
     match = _PATH_CUT.search(path)
     if match is not None:
         path = path[: match.start()]
-    text = "".join(
-        ch if ch.isprintable() else
-        f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else
-        f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}"
-        for ch in path[: limit + 1]  # enough for the check below, whatever the input length
-    )
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1]
+                   for ch in path[: limit + 1])  # enough for the check below, whatever its length
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."
 
 
@@ -191,18 +187,6 @@ def _split_host_port(value: str) -> tuple[str, int | None] | None:
     if rest[0] != ":" or not _PORT.match(rest[1:]) or int(rest[1:]) > 65535:
         return None
     return host, int(rest[1:])
-
-
-def _parse_origin(value: str) -> tuple[str, str, int | None] | None:
-    """An ``Origin`` header -> ``(scheme, host, port)``; None for ``null`` and garbage."""
-    text = value.strip()
-    if not text.isascii():
-        return None
-    scheme, sep, rest = text.lower().rstrip("/").partition("://")
-    if not sep or not _SCHEME.match(scheme):
-        return None
-    authority = _split_host_port(rest)
-    return None if authority is None else (scheme, *authority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,10 +279,12 @@ class OriginPolicy:
         """Whether a request with this ``Origin`` and ``Host`` header may proceed."""
         if origin is None or self._any:
             return True
-        parsed = _parse_origin(origin)
-        if parsed is None:
+        text = origin.strip()  # "null" and garbage are refused
+        scheme, sep, rest = text.lower().rstrip("/").partition("://")
+        parsed = _split_host_port(rest)
+        if not text.isascii() or not sep or not _SCHEME.match(scheme) or parsed is None:
             return False
-        scheme, name, port = parsed
+        name, port = parsed
         if any(allowed in (None, scheme) and pattern.matches(name, port)
                for allowed, pattern in self._patterns):
             return True
@@ -365,12 +351,8 @@ class BearerTokenAuth:
         return "BearerTokenAuth(token=<redacted>)"
 
     def __call__(self, request: HandshakeRequest) -> Rejection | None:
-        candidates: list[str] = []
-        authorization = request.header("authorization")
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() == "bearer":
-                candidates.append(credentials.strip())
+        scheme, _, credentials = (request.header("authorization") or "").partition(" ")
+        candidates = [credentials.strip()] if scheme.lower() == "bearer" else []
         candidates.extend(
             entry[len(BEARER_SUBPROTOCOL_PREFIX) :]
             for entry in request.subprotocols
@@ -449,11 +431,8 @@ class AbuseLimiter:
                     del self._clients[other]
         if self.max_connections and self.active >= self.max_connections:
             return Rejection(503, "bridge at its connection limit", retry_after=1, label="capacity")
-        state = self._clients.get(client)
-        if state is None:
-            state = self._clients[client] = _ClientState()
-        else:
-            self._expire(state, now)
+        state = self._clients.setdefault(client, _ClientState())
+        self._expire(state, now)
         if self.max_connections_per_client and state.active >= self.max_connections_per_client:
             return Rejection(429, "too many tunnels from this client", retry_after=1,
                              label="client_connections")

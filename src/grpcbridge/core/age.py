@@ -47,14 +47,14 @@ MAX_AGE_NO_GOAWAY_REASON = "tunnel reached its maximum age (no GOAWAY sent: stuc
 #: The graceful GOAWAY the bridge sends (17 bytes; error code 0 is NO_ERROR).
 GOAWAY = bytes(GoAwayFrame(0, last_stream_id=LAST_STREAM_ID, error_code=0).serialize())
 
-_HEADER = 9
+#: An HTTP/2 frame header's size; HTTP/2's initial (and smallest) SETTINGS_MAX_FRAME_SIZE.
+FRAME_HEADER_BYTES = 9
+H2_MIN_FRAME_SIZE = 16_384
 _HEADERS = 0x1
 _PUSH_PROMISE = 0x5
 _GOAWAY = 0x7
 _CONTINUATION = 0x9
 _END_HEADERS = 0x4
-#: HTTP/2's initial SETTINGS_MAX_FRAME_SIZE (RFC 9113 section 6.5.2).
-_DEFAULT_MAX_FRAME_SIZE = 16384
 
 
 def jittered(seconds: float, random_unit: float, jitter: float = AGE_JITTER) -> float:
@@ -115,18 +115,18 @@ class FrameCursor:
                 self._need = 0
                 return found
             head = self._head
-            if head or size - pos < _HEADER:
-                took = min(_HEADER - len(head), size - pos)
+            if head or size - pos < FRAME_HEADER_BYTES:
+                took = min(FRAME_HEADER_BYTES - len(head), size - pos)
                 head += data[pos:pos + took]
                 pos += took
-                if len(head) < _HEADER:
+                if len(head) < FRAME_HEADER_BYTES:
                     self._head = head
                     self._need = 0
                     return found
                 self._head = b""
             else:
-                head = data[pos:pos + _HEADER]
-                pos += _HEADER
+                head = data[pos:pos + FRAME_HEADER_BYTES]
+                pos += FRAME_HEADER_BYTES
             need = int.from_bytes(head[:3], "big")
             kind = head[3]
             if kind in (_HEADERS, _PUSH_PROMISE, _CONTINUATION):
@@ -148,8 +148,8 @@ class TunnelAge:
     :attr:`next_at` has passed; ``on_goaway`` runs once, when the tunnel starts retiring
     with a GOAWAY sent (the bridge's, or one the backend had sent)."""
 
-    __slots__ = ("_clock", "_cursor", "backend_goaway", "close_at", "goaway_sent", "grace",
-                 "next_at", "on_goaway", "retire_at")
+    __slots__ = ("_clock", "_cursor", "close_at", "goaway_sent", "grace", "next_at",
+                 "on_goaway", "retire_at")
 
     def __init__(self, clock: Callable[[], float], max_age: float, grace: float,
                  on_goaway: Callable[[], None] | None = None) -> None:
@@ -162,16 +162,10 @@ class TunnelAge:
         self.close_at: float | None = None
         #: The next time the machine must call :meth:`due` (None: nothing left to do).
         self.next_at: float | None = self.retire_at
-        #: The client has a GOAWAY: the bridge's, or the backend's (:attr:`backend_goaway`).
+        #: The client has a GOAWAY: the bridge's, or one the backend had sent (then the
+        #: bridge inserts none).
         self.goaway_sent = False
-        #: The backend had sent a GOAWAY of its own: the bridge inserts none.
-        self.backend_goaway = False
         self.on_goaway = on_goaway
-
-    @property
-    def retiring(self) -> bool:
-        """The age was reached: a GOAWAY is sent or waits for a frame boundary."""
-        return self.close_at is not None
 
     @property
     def close_reason(self) -> str:
@@ -191,14 +185,13 @@ class TunnelAge:
         cut = cursor.advance(data, find=True)
         if cut < 0:
             if cursor.goaway_seen:  # the backend's GOAWAY went out: it stands for ours
-                self._sent(backend=True)
+                self._sent()
             return data
-        self._sent(backend=False)
+        self._sent()
         return data[:cut] + GOAWAY + data[cut:] if data else GOAWAY
 
-    def _sent(self, *, backend: bool) -> None:
+    def _sent(self) -> None:
         self.goaway_sent = True
-        self.backend_goaway = backend
         close_at = self._clock() + self.grace
         if self.close_at is None or close_at < self.close_at:
             self.close_at = self.next_at = close_at
@@ -214,7 +207,7 @@ class TunnelAge:
                 return False
             self.close_at = self.next_at = now + 2 * self.grace  # the latest close
             if self._cursor.goaway_seen:
-                self._sent(backend=True)
+                self._sent()
             return False
         if now < self.close_at:
             return False
@@ -234,7 +227,7 @@ class GoawayFilter:
     __slots__ = ("_goaway", "_head", "_need", "max_frame_size", "on_goaway")
 
     def __init__(self, on_goaway: Callable[[int], None],
-                 max_frame_size: int = _DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = H2_MIN_FRAME_SIZE) -> None:
         self.on_goaway = on_goaway
         self.max_frame_size = max_frame_size
         #: Payload bytes of the current frame still to come (passed on, or gathered).
@@ -265,26 +258,26 @@ class GoawayFilter:
                     self._goaway_done(out)
                 continue
             head = self._head
-            if head or size - pos < _HEADER:  # a header split between chunks: held
+            if head or size - pos < FRAME_HEADER_BYTES:  # a header split between chunks: held
                 if pos > run:
                     out.append(data[run:pos])
-                took = min(_HEADER - len(head), size - pos)
+                took = min(FRAME_HEADER_BYTES - len(head), size - pos)
                 head += data[pos:pos + took]
                 pos = run = pos + took
-                if len(head) < _HEADER:
+                if len(head) < FRAME_HEADER_BYTES:
                     self._head = head
                     break
                 self._head = b""
                 held = True
             else:
-                head = data[pos:pos + _HEADER]
-                pos += _HEADER
+                head = data[pos:pos + FRAME_HEADER_BYTES]
+                pos += FRAME_HEADER_BYTES
                 held = False
             need = int.from_bytes(head[:3], "big")
             if head[3] == _GOAWAY and need <= self.max_frame_size \
                     and not int.from_bytes(head[5:9], "big") & LAST_STREAM_ID:
-                if not held and pos - _HEADER > run:
-                    out.append(data[run:pos - _HEADER])
+                if not held and pos - FRAME_HEADER_BYTES > run:
+                    out.append(data[run:pos - FRAME_HEADER_BYTES])
                 self._goaway = bytearray(head)
                 run = pos
                 if not need:
@@ -302,7 +295,7 @@ class GoawayFilter:
         frame = self._goaway
         assert frame is not None
         self._goaway = None
-        payload = frame[_HEADER:]
+        payload = frame[FRAME_HEADER_BYTES:]
         if len(payload) >= 8 and int.from_bytes(payload[4:8], "big") == 0:
             self.on_goaway(int.from_bytes(payload[:4], "big") & LAST_STREAM_ID)
         else:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import ConfigError
-
 MiB = 1024 * 1024
 
 #: Frames without stream bytes (ping, pong, close, empty data) a peer may send per second,
@@ -48,8 +46,6 @@ class FrameRate:
 
     def __init__(self, now: float, rate: float = CONTROL_FRAMES_PER_SECOND,
                  burst: int = CONTROL_FRAME_BURST) -> None:
-        if rate <= 0 or burst < 1:
-            raise ConfigError(f"frame rate needs rate > 0 and burst >= 1, got {rate}, {burst}")
         self._rate = rate
         self._burst = float(burst)
         self._tokens = float(burst)

@@ -64,14 +64,10 @@ class ProxyURL:
         """``host:port`` of the proxy."""
         return host_port(self.host, self.port)
 
-    @property
-    def masked(self) -> str:
+    def __str__(self) -> str:
         """The URL with the password replaced by ``***``: safe to log."""
         user = f"{quote(self.username, safe='')}:***@" if self.username is not None else ""
         return f"{self.scheme}://{user}{self.address}"
-
-    def __str__(self) -> str:
-        return self.masked
 
 
 def mask_userinfo(raw: str) -> str:
@@ -179,17 +175,13 @@ def bypasses(no_proxy: str, host: str, port: int) -> bool:
             pattern, _, port_text = pattern.partition(":")
         if port_text.isdigit() and int(port_text) != port:
             continue
-        if "/" in pattern:
-            try:
-                network = ipaddress.ip_network(pattern, strict=False)
-            except ValueError:
+        try:  # an IP address is a network of one
+            network = ipaddress.ip_network(pattern, strict=False)
+        except ValueError:
+            if "/" in pattern:
                 continue
+        else:
             if address is not None and address in network:
-                return True
-            continue
-        ip = ip_or_none(pattern)
-        if ip is not None:
-            if ip == address:
                 return True
             continue
         domain = pattern.removeprefix("*").lstrip(".").rstrip(".")

@@ -117,9 +117,8 @@ def browser_target(raw: str, *, page_protocol: str, page_host: str) -> Target:
     """Infer a target from inside a web page: ``""`` and ``"/path"`` use the page's host,
     with ``wss`` when the page is served over ``https:``; full URLs are taken as given."""
     text = raw.strip()
-    secure = page_protocol.rstrip(":").lower() == "https"
     if not text or text.startswith("/"):
-        scheme = "wss" if secure else "ws"
+        scheme = "wss" if page_protocol.rstrip(":").lower() == "https" else "ws"
         return parse_target(f"{scheme}://{page_host}{text or '/'}")
     return parse_target(text)
 
@@ -157,9 +156,7 @@ def parse_address(
     """Parse ``host:port``, ``[v6]:port`` or ``unix:/path``; ``what`` names it in errors."""
     text = raw.strip()
     if text.startswith("unix:"):
-        path = text[5:]
-        if path.startswith("//"):
-            path = path[2:]
+        path = text[5:].removeprefix("//")
         if not path:
             raise TargetError(f"{what} {raw!r} has an empty unix socket path; use unix:/path")
         return SocketAddress(path=path)

@@ -8,8 +8,9 @@ was lost, a write buffer filled or drained, the clock advanced - and carry out i
 through a
 :class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
 resume reading a side, close or abort a side. It reads time from a clock the adapter gives
-(the event loop's, or a fake one in tests) and says when it next needs :meth:`tick`
-(:attr:`TunnelMachine.deadline`).
+(the event loop's, or a fake one in tests) and says when it next needs
+:meth:`~TunnelMachine.timer_fired` (:attr:`TunnelMachine.deadline`, armed through
+:meth:`TunnelIO.set_timer`).
 
 Rules kept here, once:
 
@@ -63,13 +64,38 @@ class TunnelState(enum.Enum):
     CLOSED = "closed"
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
+class Scheduler(Protocol):
+    """What :meth:`TunnelIO.set_timer` needs of an event loop (asyncio's has it)."""
+
+    def call_at(self, when: float, callback: Callable[[], object], /) -> Cancellable: ...
+
+
 class TunnelIO(Protocol):
-    """What an adapter does on behalf of a :class:`TunnelMachine`."""
+    """What an adapter does on behalf of a :class:`TunnelMachine` (adapters subclass it).
+
+    Every adapter carries out the outputs with empty bodies (mypy takes them as abstract).
+    The others default to nothing, for the adapters that cannot or need not act on them: a
+    browser cannot send pings, stop reading a socket or end one early (the machine gets no
+    ping interval there, and HTTP/2 flow control bounds what it reads); a framing layer
+    that hands over only whole messages (the browser's, an ASGI server's) holds nothing; a
+    stream side that takes bytes at once buffers nothing. :meth:`set_timer` arms the timer
+    on the adapter's ``loop`` (any :class:`Scheduler`; the machine keeps its handle).
+    """
+
+    __slots__ = ()
+
+    machine: TunnelMachine
+    loop: Scheduler
 
     def send_message(self, data: bytes) -> None:
         """Send ``data`` as one binary WebSocket message."""
 
-    def send_ping(self) -> None: ...
+    def send_ping(self) -> None:
+        return None
 
     def send_close(self, code: int, reason: str) -> None:
         """Start the WebSocket closing handshake."""
@@ -82,10 +108,13 @@ class TunnelIO(Protocol):
     def finish_websocket(self) -> None:
         """Close the WebSocket connection once what is buffered for it is sent, without
         waiting for the peer's close frame."""
+        return None
 
-    def pause_websocket(self) -> None: ...
+    def pause_websocket(self) -> None:
+        return None
 
-    def resume_websocket(self) -> None: ...
+    def resume_websocket(self) -> None:
+        return None
 
     def websocket_buffered(self) -> int:
         """Bytes waiting to be sent on the WebSocket."""
@@ -103,35 +132,25 @@ class TunnelIO(Protocol):
 
     def stream_buffered(self) -> int:
         """Bytes waiting to be written to the stream side."""
+        return 0
 
     def held_inbound(self) -> int:
         """Bytes the framing layer holds for the WebSocket: an incomplete frame, and the
         last frame if it keeps one referenced."""
+        return 0
 
     def set_timer(self, deadline: float | None) -> None:
         """Call :meth:`TunnelMachine.timer_fired` at ``deadline`` (None: no timer needed).
         Called only when the deadline changes: an armed timer stays armed."""
+        machine = self.machine
+        if machine.timer is not None:
+            machine.timer.cancel()
+        machine.timer = (None if deadline is None
+                         else self.loop.call_at(deadline, machine.timer_fired))
 
     def tunnel_closed(self) -> None:
         """Both sides are gone: the tunnel reached :attr:`TunnelState.CLOSED`."""
-
-
-class TunnelView:
-    """What an adapter shows of its machine (``self.machine``): why it closed. A mixin for
-    :class:`TunnelMachine` adapters."""
-
-    __slots__ = ()
-
-    machine: TunnelMachine
-
-    @property
-    def close_code(self) -> int | None:
-        """Close code once closing began (ours, the peer's or the network's)."""
-        return self.machine.close_code
-
-    @property
-    def close_reason(self) -> str:
-        return self.machine.close_reason
+        return None
 
 
 class TunnelMachine:
@@ -142,7 +161,6 @@ class TunnelMachine:
     """
 
     __slots__ = (
-        "__weakref__",
         "_early",
         "_frame_rate",
         "_in_text",
@@ -173,6 +191,7 @@ class TunnelMachine:
         "stream_closing",
         "stream_lost",
         "stream_name",
+        "timer",
         "ws_lost",
         "ws_open",
         "ws_paused",
@@ -213,6 +232,7 @@ class TunnelMachine:
         self.opened_at = now
         self.last_inbound = now
         self._last_ping = now
+        #: Set once closing began (ours, the peer's or the network's): why the tunnel closed.
         self.close_code: int | None = None
         self.close_reason = ""
         self.bytes_from_websocket = 0
@@ -225,6 +245,8 @@ class TunnelMachine:
         self.pending_limit: int | None = None
         #: The tunnel's maximum age (None: it has none; see :meth:`retire_after`).
         self.age: TunnelAge | None = None
+        #: The timer :meth:`TunnelIO.set_timer` armed (None: none).
+        self.timer: Cancellable | None = None
 
     # ----------------------------------------------------------------- queries
 
@@ -291,14 +313,9 @@ class TunnelMachine:
     @property
     def relaying_websocket(self) -> bool:
         """WebSocket payloads go to the stream side as they come (:meth:`data` writes them
-        at once): an adapter may then write them itself, saying so with
-        :meth:`data_written`."""
+        at once): an adapter may then write them itself, without a copy for
+        :meth:`TunnelIO.write_stream`, and count them in ``bytes_from_websocket``."""
         return self.stream_attached and not self.stream_closing
-
-    def data_written(self, size: int) -> None:
-        """The adapter wrote ``size`` payload bytes to the stream side itself (while
-        :attr:`relaying_websocket`), without a copy for :meth:`TunnelIO.write_stream`."""
-        self.bytes_from_websocket += size
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A text or continuation frame (binary ones go to :meth:`data`). False when it
@@ -579,6 +596,7 @@ class TunnelMachine:
     def timer_fired(self) -> None:
         """The timer the machine asked for ran: :meth:`tick`, and ask for it again when the
         deadline stayed (the loop ran it a hair early, so the tick did nothing)."""
+        self.timer = None
         deadline = self.deadline
         self.tick()
         if deadline is not None and self.deadline == deadline:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -32,10 +31,6 @@ from grpcbridge.demo import todo_grpc, todo_pb2
 from grpcbridge.demo.store import Refusal, TodoStore
 
 __all__ = ["TodoService"]
-
-#: Seconds between checks of the change feed for changes made by other clients (and threads);
-#: changes caused by the stream's own requests are sent at once.
-_POLL = 0.02
 
 
 @contextlib.contextmanager
@@ -109,38 +104,30 @@ class TodoService(todo_grpc.TodoServiceBase):  # type: ignore[misc, unused-ignor
 
     async def SyncTodos(self, stream: Stream[Any, Any]) -> None:
         async with self._rpc(stream, "SyncTodos"):
-            changes = self.store.subscribe()
-            wakeup = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            changes: asyncio.Queue[todo_pb2.SyncResponse | None] = asyncio.Queue()
+
+            def deliver(change: todo_pb2.SyncResponse | None) -> None:
+                # The store calls it from the writer's thread; the loop runs these in order.
+                loop.call_soon_threadsafe(changes.put_nowait, change)
 
             async def read_requests() -> None:
                 try:
                     async for request in stream:
                         error = self.store.apply_sync(request)
                         if error is not None:
-                            changes.put(todo_pb2.SyncResponse(error=error))
-                        wakeup.set()
+                            deliver(todo_pb2.SyncResponse(error=error))
                 finally:
-                    wakeup.set()
+                    deliver(None)  # the end: queued after every change the requests caused
 
-            reader = asyncio.get_running_loop().create_task(read_requests())
+            self.store.subscribe(deliver)
+            reader = loop.create_task(read_requests())
             try:
-                while True:
-                    try:
-                        change = changes.get_nowait()
-                    except queue.Empty:
-                        # Every change caused by this client's requests is queued before the
-                        # reader finishes, so "done and empty" means fully flushed.
-                        if reader.done():
-                            reader.result()  # re-raise what ended the request stream
-                            break
-                        with contextlib.suppress(TimeoutError):
-                            async with asyncio.timeout(_POLL):
-                                await wakeup.wait()
-                        wakeup.clear()
-                        continue
+                while (change := await changes.get()) is not None:
                     await stream.send_message(change)
+                await reader  # re-raise what ended the request stream
             finally:
-                self.store.unsubscribe(changes)
+                self.store.unsubscribe(deliver)
                 reader.cancel()  # a no-op once it is done
                 await asyncio.wait([reader])  # never raises what ended the reader
                 if not reader.cancelled():

@@ -36,7 +36,6 @@ import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
 import grpc
 
@@ -138,20 +137,17 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
         self, request_iterator: Iterator[todo_pb2.SyncRequest], context: grpc.ServicerContext
     ) -> Iterator[todo_pb2.SyncResponse]:
         with self._start(context, "SyncTodos") as rpc:
-            changes = self.store.subscribe()
-            context.add_callback(lambda: self.store.unsubscribe(changes))
-            reader_done = threading.Event()
+            changes: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
+            self.store.subscribe(changes.put)
+            context.add_callback(lambda: self.store.unsubscribe(changes.put))
 
             def read_requests() -> None:
-                try:
+                # Cancelled / deadline: grpc.RpcError, and the response loop notices via `rpc`.
+                with contextlib.suppress(grpc.RpcError):
                     for request in request_iterator:
                         error = self.store.apply_sync(request)
                         if error is not None:
                             changes.put(todo_pb2.SyncResponse(error=error))
-                except grpc.RpcError:
-                    pass  # cancelled / deadline: the response loop notices via `rpc`
-                finally:
-                    reader_done.set()
 
             reader = threading.Thread(target=read_requests, name="SyncTodos-reader", daemon=True)
             reader.start()
@@ -160,14 +156,14 @@ class TodoServicer(todo_pb2_grpc.TodoServiceServicer):  # type: ignore[misc, unu
                     try:
                         change = changes.get(timeout=_POLL)
                     except queue.Empty:
-                        # Every change caused by this client's requests is queued before
-                        # reader_done is set, so "done and empty" means fully flushed.
-                        if reader_done.is_set() and changes.empty():
+                        # Every change caused by this client's requests is queued before the
+                        # reader ends, so "ended and empty" means fully flushed.
+                        if not reader.is_alive() and changes.empty():
                             break
                         continue
                     yield change
             finally:
-                self.store.unsubscribe(changes)
+                self.store.unsubscribe(changes.put)
 
 
 def serve(
@@ -214,11 +210,8 @@ def main(argv: list[str] | None = None, *, servicer_class: type[TodoServicer] = 
     server, _, port = serve(args.listen, store, max_message_bytes=args.max_message_bytes,
                             servicer_class=servicer_class)
 
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        server.stop(grace=2)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop(grace=2))
     shown = args.listen if port == 0 else f"{args.listen.rpartition(':')[0]}:{port}"
     print(f"listening on {shown}", flush=True)
     server.wait_for_termination()  # polls, so the signal handlers run

@@ -1,7 +1,7 @@
 """Thread-safe, sqlite3-backed storage for the Todo example service.
 
-Besides plain CRUD the store offers a change feed: :meth:`TodoStore.subscribe` returns a
-queue that receives ``SyncResponse(todo=...)`` after every create/update and
+Besides plain CRUD the store offers a change feed: a callable given to
+:meth:`TodoStore.subscribe` receives ``SyncResponse(todo=...)`` after every create/update and
 ``SyncResponse(deleted_id=...)`` after every delete, in the order the changes were committed.
 
 The rules both services share live here, once: the refusals (:class:`Refusal`, which names
@@ -16,16 +16,18 @@ a limit takes texts of any size: the tests use the service for 16 MiB messages.
 
 from __future__ import annotations
 
-import queue
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2
 
 __all__ = ["MAX_TEXT_LENGTH", "InvalidTextError", "Refusal", "TodoStore", "UnknownTodoError",
            "text_error"]
+
+#: A change feed subscriber: called with each change (see :meth:`TodoStore.subscribe`).
+Deliver = Callable[[todo_pb2.SyncResponse], object]
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS todos ("
@@ -81,7 +83,7 @@ class TodoStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute(_SCHEMA)
-        self._subscribers: list[queue.SimpleQueue[todo_pb2.SyncResponse]] = []
+        self._subscribers: set[Deliver] = set()
 
     def check_text(self, text: str) -> None:
         """Raise :class:`InvalidTextError` if ``text`` is not a valid todo text here."""
@@ -140,18 +142,16 @@ class TodoStore:
                 yield pause, todo
                 pause = max(request.interval_ms, 0) / 1000
 
-    def subscribe(self) -> queue.SimpleQueue[todo_pb2.SyncResponse]:
-        """Return a new queue that receives every subsequent change."""
-        q: queue.SimpleQueue[todo_pb2.SyncResponse] = queue.SimpleQueue()
+    def subscribe(self, deliver: Deliver) -> None:
+        """Call ``deliver`` with every subsequent change, from the thread that made it and
+        with the lock held (so in commit order): it must not block nor use the store."""
         with self._lock:
-            self._subscribers.append(q)
-        return q
+            self._subscribers.add(deliver)
 
-    def unsubscribe(self, q: queue.SimpleQueue[todo_pb2.SyncResponse]) -> None:
-        """Stop feeding ``q``; unknown queues are ignored (idempotent)."""
+    def unsubscribe(self, deliver: Deliver) -> None:
+        """Stop calling ``deliver``; unknown ones are ignored (idempotent)."""
         with self._lock:
-            if q in self._subscribers:
-                self._subscribers.remove(q)
+            self._subscribers.discard(deliver)
 
     def apply_sync(self, request: todo_pb2.SyncRequest) -> str | None:
         """Perform one ``SyncTodos`` action (both services share this rule); return an
@@ -161,8 +161,7 @@ class TodoStore:
             if action == "create":
                 self.create(request.create.text)
             elif action == "update":
-                update = request.update
-                self.update(update.id, update.text, update.done)
+                self.update(request.update.id, request.update.text, request.update.done)
             elif action == "delete":
                 self.delete(request.delete.id)
             else:
@@ -182,5 +181,5 @@ class TodoStore:
 
     def _publish(self, change: todo_pb2.SyncResponse) -> None:
         # Called with the lock held, so all subscribers see changes in commit order.
-        for q in self._subscribers:
-            q.put(change)
+        for deliver in self._subscribers:
+            deliver(change)

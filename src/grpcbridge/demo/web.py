@@ -36,7 +36,6 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..core.errors import ConfigError
@@ -44,9 +43,6 @@ from ..core.target import host_port
 from ..loops import run
 from ..server.static import Mount
 from . import MAX_TEXT_LENGTH
-
-if TYPE_CHECKING:
-    from ..server.bridge import Bridge
 
 __all__ = [
     "WEB_DIR",
@@ -162,29 +158,17 @@ def _static_mounts(runtime: Path | str, wheels_dir: Path,
                    config_dir: Path) -> tuple[dict[str, Mount], str]:
     """The bridge's static mounts and the URL the page loads Pyodide from (see
     :func:`find_assets` for ``runtime``)."""
-    mounts = {
-        "/": Mount("/", WEB_DIR, NO_CACHE),
-        CONFIG_PREFIX: Mount(CONFIG_PREFIX, config_dir, "no-store"),
-        "/wheels/": Mount("/wheels/", wheels_dir, NO_CACHE),
-    }
-    if isinstance(runtime, str):
-        return mounts, runtime
-    # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
-    mounts["/pyodide/"] = Mount("/pyodide/", runtime, UNVERSIONED_RUNTIME_CACHE)
-    version = _pyodide_version(runtime)
-    if version is None:
-        return mounts, "/pyodide/"
-    prefix = f"/pyodide/{version}/"
-    mounts[prefix] = Mount(prefix, runtime, RUNTIME_CACHE)
-    return mounts, prefix
-
-
-def _page_url(bridge: Bridge) -> str:
-    assert bridge.address is not None
-    host, port = bridge.address
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{host_port(host, port)}/"
+    mounts = [Mount("/", WEB_DIR, NO_CACHE), Mount(CONFIG_PREFIX, config_dir, "no-store"),
+              Mount("/wheels/", wheels_dir, NO_CACHE)]
+    url = runtime if isinstance(runtime, str) else "/pyodide/"
+    if isinstance(runtime, Path):
+        # /pyodide/ always works; /pyodide/<version>/ is what the page uses, cached for good.
+        mounts.append(Mount(url, runtime, UNVERSIONED_RUNTIME_CACHE))
+        version = _pyodide_version(runtime)
+        if version is not None:
+            url = f"/pyodide/{version}/"
+            mounts.append(Mount(url, runtime, RUNTIME_CACHE))
+    return {mount.prefix: mount for mount in mounts}, url
 
 
 async def run_web_demo(*, listen: str = "127.0.0.1:8080",
@@ -231,7 +215,11 @@ async def run_web_demo(*, listen: str = "127.0.0.1:8080",
                 backend=GrpclibBackend([TodoService(store)]), listen=listen, path=GRPC_PATH,
                 static=mounts, drain_timeout=1.0)
             async with Bridge(config) as bridge:
-                url = _page_url(bridge)
+                assert bridge.address is not None
+                host, port = bridge.address
+                if host in ("0.0.0.0", "::"):
+                    host = "127.0.0.1"  # a wildcard address: open the page on this machine
+                url = f"http://{host_port(host, port)}/"
                 log_event("web_demo_started", page=url, tunnel=bridge.url,
                           storage="memory" if db == ":memory:" else os.fspath(db))
                 print(f"grpcbridge browser demo: open {url}  (Ctrl+C stops it)", flush=True)
@@ -251,7 +239,7 @@ def _text_limit(value: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``python -m grpcbridge.demo.web`` (and of ``grpcbridge demo --web``)."""
+    """The options of ``python -m grpcbridge.demo.web`` (and of ``grpcbridge demo``)."""
     parser.add_argument("--listen", default="127.0.0.1:8080",
                         help="host:port to serve the page and the tunnel on (default: "
                              "127.0.0.1:8080; port 0 picks a free one)")
@@ -269,6 +257,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="N",
                         help="refuse todos longer than N characters (default: "
                              f"{MAX_TEXT_LENGTH}; 0: no limit, e.g. for benchmarks)")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        help="default: info for `grpcbridge demo`, warning with --terminal "
+                             "and for `python -m grpcbridge.demo.web`")
 
 
 async def _serve_until_signalled(args: argparse.Namespace) -> None:
@@ -309,10 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Serve the browser Todo demo: Python in the page (Pyodide) calling gRPC "
                     "over WebSocket.")
     add_arguments(parser)
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
-    configure_logging(level=getattr(logging, args.log_level.upper()))
+    configure_logging(level=getattr(logging, (args.log_level or "warning").upper()))
     with contextlib.suppress(KeyboardInterrupt):
         return run_from_args(args)
     return 0

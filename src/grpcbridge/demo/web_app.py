@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import json
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from grpclib.const import Status
@@ -39,7 +39,7 @@ from grpcbridge.core.config import ReconnectPolicy
 from grpcbridge.demo import todo_pb2
 from grpcbridge.demo.todo_grpc import TodoServiceStub
 
-__all__ = ["TodoApp", "describe_error", "main", "user_reason"]
+__all__ = ["TodoApp", "describe_error", "main"]
 
 #: Seconds an action RPC (add, edit, delete...) may take before it is reported as failed.
 RPC_TIMEOUT = 15.0
@@ -50,20 +50,14 @@ MAX_RETRY = 3.0
 LOG_ENTRIES = 8
 
 
-def user_reason(exc: BaseException) -> str:
-    """What to tell the user: the server's own words for a refused input (its
-    ``INVALID_ARGUMENT`` message says what is allowed), else :func:`describe_error`."""
-    if isinstance(exc, GRPCError) and exc.status is Status.INVALID_ARGUMENT and exc.message:
-        return exc.message
-    return describe_error(exc)
-
-
 def describe_error(exc: BaseException) -> str:
     """A short, human-readable reason for a failed RPC or a lost connection."""
     if isinstance(exc, GRPCError):
         return f"{exc.status.name}: {exc.message}" if exc.message else exc.status.name
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, AssertionError):  # grpclib's call helpers assert that a reply came
+        return "the server sent no reply"
     return str(exc) or type(exc).__name__
 
 
@@ -72,7 +66,6 @@ class TodoApp:
 
     def __init__(self, grpc_path: str = "/grpc") -> None:
         self._js = _ffi.js()
-        self._document = self._js.document
         # Backoff between attempts is this app's (see _sync_forever), so the channel itself
         # retries at once whenever asked.
         self.channel = Channel(grpc_path, reconnect=ReconnectPolicy(
@@ -82,18 +75,16 @@ class TodoApp:
         self.todos: dict[str, todo_pb2.Todo] = {}
         self._items: dict[str, Any] = {}  # id -> <li>
         self._editing: str | None = None
-        self._proxies: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake = asyncio.Event()
         self._connected_once = False
-        self._status = ""
         self._failures = 0
         self._feed_entry: Any = None
         self._counts_pending = False
         self._feed_count = 0
         self.first_attempt: asyncio.Future[tuple[bool, str]] = (
             asyncio.get_running_loop().create_future())
-        self._element = self._document.getElementById
+        self._element = self._js.document.getElementById
         self._list = self._element("todo-list")
 
     # ------------------------------------------------------------------ lifecycle
@@ -110,9 +101,8 @@ class TodoApp:
         self._spawn(self._sync_forever())
 
     def _listen(self, target: Any, kind: str, handler: Callable[[Any], None]) -> None:
-        proxy = _ffi.create_proxy(handler)
-        self._proxies.append(proxy)  # lives as long as the page
-        target.addEventListener(kind, proxy)
+        # The listener keeps the proxy alive as long as the page (it is never destroyed).
+        target.addEventListener(kind, _ffi.create_proxy(handler))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that is kept referenced until it is done."""
@@ -123,36 +113,26 @@ class TodoApp:
     # ----------------------------------------------------------------- sync loop
 
     async def _sync_forever(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            if self._connected_once:
-                self._set_status("reconnecting", "opening a new tunnel")
-            else:
-                self._set_status("connecting", f"gRPC over WebSocket to {self.channel.target}")
+            self._set_status(None, "opening a new tunnel" if self._connected_once else
+                             f"gRPC over WebSocket to {self.channel.target}")
             try:
                 await self._sync_once()
                 reason = "the server ended the sync stream"
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:  # every failure is retried; the reason is shown
                 reason = describe_error(exc)
             self._failures += 1
             if not self.first_attempt.done():
                 self.first_attempt.set_result((False, reason))
             delay = min(FIRST_RETRY * 2 ** (self._failures - 1), MAX_RETRY)
-            delay *= 0.8 + 0.4 * random.random()
-            await self._wait_to_retry(reason, delay)
-
-    async def _wait_to_retry(self, reason: str, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + delay
-        self._wake.clear()
-        # Before the first connection this is still "connecting" (with the reason).
-        state = "reconnecting" if self._connected_once else "connecting"
-        while (left := deadline - loop.time()) > 0:
-            self._set_status(state, f"{reason} · next try in {left:.1f} s")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
-                return  # the browser came back online: try now
+            deadline = loop.time() + delay * (0.8 + 0.4 * random.random())
+            self._wake.clear()
+            while (left := deadline - loop.time()) > 0:
+                self._set_status(None, f"{reason} · next try in {left:.1f} s")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), min(left, 0.5))
+                    break  # the browser came back online: try now
 
     async def _sync_once(self) -> None:
         """One connection's life: subscribe, load the list, apply changes until it drops."""
@@ -178,13 +158,10 @@ class TodoApp:
     def _apply_event(self, event: todo_pb2.SyncResponse) -> None:
         kind = event.WhichOneof("event")
         if kind == "todo":
-            todo = event.todo
-            known = self.todos.get(todo.id)
-            echo = known is not None and known.text == todo.text and known.done == todo.done
-            self._upsert(todo, flash=not echo)
-            if not echo:
-                self._feed_log("another client changed a todo" if known else
-                               "a todo was added")
+            known = self.todos.get(event.todo.id)
+            if known != event.todo:  # else it is shown already (our own change, say)
+                self._upsert(event.todo, flash=True)
+                self._feed_log("another client changed a todo" if known else "a todo was added")
         elif kind == "deleted_id":
             if event.deleted_id in self.todos:
                 self._remove(event.deleted_id)
@@ -203,40 +180,31 @@ class TodoApp:
         self._spawn(self._create(text))
 
     async def _create(self, text: str) -> None:
-        async def call() -> str:
-            todo = await self.stub.CreateTodo(todo_pb2.CreateTodoRequest(text=text),
-                                              timeout=RPC_TIMEOUT)
+        todo = await self._call("CreateTodo", todo_pb2.CreateTodoRequest(text=text),
+                                "add the todo", lambda todo: f"added {_quote(todo.text)}")
+        if todo is not None:
             self._upsert(todo)
-            return f"added {_quote(todo.text)}"
-
-        if not await self._action("CreateTodo", "unary", call, "add the todo"):
-            field = self._element("new-text")
-            if not str(field.value):
-                field.value = text  # give the text back so nothing typed is lost
-            field.focus()
+            return
+        field = self._element("new-text")
+        if not str(field.value):
+            field.value = text  # give the text back so nothing typed is lost
+        field.focus()
 
     async def _update(self, todo_id: str, text: str, done: bool) -> None:
-        async def call() -> str:
-            todo = await self.stub.UpdateTodo(
-                todo_pb2.UpdateTodoRequest(id=todo_id, text=text, done=done),
-                timeout=RPC_TIMEOUT)
+        todo = await self._call(
+            "UpdateTodo", todo_pb2.UpdateTodoRequest(id=todo_id, text=text, done=done),
+            "save the change",
+            lambda todo: f"{'done' if todo.done else 'not done'}: {_quote(todo.text)}")
+        if todo is not None:
             self._upsert(todo)
-            return f"{'done' if todo.done else 'not done'}: {_quote(todo.text)}"
-
-        if not await self._action("UpdateTodo", "unary", call, "save the change"):
-            current = self.todos.get(todo_id)
-            if current is not None:
-                self._fill(self._items[todo_id], current)  # show what the server has
+        elif todo_id in self.todos:
+            self._fill(self._items[todo_id], self.todos[todo_id])  # show what the server has
 
     async def _delete(self, todo_id: str) -> None:
-        async def call() -> str:
-            text = self.todos[todo_id].text if todo_id in self.todos else todo_id
-            await self.stub.DeleteTodo(todo_pb2.DeleteTodoRequest(id=todo_id),
-                                       timeout=RPC_TIMEOUT)
+        text = self.todos[todo_id].text if todo_id in self.todos else todo_id
+        if await self._call("DeleteTodo", todo_pb2.DeleteTodoRequest(id=todo_id),
+                            "delete the todo", lambda _: f"deleted {_quote(text)}") is not None:
             self._remove(todo_id)
-            return f"deleted {_quote(text)}"
-
-        await self._action("DeleteTodo", "unary", call, "delete the todo")
 
     def _on_bulk(self, _event: Any) -> None:
         lines = str(self._element("bulk-text").value).splitlines()
@@ -251,113 +219,98 @@ class TodoApp:
         result = self._element("bulk-result")
         button.disabled = True
         result.textContent = f"sending {len(texts)} todos…"
-
-        async def call() -> str:
-            started = self._now()
-            reply = await self.stub.BulkCreateTodos(
-                [todo_pb2.CreateTodoRequest(text=text) for text in texts], timeout=RPC_TIMEOUT)
-            count = reply.created_count
-            result.textContent = (f"Added {count} todos in {self._now() - started:.0f} ms "
-                                  "(one BulkCreateTodos stream)")
-            self._element("bulk-text").value = ""
-            return f"{count} requests in one stream"
-
-        try:
-            if not await self._action("BulkCreateTodos", "client stream", call,
-                                      "add the todos"):
-                # The server stops at the first refused todo; those before it are added.
-                result.textContent = ("Stopped (see above): the todos sent before the error "
-                                      "may have been added.")
-        finally:
-            button.disabled = False
-
-    async def _action(self, method: str, kind: str, call: Callable[[], Awaitable[str]],
-                      what: str) -> bool:
-        """Run one RPC for the user; log it; show a failure. True if it succeeded."""
         started = self._now()
         try:
-            summary = await call()
-        except (GRPCError, StreamTerminatedError, OSError, TimeoutError) as exc:
+            reply = await self._call(
+                "BulkCreateTodos", [todo_pb2.CreateTodoRequest(text=text) for text in texts],
+                "add the todos", lambda reply: f"{reply.created_count} requests in one stream")
+        finally:
+            button.disabled = False
+        if reply is None:
+            # The server stops at the first refused todo; those before it are added.
+            result.textContent = ("Stopped (see above): the todos sent before the error "
+                                  "may have been added.")
+            return
+        result.textContent = (f"Added {reply.created_count} todos in "
+                              f"{self._now() - started:.0f} ms (one BulkCreateTodos stream)")
+        self._element("bulk-text").value = ""
+
+    async def _call(self, method: str, request: Any, what: str,
+                    summary: Callable[[Any], str]) -> Any:
+        """Run one RPC for the user (a list of requests: a client stream); log it with
+        ``summary(reply)``; show a failure. Returns the reply, or None if it failed."""
+        kind = "client stream" if isinstance(request, list) else "unary"
+        started = self._now()
+        try:
+            reply = await getattr(self.stub, method)(request, timeout=RPC_TIMEOUT)
+        except (GRPCError, StreamTerminatedError, OSError, TimeoutError, AssertionError) as exc:
             self._log(method, kind, describe_error(exc), self._now() - started, failed=True)
-            hint = "" if self._status == "connected" else \
+            # A refused input: the server's INVALID_ARGUMENT message says what is allowed.
+            reason = (exc.message if isinstance(exc, GRPCError) and exc.message
+                      and exc.status is Status.INVALID_ARGUMENT else describe_error(exc))
+            hint = "" if self._element("app").dataset.connection == "connected" else \
                 " The page reconnects by itself; try again in a moment."
-            self._show_error(f"Could not {what}: {user_reason(exc)}.{hint}")
-            return False
-        self._log(method, kind, summary, self._now() - started)
+            self._show_error(f"Could not {what}: {reason}.{hint}")
+            return None
+        self._log(method, kind, summary(reply), self._now() - started)
         self._element("app-error").hidden = True
-        return True
+        return reply
 
     # ------------------------------------------------------------ list events
 
     def _on_list_event(self, event: Any) -> None:
         target = event.target
         item = target.closest("li.todo")
-        if item is None:
-            return
-        todo_id = str(item.dataset.id)
-        todo = self.todos.get(todo_id)
+        todo = None if item is None else self.todos.get(str(item.dataset.id))
         if todo is None:
             return
         role = str(target.dataset.testid or "")
         kind = str(event.type)
+        key = str(event.key) if kind == "keydown" else ""
         if kind == "change" and role == "todo-toggle":
-            self._spawn(self._update(todo_id, todo.text, bool(target.checked)))
+            self._spawn(self._update(todo.id, todo.text, bool(target.checked)))
         elif kind == "click" and role == "todo-delete":
-            self._spawn(self._delete(todo_id))
-        elif (kind == "click" and role == "todo-edit") or (
-                kind == "dblclick" and role == "todo-text"):
-            self._begin_edit(todo_id)
-        elif role == "todo-edit-input":
-            if kind == "keydown" and event.key == "Enter":
-                event.preventDefault()
-                self._commit_edit(todo_id, str(target.value))
-            elif kind == "keydown" and event.key == "Escape":
-                self._end_edit(todo_id)
-            elif kind == "focusout":
-                self._commit_edit(todo_id, str(target.value))
+            self._spawn(self._delete(todo.id))
+        elif (kind, role) in (("click", "todo-edit"), ("dblclick", "todo-text")):
+            self._begin_edit(todo.id)
+        elif role == "todo-edit-input" and key == "Escape":
+            self._end_edit(todo.id)
+        elif role == "todo-edit-input" and (key == "Enter" or kind == "focusout"):
+            event.preventDefault()
+            self._commit_edit(todo.id, str(target.value))
 
     def _begin_edit(self, todo_id: str) -> None:
-        if self._editing is not None and self._editing != todo_id:
-            self._end_edit(self._editing)
-        item = self._items.get(todo_id)
-        if item is None or self._editing == todo_id:
+        if self._editing == todo_id:
             return
+        if self._editing is not None:
+            self._end_edit(self._editing)
         self._editing = todo_id
-        text = item.querySelector(".text")
+        text = self._items[todo_id].querySelector(".text")
         field = self._element_of("input", "edit-input", "todo-edit-input", type="text",
-                                 value=self.todos[todo_id].text)
-        field.setAttribute("aria-label", "Edit todo")
+                                 value=self.todos[todo_id].text, ariaLabel="Edit todo")
         text.hidden = True
-        item.insertBefore(field, text)
+        text.before(field)
         field.focus()
         field.select()
 
     def _end_edit(self, todo_id: str) -> None:
-        if self._editing == todo_id:
-            self._editing = None
-        item = self._items.get(todo_id)
-        if item is None:
-            return
-        field = item.querySelector(".edit-input")
-        if field is not None:
-            field.remove()
+        """Close the edit field of ``todo_id`` (the todo being edited, still listed)."""
+        self._editing = None
+        item = self._items[todo_id]
+        item.querySelector(".edit-input").remove()
         item.querySelector(".text").hidden = False
-        todo = self.todos.get(todo_id)
-        if todo is not None:
-            self._fill(item, todo)
+        self._fill(item, self.todos[todo_id])
 
     def _commit_edit(self, todo_id: str, value: str) -> None:
         if self._editing != todo_id:
             return  # already committed (Enter, then the input lost focus)
-        text = value.strip()
-        todo = self.todos.get(todo_id)
         self._end_edit(todo_id)
-        if todo is None or text == todo.text:
-            return  # an emptied text is sent: the server's refusal is shown
-        item = self._items.get(todo_id)
-        if item is not None:
-            item.querySelector(".text").textContent = text  # shown now, confirmed by the RPC
-        self._spawn(self._update(todo_id, text, todo.done))
+        text = value.strip()
+        todo = self.todos[todo_id]
+        if text != todo.text:  # an emptied text is sent too: the server's refusal is shown
+            # Shown now, confirmed by the RPC.
+            self._items[todo_id].querySelector(".text").textContent = text
+            self._spawn(self._update(todo_id, text, todo.done))
 
     # ----------------------------------------------------------------- rendering
 
@@ -374,32 +327,29 @@ class TodoApp:
         self.todos[todo.id] = todo
         item = self._items.get(todo.id)
         if item is None:
-            item = self._make_item(todo)
-            if flash:
-                item.className = "todo flash"
-            self._items[todo.id] = item
+            item = self._items[todo.id] = self._make_item(todo)
             self._list.appendChild(item)
         else:
             self._fill(item, todo)
-            if flash:
+            if flash:  # a layout between removing and adding the class restarts the animation
                 item.classList.remove("flash")
-                _ = item.offsetWidth  # a layout in between restarts the animation
-                item.classList.add("flash")
+                _ = item.offsetWidth
+        if flash:
+            item.classList.add("flash")
         self._render_counts()
 
     def _remove(self, todo_id: str) -> None:
-        self.todos.pop(todo_id, None)
+        if self.todos.pop(todo_id, None) is None:
+            return  # already gone (our delete and the feed's news of it)
         if self._editing == todo_id:
             self._editing = None
-        item = self._items.pop(todo_id, None)
-        if item is not None:
-            item.remove()
+        self._items.pop(todo_id).remove()
         self._render_counts()
 
     def _element_of(self, tag: str, css: str, testid: str = "", **properties: str) -> Any:
         """A new ``<tag class=css data-testid=testid>`` (each only when given) with
         ``properties`` set."""
-        element = self._document.createElement(tag)
+        element = self._js.document.createElement(tag)
         if css:
             element.className = css
         if testid:
@@ -411,8 +361,8 @@ class TodoApp:
     def _make_item(self, todo: todo_pb2.Todo) -> Any:
         item = self._element_of("li", "todo", "todo-item")
         item.setAttribute("data-id", todo.id)
-        toggle = self._element_of("input", "toggle", "todo-toggle", type="checkbox")
-        toggle.setAttribute("aria-label", "Done")
+        toggle = self._element_of("input", "toggle", "todo-toggle", type="checkbox",
+                                  ariaLabel="Done")
         text = self._element_of("span", "text", "todo-text", title="Double-click to edit")
         actions = self._element_of("span", "actions")
         actions.append(
@@ -444,8 +394,10 @@ class TodoApp:
         self._element("todo-count").textContent = f"{total} {noun} · {done} done"
         self._element("empty").hidden = total > 0
 
-    def _set_status(self, state: str, detail: str) -> None:
-        self._status = state
+    def _set_status(self, state: str | None, detail: str) -> None:
+        """Show the connection ``state``; None: "connecting" until the first connection (also
+        between failed attempts), "reconnecting" after."""
+        state = state or ("reconnecting" if self._connected_once else "connecting")
         status = self._element("status")
         status.setAttribute("data-state", state)
         status.textContent = state

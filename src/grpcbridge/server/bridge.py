@@ -219,7 +219,7 @@ class Bridge(TunnelServer, ListeningServer):
             if tunnel not in self._relaying:
                 if side.task is not None:
                     side.task.cancel()
-                tunnel.abort()
+                tunnel.machine.abort()
         await self._close_tunnels(drain_timeout,
                                   lambda: [tunnel.closed for tunnel in self._sessions])
         tasks = [side.task for side in self._sessions.values() if side.task is not None]
@@ -280,7 +280,7 @@ class Bridge(TunnelServer, ListeningServer):
             self.gate.rejected(Rejection(408, "handshake timeout", label="timeout"),
                                request_id=side.request_id or new_request_id(),
                                peer=side.peer)
-            tunnel.abort()
+            tunnel.machine.abort()
             return
         self._refuse(side, Rejection(
             503, f"admission did not finish within the handshake timeout "
@@ -326,7 +326,7 @@ class Bridge(TunnelServer, ListeningServer):
             if side.held_bytes > MAX_EARLY_BYTES:
                 log_event("upgrade_aborted", request_id=side.request_id, peer=side.peer,
                           reason=f"over {MAX_EARLY_BYTES} bytes sent before the answer")
-                tunnel.abort()
+                tunnel.machine.abort()
             else:
                 self._charge_admission(side)
             return
@@ -344,10 +344,10 @@ class Bridge(TunnelServer, ListeningServer):
                 side.stop_timer()
                 return
             tunnel.machine.charge()
-            if tunnel.close_code is not None:  # headers over the client's memory budget
-                self.gate.rejected(Rejection(431, tunnel.close_reason, label="memory"),
+            if tunnel.machine.close_code is not None:  # headers over the client's memory budget
+                self.gate.rejected(Rejection(431, tunnel.machine.close_reason, label="memory"),
                                    request_id=new_request_id(), peer=side.peer)
-                tunnel.abort()
+                tunnel.machine.abort()
             return
         headers = header_map(request.headers.raw_items())
         side.request_id, side.client_request_id = self.gate.request_id(headers, peer=side.peer)
@@ -398,7 +398,8 @@ class Bridge(TunnelServer, ListeningServer):
                                          peer=side.peer, websocket=upgrade, now=loop.time())
         transport = tunnel.ws_transport
         if (tunnel not in self._sessions or tunnel.machine.ws_lost
-                or tunnel.close_code is not None or transport is None or transport.is_closing()):
+                or tunnel.machine.close_code is not None
+                or transport is None or transport.is_closing()):
             # the client left during the check
             if not isinstance(decision, Rejection):
                 self.gate.limiter.release(decision.client, loop.time())
@@ -429,7 +430,7 @@ class Bridge(TunnelServer, ListeningServer):
         except Exception as exc:  # a bug here must not leave the connection hanging
             log_event("upgrade_failed", logging.ERROR, request_id=side.request_id,
                       peer=side.peer, error=repr(exc))
-            tunnel.abort()
+            tunnel.machine.abort()
             raise
         await accepted.connect_backend()
 

@@ -58,11 +58,6 @@ def header_map(items: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     return headers
 
 
-def _first(headers: Mapping[str, Sequence[str]], name: str) -> str | None:
-    values = headers.get(name)
-    return values[0] if values else None
-
-
 def single_host(headers: Mapping[str, Sequence[str]]) -> str | None:
     """The request's ``Host``, or None when it has none or several (a request with two
     ``Host`` headers is not trusted with either)."""
@@ -114,7 +109,7 @@ class Gate:
         :class:`Rejection` has already been counted and logged."""
         config = self.config
         client = peer
-        origin = _first(headers, "origin")
+        origin = next(iter(headers.get("origin", ())), None)
         hosts = headers.get("host", ())
         rejection: Rejection | None = None
         if path != config.path:
@@ -127,7 +122,7 @@ class Gate:
                 label="not_websocket")
         elif not config.host_policy.allows(single_host(headers)):
             rejection = Rejection(403, "host not allowed", label="host")
-        elif not config.origin_policy.allows(origin, _first(headers, "host")):
+        elif not config.origin_policy.allows(origin, next(iter(hosts), None)):
             rejection = Rejection(403, "origin not allowed", label="origin")
         else:
             client = client_identity(peer, headers.get("x-forwarded-for", ()),
