@@ -276,9 +276,7 @@ class BridgeApp(TunnelServer):
             return
         self._closing = True
         try:
-            await self._close_tunnels(
-                self.config.drain_timeout if drain_timeout is None else drain_timeout,
-                lambda: set(self._tunnels))
+            await self._close_tunnels(drain_timeout, lambda: set(self._tunnels))
         finally:
             if self._started is not None:
                 with contextlib.suppress(Exception):

@@ -93,12 +93,9 @@ class ThreadedBridge:
         return self
 
     def _run(self) -> None:
-        loop = self._loop = self._loop_factory()
-        try:
-            loop.run_until_complete(self._main())
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
+        with asyncio.Runner(loop_factory=self._loop_factory) as runner:
+            self._loop = runner.get_loop()
+            runner.run(self._main())
 
     async def _main(self) -> None:
         bridge = Bridge(self.config)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -24,7 +24,7 @@ from ..fastws import PicowsTunnel
 from ..loops import loop_name
 from ..observability import REQUEST_ID_HEADER, BridgeMetrics, log_event, new_request_id
 from ..relay import Tunnel, WebSocketSide, websockets_logger
-from ..sockets import Listener
+from ..sockets import ListeningServer
 from ..tracing import available as tracing_available
 from .gate import header_map, single_host
 from .http import HttpServer, RequestHead, answer_malformed, send_response
@@ -43,6 +43,14 @@ PARSED_HEADER_BYTES = 512
 #: A bridge tunnel: on picows (the default), or on websockets' framing where picows cannot
 #: serve (permessage-deflate, unix socket listeners).
 AnyTunnel = PicowsTunnel | Tunnel
+
+
+def endpoint(config: BridgeConfig, bound: tuple[str, int] | None) -> str:
+    """Where clients connect: the ``ws://`` (``wss://`` with TLS) URL of a TCP listener
+    bound to ``bound``, else the configured unix socket."""
+    if bound is None:
+        return str(config.listen_address)
+    return f"{'wss' if config.certfile else 'ws'}://{host_port(*bound)}{config.path}"
 
 
 class _ServerSide(WebSocketSide):
@@ -126,7 +134,7 @@ class _ServerSide(WebSocketSide):
             super().eof_received()
 
 
-class Bridge(TunnelServer):
+class Bridge(TunnelServer, ListeningServer):
     """Accepts WebSocket connections and hands each tunnel to the configured backend.
 
     Use it as an async context manager, or call :meth:`start` and :meth:`close`::
@@ -135,22 +143,18 @@ class Bridge(TunnelServer):
             await asyncio.Event().wait()
     """
 
+    noun = "bridge"
+
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
-        super().__init__(config, metrics)
+        TunnelServer.__init__(self, config, metrics)
+        ListeningServer.__init__(self, config.listen_address)
         #: Every connection's protocol, by its tunnel (accepted or in its handshake).
         self._sessions: dict[AnyTunnel, _ServerSide] = {}
-        self._listener = Listener(config.listen_address)
         self._metrics_server: HttpServer | None = None
-        self._sweeper: asyncio.Task[None] | None = None
-        self._ssl: ssl.SSLContext | None = None
-        self._state = "new"
-        self._closed = asyncio.Event()
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
         #: The abuse limiter (for inspection).
         self.limiter = self.gate.limiter
-        #: Bound ``(host, port)`` of the WebSocket listener (TCP only), after start.
-        self.address: tuple[str, int] | None = None
         #: Bound ``(host, port)`` of the metrics listener, after start.
         self.metrics_address: tuple[str, int] | None = None
 
@@ -164,12 +168,8 @@ class Bridge(TunnelServer):
                 raise InvalidStateError(
                     f"Bridge.url: the bridge listens on {self.config.listen}, a unix socket, "
                     "which has no ws:// URL; clients dial the socket path")
-            raise InvalidStateError(
-                f"Bridge.url is known once the bridge listens; it is {self._state}: "
-                + ("await bridge.start() (or use 'async with Bridge(...)') first"
-                   if self._state in ("new", "starting")
-                   else "it never listened; create a new Bridge"))
-        return f"{'wss' if self._ssl else 'ws'}://{host_port(*self.address)}{self.config.path}"
+            raise self._not_listening("url")
+        return endpoint(self.config, self.address)
 
     @property
     def active_tunnels(self) -> int:
@@ -186,95 +186,54 @@ class Bridge(TunnelServer):
 
         ``sock``: serve this socket (bound to ``config.listen`` and listening already)
         instead of binding one; the bridge owns it from then on."""
-        if self._state != "new":
-            raise InvalidStateError(
-                f"start() called on a bridge that is {self._state}; a Bridge starts once: "
-                + ("it is already serving" if self._state in ("starting", "running")
-                   else "create a new Bridge to serve again"))
-        self._state = "starting"
+        await self._start(functools.partial(self._begin, sock))
+
+    async def _begin(self, sock: socket.socket | None = None) -> None:
         config = self.config
-        loop = asyncio.get_running_loop()
+        context = None
         if config.certfile is not None:
-            self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self._ssl.load_cert_chain(config.certfile, config.keyfile)
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(config.certfile, config.keyfile)
         tracing_available()  # import opentelemetry (when installed) now, not in a tunnel
-        try:
-            await self.backend.start()
-            self._backend_started = True
-            await self._listener.start(self._protocol_factory, ssl=self._ssl, sock=sock)
-            self.address = self._listener.bound
-            if config.metrics_address is not None:
-                self._metrics_server = HttpServer(self.metrics.registry, self._not_ready)
-                self.metrics_address = await self._metrics_server.start(config.metrics_address)
-        except BaseException:
-            await self._shutdown_listeners()
-            self._state = "closed"
-            self._closed.set()
-            raise
-        self._sweeper = self._keepalive(config.ping_interval, config.idle_timeout)
-        self._state = "running"
-        log_event("bridge_started", listen=self.url if self.address else str(config.listen_address),
+        await self.backend.start()
+        self._backend_started = True
+        await self._listen(self._protocol_factory, ssl=context, sock=sock)
+        if config.metrics_address is not None:
+            self._metrics_server = HttpServer(self.metrics.registry, self._not_ready)
+            self.metrics_address = await self._metrics_server.start(config.metrics_address)
+        self._ticker = self._keepalive(config.ping_interval, config.idle_timeout)
+        log_event("bridge_started", listen=endpoint(config, self.address),
                   backend=str(self.backend),
                   metrics=host_port(*self.metrics_address) if self.metrics_address else "",
-                  loop=loop_name(loop))
-
-    async def serve_forever(self) -> None:
-        """Wait until :meth:`close` finishes (starting the bridge first if needed)."""
-        if self._state == "new":
-            await self.start()
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Bridge:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+                  loop=loop_name(asyncio.get_running_loop()))
 
     async def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, let open tunnels finish for up to ``drain_timeout`` seconds
         (default: the config's), then close the rest with 1001. Idempotent and safe to call
         from several tasks at once: every caller returns once the bridge is closed."""
-        if self._state in ("closing", "closed"):
-            await self._closed.wait()
-            return
-        self._state = "closing"
-        try:
-            await self._drain(self.config.drain_timeout if drain_timeout is None
-                              else drain_timeout)
-        finally:
-            await self._shutdown_listeners()
-            self._state = "closed"
-            self._closed.set()
-            log_event("bridge_stopped")
+        await self._close(functools.partial(self._drain, drain_timeout))
 
-    async def _drain(self, seconds: float) -> None:
-        self._listener.stop_accepting()
+    async def _drain(self, drain_timeout: float | None = None) -> None:
         # Connections still in their handshake are not tunnels yet: drop them.
         for tunnel, side in list(self._sessions.items()):
             if tunnel not in self._relaying:
                 if side.task is not None:
                     side.task.cancel()
                 tunnel.machine.abort()
-        await self._close_tunnels(seconds, lambda: [tunnel.closed for tunnel in self._sessions])
+        await self._close_tunnels(drain_timeout,
+                                  lambda: [tunnel.closed for tunnel in self._sessions])
         tasks = [side.task for side in self._sessions.values() if side.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _shutdown_listeners(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        await self._listener.close()
+    async def _release(self) -> None:  # once: after close() or a start that failed
         if self._metrics_server is not None:
             await self._metrics_server.close()
-            self._metrics_server = None
         if self._backend_started:
-            self._backend_started = False
             await self.backend.close()
+        if self._state == "closing":  # not after a start that failed
+            log_event("bridge_stopped")
 
     # -------------------------------------------------------- connections
 
@@ -300,9 +259,6 @@ class Bridge(TunnelServer):
     def _connection_made(self, side: _ServerSide) -> None:
         tunnel = side.tunnel
         assert tunnel.ws_transport is not None
-        if self._state != "running":
-            tunnel.ws_transport.abort()
-            return
         peername = tunnel.ws_transport.get_extra_info("peername")
         side.peer = peername[0] if isinstance(peername, tuple) else "unix"
         self._sessions[tunnel] = side
@@ -432,7 +388,7 @@ class Bridge(TunnelServer):
                 and (found := self.static.respond(
                     path, request.headers.get("If-None-Match"))) is not None):
             # A plain GET the static site answers.
-            send_response(websocket, found.status, found.headers, found.body)
+            send_response(websocket, *found)
             tunnel.flush_websocket()
             self._answered(side)
             return

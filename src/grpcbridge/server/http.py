@@ -4,9 +4,7 @@ on websockets' request parser: one request per connection, answered before anyth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Iterable
-from typing import cast
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from websockets.exceptions import RequestLineTooLong
@@ -88,74 +86,19 @@ def send_response(parser: ServerProtocol, status: int, headers: Iterable[tuple[s
     parser.send_response(response)
 
 
-class _HttpProtocol(asyncio.Protocol):
-    def __init__(self, server: HttpServer) -> None:
-        self._server = server
-        self._parser = ServerProtocol(logger=websockets_logger)
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._head = RequestHead()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        self._transport = transport
-        self._server.connections.add(transport)
-        self._timer = asyncio.get_running_loop().call_later(10, transport.abort)
-
-    def data_received(self, data: bytes) -> None:
-        assert self._transport is not None
-        if self._head.complete:
-            return  # after the request: a pipelined one is not answered
-        request, _rest = self._head.feed(self._parser, data)
-        if request is not None:
-            self._transport.pause_reading()
-            task = asyncio.get_running_loop().create_task(self._respond(request))
-            self._server.tasks.add(task)
-            task.add_done_callback(self._server.tasks.discard)
-            return
-        if self._parser.handshake_exc is not None:
-            _status, chunks, _reason = answer_malformed(self._parser)
-            self._transport.writelines(chunks)
-            self._transport.close()
-            return
-        self._flush()
-
-    async def _respond(self, request: Request) -> None:
-        path = request.path.partition("?")[0]
-        try:
-            status, content_type, body = await self._server.answer(path)
-        except Exception:  # pragma: no cover - reported as 500
-            status, content_type, body = 500, _TEXT, b"internal error\n"
-        send_response(self._parser, status, [("Content-Type", content_type)], body)
-        self._flush()
-
-    def _flush(self) -> None:
-        if self._transport is None:
-            return
-        for chunk in self._parser.data_to_send():
-            if chunk:
-                self._transport.write(chunk)
-            else:
-                self._transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._server.connections.discard(self._transport)
-        if self._timer is not None:
-            self._timer.cancel()
-
-
 class HttpServer:
     """A metrics listener, until :meth:`close`: ``/metrics`` from ``registry``,
-    ``/healthz``, and ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives."""
+    ``/healthz``, and ``/readyz``: 200, or 503 with the reason ``not_ready()`` gives. One
+    request per connection, read and answered within :attr:`TIMEOUT` seconds."""
+
+    TIMEOUT = 10.0
 
     def __init__(self, registry: CollectorRegistry,
                  not_ready: Callable[[], Awaitable[str | None]]) -> None:
         self._registry = registry
         self._not_ready = not_ready
         self._server: asyncio.Server | None = None
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.connections: set[asyncio.Transport] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def answer(self, path: str) -> tuple[int, str, bytes]:
         """Status, content type and body for a request of ``path`` (without query)."""
@@ -170,11 +113,41 @@ class HttpServer:
             return 503, _TEXT, f"{reason}\n".encode()
         return 404, _TEXT, b"not found; try /metrics, /healthz or /readyz\n"
 
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        parser = ServerProtocol(logger=websockets_logger)
+        head = RequestHead()
+        request = None
+        try:
+            if self._server is None:  # accepted as the listener closed
+                raise asyncio.CancelledError
+            async with asyncio.timeout(self.TIMEOUT):
+                while not head.complete and parser.handshake_exc is None:
+                    if not (data := await reader.read(65536)):
+                        break  # the client left before its request was complete
+                    request, _rest = head.feed(parser, data)
+                if parser.handshake_exc is not None:
+                    writer.writelines(answer_malformed(parser)[1])
+                elif request is not None:  # a pipelined request is not read
+                    try:
+                        status, content_type, body = await self.answer(
+                            request.path.partition("?")[0])
+                    except Exception:  # pragma: no cover - reported as 500
+                        status, content_type, body = 500, _TEXT, b"internal error\n"
+                    send_response(parser, status, [("Content-Type", content_type)], body)
+                    writer.writelines(parser.data_to_send())
+                    await writer.drain()
+            writer.close()
+        except (TimeoutError, ConnectionError, asyncio.CancelledError):
+            writer.transport.abort()
+        finally:
+            self._tasks.discard(task)
+
     async def start(self, address: SocketAddress) -> tuple[str, int]:
         """Listen on ``address`` (host and port); returns the bound host and port."""
-        assert address.host is not None and address.port is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _HttpProtocol(self), address.host, address.port)
+        self._server = await asyncio.start_server(self._serve, address.host, address.port)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
@@ -182,10 +155,6 @@ class HttpServer:
         if self._server is not None:
             self._server.close()
             self._server = None
-        for transport in list(self.connections):
-            transport.abort()
-        for task in list(self.tasks):
+        for task in list(self._tasks):
             task.cancel()
-        for task in list(self.tasks):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)

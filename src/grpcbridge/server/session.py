@@ -19,9 +19,9 @@ from ..core.age import jittered
 from ..core.config import BackendLike, BridgeConfig
 from ..core.limits import MemoryBudget
 from ..core.stream import CloseCode
-from ..core.tunnel import CLOSE_TIMEOUT
 from ..observability import DIAL_ERROR, DIAL_REFUSED, DIAL_TIMEOUT, BridgeMetrics, log_event
 from ..relay import StreamAdapter, keepalive_forever
+from ..sockets import close_tunnels
 from ..tracing import TunnelTrace, current_tunnel, end_tunnel, start_tunnel
 from .gate import Admitted, Gate
 
@@ -154,22 +154,16 @@ class TunnelServer:
         #: The accepted tunnels' sessions.
         self._relaying: dict[StreamAdapter, TunnelSession] = {}
 
-    async def _close_tunnels(self, seconds: float,
+    async def _close_tunnels(self, drain_timeout: float | None,
                              pending: Callable[[], Collection[asyncio.Future[None]]]) -> None:
         """Shutdown, the same for both servers: let what ``pending()`` waits for finish for
-        up to ``seconds``, then close every accepted tunnel with 1001 (each gets the close
-        timeout for its client's reply), then abort what is left."""
+        up to ``drain_timeout`` seconds (None: the config's), then
+        :func:`~grpcbridge.sockets.close_tunnels` (1001)."""
+        seconds = self.config.drain_timeout if drain_timeout is None else drain_timeout
         if (waiting := pending()) and seconds > 0:
             log_event("bridge_draining", tunnels=len(waiting), timeout=seconds)
             await asyncio.wait(waiting, timeout=seconds)
-        for tunnel in list(self._relaying):
-            tunnel.machine.close(CloseCode.GOING_AWAY, "server shutting down")
-        if waiting := pending():
-            await asyncio.wait(waiting, timeout=CLOSE_TIMEOUT + 1)
-        for tunnel in list(self._relaying):
-            tunnel.machine.abort()
-        if waiting := pending():
-            await asyncio.wait(waiting, timeout=1)
+        await close_tunnels(self._relaying, "server shutting down", pending)
 
     def _keepalive(self, ping_interval: float, idle_timeout: float) -> asyncio.Task[None]:
         """Every second (or as often as the pings need): report the bytes every accepted

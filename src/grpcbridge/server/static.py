@@ -39,13 +39,6 @@ class Mount:
     cache_control: str = "no-cache"
 
 
-@dataclass(frozen=True, slots=True)
-class StaticResponse:
-    status: int
-    headers: tuple[tuple[str, str], ...]
-    body: bytes
-
-
 class StaticSite:
     """Serves files from ``mounts`` (URL prefix -> directory, or a :class:`Mount`)."""
 
@@ -63,9 +56,10 @@ class StaticSite:
         # Longest prefix first, so /pyodide/ wins over /.
         self._mounts.sort(key=lambda m: len(m.prefix), reverse=True)
 
-    def respond(self, url_path: str, if_none_match: str | None) -> StaticResponse | None:
-        """The answer for ``url_path``, or None (outside every mount, missing, or
-        escaping)."""
+    def respond(self, url_path: str, if_none_match: str | None
+                ) -> tuple[int, list[tuple[str, str]], bytes] | None:
+        """The answer for ``url_path`` (status, headers, body), or None (outside every
+        mount, missing, or escaping)."""
         mount = next((m for m in self._mounts if url_path.startswith(m.prefix)), None)
         if mount is None:
             return None
@@ -82,8 +76,8 @@ class StaticSite:
             f"{stat.st_mtime_ns}-{stat.st_size}".encode()).hexdigest()[:16] + '"'
         headers = [("ETag", etag), ("Cache-Control", mount.cache_control)]
         if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
-            return StaticResponse(304, tuple(headers), b"")
+            return 304, headers, b""
         content_type = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] \
             or "application/octet-stream"
         headers.append(("Content-Type", content_type))
-        return StaticResponse(200, tuple(headers), path.read_bytes())
+        return 200, headers, path.read_bytes()

@@ -47,7 +47,7 @@ from ..core.target import SocketAddress, host_port
 from ..loops import loop_name
 from ..observability import log_event
 from ..sockets import remove_stale_socket
-from .bridge import Bridge
+from .bridge import Bridge, endpoint
 from .http import HttpServer
 
 #: Environment variable naming a worker's inherited descriptors: ``LISTEN_FD,CONTROL_FD,INDEX``.
@@ -122,6 +122,8 @@ class WorkerLink:
     index: int
     listen: socket.socket
     control: socket.socket
+    #: Waits for the supervisor's end, once started.
+    watcher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_environment(cls) -> WorkerLink | None:
@@ -138,25 +140,19 @@ class WorkerLink:
         await bridge.start(sock=self.listen)
         self.control.setblocking(False)
         self.control.send(_READY)
-        asyncio.get_running_loop().add_reader(self.control.fileno(), self._control_readable)
+        self.watcher = asyncio.get_running_loop().create_task(self._watch_supervisor())
 
-    def _control_readable(self) -> None:
-        try:
-            data = self.control.recv(64)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(self.control.fileno())
-            log_event("supervisor_gone", logging.WARNING)
-            os.kill(os.getpid(), signal.SIGTERM)
+    async def _watch_supervisor(self) -> None:
+        with contextlib.suppress(OSError):  # it sends nothing: what ends the wait is its end
+            while await asyncio.get_running_loop().sock_recv(self.control, 64):
+                pass
+        log_event("supervisor_gone", logging.WARNING)
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def close(self) -> None:
-        if self.control.fileno() >= 0:
-            with contextlib.suppress(RuntimeError, ValueError):
-                asyncio.get_running_loop().remove_reader(self.control.fileno())
-            self.control.close()
+        if self.watcher is not None:
+            self.watcher.cancel()
+        self.control.close()
 
 
 @dataclass(eq=False)
@@ -223,7 +219,9 @@ class Supervisor:
             await self._settled.wait()
             if not self._stop.is_set():
                 self._started = True
-                log_event("bridge_started", listen=self._url(),
+                bound = (None if self.config.listen_address.path is not None
+                         else self._sock.getsockname()[:2])
+                log_event("bridge_started", listen=endpoint(self.config, bound),
                           backend=str(self.config.backend_address),
                           metrics="" if metrics_address is None else host_port(*metrics_address),
                           loop=loop_name(loop), workers=self.count)
@@ -233,7 +231,7 @@ class Supervisor:
         finally:
             for task in slots:
                 task.cancel()
-            self._kill_all()  # workers are left only after a failure in the supervisor
+            self._signal_all(signal.SIGKILL)  # left only after a failure in the supervisor
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
             if self._kill_timer is not None:
@@ -328,7 +326,7 @@ class Supervisor:
         else:
             log_event("supervisor_killing", logging.WARNING, signal=signame,
                       workers=len(self._workers))
-            self._kill_all()
+            self._signal_all(signal.SIGKILL)
 
     def _fail(self, exit_code: int, event: str, **fields: object) -> None:
         log_event(event, logging.ERROR, **fields)
@@ -342,23 +340,21 @@ class Supervisor:
             return
         self._stop.set()
         self._settled.set()
-        for worker in list(self._workers.values()):
-            with contextlib.suppress(ProcessLookupError):
-                worker.process.send_signal(signal.SIGTERM)
+        self._signal_all(signal.SIGTERM)
         # No worker starts after a stop: drop this copy of the listening socket, so that it
         # closes (and new connections are refused, not queued unanswered) as soon as every
         # draining worker has closed its own.
         if self._sock is not None:
             self._sock.close()
         self._kill_timer = asyncio.get_running_loop().call_later(
-            self.config.drain_timeout + self.STOP_GRACE, self._kill_all)
+            self.config.drain_timeout + self.STOP_GRACE, self._signal_all, signal.SIGKILL)
 
-    def _kill_all(self) -> None:
+    def _signal_all(self, signum: int) -> None:
         for worker in list(self._workers.values()):
             with contextlib.suppress(ProcessLookupError):
-                worker.process.kill()
+                worker.process.send_signal(signum)
 
-    # ---------------------------------------------------------------- views
+    # ---------------------------------------------------------------- probe
 
     async def _not_ready(self) -> str | None:
         if self._stop.is_set():
@@ -368,12 +364,3 @@ class Supervisor:
         if not await self._backend_probe.reachable():
             return "backend unreachable"
         return None
-
-    def _url(self) -> str:
-        address = self.config.listen_address
-        if address.path is not None:
-            return str(address)
-        assert self._sock is not None
-        host, port = self._sock.getsockname()[:2]
-        scheme = "wss" if self.config.certfile else "ws"
-        return f"{scheme}://{host_port(host, port)}{self.config.path}"
