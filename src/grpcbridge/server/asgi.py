@@ -175,9 +175,6 @@ class _AsgiTunnel(StreamAdapter):
     def websocket_buffered(self) -> int:
         return self._outbox_bytes
 
-    def held_inbound(self) -> int:
-        return 0  # the ASGI server hands over whole messages
-
     # tasks ---------------------------------------------------------------------------
 
     async def sender(self) -> None:

@@ -421,8 +421,13 @@ class Bridge(TunnelServer, ListeningServer):
         side.stop_timer()
         # From here on the tunnel is charged to the client the gate identified (the
         # handshake's account, and the request's charge with it, is closed).
-        accepted = TunnelSession(self, tunnel, decision, peer=side.peer, path=path,
-                                 headers=headers)
+        try:
+            accepted = TunnelSession(self, tunnel, decision, peer=side.peer, path=path,
+                                     headers=headers)
+        except BaseException:  # no session releases the gate's slot then: do it here
+            self.gate.limiter.release(decision.client, loop.time())
+            tunnel.machine.abort()
+            raise
         self._relaying[tunnel] = accepted
         # Open on the WebSocket side; reading stays paused until the backend is attached.
         try:

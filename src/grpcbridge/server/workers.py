@@ -110,7 +110,9 @@ def bind_listener(address: SocketAddress) -> socket.socket:
     try:  # SO_REUSEADDR, and IPV6_V6ONLY for IPv6 (as asyncio's servers)
         return socket.create_server(where, family=family, backlog=1024)
     except OSError as exc:  # the message asyncio's create_server gives (a single process)
-        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        # create_server re-raises errors without an errno (AF_UNIX path too long) as its own.
+        original = exc.__context__ if isinstance(exc.__context__, OSError) else exc
+        reason = os.strerror(exc.errno) if exc.errno else str(original)
         raise OSError(exc.errno, f"error while attempting to bind on address {where!r}: "
                                  f"{reason.lower()}") from None
 
