@@ -75,6 +75,7 @@ class ListeningServer:
         self._listen_at = address
         self._server: asyncio.Server | None = None
         self._state = "new"
+        self._started = asyncio.Event()
         self._closed = asyncio.Event()
         #: The keepalive task (see :func:`~grpcbridge.relay.keepalive_forever`), once started.
         self._ticker: asyncio.Task[None] | None = None
@@ -108,7 +109,10 @@ class ListeningServer:
         except BaseException:
             await self._shut()
             raise
-        self._state = "running"
+        else:
+            self._state = "running"
+        finally:
+            self._started.set()
 
     async def serve_forever(self) -> None:
         """Wait until closing finishes (starting first if needed)."""
@@ -127,6 +131,8 @@ class ListeningServer:
         await self._close(self._drain)
 
     async def _close(self, drain: Callable[[], Awaitable[None]]) -> None:
+        if self._state == "starting":  # close what the start opens (a failed one shuts)
+            await self._started.wait()
         if self._state in ("closing", "closed"):
             await self._closed.wait()
             return

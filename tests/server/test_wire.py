@@ -21,13 +21,24 @@ from grpcbridge import (
     BearerTokenAuth,
     Bridge,
     BridgeConfig,
+    Forwarder,
+    ForwarderConfig,
     HandshakeRequest,
     InvalidStateError,
     Rejection,
 )
 from grpcbridge.demo.service import TodoServicer, serve
 
-from support import RawBackend, eventually, free_port, http_get, http_request, sample, timing
+from support import (
+    RawBackend,
+    eventually,
+    free_port,
+    http_get,
+    http_request,
+    sample,
+    timing,
+    tls_files,
+)
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 # SETTINGS (type 4) on stream 0 with SETTINGS_MAX_CONCURRENT_STREAMS = 100.
@@ -565,6 +576,50 @@ async def test_close_is_idempotent_and_concurrent(backend: RawBackend) -> None:
         async with connect(url, open_timeout=1):
             pass
     await asyncio.wait_for(bridge.serve_forever(), 1)  # returns at once: already closed
+
+
+async def test_close_during_start_leaves_nothing_serving(backend: RawBackend) -> None:
+    for server in (Bridge(BridgeConfig(listen="127.0.0.1:0",
+                                       backend=f"127.0.0.1:{backend.port}")),
+                   Forwarder(ForwarderConfig(target="ws://127.0.0.1:9/grpc",
+                                             listen="127.0.0.1:0"))):
+        starting = asyncio.create_task(server.start())
+        await asyncio.sleep(0)  # one step: the start is under way
+        assert server._state == "starting"
+        await asyncio.wait_for(server.close(), 5)  # waits for the start, then closes
+        await asyncio.wait_for(starting, 5)
+        assert server._state == "closed" and server.address is not None
+        with pytest.raises(OSError):
+            await asyncio.open_connection(*server.address)
+
+
+async def test_a_connection_completing_its_tls_handshake_after_close_is_dropped(
+        backend: RawBackend, tmp_path: Any) -> None:
+    import ssl
+
+    ca, cert, key = tls_files(tmp_path)
+    bridge = Bridge(BridgeConfig(listen="127.0.0.1:0", backend=f"127.0.0.1:{backend.port}",
+                                 certfile=str(cert), keyfile=str(key)))
+    await bridge.start()
+    assert bridge.address is not None
+    # Accepted while the bridge runs, but its TLS handshake (and so connection_made) waits.
+    reader, writer = await asyncio.open_connection(*bridge.address)
+    server = bridge._server
+    assert server is not None
+    await eventually(lambda: server._active_count == 1)  # type: ignore[attr-defined]
+    await bridge.close()
+    try:
+        await writer.start_tls(ssl.create_default_context(cafile=str(ca)),
+                               server_hostname="localhost")
+        writer.write(b"GET /grpc HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+    except (ConnectionError, ssl.SSLError):
+        answer = b""
+    finally:
+        writer.transport.abort()
+    assert b"101" not in answer and backend.accepted == 0
 
 
 async def test_start_twice_raises(backend: RawBackend) -> None:

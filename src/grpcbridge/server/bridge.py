@@ -259,6 +259,9 @@ class Bridge(TunnelServer, ListeningServer):
     def _connection_made(self, side: _ServerSide) -> None:
         tunnel = side.tunnel
         assert tunnel.ws_transport is not None
+        if self._state != "running":  # accepted while running, connected (TLS) after closing
+            tunnel.ws_transport.abort()
+            return
         peername = tunnel.ws_transport.get_extra_info("peername")
         side.peer = peername[0] if isinstance(peername, tuple) else "unix"
         self._sessions[tunnel] = side

@@ -138,8 +138,9 @@ class HttpServer:
                         status, content_type, body = 500, _TEXT, b"internal error\n"
                     send_response(parser, status, [("Content-Type", content_type)], body)
                     writer.writelines(parser.data_to_send())
-                    await writer.drain()
-            writer.close()
+                # Within the timeout: a client that never reads its answer is dropped.
+                writer.close()
+                await writer.wait_closed()
         except (TimeoutError, ConnectionError, asyncio.CancelledError):
             writer.transport.abort()
         finally:
