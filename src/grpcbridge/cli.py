@@ -259,7 +259,7 @@ async def _run_until_signalled(server: Bridge | Forwarder,
         for task in stopping:
             await task
         if worker is not None:
-            worker.close()
+            await worker.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -151,9 +151,11 @@ class WorkerLink:
         log_event("supervisor_gone", logging.WARNING)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    def close(self) -> None:
-        if self.watcher is not None:
+    async def close(self) -> None:
+        if self.watcher is not None:  # its cancelled read lets go of the socket's fd first
             self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.watcher
         self.control.close()
 
 
