@@ -133,7 +133,10 @@ class SyncChannel(_StubFactories, grpc.Channel):
         try:
             self._forwarder, self._directory = start.result()
         except BaseException:  # failed, or interrupted: a cancelled start cleans up too
-            start.cancel()
+            if not start.cancel() and start.exception() is None:  # it started meanwhile
+                forwarder, directory = start.result()
+                asyncio.run_coroutine_threadsafe(forwarder.close(), self._loop).result(30)
+                shutil.rmtree(directory, ignore_errors=True)
             self._stop_loop()
             raise
         self._channel = grpc.insecure_channel(self._forwarder.config.listen,
