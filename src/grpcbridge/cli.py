@@ -241,12 +241,13 @@ async def _run_until_signalled(server: Bridge | Forwarder,
         await worker.start(server)
     else:
         await server.start()
-    stopping: list[asyncio.Task[None]] = []
+    closing: asyncio.Task[None] | None = None
 
     def stop(signame: str) -> None:
-        if not stopping:
+        nonlocal closing
+        if closing is None:
             logger.info("received %s, shutting down", signame)
-            stopping.append(loop.create_task(server.close()))
+            closing = loop.create_task(server.close())
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
@@ -255,9 +256,7 @@ async def _run_until_signalled(server: Bridge | Forwarder,
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await server.close()
-        for task in stopping:
-            await task
+        await (server.close() if closing is None else closing)  # a failed close raises
         if worker is not None:
             worker.close()
 
