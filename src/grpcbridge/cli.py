@@ -297,11 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     try:
         code = run(job, args.loop)
-    except ConfigError as exc:
-        parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
-    except OSError as exc:
-        print(f"grpcbridge {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, OSError) as exc:  # while serving, an OSError (address in use) is 1
+        parser.exit(1 if isinstance(exc, OSError) else 2,
+                    f"grpcbridge {args.command}: error: {exc}\n")
     return code or 0
 
 
