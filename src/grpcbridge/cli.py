@@ -65,8 +65,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="event loop; auto (default): uvloop (installed with grpcbridge "
                              "except on Windows; less CPU per message), else asyncio")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
 def build_parser() -> argparse.ArgumentParser:
