@@ -152,8 +152,6 @@ class Bridge(TunnelServer, ListeningServer):
         self._metrics_server: HttpServer | None = None
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
-        #: The abuse limiter (for inspection).
-        self.limiter = self.gate.limiter
         #: Bound ``(host, port)`` of the metrics listener, after start.
         self.metrics_address: tuple[str, int] | None = None
 
