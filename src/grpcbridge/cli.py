@@ -19,8 +19,6 @@ from .client.forwarder import Forwarder
 from .core.admission import BearerTokenAuth
 from .core.config import BridgeConfig, ForwarderConfig
 from .core.errors import ConfigError
-from .core.limits import DEFAULT_CLIENT_MEMORY_BUDGET, DEFAULT_MEMORY_BUDGET
-from .core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from .loops import LOOP_NAMES, run, tune_allocator
 from .observability import configure_logging, logger
 from .server.bridge import Bridge
@@ -55,20 +53,19 @@ def _metrics_address(value: str | None) -> str | None:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", metavar="PATH",
                         help=f"file holding the bearer token (or set ${TOKEN_ENV})")
-    parser.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
+    parser.add_argument("--max-message-bytes", type=int,
                         help="largest WebSocket message accepted (default: 16 MiB)")
-    parser.add_argument("--buffer-bytes", type=int, default=DEFAULT_BUFFER_BYTES,
+    parser.add_argument("--buffer-bytes", type=int,
                         help="bytes buffered per tunnel and direction before reading pauses")
-    parser.add_argument("--ping-interval", type=float, default=20.0,
+    parser.add_argument("--ping-interval", type=float,
                         help="seconds between pings on a quiet tunnel (0: off)")
-    parser.add_argument("--idle-timeout", type=float, default=60.0,
+    parser.add_argument("--idle-timeout", type=float,
                         help="close a tunnel after this many seconds without traffic (0: off)")
     parser.add_argument("--loop", choices=LOOP_NAMES, default="auto",
                         help="event loop; auto (default): uvloop (installed with grpcbridge "
                              "except on Windows; less CPU per message), else asyncio")
     parser.add_argument("--log-json", action="store_true", help="log one JSON object per line")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,21 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accept WebSocket tunnels and relay each to its own backend connection.")
     serve.add_argument("--backend", required=True,
                        help="gRPC server (h2c): host:port or unix:/path")
-    serve.add_argument("--listen", default="127.0.0.1:8080",
-                       help="host:port or unix:/path (default: 127.0.0.1:8080)")
-    serve.add_argument("--path", default="/grpc", help="tunnel URL path (default: /grpc)")
+    serve.add_argument("--listen", help="host:port or unix:/path (default: 127.0.0.1:8080)")
+    serve.add_argument("--path", help="tunnel URL path (default: /grpc)")
     serve.add_argument("--allow-remote-backend", action="store_true",
                        help="allow a backend that is not loopback or a unix socket")
-    serve.add_argument("--backend-timeout", type=float, default=10.0,
-                       dest="backend_connect_timeout", metavar="BACKEND_TIMEOUT",
+    serve.add_argument("--backend-timeout", type=float, dest="backend_connect_timeout",
+                       metavar="BACKEND_TIMEOUT",
                        help="seconds to connect to the backend (default: 10)")
-    serve.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+    serve.add_argument("--allow-origin", action="append", metavar="ORIGIN",
                        dest="allowed_origins",
                        help="browser origin to accept besides same-host (repeatable): "
                             "https://app.example.com, app.example.com[:port] (any scheme), "
                             "*.example.com or https://*.example.com (subdomains, not the "
                             "apex), * = any")
-    serve.add_argument("--allowed-host", action="append", default=[], metavar="HOST",
+    serve.add_argument("--allowed-host", action="append", metavar="HOST",
                        dest="allowed_hosts",
                        help="Host header to accept, refusing others with 403 against DNS "
                             "rebinding (repeatable): bridge.example.com (any port), "
@@ -108,23 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "and serves --metrics-listen summed over all. The limits below "
                             "then hold per worker: each counts only the connections it "
                             "accepted (default: 1)")
-    serve.add_argument("--client-memory-budget", type=int,
-                       default=DEFAULT_CLIENT_MEMORY_BUDGET, metavar="BYTES",
+    serve.add_argument("--client-memory-budget", type=int, metavar="BYTES",
                        help="bytes one client may make the bridge hold in unfinished messages "
                             "and buffers, over all its tunnels; the tunnel that goes over "
                             "closes with 1008 (default: 48 MiB; 0: unlimited; per worker)")
-    serve.add_argument("--memory-budget", type=int, default=DEFAULT_MEMORY_BUDGET,
-                       metavar="BYTES",
+    serve.add_argument("--memory-budget", type=int, metavar="BYTES",
                        help="the same for all clients together (default: 2 GiB; 0: unlimited; "
                             "per worker)")
-    serve.add_argument("--max-connections", type=int, default=10_000,
+    serve.add_argument("--max-connections", type=int,
                        help="active tunnels in total, 503 beyond (0: unlimited; per worker)")
-    serve.add_argument("--max-connections-per-client", type=int, default=200,
+    serve.add_argument("--max-connections-per-client", type=int,
                        help="active tunnels per client, 429 beyond (0: unlimited; per worker)")
-    serve.add_argument("--max-upgrades-per-minute", type=int, default=600,
+    serve.add_argument("--max-upgrades-per-minute", type=int,
                        help="upgrades per client per sliding minute, 429 beyond (0: unlimited; "
                             "per worker)")
-    serve.add_argument("--trusted-proxy", action="append", default=[], metavar="CIDR",
+    serve.add_argument("--trusted-proxy", action="append", metavar="CIDR",
                        dest="trusted_proxies",
                        help="proxy whose X-Forwarded-For, X-Request-Id and upgrade-request "
                             "trace context (traceparent) are believed (repeatable)")
@@ -133,17 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
                             "in tunnel and RPC spans; by default only a trusted proxy's "
                             "upgrade request's is (for the tunnel span), and other spans "
                             "start a new trace linked to the client's")
-    serve.add_argument("--max-tunnel-age", type=float, default=None, metavar="SECONDS",
+    serve.add_argument("--max-tunnel-age", type=float, metavar="SECONDS",
                        help="retire tunnels after about this long (+/- 10%% jitter): the "
                             "client gets a graceful HTTP/2 GOAWAY and opens a new tunnel "
                             "for new RPCs while those in flight finish, so long-lived "
                             "clients spread over restarted or added bridges (gRPC's "
                             "MAX_CONNECTION_AGE); 0 or unset: never (the default)")
-    serve.add_argument("--max-tunnel-age-grace", type=float, default=30.0, metavar="SECONDS",
+    serve.add_argument("--max-tunnel-age-grace", type=float, metavar="SECONDS",
                        help="after the GOAWAY, seconds a retired tunnel's RPCs get to "
                             "finish before it is closed with 1001; the close comes at "
                             "the latest at the age plus twice this (default: 30)")
-    serve.add_argument("--drain-timeout", type=float, default=10.0,
+    serve.add_argument("--drain-timeout", type=float,
                        help="on SIGTERM/SIGINT, seconds tunnels get to finish (default: 10)")
     serve.add_argument("--certfile", help="PEM certificate chain: serve wss://")
     serve.add_argument("--keyfile", help="PEM private key for --certfile")
@@ -159,20 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
         "forward", help="listen locally and carry each connection through a WebSocket tunnel",
         description="Accept local gRPC connections; relay each through its own tunnel.")
     forward.add_argument("--target", required=True, help="bridge URL: ws://host:8080/grpc")
-    forward.add_argument("--listen", default="127.0.0.1:50052",
-                         help="host:port or unix:/path (default: 127.0.0.1:50052)")
+    forward.add_argument("--listen", help="host:port or unix:/path (default: 127.0.0.1:50052)")
     forward.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                          help="extra upgrade request header (repeatable; not one the "
                          "handshake writes: Host, Upgrade, Connection, Sec-WebSocket-Key, "
                          "-Version, -Extensions, -Accept)")
-    forward.add_argument("--subprotocol", action="append", default=[], dest="subprotocols",
-                         metavar="NAME",
-                         help="subprotocol to offer (repeatable)")
+    forward.add_argument("--subprotocol", action="append", dest="subprotocols",
+                         metavar="NAME", help="subprotocol to offer (repeatable)")
     forward.add_argument("--origin", help="Origin header to send")
     forward.add_argument("--tls", action="store_const", const=True,
                          help="demand wss:// (a ws:// target is then an error)")
     forward.add_argument("--cacert", help="PEM CA bundle to verify a wss:// bridge")
-    forward.add_argument("--handshake-timeout", type=float, default=10.0,
+    forward.add_argument("--handshake-timeout", type=float,
                          help="seconds for connect + proxy CONNECT + TLS + upgrade "
                               "(default: 10)")
     proxy = forward.add_mutually_exclusive_group()
@@ -241,12 +233,13 @@ async def _run_until_signalled(server: Bridge | Forwarder,
         await worker.start(server)
     else:
         await server.start()
-    stopping: list[asyncio.Task[None]] = []
+    closing: asyncio.Task[None] | None = None
 
     def stop(signame: str) -> None:
-        if not stopping:
+        nonlocal closing
+        if closing is None:
             logger.info("received %s, shutting down", signame)
-            stopping.append(loop.create_task(server.close()))
+            closing = loop.create_task(server.close())
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
@@ -255,9 +248,7 @@ async def _run_until_signalled(server: Bridge | Forwarder,
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await server.close()
-        for task in stopping:
-            await task
+        await (server.close() if closing is None else closing)  # a failed close raises
         if worker is not None:
             await worker.close()
 
@@ -298,11 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
     try:
         code = run(job, args.loop)
-    except ConfigError as exc:
-        parser.exit(2, f"grpcbridge {args.command}: error: {exc}\n")
-    except OSError as exc:
-        print(f"grpcbridge {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    except (ConfigError, OSError) as exc:  # while serving, an OSError (address in use) is 1
+        parser.exit(1 if isinstance(exc, OSError) else 2,
+                    f"grpcbridge {args.command}: error: {exc}\n")
     return code or 0
 
 

@@ -44,7 +44,7 @@ from rpc_checks import CALL_TIMEOUT, Stub
 from todo_oracle import process as oracle_process
 from websockets.asyncio.client import connect
 
-from grpcbridge.cli import build_parser
+from grpcbridge.cli import _bridge_config, build_parser
 from grpcbridge.demo import todo_pb2
 
 from support import (
@@ -304,7 +304,7 @@ def test_timeouts_fit_the_bridge_keepalive() -> None:
         (value,) = re.findall(rf"^\s*{directive}\s+(\d+)s;", text, re.M)
         return float(value)
 
-    serve = build_parser().parse_args(["serve", "--backend", "127.0.0.1:1"])
+    serve = _bridge_config(build_parser().parse_args(["serve", "--backend", "127.0.0.1:1"]))
     for directive in ("proxy_read_timeout", "proxy_send_timeout", "send_timeout"):
         assert seconds(directive) > serve.idle_timeout > serve.ping_interval > 0, directive
     assert seconds("worker_shutdown_timeout") == serve.drain_timeout

@@ -739,7 +739,7 @@ async def test_auth_hook_is_bounded_by_the_handshake_timeout(
         await eventually(lambda: bridge.budget.held_by("127.0.0.2") == 0
                          and bridge.connections == 0, 5,
                          message=lambda: f"{bridge.budget.held_by('127.0.0.2')} bytes held")
-        assert bridge.limiter.active == 0
+        assert bridge.gate.limiter.active == 0
     assert charged > 4 * 8000 + 1000, charged
     assert statuses(answer) == [503] and b"handshake timeout" in answer, answer[:300]
     assert hook.cancelled == 1
@@ -765,4 +765,4 @@ async def test_client_leaving_during_admission_cancels_the_hook(leak_check: None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()  # a reset
         await eventually(lambda: hook.cancelled == 1 and bridge.connections == 0, 10)
-        assert bridge.budget.held_by("127.0.0.2") == 0 and bridge.limiter.active == 0
+        assert bridge.budget.held_by("127.0.0.2") == 0 and bridge.gate.limiter.active == 0

@@ -283,7 +283,7 @@ async def test_global_connection_cap_is_503(backend: RawBackend) -> None:
             await ws.send(b"still relaying")
             await eventually(lambda: backend.received == b"still relaying")
         # The slot is released when the tunnel closes.
-        await eventually(lambda: bridge.limiter.active == 0)
+        await eventually(lambda: bridge.gate.limiter.active == 0)
         async with connect(bridge.url):
             pass
 
@@ -390,8 +390,8 @@ async def test_failing_auth_hook_is_500_and_releases_the_slot(backend: RawBacken
                               max_upgrades_per_minute=0) as bridge:
         assert (await refused(bridge.url)).status_code == 500
         await eventually(lambda: bridge.connections == 0)
-        assert bridge.limiter.active == 0
-        assert bridge.limiter.tracked_clients == 0
+        assert bridge.gate.limiter.active == 0
+        assert bridge.gate.limiter.tracked_clients == 0
         assert (bridge.budget.held, bridge.budget.tracked_clients) == (0, 0)
 
 
@@ -646,7 +646,7 @@ async def test_close_with_open_tunnel_sends_1001(backend: RawBackend) -> None:
         await bridge.close()
     await eventually(lambda: backend.eofs == 1)
     assert bridge.connections == 0
-    assert bridge.limiter.active == 0
+    assert bridge.gate.limiter.active == 0
 
 
 async def test_tunnel_finishing_during_drain_closes_normally(backend: RawBackend) -> None:
@@ -679,14 +679,14 @@ async def test_state_returns_to_zero_after_tunnels_close(backend: RawBackend) ->
     async with running_bridge(backend.port, max_upgrades_per_minute=0) as bridge:
         sockets = [await connect(bridge.url) for _ in range(5)]
         await eventually(lambda: bridge.active_tunnels == 5)
-        assert bridge.limiter.tracked_clients == 1
-        assert bridge.limiter.active == 5
+        assert bridge.gate.limiter.tracked_clients == 1
+        assert bridge.gate.limiter.active == 5
         assert (await refused(bridge.url + "x")).status_code == 404  # leaves no state
         await asyncio.gather(*(ws.close() for ws in sockets))
         await eventually(lambda: bridge.connections == 0)
         assert bridge.active_tunnels == 0
-        assert bridge.limiter.active == 0
-        assert bridge.limiter.tracked_clients == 0
+        assert bridge.gate.limiter.active == 0
+        assert bridge.gate.limiter.tracked_clients == 0
         # The budget accounts (each handshake's, then each tunnel's) are all closed.
         assert (bridge.budget.held, bridge.budget.tracked_clients) == (0, 0)
         assert sample(bridge, "grpcbridge_tunnels_active") == 0
@@ -694,14 +694,14 @@ async def test_state_returns_to_zero_after_tunnels_close(backend: RawBackend) ->
 
 async def test_rate_limit_state_pruned_once_the_window_passes(backend: RawBackend) -> None:
     async with running_bridge(backend.port, max_upgrades_per_minute=5) as bridge:
-        bridge.limiter.WINDOW = 0.3
+        bridge.gate.limiter.WINDOW = 0.3
         async with connect(bridge.url):
             await asyncio.sleep(0.4)
         await eventually(lambda: bridge.connections == 0)
-        assert bridge.limiter.tracked_clients == 0
+        assert bridge.gate.limiter.tracked_clients == 0
         # Within the window the state is kept (it is what the rate limit counts).
         async with connect(bridge.url):
             pass
         await eventually(lambda: bridge.connections == 0)
-        assert bridge.limiter.tracked_clients == 1
+        assert bridge.gate.limiter.tracked_clients == 1
 

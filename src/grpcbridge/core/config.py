@@ -223,7 +223,8 @@ class BridgeConfig:
                     f"metrics_listen {self.metrics_listen!r} is not loopback; pass "
                     "allow_remote_metrics=True (--allow-remote-metrics) to expose metrics"
                 )
-        for prefix, directory in self.static.items():
+        for prefix, mount in self.static.items():
+            directory = getattr(mount, "directory", mount)  # a static.Mount's, or the value
             if not isinstance(prefix, str) or not prefix.startswith("/") \
                     or not prefix.endswith("/"):
                 raise ConfigError(f"static: URL prefix {prefix!r} must start and end with '/'")

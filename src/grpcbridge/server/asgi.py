@@ -89,18 +89,6 @@ REFUSED: Mapping[str, str] = {
 }
 
 
-def check_asgi_config(config: BridgeConfig) -> None:
-    """Raise :class:`ConfigError` naming every :data:`REFUSED` field of ``config`` that
-    differs from its default, and where that setting lives under ASGI."""
-    defaults = BridgeConfig(backend=config.backend, allow_remote_backend=True)
-    problems = [f"{name}={getattr(config, name)!r}: {hint}" for name, hint in REFUSED.items()
-                if getattr(config, name) != getattr(defaults, name)]
-    if problems:
-        raise ConfigError(
-            "BridgeApp cannot apply " + "; ".join(problems)
-            + ". Leave these at their defaults in the BridgeConfig given to BridgeApp")
-
-
 class _AsgiTunnel(StreamAdapter):
     """One tunnel under ASGI: an adapter feeding a :class:`~grpcbridge.core.tunnel.
     TunnelMachine` (where the rules live, as under the standalone bridge) from ASGI
@@ -233,6 +221,7 @@ class _AsgiTunnel(StreamAdapter):
             else:
                 machine.empty_frame()
 
+
 class BridgeApp(TunnelServer):
     """ASGI application serving gRPC tunnels at ``config.path``.
 
@@ -245,7 +234,13 @@ class BridgeApp(TunnelServer):
 
     def __init__(self, config: BridgeConfig, *, metrics: BridgeMetrics | None = None) -> None:
         super().__init__(config, metrics)
-        check_asgi_config(config)
+        defaults = BridgeConfig(backend=config.backend, allow_remote_backend=True)
+        problems = [f"{name}={getattr(config, name)!r}: {hint}" for name, hint in REFUSED.items()
+                    if getattr(config, name) != getattr(defaults, name)]
+        if problems:
+            raise ConfigError(
+                "BridgeApp cannot apply " + "; ".join(problems)
+                + ". Leave these at their defaults in the BridgeConfig given to BridgeApp")
         self._started: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = asyncio.Event()
@@ -433,4 +428,4 @@ class BridgeApp(TunnelServer):
                 tunnel.machine.websocket_lost(CloseCode.ABNORMAL, "client connection lost")
 
 
-__all__ = ["APPLIED", "REFUSED", "Backend", "BridgeApp", "check_asgi_config"]
+__all__ = ["APPLIED", "REFUSED", "Backend", "BridgeApp"]

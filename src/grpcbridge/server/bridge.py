@@ -12,10 +12,9 @@ from typing import cast
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.http11 import Request, Response
 from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
 
 from ..backends import Backend
-from ..core.admission import Rejection, select_subprotocol
+from ..core.admission import Rejection
 from ..core.config import BridgeConfig
 from ..core.errors import InvalidStateError
 from ..core.limits import TOTAL_BUDGET_EXCEEDED
@@ -153,8 +152,6 @@ class Bridge(TunnelServer, ListeningServer):
         self._metrics_server: HttpServer | None = None
         self._backend_started = False
         self.static = StaticSite(config.static) if config.static else None
-        #: The abuse limiter (for inspection).
-        self.limiter = self.gate.limiter
         #: Bound ``(host, port)`` of the metrics listener, after start.
         self.metrics_address: tuple[str, int] | None = None
 
@@ -243,9 +240,6 @@ class Bridge(TunnelServer, ListeningServer):
         websocket = ServerProtocol(
             max_size=config.max_message_bytes,
             extensions=[ServerPerMessageDeflateFactory()] if config.compression else None,
-            # The gate chose the subprotocol already; this only reports it to websockets.
-            select_subprotocol=lambda _, offered: cast(
-                "Subprotocol | None", select_subprotocol(offered, config.subprotocols)),
             logger=websockets_logger,
         )
         tunnel: AnyTunnel
@@ -420,6 +414,8 @@ class Bridge(TunnelServer, ListeningServer):
             self.gate.limiter.release(decision.client, loop.time())
             self._send_rejection(side, rejection)
             return
+        if decision.subprotocol is not None:  # the gate's choice (websockets knows none)
+            response.headers["Sec-WebSocket-Protocol"] = decision.subprotocol
         response.headers[REQUEST_ID_HEADER] = side.request_id
         side.stop_timer()
         # From here on the tunnel is charged to the client the gate identified (the

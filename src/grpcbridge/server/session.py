@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import cast
 
 from ..backends import SocketBackend
 from ..core.admission import loggable_path
@@ -144,13 +145,9 @@ class TunnelServer:
         self.gate = Gate(config, self.metrics)
         self.budget = MemoryBudget(per_client=config.client_memory_budget,
                                    total=config.memory_budget)
-        self.backend: BackendLike
-        if config.backend_address is not None:  # a string means a SocketBackend
-            self.backend = SocketBackend(config.backend_address,
-                                         connect_timeout=config.backend_connect_timeout)
-        else:
-            assert not isinstance(config.backend, str)
-            self.backend = config.backend
+        self.backend: BackendLike = (  # a string (parsed to backend_address): a SocketBackend
+            SocketBackend(config.backend_address, connect_timeout=config.backend_connect_timeout)
+            if config.backend_address is not None else cast(BackendLike, config.backend))
         #: The accepted tunnels' sessions.
         self._relaying: dict[StreamAdapter, TunnelSession] = {}
 

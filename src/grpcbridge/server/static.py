@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import ConfigError
-
 _TYPES = {
     ".wasm": "application/wasm",
     ".mjs": "text/javascript",
@@ -44,15 +42,10 @@ class StaticSite:
 
     def __init__(self, mounts: Mapping[str, str | os.PathLike[str] | Mount]) -> None:
         self._mounts: list[Mount] = []
-        for prefix, target in mounts.items():
-            if not prefix.startswith("/") or not prefix.endswith("/"):
-                raise ConfigError(f"static mount {prefix!r} must start and end with '/'")
+        for prefix, target in mounts.items():  # checked by BridgeConfig
             mount = target if isinstance(target, Mount) else Mount(prefix, Path(target))
-            directory = Path(mount.directory).resolve()
-            if not directory.is_dir():
-                raise ConfigError(f"static mount {prefix!r}: {str(mount.directory)!r} is not a "
-                                  "directory")
-            self._mounts.append(Mount(prefix, directory, mount.cache_control))
+            self._mounts.append(Mount(prefix, Path(mount.directory).resolve(),
+                                      mount.cache_control))
         # Longest prefix first, so /pyodide/ wins over /.
         self._mounts.sort(key=lambda m: len(m.prefix), reverse=True)
 
