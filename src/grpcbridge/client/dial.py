@@ -9,6 +9,7 @@ the upgrade carries the settings' headers, and failures raise :class:`HandshakeE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
@@ -83,11 +84,16 @@ async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
             await _connect(tunnel, settings, within, protocol)
             await _answered(protocol, target)
     except TimeoutError:
-        # A refusal whose body had not all come: picows fails the handshake with it now.
-        refused = await _late_refusal(protocol, target) if protocol.release_answer() else None
-        _abandon(tunnel)
-        if refused is not None:
-            raise refused from None
+        try:
+            # A refusal whose body had not all come: picows has failed the handshake with it
+            # once released, so nothing is waited for (and nothing raised if, against that,
+            # it had not).
+            if protocol.release_answer():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0):
+                        await _answered(protocol, target)
+        finally:
+            _abandon(tunnel)
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
         raise HandshakeError(
             f"no WebSocket handshake with {target.url}{via} within {within} s"
@@ -95,8 +101,7 @@ async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)
         raise
-    tunnel.machine.dialing = False
-    tunnel.machine.websocket_opened()
+    tunnel.machine.dialing = False  # (picows' on_ws_connected opened the WebSocket side)
 
 
 #: Most characters of a refusal's body quoted in a HandshakeError (and so in logs).
@@ -135,20 +140,6 @@ def _client_request(settings: DialSettings) -> ClientRequest:
     return ClientRequest(authority=target.authority, resource=target.resource,
                          headers=settings.upgrade_headers(), check=check,
                          buffer_bytes=settings.buffer_bytes)
-
-
-async def _late_refusal(protocol: PicowsProtocol, target: Target) -> HandshakeError | None:
-    """The error for a refusal whose body had not all come when the dial ran out of time,
-    once picows has it (:meth:`PicowsProtocol.release_answer`): it has already failed the
-    handshake, so nothing is waited for (None if, against that, it had not)."""
-    try:
-        async with asyncio.timeout(0):
-            await _answered(protocol, target)
-    except HandshakeError as exc:
-        return exc
-    except TimeoutError:
-        pass
-    return None
 
 
 async def _answered(protocol: PicowsProtocol, target: Target) -> None:
