@@ -122,7 +122,7 @@ class GrpclibBackend(Backend):
         trace_rpcs(self._server)  # RPC spans, once a tracer provider is set
         protocol = server_protocol(self._server)
         extra = {"peername": ("grpcbridge", 0), TUNNEL_EXTRA: current_tunnel.get()}
-        Pipe(tunnel, protocol, extra).connect()
+        Pipe(tunnel, protocol, extra)
         # Clients' frames arrive in this tunnel's WebSocket messages: keep them within its limit.
         advertise_max_frame_size(protocol, fit_frame_size(self._max_frame_size,
                                                           tunnel.max_message_bytes))
