@@ -285,7 +285,7 @@ class TunnelMachine:
         self.last_inbound = self._last_ping = self.clock()
         if self.close_code is not None:  # closed while the handshake was under way
             self._io.send_close(self.close_code, "")
-            self._arm_websocket_deadline()
+            self.websocket_flushing()
             return
         early, self._early = self._early, []
         for chunk in early:
@@ -353,11 +353,6 @@ class TunnelMachine:
         """The WebSocket began closing (a close frame was sent or received): record why."""
         self._set_close(code, reason)
         self._begin_closing()
-
-    def websocket_flushing(self) -> None:
-        """The framing layer is done (closing handshake complete or failed): the WebSocket
-        connection closes once its buffer is flushed, within the close deadline."""
-        self._arm_websocket_deadline()
 
     def websocket_lost(self, code: int, reason: str) -> None:
         """The WebSocket connection is gone. ``code``/``reason`` are used if no close was
@@ -499,7 +494,7 @@ class TunnelMachine:
                     self._io.send_close(code, fit_close_reason(reason))
                     # Read the peer's close frame even if reading was paused for backpressure.
                     self.resume_websocket()
-                self._arm_websocket_deadline()
+                self.websocket_flushing()
         self._begin_closing()
 
     def abort(self) -> None:
@@ -535,7 +530,9 @@ class TunnelMachine:
             self._stream_deadline = self.clock() + self.close_timeout
             self._io.set_timer(self.deadline)
 
-    def _arm_websocket_deadline(self) -> None:
+    def websocket_flushing(self) -> None:
+        """The WebSocket closes once flushed (our close frame is out, or the framing layer is
+        done: closing handshake complete or failed): arm its close deadline."""
         if not self.ws_lost and self._ws_deadline is None:
             self._ws_buffer_at = self._io.websocket_buffered()
             self._ws_deadline = self.clock() + self.close_timeout
