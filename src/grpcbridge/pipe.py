@@ -33,11 +33,9 @@ class ProtocolTransport(asyncio.Transport):
         self.held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue a write; everything written during one loop iteration leaves as one
-        WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
-        WINDOW_UPDATE, trailers). Large bursts are sent at once. A message never grows past
-        ``COALESCE_LIMIT`` by coalescing (only a single larger write is sent as is), so a
-        peer accepting messages of that size and of one frame never refuses one."""
+        """Queue a write: what is written during one loop iteration leaves as one WebSocket
+        message, sent at once at ``COALESCE_LIMIT`` bytes (see there), as grpclib writes each
+        HTTP/2 frame separately (HEADERS, DATA, WINDOW_UPDATE, trailers)."""
         if self._pipe.closed:
             return  # like a socket transport after close(): silently ignored
         data = bytes(data)

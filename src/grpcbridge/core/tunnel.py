@@ -3,12 +3,11 @@ other, and what happens between them from open to close.
 
 :class:`TunnelMachine` knows nothing of sockets, event loops or WebSocket framing. Its adapters
 (the asyncio relay of the bridge and the forwarder, the ASGI app's tunnel and the browser's
-WebSocket transport) feed it inputs - a data message arrived, stream bytes arrived, a side
-was lost, a write buffer filled or drained, the clock advanced - and carry out its outputs
-through a
-:class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
-resume reading a side, close or abort a side. It reads time from a clock the adapter gives
-(the event loop's, or a fake one in tests) and says when it next needs
+WebSocket transport) feed it inputs - a data message arrived, stream bytes arrived, a side was
+lost, a write buffer filled or drained, the clock advanced - and carry out its outputs through
+a :class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
+resume reading a side, close or abort a side. It reads time from a clock the adapter gives (the
+event loop's, or a fake one in tests) and says when it next needs
 :meth:`~TunnelMachine.timer_fired` (:attr:`TunnelMachine.deadline`, armed through
 :meth:`TunnelIO.set_timer`).
 
@@ -319,10 +318,9 @@ class TunnelMachine:
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A data frame other than a whole binary message's (those may go straight to
-        :meth:`data`): text, or a continuation. False when it
-        breaks the wire rules (a text message, or a continuation of one): the tunnel is
-        then failing with 1003. Fragmented messages are taken frame by frame, so a large
-        message is never buffered whole."""
+        :meth:`data`): text, or a continuation. False when it breaks the wire rules (a text
+        message, or a continuation of one): the tunnel is then failing with 1003. Fragmented
+        messages are taken frame by frame, so a large message is never buffered whole."""
         if opcode is Opcode.TEXT or self._in_text:
             self._in_text = True
             self.fail(CloseCode.UNSUPPORTED_DATA,
