@@ -111,13 +111,13 @@ async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
 
 
 class SyncChannel(_StubFactories, grpc.Channel):
-    """A ``grpc.Channel`` whose connections go through a private forwarder running on its
-    own event loop thread."""
+    """A synchronous ``grpc.Channel`` reaching the WebSocket ``target``; its forwarder runs
+    on a private event loop thread. Arguments as for :func:`aio_channel`."""
 
     _channel: grpc.Channel
 
-    def __init__(self, target: str, options: Sequence[tuple[str, Any]],
-                 tunnel: dict[str, Any]) -> None:
+    def __init__(self, target: str, *, options: Sequence[tuple[str, Any]] = (),
+                 **tunnel: Any) -> None:
         self._loop = loop_factory("auto")()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpcbridge-channel",
                                         daemon=True)
@@ -171,8 +171,5 @@ class SyncChannel(_StubFactories, grpc.Channel):
     unsubscribe = _forward("unsubscribe")
 
 
-def sync_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
-                 **tunnel: Any) -> SyncChannel:
-    """A synchronous ``grpc.Channel`` reaching the WebSocket ``target``; its forwarder runs
-    on a private event loop thread. Arguments as for :func:`aio_channel`."""
-    return SyncChannel(target, options, tunnel)
+#: ``sync_channel(target, *, options=(), **tunnel)``: the class, named like :func:`aio_channel`.
+sync_channel = SyncChannel
