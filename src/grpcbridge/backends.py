@@ -64,16 +64,14 @@ class SocketBackend(Backend):
         return str(self.address)
 
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
-        loop = asyncio.get_running_loop()
         await asyncio.wait_for(
-            connect_address(loop, self.address, lambda: StreamSide(tunnel, buffer_bytes)),
+            connect_address(self.address, lambda: StreamSide(tunnel, buffer_bytes)),
             self.connect_timeout)
 
     async def reachable(self) -> bool:
-        loop = asyncio.get_running_loop()
         try:
             transport, _ = await asyncio.wait_for(
-                connect_address(loop, self.address, asyncio.Protocol),
+                connect_address(self.address, asyncio.Protocol),
                 min(1.0, self.connect_timeout))
         except (OSError, TimeoutError):
             return False
