@@ -265,12 +265,10 @@ class TunnelMachine:
 
     def retire_after(self, max_age: float, grace: float,
                      on_goaway: Callable[[], None] | None = None) -> None:
-        """Give the tunnel a maximum age: ``max_age`` seconds from now (jitter already
-        applied) a graceful GOAWAY goes to the client at the next frame boundary of the
-        stream side's bytes, unless the backend sent one (``on_goaway`` runs then), and
-        ``grace`` seconds after it - ``max_age + 2 x grace`` at the latest - the tunnel
-        closes with 1001. Call it before any stream byte is sent (the frame boundaries are
-        followed from the first one)."""
+        """Give the tunnel a maximum age (the module docstring's rule): ``max_age`` seconds
+        from now (jitter already applied), closing ``grace`` after the GOAWAY; ``on_goaway``
+        runs if the backend sent one. Call it before any stream byte is sent (the frame
+        boundaries of the stream side's bytes are followed from the first one)."""
         self.age = TunnelAge(self.clock, max_age, grace, on_goaway)
         self._io.set_timer(self.deadline)
 
