@@ -108,17 +108,6 @@ async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
 REASON_CHARS = 200
 
 
-def _refused(target: Target, status: int, body: bytes | bytearray | None) -> HandshakeError:
-    """The error for an upgrade answered ``status``: the server's reason (the body) quoted
-    on one line, printable and at most REASON_CHARS long."""
-    text = " ".join("".join(c if c.isprintable() else " " for c in
-                            (body or b"")[:REFUSAL_BODY].decode(errors="replace")).split())
-    if len(text) > REASON_CHARS:
-        text = text[:REASON_CHARS - 3] + "..."
-    return HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
-                          + (f": {text}" if text else ""), status=status)
-
-
 def _client_request(settings: DialSettings) -> ClientRequest:
     """The upgrade request of a picows client tunnel."""
     target = settings.target
@@ -148,10 +137,15 @@ async def _answered(protocol: PicowsProtocol, target: Target) -> None:
     try:
         await protocol.wait_until_handshake_complete()
     except WSInvalidStatusError as exc:
-        answer = exc.response
-        body = protocol.refusal_body
-        raise _refused(target, int(answer.status) if answer else 0,
-                       exc.raw_body if body is None else body) from None
+        status = int(exc.response.status) if exc.response else 0
+        body = exc.raw_body if protocol.refusal_body is None else protocol.refusal_body
+        # The server's reason (the body), quoted on one line, printable and not too long.
+        text = " ".join("".join(c if c.isprintable() else " " for c in
+                                (body or b"")[:REFUSAL_BODY].decode(errors="replace")).split())
+        if len(text) > REASON_CHARS:
+            text = text[:REASON_CHARS - 3] + "..."
+        raise HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
+                             + (f": {text}" if text else ""), status=status) from None
     except WSHandshakeError as exc:
         raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
                              status=int(exc.response.status) if exc.response else None
