@@ -42,8 +42,7 @@ class Writer(asyncio.Protocol):
 async def test_writes_of_one_loop_iteration_leave_as_one_message() -> None:
     tunnel = RecordingTunnel(asyncio.get_running_loop())
     protocol = Writer()
-    pipe = Pipe(tunnel, protocol)  # type: ignore[arg-type]
-    pipe.connect()
+    Pipe(tunnel, protocol)  # type: ignore[arg-type]
     for frame in (b"HEADERS", b"DATA", b"TRAILERS"):
         protocol.transport.write(frame)
     assert tunnel.sent == []

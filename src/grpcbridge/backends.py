@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 import os
 import shutil
 import tempfile
@@ -65,16 +64,14 @@ class SocketBackend(Backend):
         return str(self.address)
 
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
-        loop = asyncio.get_running_loop()
         await asyncio.wait_for(
-            connect_address(loop, self.address, lambda: StreamSide(tunnel, buffer_bytes)),
+            connect_address(self.address, lambda: StreamSide(tunnel, buffer_bytes)),
             self.connect_timeout)
 
     async def reachable(self) -> bool:
-        loop = asyncio.get_running_loop()
         try:
             transport, _ = await asyncio.wait_for(
-                connect_address(loop, self.address, asyncio.Protocol),
+                connect_address(self.address, asyncio.Protocol),
                 min(1.0, self.connect_timeout))
         except (OSError, TimeoutError):
             return False
@@ -104,8 +101,8 @@ class GrpclibBackend(Backend):
         self._max_frame_size = max_frame_size_for(max_frame_size, None)
         self._handlers = list(handlers)
         self._options = server_options
+        #: grpclib's Server, from start() until close().
         self._server: Any = None
-        self._closed = False
 
     def __str__(self) -> str:
         names = ", ".join(type(handler).__name__ for handler in self._handlers)
@@ -117,24 +114,23 @@ class GrpclibBackend(Backend):
         self._server = Server(self._handlers, **self._options)
 
     async def connect(self, tunnel: Any, buffer_bytes: int) -> None:
-        if self._server is None or self._closed:
+        if self._server is None:
             raise ConnectionRefusedError("the in-process grpclib server is not running")
         trace_rpcs(self._server)  # RPC spans, once a tracer provider is set
         protocol = server_protocol(self._server)
         extra = {"peername": ("grpcbridge", 0), TUNNEL_EXTRA: current_tunnel.get()}
-        Pipe(tunnel, protocol, extra).connect()
+        Pipe(tunnel, protocol, extra)
         # Clients' frames arrive in this tunnel's WebSocket messages: keep them within its limit.
         advertise_max_frame_size(protocol, fit_frame_size(self._max_frame_size,
                                                           tunnel.max_message_bytes))
 
     async def reachable(self) -> bool:
-        return self._server is not None and not self._closed
+        return self._server is not None
 
     async def close(self) -> None:
         """Close every connection handler (grpclib's ``Server.close`` needs ``start()``,
         which a WebSocket-only server never calls)."""
-        self._closed = True
-        server = self._server
+        server, self._server = self._server, None
         if server is None:
             return
         handlers = server_handlers(server)
@@ -173,5 +169,4 @@ class GrpcioBackend(SocketBackend):
         return f"grpcio via {self.address}"
 
     async def close(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(self.directory)
+        shutil.rmtree(self.directory, ignore_errors=True)

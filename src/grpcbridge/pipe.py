@@ -33,11 +33,9 @@ class ProtocolTransport(asyncio.Transport):
         self.held_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Queue a write; everything written during one loop iteration leaves as one
-        WebSocket message (grpclib writes each HTTP/2 frame separately: HEADERS, DATA,
-        WINDOW_UPDATE, trailers). Large bursts are sent at once. A message never grows past
-        ``COALESCE_LIMIT`` by coalescing (only a single larger write is sent as is), so a
-        peer accepting messages of that size and of one frame never refuses one."""
+        """Queue a write: what is written during one loop iteration leaves as one WebSocket
+        message, sent at once at ``COALESCE_LIMIT`` bytes (see there), as grpclib writes each
+        HTTP/2 frame separately (HEADERS, DATA, WINDOW_UPDATE, trailers)."""
         if self._pipe.closed:
             return  # like a socket transport after close(): silently ignored
         data = bytes(data)
@@ -75,8 +73,10 @@ class ProtocolTransport(asyncio.Transport):
 
 
 class Pipe(asyncio.Transport):
-    """Connects ``tunnel``'s stream side to ``protocol``; closing either end closes both. The
-    pipe itself is the transport the tunnel writes stream bytes to (its end of the pipe)."""
+    """Connects ``tunnel``'s stream side to ``protocol`` at once: ``connection_made`` on the
+    protocol, then the pipe attaches to the tunnel (which delivers any stream bytes that
+    arrived before). Closing either end closes both. The pipe itself is the transport the
+    tunnel writes stream bytes to (its end of the pipe)."""
 
     def __init__(self, tunnel: StreamAdapter, protocol: asyncio.Protocol,
                  extra: dict[str, Any] | None = None) -> None:
@@ -85,13 +85,8 @@ class Pipe(asyncio.Transport):
         self.protocol = protocol
         self.closed = False
         self.paused = False
-        self.protocol_transport = ProtocolTransport(self, extra or {})
-
-    def connect(self) -> None:
-        """Call ``connection_made`` on the protocol, then attach the pipe to the tunnel (which
-        delivers any stream bytes that arrived before)."""
-        self.protocol.connection_made(self.protocol_transport)
-        self.tunnel.attach_stream(self)
+        protocol.connection_made(ProtocolTransport(self, extra or {}))
+        tunnel.attach_stream(self)
 
     # ------------------------------------- the tunnel's end: its stream transport
 

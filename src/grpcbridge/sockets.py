@@ -23,11 +23,10 @@ if TYPE_CHECKING:
 
 
 async def connect_address(
-    loop: asyncio.AbstractEventLoop,
-    address: SocketAddress,
-    factory: Callable[[], asyncio.Protocol],
+    address: SocketAddress, factory: Callable[[], asyncio.Protocol],
 ) -> tuple[asyncio.Transport, asyncio.Protocol]:
     """Connect to a TCP or unix socket address with ``factory``'s protocol."""
+    loop = asyncio.get_running_loop()
     if address.path is not None:
         return await loop.create_unix_connection(factory, address.path)
     assert address.host is not None and address.port is not None

@@ -41,7 +41,7 @@ class _TunnelConnection:
     def attach(self, protocol: asyncio.Protocol) -> None:
         tunnel = self.tunnel
         peername = tunnel.ws_transport.get_extra_info("peername") if tunnel.ws_transport else None
-        Pipe(tunnel, protocol, {"peername": peername}).connect()
+        Pipe(tunnel, protocol, {"peername": peername})
 
     @property
     def usable(self) -> bool:

@@ -9,6 +9,7 @@ the upgrade carries the settings' headers, and failures raise :class:`HandshakeE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Mapping, Sequence
@@ -83,11 +84,16 @@ async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
             await _connect(tunnel, settings, within, protocol)
             await _answered(protocol, target)
     except TimeoutError:
-        # A refusal whose body had not all come: picows fails the handshake with it now.
-        refused = await _late_refusal(protocol, target) if protocol.release_answer() else None
-        _abandon(tunnel)
-        if refused is not None:
-            raise refused from None
+        try:
+            # A refusal whose body had not all come: picows has failed the handshake with it
+            # once released, so nothing is waited for (and nothing raised if, against that,
+            # it had not).
+            if protocol.release_answer():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0):
+                        await _answered(protocol, target)
+        finally:
+            _abandon(tunnel)
         via = f" through proxy {settings.proxy.address}" if settings.proxy else ""
         raise HandshakeError(
             f"no WebSocket handshake with {target.url}{via} within {within} s"
@@ -95,23 +101,11 @@ async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
     except BaseException:  # HandshakeError, or cancellation
         _abandon(tunnel)
         raise
-    tunnel.machine.dialing = False
-    tunnel.machine.websocket_opened()
+    tunnel.machine.dialing = False  # (picows' on_ws_connected opened the WebSocket side)
 
 
 #: Most characters of a refusal's body quoted in a HandshakeError (and so in logs).
 REASON_CHARS = 200
-
-
-def _refused(target: Target, status: int, body: bytes | bytearray | None) -> HandshakeError:
-    """The error for an upgrade answered ``status``: the server's reason (the body) quoted
-    on one line, printable and at most REASON_CHARS long."""
-    text = " ".join("".join(c if c.isprintable() else " " for c in
-                            (body or b"")[:REFUSAL_BODY].decode(errors="replace")).split())
-    if len(text) > REASON_CHARS:
-        text = text[:REASON_CHARS - 3] + "..."
-    return HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
-                          + (f": {text}" if text else ""), status=status)
 
 
 def _client_request(settings: DialSettings) -> ClientRequest:
@@ -137,30 +131,21 @@ def _client_request(settings: DialSettings) -> ClientRequest:
                          buffer_bytes=settings.buffer_bytes)
 
 
-async def _late_refusal(protocol: PicowsProtocol, target: Target) -> HandshakeError | None:
-    """The error for a refusal whose body had not all come when the dial ran out of time,
-    once picows has it (:meth:`PicowsProtocol.release_answer`): it has already failed the
-    handshake, so nothing is waited for (None if, against that, it had not)."""
-    try:
-        async with asyncio.timeout(0):
-            await _answered(protocol, target)
-    except HandshakeError as exc:
-        return exc
-    except TimeoutError:
-        pass
-    return None
-
-
 async def _answered(protocol: PicowsProtocol, target: Target) -> None:
     """Wait until picows has the upgrade answer; raise HandshakeError unless it opened
     the tunnel."""
     try:
         await protocol.wait_until_handshake_complete()
     except WSInvalidStatusError as exc:
-        answer = exc.response
-        body = protocol.refusal_body
-        raise _refused(target, int(answer.status) if answer else 0,
-                       exc.raw_body if body is None else body) from None
+        status = int(exc.response.status) if exc.response else 0
+        body = exc.raw_body if protocol.refusal_body is None else protocol.refusal_body
+        # The server's reason (the body), quoted on one line, printable and not too long.
+        text = " ".join("".join(c if c.isprintable() else " " for c in
+                                (body or b"")[:REFUSAL_BODY].decode(errors="replace")).split())
+        if len(text) > REASON_CHARS:
+            text = text[:REASON_CHARS - 3] + "..."
+        raise HandshakeError(f"{target.url} refused the WebSocket upgrade: HTTP {status}"
+                             + (f": {text}" if text else ""), status=status) from None
     except WSHandshakeError as exc:
         raise HandshakeError(f"{target.url} answered the WebSocket upgrade wrongly: {exc}",
                              status=int(exc.response.status) if exc.response else None

@@ -3,12 +3,11 @@ other, and what happens between them from open to close.
 
 :class:`TunnelMachine` knows nothing of sockets, event loops or WebSocket framing. Its adapters
 (the asyncio relay of the bridge and the forwarder, the ASGI app's tunnel and the browser's
-WebSocket transport) feed it inputs - a data message arrived, stream bytes arrived, a side
-was lost, a write buffer filled or drained, the clock advanced - and carry out its outputs
-through a
-:class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
-resume reading a side, close or abort a side. It reads time from a clock the adapter gives
-(the event loop's, or a fake one in tests) and says when it next needs
+WebSocket transport) feed it inputs - a data message arrived, stream bytes arrived, a side was
+lost, a write buffer filled or drained, the clock advanced - and carry out its outputs through
+a :class:`TunnelIO` it implements: send a message or a ping, write to the stream, pause or
+resume reading a side, close or abort a side. It reads time from a clock the adapter gives (the
+event loop's, or a fake one in tests) and says when it next needs
 :meth:`~TunnelMachine.timer_fired` (:attr:`TunnelMachine.deadline`, armed through
 :meth:`TunnelIO.set_timer`).
 
@@ -266,12 +265,10 @@ class TunnelMachine:
 
     def retire_after(self, max_age: float, grace: float,
                      on_goaway: Callable[[], None] | None = None) -> None:
-        """Give the tunnel a maximum age: ``max_age`` seconds from now (jitter already
-        applied) a graceful GOAWAY goes to the client at the next frame boundary of the
-        stream side's bytes, unless the backend sent one (``on_goaway`` runs then), and
-        ``grace`` seconds after it - ``max_age + 2 x grace`` at the latest - the tunnel
-        closes with 1001. Call it before any stream byte is sent (the frame boundaries are
-        followed from the first one)."""
+        """Give the tunnel a maximum age (the module docstring's rule): ``max_age`` seconds
+        from now (jitter already applied), closing ``grace`` after the GOAWAY; ``on_goaway``
+        runs if the backend sent one. Call it before any stream byte is sent (the frame
+        boundaries of the stream side's bytes are followed from the first one)."""
         self.age = TunnelAge(self.clock, max_age, grace, on_goaway)
         self._io.set_timer(self.deadline)
 
@@ -285,7 +282,7 @@ class TunnelMachine:
         self.last_inbound = self._last_ping = self.clock()
         if self.close_code is not None:  # closed while the handshake was under way
             self._io.send_close(self.close_code, "")
-            self._arm_websocket_deadline()
+            self.websocket_flushing()
             return
         early, self._early = self._early, []
         for chunk in early:
@@ -319,10 +316,9 @@ class TunnelMachine:
 
     def frame(self, opcode: Opcode, payload: bytes) -> bool:
         """A data frame other than a whole binary message's (those may go straight to
-        :meth:`data`): text, or a continuation. False when it
-        breaks the wire rules (a text message, or a continuation of one): the tunnel is
-        then failing with 1003. Fragmented messages are taken frame by frame, so a large
-        message is never buffered whole."""
+        :meth:`data`): text, or a continuation. False when it breaks the wire rules (a text
+        message, or a continuation of one): the tunnel is then failing with 1003. Fragmented
+        messages are taken frame by frame, so a large message is never buffered whole."""
         if opcode is Opcode.TEXT or self._in_text:
             self._in_text = True
             self.fail(CloseCode.UNSUPPORTED_DATA,
@@ -353,11 +349,6 @@ class TunnelMachine:
         """The WebSocket began closing (a close frame was sent or received): record why."""
         self._set_close(code, reason)
         self._begin_closing()
-
-    def websocket_flushing(self) -> None:
-        """The framing layer is done (closing handshake complete or failed): the WebSocket
-        connection closes once its buffer is flushed, within the close deadline."""
-        self._arm_websocket_deadline()
 
     def websocket_lost(self, code: int, reason: str) -> None:
         """The WebSocket connection is gone. ``code``/``reason`` are used if no close was
@@ -499,7 +490,7 @@ class TunnelMachine:
                     self._io.send_close(code, fit_close_reason(reason))
                     # Read the peer's close frame even if reading was paused for backpressure.
                     self.resume_websocket()
-                self._arm_websocket_deadline()
+                self.websocket_flushing()
         self._begin_closing()
 
     def abort(self) -> None:
@@ -535,7 +526,9 @@ class TunnelMachine:
             self._stream_deadline = self.clock() + self.close_timeout
             self._io.set_timer(self.deadline)
 
-    def _arm_websocket_deadline(self) -> None:
+    def websocket_flushing(self) -> None:
+        """The WebSocket closes once flushed (our close frame is out, or the framing layer is
+        done: closing handshake complete or failed): arm its close deadline."""
         if not self.ws_lost and self._ws_deadline is None:
             self._ws_buffer_at = self._io.websocket_buffered()
             self._ws_deadline = self.clock() + self.close_timeout

@@ -11,7 +11,7 @@ import string
 #: Writes made together (one event-loop iteration in CPython, one JavaScript task in the
 #: browser) leave as one WebSocket message, sent at once when this many bytes are held. A
 #: message never grows past it by coalescing (only a single larger write is sent as is), so
-#: a peer accepting messages of this size never refuses one (see ``grpcbridge.pipe``).
+#: a peer accepting messages (and frames) of this size never refuses one (see grpcbridge.pipe).
 COALESCE_LIMIT = 256 * 1024
 
 #: The characters of an HTTP token (RFC 9110 ``tchar``): what a WebSocket subprotocol, and
