@@ -357,7 +357,7 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         if self._paused:
             # Replies (HTTP/2 WINDOW_UPDATEs) arrive as sent data drains: a cheap moment to
             # check, and one that timers throttled in background tabs cannot delay.
-            self._check_resume(stop_watcher=True)
+            self._check_resume()
         machine.data(payload)  # to the protocol, or held in order until one is attached
         if self.protocol is None:
             self.stats.max_pending_bytes = max(self.stats.max_pending_bytes,
@@ -482,13 +482,13 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         check_buffer_sizes(high, low, self._max_buffer_bytes, self._max_message_bytes)
         self._high_water, self._low_water = high, low
 
-    def _check_resume(self, *, stop_watcher: bool = False) -> None:
+    def _check_resume(self) -> None:
         """Resume writing if held bytes plus ``bufferedAmount`` fell to ``low_water``."""
         if not self._paused or self.machine.close_code is not None or \
                 self._held_bytes + self._read_buffered() > self._low_water:
             return
         self._paused = False
-        if stop_watcher and self._watcher is not None:
+        if self._watcher is not None:  # (run by the watcher itself, it ends all the same)
             self._watcher.cancel()
             self._watcher = None
         self.machine.websocket_write_resumed()  # -> protocol.resume_writing()
