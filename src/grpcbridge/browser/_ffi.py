@@ -26,11 +26,6 @@ def ffi() -> Any:
     return ffi_module
 
 
-def create_proxy(function: Any) -> Any:
-    """A long-lived JavaScript function that calls ``function`` (destroy it when done)."""
-    return ffi().create_proxy(function)
-
-
 def page_location() -> tuple[str, str] | None:
     """``(location.protocol, location.host)`` of the page or worker, or ``None`` where
     there is no location (Node)."""

@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 from grpclib.exceptions import StreamTerminatedError
 
 from .._grpclib_compat import open_streams, release_finished_streams
+from ..core.age import FRAME_HEADER_BYTES
 from ..core.config import check_positive
 from ..core.errors import ConfigError, HandshakeError, TunnelClosed
 from ..core.stream import (
@@ -129,9 +130,9 @@ def _control_frames_only(data: bytes | bytearray | memoryview) -> bool:
     view = memoryview(data)
     offset = 0
     while offset < len(view):
-        if len(view) - offset < 9 or view[offset + 3] not in _CONTROL_FRAME_TYPES:
+        if len(view) - offset < FRAME_HEADER_BYTES or view[offset + 3] not in _CONTROL_FRAME_TYPES:
             return False  # a partial frame header, or a frame that carries request data
-        offset += 9 + int.from_bytes(view[offset:offset + 3], "big")
+        offset += FRAME_HEADER_BYTES + int.from_bytes(view[offset:offset + 3], "big")
     return offset == len(view)
 
 
@@ -209,8 +210,6 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         self._paused = False
         self._watcher: asyncio.Task[None] | None = None
         self._drainer: asyncio.Task[None] | None = None
-        #: The wait for ``close`` after an ``error`` event.
-        self._error_timer: asyncio.TimerHandle | None = None
         #: Who began the close: ``"client"`` (this side), ``"server"`` or ``"error"``.
         self.closed_by: str | None = None
         #: Code of the ``close`` event, when one arrived.
@@ -236,13 +235,14 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
             raise HandshakeError(f"cannot open a WebSocket to {self.name}: {exc}") from None
         self.websocket.binaryType = "arraybuffer"
         # Install every handler now, before the socket can open or deliver anything.
+        create_proxy = _ffi.ffi().create_proxy  # long-lived: destroyed in _destroy_proxies
         self._proxies: dict[str, Any] = {  # onopen -> _handle_open, looked up per event
-            handler: _ffi.create_proxy(partial(self._guard, "_handle_" + handler[2:]))
+            handler: create_proxy(partial(self._guard, "_handle_" + handler[2:]))
             for handler in _HANDLERS}
         for handler, proxy in self._proxies.items():
             setattr(self.websocket, handler, proxy)
         # One long-lived proxy runs every flush microtask (no proxy per flush).
-        self._proxies["flush"] = self._flush_proxy = _ffi.create_proxy(self._flush_task_end)
+        self._proxies["flush"] = self._flush_proxy = create_proxy(self._flush_task_end)
         WebSocketTransport.live_proxies += len(self._proxies)
 
     def __repr__(self) -> str:
@@ -357,7 +357,7 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         if self._paused:
             # Replies (HTTP/2 WINDOW_UPDATEs) arrive as sent data drains: a cheap moment to
             # check, and one that timers throttled in background tabs cannot delay.
-            self._check_resume(stop_watcher=True)
+            self._check_resume()
         machine.data(payload)  # to the protocol, or held in order until one is attached
         if self.protocol is None:
             self.stats.max_pending_bytes = max(self.stats.max_pending_bytes,
@@ -381,14 +381,14 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
             # then fires no close event at all; browsers fire one with 1006.)
             self._closed_there(CloseCode.ABNORMAL, "WebSocket error before opening")
         # A close event follows an error event and carries the code: wait for it, briefly.
-        if self._error_timer is not None:
-            self._error_timer.cancel()
-        self._error_timer = self.loop.call_later(ERROR_CLOSE_TIMEOUT, self._error_timer_fired)
+        self.loop.call_later(ERROR_CLOSE_TIMEOUT, self._error_timer_fired)
 
     def _error_timer_fired(self) -> None:
-        self._error_timer = None
-        self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed")
-        self._finalize()
+        # Nothing to do once the socket is gone (both calls below are then no-ops), nor once
+        # this side closed: the machine's close deadline applies then.
+        if self.closed_by != "client":
+            self._closed_there(CloseCode.ABNORMAL, "WebSocket error; no close event followed")
+            self._finalize()
 
     # ----------------------------------------------------------------- writing
 
@@ -482,13 +482,13 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         check_buffer_sizes(high, low, self._max_buffer_bytes, self._max_message_bytes)
         self._high_water, self._low_water = high, low
 
-    def _check_resume(self, *, stop_watcher: bool = False) -> None:
+    def _check_resume(self) -> None:
         """Resume writing if held bytes plus ``bufferedAmount`` fell to ``low_water``."""
         if not self._paused or self.machine.close_code is not None or \
                 self._held_bytes + self._read_buffered() > self._low_water:
             return
         self._paused = False
-        if stop_watcher and self._watcher is not None:
+        if self._watcher is not None:  # (run by the watcher itself, it ends all the same)
             self._watcher.cancel()
             self._watcher = None
         self.machine.websocket_write_resumed()  # -> protocol.resume_writing()
@@ -577,9 +577,6 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
         # Closing began before (every path here sets the close code, and any held writes
         # were sent or accounted for then): the machine only records the loss.
         self.machine.websocket_lost(CloseCode.ABNORMAL, "WebSocket gone")
-        if self._error_timer is not None:
-            self._error_timer.cancel()
-            self._error_timer = None
         if self._watcher is not None:
             self._watcher.cancel()  # a no-op once it is done
         ws = self.websocket
@@ -616,9 +613,6 @@ class WebSocketTransport(asyncio.Transport, TunnelIO):
     def send_close(self, code: int, reason: str) -> None:
         if self.closed_by is None:  # this side begins the close
             self.closed_by = "client"
-            if self._error_timer is not None:  # the machine's close deadline applies now
-                self._error_timer.cancel()
-                self._error_timer = None
             # Writes accepted before the close go out first (drain before close); if the
             # socket can no longer send, _flush accounts for them.
             self._flush()

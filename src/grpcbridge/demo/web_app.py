@@ -100,7 +100,7 @@ class TodoApp:
 
     def _listen(self, target: Any, kind: str, handler: Callable[[Any], None]) -> None:
         # The listener keeps the proxy alive as long as the page (it is never destroyed).
-        target.addEventListener(kind, _ffi.create_proxy(handler))
+        target.addEventListener(kind, _ffi.ffi().create_proxy(handler))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task that is kept referenced until it is done."""
