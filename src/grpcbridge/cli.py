@@ -44,12 +44,6 @@ def _token(args: argparse.Namespace) -> str | None:
     return from_env
 
 
-def _metrics_address(value: str | None) -> str | None:
-    if value is None or ":" in value:
-        return value
-    return f"127.0.0.1:{value}"  # a bare port: loopback
-
-
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", metavar="PATH",
                         help=f"file holding the bearer token (or set ${TOKEN_ENV})")
@@ -206,8 +200,9 @@ def _config(cls: type[ConfigT], args: argparse.Namespace, **derived: Any) -> Con
 
 def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
     token = _token(args)
-    return _config(BridgeConfig, args, authenticate=BearerTokenAuth(token) if token else None,
-                   metrics_listen=_metrics_address(args.metrics_listen))
+    if args.metrics_listen is not None and ":" not in args.metrics_listen:
+        args.metrics_listen = f"127.0.0.1:{args.metrics_listen}"  # a bare port: loopback
+    return _config(BridgeConfig, args, authenticate=BearerTokenAuth(token) if token else None)
 
 
 def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:

@@ -146,9 +146,7 @@ def loggable_path(path: str, limit: int = LOGGABLE_PATH_LIMIT) -> str:
     """``path`` made safe for logs and rejection reasons: cut before any ``;`` parameters
     or ``?`` query (where clients put tokens), non-printable characters escaped as by
     :func:`repr`, and at most ``limit`` characters (longer ones end with ``...``)."""
-    match = _PATH_CUT.search(path)
-    if match is not None:
-        path = path[: match.start()]
+    path = _PATH_CUT.split(path, maxsplit=1)[0]
     text = "".join(ch if ch.isprintable() else repr(ch)[1:-1]
                    for ch in path[: limit + 1])  # enough for the check below, whatever its length
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."

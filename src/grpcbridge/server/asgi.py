@@ -346,12 +346,6 @@ class BridgeApp(TunnelServer):
         else:
             await send({"type": "websocket.close", "code": CloseCode.POLICY_VIOLATION})
 
-    async def _shutting_down(self, scope: Scope, send: Send, peer: str, path: str,
-                             request_id: str) -> None:
-        rejection = Rejection(503, "the bridge is shutting down", label="shutdown")
-        self.gate.rejected(rejection, request_id=request_id, peer=peer, path=path)
-        await self._reject(scope, send, rejection, request_id)
-
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
         message = await receive()
@@ -359,20 +353,19 @@ class BridgeApp(TunnelServer):
             return
         headers, peer, request_id, client_request_id = self._request(scope)
         path = scope["path"]
-        if self._closing:
-            await self._shutting_down(scope, send, peer, path, request_id)
-            return
-        decision = await self.gate.check(
+        decision = None if self._closing else await self.gate.check(
             request_id=request_id, client_request_id=client_request_id, path=path,
             query=scope.get("query_string", b"").decode("latin-1"),
             headers=headers, peer=peer, websocket=True, now=loop.time())
+        if not isinstance(decision, Rejection) and self._closing:
+            if decision is not None:  # close() began while the auth hook ran
+                self.gate.limiter.release(decision.client, loop.time())
+            decision = Rejection(503, "the bridge is shutting down", label="shutdown")
+            self.gate.rejected(decision, request_id=request_id, peer=peer, path=path)
         if isinstance(decision, Rejection):
             await self._reject(scope, send, decision, request_id)
             return
-        if self._closing:  # close() began while the auth hook ran
-            self.gate.limiter.release(decision.client, loop.time())
-            await self._shutting_down(scope, send, peer, path, request_id)
-            return
+        assert decision is not None
         try:
             await self._ensure_started()
             await send({"type": "websocket.accept", "subprotocol": decision.subprotocol,

@@ -191,7 +191,6 @@ class Supervisor:
         #: Set once every worker is ready, or on a stop, whichever comes first.
         self._settled = asyncio.Event()
         self._ready = 0  # workers serving
-        self._started = False
         self._exit_code = 0
         self._signals = 0
         self._sock: socket.socket | None = None
@@ -222,7 +221,6 @@ class Supervisor:
             slots = [loop.create_task(self._slot(index)) for index in range(self.count)]
             await self._settled.wait()
             if not self._stop.is_set():
-                self._started = True
                 bound = (None if self.config.listen_address.path is not None
                          else self._sock.getsockname()[:2])
                 log_event("bridge_started", listen=endpoint(self.config, bound),
@@ -257,7 +255,7 @@ class Supervisor:
             code = await self._watch(worker)
             if self._stop.is_set():
                 return
-            if not self._started and not worker.ready:
+            if not self._settled.is_set() and not worker.ready:  # a first start failed
                 self._fail(code if code > 0 else 1, "worker_failed_to_start", worker=index,
                            pid=worker.process.pid, code=code)
                 return
