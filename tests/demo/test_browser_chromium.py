@@ -43,6 +43,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import psutil
 import pytest
@@ -175,15 +176,8 @@ def playwright(demo_ready: None) -> Iterator[Any]:
     before = {p.pid for p in _chromium_processes()}
     # Chromium's own stderr (crash reasons, renderer exits) goes to the test's captured
     # output through Playwright's driver, so a failure report shows it.
-    saved = os.environ.get("DEBUG")
-    os.environ["DEBUG"] = "pw:browser"
-    try:
+    with mock.patch.dict(os.environ, DEBUG="pw:browser"):
         instance = sync_playwright().start()
-    finally:
-        if saved is None:
-            del os.environ["DEBUG"]
-        else:
-            os.environ["DEBUG"] = saved
     try:
         yield instance
     finally:
@@ -380,13 +374,11 @@ def test_memory_cache_profile_loads_cleanly(playwright: Any, server: DemoServer)
     try:
         context = browser.new_context(viewport={"width": 1100, "height": 900})
         private = Tab(context, server.url)
-        private.open()
-        assert private.errors() == [], "\n".join(private.console)
-        assert private.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), private.requests
-        private.requests.clear()
-        private.reload()
-        assert private.errors() == [], "\n".join(private.console)
-        assert private.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), private.requests
+        for load in (private.open, private.reload):
+            private.requests.clear()
+            load()
+            assert private.errors() == [], "\n".join(private.console)
+            assert private.runtime_requests() == dict.fromkeys(RUNTIME_FILES, 1), private.requests
         context.close()
     finally:
         browser.close()
