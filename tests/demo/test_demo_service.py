@@ -9,7 +9,6 @@ product services themselves have none of that (checked at the end).
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import signal
 import socket
@@ -28,7 +27,6 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 from todo_oracle import OracleService, OracleServicer, serve
 
-import grpcbridge.demo
 from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.service import TodoServicer
@@ -291,14 +289,9 @@ def test_sync_cancel_unsubscribes(
 
 
 def test_main_subprocess_serves_until_sigterm(tmp_path: Path) -> None:
-    src = Path(grpcbridge.demo.__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
-    }
     cmd = [sys.executable, "-m", "grpcbridge.demo.service", "--listen", "127.0.0.1:0"]
     proc = subprocess.Popen(
-        [*cmd, "--db", str(tmp_path / "todos.db")], stdout=subprocess.PIPE, text=True, env=env
+        [*cmd, "--db", str(tmp_path / "todos.db")], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
