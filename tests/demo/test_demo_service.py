@@ -9,7 +9,6 @@ product services themselves have none of that (checked at the end).
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import signal
 import socket
@@ -28,7 +27,6 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 from todo_oracle import OracleService, OracleServicer, serve
 
-import grpcbridge.demo
 from grpcbridge.demo import MAX_TEXT_LENGTH, todo_pb2, todo_pb2_grpc
 from grpcbridge.demo.grpclib_service import TodoService
 from grpcbridge.demo.service import TodoServicer
@@ -73,8 +71,7 @@ def stub(channel: grpc.Channel) -> todo_pb2_grpc.TodoServiceStub:
 
 
 def test_store_crud_and_change_feed() -> None:
-    store = TodoStore()
-    try:
+    with contextlib.closing(TodoStore()) as store:
         events: list[todo_pb2.SyncResponse] = []
         store.subscribe(events.append)
         a = store.create("a")
@@ -91,8 +88,6 @@ def test_store_crud_and_change_feed() -> None:
         store.unsubscribe(events.append)
         store.create("c")
         assert len(events) == 4
-    finally:
-        store.close()
 
 
 def test_unary_crud(stub: todo_pb2_grpc.TodoServiceStub) -> None:
@@ -294,14 +289,9 @@ def test_sync_cancel_unsubscribes(
 
 
 def test_main_subprocess_serves_until_sigterm(tmp_path: Path) -> None:
-    src = Path(grpcbridge.demo.__file__).resolve().parents[2]
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
-    }
     cmd = [sys.executable, "-m", "grpcbridge.demo.service", "--listen", "127.0.0.1:0"]
     proc = subprocess.Popen(
-        [*cmd, "--db", str(tmp_path / "todos.db")], stdout=subprocess.PIPE, text=True, env=env
+        [*cmd, "--db", str(tmp_path / "todos.db")], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
@@ -320,11 +310,8 @@ def test_main_subprocess_serves_until_sigterm(tmp_path: Path) -> None:
             proc.wait()
         if proc.stdout is not None:
             proc.stdout.close()
-    store = TodoStore(str(tmp_path / "todos.db"))
-    try:
+    with contextlib.closing(TodoStore(str(tmp_path / "todos.db"))) as store:
         assert [t.text for t in store.list()] == ["persisted"]
-    finally:
-        store.close()
 
 
 # ------------------------------------------------------------------ the todo text rule
@@ -351,8 +338,7 @@ def test_text_rule() -> None:
 
 
 def test_store_refuses_invalid_text_on_every_write() -> None:
-    store = TodoStore(max_text_length=LIMIT)
-    try:
+    with contextlib.closing(TodoStore(max_text_length=LIMIT)) as store:
         feed: list[todo_pb2.SyncResponse] = []
         store.subscribe(feed.append)
         with pytest.raises(InvalidTextError, match=r"^text must be 1-500 characters, got 501$"):
@@ -370,8 +356,6 @@ def test_store_refuses_invalid_text_on_every_write() -> None:
             assert store.apply_sync(request) == error
         assert [t.text for t in store.list()] == ["ok"]
         assert feed == [todo_pb2.SyncResponse(todo=todo)]  # the refused writes published nothing
-    finally:
-        store.close()
     with pytest.raises(ValueError, match="at least 1"):
         TodoStore(max_text_length=0)
 
@@ -418,12 +402,9 @@ async def todo_stub(kind: str, store: TodoStore, *, oracle: bool
 async def limited(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceStub]:
     """A Todo service stub (either implementation, as the test oracle) whose store has the
     demo's text limit."""
-    store = TodoStore(max_text_length=LIMIT)
-    try:
+    with contextlib.closing(TodoStore(max_text_length=LIMIT)) as store:
         async with todo_stub(request.param, store, oracle=True) as stub:
             yield stub
-    finally:
-        store.close()
 
 
 async def _refused(call: object, message: str) -> None:
@@ -501,12 +482,9 @@ async def test_sync_actions_refuse_invalid_text(limited: TodoServiceStub) -> Non
 @pytest.fixture(params=["grpcio", "grpclib"])
 async def product(request: pytest.FixtureRequest) -> AsyncIterator[TodoServiceStub]:
     """A grpclib client stub of a product Todo service (no test oracle)."""
-    store = TodoStore()
-    try:
+    with contextlib.closing(TodoStore()) as store:
         async with todo_stub(request.param, store, oracle=False) as stub:
             yield stub
-    finally:
-        store.close()
 
 
 async def test_product_services_echo_nothing_and_fail_on_nothing(

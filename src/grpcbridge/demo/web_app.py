@@ -43,9 +43,8 @@ __all__ = ["TodoApp", "describe_error", "main"]
 
 #: Seconds an action RPC (add, edit, delete...) may take before it is reported as failed.
 RPC_TIMEOUT = 15.0
-#: Reconnect backoff: first retry after about FIRST_RETRY s, doubling up to MAX_RETRY s.
-FIRST_RETRY = 0.25
-MAX_RETRY = 3.0
+#: Reconnect backoff: first retry after about 0.25 s, doubling up to 3 s (+/- 20 %).
+RETRY = ReconnectPolicy(initial_delay=0.25, multiplier=2, max_delay=3.0)
 #: Entries kept in the "gRPC calls from this page" list.
 LOG_ENTRIES = 8
 
@@ -90,7 +89,7 @@ class TodoApp:
     def start(self) -> None:
         """Wire the page's controls and start the sync loop."""
         self._listen(self._element("new-form"), "submit", self._on_submit)
-        self._listen(self._element("bulk-add"), "click", self._on_bulk)
+        self._listen(self._element("bulk-add"), "click", lambda _event: self._spawn(self._bulk()))
         for kind in ("click", "change", "dblclick", "keydown", "focusout"):
             self._listen(self._list, kind, self._on_list_event)
         self._listen(self._js.window, "online", lambda _event: self._wake.set())
@@ -123,8 +122,7 @@ class TodoApp:
             self._failures += 1
             if not self.first_attempt.done():
                 self.first_attempt.set_result((False, reason))
-            delay = min(FIRST_RETRY * 2 ** (self._failures - 1), MAX_RETRY)
-            deadline = loop.time() + delay * (0.8 + 0.4 * random.random())
+            deadline = loop.time() + RETRY.delay(self._failures, random.random())
             self._wake.clear()
             while (left := deadline - loop.time()) > 0:
                 self._set_status(None, f"{reason} · next try in {left:.1f} s")
@@ -204,17 +202,14 @@ class TodoApp:
                             "delete the todo", lambda _: f"deleted {_quote(text)}") is not None:
             self._remove(todo_id)
 
-    def _on_bulk(self, _event: Any) -> None:
+    async def _bulk(self) -> None:
         lines = str(self._element("bulk-text").value).splitlines()
         texts = [text for text in map(str.strip, lines) if text]
-        if not texts:
-            self._element("bulk-result").textContent = "Nothing to add: type one todo per line."
-            return
-        self._spawn(self._bulk(texts))
-
-    async def _bulk(self, texts: list[str]) -> None:
-        button = self._element("bulk-add")
         result = self._element("bulk-result")
+        if not texts:
+            result.textContent = "Nothing to add: type one todo per line."
+            return
+        button = self._element("bulk-add")
         button.disabled = True
         result.textContent = f"sending {len(texts)} todos…"
         started = self._now()
