@@ -46,23 +46,23 @@ async def _start_forwarder(target: str, options: dict[str, Any]) -> tuple[Forwar
     return forwarder, directory
 
 
-def _forward(name: str) -> Any:
-    """A method that calls the wrapped grpcio channel's ``name`` with the same arguments."""
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self._channel, name)(*args, **kwargs)
-
-    forward.__name__ = forward.__qualname__ = name
-    return forward
-
-
 class _StubFactories:
     """The four multi-callable factories generated stubs call, handed to the wrapped
     grpcio channel (shared by :class:`AioChannel` and :class:`SyncChannel`)."""
 
-    unary_unary = _forward("unary_unary")
-    unary_stream = _forward("unary_stream")
-    stream_unary = _forward("stream_unary")
-    stream_stream = _forward("stream_stream")
+    _channel: Any
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_unary(method, *args, **kwargs)
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.unary_stream(method, *args, **kwargs)
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_unary(method, *args, **kwargs)
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return self._channel.stream_stream(method, *args, **kwargs)
 
 
 class AioChannel(_StubFactories, grpc.aio.Channel):
@@ -93,10 +93,14 @@ class AioChannel(_StubFactories, grpc.aio.Channel):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # Connectivity, as the wrapped channel has it (the two async ones return its coroutines).
-    get_state = _forward("get_state")
-    wait_for_state_change = _forward("wait_for_state_change")
-    channel_ready = _forward("channel_ready")
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
 
 
 async def aio_channel(target: str, *, options: Sequence[tuple[str, Any]] = (),
@@ -167,8 +171,11 @@ class SyncChannel(_StubFactories, grpc.Channel):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    subscribe = _forward("subscribe")
-    unsubscribe = _forward("unsubscribe")
+    def subscribe(self, callback: Any, try_to_connect: bool = False) -> None:
+        self._channel.subscribe(callback, try_to_connect)
+
+    def unsubscribe(self, callback: Any) -> None:
+        self._channel.unsubscribe(callback)
 
 
 #: ``sync_channel(target, *, options=(), **tunnel)``: the class, named like :func:`aio_channel`.
