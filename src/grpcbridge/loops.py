@@ -10,6 +10,7 @@ ASGI servers) keeps whatever loop it has.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
@@ -57,15 +58,19 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
+@functools.cache  # once per process
 def tune_allocator() -> bool:
     """Keep glibc's malloc from returning memory to the kernel after every large message.
 
     A relay allocates and frees a 16-256 KiB buffer per message. With glibc's defaults the
     top of the heap is trimmed (``brk``) and re-grown about five times per MiB relayed, and
     each re-grown page faults again: a third of the bridge's system time in
-    benchmarks/profile_relay.py. Chunks under 1 MiB now come from the heap and up to 8 MiB
-    of free heap is kept. Called by ``grpcbridge serve/forward``, once per process; a
-    no-op (False) where the C library is not glibc, or when ``GRPCBRIDGE_MALLOC_TUNING=0``.
+    benchmarks/profile_relay.py, and 10x the page faults (half its CPU) in a
+    ``grpcbridge.Channel`` streaming 64 KiB messages. Chunks under 1 MiB now come from the
+    heap and up to 8 MiB of free heap is kept. Called by ``grpcbridge serve/forward`` and
+    by every CPython client's first dial (:func:`grpcbridge.client.dial.open_websocket`:
+    ``Channel``, ``aio_channel``/``sync_channel``, ``Forwarder``); a no-op (False) where the
+    C library is not glibc, or when ``GRPCBRIDGE_MALLOC_TUNING=0``.
     """
     import ctypes
     import os

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -518,6 +519,45 @@ def test_loop_choice_without_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     assert loop_factory("auto") is asyncio.new_event_loop
     with pytest.raises(grpcbridge.ConfigError, match=r"pip install uvloop"):
         loop_factory("uvloop")
+
+
+_DIAL_TUNES_ALLOCATOR = """
+import asyncio
+from grpcbridge import Bridge, BridgeConfig, Channel, GrpclibBackend
+from grpcbridge.demo import todo_pb2
+from grpcbridge.demo.grpclib_service import TodoService
+from grpcbridge.demo.store import TodoStore
+from grpcbridge.demo.todo_grpc import TodoServiceStub
+from grpcbridge.loops import tune_allocator
+
+async def main():
+    store = TodoStore()
+    bridge = Bridge(BridgeConfig(backend=GrpclibBackend([TodoService(store)]),
+                                 listen="127.0.0.1:0"))
+    await bridge.start()
+    before = tune_allocator.cache_info().currsize
+    async with Channel(bridge.url) as channel:
+        await TodoServiceStub(channel).ListTodos(todo_pb2.ListTodosRequest())
+    await bridge.close()
+    store.close()
+    print(before, tune_allocator.cache_info().currsize, tune_allocator())
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_first_dial_tunes_the_allocator(tmp_path: Any) -> None:
+    # Without the tuning a Channel streaming 64 KiB messages page-faults on every message
+    # (10x the faults of the websockets client it replaced; docs/benchmarks.md). A fresh
+    # process, so no earlier test has tuned this one; GRPCBRIDGE_MALLOC_TUNING=0 opts out.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for setting, applied in (("1", "True"), ("0", "False")):
+        done = subprocess.run([sys.executable, "-c", _DIAL_TUNES_ALLOCATOR], cwd=tmp_path,
+                              env={**env, "GRPCBRIDGE_MALLOC_TUNING": setting},
+                              capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["0", "1", applied], (setting, done.stdout)
 
 
 # --------------------------------------------------------------------- (c) no leaks

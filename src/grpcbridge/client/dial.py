@@ -24,6 +24,7 @@ from ..core.proxy import ProxyURL, refusal_message
 from ..core.stream import DEFAULT_BUFFER_BYTES, DEFAULT_MAX_MESSAGE_BYTES
 from ..core.target import Target, host_port
 from ..fastws import REFUSAL_BODY, ClientRequest, PicowsProtocol, PicowsTunnel
+from ..loops import tune_allocator
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,7 @@ async def open_websocket(tunnel: PicowsTunnel, settings: DialSettings) -> None:
     Raises :class:`HandshakeError` (refused, unreachable, TLS failure, proxy refusal or
     timeout); the tunnel is then already being torn down, so callers only report the error.
     """
+    tune_allocator()  # a client streams large messages too (see there)
     target = settings.target
     within = settings.handshake_timeout
     protocol = PicowsProtocol(tunnel, request=_client_request(settings))
