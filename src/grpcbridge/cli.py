@@ -200,9 +200,11 @@ def _config(cls: type[ConfigT], args: argparse.Namespace, **derived: Any) -> Con
 
 def _bridge_config(args: argparse.Namespace) -> BridgeConfig:
     token = _token(args)
-    if args.metrics_listen is not None and ":" not in args.metrics_listen:
-        args.metrics_listen = f"127.0.0.1:{args.metrics_listen}"  # a bare port: loopback
-    return _config(BridgeConfig, args, authenticate=BearerTokenAuth(token) if token else None)
+    metrics = args.metrics_listen
+    if metrics is not None and ":" not in metrics:
+        metrics = f"127.0.0.1:{metrics}"  # a bare port: loopback
+    return _config(BridgeConfig, args, authenticate=BearerTokenAuth(token) if token else None,
+                   metrics_listen=metrics)
 
 
 def _forwarder_config(args: argparse.Namespace) -> ForwarderConfig:

@@ -551,10 +551,9 @@ def test_first_dial_tunes_the_allocator(tmp_path: Any) -> None:
     # Without the tuning a Channel streaming 64 KiB messages page-faults on every message
     # (10x the faults of the websockets client it replaced; docs/benchmarks.md). A fresh
     # process, so no earlier test has tuned this one; GRPCBRIDGE_MALLOC_TUNING=0 opts out.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for setting, applied in (("1", "True"), ("0", "False")):
         done = subprocess.run([sys.executable, "-c", _DIAL_TUNES_ALLOCATOR], cwd=tmp_path,
-                              env={**env, "GRPCBRIDGE_MALLOC_TUNING": setting},
+                              env={**os.environ, "GRPCBRIDGE_MALLOC_TUNING": setting},
                               capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         assert done.stdout.split() == ["0", "1", applied], (setting, done.stdout)
